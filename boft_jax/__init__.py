@@ -1,0 +1,37 @@
+"""boft_jax: Orthogonal Butterfly Finetuning (BOFT) and OFT for JAX/Flax.
+
+The math (:mod:`boft_jax.orthogonal`, :mod:`boft_jax.butterfly`) is pure JAX/numpy; the Flax
+transformation lives in :mod:`boft_jax.linen`.  See DESIGN.md for the exact definition.
+"""
+
+from boft_jax.butterfly import (
+    butterfly_permutations,
+    max_factors,
+    num_layer_params,
+    rotate,
+    rotate_kernel,
+    rotation_matrix,
+    structure_error,
+    valid_block_sizes,
+)
+from boft_jax.config import BOFTConfig, LayerStructure
+from boft_jax.orthogonal import cayley, num_skew_params, pack_skew, unpack_skew
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BOFTConfig",
+    "LayerStructure",
+    "butterfly_permutations",
+    "cayley",
+    "max_factors",
+    "num_layer_params",
+    "num_skew_params",
+    "pack_skew",
+    "rotate",
+    "rotate_kernel",
+    "rotation_matrix",
+    "structure_error",
+    "unpack_skew",
+    "valid_block_sizes",
+]

@@ -1,0 +1,294 @@
+"""Butterfly permutations and the structured BOFT rotation ``x -> x M`` (never a d x d matrix).
+
+Notation (see DESIGN.md, section 2): ``d`` features, ``m`` butterfly factors, ``k`` blocks of size
+``b`` per factor (``d = k b``).  Factor ``i`` is ``F_i = P_i blockdiag(Q_i0, ..., Q_i(k-1)) P_i^T``
+with ``P_i[r, perm_i[r]] = 1`` and the rotation is ``M = F_{m-1} ... F_1 F_0``.
+
+``perm_i`` groups the ``d`` features into chunks of ``b 2^i``; inside a chunk, it takes the
+even-numbered half-blocks (``b/2`` features each) first and the odd-numbered ones after them.  Seen
+through reshapes, ``x P_i`` is ``x.reshape(A, 2, G, h)`` read as ``(A, G, 2, h)`` with
+``G = 2^i``, ``h = b/2`` and ``A = d / (b G)``: block ``j = a G + g`` of the permuted vector is the
+pair of half-blocks ``x[a, 0, g, :]`` and ``x[a, 1, g, :]``.  So one factor is a single einsum on a
+``(..., A, 2, G, h)`` view of the input whose output comes out already un-permuted: no gathers, no
+permutation matrices, ``2 d b`` FLOPs per row.
+
+Example:
+  >>> import jax, jax.numpy as jnp
+  >>> import boft_jax as boft
+  >>> m, d, b = 2, 16, 4
+  >>> params = 0.1 * jax.random.normal(jax.random.key(0), (m, d // b, 6))
+  >>> blocks = boft.cayley(params, block_size=b)                 # (m, k, b, b)
+  >>> x = jax.random.normal(jax.random.key(1), (3, d))
+  >>> y = boft.rotate(x, blocks)                                 # x @ M, shape (3, 16)
+  >>> bool(jnp.allclose(y, x @ boft.rotation_matrix(blocks), atol=1e-5))
+  True
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from boft_jax.orthogonal import num_skew_params
+
+__all__ = [
+    "butterfly_permutations",
+    "structure_error",
+    "valid_block_sizes",
+    "max_factors",
+    "rotate",
+    "rotate_kernel",
+    "rotation_matrix",
+    "num_layer_params",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Validity of (d, b, m)
+# --------------------------------------------------------------------------------------------
+def structure_error(d: int, block_size: int, n_factors: int) -> str | None:
+    """Why ``(d, b, m)`` is not a valid butterfly structure, or ``None`` when it is.
+
+    Valid means: ``b >= 1`` divides ``d``; ``m >= 1``; and for ``m > 1``: ``b`` even, ``k = d / b``
+    even, and ``b 2^(m-1)`` divides ``d`` (the widest factor's chunks tile the features).
+    """
+    for name, v in (("d", d), ("block_size", block_size), ("n_factors", n_factors)):
+        if isinstance(v, bool) or int(v) != v or v < 1:
+            return f"{name} must be a positive integer, got {v!r}"
+    if d % block_size:
+        return f"block_size {block_size} does not divide d = {d}"
+    if n_factors > 1:
+        if block_size % 2:
+            return f"n_factors = {n_factors} > 1 needs an even block_size, got {block_size}"
+        if (d // block_size) % 2:
+            return f"n_factors = {n_factors} > 1 needs an even number of blocks, got {d // block_size}"
+        span = block_size * 2 ** (n_factors - 1)
+        if d % span:
+            return (
+                f"n_factors = {n_factors} with block_size {block_size} needs d divisible by"
+                f" block_size * 2**(n_factors-1) = {span}, got d = {d}"
+            )
+    return None
+
+
+def max_factors(d: int, block_size: int) -> int:
+    """Largest valid ``m`` for ``(d, b)`` (``0`` when ``b`` does not divide ``d``).
+
+    ``m = 1 + log2(d / b)`` when ``d / b`` is a power of two: then ``M`` can be fully dense.
+    """
+    if block_size < 1 or d % block_size:
+        return 0
+    if block_size % 2:
+        return 1
+    k, m = d // block_size, 1
+    while k % 2 == 0:
+        k //= 2
+        m += 1
+    return m
+
+
+def valid_block_sizes(d: int, n_factors: int = 1) -> list[int]:
+    """All block sizes ``b >= 2`` that fit ``d`` features with ``n_factors`` factors, ascending."""
+    return [b for b in range(2, d + 1) if structure_error(d, b, n_factors) is None]
+
+
+def _check(d: int, block_size: int, n_factors: int) -> None:
+    err = structure_error(d, block_size, n_factors)
+    if err is not None:
+        raise ValueError(
+            f"invalid butterfly structure: {err}. Valid block sizes for d = {d} and"
+            f" n_factors = {n_factors}: {_short(valid_block_sizes(d, n_factors))}; valid n_factors"
+            f" for block_size = {block_size}: 1..{max(max_factors(d, block_size), 1)}"
+            if max_factors(d, block_size)
+            else f"invalid butterfly structure: {err}. Valid block sizes for d = {d} and"
+            f" n_factors = {n_factors}: {_short(valid_block_sizes(d, n_factors))}"
+        )
+
+
+def _short(values: Sequence[int], limit: int = 16) -> str:
+    if not values:
+        return "none"
+    if len(values) <= limit:
+        return ", ".join(map(str, values))
+    return ", ".join(map(str, values[:limit])) + f", ... ({len(values)} in all)"
+
+
+# --------------------------------------------------------------------------------------------
+# Permutations
+# --------------------------------------------------------------------------------------------
+def butterfly_permutations(d: int, block_size: int, n_factors: int) -> np.ndarray:
+    """Static index arrays of the butterfly permutations, identical to PEFT's ``block_butterfly_perm``.
+
+    Args:
+      d: number of features (``d_in`` of the layer).
+      block_size: ``b``.
+      n_factors: ``m``.
+
+    Returns:
+      ``(m, d)`` int array; row ``i`` is ``perm_i`` (row 0 is the identity), and the permutation
+      matrix is ``P_i[r, perm_i[r]] = 1``.
+
+    Example:
+      >>> import boft_jax as boft
+      >>> boft.butterfly_permutations(8, 2, 3)[2].tolist()
+      [0, 2, 4, 6, 1, 3, 5, 7]
+    """
+    _check(d, block_size, n_factors)
+    perms = [np.arange(d)]
+    for i in range(1, n_factors):
+        g = 2**i
+        perms.append(
+            np.arange(d).reshape(d // (block_size * g), g, 2, block_size // 2).transpose(0, 2, 1, 3).reshape(d)
+        )
+    return np.stack(perms)
+
+
+# --------------------------------------------------------------------------------------------
+# Structured products
+# --------------------------------------------------------------------------------------------
+def _as_blocks(blocks: jax.Array, n_factors: int | None) -> jax.Array:
+    """Normalize to ``(m, k, b, b)``; accepts ``(m*k, b, b)`` with ``n_factors`` given."""
+    blocks = jnp.asarray(blocks)
+    if blocks.ndim == 3 and n_factors is not None:
+        if blocks.shape[0] % n_factors:
+            raise ValueError(
+                f"blocks of shape {blocks.shape} cannot be split into n_factors = {n_factors} factors"
+            )
+        blocks = blocks.reshape(n_factors, blocks.shape[0] // n_factors, *blocks.shape[1:])
+    if blocks.ndim != 4 or blocks.shape[-1] != blocks.shape[-2]:
+        raise ValueError(
+            f"blocks must have shape (n_factors, n_blocks, b, b), got {blocks.shape}"
+            " (use jax.vmap for a batch of block sets)"
+        )
+    if n_factors is not None and blocks.shape[0] != n_factors:
+        raise ValueError(f"blocks have {blocks.shape[0]} factors but n_factors = {n_factors}")
+    return blocks
+
+
+def _factor_rows(x: jax.Array, q: jax.Array, level: int, precision) -> jax.Array:
+    """``x F_level`` for row vectors ``x: (..., d)``; ``q: (k, b, b)`` blocks of that factor."""
+    k, b, _ = q.shape
+    lead = x.shape[:-1]
+    if level == 0:
+        y = jnp.einsum("...kc,kce->...ke", x.reshape(*lead, k, b), q, precision=precision)
+        return y.reshape(x.shape)
+    g, h = 2**level, b // 2
+    a = k // g
+    xv = x.reshape(*lead, a, 2, g, h)
+    qv = q.reshape(a, g, 2, h, 2, h)
+    y = jnp.einsum("...acgh,agchex->...aegx", xv, qv, precision=precision)
+    return y.reshape(x.shape)
+
+
+def _factor_cols(w: jax.Array, q: jax.Array, level: int, precision) -> jax.Array:
+    """``F_level w`` for ``w: (d, n)``; ``q: (k, b, b)`` blocks of that factor."""
+    k, b, _ = q.shape
+    n = w.shape[1]
+    if level == 0:
+        y = jnp.einsum("kec,kcn->ken", q, w.reshape(k, b, n), precision=precision)
+        return y.reshape(w.shape)
+    g, h = 2**level, b // 2
+    a = k // g
+    wv = w.reshape(a, 2, g, h, n)
+    qv = q.reshape(a, g, 2, h, 2, h)
+    y = jnp.einsum("agexch,acghn->aegxn", qv, wv, precision=precision)
+    return y.reshape(w.shape)
+
+
+def rotate(
+    x: jax.Array,
+    blocks: jax.Array,
+    n_factors: int | None = None,
+    *,
+    precision=None,
+) -> jax.Array:
+    """``x @ M`` for the butterfly rotation ``M = F_{m-1} ... F_0``, without building ``M``.
+
+    Args:
+      x: ``(..., d)`` row vectors (any leading shape; ``d = k b``).
+      blocks: ``(m, k, b, b)`` orthogonal blocks, e.g. from :func:`boft_jax.cayley`; factor ``i``
+        uses ``blocks[i]``.  A flat ``(m k, b, b)`` array is accepted when ``n_factors`` is given.
+      n_factors: ``m``; optional, checked against ``blocks`` when given.
+      precision: passed to the einsums (``jax.lax.Precision``).
+
+    Returns:
+      ``(..., d)`` in ``x``'s dtype.  The product is computed in the promoted dtype of ``x`` and
+      ``blocks`` (float32 blocks keep bf16 activations' rotation in float32), then cast back.
+      Cost: ``m`` einsums, ``2 m b d`` FLOPs per row.
+    """
+    blocks = _as_blocks(blocks, n_factors)
+    m, k, b, _ = blocks.shape
+    x = jnp.asarray(x)
+    d = x.shape[-1]
+    if d != k * b:
+        raise ValueError(f"x has {d} features but the blocks cover k * b = {k} * {b} = {k * b}")
+    _check(d, b, m)
+    dtype = jnp.result_type(x.dtype, blocks.dtype)
+    y = x.astype(dtype)
+    blocks = blocks.astype(dtype)
+    for i in reversed(range(m)):  # a row vector meets F_{m-1} first
+        y = _factor_rows(y, blocks[i], i, precision)
+    return y.astype(x.dtype)
+
+
+def rotate_kernel(
+    kernel: jax.Array,
+    blocks: jax.Array,
+    n_factors: int | None = None,
+    *,
+    precision=None,
+) -> jax.Array:
+    """``M @ K`` for a kernel whose first axis is the ``d`` input features (weight-centric BOFT).
+
+    Args:
+      kernel: ``(d, ...)``, e.g. a Flax Dense kernel ``(d_in, d_out)`` or a DenseGeneral kernel
+        ``(d_in, heads, head_dim)``; trailing axes are carried along.
+      blocks: ``(m, k, b, b)`` as for :func:`rotate`.
+      n_factors: optional ``m``, checked.
+      precision: passed to the einsums.
+
+    Returns:
+      ``M @ K`` with ``kernel``'s shape and dtype (computed in the promoted dtype).  For every
+      ``x``: ``rotate(x, blocks) @ K == x @ rotate_kernel(K, blocks)``.  Cost: ``2 m b d n`` FLOPs
+      for ``n`` output features.
+    """
+    blocks = _as_blocks(blocks, n_factors)
+    m, k, b, _ = blocks.shape
+    kernel = jnp.asarray(kernel)
+    if kernel.ndim < 1 or kernel.shape[0] != k * b:
+        raise ValueError(
+            f"kernel of shape {kernel.shape} must have its first axis equal to k * b = {k * b}"
+        )
+    _check(k * b, b, m)
+    dtype = jnp.result_type(kernel.dtype, blocks.dtype)
+    w = kernel.reshape(k * b, -1).astype(dtype)
+    blocks = blocks.astype(dtype)
+    for i in range(m):  # M K = F_{m-1} (... (F_0 K))
+        w = _factor_cols(w, blocks[i], i, precision)
+    return w.reshape(kernel.shape).astype(kernel.dtype)
+
+
+def rotation_matrix(blocks: jax.Array, n_factors: int | None = None) -> jax.Array:
+    """Dense ``(d, d)`` rotation ``M`` — for tests, notebooks and debugging only.
+
+    Built by the structured code itself (``M = I @ M = rotate(I, blocks)``), so it cannot drift
+    from :func:`rotate`.  Never use it on a training path: it costs ``O(d^2)`` memory.
+    """
+    blocks = _as_blocks(blocks, n_factors)
+    d = blocks.shape[1] * blocks.shape[2]
+    return rotate(jnp.eye(d, dtype=blocks.dtype), blocks, precision=jax.lax.Precision.HIGHEST)
+
+
+def num_layer_params(d_in: int, d_out: int, *, block_size: int, n_factors: int, bias: bool = False) -> int:
+    """Trainable numbers of one BOFT layer: ``m k b(b-1)/2 + d_out`` (``+ d_out`` more with a bias).
+
+    Example:
+      >>> import boft_jax as boft
+      >>> boft.num_layer_params(768, 768, block_size=8, n_factors=2)   # 2 * 96 * 28 + 768
+      6144
+    """
+    _check(d_in, block_size, n_factors)
+    return n_factors * (d_in // block_size) * num_skew_params(block_size) + d_out * (2 if bias else 1)

@@ -1,0 +1,193 @@
+"""``BOFTConfig``: what to adapt and how, plus the per-layer fit check.
+
+Example:
+  >>> import boft_jax as boft
+  >>> cfg = boft.BOFTConfig(block_size=8, n_factors=2, targets=r"attention/(query|value)")
+  >>> cfg.layer_structure("encoder/layer_0/attention/query", d_in=768)
+  LayerStructure(block_size=8, n_blocks=96, n_factors=2)
+  >>> cfg.matches("encoder/layer_0/attention/query")
+  True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Literal, NamedTuple, Sequence
+
+from boft_jax.butterfly import _short, max_factors, structure_error, valid_block_sizes
+
+__all__ = ["BOFTConfig", "LayerStructure", "BiasMode", "ApplyMode"]
+
+BiasMode = Literal["none", "boft_only", "all"]
+ApplyMode = Literal["auto", "input", "weight"]
+_BIAS_MODES = ("none", "boft_only", "all")
+_APPLY_MODES = ("auto", "input", "weight")
+_CAYLEY = ("exact", "neumann")
+
+
+class LayerStructure(NamedTuple):
+    """The resolved block structure of one layer (``d_in = n_blocks * block_size``)."""
+
+    block_size: int
+    n_blocks: int
+    n_factors: int
+
+
+def _as_patterns(value, name: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = (value,)
+    try:
+        patterns = tuple(value)
+    except TypeError:
+        raise TypeError(f"BOFTConfig.{name} must be a regex string or a sequence of them, got {value!r}") from None
+    for p in patterns:
+        if not isinstance(p, str):
+            raise TypeError(f"BOFTConfig.{name} entries must be regex strings, got {p!r}")
+        try:
+            re.compile(p)
+        except re.error as e:
+            raise ValueError(f"BOFTConfig.{name}: {p!r} is not a valid regular expression ({e})") from None
+    return patterns
+
+
+def _path_matches(pattern: str, path: str) -> bool:
+    return re.search(rf"(?:^|/)(?:{pattern})$", path) is not None
+
+
+@dataclasses.dataclass(frozen=True)
+class BOFTConfig:
+    """Configuration of a BOFT adapter (frozen and hashable, so it can be a static jit argument).
+
+    Exactly one of ``block_size`` / ``block_num`` must be set (as in PEFT's ``boft_block_size`` /
+    ``boft_block_num``).
+
+    Attributes:
+      block_size: ``b``, features per orthogonal block.
+      block_num: ``k``, blocks per factor (then ``b = d_in / k`` per layer).
+      n_factors: ``m``, butterfly factors (PEFT's ``boft_n_butterfly_factor``). ``1`` is OFT.
+      targets: regexes choosing layers by '/'-joined module path.  A pattern selects a layer when
+        it matches the whole path or a trailing run of its components: ``"query"`` and
+        ``"attention/(query|value)"`` both select ``encoder/layer_0/attention/query``; ``"que"``
+        does not.  Default: every ``Dense``/``DenseGeneral`` layer.
+      exclude: regexes (same matching rule) removing layers from ``targets``.
+      dropout: multiplicative dropout probability ``p`` in ``[0, 1)``.  As in PEFT's reference,
+        each training call picks one random factor and replaces ``int(p * k)`` random blocks of it
+        with the identity (no rescaling).
+      bias: ``"none"`` (biases frozen), ``"boft_only"`` (biases of adapted layers train) or
+        ``"all"`` (every bias in the model trains).
+      mode: ``"input"`` rotates activations (``x -> x M``, ``2 m b d_in`` FLOPs per token),
+        ``"weight"`` rotates the kernel once per call (``K -> M K``, ``2 m b d_in d_out`` FLOPs),
+        ``"auto"`` picks the cheaper one per layer and call from the number of tokens.
+      cayley: ``"exact"`` or ``"neumann"`` (see :func:`boft_jax.cayley`).
+      neumann_terms: series terms for ``cayley="neumann"``.
+    """
+
+    block_size: int | None = None
+    block_num: int | None = None
+    n_factors: int = 1
+    targets: str | Sequence[str] = (".*",)
+    exclude: str | Sequence[str] | None = None
+    dropout: float = 0.0
+    bias: BiasMode = "none"
+    mode: ApplyMode = "auto"
+    cayley: Literal["exact", "neumann"] = "exact"
+    neumann_terms: int = 5
+
+    def __post_init__(self):
+        # Sequences become tuples so the config stays hashable.
+        object.__setattr__(self, "targets", _as_patterns(self.targets, "targets"))
+        object.__setattr__(self, "exclude", _as_patterns(self.exclude, "exclude"))
+        if not self.targets:
+            raise ValueError("BOFTConfig.targets is empty: give at least one regex (e.g. '.*' for every layer)")
+        if (self.block_size is None) == (self.block_num is None):
+            raise ValueError(
+                "BOFTConfig needs exactly one of block_size / block_num, got"
+                f" block_size={self.block_size!r}, block_num={self.block_num!r}"
+                " (e.g. block_size=8, or block_num=4)"
+            )
+        for name in ("block_size", "block_num", "n_factors", "neumann_terms"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"BOFTConfig.{name} must be a positive integer, got {v!r}")
+        if self.n_factors > 1:
+            for name in ("block_size", "block_num"):
+                v = getattr(self, name)
+                if v is not None and v % 2:
+                    raise ValueError(
+                        f"BOFTConfig.{name} = {v} is odd, but n_factors = {self.n_factors} > 1 needs it"
+                        f" even (use an even {name}, or n_factors = 1 for plain OFT)"
+                    )
+            if self.block_num is not None and self.block_num % 2 ** (self.n_factors - 1):
+                raise ValueError(
+                    f"BOFTConfig.block_num = {self.block_num} must be a multiple of"
+                    f" 2**(n_factors-1) = {2 ** (self.n_factors - 1)} for n_factors = {self.n_factors};"
+                    f" valid n_factors for block_num = {self.block_num}:"
+                    f" 1..{_max_factors_for_block_num(self.block_num)}"
+                )
+        if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
+            raise ValueError(f"BOFTConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        if self.bias not in _BIAS_MODES:
+            raise ValueError(f"BOFTConfig.bias must be one of {_BIAS_MODES}, got {self.bias!r}")
+        if self.mode not in _APPLY_MODES:
+            raise ValueError(f"BOFTConfig.mode must be one of {_APPLY_MODES}, got {self.mode!r}")
+        if self.cayley not in _CAYLEY:
+            raise ValueError(f"BOFTConfig.cayley must be one of {_CAYLEY}, got {self.cayley!r}")
+
+    # ----------------------------------------------------------------------------------------
+    def matches(self, path: str) -> bool:
+        """Whether the layer at '/'-joined module ``path`` is adapted (in targets, not excluded)."""
+        return any(_path_matches(p, path) for p in self.targets) and not any(
+            _path_matches(p, path) for p in self.exclude
+        )
+
+    def layer_structure(self, path: str, d_in: int) -> LayerStructure:
+        """Block structure for a layer with ``d_in`` input features, or a ``ValueError``.
+
+        The error names the layer path, its ``d_in`` and the valid block sizes / block numbers /
+        factor counts for it.  Nothing is ever silently changed.
+        """
+        err = self.fit_error(path, d_in)
+        if err is not None:
+            raise ValueError(err)
+        b = self.block_size if self.block_size is not None else d_in // self.block_num
+        return LayerStructure(block_size=b, n_blocks=d_in // b, n_factors=self.n_factors)
+
+    def fit_error(self, path: str, d_in: int) -> str | None:
+        """The message :meth:`layer_structure` would raise for this layer, or ``None`` if it fits."""
+        m = self.n_factors
+        if self.block_size is not None:
+            b = self.block_size
+            err = structure_error(d_in, b, m)
+            if err is None:
+                return None
+            alt_m = max_factors(d_in, b)
+            return (
+                f"layer '{path}' (d_in = {d_in}) does not fit block_size = {b}, n_factors = {m}: {err}."
+                f" Valid block_size for n_factors = {m}: {_short(valid_block_sizes(d_in, m))}"
+                + (f"; valid n_factors for block_size = {b}: 1..{alt_m}" if alt_m else "")
+                + ". Exclude the layer with BOFTConfig.exclude if it should not be adapted."
+            )
+        k = self.block_num
+        if d_in % k:
+            err = f"block_num = {k} does not divide d_in = {d_in}"
+        else:
+            err = structure_error(d_in, d_in // k, m)
+            if err is None:
+                return None
+        valid_k = [d_in // b for b in valid_block_sizes(d_in, m)][::-1]
+        return (
+            f"layer '{path}' (d_in = {d_in}) does not fit block_num = {k}, n_factors = {m}: {err}."
+            f" Valid block_num for n_factors = {m}: {_short(valid_k)}"
+            ". Exclude the layer with BOFTConfig.exclude if it should not be adapted."
+        )
+
+
+def _max_factors_for_block_num(k: int) -> int:
+    m = 1
+    while k % 2 == 0:
+        k //= 2
+        m += 1
+    return m
