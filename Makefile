@@ -1,0 +1,25 @@
+# One-command workflows.  Each target creates .venv and installs the project first if needed.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# Parallel test workers (pytest-xdist); CI machines have 2 cores.
+WORKERS ?= 2
+
+.PHONY: test test-quick finetune clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $@
+
+## Full test suite (what CI runs).
+test: $(BIN)/.installed
+	$(BIN)/python -m pytest -n $(WORKERS) -q
+
+## Quick subset: everything but the slow end-to-end tests.
+test-quick: $(BIN)/.installed
+	$(BIN)/python -m pytest -n $(WORKERS) -q -m "not slow"
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -1,0 +1,123 @@
+"""Packed skew blocks and the Cayley map, against numpy float64 formulas."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from jax.test_util import check_grads
+
+import boft_jax as boft
+
+
+def np_skew(packed: np.ndarray, b: int) -> np.ndarray:
+    s = np.zeros(packed.shape[:-1] + (b, b))
+    r, c = np.triu_indices(b, 1)
+    s[..., r, c] = packed
+    s[..., c, r] = -packed
+    return s
+
+
+def np_cayley(s: np.ndarray) -> np.ndarray:
+    """The published formula, with an explicit inverse: Q = (I - S)(I + S)^-1."""
+    eye = np.eye(s.shape[-1])
+    return (eye - s) @ np.linalg.inv(eye + s)
+
+
+@pytest.mark.parametrize("b", [1, 2, 3, 8, 16])
+def test_unpack_is_skew_and_inverts_pack(b):
+    rng = np.random.default_rng(b)
+    packed = rng.normal(size=(2, 3, b * (b - 1) // 2))
+    with jax.enable_x64(True):
+        s = np.asarray(boft.unpack_skew(jnp.asarray(packed), b))
+        np.testing.assert_array_equal(s, np_skew(packed, b))
+        np.testing.assert_array_equal(s, -np.swapaxes(s, -1, -2))
+        np.testing.assert_allclose(np.asarray(boft.pack_skew(jnp.asarray(s))), packed, atol=0)
+
+
+def test_pack_matches_peft_skew_part_of_full_matrix():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(4, 5, 6, 6))  # PEFT stores full (m, k, b, b) matrices
+    with jax.enable_x64(True):
+        s = np.asarray(boft.unpack_skew(boft.pack_skew(jnp.asarray(a))))
+    np.testing.assert_allclose(s, 0.5 * (a - np.swapaxes(a, -1, -2)), atol=1e-15)
+
+
+def test_bad_packed_sizes_raise():
+    with pytest.raises(ValueError, match="b\\(b-1\\)/2"):
+        boft.unpack_skew(jnp.zeros((3, 5)))
+    with pytest.raises(ValueError, match="block_size = 5"):
+        boft.cayley(jnp.zeros((3, 6)), block_size=5)
+    with pytest.raises(ValueError, match="'exact' or 'neumann'"):
+        boft.cayley(jnp.zeros((3, 6)), method="pade")
+    with pytest.raises(ValueError, match="neumann_terms"):
+        boft.cayley(jnp.zeros((3, 6)), method="neumann", neumann_terms=0)
+
+
+@pytest.mark.parametrize("b", [2, 4, 8, 32])
+def test_cayley_matches_published_formula_float64(b):
+    rng = np.random.default_rng(10 + b)
+    packed = rng.normal(size=(3, 4, b * (b - 1) // 2))
+    with jax.enable_x64(True):
+        q = np.asarray(boft.cayley(jnp.asarray(packed), b))
+    ref = np_cayley(np_skew(packed, b))
+    np.testing.assert_allclose(q, ref, atol=1e-12)
+    np.testing.assert_allclose(q @ np.swapaxes(q, -1, -2), np.broadcast_to(np.eye(b), q.shape), atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+def test_cayley_computes_in_float32_for_low_precision_inputs(dtype):
+    rng = np.random.default_rng(1)
+    packed = jnp.asarray(rng.normal(size=(6, 28)), dtype)
+    q = boft.cayley(packed, 8)
+    assert q.dtype == jnp.float32
+    ref = np_cayley(np_skew(np.asarray(packed, np.float64), 8))
+    np.testing.assert_allclose(np.asarray(q), ref, atol=1e-5)
+    assert np.abs(np.asarray(q) @ np.swapaxes(np.asarray(q), -1, -2) - np.eye(8)).max() < 1e-5
+
+
+def test_neumann_converges_to_exact_in_the_same_direction():
+    rng = np.random.default_rng(2)
+    b = 8
+    packed = rng.normal(size=(10, b * (b - 1) // 2))
+    s = np_skew(packed, b)
+    s *= 0.5 / np.linalg.norm(s, ord=2, axis=(-2, -1), keepdims=True)  # ||S||_2 = 0.5 < 1
+    rows, cols = np.triu_indices(b, 1)
+    packed = s[..., rows, cols]
+    exact = np_cayley(s)
+    errors, errors_t = [], []
+    with jax.enable_x64(True):
+        for n in range(1, 13):
+            q = np.asarray(boft.cayley(jnp.asarray(packed), b, "neumann", neumann_terms=n))
+            errors.append(np.abs(q - exact).max())
+            errors_t.append(np.abs(q - np.swapaxes(exact, -1, -2)).max())
+    assert all(e2 < e1 for e1, e2 in zip(errors, errors[1:])), errors
+    assert errors[-1] < 1e-3 and errors[0] > 0.1
+    # same direction: closer to the exact Q than to its transpose (the reference OFT's mistake)
+    assert all(e < et for e, et in zip(errors[1:], errors_t[1:]))
+    # the truncation error is exactly (I - S)(-S)^n (I + S)^-1 in norm ~ ||S||^n
+    assert errors[9] < 4 * 0.5**10
+
+
+def test_cayley_identity_at_zero_and_gradients():
+    np.testing.assert_array_equal(boft.cayley(jnp.zeros((2, 3, 6)), 4), np.broadcast_to(np.eye(4), (2, 3, 4, 4)))
+    rng = np.random.default_rng(3)
+    with jax.enable_x64(True):
+        p = jnp.asarray(0.5 * rng.normal(size=(3, 10)))
+        check_grads(jax.jit(lambda p: boft.cayley(p, 5)), (p,), order=2, modes=("fwd", "rev"))
+        check_grads(jax.jit(lambda p: boft.cayley(p, 5, "neumann", neumann_terms=3)), (p,), order=2, modes=("rev",))
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.integers(1, 12), st.integers(0, 2**31 - 1), st.floats(0.01, 3.0))
+def test_property_cayley_orthogonal_det_one(b, seed, scale):
+    rng = np.random.default_rng(seed)
+    packed = scale * rng.normal(size=(4, b * (b - 1) // 2))
+    with jax.enable_x64(True):
+        q = np.asarray(boft.cayley(jnp.asarray(packed), b))
+    np.testing.assert_allclose(q @ np.swapaxes(q, -1, -2), np.broadcast_to(np.eye(b), q.shape), atol=1e-10)
+    np.testing.assert_allclose(np.linalg.det(q), 1.0, atol=1e-9)  # Cayley images are rotations
+    np.testing.assert_allclose(q, np_cayley(np_skew(packed, b)), atol=1e-10)
