@@ -35,3 +35,17 @@ __all__ = [
     "unpack_skew",
     "valid_block_sizes",
 ]
+
+from boft_jax.linen import (  # noqa: E402  (Flax-specific code after the pure math)
+    BOFTKernel,
+    BOFTModule,
+    combine,
+    count_params,
+    layer_paths,
+    merge,
+    split,
+    unmerge,
+    wrap,
+)
+
+__all__ += ["BOFTKernel", "BOFTModule", "combine", "count_params", "layer_paths", "merge", "split", "unmerge", "wrap"]

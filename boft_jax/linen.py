@@ -1,0 +1,560 @@
+"""The Flax linen transformation: wrap any model, intercept its Dense kernels, train only BOFT.
+
+``wrap(model, config)`` returns a linen Module with ``model``'s call signature (and every other
+public method, e.g. ``method="encode"``).  Inside its ``__call__`` it enters
+``flax.linen.intercept_methods`` and replaces the computation of each targeted ``nn.Dense`` /
+``nn.DenseGeneral`` by ``y = ((x M) K) * s + bias`` (or, equivalently, ``x ((M K) * s) + bias``).
+
+Parameters.  An adapted layer's ``"kernel"`` entry holds a :class:`BOFTKernel` pytree node with
+three leaves: the frozen ``kernel`` (unchanged layout), the packed skew blocks ``skew`` of shape
+``(m, k, b(b-1)/2)`` and the output scale ``scale`` of shape ``(d_out,)``.  Because they live in
+the intercepted module's own scope, ``nn.scan``-ed models get stacked adapter params (layer axis
+first) for free.  The node also makes mistakes loud: applying such a params tree to the bare model
+raises a ``TypeError`` that says what to do, instead of silently ignoring the adapter.
+
+Use :func:`split` to get ``(frozen, adapter)`` (``frozen`` in the base model's own layout) and
+:func:`combine` to put them back; :func:`merge` folds the adapter into plain kernels.
+
+Optax recipe (gradients and optimizer state only for the adapter)::
+
+  model = boft.wrap(base_model, boft.BOFTConfig(block_size=8, n_factors=2, targets="query|value"))
+  params = model.init(jax.random.key(0), x)["params"]      # or boft.combine(pretrained, adapter)
+  frozen, adapter = boft.split(params, config)
+  opt = optax.adamw(1e-3)
+  opt_state = opt.init(adapter)                            # state for the adapter only
+
+  @jax.jit
+  def step(adapter, opt_state, frozen, x, y):
+      def loss_fn(adapter):
+          logits = model.apply({"params": boft.combine(frozen, adapter)}, x)
+          return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+      loss, grads = jax.value_and_grad(loss_fn)(adapter)   # no gradient for frozen weights
+      updates, opt_state = opt.update(grads, opt_state, adapter)
+      return optax.apply_updates(adapter, updates), opt_state, loss
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+import types
+from typing import Any, Callable, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from boft_jax.butterfly import rotate, rotate_kernel
+from boft_jax.config import BOFTConfig
+from boft_jax.orthogonal import block_size_from_num_params, cayley
+
+__all__ = ["BOFTKernel", "BOFTModule", "wrap", "split", "combine", "merge", "unmerge", "count_params", "layer_paths"]
+
+_MISUSE = (
+    "this params tree holds BOFT adapter params (a BOFTKernel at an adapted layer's 'kernel');"
+    " the bare model cannot use them. Apply it with the wrapped model (boft.wrap(model, config)),"
+    " or fold the adapter in first with boft.merge(params, config), or drop it with boft.split(params)[0]."
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# The adapted-kernel pytree node
+# ---------------------------------------------------------------------------------------------
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class BOFTKernel:
+    """An adapted layer's kernel together with its BOFT parameters (a pytree with three leaves).
+
+    Attributes:
+      kernel: the frozen base kernel, in the base layer's layout (``(d_in, d_out)`` for Dense;
+        contracted axes first, then feature axes, for DenseGeneral).
+      skew: ``(m, k, b(b-1)/2)`` packed skew-symmetric parameters (float32).
+      scale: ``(d_out,)`` output scale ``s`` (float32).
+    Any of them may carry extra leading axes (e.g. the layer axis of ``nn.scan``).
+    """
+
+    kernel: Any
+    skew: Any
+    scale: Any
+
+    # Reached when a bare Flax layer treats this node as its kernel array.
+    @property
+    def shape(self):
+        raise TypeError(_MISUSE)
+
+    @property
+    def dtype(self):
+        raise TypeError(_MISUSE)
+
+    def __jax_array__(self):
+        raise TypeError(_MISUSE)
+
+
+def _is_node(x) -> bool:
+    return isinstance(x, BOFTKernel)
+
+
+# ---------------------------------------------------------------------------------------------
+# Layer geometry
+# ---------------------------------------------------------------------------------------------
+def _canon(v) -> tuple[int, ...]:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v,)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Geometry:
+    """How a Dense/DenseGeneral call maps to ``(..., d_in) @ (d_in, d_out)``."""
+
+    axis: tuple[int, ...]  # contracted input axes (normalized, ascending as given)
+    features: tuple[int, ...]
+    d_in: int
+    d_out: int
+
+
+def _geometry(module: nn.Module, inputs: jax.Array, path: str) -> _Geometry:
+    if isinstance(module, nn.Dense):
+        return _Geometry((inputs.ndim - 1,), (module.features,), inputs.shape[-1], module.features)
+    if _canon(module.batch_dims):
+        raise NotImplementedError(
+            f"layer '{path}': DenseGeneral with batch_dims={module.batch_dims} is not supported by BOFT;"
+            " exclude it with BOFTConfig.exclude"
+        )
+    axis = tuple(a % inputs.ndim for a in _canon(module.axis))
+    features = _canon(module.features)
+    d_in = int(np.prod([inputs.shape[a] for a in axis]))
+    return _Geometry(axis, features, d_in, int(np.prod(features)))
+
+
+def _init_kernel(module: nn.Module, geo: _Geometry, kernel_shape: tuple[int, ...]) -> Callable:
+    """The base layer's own kernel initializer (DenseGeneral initializes the flattened matrix)."""
+    if isinstance(module, nn.Dense):
+        return module.kernel_init
+
+    def init(rng, shape, dtype=jnp.float32):
+        return jnp.reshape(module.kernel_init(rng, (geo.d_in, geo.d_out), dtype), shape)
+
+    return init
+
+
+def _init_bias(module: nn.Module, geo: _Geometry) -> Callable:
+    if isinstance(module, nn.Dense):
+        return module.bias_init
+
+    def init(rng, shape, dtype=jnp.float32):
+        return jnp.reshape(module.bias_init(rng, (geo.d_out,), dtype), shape)
+
+    return init
+
+
+# ---------------------------------------------------------------------------------------------
+# The adapted forward pass
+# ---------------------------------------------------------------------------------------------
+def _blocks(skew: jax.Array, config: BOFTConfig) -> jax.Array:
+    return cayley(skew, method=config.cayley, neumann_terms=config.neumann_terms)
+
+
+def _dropout_blocks(blocks: jax.Array, p: float, rng: jax.Array) -> jax.Array:
+    """PEFT's multiplicative dropout: one random factor gets int(p * k) random identity blocks."""
+    m, k, b, _ = blocks.shape
+    n_drop = int(p * k)
+    if n_drop == 0:
+        return blocks
+    r_factor, r_blocks = jax.random.split(rng)
+    factor = jax.random.randint(r_factor, (), 0, m)
+    drop = jax.random.permutation(r_blocks, jnp.arange(k) < n_drop)  # random subset of size n_drop
+    mask = (jnp.arange(m)[:, None] == factor) & drop[None, :]
+    return jnp.where(mask[:, :, None, None], jnp.eye(b, dtype=blocks.dtype), blocks)
+
+
+def _choose_mode(config: BOFTConfig, tokens: int, d_out: int) -> str:
+    if config.mode != "auto":
+        return config.mode
+    # Cost model (DESIGN.md section 3): input-centric 2 m b d_in per token, weight-centric
+    # 2 m b d_in d_out per call; the weight side wins when tokens per call exceed d_out.
+    return "weight" if tokens > d_out else "input"
+
+
+def _adapted_call(
+    module: nn.Module,
+    inputs: jax.Array,
+    *,
+    path: str,
+    config: BOFTConfig,
+    dropout: bool,
+) -> jax.Array:
+    """Dense / DenseGeneral ``__call__`` with the BOFT adapter, in the module's own scope."""
+    geo = _geometry(module, inputs, path)
+    struct = config.layer_structure(path, geo.d_in)
+    kernel_shape = tuple(inputs.shape[a] for a in geo.axis) + geo.features
+    n_skew = struct.block_size * (struct.block_size - 1) // 2
+    init_kernel = _init_kernel(module, geo, kernel_shape)
+
+    def init_node(rng, shape, dtype):
+        return BOFTKernel(
+            kernel=init_kernel(rng, shape, dtype),
+            skew=jnp.zeros((struct.n_factors, struct.n_blocks, n_skew), jnp.float32),
+            scale=jnp.ones((geo.d_out,), jnp.float32),
+        )
+
+    node = module.param("kernel", init_node, kernel_shape, module.param_dtype)
+    if not _is_node(node):
+        raise ValueError(
+            f"layer '{path}' is targeted by BOFT but its 'kernel' param is a plain array: the params"
+            " hold no adapter for it. Build params with boft.combine(frozen, adapter), or init the"
+            " wrapped model."
+        )
+    kernel, skew, scale = node.kernel, node.skew, node.scale
+    want = (struct.n_factors, struct.n_blocks, n_skew)
+    if tuple(kernel.shape) != kernel_shape or tuple(skew.shape) != want or tuple(scale.shape) != (geo.d_out,):
+        raise ValueError(
+            f"layer '{path}': params do not fit the call: kernel {tuple(kernel.shape)} (expected"
+            f" {kernel_shape}), skew {tuple(skew.shape)} (expected {want}), scale {tuple(scale.shape)}"
+            f" (expected {(geo.d_out,)})"
+        )
+    bias = module.param("bias", _init_bias(module, geo), geo.features, module.param_dtype) if module.use_bias else None
+
+    blocks = _blocks(skew, config)
+    if dropout:
+        blocks = _dropout_blocks(blocks, config.dropout, module.make_rng("dropout"))
+
+    inputs, kernel, bias = module.promote_dtype(inputs, kernel, bias, dtype=module.dtype)
+    if module.dot_general_cls is not None:
+        dot_general = module.dot_general_cls()
+    elif module.dot_general is not None:
+        dot_general = module.dot_general
+    else:
+        dot_general = jax.lax.dot_general
+    contract = (geo.axis, tuple(range(len(geo.axis))))
+    tokens = int(np.prod(inputs.shape)) // geo.d_in
+    mode = _choose_mode(config, tokens, geo.d_out)
+
+    if mode == "weight":
+        flat = rotate_kernel(kernel.reshape(geo.d_in, geo.d_out), blocks) * scale.astype(blocks.dtype)
+        kernel = flat.astype(kernel.dtype).reshape(kernel.shape)
+        y = dot_general(inputs, kernel, (contract, ((), ())), precision=module.precision)
+    else:
+        # Move the contracted axes last, flatten them to d_in, rotate, and restore the layout.
+        n_ax = len(geo.axis)
+        moved = jnp.moveaxis(inputs, geo.axis, tuple(range(inputs.ndim - n_ax, inputs.ndim)))
+        lead = moved.shape[: inputs.ndim - n_ax]
+        rotated = rotate(moved.reshape(*lead, geo.d_in), blocks).reshape(moved.shape)
+        rotated = jnp.moveaxis(rotated, tuple(range(inputs.ndim - n_ax, inputs.ndim)), geo.axis)
+        y = dot_general(rotated, kernel, (contract, ((), ())), precision=module.precision)
+        y = y * scale.reshape(geo.features).astype(y.dtype)
+    if bias is not None:
+        y = y + jnp.reshape(bias, (1,) * (y.ndim - len(geo.features)) + geo.features)
+    return y
+
+
+# ---------------------------------------------------------------------------------------------
+# The wrapper module
+# ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class _CallState:
+    config: BOFTConfig
+    dropout: bool
+    seen: list = dataclasses.field(default_factory=list)  # every Dense path met
+    adapted: list = dataclasses.field(default_factory=list)
+    unfit: list = dataclasses.field(default_factory=list)
+
+
+def _intercept(state: _CallState, next_fun, args, kwargs, context):
+    module = context.module
+    if context.method_name != "__call__" or not isinstance(module, (nn.Dense, nn.DenseGeneral)):
+        return next_fun(*args, **kwargs)
+    path = "/".join(module.path)
+    state.seen.append(path)
+    if not state.config.matches(path):
+        return next_fun(*args, **kwargs)
+    inputs = args[0] if args else kwargs["inputs"]
+    geo = _geometry(module, jnp.asarray(inputs), path)
+    err = state.config.fit_error(path, geo.d_in)
+    if err is not None:
+        state.unfit.append(err)
+        return next_fun(*args, **kwargs)  # keep tracing so that every unfit layer gets listed
+    state.adapted.append(path)
+    return _adapted_call(module, inputs, path=path, config=state.config, dropout=state.dropout)
+
+
+class BOFTModule(nn.Module):
+    """``model`` with BOFT adapters on its targeted Dense/DenseGeneral layers (see :func:`wrap`).
+
+    Shares ``model``'s scope, so its params are ``model``'s params with :class:`BOFTKernel` nodes
+    at adapted layers.  Every public method of ``model`` is available (``method="encode"``).
+
+    Dropout (``config.dropout > 0``) is active when a ``'dropout'`` rng is given and the call is
+    not deterministic: pass ``deterministic=True`` / ``train=False`` as the base model expects
+    (the wrapper reads those keyword arguments) or ``boft_deterministic=True``.
+    """
+
+    model: nn.Module
+    config: BOFTConfig
+
+    def setup(self):
+        nn.share_scope(self, self.model)
+
+    def __call__(self, *args, boft_deterministic: bool | None = None, **kwargs):
+        return self._run("__call__", args, kwargs, boft_deterministic)
+
+    def _run(self, method: str, args, kwargs, deterministic: bool | None = None):
+        if deterministic is None:
+            if "deterministic" in kwargs:
+                deterministic = bool(kwargs["deterministic"])
+            elif "train" in kwargs:
+                deterministic = not bool(kwargs["train"])
+            else:
+                deterministic = False
+        dropout = self.config.dropout > 0 and not deterministic and self.has_rng("dropout")
+        state = _CallState(self.config, dropout)
+        with nn.intercept_methods(functools.partial(_intercept, state)):
+            out = getattr(self.model, method)(*args, **kwargs)
+        if state.unfit:
+            raise ValueError(
+                f"{len(state.unfit)} targeted layer(s) do not fit the BOFT block structure:\n  "
+                + "\n  ".join(state.unfit)
+            )
+        if self.is_initializing() and not state.adapted:
+            raise ValueError(
+                f"BOFT targets {self.config.targets} (exclude {self.config.exclude}) match none of the"
+                f" model's Dense/DenseGeneral layers: {state.seen or 'none were called'}"
+            )
+        return out
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            model = self.__dict__.get("model")
+            if name.startswith("_") or model is None or not callable(getattr(type(model), name, None)):
+                raise
+
+            def method(module, *args, **kwargs):
+                return module._run(name, args, kwargs, kwargs.pop("boft_deterministic", None))
+
+            return types.MethodType(method, self)
+
+
+def wrap(model: nn.Module, config: BOFTConfig) -> BOFTModule:
+    """Wrap an (unbound) linen model so its targeted Dense/DenseGeneral layers carry BOFT adapters.
+
+    Args:
+      model: any linen Module, unmodified.
+      config: the :class:`BOFTConfig`.
+
+    Returns:
+      A linen Module with the same call signature.  ``init`` creates the base params (identical to
+      ``model.init`` with the same rng) plus identity adapters (``M = I``, ``s = 1``), so the wrapped
+      model starts exactly at the base model.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, flax.linen as nn
+      >>> import boft_jax as boft
+      >>> base = nn.Sequential([nn.Dense(32), nn.relu, nn.Dense(8)])
+      >>> model = boft.wrap(base, boft.BOFTConfig(block_size=4, n_factors=2, exclude="layers_2"))
+      >>> x = jnp.ones((2, 16))
+      >>> params = model.init(jax.random.key(0), x)["params"]
+      >>> frozen, adapter = boft.split(params)
+      >>> jax.tree.map(jnp.shape, adapter)
+      {'layers_0': {'kernel': {'scale': (32,), 'skew': (2, 4, 6)}}}
+      >>> bool(jnp.allclose(model.apply({"params": params}, x), base.apply({"params": frozen}, x)))
+      True
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"boft.wrap expects a flax.linen Module, got {type(model).__name__}")
+    if not isinstance(config, BOFTConfig):
+        raise TypeError(f"boft.wrap expects a BOFTConfig, got {type(config).__name__}")
+    if model.scope is not None:
+        raise ValueError("boft.wrap expects an unbound model (as constructed, before init/apply/bind)")
+    return BOFTModule(model=model, config=config)
+
+
+# ---------------------------------------------------------------------------------------------
+# Params helpers
+# ---------------------------------------------------------------------------------------------
+def _bias_mode(config: BOFTConfig | str | None) -> str:
+    if config is None:
+        return "none"
+    if isinstance(config, BOFTConfig):
+        return config.bias
+    if config not in ("none", "boft_only", "all"):
+        raise ValueError(f"bias mode must be 'none', 'boft_only' or 'all', got {config!r}")
+    return config
+
+
+def split(params: Mapping, config: BOFTConfig | str | None = None) -> tuple[dict, dict]:
+    """Split wrapped-model params into ``(frozen, adapter)``.
+
+    Args:
+      params: the wrapped model's params (the ``"params"`` collection).
+      config: the :class:`BOFTConfig` (or just its bias mode).  Decides which biases train:
+        ``"none"`` (default), ``"boft_only"`` (biases of adapted layers) or ``"all"``.
+
+    Returns:
+      ``frozen``: the base model's params in its own layout (``model.apply({"params": frozen})``
+      works on the bare model); trainable biases keep their current values here too.
+      ``adapter``: only the trainable leaves, nested like the params: ``{..., layer: {"kernel":
+      {"skew", "scale"}, "bias"?}}``.
+    """
+    mode = _bias_mode(config)
+
+    def frozen_of(tree):
+        out = {}
+        for k, v in tree.items():
+            if _is_node(v):
+                out[k] = v.kernel
+            elif isinstance(v, Mapping):
+                out[k] = frozen_of(v)
+            else:
+                out[k] = v
+        return out
+
+    def adapter_of(tree):
+        out = {}
+        adapted = _is_node(tree.get("kernel"))
+        for k, v in tree.items():
+            if _is_node(v):
+                out[k] = {"skew": v.skew, "scale": v.scale}
+            elif isinstance(v, Mapping):
+                sub = adapter_of(v)
+                if sub:
+                    out[k] = sub
+            elif k == "bias" and (mode == "all" or (mode == "boft_only" and adapted)):
+                out[k] = v
+        return out
+
+    return frozen_of(params), adapter_of(params)
+
+
+def combine(frozen: Mapping, adapter: Mapping) -> dict:
+    """Inverse of :func:`split`: put ``adapter`` leaves into ``frozen`` (checked against its shapes).
+
+    Raises ``ValueError`` naming the path when the adapter names a layer the base does not have, or
+    when shapes disagree (an adapter made for a different base).
+    """
+
+    def go(f, a, path):
+        if not isinstance(f, Mapping):
+            raise ValueError(f"adapter entry '{'/'.join(path)}' has no matching sub-tree in the base params")
+        out = dict(f)
+        for k, v in a.items():
+            here = path + (k,)
+            if k not in f:
+                raise ValueError(
+                    f"adapter entry '{'/'.join(here)}' has no counterpart in the base params"
+                    f" (base keys there: {sorted(f)})"
+                )
+            if isinstance(v, Mapping) and set(v) == {"skew", "scale"} and not isinstance(f[k], Mapping):
+                kernel = f[k]
+                _check_adapter_fits("/".join(path), kernel, v["skew"], v["scale"])
+                out[k] = BOFTKernel(kernel=kernel, skew=v["skew"], scale=v["scale"])
+            elif isinstance(v, Mapping):
+                out[k] = go(f[k], v, here)
+            else:
+                if jnp.shape(v) != jnp.shape(f[k]):
+                    raise ValueError(
+                        f"adapter leaf '{'/'.join(here)}' has shape {jnp.shape(v)} but the base has {jnp.shape(f[k])}"
+                    )
+                out[k] = v
+        return out
+
+    return go(frozen, adapter, ())
+
+
+def _check_adapter_fits(path: str, kernel, skew, scale) -> None:
+    lead = jnp.ndim(skew) - 3
+    if lead < 0 or jnp.ndim(scale) != lead + 1:
+        raise ValueError(f"layer '{path}': adapter skew {jnp.shape(skew)} / scale {jnp.shape(scale)} are malformed")
+    m, k, p = jnp.shape(skew)[lead:]
+    b = block_size_from_num_params(p)
+    d_in, d_out = k * b, jnp.shape(scale)[-1]
+    kshape = jnp.shape(kernel)[lead:]
+    ok = jnp.shape(kernel)[:lead] == jnp.shape(skew)[:lead] and _split_point(kshape, d_in, d_out) is not None
+    if not ok:
+        raise ValueError(
+            f"layer '{path}': the adapter (m={m}, k={k}, b={b}: d_in={d_in}, d_out={d_out}) does not fit"
+            f" the base kernel of shape {tuple(jnp.shape(kernel))}; it was made for a different base model"
+        )
+
+
+def _split_point(kshape, d_in: int, d_out: int) -> int | None:
+    """Number of leading (contracted) kernel axes whose product is d_in, the rest giving d_out."""
+    for n in range(1, len(kshape)):
+        if int(np.prod(kshape[:n])) == d_in and int(np.prod(kshape[n:])) == d_out:
+            return n
+    return None
+
+
+def _merge_node(node: BOFTKernel, config: BOFTConfig, inverse: bool = False) -> jax.Array:
+    lead = jnp.ndim(node.skew) - 3
+
+    def one(kernel, skew, scale):
+        m, k, p = skew.shape
+        b = block_size_from_num_params(p)
+        d_in, d_out = k * b, scale.shape[0]
+        flat = kernel.reshape(d_in, d_out)
+        blocks = _blocks(skew, config)
+        if not inverse:  # K' = (M K) * s
+            out = rotate_kernel(flat, blocks) * scale.astype(blocks.dtype)
+        else:  # K = M^T (K' / s) = ((K' / s)^T M)^T
+            out = rotate((flat.astype(blocks.dtype) / scale.astype(blocks.dtype)).T, blocks).T
+        return out.astype(kernel.dtype).reshape(kernel.shape)
+
+    fn = one
+    for _ in range(lead):
+        fn = jax.vmap(fn)
+    return fn(node.kernel, node.skew, node.scale)
+
+
+def merge(params: Mapping, config: BOFTConfig) -> dict:
+    """Plain params for the unwrapped model: every adapted kernel becomes ``K' = (M K) * s``.
+
+    Zero inference overhead: ``model.apply({"params": merge(params, config)}, x)`` equals the wrapped
+    model's output (dropout off).  Works on stacked (``nn.scan``) params too.
+    """
+    return jax.tree.map(lambda v: _merge_node(v, config) if _is_node(v) else v, params, is_leaf=_is_node)
+
+
+def unmerge(merged: Mapping, adapter: Mapping, config: BOFTConfig) -> dict:
+    """Recover the base params from merged params and the adapter: ``K = M^T (K' / s)``.
+
+    Biases trained with the adapter cannot be un-trained; they are returned as they are in ``merged``.
+    """
+    node_tree = combine(merged, {**_kernel_only(adapter)})
+    return jax.tree.map(
+        lambda v: _merge_node(v, config, inverse=True) if _is_node(v) else v, node_tree, is_leaf=_is_node
+    )
+
+
+def _kernel_only(adapter: Mapping) -> dict:
+    out = {}
+    for k, v in adapter.items():
+        if isinstance(v, Mapping):
+            if set(v) == {"skew", "scale"}:
+                out[k] = v
+            else:
+                sub = _kernel_only(v)
+                if sub:
+                    out[k] = sub
+    return out
+
+
+def count_params(tree) -> int:
+    """Total number of scalars in a pytree (e.g. an adapter from :func:`split`)."""
+    return int(sum(np.prod(jnp.shape(x)) for x in jax.tree.leaves(tree)))
+
+
+def layer_paths(params: Mapping) -> list[str]:
+    """'/'-joined paths of the adapted layers in a wrapped model's params."""
+    out = []
+
+    def go(tree, prefix):
+        for k, v in tree.items():
+            if _is_node(v):
+                out.append("/".join(prefix))
+            elif isinstance(v, Mapping):
+                go(v, prefix + (k,))
+
+    go(params, ())
+    return out
