@@ -1,0 +1,553 @@
+"""Hugging Face model directories <-> Flax params, with no pickle and no network.
+
+A Hugging Face model directory holds ``config.json`` and the weights as one of (first found wins):
+
+- ``model.safetensors``;
+- ``model.safetensors.index.json`` naming shards ``model-00001-of-0000N.safetensors``;
+- ``flax_model.msgpack``, the legacy format written by transformers' (removed) Flax models.
+
+``pytorch_model.bin`` is a pickle and is never read.
+
+Weights are handled in three steps, each a small function here:
+
+1. ``load_state_dict(path)`` gives a flat ``{torch_key: np.ndarray}`` dict in PyTorch naming and
+   layout, whatever the file format (legacy Flax trees are renamed and transposed back to it).
+2. ``params_from_state_dict`` checks that dict against the param shapes of our module (computed
+   with ``jax.eval_shape``, so there is one source of truth for shapes) and converts it: Linear
+   ``(out, in)`` -> Dense kernel ``(in, out)``, Conv2d ``(out, in, kh, kw)`` -> Conv kernel
+   ``(kh, kw, in, out)``, LayerNorm/RMSNorm ``weight`` -> ``scale``, Embedding ``weight`` ->
+   ``embedding``. Missing, unexpected and mis-shaped keys are reported together in one
+   ``ValueError``.
+3. ``stack_layers`` turns the ``layer_{i}`` subtrees into one ``layers`` subtree with a leading
+   layer axis, the layout of ``scan_layers=True`` models (``unstack_layers`` undoes it).
+
+The model-specific part, which Flax path is which torch key, lives next to each model
+(``vit.hf_torch_key``, ``t5.hf_torch_key``). ``save_pretrained`` runs the same steps backwards and
+writes files that ``transformers`` loads (legacy transformers-4 key names, which transformers 5
+also writes on disk).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import tempfile
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+CONFIG_NAME = "config.json"
+SAFETENSORS_NAME = "model.safetensors"
+SAFETENSORS_INDEX_NAME = "model.safetensors.index.json"
+FLAX_MSGPACK_NAME = "flax_model.msgpack"
+_SHARD_RE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+_LAYER_RE = re.compile(r"layer_(\d+)")
+
+SUPPORTED_MODEL_TYPES = ("vit", "t5")
+
+# Hugging Face activation names (``hidden_act``, ``feed_forward_proj``) -> JAX functions.
+# "gelu" is the exact erf GELU; "gelu_new" / "gelu_pytorch_tanh" the tanh approximation.
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+}
+
+
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+    """The JAX function for a Hugging Face activation name, or a ValueError naming the valid ones."""
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(
+            f"unsupported activation {name!r}; supported: {sorted(ACTIVATIONS)}"
+        ) from None
+
+
+Path_ = tuple[str, ...]
+
+
+# --------------------------------------------------------------------------------------------
+# Reading a model directory.
+# --------------------------------------------------------------------------------------------
+
+
+def _model_dir(path: str | os.PathLike) -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(
+            f"{str(p)!r} does not exist; expected a Hugging Face model directory holding "
+            f"{CONFIG_NAME} and {SAFETENSORS_NAME} (or {SAFETENSORS_INDEX_NAME} with its shards, "
+            f"or {FLAX_MSGPACK_NAME})"
+        )
+    if not p.is_dir():
+        raise NotADirectoryError(
+            f"{str(p)!r} is a file; expected a Hugging Face model directory holding {CONFIG_NAME} "
+            f"and the weights"
+        )
+    return p
+
+
+def read_config(path: str | os.PathLike) -> dict[str, Any]:
+    """``config.json`` of a model directory as a dict (FileNotFoundError naming what is missing)."""
+    p = _model_dir(path)
+    cfg = p / CONFIG_NAME
+    if not cfg.is_file():
+        raise FileNotFoundError(
+            f"{str(p)!r} has no {CONFIG_NAME}; found {sorted(x.name for x in p.iterdir())}"
+        )
+    with open(cfg, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def model_type(path: str | os.PathLike) -> str:
+    """``model_type`` from ``config.json``, checked against the supported ones."""
+    cfg = read_config(path)
+    mt = cfg.get("model_type")
+    if mt not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"{os.fspath(path)!r}: config.json has model_type={mt!r}; supported model types: "
+            f"{list(SUPPORTED_MODEL_TYPES)}"
+        )
+    return mt
+
+
+def check_model_type(path: str | os.PathLike, config: Mapping[str, Any], expected: str) -> None:
+    mt = config.get("model_type")
+    if mt != expected:
+        raise ValueError(
+            f"{os.fspath(path)!r}: config.json has model_type={mt!r}, but this loader reads "
+            f"{expected!r} models; boft_jax.models.from_pretrained dispatches on model_type "
+            f"(supported: {list(SUPPORTED_MODEL_TYPES)})"
+        )
+
+
+def _load_safetensors(file: Path) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file  # the `train` extra; imported only when needed
+
+    return dict(load_file(os.fspath(file)))
+
+
+def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Weights of a model directory as ``{torch_key: array}`` in PyTorch naming and layout.
+
+    Reads ``model.safetensors``, else the sharded ``model.safetensors.index.json``, else the legacy
+    ``flax_model.msgpack`` (converted with ``state_dict_from_flax_legacy``). Arrays keep their
+    stored dtype.
+    """
+    p = _model_dir(path)
+    single, index, msgpack = p / SAFETENSORS_NAME, p / SAFETENSORS_INDEX_NAME, p / FLAX_MSGPACK_NAME
+    if single.is_file():
+        return _load_safetensors(single)
+    if index.is_file():
+        with open(index, encoding="utf-8") as f:
+            weight_map: dict[str, str] = json.load(f)["weight_map"]
+        files = sorted(set(weight_map.values()))
+        absent = [name for name in files if not (p / name).is_file()]
+        if absent:
+            raise FileNotFoundError(f"{str(index)!r} names shards that are not in {str(p)!r}: {absent}")
+        state: dict[str, np.ndarray] = {}
+        for name in files:
+            state.update(_load_safetensors(p / name))
+        lost = sorted(k for k in weight_map if k not in state)
+        if lost:
+            raise ValueError(f"{str(index)!r} maps keys that its shards do not hold: {lost}")
+        return state
+    if msgpack.is_file():
+        from flax.serialization import msgpack_restore  # msgpack, not pickle
+
+        tree = msgpack_restore(msgpack.read_bytes())
+        return state_dict_from_flax_legacy(tree)
+    found = sorted(x.name for x in p.iterdir())
+    hint = ""
+    if any(name.endswith((".bin", ".pt", ".pth", ".ckpt")) for name in found):
+        hint = (
+            " (PyTorch .bin/.pt files are pickles, which boft_jax never loads; convert them with "
+            "transformers: `AutoModel.from_pretrained(path).save_pretrained(path)` writes "
+            "model.safetensors)"
+        )
+    raise FileNotFoundError(
+        f"{str(p)!r} holds no weights boft_jax can read: expected {SAFETENSORS_NAME}, "
+        f"{SAFETENSORS_INDEX_NAME} with its shards, or {FLAX_MSGPACK_NAME}; found {found}{hint}"
+    )
+
+
+def state_dict_from_flax_legacy(tree: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Legacy transformers Flax param tree -> ``{torch_key: array}`` in PyTorch layout.
+
+    transformers' Flax models used the PyTorch module names as tree keys (e.g.
+    ``vit/encoder/layer/0/attention/attention/query/kernel``,
+    ``encoder/block/0/layer/0/SelfAttention/q/kernel``), with Flax leaf names and layouts:
+    ``kernel`` (Dense ``(in, out)``, Conv ``(kh, kw, in, out)``), ``scale`` (LayerNorm),
+    ``embedding`` (Embed), and ``weight`` for T5's layer norm. A top-level ``{"params": ...}``
+    wrapper is accepted.
+    """
+    if set(tree) == {"params"}:
+        tree = tree["params"]
+    state = {}
+    for path, value in _flatten(tree).items():
+        *parents, leaf = path
+        value = np.asarray(value)
+        if leaf == "kernel":
+            leaf, value = "weight", _kernel_to_torch(value, "/".join(path))
+        elif leaf in ("scale", "embedding"):
+            leaf = "weight"
+        state[".".join((*parents, leaf))] = value
+    return state
+
+
+# --------------------------------------------------------------------------------------------
+# Layout conversion.
+# --------------------------------------------------------------------------------------------
+
+
+def _kernel_to_torch(kernel: np.ndarray, where: str) -> np.ndarray:
+    if kernel.ndim == 2:  # Dense (in, out) -> Linear (out, in)
+        return kernel.T
+    if kernel.ndim == 4:  # Conv (kh, kw, in, out) -> Conv2d (out, in, kh, kw)
+        return kernel.transpose(3, 2, 0, 1)
+    raise ValueError(f"{where}: kernel of rank {kernel.ndim}; only Dense (2) and Conv2d (4) are handled")
+
+
+def _kernel_from_torch(weight: np.ndarray) -> np.ndarray:
+    if weight.ndim == 2:
+        return weight.T
+    return weight.transpose(2, 3, 1, 0)
+
+
+def to_torch_layout(path: Path_, value: np.ndarray) -> np.ndarray:
+    """Our leaf at ``path`` in the layout of the torch tensor it corresponds to."""
+    value = np.asarray(value)
+    return _kernel_to_torch(value, "/".join(path)) if path[-1] == "kernel" else value
+
+
+def from_torch_layout(path: Path_, value: np.ndarray) -> np.ndarray:
+    """A torch tensor in the layout of our leaf at ``path`` (inverse of ``to_torch_layout``)."""
+    return _kernel_from_torch(value) if path[-1] == "kernel" else value
+
+
+def _torch_shape(path: Path_, shape: tuple[int, ...]) -> tuple[int, ...]:
+    if path[-1] != "kernel":
+        return tuple(shape)
+    if len(shape) == 2:
+        return (shape[1], shape[0])
+    return (shape[3], shape[2], shape[0], shape[1])
+
+
+# --------------------------------------------------------------------------------------------
+# Trees.
+# --------------------------------------------------------------------------------------------
+
+
+def _flatten(tree: Mapping[str, Any], prefix: Path_ = ()) -> dict[Path_, Any]:
+    out: dict[Path_, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            out.update(_flatten(value, (*prefix, str(key))))
+        else:
+            out[(*prefix, str(key))] = value
+    return out
+
+
+def _unflatten(flat: Mapping[Path_, Any]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for path, value in flat.items():
+        node = tree
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+    return tree
+
+
+def flatten_params(params: Mapping[str, Any]) -> dict[Path_, Any]:
+    """``{path_tuple: leaf}`` of a params tree (a top-level ``{"params": ...}`` is unwrapped)."""
+    if set(params) == {"params"}:
+        params = params["params"]
+    return _flatten(params)
+
+
+def stack_layers(params: Mapping[str, Any]) -> dict[str, Any]:
+    """``.../layer_{i}/...`` subtrees -> one ``.../layers/...`` subtree, layer axis first.
+
+    This is the param layout of models built with ``scan_layers=True``.
+    """
+    groups: dict[tuple[Path_, Path_], dict[int, Any]] = {}
+    flat: dict[Path_, Any] = {}
+    for path, value in flatten_params(params).items():
+        hit = next((j for j, key in enumerate(path) if _LAYER_RE.fullmatch(key)), None)
+        if hit is None:
+            flat[path] = value
+            continue
+        index = int(_LAYER_RE.fullmatch(path[hit]).group(1))
+        groups.setdefault((path[:hit], path[hit + 1:]), {})[index] = value
+    for (head, tail), by_index in groups.items():
+        if sorted(by_index) != list(range(len(by_index))):
+            raise ValueError(f"{'/'.join(head)}: layers {sorted(by_index)} are not 0..n-1")
+        stack = np if all(isinstance(v, np.ndarray) for v in by_index.values()) else jax.numpy
+        flat[(*head, "layers", *tail)] = stack.stack([by_index[i] for i in range(len(by_index))])
+    return _unflatten(flat)
+
+
+def unstack_layers(params: Mapping[str, Any]) -> dict[str, Any]:
+    """Inverse of ``stack_layers``: ``.../layers/...`` (layer axis first) -> ``.../layer_{i}/...``."""
+    flat: dict[Path_, Any] = {}
+    for path, value in flatten_params(params).items():
+        if "layers" not in path:
+            flat[path] = value
+            continue
+        j = path.index("layers")
+        for i in range(value.shape[0]):
+            flat[(*path[:j], f"layer_{i}", *path[j + 1:])] = value[i]
+    return _unflatten(flat)
+
+
+# --------------------------------------------------------------------------------------------
+# Checking and converting.
+# --------------------------------------------------------------------------------------------
+
+
+def _fmt(items: list[str], limit: int = 40) -> str:
+    shown = "\n    ".join(items[:limit])
+    more = f"\n    ... and {len(items) - limit} more" if len(items) > limit else ""
+    return f"\n    {shown}{more}"
+
+
+def params_from_state_dict(
+    state: Mapping[str, np.ndarray],
+    expected: Mapping[Path_, tuple[int, ...]],
+    torch_key: Callable[[Path_], str],
+    *,
+    aliases: Iterable[tuple[str, str]] = (),
+    ignore: Iterable[str] = (),
+    source: str = "checkpoint",
+) -> dict[str, Any]:
+    """Convert a torch-layout state dict to an (unrolled) Flax params tree of numpy arrays.
+
+    Args:
+      state: ``{torch_key: array}``, e.g. from ``load_state_dict``.
+      expected: ``{flax_path: shape}`` of the module's params (unrolled layout).
+      torch_key: maps a Flax path to its torch key.
+      aliases: ``(regex, replacement)`` pairs applied (``re.sub``, in order) to incoming keys
+        first, e.g. transformers-5 module names -> transformers-4 ones.
+      ignore: regexes (``re.fullmatch``) for incoming keys that are known and unused.
+      source: where ``state`` came from, for error messages.
+
+    Raises:
+      ValueError listing every missing key (with its expected shape), unexpected key, and
+      mis-shaped key (with both shapes).
+    """
+    canonical: dict[str, np.ndarray] = {}
+    for key, value in state.items():
+        for pattern, repl in aliases:
+            key = re.sub(pattern, repl, key)
+        canonical[key] = value
+    ignore = [re.compile(p) for p in ignore]
+    wanted = {torch_key(path): path for path in expected}
+
+    missing, misshaped, flat = [], [], {}
+    for key, path in sorted(wanted.items()):
+        want = _torch_shape(path, expected[path])
+        if key not in canonical:
+            missing.append(f"{key} (expected shape {want})")
+            continue
+        value = canonical[key]
+        if tuple(value.shape) != want:
+            misshaped.append(f"{key}: got {tuple(value.shape)}, expected {want}")
+            continue
+        flat[path] = np.ascontiguousarray(from_torch_layout(path, np.asarray(value)))
+    unexpected = sorted(
+        f"{k} (shape {tuple(v.shape)})"
+        for k, v in canonical.items()
+        if k not in wanted and not any(p.fullmatch(k) for p in ignore)
+    )
+    if missing or unexpected or misshaped:
+        parts = []
+        if missing:
+            parts.append(f"missing keys ({len(missing)}):{_fmt(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys ({len(unexpected)}):{_fmt(unexpected)}")
+        if misshaped:
+            parts.append(f"mis-shaped keys ({len(misshaped)}):{_fmt(misshaped)}")
+        raise ValueError(f"{source} does not match the model:\n  " + "\n  ".join(parts))
+    return _unflatten(flat)
+
+
+def state_dict_from_params(
+    params: Mapping[str, Any],
+    expected: Mapping[Path_, tuple[int, ...]],
+    torch_key: Callable[[Path_], str],
+) -> dict[str, np.ndarray]:
+    """Flax params (unrolled or stacked) -> ``{torch_key: np.ndarray}`` in PyTorch layout.
+
+    Raises ValueError if ``params`` has leaves the model does not (e.g. adapter params: merge
+    them first), lacks some, or has other shapes.
+    """
+    flat = flatten_params(unstack_layers(params))
+    missing = sorted("/".join(p) + f" (expected shape {expected[p]})" for p in expected if p not in flat)
+    extra = sorted("/".join(p) + f" (shape {tuple(np.shape(v))})" for p, v in flat.items() if p not in expected)
+    wrong = sorted(
+        "/".join(p) + f": got {tuple(np.shape(v))}, expected {expected[p]}"
+        for p, v in flat.items()
+        if p in expected and tuple(np.shape(v)) != tuple(expected[p])
+    )
+    if missing or extra or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing params ({len(missing)}):{_fmt(missing)}")
+        if extra:
+            parts.append(
+                f"unexpected params ({len(extra)}; adapter params must be merged first):{_fmt(extra)}"
+            )
+        if wrong:
+            parts.append(f"mis-shaped params ({len(wrong)}):{_fmt(wrong)}")
+        raise ValueError("params do not match the model:\n  " + "\n  ".join(parts))
+    return {
+        torch_key(path): np.ascontiguousarray(to_torch_layout(path, np.asarray(value)))
+        for path, value in flat.items()
+    }
+
+
+def param_shapes(module: Any, *init_args: Any) -> dict[Path_, tuple[int, ...]]:
+    """``{path: shape}`` of ``module.init(key, *init_args)["params"]``, traced, never run."""
+    variables = jax.eval_shape(lambda *args: module.init(jax.random.key(0), *args), *init_args)
+    return {path: tuple(leaf.shape) for path, leaf in flatten_params(variables["params"]).items()}
+
+
+# --------------------------------------------------------------------------------------------
+# Writing.
+# --------------------------------------------------------------------------------------------
+
+
+def _atomic_write(target: Path, write: Callable[[str], None]) -> None:
+    """Write ``target`` through a temp file in its directory and ``os.replace``."""
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_json(target: Path, data: Any) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2, sort_keys=True)
+            f.write("\n")
+
+    _atomic_write(Path(target), write)
+
+
+def save_state_dict(
+    path: str | os.PathLike, state: Mapping[str, np.ndarray], *, max_shard_bytes: int | None = None
+) -> list[str]:
+    """Write ``{torch_key: array}`` as ``model.safetensors`` (or shards + index) in ``path``.
+
+    Files are written atomically. Weight files of the other layout left in ``path`` by an
+    earlier save (``model.safetensors`` vs. ``model.safetensors.index.json`` + shards) are removed
+    so they cannot shadow the new ones. Returns the names of the files written.
+    """
+    from safetensors.numpy import save_file
+
+    p = Path(path)
+    p.mkdir(parents=True, exist_ok=True)
+    metadata = {"format": "pt"}  # transformers refuses safetensors files without it
+    keys = sorted(state)
+    shards: list[list[str]] = [[]]
+    size = 0
+    for key in keys:
+        nbytes = state[key].nbytes
+        if max_shard_bytes is not None and shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(key)
+        size += nbytes
+
+    def write_shard(names: list[str]) -> Callable[[str], None]:
+        return lambda tmp: save_file({k: np.ascontiguousarray(state[k]) for k in names}, tmp, metadata)
+
+    if len(shards) == 1:
+        written = [SAFETENSORS_NAME]
+        _atomic_write(p / SAFETENSORS_NAME, write_shard(shards[0]))
+    else:
+        n = len(shards)
+        written = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        for name, names in zip(written, shards):
+            _atomic_write(p / name, write_shard(names))
+        weight_map = {k: name for name, names in zip(written, shards) for k in names}
+        total = int(sum(state[k].nbytes for k in keys))
+        write_json(p / SAFETENSORS_INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
+        written.append(SAFETENSORS_INDEX_NAME)
+    for old in p.iterdir():
+        stale = old.name == SAFETENSORS_NAME or old.name == SAFETENSORS_INDEX_NAME or _SHARD_RE.fullmatch(old.name)
+        if stale and old.name not in written:
+            old.unlink()
+    return written
+
+
+# --------------------------------------------------------------------------------------------
+# Entry points, dispatching on the model type.
+# --------------------------------------------------------------------------------------------
+
+
+def _library(model_type_: str):
+    from boft_jax.models import t5, vit  # local: vit and t5 import this module
+
+    return {"vit": vit, "t5": t5}[model_type_]
+
+
+def _library_for(module_or_config: Any):
+    from boft_jax.models import t5, vit
+
+    for lib in (vit, t5):
+        if isinstance(module_or_config, (lib.MODULE, lib.CONFIG)):
+            return lib
+    raise TypeError(
+        f"save_pretrained needs a model module or config (ViT, ViTConfig, T5, T5Config); "
+        f"got {type(module_or_config).__name__}"
+    )
+
+
+def from_pretrained(path: str | os.PathLike, **kwargs: Any):
+    """Load a Hugging Face model directory: ``(module, params)``, dispatching on ``model_type``.
+
+    Keyword arguments go to ``vit.from_pretrained`` or ``t5.from_pretrained``.
+    """
+    return _library(model_type(path)).from_pretrained(path, **kwargs)
+
+
+def save_pretrained(
+    path: str | os.PathLike,
+    module_or_config: Any,
+    params: Mapping[str, Any],
+    *,
+    max_shard_bytes: int | None = None,
+) -> None:
+    """Write ``config.json`` + ``model.safetensors`` (torch naming) that transformers loads.
+
+    Args:
+      path: directory, created if needed; existing weight files are replaced.
+      module_or_config: a ``ViT``/``T5`` module or a ``ViTConfig``/``T5Config``.
+      params: the model's params, unrolled or stacked (``scan_layers``); adapter params must be
+        merged into the base weights first (``boft.merge``).
+      max_shard_bytes: if given, split the weights into shards of at most this size with a
+        ``model.safetensors.index.json``, as transformers does.
+    """
+    lib = _library_for(module_or_config)
+    config = getattr(module_or_config, "config", module_or_config)
+    state = lib.hf_state_dict(config, params)
+    p = Path(path)
+    p.mkdir(parents=True, exist_ok=True)
+    save_state_dict(p, state, max_shard_bytes=max_shard_bytes)
+    write_json(p / CONFIG_NAME, config.to_hf_dict())

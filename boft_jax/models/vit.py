@@ -1,0 +1,383 @@
+"""Vision Transformer for image classification, numerically equal to Hugging Face's
+``ViTForImageClassification``.
+
+Inputs are NHWC: ``pixel_values`` of shape ``(batch, height, width, channels)`` (transpose
+Hugging Face's NCHW ``pixel_values`` with ``x.transpose(0, 2, 3, 1)``).
+
+Param tree (unrolled). With ``scan_layers=True`` the ``layer_{i}`` subtrees are one ``layers``
+subtree whose leaves carry a leading layer axis; outputs are identical::
+
+    embeddings/patch_embeddings/{kernel (p, p, C, D), bias}      nn.Conv
+    embeddings/cls_token (1, 1, D)
+    embeddings/position_embeddings (1, 1 + num_patches, D)
+    encoder/layer_{i}/layernorm_before/{scale, bias}
+    encoder/layer_{i}/attention/{query,key,value,out}/{kernel, bias}  nn.Dense
+    encoder/layer_{i}/layernorm_after/{scale, bias}
+    encoder/layer_{i}/mlp/{fc1,fc2}/{kernel, bias}                     nn.Dense
+    layernorm/{scale, bias}
+    classifier/{kernel, bias}                                          nn.Dense
+
+Example::
+
+    module, params = vit.from_pretrained("path/to/vit")
+    logits = module.apply({"params": params}, pixel_values_nhwc)
+    # BOFT on the attention query/value projections:
+    targets = vit.TARGET_PRESETS["attention_qv"]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from boft_jax.models import hf
+
+Dtype = Any
+
+# Regexes for BOFT targets, matched against the '/'-joined module path P of each nn.Dense as
+# re.search(rf"(?:^|/)(?:{pattern})$", P); they match the same layers with and without
+# scan_layers. "all_linear" leaves out the classifier head (and the patch embedding, a Conv).
+TARGET_PRESETS: dict[str, str] = {
+    "attention_qv": r"attention/(?:query|value)",
+    "attention": r"attention/(?:query|key|value|out)",
+    "mlp": r"mlp/(?:fc1|fc2)",
+    "all_linear": r"attention/(?:query|key|value|out)|mlp/(?:fc1|fc2)",
+}
+
+
+def _pair(x: Any) -> tuple[int, int]:
+    return (int(x[0]), int(x[1])) if isinstance(x, (list, tuple)) else (int(x), int(x))
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTConfig:
+    """The fields of Hugging Face's ``ViTConfig`` that define ``ViTForImageClassification``."""
+
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.0
+    attention_probs_dropout_prob: float = 0.0
+    layer_norm_eps: float = 1e-12
+    image_size: tuple[int, int] = (224, 224)
+    patch_size: tuple[int, int] = (16, 16)
+    num_channels: int = 3
+    qkv_bias: bool = True
+    num_labels: int = 2
+    id2label: tuple[str, ...] | None = None  # class names, index = label id
+
+    def __post_init__(self):
+        object.__setattr__(self, "image_size", _pair(self.image_size))
+        object.__setattr__(self, "patch_size", _pair(self.patch_size))
+        if self.id2label is not None:
+            object.__setattr__(self, "id2label", tuple(self.id2label))
+            if len(self.id2label) != self.num_labels:
+                raise ValueError(f"id2label has {len(self.id2label)} names for {self.num_labels} labels")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads "
+                f"{self.num_attention_heads}"
+            )
+        hf.activation(self.hidden_act)  # validates the name
+
+    @property
+    def num_patches(self) -> int:
+        (h, w), (ph, pw) = self.image_size, self.patch_size
+        return (h // ph) * (w // pw)
+
+    @classmethod
+    def from_hf_dict(cls, d: Mapping[str, Any]) -> "ViTConfig":
+        """From a Hugging Face ``config.json`` dict (unknown keys are ignored)."""
+        id2label = d.get("id2label")
+        if id2label:
+            labels = tuple(str(id2label[k]) for k in sorted(id2label, key=int))
+            num_labels = len(labels)
+        else:
+            labels, num_labels = None, int(d.get("num_labels", 2))
+        kwargs = {f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d}
+        kwargs.update(num_labels=num_labels, id2label=labels)
+        return cls(**kwargs)
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """A ``config.json`` dict that transformers' ``ViTForImageClassification`` loads."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        labels = self.id2label or tuple(f"LABEL_{i}" for i in range(self.num_labels))
+        d.update(
+            model_type="vit",
+            architectures=["ViTForImageClassification"],
+            image_size=list(self.image_size) if self.image_size[0] != self.image_size[1] else self.image_size[0],
+            patch_size=list(self.patch_size) if self.patch_size[0] != self.patch_size[1] else self.patch_size[0],
+            id2label={str(i): name for i, name in enumerate(labels)},
+            label2id={name: i for i, name in enumerate(labels)},
+            initializer_range=0.02,
+        )
+        d.pop("num_labels")  # transformers derives it from id2label
+        return d
+
+
+class ViTAttention(nn.Module):
+    """Multi-head self-attention with separate ``query``/``key``/``value``/``out`` Dense layers."""
+
+    config: ViTConfig
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+        """x: (batch, tokens, hidden) -> (batch, tokens, hidden)."""
+        cfg = self.config
+        heads = cfg.num_attention_heads
+        head_dim = cfg.hidden_size // heads
+        split = lambda y: y.reshape(*y.shape[:-1], heads, head_dim)
+        q = split(nn.Dense(cfg.hidden_size, use_bias=cfg.qkv_bias, dtype=self.dtype, name="query")(x))
+        k = split(nn.Dense(cfg.hidden_size, use_bias=cfg.qkv_bias, dtype=self.dtype, name="key")(x))
+        v = split(nn.Dense(cfg.hidden_size, use_bias=cfg.qkv_bias, dtype=self.dtype, name="value")(x))
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) * (head_dim**-0.5)
+        probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(self.dtype)
+        probs = nn.Dropout(cfg.attention_probs_dropout_prob)(probs, deterministic=deterministic)
+        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(*x.shape[:-1], heads * head_dim)
+        return nn.Dense(cfg.hidden_size, dtype=self.dtype, name="out")(out)
+
+
+class ViTMLP(nn.Module):
+    config: ViTConfig
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.config
+        x = nn.Dense(cfg.intermediate_size, dtype=self.dtype, name="fc1")(x)
+        x = hf.activation(cfg.hidden_act)(x)
+        return nn.Dense(cfg.hidden_size, dtype=self.dtype, name="fc2")(x)
+
+
+class ViTLayer(nn.Module):
+    """Pre-LN transformer block. Returns ``(x, None)`` so that it can be ``nn.scan``-ned."""
+
+    config: ViTConfig
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool = True) -> tuple[jax.Array, None]:
+        cfg = self.config
+        ln = lambda name: nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=self.dtype, name=name)
+        drop = nn.Dropout(cfg.hidden_dropout_prob)
+        h = ViTAttention(cfg, self.dtype, name="attention")(ln("layernorm_before")(x), deterministic)
+        x = x + drop(h, deterministic=deterministic)
+        h = ViTMLP(cfg, self.dtype, name="mlp")(ln("layernorm_after")(x))
+        x = x + drop(h, deterministic=deterministic)
+        return x, None
+
+
+class ViTEncoder(nn.Module):
+    config: ViTConfig
+    dtype: Dtype = jnp.float32
+    scan_layers: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+        cfg = self.config
+        if self.scan_layers:
+            layers = nn.scan(
+                ViTLayer,
+                variable_axes={"params": 0},
+                split_rngs={"params": True, "dropout": True},
+                in_axes=(nn.broadcast,),
+                length=cfg.num_hidden_layers,
+            )
+            x, _ = layers(cfg, self.dtype, name="layers")(x, deterministic)
+        else:
+            for i in range(cfg.num_hidden_layers):
+                x, _ = ViTLayer(cfg, self.dtype, name=f"layer_{i}")(x, deterministic)
+        return x
+
+
+class ViTEmbeddings(nn.Module):
+    config: ViTConfig
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, pixel_values: jax.Array, deterministic: bool = True) -> jax.Array:
+        """pixel_values: (batch, H, W, C) -> tokens (batch, 1 + num_patches, hidden)."""
+        cfg = self.config
+        batch = pixel_values.shape[0]
+        patches = nn.Conv(
+            cfg.hidden_size,
+            kernel_size=cfg.patch_size,
+            strides=cfg.patch_size,
+            padding="VALID",
+            dtype=self.dtype,
+            name="patch_embeddings",
+        )(pixel_values)
+        patches = patches.reshape(batch, -1, cfg.hidden_size)
+        init = nn.initializers.truncated_normal(0.02)
+        cls = self.param("cls_token", init, (1, 1, cfg.hidden_size))
+        pos = self.param("position_embeddings", init, (1, cfg.num_patches + 1, cfg.hidden_size))
+        cls = jnp.broadcast_to(cls.astype(self.dtype), (batch, 1, cfg.hidden_size))
+        x = jnp.concatenate([cls, patches], axis=1) + pos.astype(self.dtype)
+        return nn.Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
+
+
+class ViT(nn.Module):
+    """``ViTForImageClassification``: logits from the final CLS token.
+
+    Attributes:
+      config: the architecture.
+      dtype: computation dtype (e.g. ``jnp.bfloat16``); params keep their own dtype, and the
+        attention softmax runs in float32.
+      scan_layers: put the layers under ``nn.scan`` (params stacked, layer axis first).
+    """
+
+    config: ViTConfig
+    dtype: Dtype = jnp.float32
+    scan_layers: bool = False
+
+    @nn.compact
+    def __call__(self, pixel_values: jax.Array, *, deterministic: bool = True) -> jax.Array:
+        """pixel_values: (batch, H, W, C) -> logits (batch, num_labels).
+
+        With ``num_labels == 0`` (no head) returns the final CLS features (batch, hidden).
+        Dropout is active when ``deterministic=False`` (pass a ``"dropout"`` rng).
+        """
+        cfg = self.config
+        want = (*cfg.image_size, cfg.num_channels)
+        if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != want:
+            raise ValueError(
+                f"pixel_values has shape {tuple(pixel_values.shape)}; expected (batch, {want[0]}, "
+                f"{want[1]}, {want[2]}) (NHWC, image_size {cfg.image_size})"
+            )
+        x = ViTEmbeddings(cfg, self.dtype, name="embeddings")(pixel_values, deterministic)
+        x = ViTEncoder(cfg, self.dtype, self.scan_layers, name="encoder")(x, deterministic)
+        x = nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=self.dtype, name="layernorm")(x)
+        if cfg.num_labels == 0:
+            return x[:, 0]
+        return nn.Dense(cfg.num_labels, dtype=self.dtype, name="classifier")(x[:, 0])
+
+
+# --------------------------------------------------------------------------------------------
+# Hugging Face checkpoints.
+# --------------------------------------------------------------------------------------------
+
+MODULE, CONFIG = ViT, ViTConfig
+
+# transformers-5 module names (what ViTForImageClassification holds in memory, and what a
+# state_dict saved without save_pretrained carries) -> transformers-4 names (what both write).
+HF_KEY_ALIASES: tuple[tuple[str, str], ...] = (
+    (r"^vit\.layers\.(\d+)\.attention\.q_proj\.", r"vit.encoder.layer.\1.attention.attention.query."),
+    (r"^vit\.layers\.(\d+)\.attention\.k_proj\.", r"vit.encoder.layer.\1.attention.attention.key."),
+    (r"^vit\.layers\.(\d+)\.attention\.v_proj\.", r"vit.encoder.layer.\1.attention.attention.value."),
+    (r"^vit\.layers\.(\d+)\.attention\.o_proj\.", r"vit.encoder.layer.\1.attention.output.dense."),
+    (r"^vit\.layers\.(\d+)\.mlp\.fc1\.", r"vit.encoder.layer.\1.intermediate.dense."),
+    (r"^vit\.layers\.(\d+)\.mlp\.fc2\.", r"vit.encoder.layer.\1.output.dense."),
+    (r"^vit\.layers\.(\d+)\.", r"vit.encoder.layer.\1."),
+)
+# The pooler of a ViTModel checkpoint is not part of ViTForImageClassification.
+HF_IGNORED_KEYS: tuple[str, ...] = (r"vit\.pooler\..*",)
+
+_LEAF = {"kernel": "weight", "bias": "bias", "scale": "weight"}
+_LAYER_MODULES = {
+    "layernorm_before": "layernorm_before",
+    "layernorm_after": "layernorm_after",
+    "attention/query": "attention.attention.query",
+    "attention/key": "attention.attention.key",
+    "attention/value": "attention.attention.value",
+    "attention/out": "attention.output.dense",
+    "mlp/fc1": "intermediate.dense",
+    "mlp/fc2": "output.dense",
+}
+
+
+def hf_torch_key(path: tuple[str, ...]) -> str:
+    """Our unrolled param path -> its key in a transformers ``ViTForImageClassification``.
+
+    >>> hf_torch_key(("encoder", "layer_3", "attention", "query", "kernel"))
+    'vit.encoder.layer.3.attention.attention.query.weight'
+    """
+    p = "/".join(path)
+    if path[0] == "embeddings":
+        if path[1] == "patch_embeddings":
+            return f"vit.embeddings.patch_embeddings.projection.{_LEAF[path[2]]}"
+        return f"vit.embeddings.{path[1]}"
+    m = re.fullmatch(r"encoder/layer_(\d+)/(.+)/(kernel|bias|scale)", p)
+    if m and m.group(2) in _LAYER_MODULES:
+        return f"vit.encoder.layer.{m.group(1)}.{_LAYER_MODULES[m.group(2)]}.{_LEAF[m.group(3)]}"
+    if path[0] == "layernorm":
+        return f"vit.layernorm.{_LEAF[path[1]]}"
+    if path[0] == "classifier":
+        return f"classifier.{_LEAF[path[1]]}"
+    raise KeyError(f"no Hugging Face key for param {p!r}")
+
+
+def _normalize_prefix(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    # A bare ViTModel checkpoint has no "vit." prefix.
+    if any(k.startswith("vit.") for k in state):
+        return dict(state)
+    return {(k if k.startswith("classifier.") else f"vit.{k}"): v for k, v in state.items()}
+
+
+def param_shapes(config: ViTConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """``{path: shape}`` of the unrolled model's params."""
+    h, w = config.image_size
+    x = jax.ShapeDtypeStruct((1, h, w, config.num_channels), jnp.float32)
+    return hf.param_shapes(ViT(config), x)
+
+
+def hf_state_dict(config: ViTConfig, params: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Params (unrolled or stacked) -> transformers state dict (torch naming and layout)."""
+    return hf.state_dict_from_params(params, param_shapes(config), hf_torch_key)
+
+
+def params_from_hf(
+    config: ViTConfig, state: Mapping[str, np.ndarray], *, scan_layers: bool = False, source: str = "checkpoint"
+) -> dict[str, Any]:
+    """A transformers state dict (4.x or 5.x names) -> our params tree (numpy arrays)."""
+    params = hf.params_from_state_dict(
+        _normalize_prefix(state),
+        param_shapes(config),
+        hf_torch_key,
+        aliases=HF_KEY_ALIASES,
+        ignore=HF_IGNORED_KEYS,
+        source=source,
+    )
+    return hf.stack_layers(params) if scan_layers else params
+
+
+def from_pretrained(
+    path: str | os.PathLike,
+    *,
+    dtype: Dtype = jnp.float32,
+    scan_layers: bool = False,
+    num_labels: int | None = None,
+) -> tuple[ViT, dict[str, Any]]:
+    """Load a Hugging Face ViT directory as ``(module, params)``.
+
+    Args:
+      path: directory with ``config.json`` and ``model.safetensors`` (or shards + index, or
+        legacy ``flax_model.msgpack``); a ``ViTForImageClassification`` or bare ``ViTModel``.
+      dtype: computation dtype; params keep the checkpoint's dtype.
+      scan_layers: build the model with layers under ``nn.scan`` (stacked params).
+      num_labels: if given and different from the checkpoint's head (or the checkpoint has no
+        head), the classifier gets a fresh zero-initialized ``(hidden, num_labels)`` head.
+    """
+    cfg_dict = hf.read_config(path)
+    hf.check_model_type(path, cfg_dict, "vit")
+    config = ViTConfig.from_hf_dict(cfg_dict)
+    state = _normalize_prefix(hf.load_state_dict(path))
+    has_head = "classifier.weight" in state
+    if num_labels is not None and (not has_head or state["classifier.weight"].shape[0] != num_labels):
+        state = {k: v for k, v in state.items() if not k.startswith("classifier.")}
+        dt = state["vit.layernorm.weight"].dtype if "vit.layernorm.weight" in state else np.float32
+        state["classifier.weight"] = np.zeros((num_labels, config.hidden_size), dt)
+        state["classifier.bias"] = np.zeros((num_labels,), dt)
+        config = dataclasses.replace(config, num_labels=num_labels, id2label=None)
+    params = params_from_hf(config, state, scan_layers=scan_layers, source=f"{os.fspath(path)!r}")
+    return ViT(config, dtype=dtype, scan_layers=scan_layers), jax.tree.map(jnp.asarray, params)

@@ -1,0 +1,160 @@
+"""ViT (boft_jax.models.vit) against transformers' ViTForImageClassification."""
+
+import dataclasses
+import re
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from boft_jax.models import hf, vit
+
+FIXTURES = Path(__file__).parent / "fixtures"
+TINY = vit.ViTConfig(
+    image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+    intermediate_size=64, num_labels=5,
+)
+
+
+def assert_matches_reference(actual, reference, *, tol=1e-5):
+    """max |actual - reference| <= tol * max(1, max |reference|)."""
+    actual, reference = np.asarray(actual, np.float64), np.asarray(reference, np.float64)
+    assert actual.shape == reference.shape
+    err, scale = np.abs(actual - reference).max(), max(1.0, np.abs(reference).max())
+    assert err <= tol * scale, f"max abs error {err:.3g} > {tol} * {scale:.3g}"
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return dict(np.load(FIXTURES / "vit_reference.npz", allow_pickle=False))
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    return vit.from_pretrained(FIXTURES / "vit")
+
+
+def test_logits_match_transformers(loaded, reference):
+    module, params = loaded
+    logits = jax.jit(lambda p, x: module.apply({"params": p}, x))(params, reference["pixel_values"])
+    assert_matches_reference(logits, reference["logits"])
+
+
+def test_config_is_read_from_config_json(loaded):
+    module, _ = loaded
+    assert module.config == dataclasses.replace(TINY, id2label=tuple(f"LABEL_{i}" for i in range(5)))
+    assert vit.ViTConfig.from_hf_dict(module.config.to_hf_dict()) == module.config
+
+
+def test_scan_layers_gives_the_same_logits_as_unrolled(loaded, reference):
+    module, params = loaded
+    scanned, scanned_params = vit.from_pretrained(FIXTURES / "vit", scan_layers=True)
+    assert scanned.scan_layers
+    x = reference["pixel_values"]
+    # Scan and unrolled compile to different XLA programs: equal up to float32 rounding.
+    np.testing.assert_allclose(
+        jax.jit(scanned.apply)({"params": scanned_params}, x),
+        jax.jit(module.apply)({"params": params}, x),
+        atol=2e-6,
+        rtol=0,
+    )
+
+
+def test_scan_layers_stacks_params_layer_axis_first(loaded):
+    _, params = loaded
+    _, scanned_params = vit.from_pretrained(FIXTURES / "vit", scan_layers=True)
+    assert set(scanned_params["encoder"]) == {"layers"}
+    stacked = scanned_params["encoder"]["layers"]["attention"]["query"]["kernel"]
+    assert stacked.shape == (2, 32, 32)
+    np.testing.assert_array_equal(stacked[1], params["encoder"]["layer_1"]["attention"]["query"]["kernel"])
+
+
+def test_scan_layers_init_has_the_stacked_layout():
+    x = jnp.zeros((1, 16, 16, 3))
+    shapes = lambda module: jax.eval_shape(lambda: module.init(jax.random.key(0), x))["params"]
+    unrolled = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes(vit.ViT(TINY)))
+    expected = jax.tree.map(np.shape, hf.stack_layers(unrolled))
+    assert jax.tree.map(np.shape, shapes(vit.ViT(TINY, scan_layers=True))) == expected
+
+
+def test_dropout_is_active_only_when_not_deterministic(loaded, reference):
+    _, params = loaded
+    config = dataclasses.replace(TINY, hidden_dropout_prob=0.3, attention_probs_dropout_prob=0.3)
+    module = vit.ViT(config)
+
+    @jax.jit
+    def run(x, seed):
+        rngs = {"dropout": jax.random.key(seed)}
+        return module.apply({"params": params}, x), module.apply({"params": params}, x, deterministic=False, rngs=rngs)
+
+    x = reference["pixel_values"]
+    plain, drop0 = run(x, 0)
+    _, drop1 = run(x, 1)
+    assert_matches_reference(plain, reference["logits"])
+    assert np.abs(drop0 - plain).max() > 1e-2
+    assert np.abs(drop0 - drop1).max() > 1e-2
+    np.testing.assert_array_equal(run(x, 0)[1], drop0)
+
+
+def test_bfloat16_compute_keeps_params_and_stays_close(loaded, reference):
+    module, params = loaded
+    x = reference["pixel_values"]
+    bf16, bf16_params = vit.from_pretrained(FIXTURES / "vit", dtype=jnp.bfloat16)
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(bf16_params))
+    out = jax.jit(bf16.apply)({"params": bf16_params}, x)
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(out, np.float32), reference["logits"], atol=0.1)
+
+
+def test_wrong_image_size_is_an_error(loaded):
+    module, params = loaded
+    with pytest.raises(ValueError, match=r"expected \(batch, 16, 16, 3\)"):
+        module.apply({"params": params}, jnp.zeros((1, 3, 16, 16)))
+
+
+def test_num_labels_gives_a_fresh_zero_head(loaded):
+    _, params = loaded
+    module, new = vit.from_pretrained(FIXTURES / "vit", num_labels=3)
+    assert module.config.num_labels == 3 and module.config.id2label is None
+    assert new["classifier"]["kernel"].shape == (32, 3)
+    assert not np.any(new["classifier"]["kernel"]) and not np.any(new["classifier"]["bias"])
+    np.testing.assert_array_equal(new["layernorm"]["scale"], params["layernorm"]["scale"])
+
+
+# ---- BOFT target presets ------------------------------------------------------------------
+
+
+def dense_paths(module, *args):
+    """'/'-joined module paths of every nn.Dense / nn.DenseGeneral the model calls."""
+    paths = set()
+
+    def record(next_fun, args_, kwargs_, context):
+        if isinstance(context.module, (nn.Dense, nn.DenseGeneral)) and context.method_name == "__call__":
+            paths.add("/".join(context.module.path))
+        return next_fun(*args_, **kwargs_)
+
+    with nn.intercept_methods(record):
+        jax.eval_shape(lambda: module.init(jax.random.key(0), *args))
+    return paths
+
+
+def select(pattern, paths):
+    return {p for p in paths if re.search(rf"(?:^|/)(?:{pattern})$", p)}
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_target_presets_select_exactly_the_intended_dense_layers(scan_layers):
+    paths = dense_paths(vit.ViT(TINY, scan_layers=scan_layers), jnp.zeros((1, 16, 16, 3)))
+    layers = ["encoder/layers"] if scan_layers else ["encoder/layer_0", "encoder/layer_1"]
+    under = lambda names: {f"{layer}/{name}" for layer in layers for name in names}
+    qv = under(["attention/query", "attention/value"])
+    attention = under(["attention/query", "attention/key", "attention/value", "attention/out"])
+    mlp = under(["mlp/fc1", "mlp/fc2"])
+    assert paths == attention | mlp | {"classifier"}
+    expected = {"attention_qv": qv, "attention": attention, "mlp": mlp, "all_linear": attention | mlp}
+    assert set(vit.TARGET_PRESETS) == set(expected)
+    for name, pattern in vit.TARGET_PRESETS.items():
+        assert select(pattern, paths) == expected[name], name
