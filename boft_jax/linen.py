@@ -497,8 +497,12 @@ def _merge_node(node: BOFTKernel, config: BOFTConfig, inverse: bool = False) -> 
         blocks = _blocks(skew, config)
         if not inverse:  # K' = (M K) * s
             out = rotate_kernel(flat, blocks) * scale.astype(blocks.dtype)
-        else:  # K = M^T (K' / s) = ((K' / s)^T M)^T
-            out = rotate((flat.astype(blocks.dtype) / scale.astype(blocks.dtype)).T, blocks).T
+        else:
+            # K = M^-1 (K' / s).  M^-1 = F_0^-1 ... F_{m-1}^-1 and (M^-1)^T is a butterfly product with
+            # blocks Q^-T, so M^-1 K = (K^T (M^-1)^T)^T = rotate(K^T, Q^-T)^T.  Inverting the small
+            # blocks (rather than using M^T) keeps this exact for the only-nearly-orthogonal Neumann map.
+            inv_t = jnp.swapaxes(jnp.linalg.inv(blocks), -1, -2)
+            out = rotate((flat.astype(blocks.dtype) / scale.astype(blocks.dtype)).T, inv_t).T
         return out.astype(kernel.dtype).reshape(kernel.shape)
 
     fn = one
@@ -517,7 +521,7 @@ def merge(params: Mapping, config: BOFTConfig) -> dict:
 
 
 def unmerge(merged: Mapping, adapter: Mapping, config: BOFTConfig) -> dict:
-    """Recover the base params from merged params and the adapter: ``K = M^T (K' / s)``.
+    """Recover the base params from merged params and the adapter: ``K = M^-1 (K' / s)``.
 
     Biases trained with the adapter cannot be un-trained; they are returned as they are in ``merged``.
     """

@@ -15,42 +15,12 @@ from hypothesis import strategies as st
 from jax.test_util import check_grads
 
 import boft_jax as boft
+from reference import dense_rotation, reference_perm
 
 
 # ---------------------------------------------------------------------------------------------
 # Independent references
 # ---------------------------------------------------------------------------------------------
-def reference_perm(d: int, b: int, m: int, i: int) -> np.ndarray:
-    """PEFT's rule written from its description: for factor i >= 1 (and m > 1), cut the d features
-    into chunks of b * 2**i; cut each chunk into half-blocks of b / 2; list the even-numbered
-    half-blocks first, then the odd-numbered ones.  Factor 0 (and m == 1) is the identity."""
-    if m == 1 or i == 0:
-        return np.arange(d)
-    chunk, half = b * 2**i, b // 2
-    n_groups = chunk // half
-    order = [g for g in range(n_groups) if g % 2 == 0] + [g for g in range(n_groups) if g % 2 == 1]
-    out = []
-    for start in range(0, d, chunk):
-        for g in order:
-            out.extend(range(start + g * half, start + (g + 1) * half))
-    return np.array(out)
-
-
-def dense_rotation(blocks: np.ndarray) -> np.ndarray:
-    """M = F_{m-1} ... F_0 with F_i = P_i blockdiag(Q_i) P_i^T, every matrix dense, float64."""
-    m, k, b, _ = blocks.shape
-    d = k * b
-    M = np.eye(d)
-    for i in range(m):
-        P = np.zeros((d, d))
-        P[np.arange(d), reference_perm(d, b, m, i)] = 1.0
-        D = np.zeros((d, d))
-        for j in range(k):
-            D[j * b : (j + 1) * b, j * b : (j + 1) * b] = blocks[i, j]
-        M = P @ D @ P.T @ M
-    return M
-
-
 def valid_triples(max_d=1024, block_sizes=(2, 4, 8, 16, 32), max_m=8):
     for b in block_sizes:
         for d in range(b, max_d + 1, b):

@@ -1,0 +1,54 @@
+"""Independent float64 references used across the tests: dense matrices, the published formulas."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def reference_perm(d: int, b: int, m: int, i: int) -> np.ndarray:
+    """PEFT's rule written from its description: for factor i >= 1 (and m > 1), cut the d features
+    into chunks of b * 2**i; cut each chunk into half-blocks of b / 2; list the even-numbered
+    half-blocks first, then the odd-numbered ones.  Factor 0 (and m == 1) is the identity."""
+    if m == 1 or i == 0:
+        return np.arange(d)
+    chunk, half = b * 2**i, b // 2
+    n_groups = chunk // half
+    order = [g for g in range(n_groups) if g % 2 == 0] + [g for g in range(n_groups) if g % 2 == 1]
+    out = []
+    for start in range(0, d, chunk):
+        for g in order:
+            out.extend(range(start + g * half, start + (g + 1) * half))
+    return np.array(out)
+
+
+def dense_rotation(blocks: np.ndarray) -> np.ndarray:
+    """M = F_{m-1} ... F_0 with F_i = P_i blockdiag(Q_i) P_i^T, every matrix dense, float64."""
+    m, k, b, _ = blocks.shape
+    d = k * b
+    M = np.eye(d)
+    for i in range(m):
+        P = np.zeros((d, d))
+        P[np.arange(d), reference_perm(d, b, m, i)] = 1.0
+        D = np.zeros((d, d))
+        for j in range(k):
+            D[j * b : (j + 1) * b, j * b : (j + 1) * b] = blocks[i, j]
+        M = P @ D @ P.T @ M
+    return M
+
+
+def dense_layer(x, kernel, blocks, scale, bias=None):
+    """BOFT Dense layer from the definition, in float64: y = ((x M) K) * s + bias."""
+    M = dense_rotation(np.asarray(blocks, np.float64))
+    y = (np.asarray(x, np.float64) @ M) @ np.asarray(kernel, np.float64) * np.asarray(scale, np.float64)
+    return y if bias is None else y + np.asarray(bias, np.float64)
+
+
+def np_cayley_from_packed(packed, b):
+    """Q = (I - S)(I + S)^-1 with an explicit inverse, from packed strict upper triangles."""
+    packed = np.asarray(packed, np.float64)
+    s = np.zeros(packed.shape[:-1] + (b, b))
+    r, c = np.triu_indices(b, 1)
+    s[..., r, c] = packed
+    s[..., c, r] = -packed
+    eye = np.eye(b)
+    return (eye - s) @ np.linalg.inv(eye + s)

@@ -1,0 +1,406 @@
+"""The linen transformation: wrapped model == definition == base with merged params."""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import boft_jax as boft
+from reference import dense_layer, np_cayley_from_packed
+
+MODES = ["input", "weight", "auto"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Small models
+# ---------------------------------------------------------------------------------------------
+class MLP(nn.Module):
+    use_bias: bool = True
+    dtype: jnp.dtype | None = None
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        dense = functools.partial(nn.Dense, use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype)
+        x = nn.relu(dense(48, name="fc1")(x))
+        x = nn.relu(dense(32, name="fc2")(x))
+        return dense(8, name="head")(x)
+
+
+class PreLNBlock(nn.Module):
+    @nn.compact
+    def __call__(self, x, deterministic: bool = True):
+        h = nn.LayerNorm()(x)
+        h = nn.MultiHeadDotProductAttention(num_heads=4, name="attn")(h, h, deterministic=deterministic)
+        x = x + h
+        h = nn.gelu(nn.Dense(64, name="fc1")(nn.LayerNorm()(x)))
+        return x + nn.Dense(32, name="fc2")(h)
+
+
+class ScanLayer(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+        return x + nn.Dense(32, name="out")(nn.tanh(nn.Dense(32, name="inp")(x))), None
+
+
+class Scanned(nn.Module):
+    remat: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        layer = nn.remat(ScanLayer) if self.remat else ScanLayer
+        scanned = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True}, length=4)
+        x, _ = scanned(name="layers")(x, None)
+        return x
+
+
+class GeneralAxes(nn.Module):
+    """DenseGeneral contracting a non-trailing axis and producing 2 feature axes."""
+
+    @nn.compact
+    def __call__(self, x):  # x: (batch, 16, 3)
+        return nn.DenseGeneral(features=(4, 6), axis=1, name="proj")(x)
+
+
+def _perturb(adapter, seed, scale=0.3):
+    """A random (non-identity) adapter of the same structure."""
+    leaves, treedef = jax.tree.flatten(adapter)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return treedef.unflatten(
+        [l + scale * jax.random.normal(k, l.shape, l.dtype) for l, k in zip(leaves, keys)]
+    )
+
+
+def _setup(base, cfg, x, seed=0, **call_kwargs):
+    model = boft.wrap(base, cfg)
+    params = model.init(jax.random.key(seed), x, **call_kwargs)["params"]
+    frozen, adapter = boft.split(params, cfg)
+    return model, frozen, _perturb(adapter, seed + 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Exactness
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("m", [1, 3])
+def test_mlp_equals_definition_in_float64(mode, m):
+    cfg = boft.BOFTConfig(block_size=4, n_factors=m, targets=["fc1", "fc2"], mode=mode)
+    x = jax.random.normal(jax.random.key(7), (3, 5, 16))
+    model, frozen, adapter = _setup(MLP(), cfg, x)
+    y = model.apply({"params": boft.combine(frozen, adapter)}, x)
+    # reference: each adapted layer from the definition, float64 dense matrices
+    h = np.asarray(x, np.float64)
+    for name, act in [("fc1", True), ("fc2", True)]:
+        a = adapter[name]["kernel"]
+        blocks = np_cayley_from_packed(a["skew"], 4)
+        h = dense_layer(h, frozen[name]["kernel"], blocks, a["scale"], frozen[name]["bias"])
+        h = np.maximum(h, 0)
+    ref = h @ np.asarray(frozen["head"]["kernel"], np.float64) + np.asarray(frozen["head"]["bias"], np.float64)
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(
+    "case",
+    ["mlp", "mlp_nobias", "transformer", "scan", "general_axes"],
+)
+def test_wrapped_equals_base_with_merged_params(mode, case):
+    base, x, kw, targets = {
+        "mlp": (MLP(), jax.random.normal(jax.random.key(1), (4, 16)), {}, ".*"),
+        "mlp_nobias": (MLP(use_bias=False), jax.random.normal(jax.random.key(1), (4, 16)), {}, "fc.*"),
+        "transformer": (PreLNBlock(), jax.random.normal(jax.random.key(1), (2, 6, 32)), {}, ".*"),
+        "scan": (Scanned(), jax.random.normal(jax.random.key(1), (3, 32)), {}, ".*"),
+        "general_axes": (GeneralAxes(), jax.random.normal(jax.random.key(1), (2, 16, 3)), {}, "proj"),
+    }[case]
+    cfg = boft.BOFTConfig(block_size=4, n_factors=2, targets=targets, mode=mode)
+    model, frozen, adapter = _setup(base, cfg, x, **kw)
+    params = boft.combine(frozen, adapter)
+    y = model.apply({"params": params}, x, **kw)
+    y_merged = base.apply({"params": boft.merge(params, cfg)}, x, **kw)
+    y_base = base.apply({"params": frozen}, x, **kw)
+    np.testing.assert_allclose(y, y_merged, rtol=2e-5, atol=2e-5)
+    assert np.abs(np.asarray(y) - np.asarray(y_base)).max() > 1e-2  # the adapter really acts
+
+
+def test_all_modes_agree_and_init_is_identity():
+    x = jax.random.normal(jax.random.key(2), (2, 6, 32))
+    outs = []
+    for mode in MODES:
+        cfg = boft.BOFTConfig(block_size=8, n_factors=2, mode=mode)
+        model = boft.wrap(PreLNBlock(), cfg)
+        params = model.init(jax.random.key(0), x)["params"]
+        frozen, adapter = boft.split(params)
+        base_params = PreLNBlock().init(jax.random.key(0), x)["params"]
+        chex_equal = jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), frozen, base_params)
+        assert all(jax.tree.leaves(chex_equal)), "frozen params differ from the base model's own init"
+        np.testing.assert_allclose(model.apply({"params": params}, x), PreLNBlock().apply({"params": frozen}, x), atol=1e-6)
+        outs.append(model.apply({"params": boft.combine(frozen, _perturb(adapter, 3))}, x))
+    np.testing.assert_allclose(outs[0], outs[1], rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(outs[0], outs[2], rtol=2e-5, atol=2e-5)
+
+
+def test_scan_gives_stacked_adapter_params_layer_axis_first():
+    cfg = boft.BOFTConfig(block_size=8, n_factors=3)
+    model = boft.wrap(Scanned(), cfg)
+    params = model.init(jax.random.key(0), jnp.ones((2, 32)))["params"]
+    _, adapter = boft.split(params)
+    assert adapter["layers"]["inp"]["kernel"]["skew"].shape == (4, 3, 4, 28)
+    assert adapter["layers"]["out"]["kernel"]["scale"].shape == (4, 32)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_bf16_params_rotation_in_float32(mode):
+    cfg = boft.BOFTConfig(block_size=4, n_factors=2, targets="fc.*", mode=mode)
+    x = jax.random.normal(jax.random.key(4), (4, 16)).astype(jnp.bfloat16)
+    base = MLP(dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    model, frozen, adapter = _setup(base, cfg, x)
+    assert frozen["fc1"]["kernel"].dtype == jnp.bfloat16
+    assert adapter["fc1"]["kernel"]["skew"].dtype == jnp.float32  # adapter params stay float32
+    params = boft.combine(frozen, adapter)
+    y = model.apply({"params": params}, x)
+    assert y.dtype == jnp.bfloat16
+    y_merged = base.apply({"params": boft.merge(params, cfg)}, x)
+    # float32 model on the same (bf16-valued) weights as the reference
+    f32 = jax.tree.map(lambda a: a.astype(jnp.float32), params)
+    y32 = boft.wrap(MLP(), cfg).apply({"params": f32}, x.astype(jnp.float32))
+    scale = float(jnp.abs(y32).max())
+    np.testing.assert_allclose(np.asarray(y, np.float32), y32, atol=0.05 * scale)
+    np.testing.assert_allclose(np.asarray(y_merged, np.float32), y32, atol=0.05 * scale)
+
+
+def test_merge_then_unmerge_returns_the_base():
+    for base, x in [(PreLNBlock(), jnp.ones((2, 6, 32))), (Scanned(), jnp.ones((2, 32)))]:
+        cfg = boft.BOFTConfig(block_size=4, n_factors=3, cayley="neumann", neumann_terms=6)
+        model, frozen, adapter = _setup(base, cfg, x)
+        merged = boft.merge(boft.combine(frozen, adapter), cfg)
+        changed = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), merged, frozen)
+        assert max(jax.tree.leaves(changed)) > 1e-2
+        recovered = boft.unmerge(merged, adapter, cfg)
+        err = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), recovered, frozen)
+        assert max(jax.tree.leaves(err)) < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------
+# Training: gradients, optimizer state, bias modes, learning
+# ---------------------------------------------------------------------------------------------
+def test_gradients_reach_only_adapter_and_optimizer_state_is_adapter_sized():
+    cfg = boft.BOFTConfig(block_size=8, n_factors=2, targets="fc1|fc2")
+    x = jax.random.normal(jax.random.key(5), (8, 16))
+    model, frozen, adapter = _setup(MLP(), cfg, x)
+    opt = optax.adam(1e-2)
+    opt_state = opt.init(adapter)
+    n_adapter = boft.count_params(adapter)
+    assert n_adapter == boft.num_layer_params(16, 48, block_size=8, n_factors=2) + boft.num_layer_params(
+        48, 32, block_size=8, n_factors=2
+    )
+    assert boft.count_params(opt_state) == 2 * n_adapter + 1  # mu, nu, count: nothing for frozen weights
+
+    def loss(adapter, frozen):
+        return jnp.mean(model.apply({"params": boft.combine(frozen, adapter)}, x) ** 2)
+
+    grads = jax.grad(loss)(adapter, frozen)
+    assert jax.tree.structure(grads) == jax.tree.structure(adapter)
+    assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads))
+    # the frozen weights do receive a gradient if one asks for it: the split is what keeps them out
+    assert jax.tree.structure(jax.grad(loss, argnums=1)(adapter, frozen)) == jax.tree.structure(frozen)
+
+
+@pytest.mark.parametrize("bias", ["none", "boft_only", "all"])
+def test_bias_modes_choose_trainable_biases(bias):
+    cfg = boft.BOFTConfig(block_size=8, targets="fc1", bias=bias)
+    model = boft.wrap(PreLNBlock(), cfg)
+    params = model.init(jax.random.key(0), jnp.ones((1, 3, 32)))["params"]
+    _, adapter = boft.split(params, cfg)
+    flat = {"/".join(str(k.key) for k in path) for path, _ in jax.tree_util.tree_flatten_with_path(adapter)[0]}
+    biases = {p for p in flat if p.endswith("bias")}
+    if bias == "none":
+        assert biases == set()
+    elif bias == "boft_only":
+        assert biases == {"fc1/bias"}
+    else:
+        assert {"fc1/bias", "fc2/bias", "attn/query/bias", "LayerNorm_0/bias"} <= biases
+
+
+def test_learning_recovers_a_planted_adapter():
+    cfg = boft.BOFTConfig(block_size=4, n_factors=2, targets="fc1|fc2")
+    x = jax.random.normal(jax.random.key(10), (256, 16))
+    model, frozen, planted = _setup(MLP(), cfg, x, seed=3)
+    targets = model.apply({"params": boft.combine(frozen, planted)}, x)
+    _, fresh = boft.split(model.init(jax.random.key(3), x)["params"])  # identity adapter
+    opt = optax.adam(3e-2)
+
+    @jax.jit
+    def step(adapter, opt_state):
+        def loss_fn(a):
+            return jnp.mean((model.apply({"params": boft.combine(frozen, a)}, x) - targets) ** 2)
+
+        loss, g = jax.value_and_grad(loss_fn)(adapter)
+        updates, opt_state = opt.update(g, opt_state, adapter)
+        return optax.apply_updates(adapter, updates), opt_state, loss
+
+    adapter, opt_state = fresh, opt.init(fresh)
+    losses = []
+    for _ in range(600):
+        adapter, opt_state, loss = step(adapter, opt_state)
+        losses.append(float(loss))
+    assert losses[0] > 1e-3
+    assert losses[-1] < losses[0] / 100, (losses[0], losses[-1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Dropout
+# ---------------------------------------------------------------------------------------------
+def test_dropout_only_in_training_and_deterministic_per_rng():
+    cfg = boft.BOFTConfig(block_size=4, n_factors=2, dropout=0.5, targets="fc1|fc2")
+    x = jax.random.normal(jax.random.key(6), (4, 16))
+    model, frozen, adapter = _setup(MLP(), cfg, x)
+    params = {"params": boft.combine(frozen, adapter)}
+    eval_out = model.apply(params, x)
+    np.testing.assert_allclose(eval_out, MLP().apply({"params": boft.merge(params["params"], cfg)}, x), atol=2e-5)
+    r1, r2 = jax.random.key(1), jax.random.key(2)
+    train1 = model.apply(params, x, rngs={"dropout": r1})
+    assert np.abs(np.asarray(train1) - np.asarray(eval_out)).max() > 1e-3
+    np.testing.assert_array_equal(train1, model.apply(params, x, rngs={"dropout": r1}))
+    assert np.abs(np.asarray(train1) - np.asarray(model.apply(params, x, rngs={"dropout": r2}))).max() > 1e-4
+    np.testing.assert_array_equal(model.apply(params, x, rngs={"dropout": r1}, boft_deterministic=True), eval_out)
+
+
+def test_dropout_matches_reference_rule():
+    from boft_jax.linen import _dropout_blocks
+
+    m, k, b, p = 3, 10, 4, 0.35
+    q, _ = np.linalg.qr(np.random.default_rng(0).normal(size=(m, k, b, b)))
+    blocks = jnp.asarray(q, jnp.float32)
+    chosen = set()
+    for seed in range(40):
+        out = np.asarray(_dropout_blocks(blocks, p, jax.random.key(seed)))
+        is_eye = np.all(np.abs(out - np.eye(b)) < 1e-7, axis=(-2, -1))  # (m, k)
+        changed = np.any(np.abs(out - q) > 1e-7, axis=(-2, -1))
+        assert changed.sum() == int(p * k) == is_eye.sum()  # int(p * k) identity blocks ...
+        factors = np.nonzero(is_eye.any(axis=1))[0]
+        assert len(factors) == 1  # ... all in one factor
+        chosen.add(int(factors[0]))
+    assert chosen == set(range(m))  # the factor is random
+
+
+# ---------------------------------------------------------------------------------------------
+# JAX transformations
+# ---------------------------------------------------------------------------------------------
+def test_jit_including_a_trace_made_before_any_adapter_existed():
+    cfg = boft.BOFTConfig(block_size=4, n_factors=2, targets="fc.*")
+    x = jax.random.normal(jax.random.key(8), (4, 16))
+    base = MLP()
+    base_apply = jax.jit(base.apply)
+    base_params = base.init(jax.random.key(0), x)["params"]
+    y_base = base_apply({"params": base_params}, x)  # traced and cached before wrapping
+    model = boft.wrap(base, cfg)
+    params = jax.jit(model.init)(jax.random.key(0), x)["params"]
+    frozen, adapter = boft.split(params)
+    apply = jax.jit(model.apply)
+    np.testing.assert_allclose(apply({"params": params}, x), y_base, atol=1e-6)
+    p2 = boft.combine(frozen, _perturb(adapter, 1))
+    y = apply({"params": p2}, x)
+    np.testing.assert_allclose(y, base_apply({"params": boft.merge(p2, cfg)}, x), atol=2e-5)
+    assert np.abs(np.asarray(y) - np.asarray(y_base)).max() > 1e-2
+
+
+def test_vmap_over_adapters_and_over_inputs():
+    cfg = boft.BOFTConfig(block_size=4, n_factors=2, targets="fc.*")
+    x = jax.random.normal(jax.random.key(9), (5, 16))
+    model, frozen, adapter = _setup(MLP(), cfg, x)
+    adapters = [_perturb(adapter, s) for s in range(3)]
+    stacked = jax.tree.map(lambda *a: jnp.stack(a), *adapters)
+    ys = jax.vmap(lambda a: model.apply({"params": boft.combine(frozen, a)}, x))(stacked)
+    for i, a in enumerate(adapters):
+        np.testing.assert_allclose(ys[i], model.apply({"params": boft.combine(frozen, a)}, x), atol=2e-5)
+    per_example = jax.vmap(lambda xi: model.apply({"params": boft.combine(frozen, adapter)}, xi))(x)
+    np.testing.assert_allclose(per_example, model.apply({"params": boft.combine(frozen, adapter)}, x), atol=2e-5)
+
+
+def test_remat_inside_scan():
+    cfg = boft.BOFTConfig(block_size=8, n_factors=2)
+    x = jax.random.normal(jax.random.key(11), (3, 32))
+    model, frozen, adapter = _setup(Scanned(remat=True), cfg, x)
+    plain = boft.wrap(Scanned(), cfg)
+
+    def loss(a, m):
+        return jnp.sum(m.apply({"params": boft.combine(frozen, a)}, x) ** 2)
+
+    np.testing.assert_allclose(loss(adapter, model), loss(adapter, plain), rtol=1e-5)
+    g1, g2 = jax.grad(loss)(adapter, model), jax.grad(loss)(adapter, plain)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_other_methods_are_forwarded():
+    class EncDec(nn.Module):
+        def setup(self):
+            self.enc = nn.Dense(16)
+            self.dec = nn.Dense(8)
+
+        def encode(self, x):
+            return self.enc(x)
+
+        def __call__(self, x):
+            return self.dec(self.encode(x))
+
+    cfg = boft.BOFTConfig(block_size=4, targets="enc")
+    x = jax.random.normal(jax.random.key(12), (2, 16))
+    model, frozen, adapter = _setup(EncDec(), cfg, x)
+    params = boft.combine(frozen, adapter)
+    h = model.apply({"params": params}, x, method="encode")
+    np.testing.assert_allclose(h, EncDec().apply({"params": boft.merge(params, cfg)}, x, method="encode"), atol=2e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------------------------
+def test_targets_that_match_nothing_list_the_layers():
+    model = boft.wrap(MLP(), boft.BOFTConfig(block_size=4, targets="query"))
+    with pytest.raises(ValueError) as e:
+        model.init(jax.random.key(0), jnp.ones((1, 16)))
+    assert "match none" in str(e.value) and "fc1" in str(e.value) and "head" in str(e.value)
+
+
+def test_every_unfit_layer_is_listed_with_valid_choices():
+    model = boft.wrap(MLP(), boft.BOFTConfig(block_size=32, n_factors=2))
+    with pytest.raises(ValueError) as e:
+        model.init(jax.random.key(0), jnp.ones((1, 16)))
+    msg = str(e.value)
+    assert "3 targeted layer(s)" in msg  # fc1 (16), fc2 (48) and head (32) all fail b = 32, m = 2
+    assert "'fc1' (d_in = 16)" in msg and "'fc2' (d_in = 48)" in msg and "'head' (d_in = 32)" in msg
+    assert "Valid block_size" in msg
+
+
+def test_bare_model_refuses_adapter_params():
+    cfg = boft.BOFTConfig(block_size=4, targets="fc1")
+    x = jnp.ones((1, 16))
+    params = boft.wrap(MLP(), cfg).init(jax.random.key(0), x)["params"]
+    with pytest.raises(TypeError, match="holds BOFT adapter params"):
+        MLP().apply({"params": params}, x)
+    MLP().apply({"params": boft.split(params)[0]}, x)  # frozen part is fine
+    MLP().apply({"params": boft.merge(params, cfg)}, x)  # so is the merged model
+
+
+def test_adapter_for_a_different_base_is_rejected():
+    cfg = boft.BOFTConfig(block_size=4, targets="fc1")
+    _, _, adapter = _setup(MLP(), cfg, jnp.ones((1, 16)))
+    other = MLP().init(jax.random.key(0), jnp.ones((1, 24)))["params"]  # fc1 has d_in 24
+    with pytest.raises(ValueError, match="different base model"):
+        boft.combine(other, adapter)
+    with pytest.raises(ValueError, match="no counterpart"):
+        boft.combine({"fc2": other["fc2"]}, adapter)
+
+
+def test_wrapped_model_without_adapter_params_is_an_error():
+    cfg = boft.BOFTConfig(block_size=4, targets="fc1")
+    x = jnp.ones((1, 16))
+    frozen = MLP().init(jax.random.key(0), x)["params"]
+    with pytest.raises(ValueError, match="hold no adapter"):
+        boft.wrap(MLP(), cfg).apply({"params": frozen}, x)
