@@ -83,6 +83,9 @@ class BOFTConfig:
         ``"auto"`` picks the cheaper one per layer and call from the number of tokens.
       cayley: ``"exact"`` or ``"neumann"`` (see :func:`boft_jax.cayley`).
       neumann_terms: series terms for ``cayley="neumann"``.
+      modules_to_save: regexes (same matching rule) of modules whose params all train in full,
+        e.g. a new classifier head (PEFT's ``modules_to_save``).  :func:`boft_jax.split` puts
+        them in the adapter tree; they are checkpointed with it.
     """
 
     block_size: int | None = None
@@ -95,11 +98,13 @@ class BOFTConfig:
     mode: ApplyMode = "auto"
     cayley: Literal["exact", "neumann"] = "exact"
     neumann_terms: int = 5
+    modules_to_save: str | Sequence[str] | None = None
 
     def __post_init__(self):
         # Sequences become tuples so the config stays hashable.
         object.__setattr__(self, "targets", _as_patterns(self.targets, "targets"))
         object.__setattr__(self, "exclude", _as_patterns(self.exclude, "exclude"))
+        object.__setattr__(self, "modules_to_save", _as_patterns(self.modules_to_save, "modules_to_save"))
         if not self.targets:
             raise ValueError("BOFTConfig.targets is empty: give at least one regex (e.g. '.*' for every layer)")
         if (self.block_size is None) == (self.block_num is None):
@@ -142,6 +147,10 @@ class BOFTConfig:
         return any(_path_matches(p, path) for p in self.targets) and not any(
             _path_matches(p, path) for p in self.exclude
         )
+
+    def saves_module(self, path: str) -> bool:
+        """Whether the module at ``path`` is in ``modules_to_save`` (all its params train)."""
+        return any(_path_matches(p, path) for p in self.modules_to_save)
 
     def layer_structure(self, path: str, d_in: int) -> LayerStructure:
         """Block structure for a layer with ``d_in`` input features, or a ``ValueError``.

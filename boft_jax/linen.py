@@ -373,58 +373,45 @@ def wrap(model: nn.Module, config: BOFTConfig) -> BOFTModule:
 # ---------------------------------------------------------------------------------------------
 # Params helpers
 # ---------------------------------------------------------------------------------------------
-def _bias_mode(config: BOFTConfig | str | None) -> str:
-    if config is None:
-        return "none"
-    if isinstance(config, BOFTConfig):
-        return config.bias
-    if config not in ("none", "boft_only", "all"):
-        raise ValueError(f"bias mode must be 'none', 'boft_only' or 'all', got {config!r}")
-    return config
-
-
-def split(params: Mapping, config: BOFTConfig | str | None = None) -> tuple[dict, dict]:
+def split(params: Mapping, config: BOFTConfig | None = None) -> tuple[dict, dict]:
     """Split wrapped-model params into ``(frozen, adapter)``.
 
     Args:
       params: the wrapped model's params (the ``"params"`` collection).
-      config: the :class:`BOFTConfig` (or just its bias mode).  Decides which biases train:
-        ``"none"`` (default), ``"boft_only"`` (biases of adapted layers) or ``"all"``.
+      config: the :class:`BOFTConfig`; decides which biases train (``config.bias``: ``"none"``,
+        ``"boft_only"`` = biases of adapted layers, ``"all"`` = every ``bias`` param) and which
+        modules train in full (``config.modules_to_save``).  Without it only the BOFT leaves train.
 
     Returns:
       ``frozen``: the base model's params in its own layout (``model.apply({"params": frozen})``
-      works on the bare model); trainable biases keep their current values here too.
-      ``adapter``: only the trainable leaves, nested like the params: ``{..., layer: {"kernel":
-      {"skew", "scale"}, "bias"?}}``.
+      works on the bare model); trainable biases and saved modules keep their current values here
+      too.  ``adapter``: only the trainable leaves, nested like the params:
+      ``{..., layer: {"kernel": {"skew", "scale"}, "bias"?}, saved_module: {...all its params}}``.
     """
-    mode = _bias_mode(config)
+    if config is not None and not isinstance(config, BOFTConfig):
+        raise TypeError(f"split's config must be a BOFTConfig or None, got {type(config).__name__}")
+    bias_mode = config.bias if config is not None else "none"
 
     def frozen_of(tree):
-        out = {}
-        for k, v in tree.items():
-            if _is_node(v):
-                out[k] = v.kernel
-            elif isinstance(v, Mapping):
-                out[k] = frozen_of(v)
-            else:
-                out[k] = v
-        return out
+        return {k: v.kernel if _is_node(v) else frozen_of(v) if isinstance(v, Mapping) else v for k, v in tree.items()}
 
-    def adapter_of(tree):
+    def adapter_of(tree, path):
+        if path and config is not None and config.saves_module("/".join(path)):
+            return frozen_of(tree)  # the whole module trains
         out = {}
         adapted = _is_node(tree.get("kernel"))
         for k, v in tree.items():
             if _is_node(v):
                 out[k] = {"skew": v.skew, "scale": v.scale}
             elif isinstance(v, Mapping):
-                sub = adapter_of(v)
+                sub = adapter_of(v, path + (k,))
                 if sub:
                     out[k] = sub
-            elif k == "bias" and (mode == "all" or (mode == "boft_only" and adapted)):
+            elif k == "bias" and (bias_mode == "all" or (bias_mode == "boft_only" and adapted)):
                 out[k] = v
         return out
 
-    return frozen_of(params), adapter_of(params)
+    return frozen_of(params), adapter_of(params, ())
 
 
 def combine(frozen: Mapping, adapter: Mapping) -> dict:

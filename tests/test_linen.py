@@ -404,3 +404,21 @@ def test_wrapped_model_without_adapter_params_is_an_error():
     frozen = MLP().init(jax.random.key(0), x)["params"]
     with pytest.raises(ValueError, match="hold no adapter"):
         boft.wrap(MLP(), cfg).apply({"params": frozen}, x)
+
+
+def test_modules_to_save_train_in_full():
+    cfg = boft.BOFTConfig(block_size=8, targets="fc1", modules_to_save="head")
+    x = jax.random.normal(jax.random.key(13), (4, 16))
+    model = boft.wrap(MLP(), cfg)
+    params = model.init(jax.random.key(0), x)["params"]
+    frozen, adapter = boft.split(params, cfg)
+    assert set(adapter) == {"fc1", "head"}
+    assert set(adapter["head"]) == {"kernel", "bias"} and adapter["head"]["kernel"].shape == (32, 8)
+    new_head = _perturb(adapter["head"], 5)
+    y = model.apply({"params": boft.combine(frozen, {**adapter, "head": new_head})}, x)
+    h = model.apply({"params": params}, x, method=None)
+    assert np.abs(np.asarray(y) - np.asarray(h)).max() > 1e-3  # the saved module's new values are used
+    g = jax.grad(lambda a: jnp.sum(model.apply({"params": boft.combine(frozen, a)}, x) ** 2))(adapter)
+    assert float(jnp.abs(g["head"]["kernel"]).max()) > 0
+    with pytest.raises(TypeError, match="BOFTConfig"):
+        boft.split(params, "all")
