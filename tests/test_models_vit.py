@@ -87,7 +87,7 @@ def test_dropout_is_active_only_when_not_deterministic(loaded, reference):
 
     @jax.jit
     def run(x, seed):
-        rngs = {"dropout": jax.random.key(seed)}
+        rngs = {"dropout": jax.random.key(seed, impl="rbg")}  # compiles faster than threefry on CPU
         return module.apply({"params": params}, x), module.apply({"params": params}, x, deterministic=False, rngs=rngs)
 
     x = reference["pixel_values"]

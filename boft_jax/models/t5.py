@@ -537,7 +537,7 @@ class T5(nn.Module):
         attention_mask: jax.Array | None = None,
         *,
         max_new_tokens: int,
-        eos_token_id: int | tuple[int, ...] | None = None,
+        eos_token_id: int | tuple[int, ...] | jax.Array | None = None,
         pad_token_id: int | None = None,
         decoder_start_token_id: int | None = None,
     ) -> jax.Array:
@@ -548,9 +548,10 @@ class T5(nn.Module):
         ``(B, 1 + max_new_tokens)`` int32, starting with the decoder start token; once a row has
         produced EOS the rest of the row is padding, and the loop stops early when every row has.
         (transformers returns the same tokens, but trims the columns after the last EOS.)
+        ``eos_token_id`` (default: the config's) may be one id or several, also as an array.
         """
         cfg = self.config
-        eos = cfg.eos_token_ids if eos_token_id is None else tuple(np.atleast_1d(eos_token_id).tolist())
+        eos = cfg.eos_token_ids if eos_token_id is None else eos_token_id
         pad = cfg.pad_token_id if pad_token_id is None else pad_token_id
         start = cfg.decoder_start_token_id if decoder_start_token_id is None else decoder_start_token_id
         variables = {"params": params}
@@ -558,7 +559,7 @@ class T5(nn.Module):
         enc = self.apply(variables, input_ids, attention_mask, method=T5.encode)
         cache = self.apply(variables, enc, attention_mask, max_new_tokens, method=T5.init_cache)
         tokens = jnp.full((B, max_new_tokens + 1), pad, jnp.int32).at[:, 0].set(start)
-        eos_ids = jnp.asarray(eos, jnp.int32)
+        eos_ids = jnp.atleast_1d(jnp.asarray(eos, jnp.int32))
 
         def cond(state):
             i, _, _, done = state

@@ -1,0 +1,310 @@
+"""Reading and writing Hugging Face model directories (boft_jax.models.hf)."""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from boft_jax import models
+from boft_jax.models import hf, t5, vit
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def assert_trees_equal(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        assert x.dtype == y.dtype and x.shape == y.shape
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def copy_with_state(src, dst, mutate=None, config_update=None):
+    """A copy of checkpoint ``src`` at ``dst`` with its state dict and config edited."""
+    dst.mkdir(parents=True, exist_ok=True)
+    config = hf.read_config(src)
+    config.update(config_update or {})
+    (dst / "config.json").write_text(json.dumps(config))
+    state = hf.load_state_dict(src)
+    if mutate:
+        mutate(state)
+    save_file(state, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+def random_params(shapes, seed=0):
+    rng = np.random.default_rng(seed)
+    return hf._unflatten({p: rng.standard_normal(s).astype(np.float32) for p, s in shapes.items()})
+
+
+# ---- reading ------------------------------------------------------------------------------
+
+
+def test_sharded_checkpoint_equals_single_file():
+    assert len(list((FIXTURES / "vit_sharded").glob("model-*-of-*.safetensors"))) > 1
+    single, sharded = hf.load_state_dict(FIXTURES / "vit"), hf.load_state_dict(FIXTURES / "vit_sharded")
+    assert sorted(single) == sorted(sharded)
+    for key in single:
+        np.testing.assert_array_equal(single[key], sharded[key])
+    assert_trees_equal(vit.from_pretrained(FIXTURES / "vit")[1], vit.from_pretrained(FIXTURES / "vit_sharded")[1])
+
+
+@pytest.mark.parametrize("name", ["vit", "t5_relu"])
+def test_legacy_flax_msgpack_loads_the_same_params(name):
+    legacy = FIXTURES / f"{name}_flax_legacy"
+    assert (legacy / "flax_model.msgpack").is_file() and not (legacy / "model.safetensors").exists()
+    module, params = models.from_pretrained(legacy)
+    expected_module, expected = models.from_pretrained(FIXTURES / name)
+    assert module == expected_module
+    assert_trees_equal(params, expected)
+
+
+def test_transformers5_key_names_load_the_same_params():
+    keys = set(hf.load_state_dict(FIXTURES / "vit_v5_keys"))
+    assert "vit.layers.0.attention.q_proj.weight" in keys and "vit.layers.1.mlp.fc2.bias" in keys
+    assert_trees_equal(vit.from_pretrained(FIXTURES / "vit_v5_keys")[1], vit.from_pretrained(FIXTURES / "vit")[1])
+
+
+def test_from_pretrained_dispatches_on_model_type():
+    module, _ = models.from_pretrained(FIXTURES / "vit", scan_layers=True)
+    assert isinstance(module, vit.ViT) and module.scan_layers
+    module, params = models.from_pretrained(FIXTURES / "t5_gated", dtype=jnp.bfloat16)
+    assert isinstance(module, t5.T5) and module.dtype == jnp.bfloat16 and "lm_head" in params
+
+
+def test_t5_embed_tokens_copies_are_accepted_and_checked(tmp_path):
+    def add_copies(state):
+        state["encoder.embed_tokens.weight"] = state["shared.weight"].copy()
+        state["decoder.embed_tokens.weight"] = state["shared.weight"].copy()
+        state["decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight"] = np.zeros((8, 4), np.float32)
+
+    _, expected = t5.from_pretrained(FIXTURES / "t5_relu")
+    _, params = t5.from_pretrained(copy_with_state(FIXTURES / "t5_relu", tmp_path / "copies", add_copies))
+    assert_trees_equal(params, expected)
+
+    def only_encoder_copy(state):
+        state["encoder.embed_tokens.weight"] = state.pop("shared.weight")
+
+    _, params = t5.from_pretrained(copy_with_state(FIXTURES / "t5_relu", tmp_path / "renamed", only_encoder_copy))
+    assert_trees_equal(params, expected)
+
+    def different_copy(state):
+        state["decoder.embed_tokens.weight"] = state["shared.weight"] + 1
+
+    with pytest.raises(ValueError, match=r"decoder\.embed_tokens\.weight differs from shared\.weight"):
+        t5.from_pretrained(copy_with_state(FIXTURES / "t5_relu", tmp_path / "bad", different_copy))
+
+
+def test_tied_head_stored_twice_stays_tied(tmp_path):
+    def store_head(state):
+        state["lm_head.weight"] = state["shared.weight"].copy()
+
+    module, params = t5.from_pretrained(copy_with_state(FIXTURES / "t5_relu", tmp_path / "t", store_head))
+    assert module.config.tie_word_embeddings and "lm_head" not in params
+
+
+# ---- errors -------------------------------------------------------------------------------
+
+
+def test_missing_key_is_an_error_naming_it_and_its_shape(tmp_path):
+    def drop(state):
+        del state["vit.encoder.layer.1.attention.attention.key.weight"]
+
+    path = copy_with_state(FIXTURES / "vit", tmp_path / "m", drop)
+    with pytest.raises(ValueError, match=r"missing keys \(1\)") as info:
+        vit.from_pretrained(path)
+    assert "vit.encoder.layer.1.attention.attention.key.weight (expected shape (32, 32))" in str(info.value)
+    assert str(path) in str(info.value)
+
+
+def test_unexpected_key_is_an_error_naming_it(tmp_path):
+    def add(state):
+        state["vit.encoder.layer.2.attention.attention.key.weight"] = np.zeros((32, 32), np.float32)
+
+    with pytest.raises(ValueError, match=r"unexpected keys \(1\)") as info:
+        vit.from_pretrained(copy_with_state(FIXTURES / "vit", tmp_path / "u", add))
+    assert "vit.encoder.layer.2.attention.attention.key.weight (shape (32, 32))" in str(info.value)
+
+
+def test_misshaped_key_is_an_error_naming_both_shapes(tmp_path):
+    def reshape(state):
+        state["classifier.weight"] = np.zeros((6, 32), np.float32)
+
+    with pytest.raises(ValueError, match=r"mis-shaped keys \(1\)") as info:
+        vit.from_pretrained(copy_with_state(FIXTURES / "vit", tmp_path / "s", reshape))
+    assert "classifier.weight: got (6, 32), expected (5, 32)" in str(info.value)
+
+
+def test_all_mismatches_are_reported_together(tmp_path):
+    def break_all(state):
+        del state["decoder.final_layer_norm.weight"]
+        state["decoder.block.0.layer.0.SelfAttention.q.weight"] = np.zeros((16, 31), np.float32)
+        state["encoder.block.0.layer.0.SelfAttention.extra"] = np.zeros((2,), np.float32)
+
+    with pytest.raises(ValueError) as info:
+        t5.from_pretrained(copy_with_state(FIXTURES / "t5_relu", tmp_path / "a", break_all))
+    message = str(info.value)
+    assert "decoder.final_layer_norm.weight (expected shape (32,))" in message
+    assert "decoder.block.0.layer.0.SelfAttention.q.weight: got (16, 31), expected (16, 32)" in message
+    assert "encoder.block.0.layer.0.SelfAttention.extra (shape (2,))" in message
+
+
+def test_untied_t5_without_lm_head_is_an_error(tmp_path):
+    def drop_head(state):
+        del state["lm_head.weight"]
+
+    path = copy_with_state(FIXTURES / "t5_gated", tmp_path / "h", drop_head, {"tie_word_embeddings": False})
+    with pytest.raises(ValueError, match=r"lm_head\.weight \(expected shape \(64, 32\)\)"):
+        t5.from_pretrained(path)
+
+
+def test_nonexistent_path_is_a_clear_error(tmp_path):
+    missing = tmp_path / "nope"
+    with pytest.raises(FileNotFoundError, match="does not exist") as info:
+        models.from_pretrained(missing)
+    assert str(missing) in str(info.value) and "config.json" in str(info.value)
+    with pytest.raises(FileNotFoundError):
+        vit.from_pretrained(missing)
+    with pytest.raises(NotADirectoryError):
+        t5.from_pretrained(FIXTURES / "vit" / "config.json")
+
+
+def test_directory_without_config_or_weights_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="has no config.json"):
+        models.from_pretrained(tmp_path)
+    shutil.copy(FIXTURES / "vit" / "config.json", tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"no weights .* model\.safetensors"):
+        models.from_pretrained(tmp_path)
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not read")
+    with pytest.raises(FileNotFoundError, match="pickle"):
+        models.from_pretrained(tmp_path)
+
+
+def test_missing_shard_is_a_clear_error(tmp_path):
+    shutil.copytree(FIXTURES / "vit_sharded", tmp_path / "v")
+    (tmp_path / "v" / "model-00002-of-00003.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="model-00002-of-00003.safetensors"):
+        vit.from_pretrained(tmp_path / "v")
+
+
+def test_unsupported_or_mismatched_model_type_is_a_clear_error(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(ValueError, match=r"model_type='bert'.*supported model types: \['vit', 't5'\]"):
+        models.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"model_type='t5', but this loader reads 'vit'"):
+        vit.from_pretrained(FIXTURES / "t5_relu")
+
+
+# ---- writing ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+@pytest.mark.parametrize("name", ["vit", "t5_relu", "t5_gated"])
+def test_save_pretrained_round_trips_exactly(tmp_path, name, scan_layers):
+    module, params = models.from_pretrained(FIXTURES / name, scan_layers=scan_layers)
+    models.save_pretrained(tmp_path, module, params)
+    assert sorted(os.listdir(tmp_path)) == ["config.json", "model.safetensors"]  # no temp files left
+    again, again_params = models.from_pretrained(tmp_path, scan_layers=scan_layers)
+    assert again == module
+    assert_trees_equal(again_params, params)
+    # The same keys and tensors as transformers itself wrote.
+    ours, theirs = hf.load_state_dict(tmp_path), hf.load_state_dict(FIXTURES / name)
+    assert sorted(ours) == sorted(theirs)
+    for key in theirs:
+        np.testing.assert_array_equal(ours[key], theirs[key])
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        vit.ViTConfig(image_size=(8, 12), patch_size=4, hidden_size=16, num_hidden_layers=3, num_attention_heads=2,
+                      intermediate_size=24, qkv_bias=False, num_labels=3, id2label=("cat", "dog", "eel"),
+                      hidden_act="gelu_new"),
+        t5.T5Config(vocab_size=40, d_model=16, d_kv=8, d_ff=24, num_layers=1, num_decoder_layers=3, num_heads=2,
+                    feed_forward_proj="gated-silu", tie_word_embeddings=False, eos_token_id=(1, 7)),
+    ],
+    ids=["vit", "t5"],
+)
+def test_save_pretrained_round_trips_fresh_random_params(tmp_path, config):
+    lib = vit if isinstance(config, vit.ViTConfig) else t5
+    params = random_params(lib.param_shapes(config))
+    models.save_pretrained(tmp_path, config, params)
+    module, loaded = models.from_pretrained(tmp_path)
+    assert module.config == config
+    assert_trees_equal(loaded, jax.tree.map(jnp.asarray, params))
+
+
+def test_save_pretrained_shards_and_replaces_stale_files(tmp_path):
+    module, params = vit.from_pretrained(FIXTURES / "vit")
+    models.save_pretrained(tmp_path, module, params, max_shard_bytes=30_000)
+    names = sorted(os.listdir(tmp_path))
+    shards = [n for n in names if n.startswith("model-")]
+    assert len(shards) > 1 and "model.safetensors.index.json" in names and "model.safetensors" not in names
+    assert_trees_equal(vit.from_pretrained(tmp_path)[1], params)
+    # Saving again as one file removes the shards and the index, which would otherwise shadow it.
+    models.save_pretrained(tmp_path, module.config, params)
+    assert sorted(os.listdir(tmp_path)) == ["config.json", "model.safetensors"]
+    assert_trees_equal(vit.from_pretrained(tmp_path)[1], params)
+
+
+def test_save_pretrained_keeps_bfloat16(tmp_path):
+    module, params = t5.from_pretrained(FIXTURES / "t5_relu")
+    bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+    models.save_pretrained(tmp_path, module, bf16)
+    _, loaded = t5.from_pretrained(tmp_path)
+    assert_trees_equal(loaded, bf16)
+
+
+def test_save_pretrained_rejects_params_the_model_does_not_have(tmp_path):
+    module, params = vit.from_pretrained(FIXTURES / "vit")
+    params["encoder"]["layer_0"]["attention"]["query"]["boft_R"] = jnp.zeros((2, 8, 6))
+    del params["layernorm"]["bias"]
+    with pytest.raises(ValueError) as info:
+        models.save_pretrained(tmp_path / "out", module, params)
+    message = str(info.value)
+    assert "encoder/layer_0/attention/query/boft_R (shape (2, 8, 6))" in message and "merged" in message
+    assert "layernorm/bias (expected shape (32,))" in message
+    assert not (tmp_path / "out").exists()
+
+
+def test_save_pretrained_needs_a_model_or_config(tmp_path):
+    with pytest.raises(TypeError, match="ViTConfig"):
+        models.save_pretrained(tmp_path, {"model_type": "vit"}, {})
+
+
+def test_stack_and_unstack_layers_are_inverse():
+    _, params = t5.from_pretrained(FIXTURES / "t5_relu")
+    stacked = hf.stack_layers(params)
+    assert stacked["encoder"]["layers"]["mlp"]["wi"]["kernel"].shape == (2, 32, 64)
+    assert_trees_equal(hf.unstack_layers(stacked), params)
+
+
+@pytest.mark.slow
+def test_saved_checkpoints_load_in_transformers(tmp_path):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    rng = np.random.default_rng(1)
+
+    module, params = vit.from_pretrained(FIXTURES / "vit")
+    params = jax.tree.map(lambda x: x * (1 + 0.1 * rng.standard_normal(x.shape).astype(np.float32)), params)
+    models.save_pretrained(tmp_path / "vit", module, params)
+    pixels = rng.standard_normal((2, 16, 16, 3)).astype(np.float32)
+    theirs = transformers.ViTForImageClassification.from_pretrained(tmp_path / "vit", attn_implementation="eager")
+    with torch.no_grad():
+        expected = theirs(torch.from_numpy(pixels.transpose(0, 3, 1, 2))).logits.numpy()
+    np.testing.assert_allclose(module.apply({"params": params}, pixels), expected, atol=2e-5)
+
+    module, params = t5.from_pretrained(FIXTURES / "t5_gated")
+    params = jax.tree.map(lambda x: x * (1 + 0.1 * rng.standard_normal(x.shape).astype(np.float32)), params)
+    models.save_pretrained(tmp_path / "t5", module, params)
+    ids = rng.integers(2, 64, (2, 5))
+    dec = rng.integers(0, 64, (2, 4))
+    theirs = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path / "t5", attn_implementation="eager")
+    with torch.no_grad():
+        expected = theirs(input_ids=torch.from_numpy(ids), decoder_input_ids=torch.from_numpy(dec)).logits.numpy()
+    np.testing.assert_allclose(module.apply({"params": params}, ids, None, dec), expected, atol=2e-5)

@@ -1,0 +1,107 @@
+"""BOFT-wrapped ViT and T5 (boft_jax.linen on boft_jax.models): equal to the base model at init,
+trainable, mergeable back into plain weights, and exportable with save_pretrained."""
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import boft_jax as boft
+from boft_jax import models
+from boft_jax.models import t5, vit
+
+FIXTURES = Path(__file__).parent / "fixtures"
+# Each test compiles a forward+backward pass of a wrapped model (~10-20 s on a 2-core CPU).
+pytestmark = pytest.mark.slow
+# The rbg PRNG compiles much faster on CPU than threefry; the base params are replaced anyway.
+INIT_KEY = jax.random.key(0, impl="rbg")
+
+
+def init_adapter(model, config, *inputs):
+    params = jax.jit(model.init)(INIT_KEY, *inputs)["params"]
+    return boft.layer_paths(params), boft.split(params, config)[1]
+
+
+def train(model, frozen, adapter, loss_of_output, inputs, steps):
+    """Adam on the adapter only. Returns the adapter and, for each step, the loss and the model
+    output before that step's update (plus one extra step's, i.e. after the last update)."""
+    opt = optax.adam(3e-2)
+
+    @jax.jit
+    def step(adapter, opt_state):
+        def loss_fn(adapter):
+            out = model.apply({"params": boft.combine(frozen, adapter)}, *inputs)
+            return loss_of_output(out), out
+
+        (loss, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(adapter)
+        updates, opt_state = opt.update(grads, opt_state, adapter)
+        return optax.apply_updates(adapter, updates), opt_state, loss, out
+
+    opt_state, losses, outputs = opt.init(adapter), [], []
+    for i in range(steps + 1):
+        new_adapter, opt_state, loss, out = step(adapter, opt_state)
+        losses.append(float(loss))
+        outputs.append(np.asarray(out))
+        adapter = new_adapter if i < steps else adapter
+    return adapter, losses, outputs
+
+
+def merged_params(frozen, adapter, config):
+    return jax.jit(lambda f, a: boft.merge(boft.combine(f, a), config))(frozen, adapter)
+
+
+def test_boft_vit_starts_at_the_base_model_trains_merges_and_exports(tmp_path):
+    base, pretrained = vit.from_pretrained(FIXTURES / "vit")
+    ref = np.load(FIXTURES / "vit_reference.npz", allow_pickle=False)
+    x = ref["pixel_values"]
+    config = boft.BOFTConfig(block_size=4, n_factors=2, targets=vit.TARGET_PRESETS["all_linear"])
+    model = boft.wrap(base, config)
+    paths, adapter = init_adapter(model, config, x)
+    assert sorted(paths) == sorted(
+        f"encoder/layer_{i}/{name}"
+        for i in range(2)
+        for name in ("attention/query", "attention/key", "attention/value", "attention/out", "mlp/fc1", "mlp/fc2")
+    )
+
+    labels = jnp.arange(3) % 5
+    xent = lambda logits: optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    adapter, losses, outputs = train(model, pretrained, adapter, xent, (x,), steps=3)
+    np.testing.assert_allclose(outputs[0], ref["logits"], atol=2e-5)  # identity adapter at init
+    assert losses[-1] < losses[0]
+    tuned = outputs[-1]
+    assert np.abs(tuned - ref["logits"]).max() > 1e-2
+
+    merged = merged_params(pretrained, adapter, config)
+    base_apply = jax.jit(base.apply)
+    np.testing.assert_allclose(base_apply({"params": merged}, x), tuned, atol=2e-5)
+    models.save_pretrained(tmp_path, base, merged)
+    exported, exported_params = models.from_pretrained(tmp_path)
+    assert exported == base
+    np.testing.assert_allclose(base_apply({"params": exported_params}, x), tuned, atol=2e-5)
+
+
+def test_boft_t5_with_scanned_layers_starts_at_the_base_model_trains_and_merges():
+    base, pretrained = t5.from_pretrained(FIXTURES / "t5_gated", scan_layers=True)
+    ref = np.load(FIXTURES / "t5_gated_reference.npz", allow_pickle=False)
+    inputs = (ref["input_ids"], ref["attention_mask"], ref["decoder_input_ids"])
+    config = boft.BOFTConfig(block_size=4, n_factors=2, targets=t5.TARGET_PRESETS["attention"])
+    model = boft.wrap(base, config)
+    paths, adapter = init_adapter(model, config, *inputs)
+    assert sorted(paths) == sorted(
+        f"{stack}/layers/{attention}/{p}"
+        for stack, attention in [("encoder", "self_attention"), ("decoder", "self_attention"), ("decoder", "cross_attention")]
+        for p in "qkvo"
+    )
+    # Under nn.scan the adapter params are stacked like the layers: (layers, m, k, b(b-1)/2).
+    assert adapter["decoder"]["layers"]["cross_attention"]["o"]["kernel"]["skew"].shape == (2, 2, 4, 6)
+
+    targets = jnp.asarray(np.roll(ref["decoder_input_ids"], -1, axis=1))
+    xent = lambda logits: optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+    adapter, losses, outputs = train(model, pretrained, adapter, xent, inputs, steps=2)
+    np.testing.assert_allclose(outputs[0], ref["logits"], atol=5e-5)  # identity adapter at init
+    assert losses[-1] < losses[0]
+    merged = merged_params(pretrained, adapter, config)
+    np.testing.assert_allclose(jax.jit(base.apply)({"params": merged}, *inputs), outputs[-1], atol=5e-5)

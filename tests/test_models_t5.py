@@ -1,0 +1,253 @@
+"""T5 (boft_jax.models.t5) against transformers' T5ForConditionalGeneration."""
+
+import dataclasses
+import functools
+import re
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from boft_jax.models import t5
+
+FIXTURES = Path(__file__).parent / "fixtures"
+VARIANTS = ["t5_relu", "t5_gated"]  # original T5 (tied) and v1.1/FLAN style (gated-gelu, untied)
+
+
+def assert_matches_reference(actual, reference, *, tol=1e-5):
+    """max |actual - reference| <= tol * max(1, max |reference|)."""
+    actual, reference = np.asarray(actual, np.float64), np.asarray(reference, np.float64)
+    assert actual.shape == reference.shape
+    err, scale = np.abs(actual - reference).max(), max(1.0, np.abs(reference).max())
+    assert err <= tol * scale, f"max abs error {err:.3g} > {tol} * {scale:.3g}"
+
+
+class Loaded:
+    """A checkpoint, its reference outputs, and jitted functions shared by the tests."""
+
+    def __init__(self, name, scan_layers=False):
+        self.name = name
+        self.module, self.params = t5.from_pretrained(FIXTURES / name, scan_layers=scan_layers)
+        self.ref = dict(np.load(FIXTURES / f"{name}_reference.npz", allow_pickle=False))
+        self.generate = jax.jit(self.module.generate, static_argnames="max_new_tokens")
+        module = self.module
+
+        @jax.jit
+        def forward(params, ids, mask, dec):
+            v = {"params": params}
+            return module.apply(v, ids, mask, method="encode"), module.apply(v, ids, mask, dec)
+
+        r = self.ref
+        self.encoded, self.logits = forward(self.params, r["input_ids"], r["attention_mask"], r["decoder_input_ids"])
+
+
+@functools.cache
+def load(name):
+    return Loaded(name)
+
+
+@pytest.fixture(scope="module", params=VARIANTS)
+def variant(request):
+    return load(request.param)
+
+
+@pytest.fixture(scope="module")
+def gated():
+    return load("t5_gated")
+
+
+def test_encoder_output_matches_transformers(variant):
+    assert_matches_reference(variant.encoded, variant.ref["encoder_last_hidden_state"])
+
+
+def test_teacher_forced_logits_match_transformers(variant):
+    assert_matches_reference(variant.logits, variant.ref["logits"])
+
+
+def test_greedy_generation_matches_transformers(variant):
+    ref, cfg = variant.ref, variant.module.config
+    tokens = variant.generate(variant.params, ref["input_ids"], ref["attention_mask"], max_new_tokens=int(ref["max_new_tokens"]))
+    np.testing.assert_array_equal(tokens, ref["generated"])
+    # The reference stops a row at its EOS and pads the rest, while the other rows go on.
+    row = list(ref["generated"][0])
+    assert cfg.eos_token_id in row and set(row[row.index(cfg.eos_token_id) + 1:]) == {cfg.pad_token_id}
+    assert int(ref["hf_generated_length"]) == tokens.shape[1]
+
+
+def test_generation_stops_when_every_row_has_ended(gated):
+    ref = gated.ref
+    first = np.asarray(ref["generated"][:, 1])
+    # With every row's first token as an EOS id, every row ends at step 1; the rest is padding.
+    tokens = gated.generate(
+        gated.params, ref["input_ids"], ref["attention_mask"], max_new_tokens=int(ref["max_new_tokens"]),
+        eos_token_id=jnp.asarray(first),
+    )
+    np.testing.assert_array_equal(tokens[:, :2], np.stack([np.zeros(3), first], axis=1))
+    np.testing.assert_array_equal(tokens[:, 2:], 0)
+
+
+def test_head_tying_and_scaling_follow_the_checkpoint(variant):
+    cfg, params = variant.module.config, variant.params
+    if variant.name == "t5_relu":
+        assert cfg.tie_word_embeddings and cfg.scale_decoder_outputs and "lm_head" not in params
+        assert cfg.feed_forward_proj == "relu" and not cfg.is_gated
+    else:
+        # transformers 5 writes tie_word_embeddings=true for every T5; the distinct lm_head.weight
+        # in the checkpoint decides, as in transformers.
+        assert not cfg.tie_word_embeddings and not cfg.scale_decoder_outputs
+        assert params["lm_head"]["kernel"].shape == (32, 64)
+        assert cfg.is_gated and cfg.activation == "gelu_new"
+
+
+def decode_in_pieces(module, params, encoded, mask, dec, pieces=(3, 1, None)):
+    """Logits of ``dec`` decoded with the KV cache: a prefill, one step, then the rest."""
+    v = {"params": params}
+    cache = module.apply(v, encoded, mask, dec.shape[1] + 1, method="init_cache")
+    out, start = [], 0
+    for n in pieces:
+        n = dec.shape[1] - start if n is None else n
+        logits, cache = module.apply(v, dec[:, start:start + n], cache=cache, method="decode")
+        out.append(logits)
+        start += n
+    return jnp.concatenate(out, axis=1), cache["index"]
+
+
+@pytest.fixture(scope="module")
+def scanned_runs(gated):
+    """The scan_layers model on the fixture inputs, in one jitted program: teacher-forced logits
+    and logits decoded with the cache."""
+    module, params = t5.from_pretrained(FIXTURES / "t5_gated", scan_layers=True)
+    assert params["decoder"]["layers"]["cross_attention"]["q"]["kernel"].shape == (2, 32, 16)
+
+    @jax.jit
+    def run(params, ids, mask, dec):
+        v = {"params": params}
+        encoded = module.apply(v, ids, mask, method="encode")
+        return module.apply(v, dec, encoded, mask, method="decode"), decode_in_pieces(module, params, encoded, mask, dec)
+
+    r = gated.ref
+    return run(params, r["input_ids"], r["attention_mask"], r["decoder_input_ids"])
+
+
+def test_scan_layers_gives_the_same_logits_as_unrolled(gated, scanned_runs):
+    # Scan and unrolled compile to different XLA programs: equal up to float32 rounding.
+    np.testing.assert_allclose(scanned_runs[0], gated.logits, atol=2e-6, rtol=0)
+
+
+def test_incremental_decoding_with_cache_matches_teacher_forcing_scanned(gated, scanned_runs):
+    logits, index = scanned_runs[1]
+    assert_matches_reference(logits, gated.ref["logits"])
+    assert int(index) == gated.ref["decoder_input_ids"].shape[1]
+
+
+def test_incremental_decoding_with_cache_matches_teacher_forcing(gated):
+    r = gated.ref
+    run = jax.jit(functools.partial(decode_in_pieces, gated.module))
+    logits, index = run(gated.params, gated.encoded, r["attention_mask"], r["decoder_input_ids"])
+    assert_matches_reference(logits, r["logits"])
+    assert int(index) == r["decoder_input_ids"].shape[1]
+
+
+def test_relative_position_buckets_match_transformers():
+    ref = np.load(FIXTURES / "t5_buckets_reference.npz", allow_pickle=False)
+    r = ref["relative_position"]
+    for nb, md in ((32, 128), (8, 16)):
+        for direction in ("bi", "uni"):
+            table = t5.relative_position_buckets(direction == "bi", nb, md)
+            ours = table[np.clip(r, -md, md) + md]
+            np.testing.assert_array_equal(ours, ref[f"b{nb}_d{md}_{direction}"], err_msg=f"{nb} {md} {direction}")
+
+
+def test_dropout_is_active_only_when_not_deterministic(gated):
+    ref = gated.ref
+    module = t5.T5(dataclasses.replace(gated.module.config, dropout_rate=0.2))
+
+    @jax.jit
+    def encode(seed):
+        v, args = {"params": gated.params}, (ref["input_ids"], ref["attention_mask"])
+        # The "rbg" PRNG compiles much faster on CPU than the default threefry.
+        rngs = {"dropout": jax.random.key(seed, impl="rbg")}
+        return (
+            module.apply(v, *args, method="encode"),
+            module.apply(v, *args, deterministic=False, rngs=rngs, method="encode"),
+        )
+
+    plain, drop0 = encode(0)
+    assert_matches_reference(plain, ref["encoder_last_hidden_state"])
+    assert np.abs(drop0 - plain).max() > 1e-2
+    assert np.abs(encode(1)[1] - drop0).max() > 1e-2
+
+
+def test_bfloat16_compute_keeps_params_and_stays_close(gated):
+    ref = gated.ref
+    module, params = t5.from_pretrained(FIXTURES / "t5_gated", dtype=jnp.bfloat16)
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
+    logits = jax.jit(module.apply)({"params": params}, ref["input_ids"], ref["attention_mask"], ref["decoder_input_ids"])
+    assert logits.dtype == jnp.bfloat16
+    err = np.abs(np.asarray(logits, np.float32) - ref["logits"])
+    # bfloat16 keeps 8 bits of mantissa; through 2+2 layers the logits move by a few percent.
+    assert err.mean() < 0.02 * np.abs(ref["logits"]).mean() + 0.01 and err.max() < 0.1 * np.abs(ref["logits"]).max()
+
+
+def test_shift_right_prepends_start_and_replaces_ignored_labels():
+    labels = jnp.array([[5, 6, 7], [8, -100, -100]])
+    np.testing.assert_array_equal(t5.shift_right(labels, 0, 0), [[0, 5, 6], [0, 8, 0]])
+
+
+def test_config_round_trips_through_hf_dict(variant):
+    config = variant.module.config
+    assert t5.T5Config.from_hf_dict(config.to_hf_dict()) == config
+
+
+def test_invalid_feed_forward_proj_is_an_error():
+    with pytest.raises(ValueError, match="feed_forward_proj"):
+        t5.T5Config(feed_forward_proj="relu-gated")
+
+
+# ---- BOFT target presets ------------------------------------------------------------------
+
+
+def dense_paths(module):
+    paths = set()
+
+    def record(next_fun, args_, kwargs_, context):
+        if isinstance(context.module, (nn.Dense, nn.DenseGeneral)) and context.method_name == "__call__":
+            paths.add("/".join(context.module.path))
+        return next_fun(*args_, **kwargs_)
+
+    ids = jnp.zeros((1, 3), jnp.int32)
+    with nn.intercept_methods(record):
+        jax.eval_shape(lambda: module.init(jax.random.key(0), ids, None, ids))
+    return paths
+
+
+def select(pattern, paths):
+    return {p for p in paths if re.search(rf"(?:^|/)(?:{pattern})$", p)}
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+@pytest.mark.parametrize("ff,tied", [("relu", True), ("gated-gelu", False)])
+def test_target_presets_select_exactly_the_intended_dense_layers(ff, tied, scan_layers):
+    config = t5.T5Config(
+        vocab_size=64, d_model=32, d_kv=4, d_ff=64, num_layers=2, num_heads=4,
+        feed_forward_proj=ff, tie_word_embeddings=tied,
+    )
+    paths = dense_paths(t5.T5(config, scan_layers=scan_layers))
+    layers = ["layers"] if scan_layers else ["layer_0", "layer_1"]
+    blocks = {
+        "encoder": [f"encoder/{x}" for x in layers],
+        "decoder": [f"decoder/{x}" for x in layers],
+    }
+    attn = [("encoder", "self_attention"), ("decoder", "self_attention"), ("decoder", "cross_attention")]
+    wi = ["wi"] if ff == "relu" else ["wi_0", "wi_1"]
+    qv = {f"{b}/{a}/{p}" for s, a in attn for b in blocks[s] for p in "qv"}
+    attention = {f"{b}/{a}/{p}" for s, a in attn for b in blocks[s] for p in "qkvo"}
+    mlp = {f"{b}/mlp/{w}" for bs in blocks.values() for b in bs for w in [*wi, "wo"]}
+    assert paths == attention | mlp | (set() if tied else {"lm_head"})
+    expected = {"attention_qv": qv, "attention": attention, "mlp": mlp, "all_linear": attention | mlp}
+    assert set(t5.TARGET_PRESETS) == set(expected)
+    for name, pattern in t5.TARGET_PRESETS.items():
+        assert select(pattern, paths) == expected[name], name
