@@ -41,6 +41,7 @@ from boft_jax.linen import (  # noqa: E402  (Flax-specific code after the pure m
     BOFTModule,
     combine,
     count_params,
+    init_adapter,
     layer_paths,
     merge,
     split,
@@ -48,4 +49,4 @@ from boft_jax.linen import (  # noqa: E402  (Flax-specific code after the pure m
     wrap,
 )
 
-__all__ += ["BOFTKernel", "BOFTModule", "combine", "count_params", "layer_paths", "merge", "split", "unmerge", "wrap"]
+__all__ += ["BOFTKernel", "BOFTModule", "combine", "count_params", "init_adapter", "layer_paths", "merge", "split", "unmerge", "wrap"]

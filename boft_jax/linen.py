@@ -50,7 +50,9 @@ from boft_jax.butterfly import rotate, rotate_kernel
 from boft_jax.config import BOFTConfig
 from boft_jax.orthogonal import block_size_from_num_params, cayley
 
-__all__ = ["BOFTKernel", "BOFTModule", "wrap", "split", "combine", "merge", "unmerge", "count_params", "layer_paths"]
+__all__ = [
+    "BOFTKernel", "BOFTModule", "wrap", "split", "combine", "merge", "unmerge", "count_params", "layer_paths", "init_adapter"
+]
 
 _MISUSE = (
     "this params tree holds BOFT adapter params (a BOFTKernel at an adapted layer's 'kernel');"
@@ -549,3 +551,34 @@ def layer_paths(params: Mapping) -> list[str]:
 
     go(params, ())
     return out
+
+
+def init_adapter(model: BOFTModule, frozen: Mapping, *args, **kwargs) -> dict:
+    """The identity adapter (``M = I``, ``s = 1``) for pretrained ``frozen`` params.
+
+    Traces ``model.init`` abstractly (``jax.eval_shape``: no base weights are initialized) to find
+    the adapted layers and their shapes; saved modules and trainable biases start from ``frozen``.
+
+    Args:
+      model: the wrapped model.
+      frozen: the pretrained base params (base layout).
+      *args, **kwargs: example inputs for the model's ``__call__`` (shapes matter, values do not).
+
+    Returns:
+      The adapter tree, ready for ``boft.combine(frozen, adapter)`` and an optimizer.
+    """
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), *args, **kwargs))["params"]
+
+    def identity(tree):
+        out = {}
+        for k, v in tree.items():
+            if _is_node(v):
+                out[k] = {"skew": jnp.zeros(v.skew.shape, v.skew.dtype), "scale": jnp.ones(v.scale.shape, v.scale.dtype)}
+            elif isinstance(v, Mapping):
+                sub = identity(v)
+                if sub:
+                    out[k] = sub
+        return out
+
+    params = combine(frozen, identity(shapes))
+    return split(params, model.config)[1]

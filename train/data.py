@@ -1,0 +1,171 @@
+"""Data for the finetuning job: the bundled tasks, user data sets, and resumable batching.
+
+Bundled (no downloads):
+* ViT: scikit-learn's digits (1797 8x8 grey images).  The base ViT is pretrained on digits 0-4;
+  the default finetuning task is digits 5-9: new classes the base has never been trained on.
+* T5: a synthetic byte-level text task (see :mod:`train.text_tasks`).
+
+User data: ``--data`` is an ``.npz`` file (``images`` (N, H, W, C) float and ``labels`` (N,) int, or
+``train_images``/``train_labels``/``test_images``/``test_labels``), an image folder (one
+sub-folder per class), or for T5 a JSONL file of ``{"source": ..., "target": ...}`` lines.
+
+Batches are a pure function of ``(seed, step)``: an epoch is a seeded permutation, so a resumed run
+sees exactly the batches an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+PRETRAIN_CLASSES = (0, 1, 2, 3, 4)
+FINETUNE_CLASSES = (5, 6, 7, 8, 9)
+
+
+@dataclass
+class Split:
+    """Arrays of one split: ``inputs`` is a dict of arrays with a leading example axis."""
+
+    inputs: dict[str, np.ndarray]
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def take(self, idx: np.ndarray) -> "Split":
+        return Split({k: v[idx] for k, v in self.inputs.items()}, self.labels[idx])
+
+
+@dataclass
+class Dataset:
+    train: Split
+    test: Split
+    description: str
+
+
+def _train_test(n: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    order = np.random.default_rng(seed).permutation(n)
+    n_test = max(1, int(round(n * test_fraction)))
+    return np.sort(order[n_test:]), np.sort(order[:n_test])
+
+
+def digits(classes=FINETUNE_CLASSES, *, test_fraction: float = 0.25, seed: int = 0) -> Dataset:
+    """scikit-learn's digits restricted to ``classes``; images (N, 8, 8, 1) in [0, 1], labels 0-9."""
+    from sklearn.datasets import load_digits  # bundled with scikit-learn, no download
+
+    d = load_digits()
+    keep = np.isin(d.target, classes)
+    images = (d.images[keep] / 16.0).astype(np.float32)[..., None]
+    labels = d.target[keep].astype(np.int32)
+    tr, te = _train_test(len(labels), test_fraction, seed)
+    full = Split({"pixel_values": images}, labels)
+    return Dataset(full.take(tr), full.take(te), f"sklearn digits, classes {list(classes)}")
+
+
+def load_npz(path: str | Path, *, test_fraction: float = 0.2, seed: int = 0) -> Dataset:
+    path = Path(path)
+    with np.load(path, allow_pickle=False) as z:
+        keys = set(z.files)
+        if {"train_images", "train_labels", "test_images", "test_labels"} <= keys:
+            return Dataset(
+                Split({"pixel_values": z["train_images"].astype(np.float32)}, z["train_labels"].astype(np.int32)),
+                Split({"pixel_values": z["test_images"].astype(np.float32)}, z["test_labels"].astype(np.int32)),
+                f"{path}",
+            )
+        if {"images", "labels"} <= keys:
+            full = Split({"pixel_values": z["images"].astype(np.float32)}, z["labels"].astype(np.int32))
+            tr, te = _train_test(len(full), test_fraction, seed)
+            return Dataset(full.take(tr), full.take(te), f"{path} ({1 - test_fraction:.0%}/{test_fraction:.0%} split)")
+    raise ValueError(
+        f"{path}: an .npz data set needs arrays 'images' (N,H,W,C) and 'labels' (N,), or"
+        f" 'train_images', 'train_labels', 'test_images', 'test_labels'; found {sorted(keys)}"
+    )
+
+
+def load_image_folder(path: str | Path, image_size: tuple[int, int], channels: int, *, test_fraction=0.2, seed=0):
+    """Images in ``path/<class name>/*.png|jpg``; classes sorted by name get labels 0, 1, ..."""
+    from PIL import Image
+
+    path = Path(path)
+    classes = sorted(p.name for p in path.iterdir() if p.is_dir())
+    if not classes:
+        raise ValueError(f"{path}: an image folder needs one sub-folder per class; found none")
+    images, labels = [], []
+    for label, name in enumerate(classes):
+        for f in sorted((path / name).iterdir()):
+            if f.suffix.lower() not in (".png", ".jpg", ".jpeg", ".bmp", ".gif"):
+                continue
+            img = Image.open(f).convert("L" if channels == 1 else "RGB").resize(image_size[::-1])
+            arr = np.asarray(img, np.float32) / 255.0
+            images.append(arr[..., None] if channels == 1 else arr)
+            labels.append(label)
+    if not images:
+        raise ValueError(f"{path}: no images (.png/.jpg/.jpeg/.bmp/.gif) in the class folders {classes}")
+    full = Split({"pixel_values": np.stack(images)}, np.asarray(labels, np.int32))
+    tr, te = _train_test(len(full), test_fraction, seed)
+    return Dataset(full.take(tr), full.take(te), f"image folder {path} ({len(classes)} classes)")
+
+
+# ------------------------------------------------------------------------------------------------
+# Byte-level text (T5)
+# ------------------------------------------------------------------------------------------------
+PAD, EOS, UNK = 0, 1, 2
+BYTE_OFFSET = 3
+BYTE_VOCAB = 256 + BYTE_OFFSET
+
+
+def encode_text(text: str, length: int) -> np.ndarray:
+    """UTF-8 bytes + 3 (ByT5's layout: 0 pad, 1 eos, 2 unk), then EOS, padded/cut to ``length``."""
+    ids = [b + BYTE_OFFSET for b in text.encode("utf-8")][: length - 1] + [EOS]
+    return np.asarray(ids + [PAD] * (length - len(ids)), np.int32)
+
+
+def decode_ids(ids) -> str:
+    out = bytearray()
+    for i in np.asarray(ids).tolist():
+        if i == EOS:
+            break
+        if i >= BYTE_OFFSET:
+            out.append(i - BYTE_OFFSET)
+    return out.decode("utf-8", errors="replace")
+
+
+def text_split(pairs: list[tuple[str, str]], src_len: int, tgt_len: int) -> Split:
+    src = np.stack([encode_text(s, src_len) for s, _ in pairs])
+    tgt = np.stack([encode_text(t, tgt_len) for _, t in pairs])
+    return Split({"input_ids": src, "attention_mask": (src != PAD).astype(np.int32)}, tgt)
+
+
+def load_jsonl(path: str | Path, src_len: int, tgt_len: int, *, test_fraction=0.2, seed=0) -> Dataset:
+    path = Path(path)
+    pairs = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                pairs.append((str(row["source"]), str(row["target"])))
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ValueError(f"{path}:{n}: each line must be a JSON object with 'source' and 'target' ({e})") from None
+    if len(pairs) < 2:
+        raise ValueError(f"{path}: needs at least 2 source/target pairs, found {len(pairs)}")
+    full = text_split(pairs, src_len, tgt_len)
+    tr, te = _train_test(len(full), test_fraction, seed)
+    return Dataset(full.take(tr), full.take(te), f"{path} ({len(pairs)} pairs)")
+
+
+# ------------------------------------------------------------------------------------------------
+# Batching
+# ------------------------------------------------------------------------------------------------
+def batch_indices(n: int, batch_size: int, seed: int, step: int) -> np.ndarray:
+    """Indices of the batch for ``step``: epochs are seeded permutations, last partial batch dropped."""
+    per_epoch = n // batch_size
+    if per_epoch < 1:
+        raise ValueError(f"batch size {batch_size} exceeds the {n} training examples")
+    epoch, i = divmod(step, per_epoch)
+    order = np.random.default_rng([seed, epoch]).permutation(n)
+    return order[i * batch_size : (i + 1) * batch_size]

@@ -1,0 +1,233 @@
+"""The training loop: Optax on the adapter only, sharded frozen weights, orbax checkpoints, metrics.
+
+Everything here is independent of the model family: a :class:`Task` supplies the loss and the
+evaluation; :func:`fit` does the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh
+
+import boft_jax as boft
+from boft_jax import sharding as sh
+from boft_jax.checkpoint import TrainCheckpointer
+from train.data import Dataset, batch_indices
+
+# loss_fn(model, params, inputs: dict, labels, rng, train: bool) -> (loss, accuracy)
+LossFn = Callable[..., tuple[jax.Array, jax.Array]]
+# evaluate(model, params, split) -> accuracy in [0, 1]
+EvalFn = Callable[..., float]
+
+
+@dataclass
+class Task:
+    name: str
+    model: Any  # the wrapped linen module
+    frozen: dict
+    adapter: dict
+    data: Dataset
+    loss_fn: LossFn
+    evaluate: EvalFn
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class TrainOptions:
+    steps: int = 300
+    batch_size: int = 64
+    learning_rate: float = 3e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 20
+    clip_norm: float = 1.0
+    eval_every: int = 100
+    save_every: int = 100
+    keep: int = 3
+    seed: int = 0
+    mesh: str | Mesh | None = None  # spec like 'data=2,model=4', a Mesh, or None for data=<all devices>
+    progress: bool = True
+
+
+def make_optimizer(opts: TrainOptions) -> optax.GradientTransformation:
+    """AdamW with linear warmup and cosine decay, after global-norm gradient clipping."""
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, opts.learning_rate, max(1, min(opts.warmup_steps, opts.steps - 1)), max(opts.steps, 2), end_value=0.0
+    )
+    return optax.chain(optax.clip_by_global_norm(opts.clip_norm), optax.adamw(schedule, weight_decay=opts.weight_decay))
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="finetune", unit="step", dynamic_ncols=True)
+
+
+def fit(task: Task, opts: TrainOptions, out_dir: Path, *, resume: bool = False) -> dict[str, Any]:
+    """Train ``task.adapter`` for ``opts.steps`` steps; returns the final state and metrics.
+
+    Writes ``metrics.jsonl`` (one line per logged step / eval) and step checkpoints under
+    ``out_dir/checkpoints`` (adapter, optimizer state, step, data position).  With ``resume`` the
+    newest complete checkpoint is restored and training continues exactly where it stopped.
+    """
+    out_dir = Path(out_dir)
+    mesh = opts.mesh if isinstance(opts.mesh, Mesh) else sh.make_mesh(opts.mesh or f"data={jax.device_count()}")
+    data_size = mesh.shape.get("data", 1)
+    if opts.batch_size % data_size:
+        raise ValueError(f"batch size {opts.batch_size} is not divisible by the mesh's data axis ({data_size})")
+    rep = sh.replicated(mesh)
+    frozen = sh.shard_frozen(task.frozen, mesh)
+    optimizer = make_optimizer(opts)
+    adapter = jax.device_put(task.adapter, rep)
+    opt_state = jax.device_put(optimizer.init(adapter), rep)
+    model, loss_fn = task.model, task.loss_fn
+    base_key = jax.random.key(opts.seed)
+
+    def step_fn(adapter, opt_state, frozen, inputs, labels, step):
+        rng = jax.random.fold_in(base_key, step)
+
+        def objective(a):
+            return loss_fn(model, boft.combine(frozen, a), inputs, labels, rng, True)
+
+        (loss, acc), grads = jax.value_and_grad(objective, has_aux=True)(adapter)
+        updates, opt_state = optimizer.update(grads, opt_state, adapter)
+        adapter = optax.apply_updates(adapter, updates)
+        return adapter, opt_state, {"loss": loss, "accuracy": acc, "grad_norm": optax.global_norm(grads)}
+
+    step_jit = jax.jit(step_fn, out_shardings=(rep, rep, rep), donate_argnums=(0, 1))
+
+    ckpt = TrainCheckpointer(out_dir / "checkpoints", save_every=opts.save_every, keep=opts.keep)
+    start = 0
+    if resume:
+        restored = ckpt.restore_latest(adapter, opt_state)
+        if restored is None:
+            print(f"--resume: no checkpoint in {out_dir / 'checkpoints'}; starting from step 0")
+        else:
+            start, adapter, opt_state, state = restored
+            if state.get("batch_size") != opts.batch_size or state.get("seed") != opts.seed:
+                raise ValueError(
+                    f"--resume: the checkpoint was written with batch size {state.get('batch_size')} and seed"
+                    f" {state.get('seed')}, not {opts.batch_size} and {opts.seed}; resuming would not continue"
+                    " the same run"
+                )
+            adapter, opt_state = jax.device_put(adapter, rep), jax.device_put(opt_state, rep)
+            print(f"resumed from step {start} (data position {state.get('data_position')})")
+
+    metrics_path = out_dir / "metrics.jsonl"
+    if start == 0 and metrics_path.exists():
+        metrics_path.unlink()
+    elif start > 0 and metrics_path.exists():  # drop lines logged after the checkpoint we resume from
+        kept = [l for l in metrics_path.read_text().splitlines() if json.loads(l).get("step", 0) <= start]
+        metrics_path.write_text("".join(k + "\n" for k in kept))
+
+    def log(row):
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    bsh = lambda x: jax.device_put(x, sh.batch_sharding(mesh, x.ndim))  # noqa: E731
+    train_split = task.data.train
+    bar = _progress(opts.steps, start, opts.progress)
+    t0, last = time.time(), time.time()
+    history = []
+    step = start
+    try:
+        for step in range(start, opts.steps):
+            idx = batch_indices(len(train_split), opts.batch_size, opts.seed, step)
+            batch = train_split.take(idx)
+            inputs = {k: bsh(v) for k, v in batch.inputs.items()}
+            adapter, opt_state, m = step_jit(adapter, opt_state, frozen, inputs, bsh(batch.labels), jnp.int32(step))
+            done = step + 1
+            if done % 10 == 0 or done == opts.steps or done == start + 1:
+                m = {k: float(v) for k, v in m.items()}
+                now = time.time()
+                row = {"step": done, **m, "examples_per_s": opts.batch_size * 10 / max(now - last, 1e-9)}
+                last = now
+                log(row)
+                history.append(row)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{m['loss']:.4f}", acc=f"{m['accuracy']:.3f}", ex_s=f"{row['examples_per_s']:.0f}")
+            if opts.eval_every and (done % opts.eval_every == 0) and done != opts.steps:
+                acc = task.evaluate(model, boft.combine(frozen, adapter), task.data.test)
+                log({"step": done, "eval_accuracy": acc})
+                history.append({"step": done, "eval_accuracy": acc})
+            ckpt.save(done, adapter, opt_state, {"step": done, "data_position": done * opts.batch_size,
+                                                 "batch_size": opts.batch_size, "seed": opts.seed},
+                      force=done == opts.steps)
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+        ckpt.close()
+    losses = [r["loss"] for r in history if "loss" in r]
+    return {
+        "losses": losses,
+        "adapter": adapter,
+        "opt_state": opt_state,
+        "frozen": frozen,
+        "history": history,
+        "train_seconds": time.time() - t0,
+        "steps_run": opts.steps - start,
+        "mesh": dict(mesh.shape),
+    }
+
+
+def plot_curves(metrics_path: Path, out_png: Path, title: str) -> None:
+    """Training loss, training accuracy and eval accuracy against step, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(l) for l in Path(metrics_path).read_text().splitlines() if l.strip()]
+    train = [r for r in rows if "loss" in r]
+    evals = [r for r in rows if "eval_accuracy" in r]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.4), dpi=100)
+    a1.plot([r["step"] for r in train], [r["loss"] for r in train], color="C0")
+    a1.set_xlabel("step"), a1.set_ylabel("training loss"), a1.set_yscale("log"), a1.grid(alpha=0.3)
+    a2.plot([r["step"] for r in train], [r["accuracy"] for r in train], color="C1", label="train (batch)")
+    if evals:
+        a2.plot([r["step"] for r in evals], [r["eval_accuracy"] for r in evals], "o-", color="C2", label="held-out")
+    a2.set_xlabel("step"), a2.set_ylabel("accuracy"), a2.set_ylim(0, 1.02), a2.grid(alpha=0.3), a2.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out_png)
+    plt.close(fig)
+
+
+def summary_table(rows: list[tuple[str, str]]) -> str:
+    width = max(len(k) for k, _ in rows)
+    lines = [f"| {'':<{width}} | value |", f"|{'-' * (width + 2)}|-------|"]
+    lines += [f"| {k:<{width}} | {v} |" for k, v in rows]
+    return "\n".join(lines)
+
+
+def fmt_params(n: int, total: int) -> str:
+    return f"{n:,} ({100 * n / total:.2f}% of {total:,})"
+
+
+def batched_eval(predict: Callable, split, batch_size: int) -> float:
+    """Accuracy of ``predict(inputs) -> correct (B,) bools`` over a split, padding the last batch."""
+    n = len(split)
+    correct = 0
+    for lo in range(0, n, batch_size):
+        idx = np.arange(lo, min(lo + batch_size, n))
+        pad = batch_size - len(idx)
+        idx_p = np.concatenate([idx, np.full(pad, idx[-1])]) if pad else idx
+        part = split.take(idx_p)
+        ok = np.asarray(predict(part.inputs, part.labels))
+        correct += int(ok[: len(idx)].sum())
+    return correct / max(n, 1)
+
+
+__all__ = ["Task", "TrainOptions", "fit", "make_optimizer", "plot_curves", "summary_table", "fmt_params", "batched_eval"]

@@ -1,0 +1,63 @@
+"""The ViT image-classification task for the finetuning job."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from train import data as data_lib
+from train.loop import Task, batched_eval
+
+DEFAULT_STEPS = 300
+DEFAULT_LR = 5e-3
+METRIC = "accuracy"
+EVAL_BATCH = 128
+
+
+def load_data(path, module) -> data_lib.Dataset:
+    """The bundled digits 5-9 task, or a user ``.npz`` / image folder checked against the model."""
+    cfg = module.config
+    if path is None:
+        ds = data_lib.digits(data_lib.FINETUNE_CLASSES)
+    elif str(path).endswith(".npz"):
+        ds = data_lib.load_npz(path)
+    else:
+        from pathlib import Path
+
+        if not Path(path).is_dir():
+            raise ValueError("not an .npz file or an image folder")
+        ds = data_lib.load_image_folder(path, cfg.image_size, cfg.num_channels)
+    want = (*cfg.image_size, cfg.num_channels)
+    for name, split in (("train", ds.train), ("test", ds.test)):
+        got = split.inputs["pixel_values"].shape[1:]
+        if tuple(got) != want:
+            raise ValueError(f"{name} images have shape {tuple(got)} but the model expects (H, W, C) = {want}")
+        bad = split.labels[(split.labels < 0) | (split.labels >= cfg.num_labels)]
+        if bad.size:
+            raise ValueError(f"{name} labels {sorted(set(bad.tolist()))[:5]} are outside the model's {cfg.num_labels} classes")
+    return ds
+
+
+def example_inputs(ds: data_lib.Dataset):
+    return (jnp.asarray(ds.train.inputs["pixel_values"][:1]),)
+
+
+def loss_fn(model, params, inputs, labels, rng, train: bool):
+    logits = model.apply(
+        {"params": params}, inputs["pixel_values"], deterministic=not train, rngs={"dropout": rng} if train else {}
+    )
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels).mean()
+    return loss, (logits.argmax(-1) == labels).mean()
+
+
+def make_task(model, frozen, adapter, ds: data_lib.Dataset) -> Task:
+    @jax.jit
+    def correct(params, pixel_values, labels):
+        return model.apply({"params": params}, pixel_values).argmax(-1) == labels
+
+    def evaluate(model_, params, split) -> float:
+        return batched_eval(lambda inp, lab: correct(params, inp["pixel_values"], lab), split, EVAL_BATCH)
+
+    return Task("vit", model, frozen, adapter, ds, loss_fn, evaluate)
