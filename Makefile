@@ -5,13 +5,21 @@ BIN    := $(VENV)/bin
 # Parallel test workers (pytest-xdist); CI machines have 2 cores.
 WORKERS ?= 2
 
-.PHONY: test test-quick finetune clean
+.PHONY: test test-quick finetune finetune-t5 clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e ".[test]"
 	touch $@
+
+## The main job: BOFT-finetune the bundled ViT (digits 0-4) to new classes (digits 5-9), on CPU.
+finetune: $(BIN)/.installed
+	$(BIN)/python -m train.finetune --output runs/vit-digits --overwrite
+
+## The same for the bundled byte-level T5 on a new text task.
+finetune-t5: $(BIN)/.installed
+	$(BIN)/python -m train.finetune --model t5 --output runs/t5-bytes --overwrite
 
 ## Full test suite (what CI runs).
 test: $(BIN)/.installed

@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--targets", default=None, help="a preset name (see --list-presets) or a regex (default: 'attention')")
     b.add_argument("--exclude", default=None, help="regex of layers to leave alone")
     b.add_argument("--modules-to-save", default=None, help="regex of modules trained in full (default: ViT 'classifier', T5 none)")
-    b.add_argument("--dropout", type=float, default=0.0, help="multiplicative dropout p (default 0)")
+    b.add_argument("--dropout", type=float, default=0.25, help="multiplicative dropout p (default 0.25: regularizes the small default task)")
     b.add_argument("--bias", choices=["none", "boft_only", "all"], default="none")
     b.add_argument("--mode", choices=["auto", "input", "weight"], default="auto")
     b.add_argument("--cayley", choices=["exact", "neumann"], default="exact")
