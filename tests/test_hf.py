@@ -272,6 +272,36 @@ def test_save_pretrained_rejects_params_the_model_does_not_have(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_save_pretrained_rejects_unmerged_adapter_nodes(tmp_path):
+    @jax.tree_util.register_static
+    class Node:  # stands for an adapter node such as boft.BOFTKernel
+        shape = (32, 32)
+        dtype = np.float32
+
+    module, params = vit.from_pretrained(FIXTURES / "vit")
+    params["encoder"]["layer_1"]["mlp"]["fc1"]["kernel"] = Node()
+    with pytest.raises(ValueError, match=r"boft\.merge") as info:
+        models.save_pretrained(tmp_path, module, params)
+    assert "encoder/layer_1/mlp/fc1/kernel (Node)" in str(info.value)
+
+
+def test_model_checkpoint_without_head_needs_num_labels(tmp_path):
+    def strip(state):
+        for key in [k for k in state if k.startswith("classifier.")]:
+            del state[key]
+        for key in list(state):  # a bare ViTModel: no "vit." prefix
+            state[key[len("vit."):]] = state.pop(key)
+
+    path = copy_with_state(FIXTURES / "vit", tmp_path / "bare", strip)
+    with pytest.raises(ValueError, match="num_labels"):
+        vit.from_pretrained(path)
+    module, params = vit.from_pretrained(path, num_labels=7)
+    _, expected = vit.from_pretrained(FIXTURES / "vit")
+    assert module.config.num_labels == 7 and params["classifier"]["kernel"].shape == (32, 7)
+    np.testing.assert_array_equal(params["encoder"]["layer_1"]["mlp"]["fc2"]["kernel"],
+                                  expected["encoder"]["layer_1"]["mlp"]["fc2"]["kernel"])
+
+
 def test_save_pretrained_needs_a_model_or_config(tmp_path):
     with pytest.raises(TypeError, match="ViTConfig"):
         models.save_pretrained(tmp_path, {"model_type": "vit"}, {})
@@ -297,7 +327,7 @@ def test_saved_checkpoints_load_in_transformers(tmp_path):
     theirs = transformers.ViTForImageClassification.from_pretrained(tmp_path / "vit", attn_implementation="eager")
     with torch.no_grad():
         expected = theirs(torch.from_numpy(pixels.transpose(0, 3, 1, 2))).logits.numpy()
-    np.testing.assert_allclose(module.apply({"params": params}, pixels), expected, atol=2e-5)
+    np.testing.assert_allclose(jax.jit(module.apply)({"params": params}, pixels), expected, atol=2e-5)
 
     module, params = t5.from_pretrained(FIXTURES / "t5_gated")
     params = jax.tree.map(lambda x: x * (1 + 0.1 * rng.standard_normal(x.shape).astype(np.float32)), params)
@@ -307,4 +337,4 @@ def test_saved_checkpoints_load_in_transformers(tmp_path):
     theirs = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path / "t5", attn_implementation="eager")
     with torch.no_grad():
         expected = theirs(input_ids=torch.from_numpy(ids), decoder_input_ids=torch.from_numpy(dec)).logits.numpy()
-    np.testing.assert_allclose(module.apply({"params": params}, ids, None, dec), expected, atol=2e-5)
+    np.testing.assert_allclose(jax.jit(module.apply)({"params": params}, ids, None, dec), expected, atol=2e-5)

@@ -1,6 +1,7 @@
 """BOFT-wrapped ViT and T5 (boft_jax.linen on boft_jax.models): equal to the base model at init,
 trainable, mergeable back into plain weights, and exportable with save_pretrained."""
 
+import functools
 from pathlib import Path
 
 import jax
@@ -105,3 +106,8 @@ def test_boft_t5_with_scanned_layers_starts_at_the_base_model_trains_and_merges(
     assert losses[-1] < losses[0]
     merged = merged_params(pretrained, adapter, config)
     np.testing.assert_allclose(jax.jit(base.apply)({"params": merged}, *inputs), outputs[-1], atol=5e-5)
+
+    # Greedy decoding through the wrapper (adapter applied on the fly) == on the merged weights.
+    ids, mask = ref["input_ids"], ref["attention_mask"]
+    generate = lambda module, params: jax.jit(functools.partial(t5.generate, module, max_new_tokens=6))(params, ids, mask)
+    np.testing.assert_array_equal(generate(model, boft.combine(pretrained, adapter)), generate(base, merged))

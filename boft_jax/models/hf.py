@@ -391,6 +391,15 @@ def state_dict_from_params(
     Raises ValueError if ``params`` has leaves the model does not (e.g. adapter params: merge
     them first), lacks some, or has other shapes.
     """
+    flat = flatten_params(params)
+    not_arrays = sorted(
+        f"{'/'.join(p)} ({type(v).__name__})" for p, v in flat.items() if not isinstance(v, (np.ndarray, np.generic, jax.Array))
+    )
+    if not_arrays:
+        raise ValueError(
+            "params hold leaves that are not arrays (BOFT adapter nodes? fold them into the kernels "
+            f"with boft.merge(params, config) first):{_fmt(not_arrays)}"
+        )
     flat = flatten_params(unstack_layers(params))
     missing = sorted("/".join(p) + f" (expected shape {expected[p]})" for p in expected if p not in flat)
     extra = sorted("/".join(p) + f" (shape {tuple(np.shape(v))})" for p, v in flat.items() if p not in expected)

@@ -550,33 +550,78 @@ class T5(nn.Module):
         (transformers returns the same tokens, but trims the columns after the last EOS.)
         ``eos_token_id`` (default: the config's) may be one id or several, also as an array.
         """
-        cfg = self.config
-        eos = cfg.eos_token_ids if eos_token_id is None else eos_token_id
-        pad = cfg.pad_token_id if pad_token_id is None else pad_token_id
-        start = cfg.decoder_start_token_id if decoder_start_token_id is None else decoder_start_token_id
-        variables = {"params": params}
-        B = input_ids.shape[0]
-        enc = self.apply(variables, input_ids, attention_mask, method=T5.encode)
-        cache = self.apply(variables, enc, attention_mask, max_new_tokens, method=T5.init_cache)
-        tokens = jnp.full((B, max_new_tokens + 1), pad, jnp.int32).at[:, 0].set(start)
-        eos_ids = jnp.atleast_1d(jnp.asarray(eos, jnp.int32))
+        return generate(
+            self,
+            params,
+            input_ids,
+            attention_mask,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+            decoder_start_token_id=decoder_start_token_id,
+        )
 
-        def cond(state):
-            i, _, _, done = state
-            return (i < max_new_tokens) & ~jnp.all(done)
 
-        def step(state):
-            i, tokens, cache, done = state
-            current = jax.lax.dynamic_slice_in_dim(tokens, i, 1, axis=1)
-            logits, cache = self.apply(variables, current, cache=cache, method=T5.decode)
-            nxt = jnp.argmax(logits[:, -1].astype(jnp.float32), axis=-1).astype(jnp.int32)
-            nxt = jnp.where(done, pad, nxt)
-            tokens = jax.lax.dynamic_update_slice(tokens, nxt[:, None], (0, i + 1))
-            done = done | jnp.any(nxt[:, None] == eos_ids[None, :], axis=-1)
-            return i + 1, tokens, cache, done
+def _t5_config(module: nn.Module) -> T5Config:
+    """The T5Config of a T5 module or of a wrapper that keeps it as ``.model`` (``boft.wrap``)."""
+    cfg = getattr(module, "config", None)
+    if not isinstance(cfg, T5Config):
+        cfg = getattr(getattr(module, "model", None), "config", None)
+    if not isinstance(cfg, T5Config):
+        raise TypeError(
+            f"generate needs a T5 module or a wrapper of one (with .model), got {type(module).__name__}"
+        )
+    return cfg
 
-        state = (jnp.array(0, jnp.int32), tokens, cache, jnp.zeros((B,), bool))
-        return jax.lax.while_loop(cond, step, state)[1]
+
+def generate(
+    module: nn.Module,
+    params: Mapping[str, Any],
+    input_ids: jax.Array,
+    attention_mask: jax.Array | None = None,
+    *,
+    max_new_tokens: int,
+    eos_token_id: int | tuple[int, ...] | jax.Array | None = None,
+    pad_token_id: int | None = None,
+    decoder_start_token_id: int | None = None,
+) -> jax.Array:
+    """Greedy decoding with the KV cache for any module with T5's methods, bare or wrapped.
+
+    ``module`` is an unbound :class:`T5` or a wrapper that forwards ``encode`` / ``init_cache`` /
+    ``decode`` by name and keeps the T5 as ``.model`` (``boft.wrap(t5_module, config)``), so
+    ``generate(boft.wrap(module, cfg), boft.combine(frozen, adapter), ids, mask, max_new_tokens=n)``
+    decodes with the adapter applied. Same result and shapes as :meth:`T5.generate`: a
+    ``(B, 1 + max_new_tokens)`` int32 array starting with the decoder start token, padded after
+    each row's EOS. Jit it with ``static_argnames="max_new_tokens"`` (and ``module`` static, e.g.
+    via ``functools.partial``).
+    """
+    cfg = _t5_config(module)
+    eos = cfg.eos_token_ids if eos_token_id is None else eos_token_id
+    pad = cfg.pad_token_id if pad_token_id is None else pad_token_id
+    start = cfg.decoder_start_token_id if decoder_start_token_id is None else decoder_start_token_id
+    variables = {"params": params}
+    B = input_ids.shape[0]
+    enc = module.apply(variables, input_ids, attention_mask, method="encode")
+    cache = module.apply(variables, enc, attention_mask, max(max_new_tokens, 1), method="init_cache")
+    tokens = jnp.full((B, max_new_tokens + 1), pad, jnp.int32).at[:, 0].set(start)
+    eos_ids = jnp.atleast_1d(jnp.asarray(eos, jnp.int32))
+
+    def cond(state):
+        i, _, _, done = state
+        return (i < max_new_tokens) & ~jnp.all(done)
+
+    def step(state):
+        i, tokens, cache, done = state
+        current = jax.lax.dynamic_slice_in_dim(tokens, i, 1, axis=1)
+        logits, cache = module.apply(variables, current, cache=cache, method="decode")
+        nxt = jnp.argmax(logits[:, -1].astype(jnp.float32), axis=-1).astype(jnp.int32)
+        nxt = jnp.where(done, pad, nxt)
+        tokens = jax.lax.dynamic_update_slice(tokens, nxt[:, None], (0, i + 1))
+        done = done | jnp.any(nxt[:, None] == eos_ids[None, :], axis=-1)
+        return i + 1, tokens, cache, done
+
+    state = (jnp.array(0, jnp.int32), tokens, cache, jnp.zeros((B,), bool))
+    return jax.lax.while_loop(cond, step, state)[1]
 
 
 def shift_right(labels: jax.Array, decoder_start_token_id: int = 0, pad_token_id: int = 0) -> jax.Array:

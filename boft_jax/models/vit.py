@@ -373,6 +373,11 @@ def from_pretrained(
     config = ViTConfig.from_hf_dict(cfg_dict)
     state = _normalize_prefix(hf.load_state_dict(path))
     has_head = "classifier.weight" in state
+    if num_labels is None and not has_head:
+        raise ValueError(
+            f"{os.fspath(path)!r} has no classifier head (a ViTModel checkpoint?); pass num_labels=N "
+            f"to add a fresh zero-initialized one"
+        )
     if num_labels is not None and (not has_head or state["classifier.weight"].shape[0] != num_labels):
         state = {k: v for k, v in state.items() if not k.startswith("classifier.")}
         dt = state["vit.layernorm.weight"].dtype if "vit.layernorm.weight" in state else np.float32
