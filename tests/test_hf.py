@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -68,6 +69,19 @@ def test_transformers5_key_names_load_the_same_params():
     keys = set(hf.load_state_dict(FIXTURES / "vit_v5_keys"))
     assert "vit.layers.0.attention.q_proj.weight" in keys and "vit.layers.1.mlp.fc2.bias" in keys
     assert_trees_equal(vit.from_pretrained(FIXTURES / "vit_v5_keys")[1], vit.from_pretrained(FIXTURES / "vit")[1])
+
+
+def test_transformers5_names_and_aliases_are_inverse():
+    legacy = sorted(hf.load_state_dict(FIXTURES / "vit"))
+    v5 = sorted(hf.load_state_dict(FIXTURES / "vit_v5_keys"))
+
+    def rename(key, rules):
+        for pattern, repl in rules:
+            key = re.sub(pattern, repl, key)
+        return key
+
+    assert sorted(rename(k, vit.HF_KEY_ALIASES_V5) for k in legacy) == v5
+    assert sorted(rename(k, vit.HF_KEY_ALIASES) for k in v5) == legacy
 
 
 def test_from_pretrained_dispatches_on_model_type():

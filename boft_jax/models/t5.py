@@ -183,7 +183,9 @@ def relative_position_buckets(bidirectional: bool, num_buckets: int, max_distanc
     large = max_exact + np.where(np.isfinite(scaled), scaled, 0).astype(np.int64)
     large = np.minimum(large, n - 1)
     buckets += np.where(r < max_exact, r, large)
-    return buckets.astype(np.int32)
+    table = buckets.astype(np.int32)
+    table.setflags(write=False)  # cached and shared
+    return table
 
 
 def _position_bias(
@@ -646,6 +648,10 @@ HF_IGNORED_KEYS: tuple[str, ...] = (
     r"(?:encoder|decoder)\.embed_tokens\.weight",
 )
 
+# transformers 5 kept T5's module names: nothing to rename either way.
+HF_KEY_ALIASES: tuple[tuple[str, str], ...] = ()
+HF_KEY_ALIASES_V5: tuple[tuple[str, str], ...] = ()
+
 _ATTENTION = {"self_attention": "SelfAttention", "cross_attention": "EncDecAttention"}
 
 
@@ -686,10 +692,15 @@ def hf_torch_key(path: tuple[str, ...]) -> str:
     raise KeyError(f"no Hugging Face key for param {p!r}")
 
 
-def param_shapes(config: T5Config) -> dict[tuple[str, ...], tuple[int, ...]]:
-    """``{path: shape}`` of the unrolled model's params."""
+@functools.lru_cache(maxsize=16)
+def _param_shapes(config: T5Config) -> dict[tuple[str, ...], tuple[int, ...]]:
     ids = jax.ShapeDtypeStruct((1, 1), jnp.int32)
     return hf.param_shapes(T5(config), ids, None, ids)
+
+
+def param_shapes(config: T5Config) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """``{path: shape}`` of the unrolled model's params (traced once per config, then cached)."""
+    return dict(_param_shapes(config))
 
 
 def hf_state_dict(config: T5Config, params: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -728,7 +739,7 @@ def params_from_hf(
         if np.array_equal(state["lm_head.weight"], state["shared.weight"]):
             del state["lm_head.weight"]  # a tied head stored twice
     params = hf.params_from_state_dict(
-        state, param_shapes(config), hf_torch_key, ignore=HF_IGNORED_KEYS, source=source
+        state, param_shapes(config), hf_torch_key, aliases=HF_KEY_ALIASES, ignore=HF_IGNORED_KEYS, source=source
     )
     return hf.stack_layers(params) if scan_layers else params
 

@@ -28,6 +28,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import re
 from collections.abc import Mapping
@@ -280,6 +281,17 @@ HF_KEY_ALIASES: tuple[tuple[str, str], ...] = (
     (r"^vit\.layers\.(\d+)\.mlp\.fc2\.", r"vit.encoder.layer.\1.output.dense."),
     (r"^vit\.layers\.(\d+)\.", r"vit.encoder.layer.\1."),
 )
+# The inverse: transformers-4 key names -> transformers-5 module names (e.g. for adapters saved
+# by PEFT under transformers 5).
+HF_KEY_ALIASES_V5: tuple[tuple[str, str], ...] = (
+    (r"^vit\.encoder\.layer\.(\d+)\.attention\.attention\.query\.", r"vit.layers.\1.attention.q_proj."),
+    (r"^vit\.encoder\.layer\.(\d+)\.attention\.attention\.key\.", r"vit.layers.\1.attention.k_proj."),
+    (r"^vit\.encoder\.layer\.(\d+)\.attention\.attention\.value\.", r"vit.layers.\1.attention.v_proj."),
+    (r"^vit\.encoder\.layer\.(\d+)\.attention\.output\.dense\.", r"vit.layers.\1.attention.o_proj."),
+    (r"^vit\.encoder\.layer\.(\d+)\.intermediate\.dense\.", r"vit.layers.\1.mlp.fc1."),
+    (r"^vit\.encoder\.layer\.(\d+)\.output\.dense\.", r"vit.layers.\1.mlp.fc2."),
+    (r"^vit\.encoder\.layer\.(\d+)\.", r"vit.layers.\1."),
+)
 # The pooler of a ViTModel checkpoint is not part of ViTForImageClassification.
 HF_IGNORED_KEYS: tuple[str, ...] = (r"vit\.pooler\..*",)
 
@@ -324,11 +336,16 @@ def _normalize_prefix(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {(k if k.startswith("classifier.") else f"vit.{k}"): v for k, v in state.items()}
 
 
-def param_shapes(config: ViTConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
-    """``{path: shape}`` of the unrolled model's params."""
+@functools.lru_cache(maxsize=16)
+def _param_shapes(config: ViTConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
     h, w = config.image_size
     x = jax.ShapeDtypeStruct((1, h, w, config.num_channels), jnp.float32)
     return hf.param_shapes(ViT(config), x)
+
+
+def param_shapes(config: ViTConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """``{path: shape}`` of the unrolled model's params (traced once per config, then cached)."""
+    return dict(_param_shapes(config))
 
 
 def hf_state_dict(config: ViTConfig, params: Mapping[str, Any]) -> dict[str, np.ndarray]:
