@@ -467,7 +467,8 @@ class T5(nn.Module):
         """Decoder logits (B, T, vocab) for ``decoder_input_ids`` (B, T) under teacher forcing.
 
         With ``cache`` (from ``init_cache``), the T tokens continue the cached prefix; the
-        encoder states and mask come from the cache, and ``(logits, new_cache)`` is returned.
+        encoder states and mask come from the cache, ``decoder_attention_mask`` (if any) covers
+        all ``max_length`` cache slots, and ``(logits, new_cache)`` is returned.
         """
         if cache is not None:
             encoder_attention_mask = cache["encoder_mask"]
