@@ -8,9 +8,9 @@ with ``P_i[r, perm_i[r]] = 1`` and the rotation is ``M = F_{m-1} ... F_1 F_0``.
 even-numbered half-blocks (``b/2`` features each) first and the odd-numbered ones after them.  Seen
 through reshapes, ``x P_i`` is ``x.reshape(A, 2, G, h)`` read as ``(A, G, 2, h)`` with
 ``G = 2^i``, ``h = b/2`` and ``A = d / (b G)``: block ``j = a G + g`` of the permuted vector is the
-pair of half-blocks ``x[a, 0, g, :]`` and ``x[a, 1, g, :]``.  So one factor is a single einsum on a
-``(..., A, 2, G, h)`` view of the input whose output comes out already un-permuted: no gathers, no
-permutation matrices, ``2 d b`` FLOPs per row.
+pair of half-blocks ``x[a, 0, g, :]`` and ``x[a, 1, g, :]``.  So one factor is a single batched
+matmul over the ``k`` blocks of an ``(..., A, 2, G, h)`` view of the input whose output comes out
+already un-permuted: no gathers, no permutation matrices, ``2 d b`` FLOPs per row.
 
 Example:
   >>> import jax, jax.numpy as jnp
@@ -26,6 +26,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import jax
@@ -169,33 +170,42 @@ def _as_blocks(blocks: jax.Array, n_factors: int | None) -> jax.Array:
 
 
 def _factor_rows(x: jax.Array, q: jax.Array, level: int, precision) -> jax.Array:
-    """``x F_level`` for row vectors ``x: (..., d)``; ``q: (k, b, b)`` blocks of that factor."""
+    """``x F_level`` for row vectors ``x: (..., d)``; ``q: (k, b, b)`` blocks of that factor.
+
+    One batched matmul ``(k, n, b) @ (k, b, b)`` on a view with the block axes first (the layout
+    XLA's batched dot wants).  Written this way rather than as an einsum with the block axes in the
+    middle (``"...acgh,agchex->...aegx"``), which XLA:CPU lowered with a transpose of the whole
+    activation to tokens-last: see BENCHMARKS.md, "rotate (issue 2)", for the measured gain.
+    Between consecutive factors XLA merges the transpose back and the next one into one copy.
+    """
     k, b, _ = q.shape
-    lead = x.shape[:-1]
+    n = math.prod(x.shape[:-1])
     if level == 0:
-        y = jnp.einsum("...kc,kce->...ke", x.reshape(*lead, k, b), q, precision=precision)
-        return y.reshape(x.shape)
+        xv = x.reshape(n, k, b).transpose(1, 0, 2)  # (k, n, b)
+        y = jnp.matmul(xv, q, precision=precision)
+        return y.transpose(1, 0, 2).reshape(x.shape)
     g, h = 2**level, b // 2
     a = k // g
-    xv = x.reshape(*lead, a, 2, g, h)
-    qv = q.reshape(a, g, 2, h, 2, h)
-    y = jnp.einsum("...acgh,agchex->...aegx", xv, qv, precision=precision)
-    return y.reshape(x.shape)
+    # x.reshape(n, a, 2, g, h): block j = a g + g' is the pair of half-blocks [a, 0, g'] and [a, 1, g'].
+    xv = x.reshape(n, a, 2, g, h).transpose(1, 3, 0, 2, 4).reshape(k, n, b)
+    y = jnp.matmul(xv, q, precision=precision)  # (k, n, b)
+    return y.reshape(a, g, n, 2, h).transpose(2, 0, 3, 1, 4).reshape(x.shape)
 
 
 def _factor_cols(w: jax.Array, q: jax.Array, level: int, precision) -> jax.Array:
-    """``F_level w`` for ``w: (d, n)``; ``q: (k, b, b)`` blocks of that factor."""
+    """``F_level w`` for ``w: (d, n)``; ``q: (k, b, b)`` blocks of that factor.
+
+    One batched matmul ``(k, b, b) @ (k, b, n)`` with the block axes first (see :func:`_factor_rows`).
+    """
     k, b, _ = q.shape
     n = w.shape[1]
     if level == 0:
-        y = jnp.einsum("kec,kcn->ken", q, w.reshape(k, b, n), precision=precision)
-        return y.reshape(w.shape)
+        return jnp.matmul(q, w.reshape(k, b, n), precision=precision).reshape(w.shape)
     g, h = 2**level, b // 2
     a = k // g
-    wv = w.reshape(a, 2, g, h, n)
-    qv = q.reshape(a, g, 2, h, 2, h)
-    y = jnp.einsum("agexch,acghn->aegxn", qv, wv, precision=precision)
-    return y.reshape(w.shape)
+    wv = w.reshape(a, 2, g, h, n).transpose(0, 2, 1, 3, 4).reshape(k, b, n)
+    y = jnp.matmul(q, wv, precision=precision)  # (k, b, n)
+    return y.reshape(a, g, 2, h, n).transpose(0, 2, 1, 3, 4).reshape(w.shape)
 
 
 def rotate(
@@ -212,12 +222,12 @@ def rotate(
       blocks: ``(m, k, b, b)`` orthogonal blocks, e.g. from :func:`boft_jax.cayley`; factor ``i``
         uses ``blocks[i]``.  A flat ``(m k, b, b)`` array is accepted when ``n_factors`` is given.
       n_factors: ``m``; optional, checked against ``blocks`` when given.
-      precision: passed to the einsums (``jax.lax.Precision``).
+      precision: passed to the batched matmuls (``jax.lax.Precision``).
 
     Returns:
       ``(..., d)`` in ``x``'s dtype.  The product is computed in the promoted dtype of ``x`` and
       ``blocks`` (float32 blocks keep bf16 activations' rotation in float32), then cast back.
-      Cost: ``m`` einsums, ``2 m b d`` FLOPs per row.
+      Cost: ``m`` batched matmuls, ``2 m b d`` FLOPs per row.
     """
     blocks = _as_blocks(blocks, n_factors)
     m, k, b, _ = blocks.shape
@@ -248,7 +258,7 @@ def rotate_kernel(
         ``(d_in, heads, head_dim)``; trailing axes are carried along.
       blocks: ``(m, k, b, b)`` as for :func:`rotate`.
       n_factors: optional ``m``, checked.
-      precision: passed to the einsums.
+      precision: passed to the batched matmuls.
 
     Returns:
       ``M @ K`` with ``kernel``'s shape and dtype (computed in the promoted dtype).  For every
