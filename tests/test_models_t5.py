@@ -126,7 +126,8 @@ def scanned_runs(gated):
     def run(params, ids, mask, dec):
         v = {"params": params}
         encoded = module.apply(v, ids, mask, method="encode")
-        return module.apply(v, dec, encoded, mask, method="decode"), decode_in_pieces(module, params, encoded, mask, dec)
+        pieces = decode_in_pieces(module, params, encoded, mask, dec, pieces=(4, None))
+        return module.apply(v, dec, encoded, mask, method="decode"), pieces
 
     r = gated.ref
     return run(params, r["input_ids"], r["attention_mask"], r["decoder_input_ids"])

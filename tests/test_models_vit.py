@@ -37,9 +37,13 @@ def loaded():
     return vit.from_pretrained(FIXTURES / "vit")
 
 
-def test_logits_match_transformers(loaded, reference):
+@pytest.fixture(scope="module")
+def logits(loaded, reference):
     module, params = loaded
-    logits = jax.jit(lambda p, x: module.apply({"params": p}, x))(params, reference["pixel_values"])
+    return jax.jit(module.apply)({"params": params}, reference["pixel_values"])
+
+
+def test_logits_match_transformers(logits, reference):
     assert_matches_reference(logits, reference["logits"])
 
 
@@ -49,18 +53,12 @@ def test_config_is_read_from_config_json(loaded):
     assert vit.ViTConfig.from_hf_dict(module.config.to_hf_dict()) == module.config
 
 
-def test_scan_layers_gives_the_same_logits_as_unrolled(loaded, reference):
-    module, params = loaded
+def test_scan_layers_gives_the_same_logits_as_unrolled(logits, reference):
     scanned, scanned_params = vit.from_pretrained(FIXTURES / "vit", scan_layers=True)
     assert scanned.scan_layers
-    x = reference["pixel_values"]
     # Scan and unrolled compile to different XLA programs: equal up to float32 rounding.
-    np.testing.assert_allclose(
-        jax.jit(scanned.apply)({"params": scanned_params}, x),
-        jax.jit(module.apply)({"params": params}, x),
-        atol=2e-6,
-        rtol=0,
-    )
+    scanned_logits = jax.jit(scanned.apply)({"params": scanned_params}, reference["pixel_values"])
+    np.testing.assert_allclose(scanned_logits, logits, atol=2e-6, rtol=0)
 
 
 def test_scan_layers_stacks_params_layer_axis_first(loaded):
