@@ -1,0 +1,241 @@
+"""Command line: convert BOFT adapters between PEFT and boft_jax, and export merged models.
+
+    python -m boft_jax.interop convert --from peft --adapter PEFT_DIR --out ORBAX_DIR [--base HF_DIR]
+    python -m boft_jax.interop convert --from boft --adapter ORBAX_DIR --out PEFT_DIR [--base HF_DIR]
+    python -m boft_jax.interop export-merged --adapter DIR --out HF_DIR [--base HF_DIR]
+
+The base model (a Hugging Face ViT or T5 directory) defaults to the one recorded with the adapter
+(``base_model_name_or_path`` in a PEFT ``adapter_config.json``, or the same key in the orbax
+checkpoint's metadata) when that is a local directory.  No torch is needed; nothing is unpickled.
+The functions behind the commands (:func:`load_any_adapter`, :func:`convert`,
+:func:`export_merged`) can be imported from ``boft_jax.interop.__main__``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from boft_jax.interop import peft as peft_io
+
+_FORMATS = ("peft", "boft")
+
+
+def _detect_format(adapter: str | os.PathLike) -> str:
+    p = Path(adapter)
+    if (p / peft_io.ADAPTER_CONFIG_NAME).is_file():
+        return "peft"
+    if (p / "meta").exists() and (p / "adapter").exists():
+        return "boft"
+    found = sorted(x.name for x in p.iterdir()) if p.is_dir() else "not a directory"
+    raise ValueError(
+        f"cannot tell the format of adapter {os.fspath(adapter)!r}: neither a PEFT adapter"
+        f" ({peft_io.ADAPTER_CONFIG_NAME}) nor a boft_jax orbax checkpoint ('adapter' + 'meta'); found {found}"
+    )
+
+
+def _recorded_bases(adapter: str | os.PathLike, fmt: str) -> list[str]:
+    """Base model locations recorded with the adapter, most specific first."""
+    if fmt == "peft":
+        with open(Path(adapter) / peft_io.ADAPTER_CONFIG_NAME, encoding="utf-8") as f:
+            name = json.load(f).get("base_model_name_or_path")
+        return [name] if name else []
+    meta = Path(adapter) / "meta" / "metadata"  # boft_jax.checkpoint's JSON metadata entry
+    if not meta.is_file():
+        return []
+    with open(meta, encoding="utf-8") as f:
+        recorded = json.load(f).get("metadata") or {}
+    return [v for v in (recorded.get("base_path"), recorded.get("base_model_name_or_path")) if v]
+
+
+def _resolve_base(base: str | None, adapter: str | os.PathLike, fmt: str) -> str:
+    if base is not None:
+        return os.fspath(base)
+    recorded = _recorded_bases(adapter, fmt)
+    for candidate in recorded:
+        if Path(candidate).is_dir():
+            return candidate
+    raise ValueError(
+        f"no base model given: pass --base HF_DIR (the adapter records {recorded or 'no base model'},"
+        " which is not a local directory)"
+    )
+
+
+def _num_labels_hint(adapter: str | os.PathLike, fmt: str, tree: Any = None) -> int | None:
+    """Classifier size carried by the adapter (a ViT head in modules_to_save), if any."""
+    if fmt == "peft":
+        from safetensors import safe_open
+
+        with safe_open(os.fspath(Path(adapter) / peft_io.ADAPTER_WEIGHTS_NAME), framework="numpy") as f:
+            for key in f.keys():
+                if key.removeprefix(peft_io.PEFT_PREFIX) in ("classifier.weight", "classifier.modules_to_save.default.weight"):
+                    return int(f.get_slice(key).get_shape()[0])
+        return None
+    head = (tree or {}).get("classifier", {})
+    kernel = head.get("kernel") if isinstance(head, dict) else None
+    return int(kernel.shape[-1]) if kernel is not None and hasattr(kernel, "shape") else None
+
+
+def _load_base(base: str, num_labels: int | None, scan_layers: bool):
+    from boft_jax.models import hf, vit
+
+    kind = hf.model_type(base)
+    if kind == "vit":
+        return vit.from_pretrained(base, num_labels=num_labels, scan_layers=scan_layers)
+    return hf.from_pretrained(base, scan_layers=scan_layers)
+
+
+def load_any_adapter(
+    adapter: str | os.PathLike, *, base: str | None = None, fmt: str = "auto", scan_layers: bool = False
+):
+    """``(wrapped_module, params, base_path, fmt, metadata)`` for a PEFT or orbax adapter + its base."""
+    import boft_jax as boft
+
+    fmt = _detect_format(adapter) if fmt == "auto" else fmt
+    if fmt not in _FORMATS:
+        raise ValueError(f"adapter format must be one of {_FORMATS} or 'auto', got {fmt!r}")
+    base = _resolve_base(base, adapter, fmt)
+    if fmt == "peft":
+        module, params = _load_base(base, _num_labels_hint(adapter, fmt), scan_layers)
+        wrapped, params = peft_io.load_peft_adapter(adapter, module, params)
+        with open(Path(adapter) / peft_io.ADAPTER_CONFIG_NAME, encoding="utf-8") as f:
+            metadata = {"converted_from": "peft", "peft_config": json.load(f)}
+        return wrapped, params, base, fmt, metadata
+    from boft_jax.checkpoint import load_adapter
+
+    tree, config, metadata = load_adapter(adapter)
+    module, frozen = _load_base(base, _num_labels_hint(adapter, fmt, tree), scan_layers)
+    return boft.wrap(module, config), boft.combine(frozen, tree), base, fmt, dict(metadata)
+
+
+def convert(
+    adapter: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    src: str,
+    base: str | None = None,
+    base_model_name_or_path: str | None = None,
+    key_style: str = "transformers5",
+    task_type: str | None = "auto",
+) -> None:
+    """PEFT adapter -> orbax adapter checkpoint (``src="peft"``), or the reverse (``src="boft"``)."""
+    import boft_jax as boft
+
+    wrapped, params, base_path, _, metadata = load_any_adapter(adapter, base=base, fmt=src)
+    name = base_model_name_or_path or metadata.get("base_model_name_or_path") or base_path
+    if src == "peft":
+        from boft_jax.checkpoint import save_adapter
+
+        _, tree = boft.split(params, wrapped.config)
+        recorded = metadata["peft_config"].get("base_model_name_or_path")
+        metadata = {
+            **metadata,
+            "base_model_name_or_path": base_model_name_or_path or recorded or base_path,
+            "base_path": os.path.abspath(base_path),  # the local directory this adapter was checked against
+        }
+        save_adapter(out, tree, wrapped.config, metadata=metadata)
+    else:
+        peft_io.save_peft_adapter(
+            out, wrapped, params, base_model_name_or_path=name, key_style=key_style, task_type=task_type
+        )
+
+
+def export_merged(
+    adapter: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    base: str | None = None,
+    fmt: str = "auto",
+    max_shard_bytes: int | None = None,
+) -> None:
+    """Fold the adapter into the base weights (``boft.merge``) and write a Hugging Face model
+    directory (config.json + model.safetensors) that plain transformers loads."""
+    import boft_jax as boft
+    from boft_jax.models import save_pretrained
+
+    wrapped, params, *_ = load_any_adapter(adapter, base=base, fmt=fmt)
+    merged = boft.merge(params, wrapped.config)
+    save_pretrained(out, wrapped.model, merged, max_shard_bytes=max_shard_bytes)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m boft_jax.interop",
+        description="Convert BOFT adapters between PEFT (adapter_config.json + adapter_model.safetensors)"
+        " and boft_jax orbax checkpoints, or export a merged Hugging Face model. Supports the boft_jax"
+        " ViT and T5 models; no torch needed, nothing unpickled.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{convert,export-merged}")
+
+    conv = sub.add_parser(
+        "convert",
+        help="PEFT adapter <-> boft_jax orbax adapter checkpoint",
+        description="Convert a BOFT adapter. --from peft: read a PEFT adapter directory, write an orbax"
+        " checkpoint (boft_jax.checkpoint.save_adapter). --from boft: read an orbax checkpoint, write a PEFT"
+        " adapter directory that PEFT loads to the same outputs.",
+    )
+    conv.add_argument("--from", dest="src", choices=_FORMATS, required=True, help="format of --adapter")
+    conv.add_argument("--adapter", required=True, help="input adapter directory")
+    conv.add_argument("--out", required=True, help="output directory")
+    conv.add_argument(
+        "--base",
+        help="Hugging Face base model directory (ViT or T5); default: the adapter's recorded"
+        " base_model_name_or_path if it is a local directory",
+    )
+    conv.add_argument(
+        "--base-name",
+        dest="base_name",
+        help="base_model_name_or_path to record in the output (default: the input's, else --base)",
+    )
+    conv.add_argument(
+        "--key-style",
+        choices=("transformers5", "transformers4"),
+        default="transformers5",
+        help="--from boft: module names in the PEFT file (transformers 5: vit.layers.0.attention.q_proj;"
+        " transformers 4: vit.encoder.layer.0.attention.attention.query). Default: transformers5",
+    )
+    conv.add_argument(
+        "--task-type",
+        default="auto",
+        help="--from boft: PEFT task_type (default auto: SEQ_2_SEQ_LM for T5, none for ViT; 'none' for none)",
+    )
+
+    exp = sub.add_parser(
+        "export-merged",
+        help="write base + adapter merged into a Hugging Face model directory",
+        description="Merge a BOFT adapter into its base model (K' = (M K) * s, trained biases and"
+        " modules_to_save included) and write config.json + model.safetensors that plain transformers"
+        " loads, with no adapter code at inference.",
+    )
+    exp.add_argument("--adapter", required=True, help="adapter directory (PEFT or orbax checkpoint)")
+    exp.add_argument("--format", dest="fmt", choices=("auto",) + _FORMATS, default="auto", help="adapter format (default: auto-detect)")
+    exp.add_argument("--out", required=True, help="output model directory")
+    exp.add_argument("--base", help="Hugging Face base model directory (default: the adapter's recorded base)")
+    exp.add_argument("--max-shard-bytes", type=int, help="split the weights into shards of at most this size")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "convert":
+            task_type = None if args.task_type.lower() == "none" else args.task_type
+            convert(
+                args.adapter, args.out, src=args.src, base=args.base, base_model_name_or_path=args.base_name,
+                key_style=args.key_style, task_type=task_type,
+            )
+        else:
+            export_merged(args.adapter, args.out, base=args.base, fmt=args.fmt, max_shard_bytes=args.max_shard_bytes)
+    except (ValueError, FileNotFoundError, NotADirectoryError, TypeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,719 @@
+"""PEFT BOFT adapters <-> boft_jax, without torch and without pickle.
+
+A PEFT BOFT adapter is a directory with
+
+- ``adapter_config.json``: ``peft_type: "BOFT"``, ``boft_block_size`` *or* ``boft_block_num``,
+  ``boft_n_butterfly_factor``, ``target_modules``, ``boft_dropout``, ``bias``,
+  ``modules_to_save``, ``fan_in_fan_out``, ...;
+- ``adapter_model.safetensors`` with, for every adapted ``torch.nn.Linear`` named ``<mod>``:
+  ``base_model.model.<mod>.boft_R`` of shape ``(m, k, b, b)`` (full matrices ``A``; PEFT uses
+  their skew part ``0.5 (A - A^T)``) and ``base_model.model.<mod>.boft_s`` of shape ``(d_out, 1)``;
+  trainable biases (``bias="boft_only"``: ``<mod>.base_layer.bias`` of adapted layers;
+  ``bias="all"``: every ``<module>.bias``); and the full weights of ``modules_to_save`` modules
+  (``<module>.<param>``; PEFT strips its ``modules_to_save.<adapter>`` infix when saving).
+
+``<mod>`` is the module name in the *transformers* model: transformers 5 names
+(``vit.layers.0.attention.q_proj``, ``vit.layers.0.mlp.fc1``) or transformers 4 ones
+(``vit.encoder.layer.0.attention.attention.query``, ``...intermediate.dense``), T5's
+``encoder.block.0.layer.0.SelfAttention.q`` in both.  The mapping to our module paths
+(``encoder/layer_0/attention/query``) is the models' own ``hf_torch_key`` /
+``HF_KEY_ALIASES`` (transformers 5 -> 4 names) / ``HF_KEY_ALIASES_V5`` (4 -> 5).
+
+:func:`load_peft_adapter` gives ``(boft.wrap(module, config), params)`` whose outputs equal
+PEFT's (float32, ~1e-6); :func:`save_peft_adapter` writes the inverse, which PEFT loads and
+runs to the same outputs.  ``.bin`` adapters (pickles) are refused.
+
+Things PEFT does that we do not copy (each is reported, never silently changed):
+
+- Without its CUDA extension PEFT silently trains with ONE butterfly factor while
+  ``adapter_config.json`` still says ``boft_n_butterfly_factor = m``.  The tensors are the
+  truth: :func:`load_peft_adapter` warns and uses their factor count.  Conversely PEFT on a
+  machine without the extension cannot load an adapter with ``m > 1`` (it builds ``(1, k, b, b)``
+  parameters): load it where the extension works, or with an equivalent block-diagonal op (see
+  ``tests/fixtures/make_peft_fixtures.py``).
+- PEFT has only the exact Cayley map; :func:`save_peft_adapter` refuses ``cayley="neumann"``.
+
+Example::
+
+    from boft_jax.models import vit
+    from boft_jax.interop import load_peft_adapter, save_peft_adapter
+    module, params = vit.from_pretrained("path/to/vit")
+    model, params = load_peft_adapter("path/to/peft_adapter", module, params)
+    logits = model.apply({"params": params}, pixels)
+    save_peft_adapter("out_adapter", model, params, base_model_name_or_path="google/vit-base-patch16-224")
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+import uuid
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from boft_jax.config import BOFTConfig
+from boft_jax.linen import BOFTModule, combine, split, wrap
+from boft_jax.models import hf, t5, vit
+from boft_jax.orthogonal import block_size_from_num_params, pack_skew, unpack_skew
+
+__all__ = [
+    "load_peft_adapter",
+    "save_peft_adapter",
+    "read_peft_adapter",
+    "ADAPTER_CONFIG_NAME",
+    "ADAPTER_WEIGHTS_NAME",
+    "PEFT_PREFIX",
+]
+
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+_PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
+PEFT_PREFIX = "base_model.model."
+
+KeyStyle = Literal["transformers5", "transformers4"]
+
+_TASK_TYPES = {"vit": None, "t5": "SEQ_2_SEQ_LM"}
+_LAYER_RE = re.compile(r"layer_(\d+)")
+_BOFT_KEY = re.compile(r"^(?P<mod>.+)\.(?P<kind>boft_R|boft_s)(?:\.(?P<adapter>[^.]+))?$")
+
+Path_ = tuple[str, ...]
+
+
+# ---------------------------------------------------------------------------------------------
+# Model-specific key mapping (delegated to boft_jax.models.<model>)
+# ---------------------------------------------------------------------------------------------
+def _model_kind(module: Any) -> str:
+    if isinstance(module, vit.ViT):
+        return "vit"
+    if isinstance(module, t5.T5):
+        return "t5"
+    raise TypeError(
+        "PEFT interop needs a boft_jax.models ViT or T5 module (from boft_jax.models.*.from_pretrained),"
+        f" got {type(module).__name__}"
+    )
+
+
+class _KeyMap:
+    """Hugging Face parameter keys <-> our unrolled param paths, for one model config."""
+
+    def __init__(self, module: Any):
+        self.kind = _model_kind(module)
+        self.lib = {"vit": vit, "t5": t5}[self.kind]
+        self.scan = bool(getattr(module, "scan_layers", False))
+        self.shapes: dict[Path_, tuple[int, ...]] = self.lib.param_shapes(module.config)
+        self.to_path: dict[str, Path_] = {self.lib.hf_torch_key(p): p for p in self.shapes}
+        self.aliases = tuple(getattr(self.lib, "HF_KEY_ALIASES", ()))  # transformers 5 -> 4 names
+        self.aliases_v5 = tuple(getattr(self.lib, "HF_KEY_ALIASES_V5", ()))  # transformers 4 -> 5 names
+
+    def path(self, key: str) -> Path_ | None:
+        """Our param path for a Hugging Face param key (transformers 4 or 5 names), or None."""
+        candidates = [key]
+        if self.kind == "vit" and not key.startswith(("vit.", "classifier.")):
+            candidates.append("vit." + key)  # an adapter made on a bare ViTModel
+        for k in candidates:
+            for pattern, repl in self.aliases:
+                k = re.sub(pattern, repl, k)
+            if k in self.to_path:
+                return self.to_path[k]
+        return None
+
+    def key(self, path: Path_, style: KeyStyle) -> str:
+        """The Hugging Face param key of our unrolled param ``path``."""
+        k = self.lib.hf_torch_key(path)
+        if style == "transformers5":
+            for pattern, repl in self.aliases_v5:
+                k = re.sub(pattern, repl, k)
+        elif style != "transformers4":
+            raise ValueError(f"key_style must be 'transformers5' or 'transformers4', got {style!r}")
+        return k
+
+    def module_name(self, module_path: Path_, style: KeyStyle) -> str:
+        """Hugging Face module name of our Dense at ``module_path`` (via its kernel's key)."""
+        k = self.key((*module_path, "kernel"), style)
+        assert k.endswith(".weight"), k
+        return k[: -len(".weight")]
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+# ---------------------------------------------------------------------------------------------
+def _adapter_dir(adapter_dir: str | os.PathLike) -> Path:
+    p = Path(adapter_dir)
+    if not p.is_dir():
+        raise FileNotFoundError(
+            f"{os.fspath(adapter_dir)!r} is not a directory; expected a PEFT adapter directory with"
+            f" {ADAPTER_CONFIG_NAME} and {ADAPTER_WEIGHTS_NAME}"
+        )
+    return p
+
+
+def read_peft_adapter(adapter_dir: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """``(adapter_config, tensors)`` of a PEFT BOFT adapter directory, checked, nothing unpickled.
+
+    Raises:
+      FileNotFoundError: missing files; only a pickled ``adapter_model.bin`` is present.
+      ValueError: ``peft_type`` is not ``"BOFT"``; ``fan_in_fan_out`` is set.
+    """
+    p = _adapter_dir(adapter_dir)
+    cfg_file, weights = p / ADAPTER_CONFIG_NAME, p / ADAPTER_WEIGHTS_NAME
+    if not cfg_file.is_file():
+        raise FileNotFoundError(
+            f"{str(p)!r} has no {ADAPTER_CONFIG_NAME}; found {sorted(x.name for x in p.iterdir())}"
+        )
+    with open(cfg_file, encoding="utf-8") as f:
+        config = json.load(f)
+    peft_type = config.get("peft_type")
+    if peft_type != "BOFT":
+        raise ValueError(
+            f"{str(cfg_file)!r} has peft_type {peft_type!r}; load_peft_adapter reads only BOFT adapters"
+            " (peft_type 'BOFT')"
+        )
+    if config.get("fan_in_fan_out"):
+        raise ValueError(
+            f"{str(cfg_file)!r} has fan_in_fan_out = true (weights stored (fan_in, fan_out), e.g. GPT-2's"
+            " Conv1D); only PEFT Linear layers with fan_in_fan_out = false are supported"
+        )
+    if not weights.is_file():
+        pickled = [name for name in _PICKLE_NAMES if (p / name).is_file()]
+        if pickled:
+            raise FileNotFoundError(
+                f"{str(p)!r} holds the adapter weights only as {pickled[0]}, a pickle, which boft_jax never"
+                f" loads. Re-save it as {ADAPTER_WEIGHTS_NAME} with PEFT:"
+                " `PeftModel.from_pretrained(base, path).save_pretrained(path, safe_serialization=True)`"
+            )
+        raise FileNotFoundError(
+            f"{str(p)!r} has no {ADAPTER_WEIGHTS_NAME}; found {sorted(x.name for x in p.iterdir())}"
+        )
+    from safetensors.numpy import load_file  # the `train` extra
+
+    return config, dict(load_file(os.fspath(weights)))
+
+
+def _strip_prefix(key: str) -> str:
+    return key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+
+
+def _fmt(items, limit: int = 40) -> str:
+    items = list(items)
+    shown = "\n    ".join(items[:limit])
+    more = f"\n    ... and {len(items) - limit} more" if len(items) > limit else ""
+    return f"\n    {shown}{more}"
+
+
+def _unflatten(flat: Mapping[Path_, Any]) -> dict:
+    tree: dict = {}
+    for path, value in flat.items():
+        node = tree
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+        node[path[-1]] = value
+    return tree
+
+
+def _flatten(tree: Mapping, prefix: Path_ = ()) -> dict[Path_, Any]:
+    out: dict[Path_, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, (*prefix, str(k))))
+        else:
+            out[(*prefix, str(k))] = v
+    return out
+
+
+def _stack_path(path: Path_) -> Path_:
+    """``encoder/layer_3/...`` -> ``encoder/layers/...`` (the scan_layers layout)."""
+    for j, part in enumerate(path):
+        if _LAYER_RE.fullmatch(part):
+            return (*path[:j], "layers", *path[j + 1:])
+    return path
+
+
+def _check_stackable(flat: Mapping[Path_, Any], shapes: Mapping[Path_, Any], what: str) -> None:
+    """A scan_layers model needs every entry to exist on every layer of its stack."""
+    n_layers: dict[Path_, set[int]] = {}
+    for p in shapes:
+        for j, part in enumerate(p):
+            if m := _LAYER_RE.fullmatch(part):
+                n_layers.setdefault(p[:j], set()).add(int(m.group(1)))
+                break
+    groups: dict[tuple[Path_, Path_], set[int]] = {}
+    for p in flat:
+        for j, part in enumerate(p):
+            if m := _LAYER_RE.fullmatch(part):
+                groups.setdefault((p[:j], p[j + 1:]), set()).add(int(m.group(1)))
+                break
+    bad = [
+        f"{'/'.join((*head, 'layer_*', *tail))}: layers {sorted(idx)} of {len(n_layers[head])}"
+        for (head, tail), idx in sorted(groups.items())
+        if idx != n_layers[head]
+    ]
+    if bad:
+        raise ValueError(
+            f"the model was built with scan_layers=True, whose stacked params need the same {what} on every"
+            f" layer, but this adapter has:{_fmt(bad)}\n  Load the base model with scan_layers=False."
+        )
+
+
+def load_peft_adapter(
+    adapter_dir: str | os.PathLike, module: Any, params: Mapping[str, Any]
+) -> tuple[BOFTModule, dict]:
+    """Load a PEFT BOFT adapter onto a boft_jax ViT / T5: ``(wrapped_module, params)``.
+
+    Args:
+      adapter_dir: PEFT adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``).
+      module, params: the base model, from ``boft_jax.models.vit.from_pretrained`` /
+        ``t5.from_pretrained`` (``scan_layers`` either way; with ``scan_layers=True`` every layer
+        of a stack must carry the same adapter).  A ViT adapter whose ``modules_to_save`` holds a
+        new classifier needs a base loaded with that ``num_labels``.
+
+    Returns:
+      ``boft.wrap(module, config)`` and the combined params (:class:`boft_jax.BOFTKernel` nodes at
+      the adapted layers, PEFT's trained biases and ``modules_to_save`` weights in place).  The
+      :class:`boft_jax.BOFTConfig` (``wrapped.config``) has ``block_size`` (or ``block_num``, as in
+      the PEFT config) and ``n_factors`` from the tensors, ``targets`` = exact regexes of the
+      adapted paths, ``bias``/``dropout`` from the PEFT config and ``modules_to_save`` = exact
+      regexes of the saved modules.
+
+    Raises:
+      ValueError: not a BOFT adapter; ``fan_in_fan_out``; keys naming modules the model lacks
+        (all listed); tensors that do not fit their layer or the butterfly structure (all listed).
+      FileNotFoundError: missing files, or only a pickled ``adapter_model.bin``.
+
+    Warns:
+      UserWarning when ``boft_n_butterfly_factor`` in the config differs from the tensors' factor
+      count (PEFT without its CUDA extension trains one factor whatever the config says).
+    """
+    peft_cfg, tensors = read_peft_adapter(adapter_dir)
+    where = f"PEFT adapter {os.fspath(adapter_dir)!r}"
+    keymap = _KeyMap(module)
+
+    boft: dict[str, dict[str, np.ndarray]] = {}  # HF module name -> {"boft_R": ..., "boft_s": ...}
+    plain: dict[str, np.ndarray] = {}  # HF param key -> value (biases, modules_to_save)
+    adapted_bias: dict[str, np.ndarray] = {}  # HF module name -> bias (from <mod>.base_layer.bias)
+    unknown: list[str] = []
+    for raw, value in sorted(tensors.items()):
+        key = _strip_prefix(raw)
+        if m := _BOFT_KEY.match(key):
+            boft.setdefault(m.group("mod"), {})[m.group("kind")] = np.asarray(value)
+            continue
+        if ".original_module." in key:
+            continue  # PEFT's untouched copy of a modules_to_save module (unused while the adapter is on)
+        key = re.sub(r"\.modules_to_save\.(?:default\.)?", ".", key)
+        if ".base_layer." in key:
+            mod, leaf = key.rsplit(".base_layer.", 1)
+            if leaf != "bias":
+                unknown.append(f"{raw} (shape {tuple(value.shape)}; only a trainable bias is expected under base_layer)")
+                continue
+            adapted_bias[mod] = np.asarray(value)
+            continue
+        if "boft_" in key.rsplit(".", 1)[-1]:
+            unknown.append(f"{raw} (shape {tuple(value.shape)}; not a BOFT parameter boft_jax knows)")
+            continue
+        if key in plain and not np.array_equal(plain[key], value):
+            raise ValueError(f"{where}: {raw} and another entry for {key} hold different values")
+        plain[key] = np.asarray(value)
+
+    # --- BOFT layers -----------------------------------------------------------------------------
+    layers: dict[Path_, tuple[np.ndarray, np.ndarray]] = {}  # our module path -> (R, s)
+    unfit: list[str] = []
+    for mod, entry in sorted(boft.items()):
+        if set(entry) != {"boft_R", "boft_s"}:
+            missing = {"boft_R", "boft_s"} - set(entry)
+            unfit.append(f"{mod}: has {sorted(entry)} but no {sorted(missing)}")
+            continue
+        path = keymap.path(mod + ".weight")
+        if path is None or path[-1] != "kernel":
+            unknown.append(f"{mod} (boft_R {tuple(entry['boft_R'].shape)})")
+            continue
+        kshape = keymap.shapes[path]
+        mpath = path[:-1]
+        R, s = entry["boft_R"], entry["boft_s"]
+        if len(kshape) != 2:
+            unfit.append(
+                f"{mod} -> '{'/'.join(mpath)}': a kernel of shape {kshape} (not a Linear/Dense); BOFT on"
+                " convolutions is not supported by boft_jax"
+            )
+            continue
+        d_in, d_out = kshape
+        if R.ndim != 4 or R.shape[-1] != R.shape[-2]:
+            unfit.append(f"{mod}: boft_R has shape {tuple(R.shape)}, expected (m, k, b, b)")
+            continue
+        m, k, b, _ = R.shape
+        if k * b != d_in:
+            unfit.append(
+                f"{mod} -> '{'/'.join(mpath)}': boft_R {tuple(R.shape)} covers k * b = {k} * {b} = {k * b}"
+                f" input features, but the layer has d_in = {d_in}"
+            )
+            continue
+        if s.shape not in ((d_out, 1), (d_out,)):
+            unfit.append(
+                f"{mod} -> '{'/'.join(mpath)}': boft_s has shape {tuple(s.shape)}, expected ({d_out}, 1)"
+                f" for d_out = {d_out}"
+            )
+            continue
+        layers[mpath] = (R, s.reshape(d_out))
+
+    # --- plain params: biases and modules_to_save -----------------------------------------------
+    mts_names = peft_cfg.get("modules_to_save") or []
+    if isinstance(mts_names, str):
+        mts_names = [mts_names]
+    extra: dict[Path_, np.ndarray] = {}
+    saved_modules: dict[str, list[Path_]] = {}  # HF module (ancestor) -> our param paths under it
+    bias_paths: list[Path_] = []
+    for mod, value in adapted_bias.items():
+        plain.setdefault(mod + ".bias", value)
+    misshaped: list[str] = []
+    for key, value in sorted(plain.items()):
+        path = keymap.path(key)
+        if path is None:
+            unknown.append(f"{key} (shape {tuple(value.shape)})")
+            continue
+        converted = hf.from_torch_layout(path, value)
+        if tuple(converted.shape) != tuple(keymap.shapes[path]):
+            misshaped.append(
+                f"{key} -> '{'/'.join(path)}': shape {tuple(value.shape)} does not fit the model's"
+                f" {tuple(keymap.shapes[path])}"
+                + (" (load the base with a matching num_labels)" if path[0] == "classifier" else "")
+            )
+            continue
+        extra[path] = converted
+        parts = key.split(".")
+        owner = next(
+            (
+                ".".join(parts[:i])
+                for i in range(1, len(parts))
+                if any(".".join(parts[:i]) == e or ".".join(parts[:i]).endswith("." + e) for e in mts_names)
+            ),
+            None,
+        )
+        if owner is not None:
+            saved_modules.setdefault(owner, []).append(path)
+        elif path[-1] == "bias":
+            bias_paths.append(path)
+        else:  # a full weight outside modules_to_save (e.g. PEFT's save_embedding_layers): save its module
+            saved_modules.setdefault(key.rsplit(".", 1)[0], []).append(path)
+
+    if unknown:
+        raise ValueError(
+            f"{where} names modules that the {keymap.kind} model does not have ({len(unknown)}):{_fmt(unknown)}\n"
+            f"  (is the base model the one the adapter was trained on?)"
+        )
+    if unfit or misshaped:
+        raise ValueError(
+            f"{where} does not fit the model ({len(unfit) + len(misshaped)} problem(s)):{_fmt(unfit + misshaped)}"
+        )
+    if not layers:
+        raise ValueError(f"{where} holds no boft_R / boft_s tensors")
+
+    # --- the BOFTConfig --------------------------------------------------------------------------
+    ms = sorted({R.shape[0] for R, _ in layers.values()})
+    bs = sorted({R.shape[2] for R, _ in layers.values()})
+    ks = sorted({R.shape[1] for R, _ in layers.values()})
+    if len(ms) > 1:
+        raise ValueError(f"{where}: layers have different butterfly factor counts {ms}; boft_jax uses one for all")
+    m = ms[0]
+    cfg_bs, cfg_bn = int(peft_cfg.get("boft_block_size") or 0), int(peft_cfg.get("boft_block_num") or 0)
+    use_num = cfg_bn > 0 if (cfg_bs > 0) != (cfg_bn > 0) else len(bs) > 1
+    if use_num:
+        if len(ks) > 1 or (cfg_bn and ks[0] != cfg_bn):
+            raise ValueError(
+                f"{where}: boft_block_num = {cfg_bn} in the config, but the tensors hold {ks} blocks per factor"
+            )
+        structure = {"block_num": ks[0]}
+    else:
+        if len(bs) > 1 or (cfg_bs and bs[0] != cfg_bs):
+            raise ValueError(
+                f"{where}: boft_block_size = {cfg_bs} in the config, but the tensors hold blocks of size {bs}"
+            )
+        structure = {"block_size": bs[0]}
+    cfg_m = peft_cfg.get("boft_n_butterfly_factor", 1)
+    if cfg_m != m:
+        warnings.warn(
+            f"{where}: adapter_config.json says boft_n_butterfly_factor = {cfg_m}, but its boft_R tensors hold"
+            f" {m} factor(s) (PEFT without its CUDA extension trains ONE factor whatever the config says);"
+            f" using the tensors: n_factors = {m}",
+            UserWarning,
+            stacklevel=2,
+        )
+
+    bias_mode = peft_cfg.get("bias", "none") or "none"
+    adapted_paths = sorted(layers)
+    if bias_mode == "none" and bias_paths:
+        warnings.warn(
+            f"{where}: bias = 'none' but the file holds {len(bias_paths)} bias(es); they are loaded as (frozen) values",
+            UserWarning,
+            stacklevel=2,
+        )
+    elif bias_mode == "boft_only":
+        stray = [p for p in bias_paths if p[:-1] not in layers]
+        if stray:
+            warnings.warn(
+                f"{where}: bias = 'boft_only' but the file holds biases of non-adapted layers"
+                f" {['/'.join(p) for p in stray]}; they are loaded as (frozen) values",
+                UserWarning,
+                stacklevel=2,
+            )
+        absent = [p for p in adapted_paths if p + ("bias",) in keymap.shapes and p + ("bias",) not in extra]
+        if absent:
+            warnings.warn(
+                f"{where}: bias = 'boft_only' but the file holds no bias for {len(absent)} adapted layer(s)"
+                f" (e.g. '{'/'.join(absent[0])}'); those keep the base model's biases",
+                UserWarning,
+                stacklevel=2,
+            )
+    if mts_names and not saved_modules:
+        warnings.warn(
+            f"{where}: modules_to_save = {mts_names} but the file holds no weights for them; the base"
+            " model's weights are kept",
+            UserWarning,
+            stacklevel=2,
+        )
+
+    def module_path(paths: list[Path_]) -> Path_:
+        if len(paths) == 1:
+            return paths[0][:-1]
+        common = paths[0]
+        for p in paths[1:]:
+            n = 0
+            while n < min(len(common), len(p)) and common[n] == p[n]:
+                n += 1
+            common = common[:n]
+        return common
+
+    saved_paths = sorted({module_path(ps) for ps in saved_modules.values()})
+    overlap = [p for p in saved_paths if any(a[: len(p)] == p for a in adapted_paths)]
+    if overlap:
+        raise ValueError(
+            f"{where}: modules {['/'.join(p) for p in overlap]} are both adapted and in modules_to_save"
+        )
+
+    show = _stack_path if keymap.scan else (lambda p: p)
+    try:
+        config = BOFTConfig(
+            **structure,
+            n_factors=m,
+            targets=tuple(sorted({"^" + re.escape("/".join(show(p))) for p in adapted_paths})),
+            dropout=float(peft_cfg.get("boft_dropout", 0.0) or 0.0),
+            bias=bias_mode,
+            modules_to_save=tuple(sorted({"^" + re.escape("/".join(show(p))) for p in saved_paths})) or None,
+        )
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    fit = [err for p in adapted_paths if (err := config.fit_error("/".join(p), keymap.shapes[p + ("kernel",)][0]))]
+    if fit:
+        raise ValueError(f"{where} does not fit the butterfly structure:{_fmt(fit)}")
+
+    # --- the adapter tree ------------------------------------------------------------------------
+    flat: dict[Path_, Any] = {}
+    for p, (R, s) in layers.items():
+        flat[(*p, "kernel", "skew")] = np.asarray(pack_skew(jnp.asarray(R, jnp.float32)))
+        flat[(*p, "kernel", "scale")] = s.astype(np.float32)
+    base_flat = hf.flatten_params(hf.unstack_layers(params) if keymap.scan else params)
+    for p, v in extra.items():
+        flat[p] = v.astype(base_flat[p].dtype) if p in base_flat else v
+    if keymap.scan:
+        _check_stackable(flat, keymap.shapes, "adapter entries")
+        adapter = hf.stack_layers(_unflatten(flat))
+    else:
+        adapter = _unflatten(flat)
+    adapter = jax.tree.map(jnp.asarray, adapter)
+    return wrap(module, config), combine(params, adapter)
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------------------------
+def _is_boft_leaf(v) -> bool:
+    return isinstance(v, Mapping) and set(v) == {"skew", "scale"}
+
+
+def _host(x) -> np.ndarray:
+    a = np.asarray(jax.device_get(x))
+    if a.dtype.kind == "f" and a.dtype not in (np.float16, np.float32, np.float64):
+        a = a.astype(np.float32)  # bfloat16 & co.: safetensors.numpy has no such dtype
+    return np.ascontiguousarray(a)
+
+
+def peft_state_dict(
+    wrapped_module: BOFTModule, params: Mapping[str, Any], *, key_style: KeyStyle = "transformers5"
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """The tensors and config fields :func:`save_peft_adapter` writes (no files touched).
+
+    Returns ``(tensors, fields)``: tensors keyed ``base_model.model.<hf module>.<name>``, and the
+    ``adapter_config.json`` entries that depend on the adapter (target_modules, block structure,
+    n_factors, dropout, bias, modules_to_save).
+    """
+    if not isinstance(wrapped_module, BOFTModule):
+        raise TypeError(
+            f"save_peft_adapter needs the wrapped model (boft.wrap(module, config)), got {type(wrapped_module).__name__}"
+        )
+    config = wrapped_module.config
+    keymap = _KeyMap(wrapped_module.model)
+    if config.cayley != "exact":
+        raise ValueError(
+            f"this adapter uses cayley = {config.cayley!r}, but PEFT only has the exact Cayley map, so PEFT"
+            " would compute a different rotation. Convert with an exact config if that is intended:"
+            " boft.wrap(model, dataclasses.replace(config, cayley='exact'))"
+        )
+    _, adapter = split(params, config)
+    if keymap.scan:
+        adapter = hf.unstack_layers(adapter)
+
+    # Walk the adapter: BOFT layers, trainable biases, saved modules.
+    layers: dict[Path_, tuple[np.ndarray, np.ndarray]] = {}
+    others: dict[Path_, np.ndarray] = {}
+    saved: set[Path_] = set()
+
+    def walk(tree, path):
+        if path and config.saves_module("/".join(_stack_path(path) if keymap.scan else path)):
+            saved.add(path)
+            for p, v in _flatten(tree, path).items():
+                others[p] = _host(v)
+            return
+        for k, v in tree.items():
+            here = (*path, k)
+            if k == "kernel" and _is_boft_leaf(v):
+                layers[path] = (_host(v["skew"]), _host(v["scale"]))
+            elif isinstance(v, Mapping):
+                walk(v, here)
+            else:
+                others[here] = _host(v)
+
+    walk(adapter, ())
+    if not layers:
+        raise ValueError("the params hold no BOFT adapter (no BOFTKernel nodes); nothing to save")
+
+    tensors: dict[str, np.ndarray] = {}
+    ms, bs, ks = set(), set(), set()
+    targets = []
+    for p, (skew, scale) in sorted(layers.items()):
+        if p + ("kernel",) not in keymap.shapes:
+            raise ValueError(f"adapted layer '{'/'.join(p)}' has no Hugging Face counterpart")
+        m, k, n = skew.shape
+        b = block_size_from_num_params(n)
+        ms.add(m), bs.add(b), ks.add(k)
+        name = keymap.module_name(p, key_style)
+        targets.append(name)
+        tensors[f"{PEFT_PREFIX}{name}.boft_R"] = _host(unpack_skew(jnp.asarray(skew, jnp.float32), b))
+        tensors[f"{PEFT_PREFIX}{name}.boft_s"] = scale.astype(np.float32).reshape(-1, 1)
+    saved_names = []
+    for p in sorted(saved):
+        leaves = sorted(q for q in others if q[: len(p)] == p)
+        hf_keys = [keymap.key(q, key_style) for q in leaves]
+        # The HF module of the saved subtree: the common dotted prefix of its param keys.
+        parts = [k.split(".")[:-1] for k in hf_keys]
+        common = parts[0]
+        for q in parts[1:]:
+            n = 0
+            while n < min(len(common), len(q)) and common[n] == q[n]:
+                n += 1
+            common = common[:n]
+        saved_names.append(".".join(common))
+    for p, v in sorted(others.items()):
+        key = keymap.key(p, key_style)
+        if p[-1] == "bias" and p[:-1] in layers:
+            key = key[: -len(".bias")] + ".base_layer.bias"  # PEFT's name for an adapted layer's bias
+        tensors[PEFT_PREFIX + key] = np.ascontiguousarray(hf.to_torch_layout(p, v))
+
+    if len(ms) > 1:
+        raise ValueError(f"adapted layers have different factor counts {sorted(ms)}; PEFT needs one")
+    fields: dict[str, Any] = {
+        "target_modules": sorted(targets),
+        "boft_n_butterfly_factor": int(ms.pop()),
+        "boft_dropout": float(config.dropout),
+        "bias": config.bias,
+        "modules_to_save": sorted(saved_names) or None,
+    }
+    if config.block_size is not None:
+        fields.update(boft_block_size=int(config.block_size), boft_block_num=0)
+    else:
+        fields.update(boft_block_size=0, boft_block_num=int(config.block_num))
+    return tensors, fields
+
+
+def save_peft_adapter(
+    out_dir: str | os.PathLike,
+    wrapped_module: BOFTModule,
+    params: Mapping[str, Any],
+    *,
+    base_model_name_or_path: str | None = None,
+    key_style: KeyStyle = "transformers5",
+    task_type: str | None = "auto",
+    revision: str | None = None,
+) -> None:
+    """Write a PEFT BOFT adapter directory that PEFT loads to the same outputs.
+
+    Args:
+      out_dir: directory, created if needed.  A new directory appears complete or not at all (it is
+        written under a temporary name and renamed); in an existing one each file is replaced
+        atomically, the weights first and ``adapter_config.json`` last.
+      wrapped_module: ``boft.wrap(base, config)`` with a ViT / T5 base from ``boft_jax.models``.
+      params: its params (with adapter), e.g. from :func:`load_peft_adapter` or training.
+      base_model_name_or_path: recorded in ``adapter_config.json`` (PEFT's ``AutoPeftModel`` loads
+        the base from it).
+      key_style: module names of ``"transformers5"`` (``vit.layers.0.attention.q_proj``; what PEFT
+        with transformers 5 needs) or ``"transformers4"`` (``vit.encoder.layer.0.attention.attention.query``)
+        models.  T5's names are the same in both.
+      task_type: PEFT task type; ``"auto"``: ``SEQ_2_SEQ_LM`` for T5, none for ViT.
+      revision: recorded in ``adapter_config.json``.
+
+    Writes ``boft_R`` as the full skew-symmetric matrices ``S`` (so PEFT's ``0.5 (S - S^T) = S``),
+    ``boft_s`` as ``(d_out, 1)``, trainable biases (``<mod>.base_layer.bias`` for adapted layers,
+    ``<module>.bias`` otherwise) and ``modules_to_save`` weights under their module names.
+    ``target_modules`` lists the exact module names.  An ``adapter_model.bin`` left in ``out_dir``
+    is removed, so that it cannot shadow the new weights.
+    """
+    from safetensors.numpy import save_file
+
+    tensors, fields = peft_state_dict(wrapped_module, params, key_style=key_style)
+    kind = _model_kind(wrapped_module.model)
+    config = {
+        "peft_type": "BOFT",
+        "task_type": _TASK_TYPES[kind] if task_type == "auto" else task_type,
+        "base_model_name_or_path": base_model_name_or_path,
+        "revision": revision,
+        "inference_mode": True,
+        "fan_in_fan_out": False,
+        "init_weights": True,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        **fields,
+    }
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def write_into(d: Path) -> None:
+        contiguous = {k: np.ascontiguousarray(v) for k, v in tensors.items()}  # safetensors ignores strides
+        save_file(contiguous, os.fspath(d / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
+        with open(d / ADAPTER_CONFIG_NAME, "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+            f.write("\n")
+
+    if not out.exists():
+        tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
+        tmp.mkdir()
+        try:
+            write_into(tmp)
+            os.replace(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return
+    if not out.is_dir():
+        raise NotADirectoryError(f"{os.fspath(out)!r} exists and is not a directory")
+    with tempfile.TemporaryDirectory(dir=out, prefix=".boft_tmp-") as tmp:
+        write_into(Path(tmp))
+        os.replace(Path(tmp) / ADAPTER_WEIGHTS_NAME, out / ADAPTER_WEIGHTS_NAME)
+        os.replace(Path(tmp) / ADAPTER_CONFIG_NAME, out / ADAPTER_CONFIG_NAME)
+    for name in _PICKLE_NAMES:
+        if (out / name).is_file():
+            (out / name).unlink()

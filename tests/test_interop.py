@@ -1,0 +1,452 @@
+"""PEFT BOFT interop (boft_jax.interop): outputs equal PEFT's, round trips, merged export, CLI, errors.
+
+The references come from PyTorch PEFT / transformers via tests/fixtures/make_peft_fixtures.py (with
+a CPU block-diagonal op substituted for PEFT's CUDA extension, so that PEFT really runs m > 1
+butterfly factors); no torch is needed here.
+"""
+
+import functools
+import json
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+import boft_jax as boft
+from boft_jax.interop import load_peft_adapter, save_peft_adapter
+from boft_jax.interop import peft as peft_io
+from boft_jax.interop.__main__ import export_merged, main
+from boft_jax.models import hf, t5, vit
+
+FIXTURES = Path(__file__).parent / "fixtures"
+PEFT = FIXTURES / "peft"
+PEFT_ADAPTERS = [
+    "vit_m1", "vit_m2_head", "vit_m3_all", "vit_v4_names", "vit_cpu_fallback",
+    "t5_relu_m2", "t5_gated_m3_head", "t5_gated_blocknum",
+]
+TOL = 1e-5  # float32: max |ours - reference| <= TOL * max(1, max |reference|), as in the model tests
+
+
+def assert_close(actual, reference, tol=TOL):
+    actual, reference = np.asarray(actual, np.float64), np.asarray(reference, np.float64)
+    assert actual.shape == reference.shape, (actual.shape, reference.shape)
+    err, scale = np.abs(actual - reference).max(), max(1.0, np.abs(reference).max())
+    assert err <= tol * scale, f"max abs error {err:.3g} > {tol} * {scale:.3g}"
+    return err
+
+
+@functools.lru_cache(maxsize=None)
+def base(name: str, scan_layers: bool = False, num_labels=None):
+    if name == "vit":
+        return vit.from_pretrained(FIXTURES / "vit", scan_layers=scan_layers, num_labels=num_labels)
+    return t5.from_pretrained(FIXTURES / name, scan_layers=scan_layers)
+
+
+def reference(name: str) -> dict:
+    return dict(np.load(PEFT / f"{name}.npz", allow_pickle=False))
+
+
+def run(model, params, ref):
+    if "pixel_values" in ref:
+        return model.apply({"params": params}, ref["pixel_values"])
+    return model.apply({"params": params}, ref["input_ids"], ref["attention_mask"], ref["decoder_input_ids"])
+
+
+def load(name, scan_layers=False):
+    module, params = base(str(reference(name)["base"]), scan_layers)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # vit_cpu_fallback warns (tested separately)
+        return load_peft_adapter(PEFT / name, module, params)
+
+
+def copy_fixture(name, tmp_path) -> Path:
+    dst = tmp_path / name
+    shutil.copytree(PEFT / name, dst)
+    return dst
+
+
+def edit_tensors(path: Path, fn):
+    file = path / peft_io.ADAPTER_WEIGHTS_NAME
+    tensors = fn(dict(load_file(file)))
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, file)
+
+
+def edit_config(path: Path, **changes):
+    file = path / peft_io.ADAPTER_CONFIG_NAME
+    cfg = json.loads(file.read_text())
+    cfg.update(changes)
+    file.write_text(json.dumps(cfg))
+
+
+def flat_adapter(params, config):
+    return hf.flatten_params(boft.split(params, config)[1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Outputs equal PEFT's
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", PEFT_ADAPTERS)
+def test_outputs_match_peft(name):
+    ref = reference(name)
+    model, params = load(name)
+    assert model.config.n_factors == int(ref["n_factors"])
+    out = run(model, params, ref)
+    assert_close(out, ref["outputs"])  # PEFT in float32
+    assert_close(out, ref["outputs_f64"])  # PEFT in float64: the exact value
+    # ... and no less accurate than PEFT's own float32 result.
+    assert np.abs(out - ref["outputs_f64"]).max() <= 2 * np.abs(ref["outputs"] - ref["outputs_f64"]).max() + 1e-6
+    # The adapter is far from the identity, so this compares something.
+    assert np.abs(ref["outputs"] - ref["base_outputs"]).max() > 0.05
+
+
+@pytest.mark.parametrize("name", ["vit_m3_all", "t5_gated_m3_head"])
+def test_outputs_match_peft_with_scan_layers(name):
+    ref = reference(name)
+    model, params = load(name, scan_layers=True)
+    assert all("layers" in t for t in model.config.targets)
+    assert_close(run(model, params, ref), ref["outputs"])
+
+
+def test_config_comes_from_tensors_and_adapter_config():
+    cfg = load("vit_m2_head")[0].config
+    assert (cfg.block_size, cfg.block_num, cfg.n_factors, cfg.bias, cfg.dropout) == (4, None, 2, "boft_only", 0.0)
+    assert cfg.modules_to_save == ("^classifier",)
+    assert cfg.targets == tuple(
+        f"^encoder/layer_{i}/{m}" for i in range(2) for m in ("attention/query", "attention/value", "mlp/fc1", "mlp/fc2")
+    )
+    # exact targets: nothing else matches
+    assert not cfg.matches("encoder/layer_0/attention/key") and cfg.matches("encoder/layer_1/mlp/fc2")
+
+    cfg = load("vit_m3_all")[0].config
+    assert (cfg.n_factors, cfg.bias, cfg.dropout, cfg.modules_to_save) == (3, "all", 0.1, ())
+    cfg = load("t5_gated_blocknum")[0].config  # block_num: b = 8 for wi_*, 16 for wo
+    assert (cfg.block_size, cfg.block_num, cfg.n_factors) == (None, 4, 2)
+    _, params = load("t5_gated_blocknum")
+    assert params["encoder"]["layer_0"]["mlp"]["wi_0"]["kernel"].skew.shape == (2, 4, 28)
+    assert params["encoder"]["layer_0"]["mlp"]["wo"]["kernel"].skew.shape == (2, 4, 120)
+    cfg = load("t5_gated_m3_head")[0].config
+    assert cfg.modules_to_save == ("^lm_head",) and len(cfg.targets) == 2 * 7 + 2 * (4 + 4 + 3)
+
+
+def test_trained_biases_and_saved_modules_are_loaded():
+    module, frozen = base("vit")
+    _, params = load("vit_m2_head")
+    tensors = load_file(PEFT / "vit_m2_head" / peft_io.ADAPTER_WEIGHTS_NAME)
+    np.testing.assert_array_equal(
+        params["encoder"]["layer_1"]["mlp"]["fc2"]["bias"],
+        tensors["base_model.model.vit.layers.1.mlp.fc2.base_layer.bias"],
+    )
+    np.testing.assert_array_equal(params["classifier"]["kernel"], tensors["base_model.model.classifier.weight"].T)
+    assert not np.array_equal(params["classifier"]["kernel"], frozen["classifier"]["kernel"])
+    adapter = boft.split(params, load("vit_m2_head")[0].config)[1]
+    assert set(adapter) == {"encoder", "classifier"} and set(adapter["classifier"]) == {"kernel", "bias"}
+    # bias="all": PEFT also stores a 'modules_to_save'/'original_module' copy; every bias is loaded
+    _, params = load("vit_m3_all")
+    tensors = load_file(PEFT / "vit_m3_all" / peft_io.ADAPTER_WEIGHTS_NAME)
+    np.testing.assert_array_equal(
+        params["encoder"]["layer_0"]["layernorm_before"]["bias"], tensors["base_model.model.vit.layers.0.layernorm_before.bias"]
+    )
+
+
+def test_cpu_fallback_adapter_warns_and_uses_the_tensors():
+    module, params = base("vit")
+    with pytest.warns(UserWarning, match=r"boft_n_butterfly_factor = 2.*hold 1 factor.*n_factors = 1"):
+        model, params = load_peft_adapter(PEFT / "vit_cpu_fallback", module, params)
+    assert model.config.n_factors == 1
+
+
+def test_v5_names_invert_the_models_aliases():
+    """transformers-5 names (vit.HF_KEY_ALIASES_V5) invert vit.HF_KEY_ALIASES and are what transformers 5 uses."""
+    keymap = peft_io._KeyMap(base("vit")[0])
+    v5 = {keymap.key(p, "transformers5") for p in keymap.shapes}
+    assert v5 == set(load_file(FIXTURES / "vit_v5_keys" / "model.safetensors"))
+    for p in keymap.shapes:
+        assert keymap.path(keymap.key(p, "transformers5")) == p
+        assert keymap.path(keymap.key(p, "transformers4")) == p
+    t5_map = peft_io._KeyMap(base("t5_gated")[0])
+    assert all(t5_map.key(p, "transformers5") == t5_map.key(p, "transformers4") for p in t5_map.shapes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Our adapters in PEFT's format
+# ---------------------------------------------------------------------------------------------
+def ours(name):
+    """(wrapped model, params) of the boft_jax adapter that the fixture script saved for PEFT."""
+    ref = reference(name)
+    module, frozen = base(str(ref["base"]), bool(ref["scan_layers"]))
+    tree = {}
+    for key, value in np.load(PEFT / f"{name}_adapter.npz", allow_pickle=False).items():
+        *parents, leaf = key.split("/")
+        node = tree
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = jnp.asarray(value)
+    params = boft.combine(frozen, tree)
+    cfg = json.loads((PEFT / name / peft_io.ADAPTER_CONFIG_NAME).read_text())
+    config = {
+        "ours_vit": boft.BOFTConfig(block_size=4, n_factors=2, targets=vit.TARGET_PRESETS["all_linear"],
+                                    bias="boft_only", modules_to_save="classifier"),
+        "ours_t5": boft.BOFTConfig(block_num=2, n_factors=2, targets=t5.TARGET_PRESETS["attention"]),
+    }[name]
+    return boft.wrap(module, config), params, cfg
+
+
+@pytest.mark.parametrize("name", ["ours_vit", "ours_t5"])
+def test_saved_adapter_is_what_peft_ran(name, tmp_path):
+    """save_peft_adapter writes exactly the committed files, on which PEFT computed our outputs."""
+    model, params, committed_cfg = ours(name)
+    ref = reference(name)
+    out = run(model, params, ref)
+    assert_close(out, ref["outputs"])
+    assert_close(out, ref["outputs_f64"])
+
+    save_peft_adapter(tmp_path / "a", model, params, base_model_name_or_path=committed_cfg["base_model_name_or_path"])
+    assert json.loads((tmp_path / "a" / peft_io.ADAPTER_CONFIG_NAME).read_text()) == committed_cfg
+    mine, theirs = load_file(tmp_path / "a" / peft_io.ADAPTER_WEIGHTS_NAME), load_file(PEFT / name / peft_io.ADAPTER_WEIGHTS_NAME)
+    assert sorted(mine) == sorted(theirs)
+    for k in mine:
+        np.testing.assert_array_equal(mine[k], theirs[k], err_msg=k)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]  # no temp dirs left
+
+
+def test_saved_format_details():
+    tensors = load_file(PEFT / "ours_vit" / peft_io.ADAPTER_WEIGHTS_NAME)
+    cfg = json.loads((PEFT / "ours_vit" / peft_io.ADAPTER_CONFIG_NAME).read_text())
+    R = tensors["base_model.model.vit.layers.0.attention.q_proj.boft_R"]
+    assert R.shape == (2, 8, 4, 4) and tensors["base_model.model.vit.layers.0.attention.q_proj.boft_s"].shape == (32, 1)
+    np.testing.assert_array_equal(R, -np.swapaxes(R, -1, -2))  # the skew matrix itself: 0.5 (S - S^T) = S
+    assert "base_model.model.vit.layers.0.mlp.fc2.base_layer.bias" in tensors  # bias="boft_only"
+    assert "base_model.model.classifier.weight" in tensors
+    assert cfg["peft_type"] == "BOFT" and cfg["bias"] == "boft_only" and cfg["modules_to_save"] == ["classifier"]
+    assert (cfg["boft_block_size"], cfg["boft_block_num"], cfg["boft_n_butterfly_factor"]) == (4, 0, 2)
+    assert len(cfg["target_modules"]) == 12 and "vit.layers.1.mlp.fc2" in cfg["target_modules"]
+    t5_cfg = json.loads((PEFT / "ours_t5" / peft_io.ADAPTER_CONFIG_NAME).read_text())
+    assert (t5_cfg["boft_block_size"], t5_cfg["boft_block_num"], t5_cfg["task_type"]) == (0, 2, "SEQ_2_SEQ_LM")
+
+
+@pytest.mark.parametrize("name", ["ours_vit", "ours_t5"])
+@pytest.mark.parametrize("key_style", ["transformers5", "transformers4"])
+def test_round_trip_boft_peft_boft_is_identical(name, key_style, tmp_path):
+    model, params, _ = ours(name)
+    save_peft_adapter(tmp_path / "a", model, params, key_style=key_style)
+    keys = load_file(tmp_path / "a" / peft_io.ADAPTER_WEIGHTS_NAME)
+    if name == "ours_vit":
+        style = "vit.layers.0.attention.q_proj" if key_style == "transformers5" else "vit.encoder.layer.0.attention.attention.query"
+        assert f"base_model.model.{style}.boft_R" in keys
+    again, params2 = load_peft_adapter(tmp_path / "a", model.model, base(str(reference(name)["base"]), model.model.scan_layers)[1])
+    a, b = flat_adapter(params, model.config), flat_adapter(params2, again.config)
+    assert sorted(a) == sorted(b)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg="/".join(k))
+    for field in ("block_size", "block_num", "n_factors", "bias", "dropout"):
+        assert getattr(again.config, field) == getattr(model.config, field)
+    # exact regexes select the same layers as the original patterns
+    assert boft.layer_paths(params2) == boft.layer_paths(params)
+
+
+@pytest.mark.parametrize("name", ["vit_m2_head", "vit_m3_all", "t5_gated_m3_head"])
+def test_round_trip_peft_boft_peft(name, tmp_path):
+    model, params = load(name)
+    save_peft_adapter(tmp_path / "a", model, params)
+    original = load_file(PEFT / name / peft_io.ADAPTER_WEIGHTS_NAME)
+    written = load_file(tmp_path / "a" / peft_io.ADAPTER_WEIGHTS_NAME)
+    original = {k: v for k, v in original.items() if ".original_module." not in k and ".modules_to_save." not in k}
+    assert sorted(original) == sorted(written)
+    for k, v in original.items():
+        # PEFT only ever uses the skew part of boft_R
+        expected = 0.5 * (v - np.swapaxes(v, -1, -2)) if k.endswith("boft_R") else v
+        np.testing.assert_array_equal(written[k], expected, err_msg=k)
+    cfg = json.loads((tmp_path / "a" / peft_io.ADAPTER_CONFIG_NAME).read_text())
+    peft_cfg = json.loads((PEFT / name / peft_io.ADAPTER_CONFIG_NAME).read_text())
+    for field in ("boft_block_size", "boft_block_num", "boft_n_butterfly_factor", "boft_dropout", "bias", "modules_to_save"):
+        assert cfg[field] == peft_cfg[field], field
+
+
+def test_save_into_existing_directory_replaces_files(tmp_path):
+    model, params, _ = ours("ours_vit")
+    out = tmp_path / "a"
+    out.mkdir()
+    (out / "README.md").write_text("keep me")
+    (out / "adapter_model.bin").write_bytes(b"stale pickle")
+    (out / peft_io.ADAPTER_CONFIG_NAME).write_text("{}")
+    save_peft_adapter(out, model, params)
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", peft_io.ADAPTER_CONFIG_NAME, peft_io.ADAPTER_WEIGHTS_NAME]
+    assert json.loads((out / peft_io.ADAPTER_CONFIG_NAME).read_text())["peft_type"] == "BOFT"
+
+
+# ---------------------------------------------------------------------------------------------
+# Merged export, loaded by plain transformers
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["merged_vit", "merged_t5"])
+def test_export_merged_matches_transformers(name, tmp_path):
+    ref = reference(name)
+    export_merged(PEFT / str(ref["adapter"]), tmp_path / "m", base=FIXTURES / str(ref["base"]))
+    # The export equals the committed one, on which transformers computed ref["outputs"] ...
+    mine, theirs = load_file(tmp_path / "m" / "model.safetensors"), load_file(PEFT / name / "model.safetensors")
+    assert sorted(mine) == sorted(theirs)
+    for k in mine:
+        np.testing.assert_allclose(mine[k], theirs[k], atol=1e-6, rtol=0, err_msg=k)
+    assert json.loads((tmp_path / "m" / "config.json").read_text()) == json.loads((PEFT / name / "config.json").read_text())
+    # ... which equal our adapted model's outputs, and those of the export loaded back.
+    model, params = load(str(ref["adapter"]))
+    out = run(model, params, ref)
+    assert_close(out, ref["outputs"])
+    assert_close(out, ref["outputs_f64"])
+    merged_module, merged_params = hf.from_pretrained(tmp_path / "m")
+    assert_close(run(merged_module, merged_params, ref), ref["outputs"])
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------
+def test_cli_convert_both_ways_and_export(tmp_path, capsys):
+    ref = reference("vit_m2_head")
+    ckpt, back, merged = tmp_path / "orbax", tmp_path / "peft", tmp_path / "merged"
+    assert main(["convert", "--from", "peft", "--adapter", str(PEFT / "vit_m2_head"), "--base", str(FIXTURES / "vit"),
+                 "--out", str(ckpt)]) == 0
+    # base defaults to the one recorded in the checkpoint's metadata
+    assert main(["convert", "--from", "boft", "--adapter", str(ckpt), "--out", str(back)]) == 0
+    model, params = load_peft_adapter(back, *base("vit"))
+    assert_close(run(model, params, ref), ref["outputs"])
+    assert main(["export-merged", "--adapter", str(ckpt), "--out", str(merged)]) == 0
+    merged_module, merged_params = hf.from_pretrained(merged)
+    assert_close(run(merged_module, merged_params, ref), reference("merged_vit")["outputs"])
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_cli_errors_are_reported(tmp_path, capsys):
+    assert main(["export-merged", "--adapter", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
+    assert "cannot tell the format" in capsys.readouterr().err
+    bad = copy_fixture("vit_m1", tmp_path)
+    edit_config(bad, base_model_name_or_path="google/vit-base-patch16-224")
+    assert main(["convert", "--from", "peft", "--adapter", str(bad), "--out", str(tmp_path / "y")]) == 2
+    assert "--base" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [[], ["convert"], ["export-merged"]])
+def test_cli_help(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([*command, "--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    assert "usage: python -m boft_jax.interop" in text
+    if command:
+        assert "--adapter" in text and "--out" in text and "--base" in text
+
+
+def test_cli_module_entry_point_and_no_torch():
+    r = subprocess.run([sys.executable, "-m", "boft_jax.interop", "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "convert" in r.stdout and "export-merged" in r.stdout
+    code = "import sys, boft_jax.interop, boft_jax.interop.__main__; print('torch' in sys.modules)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------------------------
+def test_unknown_peft_type(tmp_path):
+    bad = copy_fixture("vit_m1", tmp_path)
+    edit_config(bad, peft_type="LORA")
+    with pytest.raises(ValueError, match=r"peft_type 'LORA'.*only BOFT"):
+        load_peft_adapter(bad, *base("vit"))
+
+
+def test_pickled_weights_are_refused(tmp_path):
+    bad = copy_fixture("vit_m1", tmp_path)
+    (bad / peft_io.ADAPTER_WEIGHTS_NAME).unlink()
+    (bad / "adapter_model.bin").write_bytes(b"\x80\x04not really a pickle")
+    with pytest.raises(FileNotFoundError, match=r"adapter_model\.bin, a pickle.*never"):
+        load_peft_adapter(bad, *base("vit"))
+
+
+def test_missing_files_and_fan_in_fan_out(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        load_peft_adapter(tmp_path / "nope", *base("vit"))
+    bad = copy_fixture("vit_m1", tmp_path)
+    edit_config(bad, fan_in_fan_out=True)
+    with pytest.raises(ValueError, match="fan_in_fan_out"):
+        load_peft_adapter(bad, *base("vit"))
+
+
+def test_modules_the_model_lacks_are_listed(tmp_path):
+    bad = copy_fixture("vit_m1", tmp_path)
+
+    def add(t):
+        R, s = t["base_model.model.vit.layers.0.attention.q_proj.boft_R"], t["base_model.model.vit.layers.0.attention.q_proj.boft_s"]
+        return {**t, "base_model.model.vit.layers.7.attention.q_proj.boft_R": R,
+                "base_model.model.vit.layers.7.attention.q_proj.boft_s": s,
+                "base_model.model.vit.pooler.dense.bias": s[:, 0]}
+
+    edit_tensors(bad, add)
+    with pytest.raises(ValueError, match=r"does not have \(2\)(?s:.*)vit\.layers\.7\.attention\.q_proj(?s:.*)vit\.pooler\.dense\.bias"):
+        load_peft_adapter(bad, *base("vit"))
+    with pytest.raises(ValueError, match="does not have"):  # a T5 adapter on a ViT
+        load_peft_adapter(PEFT / "t5_relu_m2", *base("vit"))
+
+
+def test_blocks_that_do_not_fit_their_layer(tmp_path):
+    bad = copy_fixture("vit_m1", tmp_path)
+
+    def move(t):  # q_proj's (1, 8, 4, 4) blocks onto fc2, whose d_in is 64
+        t = dict(t)
+        t["base_model.model.vit.layers.0.mlp.fc2.boft_R"] = t.pop("base_model.model.vit.layers.0.attention.q_proj.boft_R")
+        t["base_model.model.vit.layers.0.mlp.fc2.boft_s"] = t.pop("base_model.model.vit.layers.0.attention.q_proj.boft_s")
+        return t
+
+    edit_tensors(bad, move)
+    with pytest.raises(ValueError, match=r"vit\.layers\.0\.mlp\.fc2 -> 'encoder/layer_0/mlp/fc2'.*k \* b = 8 \* 4 = 32.*d_in = 64"):
+        load_peft_adapter(bad, *base("vit"))
+
+
+def test_butterfly_structure_that_does_not_fit(tmp_path):
+    bad = copy_fixture("vit_m1", tmp_path)
+    rng = np.random.default_rng(0)
+
+    def one_block(t):  # m = 2 with a single 32 x 32 block per factor: k = 1 is odd
+        t = {k: v for k, v in t.items() if "boft_R" not in k}
+        for k in list(t):
+            if k.endswith("boft_s"):
+                t[k.replace("boft_s", "boft_R")] = rng.standard_normal((2, 1, 32, 32)).astype(np.float32)
+        return t
+
+    edit_tensors(bad, one_block)
+    edit_config(bad, boft_block_size=32, boft_n_butterfly_factor=2)
+    with pytest.raises(ValueError, match=r"does not fit the butterfly structure(?s:.*)encoder/layer_0/attention/query.*even number of blocks"):
+        load_peft_adapter(bad, *base("vit"))
+
+
+def test_inconsistent_block_size_and_head_size(tmp_path):
+    bad = copy_fixture("vit_m1", tmp_path)
+    edit_config(bad, boft_block_size=8)
+    with pytest.raises(ValueError, match="boft_block_size = 8 in the config, but the tensors hold blocks of size"):
+        load_peft_adapter(bad, *base("vit"))
+    with pytest.raises(ValueError, match=r"classifier.*num_labels"):
+        load_peft_adapter(PEFT / "vit_m2_head", *base("vit", num_labels=7))
+
+
+def test_scan_layers_needs_every_layer_adapted(tmp_path):
+    bad = copy_fixture("vit_m1", tmp_path)
+    edit_tensors(bad, lambda t: {k: v for k, v in t.items() if "layers.1." not in k})
+    module, params = base("vit")
+    load_peft_adapter(bad, module, params)  # fine unrolled
+    with pytest.raises(ValueError, match=r"scan_layers=True(?s:.*)layer_\*/attention/query.*layers \[0\] of 2"):
+        load_peft_adapter(bad, *base("vit", scan_layers=True))
+
+
+def test_save_refuses_what_peft_cannot_represent(tmp_path):
+    import dataclasses
+
+    model, params, _ = ours("ours_vit")
+    neumann = boft.wrap(model.model, dataclasses.replace(model.config, cayley="neumann"))
+    with pytest.raises(ValueError, match="exact Cayley"):
+        save_peft_adapter(tmp_path / "a", neumann, params)
+    with pytest.raises(TypeError, match="wrapped model"):
+        save_peft_adapter(tmp_path / "a", model.model, params)
+    assert not (tmp_path / "a").exists()
