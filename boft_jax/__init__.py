@@ -50,3 +50,7 @@ from boft_jax.linen import (  # noqa: E402  (Flax-specific code after the pure m
 )
 
 __all__ += ["BOFTKernel", "BOFTModule", "combine", "count_params", "init_adapter", "layer_paths", "merge", "split", "unmerge", "wrap"]
+
+from boft_jax.multi import BASE, apply_multi, generate_multi, stack, unstack  # noqa: E402
+
+__all__ += ["BASE", "apply_multi", "generate_multi", "stack", "unstack"]
