@@ -23,11 +23,11 @@ finetune-t5: $(BIN)/.installed
 
 ## Full test suite (what CI runs).
 test: $(BIN)/.installed
-	$(BIN)/python -m pytest -n $(WORKERS) -q
+	OPENBLAS_NUM_THREADS=1 $(BIN)/python -m pytest -n $(WORKERS) -q
 
 ## Quick subset: everything but the slow end-to-end tests.
 test-quick: $(BIN)/.installed
-	$(BIN)/python -m pytest -n $(WORKERS) -q -m "not slow"
+	OPENBLAS_NUM_THREADS=1 $(BIN)/python -m pytest -n $(WORKERS) -q -m "not slow"
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -28,6 +28,10 @@ import sys
 import time
 from pathlib import Path
 
+# Before numpy/jax load: jaxlib's CPU LAPACK (the Cayley solve) uses scipy's OpenBLAS, whose
+# spinning worker threads slow small batched solves badly on busy machines.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 DEFAULT_OUTPUT = {"vit": "runs/vit-digits", "t5": "runs/t5-bytes"}
 
 
