@@ -1,0 +1,198 @@
+"""The T5 half of the main job: the bundled byte-level task and base, generation through the BOFT
+wrapper, JSONL data, and the default job end to end."""
+
+from __future__ import annotations
+
+import functools
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import boft_jax as boft
+from boft_jax.models import t5
+from train import data as data_lib
+from train import finetune, text_tasks
+
+
+@functools.cache
+def base():
+    return t5.from_pretrained(text_tasks.T5_BASE)
+
+
+@functools.cache
+def exact_match(task: str, n: int = 64) -> float:
+    module, params = base()
+    sp = text_tasks.task_split(task, n, seed=123)
+    ok = text_tasks.exact_match_fn(module)(params, sp.inputs["input_ids"], sp.inputs["attention_mask"], sp.labels)
+    return float(np.mean(ok))
+
+
+# ---------------------------------------------------------------------------------------------
+# The bundled task and base
+# ---------------------------------------------------------------------------------------------
+def test_bundled_task_is_deterministic_with_disjoint_splits():
+    a, b = text_tasks.bundled(), text_tasks.bundled()
+    for x, y in ((a.train, b.train), (a.test, b.test)):
+        np.testing.assert_array_equal(x.inputs["input_ids"], y.inputs["input_ids"])
+        np.testing.assert_array_equal(x.labels, y.labels)
+    src = lambda sp: {data_lib.decode_ids(r) for r in sp.inputs["input_ids"]}  # noqa: E731
+    assert not src(a.train) & src(a.test)
+    assert len(a.train) == text_tasks.FINETUNE_TRAIN and len(a.test) == text_tasks.FINETUNE_TEST
+    for ids, label in zip(a.test.inputs["input_ids"][:20], a.test.labels[:20]):
+        prefix, word = data_lib.decode_ids(ids).split(": ")
+        assert prefix == text_tasks.FINETUNE_TASK and data_lib.decode_ids(label) == word[::-1].upper()
+    # labels end with EOS within the fixed length; the mask marks the source bytes
+    assert (a.train.labels == data_lib.EOS).sum(axis=1).min() == 1
+    np.testing.assert_array_equal(a.train.inputs["attention_mask"], a.train.inputs["input_ids"] != data_lib.PAD)
+
+
+def test_finetuning_task_is_new_to_the_base():
+    assert text_tasks.FINETUNE_TASK not in text_tasks.PRETRAIN_TASKS
+    # the base has learned its pretraining tasks ...
+    for task in text_tasks.PRETRAIN_TASKS:
+        assert exact_match(task) >= 0.8, task
+    # ... but not the finetuning task
+    assert exact_match(text_tasks.FINETUNE_TASK) <= 0.05
+
+
+def test_bundled_base_is_small_and_byte_level():
+    module, params = base()
+    assert module.config.vocab_size == data_lib.BYTE_VOCAB
+    assert sum(f.stat().st_size for f in text_tasks.T5_BASE.iterdir()) < 4 * 2**20
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation through the wrapped model
+# ---------------------------------------------------------------------------------------------
+def _wrapped(targets="attention"):
+    module, params = base()
+    config = boft.BOFTConfig(block_size=4, n_factors=2, targets=t5.TARGET_PRESETS[targets])
+    model = boft.wrap(module, config)
+    ds = text_tasks.bundled()
+    adapter = boft.init_adapter(model, params, *text_tasks.example_inputs(ds))
+    return module, params, model, config, adapter, ds.test.take(np.arange(16))
+
+
+def _gen(model, params, sp):
+    fn = jax.jit(functools.partial(t5.generate, model), static_argnames="max_new_tokens")
+    return np.asarray(fn(params, sp.inputs["input_ids"], sp.inputs["attention_mask"], max_new_tokens=sp.labels.shape[1]))
+
+
+def test_wrapped_generation_at_identity_equals_the_bare_model():
+    module, params, model, _, adapter, sp = _wrapped()
+    bare = np.asarray(
+        jax.jit(module.generate, static_argnames="max_new_tokens")(
+            params, sp.inputs["input_ids"], sp.inputs["attention_mask"], max_new_tokens=sp.labels.shape[1]
+        )
+    )
+    np.testing.assert_array_equal(_gen(model, boft.combine(params, adapter), sp), bare)
+    np.testing.assert_array_equal(_gen(module, params, sp), bare)  # the function form on the bare model
+
+
+def test_wrapped_generation_uses_the_adapter():
+    module, params, model, config, adapter, sp = _wrapped()
+    rng = np.random.default_rng(0)
+    noisy = jax.tree.map(lambda x: x + 0.3 * rng.standard_normal(x.shape).astype(np.float32), adapter)
+    wrapped_params = boft.combine(params, noisy)
+    tokens = _gen(model, wrapped_params, sp)
+    assert not np.array_equal(tokens, _gen(module, params, sp))
+    # the same tokens as the bare model with the adapter merged in
+    np.testing.assert_array_equal(tokens, _gen(module, boft.merge(wrapped_params, config), sp))
+
+
+def test_loss_is_masked_to_labels_and_starts_at_the_base():
+    _, params, model, _, adapter, sp = _wrapped()
+    labels = jnp.asarray(sp.labels)
+    inputs = {k: jnp.asarray(v) for k, v in sp.inputs.items()}
+    loss, acc = text_tasks.loss_fn(model, boft.combine(params, adapter), inputs, labels, jax.random.key(0), True)
+    # padding the labels further (more pad columns) changes nothing
+    wider = jnp.pad(labels, ((0, 0), (0, 3)))
+    loss2, acc2 = text_tasks.loss_fn(model, boft.combine(params, adapter), inputs, wider, jax.random.key(0), True)
+    np.testing.assert_allclose(loss, loss2, rtol=1e-5)
+    np.testing.assert_allclose(acc, acc2, rtol=1e-6)
+    assert np.isfinite(float(loss)) and 0 <= float(acc) <= 1
+
+
+# ---------------------------------------------------------------------------------------------
+# User data (JSONL)
+# ---------------------------------------------------------------------------------------------
+def test_jsonl_loads_and_trims_to_the_longest_example(tmp_path):
+    module, _ = base()
+    rows = [{"source": f"add: {i} {i}", "target": str(2 * i)} for i in range(20)] + [{"source": "é ü", "target": "ok"}]
+    p = tmp_path / "d.jsonl"
+    p.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    ds = text_tasks.load_data(str(p), module)
+    assert len(ds.train) + len(ds.test) == 21
+    both = [*zip(ds.train.inputs["input_ids"], ds.train.labels), *zip(ds.test.inputs["input_ids"], ds.test.labels)]
+    assert {(data_lib.decode_ids(s), data_lib.decode_ids(t)) for s, t in both} == {(r["source"], r["target"]) for r in rows}
+    longest_src = max(len(r["source"].encode()) for r in rows) + 1
+    assert max(ds.train.inputs["input_ids"].shape[1], ds.test.inputs["input_ids"].shape[1]) == longest_src
+    assert ds.train.labels.shape[1] <= 3 and ds.test.labels.shape[1] <= 3
+
+
+@pytest.mark.parametrize(
+    "content,fragment",
+    [
+        ('{"source": "a", "target": "b"}\nnot json\n', ":2: each line must be a JSON object with 'source' and 'target'"),
+        ('{"source": "a", "target": "b"}\n{"source": "a"}\n', ":2: each line must be a JSON object"),
+        ('{"source": "a", "target": "b"}\n', "needs at least 2 source/target pairs"),
+        ("", "needs at least 2 source/target pairs"),
+    ],
+)
+def test_bad_jsonl_is_a_clear_error(tmp_path, content, fragment):
+    module, _ = base()
+    p = tmp_path / "d.jsonl"
+    p.write_text(content)
+    with pytest.raises(ValueError) as e:
+        text_tasks.load_data(str(p), module)
+    assert fragment in str(e.value), str(e.value)
+
+
+def test_missing_data_file_and_non_byte_level_model_are_clear_errors(tmp_path):
+    module, _ = base()
+    with pytest.raises(ValueError, match="no such file"):
+        text_tasks.load_data(str(tmp_path / "nope.jsonl"), module)
+    wordpiece = t5.T5(t5.T5Config(vocab_size=100, d_model=8, d_kv=4, d_ff=8, num_layers=1, num_heads=2))
+    with pytest.raises(ValueError, match="byte-level"):
+        text_tasks.load_data(None, wordpiece)
+
+
+def test_bad_data_through_the_cli_exits_2_and_writes_nothing(tmp_path, capsys):
+    p = tmp_path / "d.jsonl"
+    p.write_text('{"source": "a"}\n{"source": "b", "target": "c"}\n')
+    out = tmp_path / "run"
+    assert finetune.main(["--model", "t5", "--data", str(p), "--output", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --data {p}: ") and "d.jsonl:1:" in err, err
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# The default T5 job end to end
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_default_t5_job_end_to_end(tmp_path):
+    from boft_jax.checkpoint import load_adapter
+    from boft_jax.models import from_pretrained
+
+    out = tmp_path / "run"
+    res = finetune.run(
+        ["--model", "t5", "--output", str(out), "--steps", "120", "--eval-every", "0", "--save-every", "60", "--no-progress"]
+    )
+    assert res["trainable"] / res["base"] < 0.02
+    assert res["acc_before"] <= 0.05 and res["acc_after"] >= res["acc_before"] + 0.2, res
+    for f in ("metrics.jsonl", "curves.png", "summary.md", "adapter", "merged/config.json", "merged/model.safetensors"):
+        assert (out / f).exists(), f
+    assert "exact_match after" in (out / "summary.md").read_text()
+    # the merged HF directory generates the same tokens as the wrapped model with the saved adapter
+    adapter, config, meta = load_adapter(out / "adapter")
+    module, params = from_pretrained(meta["base_checkpoint"])
+    merged_module, merged = from_pretrained(out / "merged")
+    sp = text_tasks.bundled().test.take(np.arange(64))
+    wrapped = _gen(boft.wrap(module, config), boft.combine(params, adapter), sp)
+    np.testing.assert_array_equal(_gen(merged_module, merged, sp), wrapped)
+    ok = np.asarray(text_tasks.exact_match_fn(merged_module)(merged, sp.inputs["input_ids"], sp.inputs["attention_mask"], sp.labels))
+    assert ok.mean() >= res["acc_before"] + 0.2
