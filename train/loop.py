@@ -73,6 +73,11 @@ def _progress(total: int, initial: int, enabled: bool):
     return tqdm(total=total, initial=initial, desc="finetune", unit="step", dynamic_ncols=True)
 
 
+def _fresh_copy(tree):
+    """New buffers for every array leaf (``device_put`` may alias a buffer into one of the shards)."""
+    return jax.tree.map(lambda x: jnp.array(x, copy=True) if isinstance(x, (jax.Array, np.ndarray)) else x, tree)
+
+
 def fit(task: Task, opts: TrainOptions, out_dir: Path, *, resume: bool = False) -> dict[str, Any]:
     """Train ``task.adapter`` for ``opts.steps`` steps; returns the final state and metrics.
 
@@ -88,8 +93,10 @@ def fit(task: Task, opts: TrainOptions, out_dir: Path, *, resume: bool = False) 
     rep = sh.replicated(mesh)
     frozen = sh.shard_frozen(task.frozen, mesh)
     optimizer = make_optimizer(opts)
-    adapter = jax.device_put(task.adapter, rep)
-    opt_state = jax.device_put(optimizer.init(adapter), rep)
+    # The step donates the adapter and optimizer state; copy them so that donation never deletes
+    # arrays the caller still holds (e.g. modules_to_save leaves shared with the frozen tree).
+    adapter = jax.device_put(_fresh_copy(task.adapter), rep)
+    opt_state = jax.device_put(_fresh_copy(optimizer.init(adapter)), rep)
     model, loss_fn = task.model, task.loss_fn
     base_key = jax.random.key(opts.seed)
 
@@ -120,7 +127,8 @@ def fit(task: Task, opts: TrainOptions, out_dir: Path, *, resume: bool = False) 
                     f" {state.get('seed')}, not {opts.batch_size} and {opts.seed}; resuming would not continue"
                     " the same run"
                 )
-            adapter, opt_state = jax.device_put(adapter, rep), jax.device_put(opt_state, rep)
+            adapter = jax.device_put(_fresh_copy(adapter), rep)
+            opt_state = jax.device_put(_fresh_copy(opt_state), rep)
             print(f"resumed from step {start} (data position {state.get('data_position')})")
 
     metrics_path = out_dir / "metrics.jsonl"
