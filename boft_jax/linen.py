@@ -48,6 +48,7 @@ import numpy as np
 
 from boft_jax.butterfly import rotate, rotate_kernel
 from boft_jax.config import BOFTConfig
+from boft_jax import _ops
 from boft_jax.orthogonal import block_size_from_num_params, cayley
 
 __all__ = [
@@ -170,12 +171,32 @@ def _dropout_blocks(blocks: jax.Array, p: float, rng: jax.Array) -> jax.Array:
     return jnp.where(mask[:, :, None, None], jnp.eye(b, dtype=blocks.dtype), blocks)
 
 
-def _choose_mode(config: BOFTConfig, tokens: int, d_out: int) -> str:
+def _choose_mode(config: BOFTConfig, tokens: int, d_in: int, d_out: int) -> str:
+    """``"input"`` or ``"weight"`` for one layer call: ``config.mode``, or the cheaper one for ``"auto"``.
+
+    Both modes compute ``y = ((x M) K) * s`` exactly, applying ``M`` as ``d_in / S`` dense
+    ``S x S`` diagonal blocks (``S = b 2^(m-1)``, see :mod:`boft_jax._ops`), and both have the same
+    structured backward pass (``dx = u M^T`` and block gradients reduced over the tokens, with
+    ``u = (dy s) K^T`` the frozen layer's own input gradient; no weight gradient ``x^T dy``).
+    They differ only in the forward pass:
+
+    - ``"input"`` rotates the ``T`` token rows: ``2 S d_in T`` FLOPs, plus on XLA:CPU a transpose
+      of the ``(T, d_in)`` activations into a ``(d_in / S, T, S)`` view and back;
+    - ``"weight"`` rotates the ``d_in x d_out`` kernel once per call: ``2 S d_in d_out`` FLOPs,
+      no transposes (:func:`boft_jax._ops.boft_dense`).
+
+    So training and inference are decided by the same comparison, ``d_out`` kernel columns vs
+    ``T`` token rows.  Rule: ``"weight"`` when ``d_out <= 2 T``, else ``"input"``.  The factor 2
+    is the measured cost of a token row relative to a kernel column on XLA:CPU (transposes in and
+    out; benchmarks/train_step.py).  The previous rule (``T > d_out`` from the forward FLOPs
+    only) was right in spirit for the new backward but its old autodiff weight mode paid a full
+    ``x^T dy`` matmul per training step, which made "weight" 1.3-2x slower than "input" there.
+    Examples: ViT-B, batch 4 (T = 788): weight for query/key/value/out and fc2 (d_out 768),
+    input for fc1 (d_out 3072); batch 1 (T = 197): input everywhere; T >= 1536: weight everywhere.
+    """
     if config.mode != "auto":
         return config.mode
-    # Cost model (DESIGN.md section 3): input-centric 2 m b d_in per token, weight-centric
-    # 2 m b d_in d_out per call; the weight side wins when tokens per call exceed d_out.
-    return "weight" if tokens > d_out else "input"
+    return "weight" if d_out <= 2 * tokens else "input"
 
 
 def _adapted_call(
@@ -220,31 +241,45 @@ def _adapted_call(
     blocks = _blocks(skew, config)
     if dropout:
         blocks = _dropout_blocks(blocks, config.dropout, module.make_rng("dropout"))
+    B = _ops.rotation_operand(blocks)  # M as (d_in / S, S, S) diagonal blocks, or its factors
 
     inputs, kernel, bias = module.promote_dtype(inputs, kernel, bias, dtype=module.dtype)
-    if module.dot_general_cls is not None:
-        dot_general = module.dot_general_cls()
-    elif module.dot_general is not None:
-        dot_general = module.dot_general
-    else:
-        dot_general = jax.lax.dot_general
-    contract = (geo.axis, tuple(range(len(geo.axis))))
+    custom_dot = module.dot_general_cls is not None or module.dot_general is not None
     tokens = int(np.prod(inputs.shape)) // geo.d_in
-    mode = _choose_mode(config, tokens, geo.d_out)
+    mode = _choose_mode(config, tokens, geo.d_in, geo.d_out)
+    # Contracted axes last, flattened to d_in; the remaining axes keep their order, which is the
+    # order of dot_general's output batch axes.
+    n_ax = len(geo.axis)
+    tail = tuple(range(inputs.ndim - n_ax, inputs.ndim))
+    moved = jnp.moveaxis(inputs, geo.axis, tail)
+    lead = moved.shape[: inputs.ndim - n_ax]
+    x2 = moved.reshape(-1, geo.d_in)
+    k2 = kernel.reshape(geo.d_in, geo.d_out)
 
-    if mode == "weight":
-        flat = rotate_kernel(kernel.reshape(geo.d_in, geo.d_out), blocks) * scale.astype(blocks.dtype)
-        kernel = flat.astype(kernel.dtype).reshape(kernel.shape)
-        y = dot_general(inputs, kernel, (contract, ((), ())), precision=module.precision)
+    if not custom_dot:
+        if mode == "weight":
+            y2 = _ops.boft_dense(x2, k2, B, scale, module.precision)
+        else:
+            rotated = _ops.rotate_rows(x2, B, module.precision).astype(x2.dtype)
+            y2 = jax.lax.dot_general(rotated, k2, (((1,), (0,)), ((), ())), precision=module.precision)
+            y2 = y2 * scale.astype(y2.dtype)
+        y = y2.reshape(*lead, *geo.features)
     else:
-        # Move the contracted axes last, flatten them to d_in, rotate, and restore the layout.
-        n_ax = len(geo.axis)
-        moved = jnp.moveaxis(inputs, geo.axis, tuple(range(inputs.ndim - n_ax, inputs.ndim)))
-        lead = moved.shape[: inputs.ndim - n_ax]
-        rotated = rotate(moved.reshape(*lead, geo.d_in), blocks).reshape(moved.shape)
-        rotated = jnp.moveaxis(rotated, tuple(range(inputs.ndim - n_ax, inputs.ndim)), geo.axis)
-        y = dot_general(rotated, kernel, (contract, ((), ())), precision=module.precision)
-        y = y * scale.reshape(geo.features).astype(y.dtype)
+        # A user-supplied dot_general (e.g. quantized): keep it, differentiate through it.
+        if module.dot_general_cls is not None:
+            dot_general = module.dot_general_cls()
+        else:
+            dot_general = module.dot_general
+        contract = (geo.axis, tuple(range(n_ax)))
+        if mode == "weight":
+            flat = _ops.rotate_kernel_any(k2, B, module.precision) * scale.astype(B.dtype)
+            y = dot_general(inputs, flat.astype(kernel.dtype).reshape(kernel.shape), (contract, ((), ())),
+                            precision=module.precision)
+        else:
+            rotated = _ops.rotate_rows(x2, B, module.precision).astype(x2.dtype).reshape(moved.shape)
+            rotated = jnp.moveaxis(rotated, tail, geo.axis)
+            y = dot_general(rotated, kernel, (contract, ((), ())), precision=module.precision)
+            y = y * scale.reshape(geo.features).astype(y.dtype)
     if bias is not None:
         y = y + jnp.reshape(bias, (1,) * (y.ndim - len(geo.features)) + geo.features)
     return y

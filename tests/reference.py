@@ -52,3 +52,22 @@ def np_cayley_from_packed(packed, b):
     s[..., c, r] = -packed
     eye = np.eye(b)
     return (eye - s) @ np.linalg.inv(eye + s)
+
+
+def all_eqns(jaxpr):
+    """Every equation of a jaxpr, recursing into sub-jaxprs (jit, scan, custom_vjp, cond, ...)."""
+
+    def subs(value):
+        if hasattr(value, "eqns"):
+            yield value
+        elif hasattr(value, "jaxpr") and hasattr(value.jaxpr, "eqns"):
+            yield value.jaxpr
+        elif isinstance(value, (tuple, list)):
+            for v in value:
+                yield from subs(v)
+
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for v in eqn.params.values():
+            for sub in subs(v):
+                yield from all_eqns(sub)

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from jax.test_util import check_grads
 
 import boft_jax as boft
-from reference import dense_rotation, reference_perm
+from reference import all_eqns, dense_rotation, reference_perm
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,31 +251,13 @@ def test_gradients_match_finite_differences():
 # ---------------------------------------------------------------------------------------------
 # Compute rule: no d x d intermediates, no gathers
 # ---------------------------------------------------------------------------------------------
-def _sub_jaxprs(value):
-    if hasattr(value, "eqns"):
-        yield value
-    elif hasattr(value, "jaxpr") and hasattr(value.jaxpr, "eqns"):
-        yield value.jaxpr
-    elif isinstance(value, (tuple, list)):
-        for v in value:
-            yield from _sub_jaxprs(v)
-
-
-def _all_eqns(jaxpr):
-    for eqn in jaxpr.eqns:
-        yield eqn
-        for v in eqn.params.values():
-            for sub in _sub_jaxprs(v):
-                yield from _all_eqns(sub)
-
-
 @pytest.mark.parametrize("m", [1, 4])
 def test_rotate_builds_no_d_by_d_intermediate_and_no_gather(m):
     d, b, tokens = 1024, 8, 2048  # more tokens than d, so a token axis does not count as a second d axis
     blocks = jnp.zeros((m, d // b, b, b))
     closed = jax.make_jaxpr(boft.rotate)(jnp.zeros((tokens, d)), blocks)
     shapes, prims = [], set()
-    for eqn in _all_eqns(closed.jaxpr):
+    for eqn in all_eqns(closed.jaxpr):
         prims.add(eqn.primitive.name)
         for v in eqn.outvars:
             shapes.append(tuple(getattr(v.aval, "shape", ())))

@@ -12,7 +12,7 @@ import optax
 import pytest
 
 import boft_jax as boft
-from reference import dense_layer, np_cayley_from_packed
+from reference import all_eqns, dense_layer, np_cayley_from_packed
 
 MODES = ["input", "weight", "auto"]
 
@@ -103,6 +103,66 @@ def test_mlp_equals_definition_in_float64(mode, m):
         h = np.maximum(h, 0)
     ref = h @ np.asarray(frozen["head"]["kernel"], np.float64) + np.asarray(frozen["head"]["bias"], np.float64)
     np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
+
+
+class Proj(nn.Module):
+    features: int = 16
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(self.features, name="proj")(x)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_deep_butterfly_equals_definition_with_gradients_float64(mode):
+    """m = 6, b = 2 on d = 64: M is applied factor by factor (its dense blocks would cost 2^5/6 x)."""
+    d, b, m = 64, 2, 6
+    cfg = boft.BOFTConfig(block_size=b, n_factors=m, targets="proj", mode=mode)
+    with jax.enable_x64(True):
+        x = jax.random.normal(jax.random.key(3), (5, d), jnp.float64)
+        model = boft.wrap(Proj(), cfg)
+        params = jax.tree.map(lambda a: a.astype(jnp.float64), model.init(jax.random.key(0), x)["params"])
+        frozen, adapter = boft.split(params, cfg)
+        adapter = _perturb(adapter, 1)
+        target = jax.random.normal(jax.random.key(4), (5, 16), jnp.float64)
+
+        def loss(adapter, x):
+            return jnp.sum(jnp.sin(model.apply({"params": boft.combine(frozen, adapter)}, x) - target))
+
+        def loss_ref(adapter, x):  # the definition with a dense M, differentiated by JAX
+            a = adapter["proj"]["kernel"]
+            blocks = boft.cayley(a["skew"])
+            M = boft.rotation_matrix(blocks)
+            y = (x @ M) @ frozen["proj"]["kernel"] * a["scale"] + frozen["proj"]["bias"]
+            return jnp.sum(jnp.sin(y - target))
+
+        a = adapter["proj"]["kernel"]
+        y = model.apply({"params": boft.combine(frozen, adapter)}, x)
+        ref = dense_layer(x, frozen["proj"]["kernel"], np_cayley_from_packed(a["skew"], b), a["scale"], frozen["proj"]["bias"])
+        np.testing.assert_allclose(y, ref, rtol=1e-10, atol=1e-10)
+        g, g_ref = jax.grad(loss, argnums=(0, 1))(adapter, x), jax.grad(loss_ref, argnums=(0, 1))(adapter, x)
+        for got, want in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
+            np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_fully_dense_butterfly_never_builds_a_d_by_d_array(mode):
+    """d = 1024, b = 8, m = 8 (M fully dense): forward + backward keep every array below d x d."""
+    d, b, m, tokens = 1024, 8, 8, 6
+    cfg = boft.BOFTConfig(block_size=b, n_factors=m, targets="proj", mode=mode)
+    x = jnp.zeros((tokens, d))
+    model = boft.wrap(Proj(), cfg)
+    params = model.init(jax.random.key(0), x)["params"]
+    frozen, adapter = boft.split(params, cfg)
+
+    def loss(adapter, x):
+        return jnp.sum(model.apply({"params": boft.combine(frozen, adapter)}, x) ** 2)
+
+    closed = jax.make_jaxpr(jax.value_and_grad(loss, argnums=(0, 1)))(adapter, x)
+    shapes = [tuple(getattr(v.aval, "shape", ())) for e in all_eqns(closed.jaxpr) for v in e.outvars]
+    assert len(shapes) > 50
+    offending = [s for s in shapes if sum(a >= d for a in s) >= 2]
+    assert not offending, offending
 
 
 @pytest.mark.parametrize("mode", MODES)

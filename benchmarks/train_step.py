@@ -1,0 +1,525 @@
+"""Issue 3: one training step of a ViT-B/16-shaped model: frozen floor, LoRA, BOFT, naive PEFT port.
+
+Model: random weights, hidden 768, MLP 3072, 12 heads, pre-LN blocks with separate
+query/key/value/out Dense layers (the Hugging Face ViT layout), 197 tokens per image (CLS + 14x14
+patches; the input is the patch embedding output), final LayerNorm and a frozen 1000-way head on the
+CLS token.  Adapters on query, key, value, attention out, fc1 and fc2 of every block.
+
+A train step = forward + backward w.r.t. the adapter params only + ``optax.adamw`` update, jitted,
+adapter and optimizer state donated.  Every variant goes through ``flax.linen.intercept_methods``:
+
+  frozen       forward + gradient w.r.t. the input embeddings only (no params train): the floor
+  lora         minimal LoRA written here, r = 8, alpha = 16: ``y = x K + (x A) B * alpha / r``
+  boft m=..    boft_jax with block_size = b (default 8), n_factors = m, mode input / weight / auto
+  peft m=..    naive JAX port of PEFT's dense construction: Cayley on full (m k, b, b) params,
+               dense block diagonals, (m, d, d) permutation matrices (buffers), ``P B P^T`` per
+               factor, multiplied into ``M``, then ``x @ ((M K) * s)``
+
+Times are medians over interleaved repeats (all candidates are compiled first, then each repeat
+runs every candidate once, in turn), so machine noise hits them alike.  Memory is XLA's compiled
+``memory_analysis()``: temp + output bytes of the step (the arguments - frozen weights, adapter,
+optimizer state - are listed separately).
+
+Usage::
+
+  python benchmarks/train_step.py                 # full run (several minutes)
+  python benchmarks/train_step.py --quick         # smoke run: 1 layer, batch 1, few repeats
+  python benchmarks/train_step.py --layers 4 --batch 4 --dtype float32 --repeats 9
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import functools
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import boft_jax as boft  # noqa: E402
+
+TARGETS = r"attention/(?:query|key|value|out)|mlp/(?:fc1|fc2)"
+
+
+# ---------------------------------------------------------------------------------------------
+# The model (ViT-B/16 encoder blocks, random weights)
+# ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    hidden: int = 768
+    mlp: int = 3072
+    heads: int = 12
+    layers: int = 4
+    tokens: int = 197
+    classes: int = 1000
+
+
+class Attention(nn.Module):
+    shape: Shape
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x):
+        s = self.shape
+        dense = functools.partial(nn.Dense, s.hidden, dtype=self.dtype)
+        heads = lambda t: t.reshape(*t.shape[:-1], s.heads, s.hidden // s.heads)  # noqa: E731
+        q, k, v = (heads(dense(name=n)(x)) for n in ("query", "key", "value"))
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(s.hidden // s.heads).astype(q.dtype)
+        probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(x.shape)
+        return dense(name="out")(out)
+
+
+class MLP(nn.Module):
+    shape: Shape
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.gelu(nn.Dense(self.shape.mlp, dtype=self.dtype, name="fc1")(x))
+        return nn.Dense(self.shape.hidden, dtype=self.dtype, name="fc2")(h)
+
+
+class Block(nn.Module):
+    shape: Shape
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x):
+        x = x + Attention(self.shape, self.dtype, name="attention")(nn.LayerNorm(dtype=self.dtype)(x))
+        return x + MLP(self.shape, self.dtype, name="mlp")(nn.LayerNorm(dtype=self.dtype)(x))
+
+
+class ViT(nn.Module):
+    shape: Shape
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x):  # x: (batch, tokens, hidden) patch embeddings + CLS
+        for i in range(self.shape.layers):
+            x = Block(self.shape, self.dtype, name=f"layer_{i}")(x)
+        x = nn.LayerNorm(dtype=self.dtype)(x)
+        return nn.Dense(self.shape.classes, dtype=self.dtype, name="classifier")(x[:, 0])
+
+
+def _is_target(module: nn.Module) -> bool:
+    return boft.BOFTConfig(block_size=1, targets=TARGETS).matches("/".join(module.path))
+
+
+# ---------------------------------------------------------------------------------------------
+# Minimal LoRA through the same kind of interception
+# ---------------------------------------------------------------------------------------------
+@jax.custom_vjp
+def _lora_branch(x, a, b):
+    """``(x @ a) @ b`` for ``x (T, d_in)``; the backward pass orders its matmuls so that XLA:CPU never
+    transposes ``x`` (autodiff's ``dA = x^T dh`` makes XLA copy ``x`` transposed, which costs more
+    than the matmul itself; ``dA = (dh^T x)^T`` only transposes the thin ``dh`` and the result)."""
+    return (x @ a) @ b
+
+
+def _lora_fwd(x, a, b):
+    h = x @ a
+    return h @ b, (x, a, b, h)
+
+
+def _lora_bwd(res, g):
+    x, a, b, h = res
+    dh = g @ b.T.astype(g.dtype)
+    db = jax.lax.dot_general(h, g, (((0,), (0,)), ((), ())))
+    da = jax.lax.dot_general(dh, x, (((0,), (0,)), ((), ()))).T
+    return (dh @ a.T.astype(dh.dtype)).astype(x.dtype), da.astype(a.dtype), db.astype(b.dtype)
+
+
+_lora_branch.defvjp(_lora_fwd, _lora_bwd)
+
+
+class LoRA(nn.Module):
+    """``model`` with LoRA on the targeted Dense layers: params ``lora_a (d_in, r)``, ``lora_b (r, d_out)``.
+
+    ``tuned=False``: plain autodiff of ``(x @ A) @ B`` (how LoRA is usually written);
+    ``tuned=True``: the same math with the hand-ordered backward pass of :func:`_lora_branch`.
+    """
+
+    model: nn.Module
+    rank: int = 8
+    alpha: float = 16.0
+    tuned: bool = False
+
+    def setup(self):
+        nn.share_scope(self, self.model)
+
+    def __call__(self, *args, **kwargs):
+        def intercept(next_fun, a, kw, context):
+            mod = context.module
+            if context.method_name != "__call__" or not isinstance(mod, nn.Dense) or not _is_target(mod):
+                return next_fun(*a, **kw)
+            x = a[0]
+            y = next_fun(*a, **kw)
+            init_a = nn.initializers.variance_scaling(1.0, "fan_in", "uniform")
+            lora_a = mod.param("lora_a", init_a, (x.shape[-1], self.rank), jnp.float32)
+            # Non-zero B so the branch is a real computation (timing does not depend on values).
+            lora_b = mod.param("lora_b", nn.initializers.normal(1e-3), (self.rank, mod.features), jnp.float32)
+            x, lora_a, lora_b = nn.dtypes.promote_dtype(x, lora_a, lora_b, dtype=mod.dtype)
+            if self.tuned:
+                x2 = x.reshape(-1, x.shape[-1])
+                return y + _lora_branch(x2, lora_a, lora_b).reshape(y.shape) * (self.alpha / self.rank)
+            return y + (x @ lora_a) @ lora_b * (self.alpha / self.rank)
+
+        with nn.intercept_methods(intercept):
+            return self.model(*args, **kwargs)
+
+
+def _split_by_name(params, names):
+    """(frozen, adapter) where adapter holds the leaves whose key is in ``names``."""
+
+    def go(tree, want):
+        out = {}
+        for k, v in tree.items():
+            if isinstance(v, dict):
+                sub = go(v, want)
+                if sub:
+                    out[k] = sub
+            elif (k in names) == want:
+                out[k] = v
+        return out
+
+    return go(params, False), go(params, True)
+
+
+def _merge_trees(a, b):
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge_trees(a[k], v) if k in a and isinstance(v, dict) else v
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# BOFT by plain autodiff of the public structured products (the linen path before issue 3)
+# ---------------------------------------------------------------------------------------------
+class AutodiffBOFT(nn.Module):
+    """``y = ((x M) K) * s + bias`` with ``boft.rotate`` / ``boft.rotate_kernel`` (``m`` permuted
+    block-diagonal einsums) and ``boft.cayley``, differentiated by JAX: what ``boft.wrap`` computed
+    before issue 3.  ``mode="weight"``: ``x @ ((M K) * s)``, whose autodiff pays ``x^T dy``."""
+
+    model: nn.Module
+    block_size: int = 8
+    n_factors: int = 1
+    mode: str = "input"
+
+    def setup(self):
+        nn.share_scope(self, self.model)
+
+    def __call__(self, *args, **kwargs):
+        b, m = self.block_size, self.n_factors
+
+        def intercept(next_fun, a, kw, context):
+            mod = context.module
+            if context.method_name != "__call__" or not isinstance(mod, nn.Dense) or not _is_target(mod):
+                return next_fun(*a, **kw)
+            x = a[0]
+            d = x.shape[-1]
+            kernel = mod.param("kernel", mod.kernel_init, (d, mod.features), mod.param_dtype)
+            bias = mod.param("bias", mod.bias_init, (mod.features,), mod.param_dtype)
+            skew = mod.param("boft_skew", nn.initializers.zeros, (m, d // b, b * (b - 1) // 2), jnp.float32)
+            scale = mod.param("boft_s", nn.initializers.ones, (mod.features,), jnp.float32)
+            blocks = boft.cayley(skew)
+            x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=mod.dtype)
+            if self.mode == "weight":
+                w = (boft.rotate_kernel(kernel, blocks) * scale).astype(kernel.dtype)
+                return x @ w + bias
+            return (boft.rotate(x, blocks) @ kernel) * scale.astype(x.dtype) + bias
+
+        with nn.intercept_methods(intercept):
+            return self.model(*args, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Naive JAX port of PEFT's BOFT layer (dense permutations, dense block diagonals, dense M)
+# ---------------------------------------------------------------------------------------------
+class PEFTNaive(nn.Module):
+    """PEFT's ``boft`` Linear forward, ported op for op (see peft/tuners/boft/layer.py).
+
+    Params per targeted layer: ``boft_R (m, k, b, b)`` (full matrices; the skew part is used) and
+    ``boft_s (d_out,)``; buffers ``boft_P (m, d, d)`` in the ``"buffers"`` collection.
+    """
+
+    model: nn.Module
+    block_size: int = 8
+    n_factors: int = 1
+
+    def setup(self):
+        nn.share_scope(self, self.model)
+
+    def __call__(self, *args, **kwargs):
+        b, m = self.block_size, self.n_factors
+
+        def intercept(next_fun, a, kw, context):
+            mod = context.module
+            if context.method_name != "__call__" or not isinstance(mod, nn.Dense) or not _is_target(mod):
+                return next_fun(*a, **kw)
+            x = a[0]
+            d = x.shape[-1]
+            k = d // b
+            kernel = mod.param("kernel", mod.kernel_init, (d, mod.features), mod.param_dtype)
+            bias = mod.param("bias", mod.bias_init, (mod.features,), mod.param_dtype)
+            R = mod.param("boft_R", nn.initializers.zeros, (m, k, b, b), jnp.float32)
+            s = mod.param("boft_s", nn.initializers.ones, (mod.features,), jnp.float32)
+
+            def perm_mats(_):
+                perms = boft.butterfly_permutations(d, b, m)
+                P = np.zeros((m, d, d), np.float32)
+                for i, p in enumerate(perms):
+                    P[i, np.arange(d), p] = 1.0
+                return jnp.asarray(P)
+
+            P = mod.variable("buffers", "boft_P", perm_mats, None).value
+            R = R.reshape(m * k, b, b)
+            skew = 0.5 * (R - jnp.swapaxes(R, -1, -2))
+            eye = jnp.eye(b, dtype=skew.dtype)
+            Q = jnp.linalg.solve(eye + skew, jnp.broadcast_to(eye, skew.shape) - skew)  # cayley_batch
+            Q = Q.reshape(m, k, b, b)
+            # torch.block_diag(*blocks) for each factor: (m, d, d)
+            bd = jnp.einsum("mkce,kj->mkcje", Q, jnp.eye(k, dtype=Q.dtype)).reshape(m, d, d)
+            mats = P @ bd @ jnp.swapaxes(P, -1, -2)  # boft_P @ block_diag @ boft_P^T (bmm x 2)
+            M = mats[0]
+            for i in range(1, m):
+                M = mats[i] @ M
+            # PEFT rotates the (in, out)-transposed weight, then scales its output rows.
+            W = (M @ kernel.astype(jnp.float32)) * s
+            x, W, bias_ = nn.dtypes.promote_dtype(x, W, bias, dtype=mod.dtype)
+            return x @ W + bias_
+
+        with nn.intercept_methods(intercept):
+            return self.model(*args, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Candidates
+# ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Candidate:
+    name: str
+    step: Callable  # jitted; called as step(*state, *static_args) -> new state (+ loss)
+    state: tuple  # donated leading args (adapter, opt_state)
+    static: tuple  # frozen params, inputs, labels
+    n_adapter: int
+    repeats: int = 0
+    times: list = dataclasses.field(default_factory=list)
+    mem: dict = dataclasses.field(default_factory=dict)
+    raw: Callable | None = None  # the un-jitted step (for profiling without donation)
+
+    def run(self):
+        out = self.step(*self.state, *self.static)
+        if self.state:
+            self.state = out[:2]
+        return out
+
+
+def _loss(logits, labels):
+    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels).mean()
+
+
+def _train_candidate(name, apply_fn, frozen, adapter, extra_vars, x, labels, combine=None) -> Candidate:
+    opt = optax.adamw(1e-4)
+    combine = combine or _merge_trees
+
+    def step(adapter, opt_state, frozen, extra, x, labels):
+        def loss_fn(adapter):
+            params = combine(frozen, adapter)
+            return _loss(apply_fn({"params": params, **extra}, x), labels)
+
+        loss, grads = jax.value_and_grad(loss_fn)(adapter)
+        updates, opt_state = opt.update(grads, opt_state, adapter)
+        return optax.apply_updates(adapter, updates), opt_state, loss
+
+    jitted = jax.jit(step, donate_argnums=(0, 1))
+    n = sum(int(np.prod(l.shape)) for l in jax.tree.leaves(adapter))
+    c = Candidate(name, jitted, (adapter, opt.init(adapter)), (frozen, extra_vars, x, labels), n)
+    c.raw = step
+    return c
+
+
+def build(args) -> list[Candidate]:
+    dtype = jnp.dtype(args.dtype)
+    shape = Shape(layers=args.layers, tokens=args.tokens)
+    base = ViT(shape, dtype=dtype)
+    rng = jax.random.key(0)
+    x = jax.random.normal(jax.random.key(1), (args.batch, shape.tokens, shape.hidden), jnp.float32).astype(dtype)
+    labels = jax.random.randint(jax.random.key(2), (args.batch,), 0, shape.classes)
+    base_params = jax.jit(base.init)(rng, x)["params"]
+    base_params = jax.tree.map(lambda a: a.astype(dtype), base_params)
+    cands = []
+    want = set(args.only.split(",")) if args.only else None
+
+    def wanted(name):
+        return want is None or any(name.startswith(w) for w in want)
+
+    if wanted("frozen"):
+        # The floor: forward + backward to the inputs, nothing trains, no optimizer.
+        def frozen_step(params, x, labels):
+            return jax.grad(lambda x: _loss(base.apply({"params": params}, x), labels))(x)
+
+        cands.append(Candidate("frozen", jax.jit(frozen_step), (), (base_params, x, labels), 0))
+        cands[-1].raw = frozen_step
+
+    for tuned in (False, True):
+        name = "lora r=8 tuned" if tuned else "lora r=8"
+        if not wanted(name):
+            continue
+        model = LoRA(base, rank=8, tuned=tuned)
+        params = jax.jit(model.init)(rng, x)["params"]
+        frozen, adapter = _split_by_name(params, {"lora_a", "lora_b"})
+        frozen = jax.tree.map(lambda a: a.astype(dtype), frozen)
+        cands.append(_train_candidate(name, model.apply, frozen, adapter, {}, x, labels))
+
+    for m in args.factors:
+        for mode in args.modes:
+            name = f"boft m={m} {mode}"
+            if not wanted(name):
+                continue
+            cfg = boft.BOFTConfig(block_size=args.block_size, n_factors=m, targets=TARGETS, mode=mode)
+            model = boft.wrap(base, cfg)
+            params = jax.jit(model.init)(rng, x)["params"]
+            frozen, adapter = boft.split(params, cfg)
+            frozen = jax.tree.map(lambda a: a.astype(dtype), frozen)
+            # A non-identity adapter (values do not change the time, but keep it honest).
+            adapter = jax.tree.map(
+                lambda a: a + 0.01 * jax.random.normal(jax.random.key(3), a.shape, a.dtype), adapter
+            )
+            cands.append(
+                _train_candidate(name, model.apply, frozen, adapter, {}, x, labels, combine=boft.combine)
+            )
+
+    for m in getattr(args, "autodiff_factors", []):
+        for mode in ("input", "weight"):
+            name = f"autodiff m={m} {mode}"
+            if not wanted(name):
+                continue
+            model = AutodiffBOFT(base, block_size=args.block_size, n_factors=m, mode=mode)
+            params = jax.jit(model.init)(rng, x)["params"]
+            frozen, adapter = _split_by_name(params, {"boft_skew", "boft_s"})
+            frozen = jax.tree.map(lambda a: a.astype(dtype), frozen)
+            adapter = jax.tree.map(
+                lambda a: a + 0.01 * jax.random.normal(jax.random.key(3), a.shape, a.dtype), adapter
+            )
+            cands.append(_train_candidate(name, model.apply, frozen, adapter, {}, x, labels))
+
+    for m in args.peft_factors:
+        name = f"peft m={m} naive"
+        if not wanted(name):
+            continue
+        model = PEFTNaive(base, block_size=args.block_size, n_factors=m)
+        variables = jax.jit(model.init)(rng, x)
+        frozen, adapter = _split_by_name(variables["params"], {"boft_R", "boft_s"})
+        frozen = jax.tree.map(lambda a: a.astype(dtype), frozen)
+        c = _train_candidate(name, model.apply, frozen, adapter, {"buffers": variables["buffers"]}, x, labels)
+        c.repeats = args.peft_repeats
+        cands.append(c)
+    return cands
+
+
+# ---------------------------------------------------------------------------------------------
+# Measurement
+# ---------------------------------------------------------------------------------------------
+def _memory(c: Candidate) -> dict:
+    compiled = c.step.lower(*c.state, *c.static).compile()
+    ma = compiled.memory_analysis()
+    if ma is None:
+        return {}
+    return {
+        "temp": ma.temp_size_in_bytes,
+        "out": ma.output_size_in_bytes,
+        "args": ma.argument_size_in_bytes,
+        "peak": ma.temp_size_in_bytes + ma.output_size_in_bytes,
+    }
+
+
+def measure(cands: list[Candidate], repeats: int, warmup: int = 2, log=print) -> None:
+    for c in cands:
+        t = time.perf_counter()
+        c.mem = _memory(c)
+        for _ in range(warmup):
+            jax.block_until_ready(c.run())
+        log(f"  compiled + warmed {c.name:18s} in {time.perf_counter() - t:6.1f} s")
+    for r in range(repeats):
+        for c in cands:
+            if c.repeats and r >= c.repeats:
+                continue
+            t = time.perf_counter()
+            jax.block_until_ready(c.run())
+            c.times.append(time.perf_counter() - t)
+        log(f"  repeat {r + 1}/{repeats} done")
+
+
+def table(cands: list[Candidate]) -> str:
+    # The reference is the stricter LoRA: the faster variant, and the smaller peak.
+    loras = [c for c in cands if c.name.startswith("lora")] or cands[:1]
+    ref = min(loras, key=lambda c: statistics.median(c.times))
+    t_ref = statistics.median(ref.times)
+    tmin_ref = min(ref.times)
+    m_ref = min(c.mem.get("peak", 0) for c in loras) or 1
+    rows = [
+        "| variant | trainable | step ms (median) | vs LoRA | min ms | vs LoRA (min) | n | peak temp+out MiB | vs LoRA |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for c in cands:
+        t = statistics.median(c.times)
+        tmin = min(c.times)
+        peak = c.mem.get("peak", 0)
+        rows.append(
+            f"| {c.name} | {c.n_adapter:,} | {t * 1e3:.1f} | {t / t_ref:.3f}x | {tmin * 1e3:.1f} | {tmin / tmin_ref:.3f}x |"
+            f" {len(c.times)} | {peak / 2**20:.1f} | {peak / m_ref:.3f}x |"
+        )
+    return "\n".join(rows)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="smoke run: 1 layer, batch 1, 3 repeats, m=1,2")
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--tokens", type=int, default=197)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--block-size", type=int, default=8)
+    p.add_argument("--factors", type=int, nargs="+", default=[1, 2, 4])
+    p.add_argument("--modes", nargs="+", default=["input", "weight", "auto"])
+    p.add_argument("--peft-factors", type=int, nargs="*", default=[1, 2, 4])
+    p.add_argument(
+        "--autodiff-factors", type=int, nargs="*", default=[],
+        help="also time plain autodiff of boft.rotate/rotate_kernel (the pre-issue-3 linen path) for these m",
+    )
+    p.add_argument("--repeats", type=int, default=9)
+    p.add_argument("--peft-repeats", type=int, default=3, help="repeats for the (slow) naive PEFT port")
+    p.add_argument("--only", default="", help="comma-separated name prefixes, e.g. 'lora,boft m=1'")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.layers, args.batch, args.repeats, args.peft_repeats = 1, 1, 3, 2
+        args.factors = [f for f in args.factors if f <= 2]
+        args.peft_factors = [f for f in args.peft_factors if f <= 2]
+
+    print(
+        f"# train_step: ViT-B/16 shapes, {args.layers} layers, batch {args.batch}, {args.tokens} tokens,"
+        f" {args.dtype}, b = {args.block_size}; adapters on q, k, v, out, fc1, fc2"
+    )
+    print(
+        f"# {datetime.date.today()}  jax {jax.__version__}  {platform.processor() or platform.machine()}"
+        f"  {os.cpu_count()} cpus  devices {jax.devices()}"
+    )
+    cands = build(args)
+    measure(cands, args.repeats)
+    print(table(cands))
+
+
+if __name__ == "__main__":
+    main()

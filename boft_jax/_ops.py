@@ -1,0 +1,272 @@
+"""Fast BOFT products for the linen layers (private; the public math lives in :mod:`butterfly`).
+
+Notation: ``x (T, d)`` token rows, frozen kernel ``K (d, n)``, scale ``s (n,)``,
+``M = F_{m-1} ... F_0`` with ``k`` blocks of size ``b`` per factor.
+
+1. ``M`` is block diagonal with dense ``S x S`` blocks, ``S = b 2^(m-1)``: factor ``i`` only mixes
+   features inside chunks of ``b 2^i``, so the product of all ``m`` factors stays inside chunks of
+   ``S``.  :func:`span_blocks` builds those ``G = d / S`` blocks ``B (G, S, S)`` once per call
+   (``2 m b S d`` FLOPs, nothing next to a layer), and every product with ``M`` becomes *one*
+   structured product instead of ``m`` permuted ones.  For ``m <= 2`` this costs the same FLOPs as
+   the factored form (``S = m b``); for ``m = 4``, ``b = 8`` it costs 2x the FLOPs in one pass.
+   Deeper butterflies (``2^(m-1) > 2 m``, or ``S = d``: ``M`` fully dense) keep the ``m`` factors
+   instead (:func:`use_span`, :func:`rotation_operand`): every product below accepts either form,
+   so no ``d x d`` array is ever built.
+
+2. Products with ``M`` on the token side (``x M``, ``u M^T``) never transpose the ``(T, d)``
+   activations (XLA:CPU copies a transposed ``(T, d)`` array at a fraction of memory bandwidth):
+
+   - for ``S <= 16``, elementwise: ``(x M)[t, gS + e] = sum_c x[t, gS + c] Y[c, gS + e]`` with the
+     coefficient rows ``Y[c, gS + e] = B[g, c, e]`` (:func:`_coeff_rows`): ``S`` broadcast
+     multiply-adds over contiguous rows, which XLA fuses into one vectorized loop.  ``Y`` must be
+     its own row-major buffer (if XLA fused the transpose that builds it into the loop, the loop
+     would gather ``Y`` and run ~10x slower), so it is produced by a (tiny) matmul with the
+     identity: a matmul's result is always materialized in row-major layout on XLA:CPU.
+   - for larger ``S``: one batched matmul on a ``(G, T, S)`` view (that transpose moves ``S``-float
+     runs, which is cheap).
+
+3. Block gradients ``dB_g = x_g^T u_g`` (a reduction over tokens) are one batched matmul on
+   ``(G, T, S)`` views of ``x`` and ``u``.
+
+4. :func:`boft_dense` (weight-centric, a ``jax.custom_vjp``): forward ``z = x (M K)``, ``y = z s``
+   (the structured product touches the ``d x n`` kernel, not the tokens); backward with
+   ``u = (dy s) K^T`` (the frozen layer's own input gradient): ``dx = u M^T``, ``dB_g = x_g^T u_g``,
+   ``ds = sum_t dy z``.  Autodiff of the same forward would pay a full weight gradient ``x^T dy``
+   (as many FLOPs as the layer's matmul).  :func:`rotate_rows` (input-centric) has the same backward
+   and rotates the tokens in the forward pass.  Both are exact; the kernel's cotangent (``M^T x^T
+   (dy s)``, a full matmul) is computed only when asked for (XLA drops it for a frozen kernel).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from boft_jax.butterfly import rotate, rotate_kernel
+
+__all__ = ["span", "use_span", "span_blocks", "rotation_operand", "rotate_rows", "rotate_kernel_any", "boft_dense"]
+
+_EW_MAX_SPAN = 16  # elementwise token products up to this block size, batched matmuls above
+_BLOCK_GRAD_MIN_SPAN = 16  # block gradients on at least 16-wide blocks (see _block_grad)
+_HI = jax.lax.Precision.HIGHEST
+
+
+def span(block_size: int, n_factors: int) -> int:
+    """Width ``S = b 2^(m-1)`` of the dense diagonal blocks of ``M``."""
+    return block_size * 2 ** (n_factors - 1)
+
+
+def use_span(d: int, block_size: int, n_factors: int) -> bool:
+    """Whether the layers apply ``M`` through its dense ``S x S`` diagonal blocks (point 1 above).
+
+    Yes for ``m = 1`` (the blocks themselves), and for ``m > 1`` while it costs at most 2x the
+    FLOPs of the factored form (``S / (m b) = 2^(m-1) / m <= 2``, i.e. ``m <= 4``) and ``M`` has at
+    least two diagonal blocks (``S < d``).  Otherwise (deep butterflies, whose ``M`` is dense or
+    nearly so) ``M`` is applied factor by factor with :func:`boft_jax.rotate`: ``2 m b d`` FLOPs per
+    row, never a ``d x d`` array.
+    """
+    if n_factors == 1:
+        return True
+    return 2 ** (n_factors - 1) <= 2 * n_factors and span(block_size, n_factors) < d
+
+
+def rotation_operand(blocks: jax.Array) -> jax.Array:
+    """What the products below take for ``M``: ``(G, S, S)`` span blocks or the ``(m, k, b, b)`` factors.
+
+    Chosen by :func:`use_span`; the products dispatch on the rank (3: span form, 4: factors).
+    """
+    m, k, b, _ = blocks.shape
+    return span_blocks(blocks) if use_span(k * b, b, m) else blocks
+
+
+def span_blocks(blocks: jax.Array) -> jax.Array:
+    """The ``(G, S, S)`` dense diagonal blocks ``B`` of ``M`` from ``(m, k, b, b)`` factor blocks.
+
+    ``M = blockdiag(B_0, ..., B_{G-1})`` exactly (``B_g = M[gS:(g+1)S, gS:(g+1)S]``).  Built by the
+    structured product itself: with ``X0 (S, d)``, ``X0[r, g S + c] = [r == c]``, ``(X0 M)[r, g S +
+    c] = B_g[r, c]``.  ``2 m b S d`` FLOPs; differentiable.
+    """
+    m, k, b, _ = blocks.shape
+    if m == 1:
+        return blocks[0]
+    s = span(b, m)
+    g = k * b // s
+    x0 = jnp.tile(jnp.eye(s, dtype=blocks.dtype), (1, g))
+    y = rotate(x0, blocks, precision=_HI)  # (S, d)
+    return y.reshape(s, g, s).transpose(1, 0, 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Structured products
+# ---------------------------------------------------------------------------------------------
+def _coeff_rows(B: jax.Array, transpose: bool) -> jax.Array:
+    """``Y (S, G S)``: ``Y[c, gS + e] = B[g, c, e]`` (``x M``) or ``B[g, e, c]`` (``u M^T``).
+
+    Computed as ``I @ B`` so that XLA materializes it row-major (see the module docstring).
+    """
+    g, s, _ = B.shape
+    eye = jnp.eye(s, dtype=B.dtype)
+    spec = "cd,ged->cge" if transpose else "cd,gde->cge"
+    return jnp.einsum(spec, eye, B, precision=_HI).reshape(s, g * s)
+
+
+def _rows(x: jax.Array, B: jax.Array, transpose: bool, precision=None, elementwise: bool = True) -> jax.Array:
+    """``x M`` (or ``x M^T``) for ``x (T, d)``, ``M = blockdiag(B)``, in the promoted dtype.
+
+    ``elementwise=True`` (used when ``S <= 16``) reads ``x`` ``S`` times inside one fused loop, so
+    ``x`` must be a materialized array (e.g. a matmul's result): XLA fuses cheap elementwise
+    producers (a LayerNorm, a GELU) into the loop and would then recompute them ``S`` times.
+    """
+    t, d = x.shape
+    g, s, _ = B.shape
+    dtype = jnp.result_type(x.dtype, B.dtype)
+    if elementwise and s <= _EW_MAX_SPAN:
+        y = _coeff_rows(B.astype(dtype), transpose)
+        xv = x.reshape(t, g, s)
+        out = None
+        for c in range(s):
+            term = jnp.broadcast_to(xv[:, :, c : c + 1], (t, g, s)).reshape(t, d).astype(dtype) * y[c]
+            out = term if out is None else out + term
+        return out
+    xt = x.reshape(t, g, s).transpose(1, 0, 2).astype(dtype)
+    spec = "gtc,gec->gte" if transpose else "gtc,gce->gte"
+    return jnp.einsum(spec, xt, B.astype(dtype), precision=precision).transpose(1, 0, 2).reshape(t, d)
+
+
+def _block_grad(x: jax.Array, u: jax.Array, g: int, s: int, precision=None) -> jax.Array:
+    """``dB[h] = x_h^T u_h`` (at least float32 accumulation) for ``x, u (T, d)`` seen as ``(T, G, S)``.
+
+    One batched matmul over tokens on ``(G', T, S')`` views, ``S' = max(S, 16)`` (``S'``-float runs
+    fill a 64-byte cache line in the transposes; for ``S < S'`` the diagonal ``S``-blocks of the
+    ``S'``-blocks are kept, at ``S'/S`` times the (small) FLOPs).
+    """
+    t, d = x.shape
+    sg = s
+    while sg < _BLOCK_GRAD_MIN_SPAN and d % (2 * sg) == 0:
+        sg *= 2
+    gg = d // sg
+    xt = x.reshape(t, gg, sg).transpose(1, 0, 2)
+    ut = u.reshape(t, gg, sg).transpose(1, 0, 2)
+    acc = jnp.promote_types(jnp.float32, jnp.result_type(x.dtype, u.dtype))
+    db = jnp.einsum("gtr,gtc->grc", xt, ut, precision=precision, preferred_element_type=acc)
+    if sg == s:
+        return db
+    k = sg // s
+    db = db.reshape(gg, k, s, k, s)
+    return jnp.stack([db[:, i, :, i, :] for i in range(k)], axis=1).reshape(g, s, s)
+
+
+def _rotate_kernel(kernel: jax.Array, B: jax.Array, precision=None) -> jax.Array:
+    """``M K`` for ``K (d, n)``: ``(M K)[g S + r] = sum_c B[g, r, c] K[g S + c]``; promoted dtype.
+
+    For ``S <= 16`` elementwise (``S`` multiply-adds of contiguous kernel rows by scalars, one fused
+    loop); above, one batched matmul.  No transposes either way.
+    """
+    d, n = kernel.shape
+    g, s, _ = B.shape
+    dtype = jnp.result_type(kernel.dtype, B.dtype)
+    k3 = kernel.reshape(g, s, n).astype(dtype)
+    B = B.astype(dtype)
+    if s <= _EW_MAX_SPAN:
+        w = None
+        for c in range(s):
+            term = B[:, :, c, None] * k3[:, None, c, :]
+            w = term if w is None else w + term
+    else:
+        w = jnp.einsum("grc,gcn->grn", B, k3, precision=precision)
+    return w.reshape(d, n)
+
+
+def rotate_kernel_any(kernel: jax.Array, R: jax.Array, precision=None) -> jax.Array:
+    """``M K`` for ``K (d, n)``, ``R`` from :func:`rotation_operand`; promoted dtype; differentiable."""
+    if R.ndim == 4:
+        dtype = jnp.result_type(kernel.dtype, R.dtype)
+        return rotate_kernel(kernel.astype(dtype), R, precision=precision)
+    return _rotate_kernel(kernel, R, precision)
+
+
+# ---------------------------------------------------------------------------------------------
+# Input-centric: x -> x M
+# ---------------------------------------------------------------------------------------------
+def rotate_rows(x: jax.Array, R: jax.Array, precision=None) -> jax.Array:
+    """``x M`` for ``x (T, d)``; ``R`` from :func:`rotation_operand`; promoted dtype.
+
+    Span form ``R = B (G, S, S)``: one structured product, backward ``dx = g M^T``,
+    ``dB_h = x_h^T g_h`` (no transposes of ``(T, d)`` arrays).  Factor form ``R (m, k, b, b)``:
+    :func:`boft_jax.rotate` and its autodiff (``m`` structured products each way).
+    """
+    if R.ndim == 4:
+        dtype = jnp.result_type(x.dtype, R.dtype)
+        return rotate(x.astype(dtype), R, precision=precision)
+    return _rotate_span_rows(x, R, precision)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _rotate_span_rows(x: jax.Array, B: jax.Array, precision=None) -> jax.Array:
+    return _rows(x, B, False, precision, elementwise=False)
+
+
+def _rotate_rows_fwd(x, B, precision):
+    # x is the layer's input, often an unmaterialized LayerNorm/GELU: use the matmul form.
+    return _rows(x, B, False, precision, elementwise=False), (x, B)
+
+
+def _rotate_rows_bwd(precision, res, g):
+    x, B = res
+    G, s, _ = B.shape
+    dx = _rows(g, B, True, precision).astype(x.dtype)
+    dB = _block_grad(x, g, G, s, precision).astype(B.dtype)
+    return dx, dB
+
+
+_rotate_span_rows.defvjp(_rotate_rows_fwd, _rotate_rows_bwd)
+
+
+# ---------------------------------------------------------------------------------------------
+# Weight-centric: y = (x (M K)) * s with a structured backward pass
+# ---------------------------------------------------------------------------------------------
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def boft_dense(x: jax.Array, kernel: jax.Array, R: jax.Array, scale: jax.Array, precision=None) -> jax.Array:
+    """``(x @ (M K)) * s`` for ``x (T, d_in)``, ``K (d_in, d_out)``, ``s (d_out,)``; ``R`` from
+    :func:`rotation_operand` (span blocks ``(G, S, S)`` or factor blocks ``(m, k, b, b)``).
+
+    Forward: ``W = M K`` (cast to ``K``'s dtype), ``z = x W``, ``y = z * s`` (``x``'s dtype).
+    Backward (exact): ``u = (dy s) K^T``, ``dx = u M^T``, ``dR`` from ``<u, x M>`` (span form:
+    ``dB_g = x_g^T u_g``; factor form: the autodiff of :func:`boft_jax.rotate` with cotangent
+    ``u``), ``ds = sum_t dy z``, ``dK = M^T x^T (dy s)`` (dropped by XLA when the kernel is frozen).
+    No ``x^T dy`` weight gradient is computed for a frozen kernel: that matmul would cost as much as
+    the layer itself.
+    """
+    return _boft_dense_fwd(x, kernel, R, scale, precision)[0]
+
+
+def _boft_dense_fwd(x, kernel, R, scale, precision):
+    w = rotate_kernel_any(kernel, R, precision).astype(kernel.dtype)
+    z = jax.lax.dot_general(x, w, (((1,), (0,)), ((), ())), precision=precision)
+    return z * scale.astype(z.dtype), (x, kernel, R, scale, z)
+
+
+def _boft_dense_bwd(precision, res, dy):
+    x, kernel, B, scale, z = res
+    dz = dy * scale.astype(dy.dtype)
+    acc = jnp.promote_types(jnp.float32, dy.dtype)
+    ds = jnp.sum(dy.astype(acc) * z.astype(acc), axis=0).astype(scale.dtype)
+    u = jax.lax.dot_general(dz, kernel.astype(dz.dtype), (((1,), (1,)), ((), ())), precision=precision)
+    gw = jax.lax.dot_general(x, dz.astype(x.dtype), (((0,), (0,)), ((), ())), precision=precision)
+    if B.ndim == 4:  # factor form: the structured autodiff of rotate / rotate_kernel
+        dtype = jnp.result_type(x.dtype, B.dtype)
+        _, pull = jax.vjp(lambda x, B: rotate(x, B, precision=precision), x.astype(dtype), B)
+        dx, dB = pull(u.astype(dtype))
+        _, pull_k = jax.vjp(lambda k: rotate_kernel(k, B, precision=precision), kernel.astype(dtype))
+        (dK,) = pull_k(gw.astype(dtype))
+        return dx.astype(x.dtype), dK.astype(kernel.dtype), dB.astype(B.dtype), ds
+    g, s, _ = B.shape
+    dx = _rows(u, B, True, precision).astype(x.dtype)
+    dB = _block_grad(x, u, g, s, precision).astype(B.dtype)
+    dK = _rotate_kernel(gw, jnp.swapaxes(B, 1, 2), precision).astype(kernel.dtype)
+    return dx, dK, dB, ds
+
+
+boft_dense.defvjp(_boft_dense_fwd, _boft_dense_bwd)

@@ -1,0 +1,158 @@
+"""boft_jax._ops: the fast products and their custom VJPs agree with plain autodiff of the definition."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+import boft_jax as boft
+from boft_jax import _ops
+
+# (d_in, d_out, b, m): S = b 2^(m-1) covers the elementwise (S <= 16) and matmul (S > 16) span
+# paths, and the factor-by-factor path (m = 5: S = 64 = d; m = 6: 2^(m-1) > 2m).
+SHAPES = [(16, 12, 4, 1), (32, 24, 4, 2), (64, 40, 8, 1), (64, 48, 8, 2), (64, 16, 4, 3), (128, 24, 8, 3),
+          (128, 32, 8, 4), (64, 24, 4, 5), (256, 20, 2, 6)]
+
+
+def test_use_span_rule():
+    assert _ops.use_span(768, 8, 1) and _ops.use_span(768, 8, 4) and _ops.use_span(64, 8, 3)
+    assert not _ops.use_span(64, 4, 5)  # 2^4 / 5 > 2
+    assert not _ops.use_span(64, 8, 4)  # S = 64 = d: M would be one dense d x d block
+    assert _ops.use_span(16, 16, 1)  # m = 1 with one block: the block itself
+
+
+def _random(d, n, b, m, tokens=7, seed=0, dtype=jnp.float64):
+    keys = jax.random.split(jax.random.key(seed), 5)
+    k = d // b
+    skew = 0.4 * jax.random.normal(keys[0], (m, k, b * (b - 1) // 2), dtype)
+    x = jax.random.normal(keys[1], (tokens, d), dtype)
+    kernel = jax.random.normal(keys[2], (d, n), dtype) / np.sqrt(d)
+    scale = 1.0 + 0.3 * jax.random.normal(keys[3], (n,), dtype)
+    target = jax.random.normal(keys[4], (tokens, n), dtype)
+    return skew, x, kernel, scale, target
+
+
+def _reference(skew, x, kernel, scale):
+    """The definition: y = ((x M) K) * s with M from the public structured rotation."""
+    blocks = boft.cayley(skew)
+    return (boft.rotate(x, blocks) @ kernel) * scale
+
+
+@pytest.mark.parametrize("d,n,b,m", SHAPES)
+def test_span_blocks_are_the_diagonal_blocks_of_M(d, n, b, m):
+    with jax.enable_x64(True):
+        skew, *_ = _random(d, n, b, m)
+        blocks = boft.cayley(skew)
+        B = _ops.span_blocks(blocks)
+        s = _ops.span(b, m)
+        assert B.shape == (d // s, s, s)
+        M = np.asarray(boft.rotation_matrix(blocks))
+        dense = np.zeros_like(M)
+        for g in range(d // s):
+            dense[g * s : (g + 1) * s, g * s : (g + 1) * s] = B[g]
+        np.testing.assert_allclose(dense, M, atol=1e-12)  # M is exactly block diagonal in S-blocks
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+@pytest.mark.parametrize("d,n,b,m", SHAPES)
+def test_rows_products(d, n, b, m, transpose):
+    with jax.enable_x64(True):
+        skew, x, *_ = _random(d, n, b, m)
+        blocks = boft.cayley(skew)
+        M = boft.rotation_matrix(blocks)
+        got = _ops._rows(x, _ops.span_blocks(blocks), transpose)
+        np.testing.assert_allclose(got, x @ (M.T if transpose else M), atol=1e-12)
+        # the kernel side
+        kernel = jax.random.normal(jax.random.key(1), (d, n), x.dtype)
+        np.testing.assert_allclose(_ops._rotate_kernel(kernel, _ops.span_blocks(blocks)), M @ kernel, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["weight", "input"])
+@pytest.mark.parametrize("d,n,b,m", SHAPES)
+def test_custom_vjps_match_autodiff_of_the_definition(d, n, b, m, mode):
+    """Value and gradients w.r.t. every input (x, kernel, skew, scale), float64, random non-identity."""
+    with jax.enable_x64(True):
+        skew, x, kernel, scale, target = _random(d, n, b, m, seed=d + n + m)
+
+        def fast(skew, x, kernel, scale):
+            B = _ops.rotation_operand(boft.cayley(skew))
+            assert B.ndim == (3 if _ops.use_span(d, b, m) else 4)
+            if mode == "weight":
+                y = _ops.boft_dense(x, kernel, B, scale)
+            else:
+                y = (_ops.rotate_rows(x, B) @ kernel) * scale
+            return jnp.sum(jnp.sin(y - target))  # non-linear, so dy depends on y
+
+        def ref(skew, x, kernel, scale):
+            return jnp.sum(jnp.sin(_reference(skew, x, kernel, scale) - target))
+
+        args = (skew, x, kernel, scale)
+        np.testing.assert_allclose(fast(*args), ref(*args), rtol=1e-12)
+        g_fast = jax.grad(fast, argnums=(0, 1, 2, 3))(*args)
+        g_ref = jax.grad(ref, argnums=(0, 1, 2, 3))(*args)
+        for name, a, r in zip(("skew", "x", "kernel", "scale"), g_fast, g_ref):
+            np.testing.assert_allclose(a, r, rtol=1e-9, atol=1e-11, err_msg=name)
+
+
+@pytest.mark.parametrize("d,n,b,m", [(32, 24, 4, 2), (64, 16, 4, 3), (128, 32, 8, 4), (64, 12, 4, 5)])
+def test_check_grads_first_and_second_order_free(d, n, b, m):
+    """jax.test_util.check_grads (reverse mode, numerical differences) on the custom VJPs."""
+    with jax.enable_x64(True):
+        skew, x, kernel, scale, _ = _random(d, n, b, m, tokens=5, seed=3)
+        B = _ops.rotation_operand(boft.cayley(skew))
+        check_grads(lambda x, k, B, s: _ops.boft_dense(x, k, B, s), (x, kernel, B, scale), order=1, modes=["rev"])
+        check_grads(lambda x, B: _ops.rotate_rows(x, B), (x, B), order=1, modes=["rev"])
+
+
+def test_float32_and_bfloat16_inputs():
+    """Adapter math in float32 for low-precision activations; results close to float64."""
+    d, n, b, m = 64, 48, 8, 2
+    skew, x, kernel, scale, _ = _random(d, n, b, m, dtype=jnp.float32)
+    B = _ops.span_blocks(boft.cayley(skew))
+    with jax.enable_x64(True):
+        ref = np.asarray(_reference(*(jnp.asarray(a, jnp.float64) for a in (skew, x, kernel, scale))))
+    y32 = _ops.boft_dense(x, kernel, B, scale)
+    assert y32.dtype == jnp.float32
+    np.testing.assert_allclose(y32, ref, rtol=1e-4, atol=1e-5)
+    y16 = _ops.boft_dense(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16), B, scale)
+    assert y16.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(y16, np.float32), ref, atol=0.05 * np.abs(ref).max())
+    g = jax.grad(lambda x: jnp.sum(_ops.boft_dense(x, kernel.astype(jnp.bfloat16), B, scale).astype(jnp.float32)))(
+        x.astype(jnp.bfloat16)
+    )
+    assert g.dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("d,n,b,m", [(64, 48, 8, 1), (64, 48, 4, 5)])
+def test_frozen_kernel_costs_no_weight_gradient(d, n, b, m):
+    """With the kernel not differentiated, the compiled backward has no d_in x d_out matmul."""
+    skew, x, kernel, scale, _ = _random(d, n, b, m, tokens=32, dtype=jnp.float32)
+    B = _ops.rotation_operand(boft.cayley(skew))
+
+    def loss(x, B, s, kernel):
+        return jnp.sum(_ops.boft_dense(x, kernel, B, s) ** 2)
+
+    def dots(argnums):
+        hlo = jax.jit(jax.grad(loss, argnums=argnums)).lower(x, B, scale, kernel).compile().as_text()
+        return [ln for ln in hlo.splitlines() if " dot(" in ln]
+
+    frozen, full = dots((0, 1, 2)), dots((0, 1, 2, 3))
+    weight_grad = f"f32[{d},{n}]{{1,0}} dot("  # x^T (dy s): a T x d_in x d_out matmul
+    assert not any(weight_grad in ln for ln in frozen), frozen
+    assert any(weight_grad in ln for ln in full), full
+
+
+def test_vmap_over_adapters():
+    d, n, b, m = 32, 24, 4, 2
+    skew, x, kernel, scale, _ = _random(d, n, b, m, dtype=jnp.float32)
+    skews = jnp.stack([skew, 2 * skew, -skew])
+    f = lambda sk: _ops.boft_dense(x, kernel, _ops.span_blocks(boft.cayley(sk)), scale)  # noqa: E731
+    ys = jax.vmap(f)(skews)
+    for i in range(3):
+        np.testing.assert_allclose(ys[i], f(skews[i]), rtol=1e-5, atol=1e-5)
+    gs = jax.vmap(jax.grad(lambda sk: jnp.sum(f(sk) ** 2)))(skews)
+    np.testing.assert_allclose(gs[1], jax.grad(lambda sk: jnp.sum(f(sk) ** 2))(skews[1]), rtol=1e-4, atol=1e-5)
+
