@@ -123,7 +123,7 @@ def test_property_cayley_orthogonal_det_one(b, seed, scale):
     np.testing.assert_allclose(q, np_cayley(np_skew(packed, b)), atol=1e-10)
 
 
-@pytest.mark.parametrize("b", [1, 3, 8, 70])  # 70 > 64: the fori_loop path
+@pytest.mark.parametrize("b", [1, 3, 8, 70])
 def test_solve_identity_plus_skew_matches_numpy_float64(b):
     rng = np.random.default_rng(20 + b)
     a = rng.normal(size=(3, 1, b, b))
