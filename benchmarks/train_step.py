@@ -287,7 +287,10 @@ class PEFTNaive(nn.Module):
             R = R.reshape(m * k, b, b)
             skew = 0.5 * (R - jnp.swapaxes(R, -1, -2))
             eye = jnp.eye(b, dtype=skew.dtype)
-            Q = jnp.linalg.solve(eye + skew, jnp.broadcast_to(eye, skew.shape) - skew)  # cayley_batch
+            # cayley_batch: PEFT calls torch.linalg.solve; jnp.linalg.solve's LAPACK custom calls
+            # deadlock XLA:CPU in programs this size (see boft.solve_identity_plus_skew), so the
+            # port uses the same solve as boft_jax (a negligible part of this candidate's time).
+            Q = boft.solve_identity_plus_skew(skew, eye - skew)
             Q = Q.reshape(m, k, b, b)
             # torch.block_diag(*blocks) for each factor: (m, d, d)
             bd = jnp.einsum("mkce,kj->mkcje", Q, jnp.eye(k, dtype=Q.dtype)).reshape(m, d, d)
