@@ -44,32 +44,13 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from boft_jax.butterfly import rotate, rotate_kernel
+from boft_jax.butterfly import rotate, rotate_kernel, span, span_blocks, span_cols, span_rows, use_span
 
 __all__ = ["span", "use_span", "span_blocks", "rotation_operand", "rotate_rows", "rotate_kernel_any", "boft_dense"]
 
 _EW_MAX_SPAN = 16  # elementwise token products up to this block size, batched matmuls above
 _BLOCK_GRAD_MIN_SPAN = 16  # block gradients on at least 16-wide blocks (see _block_grad)
 _HI = jax.lax.Precision.HIGHEST
-
-
-def span(block_size: int, n_factors: int) -> int:
-    """Width ``S = b 2^(m-1)`` of the dense diagonal blocks of ``M``."""
-    return block_size * 2 ** (n_factors - 1)
-
-
-def use_span(d: int, block_size: int, n_factors: int) -> bool:
-    """Whether the layers apply ``M`` through its dense ``S x S`` diagonal blocks (point 1 above).
-
-    Yes for ``m = 1`` (the blocks themselves), and for ``m > 1`` while it costs at most 2x the
-    FLOPs of the factored form (``S / (m b) = 2^(m-1) / m <= 2``, i.e. ``m <= 4``) and ``M`` has at
-    least two diagonal blocks (``S < d``).  Otherwise (deep butterflies, whose ``M`` is dense or
-    nearly so) ``M`` is applied factor by factor with :func:`boft_jax.rotate`: ``2 m b d`` FLOPs per
-    row, never a ``d x d`` array.
-    """
-    if n_factors == 1:
-        return True
-    return 2 ** (n_factors - 1) <= 2 * n_factors and span(block_size, n_factors) < d
 
 
 def rotation_operand(blocks: jax.Array) -> jax.Array:
@@ -79,23 +60,6 @@ def rotation_operand(blocks: jax.Array) -> jax.Array:
     """
     m, k, b, _ = blocks.shape
     return span_blocks(blocks) if use_span(k * b, b, m) else blocks
-
-
-def span_blocks(blocks: jax.Array) -> jax.Array:
-    """The ``(G, S, S)`` dense diagonal blocks ``B`` of ``M`` from ``(m, k, b, b)`` factor blocks.
-
-    ``M = blockdiag(B_0, ..., B_{G-1})`` exactly (``B_g = M[gS:(g+1)S, gS:(g+1)S]``).  Built by the
-    structured product itself: with ``X0 (S, d)``, ``X0[r, g S + c] = [r == c]``, ``(X0 M)[r, g S +
-    c] = B_g[r, c]``.  ``2 m b S d`` FLOPs; differentiable.
-    """
-    m, k, b, _ = blocks.shape
-    if m == 1:
-        return blocks[0]
-    s = span(b, m)
-    g = k * b // s
-    x0 = jnp.tile(jnp.eye(s, dtype=blocks.dtype), (1, g))
-    y = rotate(x0, blocks, precision=_HI)  # (S, d)
-    return y.reshape(s, g, s).transpose(1, 0, 2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -130,9 +94,7 @@ def _rows(x: jax.Array, B: jax.Array, transpose: bool, precision=None, elementwi
             term = jnp.broadcast_to(xv[:, :, c : c + 1], (t, g, s)).reshape(t, d).astype(dtype) * y[c]
             out = term if out is None else out + term
         return out
-    xt = x.reshape(t, g, s).transpose(1, 0, 2).astype(dtype)
-    spec = "gtc,gec->gte" if transpose else "gtc,gce->gte"
-    return jnp.einsum(spec, xt, B.astype(dtype), precision=precision).transpose(1, 0, 2).reshape(t, d)
+    return span_rows(x.astype(dtype), B.astype(dtype), transpose=transpose, precision=precision)
 
 
 def _block_grad(x: jax.Array, u: jax.Array, g: int, s: int, precision=None) -> jax.Array:
@@ -167,15 +129,14 @@ def _rotate_kernel(kernel: jax.Array, B: jax.Array, precision=None) -> jax.Array
     d, n = kernel.shape
     g, s, _ = B.shape
     dtype = jnp.result_type(kernel.dtype, B.dtype)
-    k3 = kernel.reshape(g, s, n).astype(dtype)
     B = B.astype(dtype)
-    if s <= _EW_MAX_SPAN:
-        w = None
-        for c in range(s):
-            term = B[:, :, c, None] * k3[:, None, c, :]
-            w = term if w is None else w + term
-    else:
-        w = jnp.einsum("grc,gcn->grn", B, k3, precision=precision)
+    if s > _EW_MAX_SPAN:
+        return span_cols(kernel.astype(dtype), B, precision=precision)
+    k3 = kernel.reshape(g, s, n).astype(dtype)
+    w = None
+    for c in range(s):
+        term = B[:, :, c, None] * k3[:, None, c, :]
+        w = term if w is None else w + term
     return w.reshape(d, n)
 
 
