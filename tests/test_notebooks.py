@@ -12,6 +12,7 @@ import pathlib
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 
@@ -125,7 +126,11 @@ def test_structural_patterns_match_library(ex):
 def test_oft_optimal_error(ex):
     # A block-diagonal rotation is fitted exactly by OFT with its block size, not by smaller blocks.
     d, b = 32, 8
-    blocks = np.asarray(ex.random_blocks(d, b, 1, seed=2))[0]
+    # float64 blocks: the error is sqrt(2 d - 2 sum(singular values)), so float32 rounding of an
+    # orthogonal block (1e-7) would show as ~5e-4 with either sign.
+    with jax.enable_x64(True):
+        blocks = np.asarray(ex.random_blocks(d, b, 1, seed=2))[0]
+    assert blocks.dtype == np.float64
     target = np.zeros((d, d))
     for j, q in enumerate(blocks):
         target[j * b : (j + 1) * b, j * b : (j + 1) * b] = q
