@@ -199,6 +199,36 @@ def _choose_mode(config: BOFTConfig, tokens: int, d_in: int, d_out: int) -> str:
     return "weight" if d_out <= 2 * tokens else "input"
 
 
+def _rotation(skew: jax.Array, config: BOFTConfig, drop_key: jax.Array | None) -> jax.Array:
+    """``M`` for the products of :mod:`boft_jax._ops`: Cayley blocks, dropout, span or factor form."""
+    return _rotation_of(skew, drop_key, config.cayley, config.neumann_terms, config.dropout)
+
+
+def _rotation_of(skew, drop_key, method: str, neumann_terms: int, p_drop: float) -> jax.Array:
+    blocks = cayley(skew, method=method, neumann_terms=neumann_terms)
+    if drop_key is not None:
+        blocks = _dropout_blocks(blocks, p_drop, drop_key)
+    return _ops.rotation_operand(blocks)  # (d_in / S, S, S) diagonal blocks of M, or its factors
+
+
+def _adapted_dense(x2, k2, skew, scale, drop_key, *, config: BOFTConfig, mode: str, precision) -> jax.Array:
+    """``((x M) K) * s`` for ``x2 (T, d_in)``, ``k2 (d_in, d_out)`` (bias added by the caller)."""
+    return _adapted_dense_jit(x2, k2, skew, scale, drop_key, config.cayley, config.neumann_terms, config.dropout,
+                              mode, precision)
+
+
+# One compiled program per layer shape and math setting, also when the model runs eagerly (op-by-op
+# dispatch would compile every small primitive of the adapter separately); inlined under an outer jit.
+@functools.partial(jax.jit, static_argnums=(5, 6, 7, 8, 9))
+def _adapted_dense_jit(x2, k2, skew, scale, drop_key, method, neumann_terms, p_drop, mode, precision) -> jax.Array:
+    B = _rotation_of(skew, drop_key, method, neumann_terms, p_drop)
+    if mode == "weight":
+        return _ops.boft_dense(x2, k2, B, scale, precision)
+    rotated = _ops.rotate_rows(x2, B, precision).astype(x2.dtype)
+    y2 = jax.lax.dot_general(rotated, k2, (((1,), (0,)), ((), ())), precision=precision)
+    return y2 * scale.astype(y2.dtype)
+
+
 def _adapted_call(
     module: nn.Module,
     inputs: jax.Array,
@@ -238,11 +268,7 @@ def _adapted_call(
         )
     bias = module.param("bias", _init_bias(module, geo), geo.features, module.param_dtype) if module.use_bias else None
 
-    blocks = _blocks(skew, config)
-    if dropout:
-        blocks = _dropout_blocks(blocks, config.dropout, module.make_rng("dropout"))
-    B = _ops.rotation_operand(blocks)  # M as (d_in / S, S, S) diagonal blocks, or its factors
-
+    drop_key = module.make_rng("dropout") if dropout else None
     inputs, kernel, bias = module.promote_dtype(inputs, kernel, bias, dtype=module.dtype)
     custom_dot = module.dot_general_cls is not None or module.dot_general is not None
     tokens = int(np.prod(inputs.shape)) // geo.d_in
@@ -257,12 +283,7 @@ def _adapted_call(
     k2 = kernel.reshape(geo.d_in, geo.d_out)
 
     if not custom_dot:
-        if mode == "weight":
-            y2 = _ops.boft_dense(x2, k2, B, scale, module.precision)
-        else:
-            rotated = _ops.rotate_rows(x2, B, module.precision).astype(x2.dtype)
-            y2 = jax.lax.dot_general(rotated, k2, (((1,), (0,)), ((), ())), precision=module.precision)
-            y2 = y2 * scale.astype(y2.dtype)
+        y2 = _adapted_dense(x2, k2, skew, scale, drop_key, config=config, mode=mode, precision=module.precision)
         y = y2.reshape(*lead, *geo.features)
     else:
         # A user-supplied dot_general (e.g. quantized): keep it, differentiate through it.
@@ -271,6 +292,7 @@ def _adapted_call(
         else:
             dot_general = module.dot_general
         contract = (geo.axis, tuple(range(n_ax)))
+        B = _rotation(skew, config, drop_key)
         if mode == "weight":
             flat = _ops.rotate_kernel_any(k2, B, module.precision) * scale.astype(B.dtype)
             y = dot_general(inputs, flat.astype(kernel.dtype).reshape(kernel.shape), (contract, ((), ())),

@@ -65,6 +65,7 @@ def block_size_from_num_params(n: int) -> int:
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
+@jax.jit  # compiled once per shape, also when called eagerly (a bare fori_loop would recompile its fresh closure every call)
 def _gauss_jordan(skew: jax.Array, rhs: jax.Array) -> jax.Array:
     """``(I + S)^(-1) R`` by Gauss-Jordan elimination on ``[I + S | R]`` without pivoting."""
     b = skew.shape[-1]
