@@ -22,8 +22,11 @@ finetune-t5: $(BIN)/.installed
 	$(BIN)/python -m train.finetune --model t5 --output runs/t5-bytes --overwrite
 
 ## Full test suite (what CI runs).
+## pytest's exit code 5 ("no tests collected") is a failure here, not a pass: a suite that
+## collects nothing means a broken checkout or a bad filter.
 test: $(BIN)/.installed
-	OPENBLAS_NUM_THREADS=1 $(BIN)/python -m pytest -n $(WORKERS) -q
+	@OPENBLAS_NUM_THREADS=1 $(BIN)/python -m pytest -n $(WORKERS) -q; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
 
 ## Quick subset: everything but the slow end-to-end tests.
 test-quick: $(BIN)/.installed
