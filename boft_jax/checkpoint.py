@@ -82,24 +82,40 @@ def save_adapter(
       overwrite: replace an existing checkpoint at ``path`` (crash-safely); else raise.
     """
     path = Path(path).absolute()
-    _recover(path)
+    multi = jax.process_count() > 1
+    main = jax.process_index() == 0
+    if main:
+        _recover(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"adapter checkpoint {path} exists; pass overwrite=True to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    if main:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    # Every process takes part in orbax's save (it synchronizes them) under one shared temporary
+    # name; only process 0 renames.
+    tag = uuid.uuid4().int & 0x7FFFFFFF
+    if multi:
+        from jax.experimental import multihost_utils
+
+        tag = int(multihost_utils.broadcast_one_to_all(np.int32(tag)))
+    tmp = path.with_name(f".{path.name}.tmp-{tag:08x}")
     meta = {"format": _FORMAT, "config": config_to_dict(config), "metadata": dict(metadata or {})}
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
         ckptr.save(
             tmp,
             ocp.args.Composite(adapter=ocp.args.StandardSave(_to_host(adapter)), meta=ocp.args.JsonSave(meta)),
         )
-    if path.exists():
-        old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(path, old)  # a crash after this line leaves `old` and the complete `tmp`
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, path)
+    if main:
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
+            os.replace(path, old)  # a crash after this line leaves `old` and the complete `tmp`
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    if multi:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"boft_jax.save_adapter:{tag:08x}")
 
 
 def _recover(path: Path) -> None:

@@ -32,6 +32,8 @@ __all__ = [
     "shard_frozen",
     "bytes_per_device",
     "maybe_initialize_distributed",
+    "is_main_process",
+    "gather_to_host",
 ]
 
 AXES = ("data", "model")
@@ -86,8 +88,13 @@ def _spec_for(shape: tuple[int, ...], mesh: Mesh, is_kernel: bool, min_size: int
         return P(*spec)
     model = mesh.shape.get("model", 1)
     data = mesh.shape.get("data", 1)
-    if model > 1 and is_kernel and len(shape) >= 2 and shape[-1] % model == 0:
-        spec[-1] = "model"  # output features: M K needs no communication
+    if model > 1:
+        if is_kernel and len(shape) >= 2 and shape[-1] % model == 0:
+            spec[-1] = "model"  # output features: M K needs no communication
+        else:  # e.g. a 10-class head: split another axis (GSPMD adds the communication)
+            free = [i for i in range(len(shape)) if shape[i] % model == 0]
+            if free:
+                spec[max(free, key=lambda i: shape[i])] = "model"
     if data > 1:
         free = [i for i in range(len(shape)) if spec[i] is None and shape[i] % data == 0]
         if free:
@@ -95,20 +102,52 @@ def _spec_for(shape: tuple[int, ...], mesh: Mesh, is_kernel: bool, min_size: int
     return P(*spec)
 
 
-def frozen_sharding(frozen: Mapping, mesh: Mesh, *, min_size: int = 1024) -> Any:
+def _path_str(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def frozen_sharding(frozen: Mapping, mesh: Mesh, *, min_size: int = 1024, strict: bool = True) -> Any:
     """A ``NamedSharding`` per frozen leaf (same tree structure).
 
-    Leaves with fewer than ``min_size`` elements (norms, biases) are replicated; kernels are split
-    along their last axis over ``model`` (if the mesh has it and it divides), then along their
-    largest remaining divisible axis over ``data`` (FSDP).  Leaves that no axis divides stay
-    replicated on that mesh axis.
+    Leaves with fewer than ``min_size`` elements (norms, biases) are replicated.  Kernels are split
+    along their last axis over ``model`` (if the mesh has it and it divides; otherwise along their
+    largest axis that it divides), then along their largest remaining divisible axis over ``data``
+    (FSDP).  A leaf with at least ``min_size`` elements that no mesh axis of size > 1 can split
+    would be held whole by every device: with ``strict`` (the default) that is a ``ValueError``
+    naming those leaves, their shapes and the axis sizes that would divide them; with
+    ``strict=False`` they stay replicated.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> mesh = make_mesh("data=1")
+      >>> tuple(frozen_sharding({"w": {"kernel": jnp.zeros((64, 64))}}, mesh)["w"]["kernel"].spec)
+      (None, None)
     """
+    axes = {k: v for k, v in mesh.shape.items() if v > 1}
+    bad: list[str] = []
 
     def one(path, leaf):
         name = str(getattr(path[-1], "key", path[-1])) if path else ""
-        return NamedSharding(mesh, _spec_for(tuple(np.shape(leaf)), mesh, name in ("kernel", "embedding"), min_size))
+        shape = tuple(np.shape(leaf))
+        spec = _spec_for(shape, mesh, name in ("kernel", "embedding"), min_size)
+        if axes and int(np.prod(shape)) >= min_size and all(a is None for a in spec):
+            divisors = sorted({q for n in shape for q in range(2, n + 1) if n % q == 0})
+            bad.append(f"{_path_str(path)} {shape} (axis sizes that divide it: {_short(divisors)})")
+        return NamedSharding(mesh, spec)
 
-    return jax.tree_util.tree_map_with_path(one, frozen)
+    out = jax.tree_util.tree_map_with_path(one, frozen)
+    if bad and strict:
+        listing = "\n  ".join(bad[:20]) + (f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else "")
+        raise ValueError(
+            f"mesh {dict(mesh.shape)} does not divide {len(bad)} frozen weight(s): no axis of them is"
+            f" divisible by {' or '.join(f'{k}={v}' for k, v in axes.items())}, so every device would"
+            f" hold them whole:\n  {listing}\nchoose mesh axis sizes that divide the weights' dimensions"
+        )
+    return out
+
+
+def _short(values: list[int], limit: int = 8) -> str:
+    return ", ".join(map(str, values[:limit])) + (", ..." if len(values) > limit else "") if values else "none"
 
 
 def shard_frozen(frozen: Mapping, mesh: Mesh, **kwargs) -> Any:
@@ -126,11 +165,13 @@ def bytes_per_device(tree) -> dict[Any, int]:
 
 
 def maybe_initialize_distributed() -> bool:
-    """Call ``jax.distributed.initialize()`` when launched as one process of a multi-host job.
+    """Call ``jax.distributed.initialize`` when launched as one process of a multi-process job.
 
-    Detected from the standard variables (``JAX_COORDINATOR_ADDRESS`` or a cluster environment
-    that jax auto-detects: SLURM, Open MPI, Cloud TPU), and only when more than one process is
-    expected.  Returns whether it initialized.
+    Either set ``JAX_COORDINATOR_ADDRESS`` (``host:port`` of process 0), ``JAX_NUM_PROCESSES`` and
+    ``JAX_PROCESS_ID`` in every process, or launch under a cluster manager that jax detects by
+    itself (SLURM, Open MPI, Cloud TPU).  Does nothing for a single process; returns whether it
+    initialized.  Every process must see the same files (checkpoint, data, output directory);
+    only process 0 writes the run's outputs (see :func:`is_main_process`).
     """
     multi = (
         "JAX_COORDINATOR_ADDRESS" in os.environ
@@ -138,6 +179,33 @@ def maybe_initialize_distributed() -> bool:
         or int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
         or int(os.environ.get("JAX_NUM_PROCESSES", "1")) > 1
     )
-    if multi:
-        jax.distributed.initialize()
-    return multi
+    if not multi:
+        return False
+    kwargs: dict[str, Any] = {}
+    for var, key in (("JAX_NUM_PROCESSES", "num_processes"), ("JAX_PROCESS_ID", "process_id")):
+        if var in os.environ:
+            try:
+                kwargs[key] = int(os.environ[var])
+            except ValueError:
+                raise ValueError(f"{var}={os.environ[var]!r} is not an integer") from None
+    jax.distributed.initialize(**kwargs)
+    return True
+
+
+def gather_to_host(tree) -> Any:
+    """Every array leaf as a whole ``numpy`` array in every process (a collective in multi-process
+    jobs: all processes must call it).  Leaves sharded across processes are all-gathered."""
+
+    def one(x):
+        if isinstance(x, jax.Array) and not (x.is_fully_addressable or x.is_fully_replicated):
+            from jax.experimental import multihost_utils
+
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(x)
+
+    return jax.tree.map(one, tree)
+
+
+def is_main_process() -> bool:
+    """True in process 0 (the one that writes logs and outputs in a multi-process job)."""
+    return jax.process_index() == 0

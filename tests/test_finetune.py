@@ -52,6 +52,103 @@ def test_bad_input_exits_2_with_a_clear_message_and_writes_nothing(tmp_path, cap
     assert not out.exists()
 
 
+def test_unreadable_checkpoint_or_data_file_exits_2_with_a_clear_message(tmp_path, capsys):
+    import shutil
+
+    from train.make_base import VIT_BASE
+
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    shutil.copy(Path(VIT_BASE) / "config.json", ckpt / "config.json")
+    good = (Path(VIT_BASE) / "model.safetensors").read_bytes()
+    (ckpt / "model.safetensors").write_bytes(good[: len(good) // 2])  # truncated mid-file
+    out = tmp_path / "run"
+    assert finetune.main(["--output", str(out), *SMALL, "--checkpoint", str(ckpt)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --checkpoint {ckpt}: ") and "not a readable safetensors file" in err, err
+    bad = tmp_path / "data.npz"
+    bad.write_bytes(np.random.default_rng().bytes(256))
+    assert finetune.main(["--output", str(out), *SMALL, "--data", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "not an .npz archive" in err and "pickle" not in err, err
+    assert not out.exists()
+
+
+def test_mesh_that_does_not_divide_the_weights_exits_2_and_writes_nothing(tmp_path):
+    out = tmp_path / "run"
+    r = subprocess.run(  # 5 devices: no dimension of the bundled ViT's kernels (96, 384, ...) divides by 5
+        [sys.executable, "-m", "train.finetune", "--output", str(out), *SMALL, "--mesh", "data=5", "--batch-size", "35"],
+        capture_output=True, text=True, env=_env(5), cwd=ROOT, timeout=600,
+    )
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.startswith("error: --mesh data=5: mesh {'data': 5} does not divide"), r.stderr[-2000:]
+    assert "encoder/layer_0/attention/query/kernel (96, 96) (axis sizes that divide it: 2, 3, 4," in r.stderr
+    assert not out.exists()
+
+
+def test_npz_and_image_folder_data_load_exactly(tmp_path):
+    from PIL import Image
+
+    from train import data as data_lib
+
+    rng = np.random.default_rng()
+    imgs = rng.random((40, 8, 8, 1), dtype=np.float32)
+    labels = rng.integers(0, 5, size=40).astype(np.int32)
+    np.savez(tmp_path / "one.npz", images=imgs, labels=labels)
+    ds = data_lib.load_npz(tmp_path / "one.npz")
+    assert len(ds.train) + len(ds.test) == 40 and len(ds.test) == 8
+    both = np.concatenate([ds.train.inputs["pixel_values"], ds.test.inputs["pixel_values"]])
+    got = {(x.tobytes(), int(y)) for x, y in zip(both, np.concatenate([ds.train.labels, ds.test.labels]))}
+    assert got == {(x.tobytes(), int(y)) for x, y in zip(imgs, labels)}
+    np.savez(tmp_path / "two.npz", train_images=imgs[:30], train_labels=labels[:30], test_images=imgs[30:], test_labels=labels[30:])
+    ds = data_lib.load_npz(tmp_path / "two.npz")
+    np.testing.assert_array_equal(ds.test.inputs["pixel_values"], imgs[30:])
+    np.testing.assert_array_equal(ds.train.labels, labels[:30])
+    np.savez(tmp_path / "bad.npz", pictures=imgs)
+    with pytest.raises(ValueError, match="needs arrays 'images'"):
+        data_lib.load_npz(tmp_path / "bad.npz")
+    # an image folder: one sub-folder per class, lossless PNGs, labels by sorted class name
+    pix = rng.integers(0, 256, size=(12, 8, 8), dtype=np.uint8)
+    for i, p in enumerate(pix):
+        (tmp_path / "imgs" / f"class_{i % 3}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(p, mode="L").save(tmp_path / "imgs" / f"class_{i % 3}" / f"{i}.png")
+    ds = data_lib.load_image_folder(tmp_path / "imgs", (8, 8), 1)
+    both = np.concatenate([ds.train.inputs["pixel_values"], ds.test.inputs["pixel_values"]])
+    got = {(np.round(x[..., 0] * 255).astype(np.uint8).tobytes(), int(y)) for x, y in zip(both, np.concatenate([ds.train.labels, ds.test.labels]))}
+    assert got == {(p.tobytes(), i % 3) for i, p in enumerate(pix)}
+    (tmp_path / "imgs" / "class_0" / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="broken.png: unreadable image"):
+        data_lib.load_image_folder(tmp_path / "imgs", (8, 8), 1)
+
+
+@pytest.mark.slow
+def test_cli_options_reach_the_adapter_and_keep_and_resume_mismatch(tmp_path, capsys):
+    """bf16, Neumann, input mode, --block-num, --bias boft_only, --keep; a --resume with another seed."""
+    from boft_jax.checkpoint import load_adapter
+
+    out = tmp_path / "run"
+    args = ["--output", str(out), "--steps", "8", "--save-every", "2", "--keep", "2", "--eval-every", "0", "--no-progress",
+            "--batch-size", "16", "--precision", "bf16", "--cayley", "neumann", "--neumann-terms", "3", "--mode", "input",
+            "--block-num", "8", "--bias", "boft_only", "--factors", "1", "--dropout", "0"]
+    res = finetune.run(args)
+    adapter, config, _ = load_adapter(out / "adapter")
+    assert (config.block_num, config.block_size, config.n_factors) == (8, None, 1)
+    assert (config.cayley, config.neumann_terms, config.mode, config.bias) == ("neumann", 3, "input", "boft_only")
+    leaves = jax.tree_util.tree_leaves_with_path(adapter)
+    skews = [l for p, l in leaves if "skew" in jax.tree_util.keystr(p)]
+    biases = [l for p, l in leaves if "bias" in jax.tree_util.keystr(p) and "classifier" not in jax.tree_util.keystr(p)]
+    assert skews and all(s.shape[:2] == (1, 8) for s in skews)  # block_num 8 -> 8 blocks of 64/8
+    assert biases and any(np.abs(b).max() > 0 for b in biases)  # boft_only: biases trained
+    assert res["acc_after"] >= 0.0 and np.isfinite(np.concatenate([np.ravel(s) for s in skews])).all()
+    steps = sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps == [6, 8]  # --keep 2
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "adapter").rglob("*")}
+    assert finetune.main([*args, "--resume", "--seed", "5"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --resume: the checkpoint was written with batch size 16 and seed 0"), err
+    assert before == {p.name: p.stat().st_mtime_ns for p in (out / "adapter").rglob("*")}
+
+
 def test_existing_run_is_not_overwritten_without_consent(tmp_path, capsys):
     out = tmp_path / "run"
     (out / "adapter").mkdir(parents=True)
@@ -148,6 +245,55 @@ def test_sharded_training_matches_single_device_and_splits_the_weights(tmp_path)
         assert res[name]["n_dev"] == 8
         # about 1/8 of the base weights per device (norms, biases and tiny leaves stay replicated)
         assert res[name]["max_bytes"] < 0.2 * total, (name, res[name]["max_bytes"] / total)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_process_job_matches_one_process_and_only_process_0_writes(tmp_path):
+    """``jax.distributed`` on CPU (gloo): 2 processes x 2 devices vs 1 process x 4 devices, same mesh."""
+    from boft_jax.checkpoint import load_adapter
+
+    args = ["--steps", "10", "--eval-every", "0", "--save-every", "5", "--no-progress", "--batch-size", "32",
+            "--mesh", "data=2,model=2", "--seed", "1"]
+    port = _free_port()
+    procs = []
+    for pid in range(2):
+        env = dict(_env(2), JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid))
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "train.finetune", "--output", str(tmp_path / "multi"), *args],
+            env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        ))
+    logs = [p.communicate(timeout=900)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs[0][-2000:] + logs[1][-2000:]
+    assert "devices: 4 cpu" in logs[1] and "held-out accuracy after" not in logs[1]  # summary: process 0 only
+    single = subprocess.run(
+        [sys.executable, "-m", "train.finetune", "--output", str(tmp_path / "single"), *args],
+        env=_env(4), cwd=ROOT, capture_output=True, text=True, timeout=900,
+    )
+    assert single.returncode == 0, single.stderr[-3000:]
+
+    def rows(run):
+        return [json.loads(l) for l in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+
+    multi_rows, single_rows = rows("multi"), rows("single")
+    assert [r["step"] for r in multi_rows] == [r["step"] for r in single_rows]  # no line written twice
+    for a, b in zip(multi_rows, single_rows):
+        for k in ("loss", "accuracy", "eval_accuracy"):
+            if k in b:
+                np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-5, err_msg=f"step {b['step']} {k}")
+    am, _, _ = load_adapter(tmp_path / "multi" / "adapter")
+    a1, _, _ = load_adapter(tmp_path / "single" / "adapter")
+    for x, y in zip(jax.tree.leaves(am), jax.tree.leaves(a1)):
+        np.testing.assert_allclose(x, y, atol=1e-5, rtol=1e-5)
+    assert (tmp_path / "multi" / "merged" / "model.safetensors").is_file()
+    assert not list((tmp_path / "multi").glob(".adapter.tmp-*"))  # the shared temporary name was renamed
 
 
 # ---------------------------------------------------------------------------------------------

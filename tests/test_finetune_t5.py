@@ -160,6 +160,50 @@ def test_missing_data_file_and_non_byte_level_model_are_clear_errors(tmp_path):
         text_tasks.load_data(None, wordpiece)
 
 
+def test_pretokenized_jsonl_equals_the_text_form_and_serves_any_vocabulary(tmp_path):
+    module, _ = base()
+    rng = np.random.default_rng()
+    words = ["".join(rng.choice(list("abcdefgh"), size=rng.integers(1, 9))) for _ in range(30)]
+    text = [{"source": f"rev: {w}", "target": w[::-1]} for w in words]
+    ids = [  # what a tokenizer would give; EOS left off on some lines (it is appended)
+        {"source_ids": [b + data_lib.BYTE_OFFSET for b in r["source"].encode()] + ([data_lib.EOS] if i % 2 else []),
+         "target_ids": [b + data_lib.BYTE_OFFSET for b in r["target"].encode()]}
+        for i, r in enumerate(text)
+    ]
+    (tmp_path / "text.jsonl").write_text("\n".join(map(json.dumps, text)))
+    (tmp_path / "ids.jsonl").write_text("\n".join(map(json.dumps, ids)))
+    a = text_tasks.load_data(str(tmp_path / "text.jsonl"), module)
+    b = text_tasks.load_data(str(tmp_path / "ids.jsonl"), module)
+    for x, y in ((a.train, b.train), (a.test, b.test)):
+        np.testing.assert_array_equal(x.inputs["input_ids"], y.inputs["input_ids"])
+        np.testing.assert_array_equal(x.inputs["attention_mask"], y.inputs["attention_mask"])
+        np.testing.assert_array_equal(x.labels, y.labels)
+    assert "token ids" in b.description
+    # a sentencepiece-style T5 (vocab 100): ids are fine, text is not, ids past the vocab are an error
+    small = t5.T5(t5.T5Config(vocab_size=100, d_model=8, d_kv=4, d_ff=8, num_layers=1, num_heads=2))
+    rows = [{"source_ids": rng.integers(3, 100, size=rng.integers(2, 12)).tolist(),
+             "target_ids": rng.integers(3, 100, size=rng.integers(1, 6)).tolist()} for _ in range(12)]
+    (tmp_path / "sp.jsonl").write_text("\n".join(map(json.dumps, rows)))
+    ds = text_tasks.load_data(str(tmp_path / "sp.jsonl"), small)
+    got = {tuple(r[r != data_lib.PAD].tolist()) for sp in (ds.train, ds.test) for r in sp.labels}
+    assert got == {tuple(r["target_ids"] + [data_lib.EOS]) for r in rows}
+    with pytest.raises(ValueError, match="source_ids"):
+        text_tasks.load_data(str(tmp_path / "text.jsonl"), small)
+    rows[3]["target_ids"].append(100)
+    (tmp_path / "oov.jsonl").write_text("\n".join(map(json.dumps, rows)))
+    with pytest.raises(ValueError, match="token id 100 is outside the checkpoint's vocabulary"):
+        text_tasks.load_data(str(tmp_path / "oov.jsonl"), small)
+    (tmp_path / "mixed.jsonl").write_text(json.dumps(text[0]) + "\n" + json.dumps(ids[1]) + "\n" + json.dumps(text[2]))
+    with pytest.raises(ValueError, match="mixes text lines and pre-tokenized lines"):
+        text_tasks.load_data(str(tmp_path / "mixed.jsonl"), module)
+    (tmp_path / "neg.jsonl").write_text('{"source_ids": [5, -1], "target_ids": [4]}\n' * 3)
+    with pytest.raises(ValueError, match=":1: .*non-negative integers"):
+        text_tasks.load_data(str(tmp_path / "neg.jsonl"), module)
+    # long examples are cut with EOS kept last
+    row = data_lib.ids_row(rng.integers(3, 50, size=20).tolist(), 8)
+    assert row.shape == (8,) and row[-1] == data_lib.EOS and (row[:-1] != data_lib.PAD).all()
+
+
 def test_bad_data_through_the_cli_exits_2_and_writes_nothing(tmp_path, capsys):
     p = tmp_path / "d.jsonl"
     p.write_text('{"source": "a"}\n{"source": "b", "target": "c"}\n')

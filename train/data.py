@@ -67,7 +67,18 @@ def digits(classes=FINETUNE_CLASSES, *, test_fraction: float = 0.25, seed: int =
 
 def load_npz(path: str | Path, *, test_fraction: float = 0.2, seed: int = 0) -> Dataset:
     path = Path(path)
-    with np.load(path, allow_pickle=False) as z:
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"PK\x03\x04":  # np.load would otherwise try (and refuse) to unpickle it
+        raise ValueError(f"{path}: not an .npz archive (np.savez writes one; this file starts with {magic!r})")
+    try:
+        z = np.load(path, allow_pickle=False)
+    except Exception as e:  # a damaged zip
+        raise ValueError(f"{path}: unreadable .npz archive: {e}") from None
+    with z:
+        bad = [k for k in z.files if k.endswith(("images", "labels")) and z[k].dtype == object]
+        if bad:
+            raise ValueError(f"{path}: arrays {bad} hold Python objects; store numeric arrays")
         keys = set(z.files)
         if {"train_images", "train_labels", "test_images", "test_labels"} <= keys:
             return Dataset(
@@ -98,7 +109,10 @@ def load_image_folder(path: str | Path, image_size: tuple[int, int], channels: i
         for f in sorted((path / name).iterdir()):
             if f.suffix.lower() not in (".png", ".jpg", ".jpeg", ".bmp", ".gif"):
                 continue
-            img = Image.open(f).convert("L" if channels == 1 else "RGB").resize(image_size[::-1])
+            try:
+                img = Image.open(f).convert("L" if channels == 1 else "RGB").resize(image_size[::-1])
+            except OSError as e:  # PIL.UnidentifiedImageError, truncated files
+                raise ValueError(f"{f}: unreadable image ({e})") from None
             arr = np.asarray(img, np.float32) / 255.0
             images.append(arr[..., None] if channels == 1 else arr)
             labels.append(label)
@@ -139,23 +153,55 @@ def text_split(pairs: list[tuple[str, str]], src_len: int, tgt_len: int) -> Spli
     return Split({"input_ids": src, "attention_mask": (src != PAD).astype(np.int32)}, tgt)
 
 
+def ids_row(ids, length: int) -> np.ndarray:
+    """Pre-tokenized ids -> ``(length,)``: EOS appended if missing, cut to ``length`` (EOS kept last), PAD-padded."""
+    ids = [int(i) for i in ids]
+    if not ids or ids[-1] != EOS:
+        ids.append(EOS)
+    if len(ids) > length:
+        ids = ids[: length - 1] + [EOS]
+    return np.asarray(ids + [PAD] * (length - len(ids)), np.int32)
+
+
 def load_jsonl(path: str | Path, src_len: int, tgt_len: int, *, test_fraction=0.2, seed=0) -> Dataset:
+    """Source/target pairs, one JSON object per line, in either form (not mixed):
+
+    - text: ``{"source": "...", "target": "..."}``, encoded byte-level (:func:`encode_text`);
+    - pre-tokenized: ``{"source_ids": [...], "target_ids": [...]}``, token ids of the model's own
+      tokenizer (T5 convention: pad 0, EOS 1; EOS is appended when missing).
+    Longer examples are cut to ``src_len`` / ``tgt_len``.
+    """
     path = Path(path)
-    pairs = []
+    rows, kinds = [], set()
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
-                pairs.append((str(row["source"]), str(row["target"])))
+                if isinstance(row, dict) and "source_ids" in row:
+                    src, tgt = row["source_ids"], row["target_ids"]
+                    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in [*src, *tgt]):
+                        raise TypeError("source_ids / target_ids must be lists of non-negative integers")
+                    kinds.add("ids")
+                    rows.append((ids_row(src, src_len), ids_row(tgt, tgt_len)))
+                else:
+                    kinds.add("text")
+                    rows.append((encode_text(str(row["source"]), src_len), encode_text(str(row["target"]), tgt_len)))
             except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ValueError(f"{path}:{n}: each line must be a JSON object with 'source' and 'target' ({e})") from None
-    if len(pairs) < 2:
-        raise ValueError(f"{path}: needs at least 2 source/target pairs, found {len(pairs)}")
-    full = text_split(pairs, src_len, tgt_len)
+                raise ValueError(
+                    f"{path}:{n}: each line must be a JSON object with 'source' and 'target' (text) or"
+                    f" 'source_ids' and 'target_ids' (token ids) ({type(e).__name__}: {e})"
+                ) from None
+    if len(kinds) > 1:
+        raise ValueError(f"{path}: mixes text lines and pre-tokenized lines; use one form")
+    if len(rows) < 2:
+        raise ValueError(f"{path}: needs at least 2 source/target pairs, found {len(rows)}")
+    src = np.stack([r[0] for r in rows])
+    full = Split({"input_ids": src, "attention_mask": (src != PAD).astype(np.int32)}, np.stack([r[1] for r in rows]))
     tr, te = _train_test(len(full), test_fraction, seed)
-    return Dataset(full.take(tr), full.take(te), f"{path} ({len(pairs)} pairs)")
+    form = "token ids" if kinds == {"ids"} else "byte-level text"
+    return Dataset(full.take(tr), full.take(te), f"{path} ({len(rows)} pairs, {form})")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -16,6 +16,11 @@ Examples::
   python -m train.finetune --model t5                        # the default T5 job
   python -m train.finetune --checkpoint path/to/hf-vit --data images.npz --targets all_linear
   python -m train.finetune --mesh data=2,model=4 --steps 1000 --resume --output runs/big
+
+Multi-process (one process per host, or several on one machine): set JAX_COORDINATOR_ADDRESS
+(host:port of process 0), JAX_NUM_PROCESSES and JAX_PROCESS_ID in each process (or launch under
+SLURM / Open MPI, which jax detects) and run the same command everywhere with the same files;
+--mesh then spans every process's devices, and only process 0 writes logs and outputs.
 """
 
 from __future__ import annotations
@@ -28,8 +33,8 @@ import sys
 import time
 from pathlib import Path
 
-# Before numpy/jax load: jaxlib's CPU LAPACK (the Cayley solve) uses scipy's OpenBLAS, whose
-# spinning worker threads slow small batched solves badly on busy machines.
+# Before numpy loads: OpenBLAS's spinning worker threads steal the cores XLA computes on
+# (numpy-side work here is small; one BLAS thread is enough).
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 DEFAULT_OUTPUT = {"vit": "runs/vit-digits", "t5": "runs/t5-bytes"}
@@ -99,7 +104,11 @@ def run(argv=None) -> dict:
     from boft_jax.models import hf, save_pretrained
     from train import loop
 
-    sh.maybe_initialize_distributed()
+    try:
+        sh.maybe_initialize_distributed()
+    except ValueError as e:
+        _fail(f"multi-process set-up: {e}")
+    main = sh.is_main_process()
     kind = args.model
     family = __import__(f"boft_jax.models.{kind}", fromlist=["TARGET_PRESETS"])
     if args.list_presets:
@@ -173,6 +182,11 @@ def run(argv=None) -> dict:
         _fail(f"--batch-size {args.batch_size} is not divisible by the mesh's data axis ({mesh.shape.get('data', 1)})")
     if args.batch_size > len(data.train):
         _fail(f"--batch-size {args.batch_size} exceeds the {len(data.train)} training examples")
+    frozen, _ = boft.split(boft.combine(params, adapter), config)
+    try:
+        sh.frozen_sharding(frozen, mesh)  # a mesh that cannot split the weights: say so now
+    except ValueError as e:
+        _fail(f"--mesh {args.mesh or ''}: {e}")
 
     out = Path(args.output or DEFAULT_OUTPUT[kind])
     previous = [p for p in ("checkpoints", "adapter", "merged", "metrics.jsonl") if (out / p).exists()]
@@ -181,13 +195,18 @@ def run(argv=None) -> dict:
             f"--output {out} already holds a run ({', '.join(previous)}); pass --resume to continue it,"
             " --overwrite to replace it, or choose another --output"
         )
-    if args.overwrite and not args.resume:
+    if args.overwrite and not args.resume and main:
         import shutil
 
         for p in previous:
             q = out / p
             shutil.rmtree(q) if q.is_dir() else q.unlink()
-    out.mkdir(parents=True, exist_ok=True)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("boft_jax.finetune: output directory ready")
 
     # ---- train --------------------------------------------------------------------------------
     opts = loop.TrainOptions(
@@ -204,7 +223,6 @@ def run(argv=None) -> dict:
         mesh=args.mesh,
         progress=not args.no_progress,
     )
-    frozen, _ = boft.split(boft.combine(params, adapter), config)
     task = task_lib.make_task(model, frozen, adapter, data)
     n_base = boft.count_params(frozen)
     n_train = boft.count_params(adapter)
@@ -217,24 +235,29 @@ def run(argv=None) -> dict:
     t_start = time.time()
     acc_before = task.evaluate(model, boft.combine(frozen, adapter), data.test)
     print(f"held-out {task_lib.METRIC} before finetuning: {acc_before:.3f}")
-    result = loop.fit(task, opts, out, resume=args.resume)
+    try:
+        result = loop.fit(task, opts, out, resume=args.resume)
+    except loop.ResumeMismatch as e:
+        _fail(str(e))
     adapter = result["adapter"]
     final_params = boft.combine(result["frozen"], adapter)
     acc_after = task.evaluate(model, final_params, data.test)
-    with open(out / "metrics.jsonl", "a") as f:
-        f.write(json.dumps({"step": opts.steps, "eval_accuracy": acc_after}) + "\n")
+    if main:
+        with open(out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": opts.steps, "eval_accuracy": acc_after}) + "\n")
 
     # ---- outputs ------------------------------------------------------------------------------
-    adapter_host = jax.tree.map(np.asarray, adapter)
+    adapter_host = sh.gather_to_host(adapter)
     save_adapter(
         out / "adapter",
         adapter_host,
         config,
         metadata={"base_checkpoint": str(ckpt_path), "model": kind, "steps": opts.steps, task_lib.METRIC: acc_after},
     )
-    merged = jax.tree.map(np.asarray, boft.merge(final_params, config))
-    save_pretrained(out / "merged", module, merged)
-    loop.plot_curves(out / "metrics.jsonl", out / "curves.png", f"BOFT(m={config.n_factors}) finetuning: {data.description}")
+    merged = sh.gather_to_host(boft.merge(final_params, config))
+    if main:
+        save_pretrained(out / "merged", module, merged)
+        loop.plot_curves(out / "metrics.jsonl", out / "curves.png", f"BOFT(m={config.n_factors}) finetuning: {data.description}")
     wall = time.time() - t_start
     table = loop.summary_table(
         [
@@ -251,8 +274,9 @@ def run(argv=None) -> dict:
             ("outputs", f"{out}/{{adapter,merged,curves.png,metrics.jsonl}}"),
         ]
     )
-    (out / "summary.md").write_text(table + "\n")
-    print("\n" + table)
+    if main:
+        (out / "summary.md").write_text(table + "\n")
+        print("\n" + table)
     return {
         "acc_before": acc_before,
         "acc_after": acc_after,

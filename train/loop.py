@@ -57,6 +57,14 @@ class TrainOptions:
     progress: bool = True
 
 
+class ResumeMismatch(ValueError):
+    """``--resume`` found a checkpoint written with a different batch size or seed."""
+
+
+def _global_norm(tree) -> jax.Array:
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+
+
 def make_optimizer(opts: TrainOptions) -> optax.GradientTransformation:
     """AdamW with linear warmup and cosine decay, after global-norm gradient clipping."""
     schedule = optax.warmup_cosine_decay_schedule(
@@ -109,7 +117,7 @@ def fit(task: Task, opts: TrainOptions, out_dir: Path, *, resume: bool = False) 
         (loss, acc), grads = jax.value_and_grad(objective, has_aux=True)(adapter)
         updates, opt_state = optimizer.update(grads, opt_state, adapter)
         adapter = optax.apply_updates(adapter, updates)
-        return adapter, opt_state, {"loss": loss, "accuracy": acc, "grad_norm": optax.global_norm(grads)}
+        return adapter, opt_state, {"loss": loss, "accuracy": acc, "grad_norm": _global_norm(grads)}
 
     step_jit = jax.jit(step_fn, out_shardings=(rep, rep, rep), donate_argnums=(0, 1))
 
@@ -122,7 +130,7 @@ def fit(task: Task, opts: TrainOptions, out_dir: Path, *, resume: bool = False) 
         else:
             start, adapter, opt_state, state = restored
             if state.get("batch_size") != opts.batch_size or state.get("seed") != opts.seed:
-                raise ValueError(
+                raise ResumeMismatch(
                     f"--resume: the checkpoint was written with batch size {state.get('batch_size')} and seed"
                     f" {state.get('seed')}, not {opts.batch_size} and {opts.seed}; resuming would not continue"
                     " the same run"
@@ -132,19 +140,21 @@ def fit(task: Task, opts: TrainOptions, out_dir: Path, *, resume: bool = False) 
             print(f"resumed from step {start} (data position {state.get('data_position')})")
 
     metrics_path = out_dir / "metrics.jsonl"
-    if start == 0 and metrics_path.exists():
+    main = sh.is_main_process()  # in a multi-process job only process 0 writes logs
+    if main and start == 0 and metrics_path.exists():
         metrics_path.unlink()
-    elif start > 0 and metrics_path.exists():  # drop lines logged after the checkpoint we resume from
+    elif main and start > 0 and metrics_path.exists():  # drop lines logged after the checkpoint we resume from
         kept = [l for l in metrics_path.read_text().splitlines() if json.loads(l).get("step", 0) <= start]
         metrics_path.write_text("".join(k + "\n" for k in kept))
 
     def log(row):
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        if main:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
 
     bsh = lambda x: jax.device_put(x, sh.batch_sharding(mesh, x.ndim))  # noqa: E731
     train_split = task.data.train
-    bar = _progress(opts.steps, start, opts.progress)
+    bar = _progress(opts.steps, start, opts.progress and main)
     t0, last = time.time(), time.time()
     history = []
     step = start
@@ -238,4 +248,4 @@ def batched_eval(predict: Callable, split, batch_size: int) -> float:
     return correct / max(n, 1)
 
 
-__all__ = ["Task", "TrainOptions", "fit", "make_optimizer", "plot_curves", "summary_table", "fmt_params", "batched_eval"]
+__all__ = ["Task", "TrainOptions", "ResumeMismatch", "fit", "make_optimizer", "plot_curves", "summary_table", "fmt_params", "batched_eval"]

@@ -117,24 +117,39 @@ def _trim(split: data_lib.Split) -> data_lib.Split:
 
 
 def load_data(path, module) -> data_lib.Dataset:
-    """The bundled task (``path=None``) or a JSONL file of ``{"source", "target"}`` lines.
+    """The bundled task (``path=None``) or a JSONL file of source/target pairs.
 
-    Text is byte-level, so the model must be a byte-level T5: vocabulary >= 259, pad id 0 and
-    EOS id 1 (as ByT5).  User examples longer than MAX_SRC_LEN / MAX_TGT_LEN bytes are cut.
+    Text lines (``{"source", "target"}``) are encoded byte-level, so they need a byte-level T5
+    (vocabulary >= 259, pad id 0, EOS id 1, as ByT5 or the bundled base).  For any other T5 (t5,
+    t5 v1.1, FLAN-T5) give pre-tokenized lines ``{"source_ids": [...], "target_ids": [...]}``
+    made with the checkpoint's own tokenizer; ids are checked against its vocabulary.  Examples
+    longer than MAX_SRC_LEN / MAX_TGT_LEN tokens are cut.
     """
     cfg = module.config
-    if cfg.vocab_size < data_lib.BYTE_VOCAB or cfg.pad_token_id != data_lib.PAD or data_lib.EOS not in cfg.eos_token_ids:
-        raise ValueError(
-            f"the T5 data here is byte-level (UTF-8 bytes + 3, pad 0, EOS 1, {data_lib.BYTE_VOCAB} ids) but the"
-            f" checkpoint has vocab_size={cfg.vocab_size}, pad_token_id={cfg.pad_token_id},"
-            f" eos_token_id={cfg.eos_token_id}: use a byte-level T5 (e.g. ByT5 or the bundled base)"
-        )
+    byte_level = cfg.vocab_size >= data_lib.BYTE_VOCAB and cfg.pad_token_id == data_lib.PAD and data_lib.EOS in cfg.eos_token_ids
     if path is None:
+        if not byte_level:
+            raise ValueError(
+                f"the bundled task is byte-level text but the checkpoint has vocab_size={cfg.vocab_size},"
+                f" pad_token_id={cfg.pad_token_id}, eos_token_id={cfg.eos_token_id}: pass --data with"
+                ' pre-tokenized JSONL lines {"source_ids": [...], "target_ids": [...]}'
+            )
         return bundled()
     p = Path(path)
     if not p.is_file():
-        raise ValueError(f"no such file (expected a JSONL file of {{\"source\": ..., \"target\": ...}} lines)")
+        raise ValueError('no such file (expected a JSONL file of {"source": ..., "target": ...} lines)')
     ds = data_lib.load_jsonl(p, MAX_SRC_LEN, MAX_TGT_LEN)
+    if "token ids" in ds.description:
+        top = max(int(a.max()) for sp in (ds.train, ds.test) for a in (sp.inputs["input_ids"], sp.labels) if a.size)
+        if top >= cfg.vocab_size:
+            raise ValueError(f"{p}: token id {top} is outside the checkpoint's vocabulary (vocab_size={cfg.vocab_size})")
+    elif not byte_level:
+        raise ValueError(
+            f"{p} holds text, which is encoded byte-level (UTF-8 bytes + 3, pad 0, EOS 1,"
+            f" {data_lib.BYTE_VOCAB} ids), but the checkpoint has vocab_size={cfg.vocab_size},"
+            f" pad_token_id={cfg.pad_token_id}, eos_token_id={cfg.eos_token_id}: tokenize with the"
+            ' checkpoint\'s tokenizer and give lines {"source_ids": [...], "target_ids": [...]} instead'
+        )
     if len(ds.test) == 0 or len(ds.train) == 0:
         raise ValueError(f"{p}: too few examples for a train/held-out split")
     return data_lib.Dataset(_trim(ds.train), _trim(ds.test), ds.description)

@@ -134,7 +134,10 @@ def check_model_type(path: str | os.PathLike, config: Mapping[str, Any], expecte
 def _load_safetensors(file: Path) -> dict[str, np.ndarray]:
     from safetensors.numpy import load_file  # the `train` extra; imported only when needed
 
-    return dict(load_file(os.fspath(file)))
+    try:
+        return dict(load_file(os.fspath(file)))
+    except Exception as e:  # SafetensorError (truncated / not safetensors), bad dtypes, ...
+        raise ValueError(f"{os.fspath(file)!r} is not a readable safetensors file: {e}") from None
 
 
 def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -165,7 +168,10 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     if msgpack.is_file():
         from flax.serialization import msgpack_restore  # msgpack, not pickle
 
-        tree = msgpack_restore(msgpack.read_bytes())
+        try:
+            tree = msgpack_restore(msgpack.read_bytes())
+        except Exception as e:  # truncated or not msgpack
+            raise ValueError(f"{str(msgpack)!r} is not a readable Flax msgpack file: {e}") from None
         return state_dict_from_flax_legacy(tree)
     found = sorted(x.name for x in p.iterdir())
     hint = ""
