@@ -176,9 +176,9 @@ def test_default_vit_job_end_to_end(tmp_path):
     from train.data import FINETUNE_CLASSES, digits
 
     out = tmp_path / "run"
-    res = finetune.run(["--output", str(out), "--steps", "120", "--eval-every", "60", "--no-progress"])
+    res = finetune.run(["--output", str(out), "--no-progress"])  # exactly the README's default job
     assert res["trainable"] / res["base"] < 0.02
-    assert res["acc_before"] < 0.2 < 0.8 < res["acc_after"]  # new classes: from nothing to most
+    assert res["acc_before"] < 0.2 and res["acc_after"] >= 0.90  # new classes: from nothing to >= 90%
     for f in ("metrics.jsonl", "curves.png", "summary.md", "adapter", "merged/config.json", "merged/model.safetensors"):
         assert (out / f).exists(), f
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
