@@ -71,3 +71,17 @@ def all_eqns(jaxpr):
         for v in eqn.params.values():
             for sub in subs(v):
                 yield from all_eqns(sub)
+
+
+def np_neumann_from_packed(packed, b, n_terms):
+    """Cayley-Neumann blocks Q = (I - S) sum_{j<n} (-S)^j from packed strict upper triangles, float64.
+
+    Written from the formula with explicit matrix powers (not Horner's rule, unlike the library)."""
+    packed = np.asarray(packed, np.float64)
+    s = np.zeros(packed.shape[:-1] + (b, b))
+    r, c = np.triu_indices(b, 1)
+    s[..., r, c] = packed
+    s[..., c, r] = -packed
+    eye = np.broadcast_to(np.eye(b), s.shape)
+    series = sum(np.linalg.matrix_power(-s, j) for j in range(n_terms))
+    return (eye - s) @ series

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from jax.test_util import check_grads
 
 import boft_jax as boft
+from boft_jax.butterfly import use_span
 from reference import all_eqns, dense_rotation, reference_perm
 
 
@@ -251,23 +252,86 @@ def test_gradients_match_finite_differences():
 # ---------------------------------------------------------------------------------------------
 # Compute rule: no d x d intermediates, no gathers
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("m", [1, 4])
-def test_rotate_builds_no_d_by_d_intermediate_and_no_gather(m):
-    d, b, tokens = 1024, 8, 2048  # more tokens than d, so a token axis does not count as a second d axis
-    blocks = jnp.zeros((m, d // b, b, b))
-    closed = jax.make_jaxpr(boft.rotate)(jnp.zeros((tokens, d)), blocks)
-    shapes, prims = [], set()
+def _jaxpr_shapes_and_prims(closed):
+    shapes, prims = [], []
     for eqn in all_eqns(closed.jaxpr):
-        prims.add(eqn.primitive.name)
+        prims.append(eqn.primitive.name)
         for v in eqn.outvars:
             shapes.append(tuple(getattr(v.aval, "shape", ())))
+    return shapes, prims
+
+
+def _assert_no_d_by_d_and_no_gather(closed, d, other):
+    """No intermediate has two axes >= d (an axis equal to ``other``, the token / kernel-column count,
+    chosen > d, does not count as a d axis), no gathers or scatters, and real matmuls."""
+    shapes, prims = _jaxpr_shapes_and_prims(closed)
     assert shapes, "no equations traced"
     for s in shapes:
-        big = [a for a in s if a >= d and a != tokens]
+        big = [a for a in s if a >= d and a != other]
         assert len(big) < 2, f"intermediate of shape {s} has two axes >= d = {d}"
         assert s[-2:] != (d, d)
-    assert "gather" not in prims and "scatter" not in prims and "scatter-add" not in prims
+    assert not {"gather", "scatter", "scatter-add"} & set(prims)
     assert "dot_general" in prims
+    return prims
+
+
+def _f32(*shape):
+    return jax.ShapeDtypeStruct(shape, jnp.float32)
+
+
+def test_d_by_d_check_detects_a_dense_rotation():
+    """The checker below can fail: the dense (d, d) matrix of rotation_matrix is caught."""
+    d, b, m = 1024, 8, 6
+    with pytest.raises(AssertionError, match="two axes >= d"):
+        _assert_no_d_by_d_and_no_gather(jax.make_jaxpr(boft.rotation_matrix)(_f32(m, d // b, b, b)), d, 2048)
+
+
+# m = 1 and 4 apply M through its dense (S x S) diagonal blocks; m = 5..8 (2^(m-1) > 2m) factor by
+# factor; m = 8 is full depth at d = 1024, b = 8 (S = d: M itself is dense).
+D_BY_D_CASES = [1, 4, 5, 6, 7, 8]
+
+
+@pytest.mark.parametrize("m", D_BY_D_CASES)
+def test_rotate_builds_no_d_by_d_intermediate_and_no_gather(m):
+    d, b, tokens = 1024, 8, 2048  # more tokens than d, so a token axis does not count as a second d axis
+    assert use_span(d, b, m) == (m <= 4)  # the cases really cover both code paths
+    assert boft.max_factors(d, b) == 8
+    blocks = _f32(m, d // b, b, b)  # tracing only: values play no part in the program's shapes
+    prims = _assert_no_d_by_d_and_no_gather(jax.make_jaxpr(boft.rotate)(_f32(tokens, d), blocks), d, tokens)
+    if m > 4:  # factored: one batched matmul per factor
+        assert prims.count("dot_general") == m
+
+
+@pytest.mark.parametrize("m", D_BY_D_CASES)
+def test_rotate_kernel_builds_no_d_by_d_intermediate_and_no_gather(m):
+    d, b, cols = 1024, 8, 2048  # a wide kernel (d, 2048): its column axis does not count as a d axis
+    prims = _assert_no_d_by_d_and_no_gather(
+        jax.make_jaxpr(boft.rotate_kernel)(_f32(d, cols), _f32(m, d // b, b, b)), d, cols
+    )
+    if m > 4:
+        assert prims.count("dot_general") == m
+
+
+@pytest.mark.parametrize("m", D_BY_D_CASES)
+def test_rotate_and_rotate_kernel_gradients_build_no_d_by_d_intermediate(m):
+    d, b, n = 1024, 8, 2048
+    blocks = _f32(m, d // b, b, b)
+
+    def loss_rows(x, blocks):
+        return jnp.sum(jnp.sin(boft.rotate(x, blocks)))
+
+    def loss_kernel(kernel, blocks):
+        return jnp.sum(jnp.sin(boft.rotate_kernel(kernel, blocks)))
+
+    for loss in (loss_rows, loss_kernel):
+        first = _f32(n, d) if loss is loss_rows else _f32(d, n)
+        closed = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(first, blocks)
+        prims = _assert_no_d_by_d_and_no_gather(closed, d, n)
+        if m > 4:  # forward, input cotangent and block cotangent: one batched matmul each per factor
+            assert prims.count("dot_general") == 3 * m, (loss.__name__, prims.count("dot_general"))
+        # and the gradients' shapes are the inputs' shapes (nothing dense came back either)
+        out_shapes = [tuple(v.aval.shape) for v in closed.jaxpr.outvars]
+        assert out_shapes == [first.shape, blocks.shape]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+from hypothesis import event, given, settings
+from hypothesis import strategies as st
 
 import boft_jax as boft
 
@@ -88,3 +90,124 @@ def test_block_num_that_does_not_fit_names_valid_block_nums():
     listed = [int(t) for t in msg.split("Valid block_num for n_factors = 2: ")[1].split(".")[0].split(", ")]
     assert listed and all(boft.structure_error(40, 40 // k, 2) is None for k in listed)
     assert cfg.fit_error("ok", 64) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# Property: construct + fit exactly when the structure is valid, otherwise a useful ValueError
+# ---------------------------------------------------------------------------------------------
+# The butterfly rule, re-derived from the definition (DESIGN.md section 2) rather than taken from
+# boft_jax: d features are cut into k blocks of b (so b | d).  For m > 1, factor i pairs half-blocks
+# (b / 2 features each, so b is even) inside chunks of b 2^i features, and the widest chunks (i = m-1)
+# must tile the features: b 2^(m-1) | d, i.e. 2^(m-1) | k (which for m > 1 makes k even).
+def _valid(d: int, b: int, m: int) -> bool:
+    if b < 1 or d % b:
+        return False
+    if m == 1:
+        return True
+    k = d // b
+    return b % 2 == 0 and k % 2 == 0 and k % 2 ** (m - 1) == 0
+
+
+def _max_m(d: int, b: int) -> int:
+    m = 0
+    while _valid(d, b, m + 1) and m < 64:
+        m += 1
+    return m
+
+
+def _listed(msg: str, prefix: str) -> tuple[list[int], int | None]:
+    """The integers listed after ``prefix`` (up to '.' or ';'), and the '(N in all)' total if any."""
+    text = msg.split(prefix, 1)[1]
+    text = text.split(";", 1)[0]
+    total = None
+    if "in all)" in text:
+        total = int(text.split("(", 1)[1].split(" in all", 1)[0])
+        text = text.split(", ...", 1)[0]
+    text = text.split(". ", 1)[0].rstrip(".")
+    if text.strip() == "none":
+        return [], total
+    return [int(t) for t in text.split(", ")], total
+
+
+def _assert_alternatives(msg: str, prefix: str, expected: list[int]):
+    got, total = _listed(msg, prefix)
+    if len(expected) <= 16:
+        assert got == expected and total is None, (msg, expected)
+    else:  # long lists are cut after 16 entries, with the count
+        assert got == expected[:16] and total == len(expected), (msg, expected)
+
+
+@st.composite
+def _structures(draw):
+    by_size = draw(st.booleans())
+    m = draw(st.integers(1, 6))
+    # block_size or block_num: a third arbitrary, else even (block_size) / a multiple of 2^j (block_num)
+    if draw(st.integers(0, 2)) == 0:
+        value = draw(st.integers(1, 40))
+    elif by_size:
+        value = 2 * draw(st.integers(1, 20))
+    else:
+        value = draw(st.integers(1, 5)) * 2 ** draw(st.integers(0, m))
+    # d: arbitrary, or built to be likely valid (value * 2^e * c), or one off from that
+    how = draw(st.integers(0, 2))
+    if how == 0:
+        d = draw(st.integers(1, 1024))
+    else:
+        d = value * 2 ** draw(st.integers(0, 6)) * draw(st.integers(1, 3))
+        if not by_size:
+            d *= draw(st.sampled_from([1, 2, 3, 4, 8]))  # block_num: b = d / k
+        d += how == 2  # near miss
+    path = "/".join(draw(st.lists(st.sampled_from(["encoder", "layer_3", "mlp", "fc1", "attention", "query"]),
+                                  min_size=1, max_size=4)))
+    return by_size, value, m, d, path
+
+
+@settings(max_examples=80, deadline=None)
+@given(_structures())
+def test_property_config_fits_exactly_the_valid_structures(structure):
+    by_size, value, m, d, path = structure
+    field = "block_size" if by_size else "block_num"
+    b = value if by_size else (d // value if d % value == 0 else None)
+    valid = b is not None and _valid(d, b, m)
+    # A config that no d can fit (m > 1 with an odd b, or a k that 2^(m-1) does not divide) may be
+    # refused already when it is built; it must then say which values work.
+    never_fits = m > 1 and (value % 2 if by_size else value % 2 ** (m - 1))
+    try:
+        cfg = boft.BOFTConfig(**{field: value}, n_factors=m)
+    except ValueError as e:
+        event("refused when built")
+        assert never_fits, (structure, str(e))
+        msg = str(e)
+        assert f"BOFTConfig.{field} = {value}" in msg
+        if value % 2:  # odd b or k: needs an even value, or plain OFT
+            assert f"use an even {field}" in msg and "n_factors = 1" in msg
+        else:  # even k: the valid factor counts for it are 1 .. 1 + (number of factors 2 in k)
+            assert not by_size
+            max_m = max(mm for mm in range(1, 12) if value % 2 ** (mm - 1) == 0)
+            assert f"valid n_factors for block_num = {value}: 1..{max_m}" in msg
+        return
+    assert not never_fits, structure  # checked at fit time instead; the fit must then refuse it
+
+    event(f"{field}: {'fits' if valid else 'refused at fit'}")
+    if valid:
+        assert cfg.fit_error(path, d) is None
+        assert cfg.layer_structure(path, d) == boft.LayerStructure(block_size=b, n_blocks=d // b, n_factors=m)
+        return
+    assert cfg.fit_error(path, d) is not None
+    with pytest.raises(ValueError) as e:
+        cfg.layer_structure(path, d)
+    msg = str(e.value)
+    assert msg == cfg.fit_error(path, d)
+    assert f"layer '{path}' (d_in = {d})" in msg and f"{field} = {value}" in msg
+    assert "exclude" in msg
+    # The alternatives named are exactly the valid ones (block sizes >= 2: b = 1 adapts nothing).
+    if by_size:
+        _assert_alternatives(msg, f"Valid block_size for n_factors = {m}: ",
+                             [bb for bb in range(2, d + 1) if _valid(d, bb, m)])
+        if d % value == 0:
+            assert f"valid n_factors for block_size = {value}: 1..{_max_m(d, value)}" in msg
+        else:
+            assert "valid n_factors" not in msg
+    else:
+        _assert_alternatives(msg, f"Valid block_num for n_factors = {m}: ",
+                             [k for k in range(1, d // 2 + 1) if d % k == 0 and _valid(d, d // k, m)])

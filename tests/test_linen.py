@@ -12,7 +12,7 @@ import optax
 import pytest
 
 import boft_jax as boft
-from reference import all_eqns, dense_layer, np_cayley_from_packed
+from reference import all_eqns, dense_layer, np_cayley_from_packed, np_neumann_from_packed
 
 MODES = ["input", "weight", "auto"]
 
@@ -482,3 +482,157 @@ def test_modules_to_save_train_in_full():
     assert float(jnp.abs(g["head"]["kernel"]).max()) > 0
     with pytest.raises(TypeError, match="BOFTConfig"):
         boft.split(params, "all")
+
+
+# ---------------------------------------------------------------------------------------------
+# Cayley-Neumann, bf16 wrapped vs merged, the "auto" rule, exact unmerge
+# ---------------------------------------------------------------------------------------------
+def _random_adapter(adapter, seed, skew_scale, scale_spread=0.3):
+    """Fresh random adapter (numpy draws: no per-shape compiles): skew ~ skew_scale * N(0, 1);
+    scale ~ 1 + U(-spread, spread), kept away from 0 so that unmerge's division by s is well
+    conditioned; other trainable leaves (biases) get + 0.3 N(0, 1)."""
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        name = str(path[-1].key)
+        if name == "skew":
+            new = skew_scale * rng.normal(size=leaf.shape)
+        elif name == "scale":
+            new = 1.0 + rng.uniform(-scale_spread, scale_spread, size=leaf.shape)
+        else:
+            new = np.asarray(leaf, np.float64) + 0.3 * rng.normal(size=leaf.shape)
+        return jnp.asarray(new, leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(draw, adapter)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_neumann_wrapped_equals_merged_and_dense_neumann_reference(mode):
+    b, m, terms = 4, 2, 3
+    cfg = boft.BOFTConfig(block_size=b, n_factors=m, targets="fc1|fc2", mode=mode, cayley="neumann",
+                          neumann_terms=terms)
+    # 20 tokens: under "auto", fc1 (d_out 48 > 40) rotates the tokens and fc2 (d_out 32 <= 40) the kernel.
+    x = jax.random.normal(jax.random.key(21), (4, 5, 16))
+    model = boft.wrap(MLP(), cfg)
+    frozen, adapter = boft.split(model.init(jax.random.key(22), x)["params"], cfg)
+    # Skew entries ~0.15: ||S|| < 1, so the series converges, yet 3 terms stay far from the exact map.
+    adapter = _random_adapter(adapter, 23, skew_scale=0.15)
+    params = boft.combine(frozen, adapter)
+    y = model.apply({"params": params}, x)
+
+    y_merged = MLP().apply({"params": boft.merge(params, cfg)}, x)
+    np.testing.assert_allclose(y, y_merged, rtol=2e-5, atol=2e-5)
+
+    def dense_model(blocks_of):  # float64 definition, each adapted layer with a dense M
+        h = np.asarray(x, np.float64)
+        for name in ("fc1", "fc2"):
+            a = adapter[name]["kernel"]
+            h = np.maximum(dense_layer(h, frozen[name]["kernel"], blocks_of(a["skew"]), a["scale"], frozen[name]["bias"]), 0)
+        return h @ np.asarray(frozen["head"]["kernel"], np.float64) + np.asarray(frozen["head"]["bias"], np.float64)
+
+    for name in ("fc1", "fc2"):
+        s_norm = np.linalg.norm(np.asarray(boft.unpack_skew(adapter[name]["kernel"]["skew"])), ord=2, axis=(-2, -1))
+        assert s_norm.max() < 1.0  # the Neumann series converges for every block
+    ref = dense_model(lambda skew: np_neumann_from_packed(skew, b, terms))
+    ref_exact = dense_model(lambda skew: np_cayley_from_packed(skew, b))
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
+    # the check discriminates: the truncated series is measurably not the exact Cayley map
+    assert np.abs(ref - ref_exact).max() > 1e-3
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_bf16_wrapped_equals_bf16_base_with_merged_params(mode):
+    cfg = boft.BOFTConfig(block_size=4, n_factors=2, targets="fc.*", mode=mode)
+    x = jax.random.normal(jax.random.key(31), (4, 5, 16)).astype(jnp.bfloat16)  # auto: fc1 input, fc2 weight
+    base = MLP(dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    model, frozen, adapter = _setup(base, cfg, x, seed=32)
+    params = boft.combine(frozen, adapter)
+    y = model.apply({"params": params}, x)
+    merged = boft.merge(params, cfg)
+    assert merged["fc1"]["kernel"].dtype == jnp.bfloat16
+    y_merged = base.apply({"params": merged}, x)
+    assert y.dtype == y_merged.dtype == jnp.bfloat16
+    y, y_merged = np.asarray(y, np.float32), np.asarray(y_merged, np.float32)
+    y_base = np.asarray(base.apply({"params": frozen}, x), np.float32)
+    scale = float(np.abs(y_merged).max())
+    # Tolerance: bf16 keeps 8 significant bits (a rounding is up to 2^-9 ~ 0.2% relative). The two
+    # paths round at different places (merged: K' = (M K) s once; wrapped: x M or M K, then the
+    # product, then * s) and each of the 3 layers re-rounds its bf16 activations, so the outputs
+    # differ by a few bf16 ulps of max |y| (measured <= 1%). 3% of max |y| leaves margin and is
+    # still ~25x below the adapter's own effect (asserted below), so a wrong rotation would fail.
+    tol = 0.03 * scale
+    np.testing.assert_allclose(y, y_merged, rtol=0, atol=tol)
+    assert np.abs(y_merged - y_base).max() > 10 * tol
+
+
+def _proj_jaxpr_and_output(mode, d_out, x, adapter_seed):
+    cfg = boft.BOFTConfig(block_size=4, n_factors=2, targets="proj", mode=mode)
+    model = boft.wrap(Proj(d_out), cfg)
+    frozen, adapter = boft.split(model.init(jax.random.key(41), x)["params"], cfg)
+    params = boft.combine(frozen, _random_adapter(adapter, adapter_seed, skew_scale=0.3))
+    closed = jax.make_jaxpr(lambda p, x: model.apply({"params": p}, x))(params, x)
+    return closed, model.apply({"params": params}, x), Proj(d_out).apply({"params": boft.merge(params, cfg)}, x)
+
+
+def _side_in_jaxpr(closed, tokens, d_in, d_out):
+    """Which product the traced program contains: the rotated kernel M K (an array of the kernel's
+    (d_in, d_out) shape computed inside the program) or the rotated tokens x M (a non-reshape
+    equation producing (tokens, d_in))."""
+    eqns = list(all_eqns(closed.jaxpr))
+    weight = any(tuple(v.aval.shape) == (d_in, d_out) for e in eqns for v in e.outvars)
+    inp = any(
+        tuple(v.aval.shape) == (tokens, d_in) for e in eqns if e.primitive.name != "reshape" for v in e.outvars
+    )
+    assert weight != inp, (weight, inp)
+    return "weight" if weight else "input"
+
+
+def test_auto_mode_rule_helper():
+    """The documented rule (linen._choose_mode docstring, README): weight side iff d_out <= 2 T."""
+    from boft_jax.linen import _choose_mode
+
+    auto = boft.BOFTConfig(block_size=4, mode="auto")
+    rng = np.random.default_rng()
+    for tokens, d_out in [(1, 2), (1, 3), (12, 24), (12, 25), (394, 768), (394, 789), (197, 768)] + [
+        tuple(int(v) for v in rng.integers(1, 5000, size=2)) for _ in range(50)
+    ]:
+        want = "weight" if d_out <= 2 * tokens else "input"
+        assert _choose_mode(auto, tokens, 64, d_out) == want, (tokens, d_out)
+        for fixed in ("input", "weight"):
+            assert _choose_mode(boft.BOFTConfig(block_size=4, mode=fixed), tokens, 64, d_out) == fixed
+
+
+@pytest.mark.parametrize("d_out", [20, 24, 25, 40])
+def test_auto_mode_picks_the_side_by_the_rule_in_the_traced_program(d_out):
+    """T = 12 tokens (x: (3, 4, 16)), d_in = 16: d_out = 20 and 24 (= 2T, the boundary) -> weight side;
+    25 and 40 -> input side. The auto program is the explicit mode's program, and all agree."""
+    d_in, x = 16, jax.random.normal(jax.random.key(42), (3, 4, 16))
+    tokens = 12
+    want = "weight" if d_out <= 2 * tokens else "input"
+    traced = {mode: _proj_jaxpr_and_output(mode, d_out, x, adapter_seed=43) for mode in MODES}
+    assert _side_in_jaxpr(traced["input"][0], tokens, d_in, d_out) == "input"
+    assert _side_in_jaxpr(traced["weight"][0], tokens, d_in, d_out) == "weight"
+    assert _side_in_jaxpr(traced["auto"][0], tokens, d_in, d_out) == want
+    assert str(traced["auto"][0]) == str(traced[want][0])
+    assert str(traced["input"][0]) != str(traced["weight"][0])
+    y_input, y_weight, y_auto = (traced[m][1] for m in ("input", "weight", "auto"))
+    np.testing.assert_allclose(y_input, y_weight, rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(y_auto, y_input, rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(y_auto, traced["auto"][2], rtol=2e-5, atol=2e-5)  # == merged base model
+
+
+@pytest.mark.parametrize("m", [1, 2])
+def test_exact_unmerge_recovers_the_base(m):
+    for base, x in [(MLP(), jax.random.normal(jax.random.key(51), (3, 16))),
+                    (GeneralAxes(), jax.random.normal(jax.random.key(52), (2, 16, 3)))]:
+        cfg = boft.BOFTConfig(block_size=4, n_factors=m, cayley="exact")
+        frozen = base.init(jax.random.key(53), x)["params"]
+        # the adapter's structure from an abstract trace (no compiles), then fresh random values
+        adapter = _random_adapter(boft.init_adapter(boft.wrap(base, cfg), frozen, x), 54 + m, skew_scale=0.5)
+        merged = jax.jit(boft.merge, static_argnums=1)(boft.combine(frozen, adapter), cfg)
+        changed = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), merged, frozen)
+        assert all(v > 1e-2 for p, v in jax.tree_util.tree_leaves_with_path(changed) if p[-1].key == "kernel")
+        recovered = jax.jit(boft.unmerge, static_argnums=2)(merged, adapter, cfg)
+        assert jax.tree.structure(recovered) == jax.tree.structure(frozen)
+        err = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), recovered, frozen)
+        assert max(jax.tree.leaves(err)) < 1e-5, err

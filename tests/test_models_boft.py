@@ -111,3 +111,110 @@ def test_boft_t5_with_scanned_layers_starts_at_the_base_model_trains_and_merges(
     ids, mask = ref["input_ids"], ref["attention_mask"]
     generate = lambda module, params: jax.jit(functools.partial(t5.generate, module, max_new_tokens=6))(params, ids, mask)
     np.testing.assert_array_equal(generate(model, boft.combine(pretrained, adapter)), generate(base, merged))
+
+
+# ---------------------------------------------------------------------------------------------
+# One optimizer step on the full params tree, masked to the adapter, moves only the adapter
+# ---------------------------------------------------------------------------------------------
+def _names(path):
+    return tuple(getattr(k, "key", getattr(k, "name", None)) for k in path)
+
+
+def _random_adapter(adapter, seed):
+    """A fresh random (non-identity) adapter: skew ~ 0.05 N(0, 1), scale ~ 1 + U(-0.1, 0.1)."""
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        if _names(path)[-1] == "skew":
+            return jnp.asarray(0.05 * rng.normal(size=leaf.shape), leaf.dtype)
+        return jnp.asarray(1.0 + rng.uniform(-0.1, 0.1, size=leaf.shape), leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(draw, adapter)
+
+
+def one_masked_step_changes_only_the_adapter(model, config, pretrained, loss_of_output, inputs, seed):
+    _, adapter = init_adapter(model, config, *inputs)
+    adapter = _random_adapter(adapter, seed)
+    params = boft.combine(pretrained, adapter)
+    # Trainable = the skew / scale fields of the adapted-kernel nodes (config.bias = "none"; note
+    # that LayerNorm params are also called "scale"), checked against boft.split's adapter.
+    def label(path, _):
+        last = path[-1]
+        return "adapter" if isinstance(last, jax.tree_util.GetAttrKey) and last.name in ("skew", "scale") else "frozen"
+
+    labels = jax.tree_util.tree_map_with_path(label, params)
+    flat_labels = {_names(p): l for p, l in jax.tree_util.tree_leaves_with_path(labels)}
+    assert {_names(p) for p, _ in jax.tree_util.tree_leaves_with_path(adapter)} == {
+        p for p, l in flat_labels.items() if l == "adapter"
+    }
+    opt = optax.multi_transform({"adapter": optax.adam(1e-2), "frozen": optax.set_to_zero()}, labels)
+
+    @jax.jit
+    def step(params, opt_state):
+        def loss_fn(params):  # gradients w.r.t. the full tree, frozen weights included
+            return loss_of_output(model.apply({"params": params}, *inputs))
+
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), grads
+
+    new_params, grads = step(params, opt.init(params))
+    old = {_names(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(params)}
+    new = {_names(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(new_params)}
+    grad = {_names(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(grads)}
+    assert old.keys() == new.keys() == grad.keys() == flat_labels.keys()
+
+    frozen_with_grad = adapter_leaves = frozen_leaves = 0
+    for name, label in flat_labels.items():
+        g, before, after = grad[name], old[name], new[name]
+        assert after.dtype == before.dtype and after.shape == before.shape, name
+        if label == "frozen":
+            frozen_leaves += 1
+            assert after.tobytes() == before.tobytes(), f"frozen leaf {'/'.join(map(str, name))} changed"
+            frozen_with_grad += bool(np.any(g != 0))
+        else:
+            adapter_leaves += 1
+            assert np.any(g != 0), f"adapter leaf {'/'.join(map(str, name))} got no gradient"
+            assert np.any(after != before), f"adapter leaf {'/'.join(map(str, name))} did not change"
+            moved = np.abs(g) > 1e-6  # Adam's first step moves each such entry by ~ lr = 1e-2
+            assert np.all(after[moved] != before[moved]), name
+    assert adapter_leaves == len(jax.tree.leaves(adapter))
+    # the frozen weights do get gradients here: only the masked optimizer keeps them in place
+    assert frozen_leaves > 0 and frozen_with_grad >= frozen_leaves // 2, (frozen_with_grad, frozen_leaves)
+
+    # Same step as the README's Optax recipe (gradients and Adam state for the adapter only).
+    frozen = boft.split(params, config)[0]
+    recipe_opt = optax.adam(1e-2)
+
+    @jax.jit
+    def recipe_step(adapter):
+        grads = jax.grad(lambda a: loss_of_output(model.apply({"params": boft.combine(frozen, a)}, *inputs)))(adapter)
+        updates, _ = recipe_opt.update(grads, recipe_opt.init(adapter), adapter)
+        return optax.apply_updates(adapter, updates)
+
+    new_frozen, new_adapter = boft.split(new_params, config)
+    for a, b in zip(jax.tree.leaves(new_frozen), jax.tree.leaves(frozen)):
+        assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
+    recipe_adapter = recipe_step(adapter)
+    assert jax.tree.structure(new_adapter) == jax.tree.structure(recipe_adapter)
+    for a, b in zip(jax.tree.leaves(new_adapter), jax.tree.leaves(recipe_adapter)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_one_masked_optax_step_changes_only_the_adapter_vit():
+    base, pretrained = vit.from_pretrained(FIXTURES / "vit")
+    ref = np.load(FIXTURES / "vit_reference.npz", allow_pickle=False)
+    config = boft.BOFTConfig(block_size=4, n_factors=2, targets=vit.TARGET_PRESETS["all_linear"])
+    labels = jnp.arange(3) % 5
+    xent = lambda logits: optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    one_masked_step_changes_only_the_adapter(boft.wrap(base, config), config, pretrained, xent, (ref["pixel_values"],), 61)
+
+
+def test_one_masked_optax_step_changes_only_the_adapter_t5_scanned():
+    base, pretrained = t5.from_pretrained(FIXTURES / "t5_gated", scan_layers=True)
+    ref = np.load(FIXTURES / "t5_gated_reference.npz", allow_pickle=False)
+    inputs = (ref["input_ids"], ref["attention_mask"], ref["decoder_input_ids"])
+    config = boft.BOFTConfig(block_size=4, n_factors=2, targets=t5.TARGET_PRESETS["all_linear"])
+    targets = jnp.asarray(np.roll(ref["decoder_input_ids"], -1, axis=1))
+    xent = lambda logits: optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+    one_masked_step_changes_only_the_adapter(boft.wrap(base, config), config, pretrained, xent, inputs, 62)
