@@ -217,7 +217,7 @@ SHARDED_SCRIPT = textwrap.dedent(
                        ("fsdp", sh.make_mesh("data=8")), ("tp", sh.make_mesh("model=8")),
                        ("both", sh.make_mesh("data=2,model=4"))]:
         task = vit_task.make_task(model, frozen, adapter, data)
-        opts = loop.TrainOptions(steps=20, batch_size=32, eval_every=0, save_every=1000, mesh=mesh, progress=False)
+        opts = loop.TrainOptions(steps=12, batch_size=32, eval_every=0, save_every=1000, mesh=mesh, progress=False)
         res = loop.fit(task, opts, sys.argv[1] + "/" + name)
         sharded = sh.shard_frozen(frozen, mesh)
         per_dev = sh.bytes_per_device(sharded)
@@ -257,27 +257,24 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 def test_two_process_job_matches_one_process_and_only_process_0_writes(tmp_path):
-    """``jax.distributed`` on CPU (gloo): 2 processes x 2 devices vs 1 process x 4 devices, same mesh."""
+    """``jax.distributed`` on CPU (gloo): 2 processes x 1 device (mesh data=2, the batch split
+    across processes, the frozen weights FSDP-sharded across them) vs this process, 1 device."""
     from boft_jax.checkpoint import load_adapter
 
-    args = ["--steps", "10", "--eval-every", "0", "--save-every", "5", "--no-progress", "--batch-size", "32",
-            "--mesh", "data=2,model=2", "--seed", "1"]
+    args = ["--steps", "6", "--eval-every", "0", "--save-every", "3", "--no-progress", "--batch-size", "32", "--seed", "1"]
     port = _free_port()
     procs = []
     for pid in range(2):
-        env = dict(_env(2), JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid))
+        env = dict(_env(1), JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid))
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "train.finetune", "--output", str(tmp_path / "multi"), *args],
             env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         ))
     logs = [p.communicate(timeout=900)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], logs[0][-2000:] + logs[1][-2000:]
-    assert "devices: 4 cpu" in logs[1] and "held-out accuracy after" not in logs[1]  # summary: process 0 only
-    single = subprocess.run(
-        [sys.executable, "-m", "train.finetune", "--output", str(tmp_path / "single"), *args],
-        env=_env(4), cwd=ROOT, capture_output=True, text=True, timeout=900,
-    )
-    assert single.returncode == 0, single.stderr[-3000:]
+    assert "devices: 2 cpu" in logs[1] and "held-out accuracy after" not in logs[1]  # summary: process 0 only
+    assert "| mesh                        | data=2 |" in logs[0]
+    single = finetune.run(["--output", str(tmp_path / "single"), *args])
 
     def rows(run):
         return [json.loads(l) for l in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
@@ -289,8 +286,7 @@ def test_two_process_job_matches_one_process_and_only_process_0_writes(tmp_path)
             if k in b:
                 np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-5, err_msg=f"step {b['step']} {k}")
     am, _, _ = load_adapter(tmp_path / "multi" / "adapter")
-    a1, _, _ = load_adapter(tmp_path / "single" / "adapter")
-    for x, y in zip(jax.tree.leaves(am), jax.tree.leaves(a1)):
+    for x, y in zip(jax.tree.leaves(am), jax.tree.leaves(single["adapter"])):
         np.testing.assert_allclose(x, y, atol=1e-5, rtol=1e-5)
     assert (tmp_path / "multi" / "merged" / "model.safetensors").is_file()
     assert not list((tmp_path / "multi").glob(".adapter.tmp-*"))  # the shared temporary name was renamed

@@ -214,7 +214,7 @@ def test_one_masked_optax_step_changes_only_the_adapter_t5_scanned():
     base, pretrained = t5.from_pretrained(FIXTURES / "t5_gated", scan_layers=True)
     ref = np.load(FIXTURES / "t5_gated_reference.npz", allow_pickle=False)
     inputs = (ref["input_ids"], ref["attention_mask"], ref["decoder_input_ids"])
-    config = boft.BOFTConfig(block_size=4, n_factors=2, targets=t5.TARGET_PRESETS["all_linear"])
+    config = boft.BOFTConfig(block_size=4, n_factors=2, targets=r"(?:self|cross)_attention/(?:q|v)|mlp/wo")
     targets = jnp.asarray(np.roll(ref["decoder_input_ids"], -1, axis=1))
     xent = lambda logits: optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
     one_masked_step_changes_only_the_adapter(boft.wrap(base, config), config, pretrained, xent, inputs, 62)
