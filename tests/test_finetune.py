@@ -296,8 +296,10 @@ def test_two_process_job_matches_one_process_and_only_process_0_writes(tmp_path)
 # Crash safety
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_sigkill_then_resume_finishes_with_the_same_adapter(tmp_path):
-    args = ["--steps", "24", "--save-every", "6", "--eval-every", "0", "--no-progress", "--batch-size", "32", "--seed", "3"]
+def test_sigkill_then_resume_finishes_with_the_same_adapter(tmp_path, capsys):
+    """Checkpoints every 2 steps (asynchronous); the kill lands while one is being written."""
+    args = ["--steps", "20", "--save-every", "2", "--keep", "3", "--eval-every", "0", "--no-progress",
+            "--batch-size", "32", "--seed", "3"]
     ref = finetune.run(["--output", str(tmp_path / "ref"), *args])["adapter"]
 
     out = tmp_path / "killed"
@@ -307,18 +309,24 @@ def test_sigkill_then_resume_finishes_with_the_same_adapter(tmp_path):
     )
     deadline = time.time() + 600
     ckpts = out / "checkpoints"
-    while time.time() < deadline:
-        steps = [int(p.name) for p in ckpts.glob("[0-9]*") if p.name.isdigit()] if ckpts.exists() else []
-        if steps and max(steps) >= 12:
+    while time.time() < deadline:  # past step 10, at a moment when a step is mid-write
+        names = [p.name for p in ckpts.iterdir()] if ckpts.exists() else []
+        done = [int(n) for n in names if n.isdigit()]
+        if done and max(done) >= 10 and any(".orbax-checkpoint-tmp" in n for n in names):
+            break
+        if done and max(done) >= 16:  # never caught a write in flight (a very fast disk): kill anyway
             break
         if proc.poll() is not None:
-            pytest.fail("training finished before it could be killed")
-        time.sleep(0.05)
+            pytest.fail("training finished before it could be killed mid-write")
+        time.sleep(0.002)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (out / "adapter").exists()  # it really died before the end
+    complete = max(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
 
+    capsys.readouterr()
     resumed = finetune.run(["--output", str(out), "--resume", *args])["adapter"]
+    assert f"resumed from step {complete} " in capsys.readouterr().out  # the newest complete step
     for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(resumed)):
         np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
 
