@@ -86,6 +86,10 @@ def save_adapter(
     main = jax.process_index() == 0
     if main:
         _recover(path)
+    if multi:  # every process must see the recovered state before deciding anything
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"boft_jax.save_adapter:recover:{path}")
     if path.exists() and not overwrite:
         raise FileExistsError(f"adapter checkpoint {path} exists; pass overwrite=True to replace it")
     if main:

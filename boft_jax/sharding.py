@@ -112,8 +112,8 @@ def frozen_sharding(frozen: Mapping, mesh: Mesh, *, min_size: int = 1024, strict
     Leaves with fewer than ``min_size`` elements (norms, biases) are replicated.  Kernels are split
     along their last axis over ``model`` (if the mesh has it and it divides; otherwise along their
     largest axis that it divides), then along their largest remaining divisible axis over ``data``
-    (FSDP).  A leaf with at least ``min_size`` elements that no mesh axis of size > 1 can split
-    would be held whole by every device: with ``strict`` (the default) that is a ``ValueError``
+    (FSDP).  A leaf with at least ``min_size`` elements that no mesh axis of size > 1 can split,
+    although one of its dimensions is at least that large, would be held whole by every device: with ``strict`` (the default) that is a ``ValueError``
     naming those leaves, their shapes and the axis sizes that would divide them; with
     ``strict=False`` they stay replicated.
 
@@ -130,7 +130,8 @@ def frozen_sharding(frozen: Mapping, mesh: Mesh, *, min_size: int = 1024, strict
         name = str(getattr(path[-1], "key", path[-1])) if path else ""
         shape = tuple(np.shape(leaf))
         spec = _spec_for(shape, mesh, name in ("kernel", "embedding"), min_size)
-        if axes and int(np.prod(shape)) >= min_size and all(a is None for a in spec):
+        splittable = any(n >= min(axes.values()) for n in shape) if axes else False  # not (), not (5,) on 8
+        if splittable and int(np.prod(shape)) >= min_size and all(a is None for a in spec):
             divisors = sorted({q for n in shape for q in range(2, n + 1) if n % q == 0})
             bad.append(f"{_path_str(path)} {shape} (axis sizes that divide it: {_short(divisors)})")
         return NamedSharding(mesh, spec)
@@ -182,6 +183,8 @@ def maybe_initialize_distributed() -> bool:
     if not multi:
         return False
     kwargs: dict[str, Any] = {}
+    if os.environ.get("JAX_NUM_PROCESSES", "").strip() == "1" and "JAX_PROCESS_ID" not in os.environ:
+        os.environ["JAX_PROCESS_ID"] = "0"  # a one-process "cluster" needs no id
     for var, key in (("JAX_NUM_PROCESSES", "num_processes"), ("JAX_PROCESS_ID", "process_id")):
         if var in os.environ:
             try:

@@ -104,6 +104,11 @@ def test_npz_and_image_folder_data_load_exactly(tmp_path):
     ds = data_lib.load_npz(tmp_path / "two.npz")
     np.testing.assert_array_equal(ds.test.inputs["pixel_values"], imgs[30:])
     np.testing.assert_array_equal(ds.train.labels, labels[:30])
+    raw = bytearray((tmp_path / "one.npz").read_bytes())  # a damaged member: found only when read
+    raw[len(raw) // 3] ^= 0xFF
+    (tmp_path / "damaged.npz").write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="damaged.npz: unreadable .npz archive"):
+        data_lib.load_npz(tmp_path / "damaged.npz")
     np.savez(tmp_path / "bad.npz", pictures=imgs)
     with pytest.raises(ValueError, match="needs arrays 'images'"):
         data_lib.load_npz(tmp_path / "bad.npz")
@@ -146,6 +151,11 @@ def test_cli_options_reach_the_adapter_and_keep_and_resume_mismatch(tmp_path, ca
     assert finetune.main([*args, "--resume", "--seed", "5"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --resume: the checkpoint was written with batch size 16 and seed 0"), err
+    other = [*args, "--resume"]
+    other[other.index("--block-num") + 1] = "4"  # other adapter shapes than the checkpoint's
+    assert finetune.main(other) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --resume: the checkpoint in") and "does not match this run's adapter" in err, err
     assert before == {p.name: p.stat().st_mtime_ns for p in (out / "adapter").rglob("*")}
 
 
@@ -224,6 +234,14 @@ SHARDED_SCRIPT = textwrap.dedent(
         out[name] = {"losses": res["losses"], "max_bytes": max(per_dev.values()), "n_dev": len(per_dev),
                      "adapter": [np.asarray(l).tolist() for l in jax.tree.leaves(res["adapter"])[:2]]}
     out["total_bytes"] = sum(np.asarray(l).nbytes for l in jax.tree.leaves(frozen))
+    # strict sharding refuses only leaves that some axis could have split: not (), not (5,) on 8
+    mesh8 = sh.make_mesh("data=8")
+    sh.frozen_sharding({"s": np.zeros(()), "b": np.zeros(5)}, mesh8, min_size=1)
+    try:
+        sh.frozen_sharding({"k": np.zeros((9, 7))}, mesh8, min_size=1)
+        out["refused"] = ""
+    except ValueError as e:
+        out["refused"] = str(e)
     print("RESULT" + json.dumps(out))
     """
 )
@@ -238,6 +256,7 @@ def test_sharded_training_matches_single_device_and_splits_the_weights(tmp_path)
     res = json.loads(r.stdout.split("RESULT", 1)[1])
     single = np.asarray(res["single"]["losses"])
     assert len(single) >= 3 and single[0] > single[-1]
+    assert "k (9, 7) (axis sizes that divide it: 3, 7, 9)" in res["refused"], res["refused"]
     total = res["total_bytes"]
     assert res["single"]["max_bytes"] == total
     for name in ("fsdp", "tp", "both"):

@@ -189,6 +189,18 @@ def test_pretokenized_jsonl_equals_the_text_form_and_serves_any_vocabulary(tmp_p
     assert got == {tuple(r["target_ids"] + [data_lib.EOS]) for r in rows}
     with pytest.raises(ValueError, match="source_ids"):
         text_tasks.load_data(str(tmp_path / "text.jsonl"), small)
+    # t5 / FLAN-T5 (32,128 SentencePiece ids, pad 0, EOS 1): text and the bundled task are refused,
+    # whatever the file is called
+    flan = t5.T5(t5.T5Config(vocab_size=32128, d_model=8, d_kv=4, d_ff=8, num_layers=1, num_heads=2))
+    (tmp_path / "token ids").mkdir()
+    (tmp_path / "token ids" / "t.jsonl").write_text((tmp_path / "text.jsonl").read_text())
+    for path in (tmp_path / "text.jsonl", tmp_path / "token ids" / "t.jsonl", None):
+        with pytest.raises(ValueError, match="source_ids"):
+            text_tasks.load_data(None if path is None else str(path), flan)
+    assert len(text_tasks.load_data(str(tmp_path / "ids.jsonl"), flan).train) == len(b.train)
+    (tmp_path / "huge.jsonl").write_text('{"source_ids": [3000000000], "target_ids": [4]}\n' * 3)
+    with pytest.raises(ValueError, match=":1: .*below 2\\^31"):
+        text_tasks.load_data(str(tmp_path / "huge.jsonl"), flan)
     rows[3]["target_ids"].append(100)
     (tmp_path / "oov.jsonl").write_text("\n".join(map(json.dumps, rows)))
     with pytest.raises(ValueError, match="token id 100 is outside the checkpoint's vocabulary"):

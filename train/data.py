@@ -44,6 +44,7 @@ class Dataset:
     train: Split
     test: Split
     description: str
+    kind: str = ""  # for JSONL text data: "text" (byte-level encoded) or "ids" (pre-tokenized)
 
 
 def _train_test(n: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -71,25 +72,23 @@ def load_npz(path: str | Path, *, test_fraction: float = 0.2, seed: int = 0) -> 
         magic = f.read(4)
     if magic != b"PK\x03\x04":  # np.load would otherwise try (and refuse) to unpickle it
         raise ValueError(f"{path}: not an .npz archive (np.savez writes one; this file starts with {magic!r})")
-    try:
-        z = np.load(path, allow_pickle=False)
-    except Exception as e:  # a damaged zip
-        raise ValueError(f"{path}: unreadable .npz archive: {e}") from None
-    with z:
-        bad = [k for k in z.files if k.endswith(("images", "labels")) and z[k].dtype == object]
-        if bad:
-            raise ValueError(f"{path}: arrays {bad} hold Python objects; store numeric arrays")
-        keys = set(z.files)
-        if {"train_images", "train_labels", "test_images", "test_labels"} <= keys:
-            return Dataset(
-                Split({"pixel_values": z["train_images"].astype(np.float32)}, z["train_labels"].astype(np.int32)),
-                Split({"pixel_values": z["test_images"].astype(np.float32)}, z["test_labels"].astype(np.int32)),
-                f"{path}",
-            )
-        if {"images", "labels"} <= keys:
-            full = Split({"pixel_values": z["images"].astype(np.float32)}, z["labels"].astype(np.int32))
-            tr, te = _train_test(len(full), test_fraction, seed)
-            return Dataset(full.take(tr), full.take(te), f"{path} ({1 - test_fraction:.0%}/{test_fraction:.0%} split)")
+    names = ("train_images", "train_labels", "test_images", "test_labels", "images", "labels")
+    try:  # the zip directory, then each member (a damaged member fails only when read)
+        with np.load(path, allow_pickle=False) as z:
+            keys = set(z.files)
+            arrays = {k: z[k] for k in names if k in keys}
+    except Exception as e:  # BadZipFile, bad CRC, zlib errors, object arrays (pickles), truncation
+        raise ValueError(f"{path}: unreadable .npz archive ({type(e).__name__}: {e})") from None
+    if {"train_images", "train_labels", "test_images", "test_labels"} <= keys:
+        return Dataset(
+            Split({"pixel_values": arrays["train_images"].astype(np.float32)}, arrays["train_labels"].astype(np.int32)),
+            Split({"pixel_values": arrays["test_images"].astype(np.float32)}, arrays["test_labels"].astype(np.int32)),
+            f"{path}",
+        )
+    if {"images", "labels"} <= keys:
+        full = Split({"pixel_values": arrays["images"].astype(np.float32)}, arrays["labels"].astype(np.int32))
+        tr, te = _train_test(len(full), test_fraction, seed)
+        return Dataset(full.take(tr), full.take(te), f"{path} ({1 - test_fraction:.0%}/{test_fraction:.0%} split)")
     raise ValueError(
         f"{path}: an .npz data set needs arrays 'images' (N,H,W,C) and 'labels' (N,), or"
         f" 'train_images', 'train_labels', 'test_images', 'test_labels'; found {sorted(keys)}"
@@ -181,8 +180,10 @@ def load_jsonl(path: str | Path, src_len: int, tgt_len: int, *, test_fraction=0.
                 row = json.loads(line)
                 if isinstance(row, dict) and "source_ids" in row:
                     src, tgt = row["source_ids"], row["target_ids"]
-                    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in [*src, *tgt]):
-                        raise TypeError("source_ids / target_ids must be lists of non-negative integers")
+                    if not (isinstance(src, list) and isinstance(tgt, list)) or not all(
+                        isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 2**31 for i in [*src, *tgt]
+                    ):
+                        raise TypeError("source_ids / target_ids must be lists of non-negative integers below 2^31")
                     kinds.add("ids")
                     rows.append((ids_row(src, src_len), ids_row(tgt, tgt_len)))
                 else:
@@ -201,7 +202,7 @@ def load_jsonl(path: str | Path, src_len: int, tgt_len: int, *, test_fraction=0.
     full = Split({"input_ids": src, "attention_mask": (src != PAD).astype(np.int32)}, np.stack([r[1] for r in rows]))
     tr, te = _train_test(len(full), test_fraction, seed)
     form = "token ids" if kinds == {"ids"} else "byte-level text"
-    return Dataset(full.take(tr), full.take(te), f"{path} ({len(rows)} pairs, {form})")
+    return Dataset(full.take(tr), full.take(te), f"{path} ({len(rows)} pairs, {form})", kind=kinds.pop())
 
 
 # ------------------------------------------------------------------------------------------------

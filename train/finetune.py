@@ -186,7 +186,7 @@ def run(argv=None) -> dict:
     try:
         sh.frozen_sharding(frozen, mesh)  # a mesh that cannot split the weights: say so now
     except ValueError as e:
-        _fail(f"--mesh {args.mesh or ''}: {e}")
+        _fail(f"--mesh {args.mesh or f'(default: data={jax.device_count()})'}: {e}")
 
     out = Path(args.output or DEFAULT_OUTPUT[kind])
     previous = [p for p in ("checkpoints", "adapter", "merged", "metrics.jsonl") if (out / p).exists()]

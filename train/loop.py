@@ -124,12 +124,20 @@ def fit(task: Task, opts: TrainOptions, out_dir: Path, *, resume: bool = False) 
     ckpt = TrainCheckpointer(out_dir / "checkpoints", save_every=opts.save_every, keep=opts.keep)
     start = 0
     if resume:
-        restored = ckpt.restore_latest(adapter, opt_state)
+        try:
+            restored = ckpt.restore_latest(adapter, opt_state)
+        except ValueError as e:  # orbax: shapes or tree structure differ from this run's adapter
+            ckpt.close()
+            raise ResumeMismatch(
+                f"--resume: the checkpoint in {out_dir / 'checkpoints'} does not match this run's adapter"
+                f" (another BOFT configuration or model?): {e}"
+            ) from None
         if restored is None:
             print(f"--resume: no checkpoint in {out_dir / 'checkpoints'}; starting from step 0")
         else:
             start, adapter, opt_state, state = restored
             if state.get("batch_size") != opts.batch_size or state.get("seed") != opts.seed:
+                ckpt.close()
                 raise ResumeMismatch(
                     f"--resume: the checkpoint was written with batch size {state.get('batch_size')} and seed"
                     f" {state.get('seed')}, not {opts.batch_size} and {opts.seed}; resuming would not continue"

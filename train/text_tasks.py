@@ -18,9 +18,10 @@ Bundled task (no downloads): random lowercase words of 3-7 letters behind a task
   The base scores ~0 exact match on it; BOFT on the attention projections (~1.4% of the
   weights) learns it.
 
-User data: ``--data file.jsonl`` with ``{"source": ..., "target": ...}`` lines.  The text is
-encoded byte-level, so the checkpoint must be a byte-level T5 (vocabulary >= 259, pad 0, EOS 1:
-ByT5 or the bundled base).
+User data: ``--data file.jsonl`` with ``{"source": ..., "target": ...}`` lines, encoded
+byte-level (for a byte-level T5: 259 to 512 ids, pad 0, EOS 1: ByT5 or the bundled base), or with
+pre-tokenized ``{"source_ids": [...], "target_ids": [...]}`` lines for any T5 (t5, v1.1, FLAN-T5:
+tokenize with the checkpoint's own tokenizer).
 
 The evaluation metric is exact match: greedy generation (KV cache, through the wrapped model,
 ``labels`` length new tokens) must reproduce the target up to and including its EOS.
@@ -65,6 +66,7 @@ FINETUNE_TRAIN, FINETUNE_TEST = 4096, 512
 
 # Limits for user JSONL data (examples are cut to these many bytes, EOS included).
 MAX_SRC_LEN, MAX_TGT_LEN = 512, 256
+BYTE_VOCAB_MAX = 512  # larger vocabularies are subword (SentencePiece) ones: text must come pre-tokenized
 
 
 # ---------------------------------------------------------------------------------------------
@@ -120,13 +122,18 @@ def load_data(path, module) -> data_lib.Dataset:
     """The bundled task (``path=None``) or a JSONL file of source/target pairs.
 
     Text lines (``{"source", "target"}``) are encoded byte-level, so they need a byte-level T5
-    (vocabulary >= 259, pad id 0, EOS id 1, as ByT5 or the bundled base).  For any other T5 (t5,
+    (259 to 512 ids, pad id 0, EOS id 1, as ByT5 or the bundled base).  For any other T5 (t5,
     t5 v1.1, FLAN-T5) give pre-tokenized lines ``{"source_ids": [...], "target_ids": [...]}``
     made with the checkpoint's own tokenizer; ids are checked against its vocabulary.  Examples
     longer than MAX_SRC_LEN / MAX_TGT_LEN tokens are cut.
     """
     cfg = module.config
-    byte_level = cfg.vocab_size >= data_lib.BYTE_VOCAB and cfg.pad_token_id == data_lib.PAD and data_lib.EOS in cfg.eos_token_ids
+    # Byte-level vocabularies have 259 (bundled base) to 384 (ByT5) ids; SentencePiece T5s 32k+.
+    byte_level = (
+        data_lib.BYTE_VOCAB <= cfg.vocab_size <= BYTE_VOCAB_MAX
+        and cfg.pad_token_id == data_lib.PAD
+        and data_lib.EOS in cfg.eos_token_ids
+    )
     if path is None:
         if not byte_level:
             raise ValueError(
@@ -139,8 +146,14 @@ def load_data(path, module) -> data_lib.Dataset:
     if not p.is_file():
         raise ValueError('no such file (expected a JSONL file of {"source": ..., "target": ...} lines)')
     ds = data_lib.load_jsonl(p, MAX_SRC_LEN, MAX_TGT_LEN)
-    if "token ids" in ds.description:
-        top = max(int(a.max()) for sp in (ds.train, ds.test) for a in (sp.inputs["input_ids"], sp.labels) if a.size)
+    if ds.kind == "ids":
+        if cfg.pad_token_id != data_lib.PAD or data_lib.EOS not in cfg.eos_token_ids:
+            raise ValueError(
+                f"{p}: pre-tokenized lines are padded with id {data_lib.PAD} and end with EOS id {data_lib.EOS}"
+                f" (every T5 tokenizer's convention), but the checkpoint has pad_token_id={cfg.pad_token_id},"
+                f" eos_token_id={cfg.eos_token_id}"
+            )
+        top = max(int(x.max()) for sp in (ds.train, ds.test) for x in (sp.inputs["input_ids"], sp.labels) if x.size)
         if top >= cfg.vocab_size:
             raise ValueError(f"{p}: token id {top} is outside the checkpoint's vocabulary (vocab_size={cfg.vocab_size})")
     elif not byte_level:
@@ -152,7 +165,7 @@ def load_data(path, module) -> data_lib.Dataset:
         )
     if len(ds.test) == 0 or len(ds.train) == 0:
         raise ValueError(f"{p}: too few examples for a train/held-out split")
-    return data_lib.Dataset(_trim(ds.train), _trim(ds.test), ds.description)
+    return data_lib.Dataset(_trim(ds.train), _trim(ds.test), ds.description, kind=ds.kind)
 
 
 def example_inputs(ds: data_lib.Dataset) -> tuple:
