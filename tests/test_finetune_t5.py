@@ -236,10 +236,10 @@ def test_default_t5_job_end_to_end(tmp_path):
 
     out = tmp_path / "run"
     res = finetune.run(
-        ["--model", "t5", "--output", str(out), "--steps", "120", "--eval-every", "0", "--save-every", "60", "--no-progress"]
+        ["--model", "t5", "--output", str(out), "--steps", "80", "--eval-every", "0", "--save-every", "40", "--no-progress"]
     )
     assert res["trainable"] / res["base"] < 0.02
-    assert res["acc_before"] <= 0.05 and res["acc_after"] >= res["acc_before"] + 0.2, res
+    assert res["acc_before"] <= 0.05 and res["acc_after"] >= 0.5, res  # measured 0.81 at 80 steps (0.994 at the default 600)
     for f in ("metrics.jsonl", "curves.png", "summary.md", "adapter", "merged/config.json", "merged/model.safetensors"):
         assert (out / f).exists(), f
     assert "exact_match after" in (out / "summary.md").read_text()
@@ -251,4 +251,4 @@ def test_default_t5_job_end_to_end(tmp_path):
     wrapped = _gen(boft.wrap(module, config), boft.combine(params, adapter), sp)
     np.testing.assert_array_equal(_gen(merged_module, merged, sp), wrapped)
     ok = np.asarray(text_tasks.exact_match_fn(merged_module)(merged, sp.inputs["input_ids"], sp.inputs["attention_mask"], sp.labels))
-    assert ok.mean() >= res["acc_before"] + 0.2
+    assert ok.mean() >= 0.5
