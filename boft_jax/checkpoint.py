@@ -138,7 +138,12 @@ def load_adapter(path: str | os.PathLike) -> tuple[dict, BOFTConfig, dict]:
     the new one in, the old one (the last good checkpoint) is put back and loaded.
     """
     path = Path(path).absolute()
-    _recover(path)
+    if jax.process_index() == 0:  # one process repairs; the others wait for it
+        _recover(path)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"boft_jax.load_adapter:recover:{path}")
     if not path.is_dir():
         raise FileNotFoundError(f"no adapter checkpoint directory at {path}")
     if not (path / "meta").exists() or not (path / "adapter").exists():
