@@ -15,8 +15,8 @@ Usage from a benchmark script (``benchmarks/`` is on ``sys.path`` when a script 
   print(markdown_table(["name", "ms"], [[n, fmt_ms(t)] for n, t in times.items()]))
 
 Set ``os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")`` at the top of a benchmark script, before
-numpy/jax are imported (see ``rotate.py``): jaxlib's CPU LAPACK (the Cayley solve) is scipy's
-OpenBLAS, whose spinning threads otherwise distort timings on a busy 2-core machine.
+numpy/jax are imported (see ``rotate.py``): numpy's OpenBLAS threads otherwise spin and steal the
+cores being timed on a busy 2-core machine.
 """
 
 from __future__ import annotations

@@ -44,9 +44,8 @@ import os
 import sys
 import time
 
-# Before numpy/jax load (as in tests/conftest.py): jaxlib's CPU LAPACK - the Cayley map's batched
-# solve - comes from scipy's OpenBLAS, whose spinning worker threads slow small solves (and steal
-# the cores from whatever is timed next) on a busy machine.
+# Before numpy/jax load (as in tests/conftest.py): numpy's OpenBLAS worker threads spin and steal
+# the cores from whatever is timed next on a busy machine.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 _HERE = os.path.dirname(os.path.abspath(__file__))

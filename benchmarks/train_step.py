@@ -113,8 +113,35 @@ class ViT(nn.Module):
         return nn.Dense(self.shape.classes, dtype=self.dtype, name="classifier")(x[:, 0])
 
 
-def _is_target(module: nn.Module) -> bool:
-    return boft.BOFTConfig(block_size=1, targets=TARGETS).matches("/".join(module.path))
+_TARGET_CONFIG = boft.BOFTConfig(block_size=1, targets=TARGETS)  # only its path matching is used
+
+
+class _Intercepting(nn.Module):
+    """``model`` with every targeted ``nn.Dense`` call replaced by :meth:`adapted` (the baselines'
+    own minimal interception; ``boft.wrap`` is the library's)."""
+
+    model: nn.Module
+
+    def setup(self):
+        nn.share_scope(self, self.model)
+
+    def adapted(self, mod: nn.Dense, x: jax.Array, dense: Callable[[], jax.Array]) -> jax.Array:
+        """The targeted layer ``mod`` applied to ``x``; ``dense()`` runs the original layer."""
+        raise NotImplementedError
+
+    def __call__(self, *args, **kwargs):
+        def intercept(next_fun, a, kw, context):
+            mod = context.module
+            if (
+                context.method_name != "__call__"
+                or not isinstance(mod, nn.Dense)
+                or not _TARGET_CONFIG.matches("/".join(mod.path))
+            ):
+                return next_fun(*a, **kw)
+            return self.adapted(mod, a[0], lambda: next_fun(*a, **kw))
+
+        with nn.intercept_methods(intercept):
+            return self.model(*args, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -144,40 +171,28 @@ def _lora_bwd(res, g):
 _lora_branch.defvjp(_lora_fwd, _lora_bwd)
 
 
-class LoRA(nn.Module):
+class LoRA(_Intercepting):
     """``model`` with LoRA on the targeted Dense layers: params ``lora_a (d_in, r)``, ``lora_b (r, d_out)``.
 
     ``tuned=False``: plain autodiff of ``(x @ A) @ B`` (how LoRA is usually written);
     ``tuned=True``: the same math with the hand-ordered backward pass of :func:`_lora_branch`.
     """
 
-    model: nn.Module
     rank: int = 8
     alpha: float = 16.0
     tuned: bool = False
 
-    def setup(self):
-        nn.share_scope(self, self.model)
-
-    def __call__(self, *args, **kwargs):
-        def intercept(next_fun, a, kw, context):
-            mod = context.module
-            if context.method_name != "__call__" or not isinstance(mod, nn.Dense) or not _is_target(mod):
-                return next_fun(*a, **kw)
-            x = a[0]
-            y = next_fun(*a, **kw)
-            init_a = nn.initializers.variance_scaling(1.0, "fan_in", "uniform")
-            lora_a = mod.param("lora_a", init_a, (x.shape[-1], self.rank), jnp.float32)
-            # Non-zero B so the branch is a real computation (timing does not depend on values).
-            lora_b = mod.param("lora_b", nn.initializers.normal(1e-3), (self.rank, mod.features), jnp.float32)
-            x, lora_a, lora_b = nn.dtypes.promote_dtype(x, lora_a, lora_b, dtype=mod.dtype)
-            if self.tuned:
-                x2 = x.reshape(-1, x.shape[-1])
-                return y + _lora_branch(x2, lora_a, lora_b).reshape(y.shape) * (self.alpha / self.rank)
-            return y + (x @ lora_a) @ lora_b * (self.alpha / self.rank)
-
-        with nn.intercept_methods(intercept):
-            return self.model(*args, **kwargs)
+    def adapted(self, mod, x, dense):
+        y = dense()
+        init_a = nn.initializers.variance_scaling(1.0, "fan_in", "uniform")
+        lora_a = mod.param("lora_a", init_a, (x.shape[-1], self.rank), jnp.float32)
+        # Non-zero B so the branch is a real computation (timing does not depend on values).
+        lora_b = mod.param("lora_b", nn.initializers.normal(1e-3), (self.rank, mod.features), jnp.float32)
+        x, lora_a, lora_b = nn.dtypes.promote_dtype(x, lora_a, lora_b, dtype=mod.dtype)
+        if self.tuned:
+            x2 = x.reshape(-1, x.shape[-1])
+            return y + _lora_branch(x2, lora_a, lora_b).reshape(y.shape) * (self.alpha / self.rank)
+        return y + (x @ lora_a) @ lora_b * (self.alpha / self.rank)
 
 
 def _split_by_name(params, names):
@@ -207,104 +222,78 @@ def _merge_trees(a, b):
 # ---------------------------------------------------------------------------------------------
 # BOFT by plain autodiff of the public structured products (the linen path before issue 3)
 # ---------------------------------------------------------------------------------------------
-class AutodiffBOFT(nn.Module):
+class AutodiffBOFT(_Intercepting):
     """``y = ((x M) K) * s + bias`` with ``boft.rotate`` / ``boft.rotate_kernel`` (``m`` permuted
     block-diagonal einsums) and ``boft.cayley``, differentiated by JAX: what ``boft.wrap`` computed
     before issue 3.  ``mode="weight"``: ``x @ ((M K) * s)``, whose autodiff pays ``x^T dy``."""
 
-    model: nn.Module
     block_size: int = 8
     n_factors: int = 1
     mode: str = "input"
 
-    def setup(self):
-        nn.share_scope(self, self.model)
-
-    def __call__(self, *args, **kwargs):
+    def adapted(self, mod, x, dense):
         b, m = self.block_size, self.n_factors
-
-        def intercept(next_fun, a, kw, context):
-            mod = context.module
-            if context.method_name != "__call__" or not isinstance(mod, nn.Dense) or not _is_target(mod):
-                return next_fun(*a, **kw)
-            x = a[0]
-            d = x.shape[-1]
-            kernel = mod.param("kernel", mod.kernel_init, (d, mod.features), mod.param_dtype)
-            bias = mod.param("bias", mod.bias_init, (mod.features,), mod.param_dtype)
-            skew = mod.param("boft_skew", nn.initializers.zeros, (m, d // b, b * (b - 1) // 2), jnp.float32)
-            scale = mod.param("boft_s", nn.initializers.ones, (mod.features,), jnp.float32)
-            blocks = boft.cayley(skew)
-            x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=mod.dtype)
-            if self.mode == "weight":
-                w = (boft.rotate_kernel(kernel, blocks) * scale).astype(kernel.dtype)
-                return x @ w + bias
-            return (boft.rotate(x, blocks) @ kernel) * scale.astype(x.dtype) + bias
-
-        with nn.intercept_methods(intercept):
-            return self.model(*args, **kwargs)
+        d = x.shape[-1]
+        kernel = mod.param("kernel", mod.kernel_init, (d, mod.features), mod.param_dtype)
+        bias = mod.param("bias", mod.bias_init, (mod.features,), mod.param_dtype)
+        skew = mod.param("boft_skew", nn.initializers.zeros, (m, d // b, b * (b - 1) // 2), jnp.float32)
+        scale = mod.param("boft_s", nn.initializers.ones, (mod.features,), jnp.float32)
+        blocks = boft.cayley(skew)
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=mod.dtype)
+        if self.mode == "weight":
+            w = (boft.rotate_kernel(kernel, blocks) * scale).astype(kernel.dtype)
+            return x @ w + bias
+        return (boft.rotate(x, blocks) @ kernel) * scale.astype(x.dtype) + bias
 
 
 # ---------------------------------------------------------------------------------------------
 # Naive JAX port of PEFT's BOFT layer (dense permutations, dense block diagonals, dense M)
 # ---------------------------------------------------------------------------------------------
-class PEFTNaive(nn.Module):
+class PEFTNaive(_Intercepting):
     """PEFT's ``boft`` Linear forward, ported op for op (see peft/tuners/boft/layer.py).
 
     Params per targeted layer: ``boft_R (m, k, b, b)`` (full matrices; the skew part is used) and
     ``boft_s (d_out,)``; buffers ``boft_P (m, d, d)`` in the ``"buffers"`` collection.
     """
 
-    model: nn.Module
     block_size: int = 8
     n_factors: int = 1
 
-    def setup(self):
-        nn.share_scope(self, self.model)
-
-    def __call__(self, *args, **kwargs):
+    def adapted(self, mod, x, dense):
         b, m = self.block_size, self.n_factors
+        d = x.shape[-1]
+        k = d // b
+        kernel = mod.param("kernel", mod.kernel_init, (d, mod.features), mod.param_dtype)
+        bias = mod.param("bias", mod.bias_init, (mod.features,), mod.param_dtype)
+        R = mod.param("boft_R", nn.initializers.zeros, (m, k, b, b), jnp.float32)
+        s = mod.param("boft_s", nn.initializers.ones, (mod.features,), jnp.float32)
 
-        def intercept(next_fun, a, kw, context):
-            mod = context.module
-            if context.method_name != "__call__" or not isinstance(mod, nn.Dense) or not _is_target(mod):
-                return next_fun(*a, **kw)
-            x = a[0]
-            d = x.shape[-1]
-            k = d // b
-            kernel = mod.param("kernel", mod.kernel_init, (d, mod.features), mod.param_dtype)
-            bias = mod.param("bias", mod.bias_init, (mod.features,), mod.param_dtype)
-            R = mod.param("boft_R", nn.initializers.zeros, (m, k, b, b), jnp.float32)
-            s = mod.param("boft_s", nn.initializers.ones, (mod.features,), jnp.float32)
+        def perm_mats(_):
+            perms = boft.butterfly_permutations(d, b, m)
+            P = np.zeros((m, d, d), np.float32)
+            for i, p in enumerate(perms):
+                P[i, np.arange(d), p] = 1.0
+            return jnp.asarray(P)
 
-            def perm_mats(_):
-                perms = boft.butterfly_permutations(d, b, m)
-                P = np.zeros((m, d, d), np.float32)
-                for i, p in enumerate(perms):
-                    P[i, np.arange(d), p] = 1.0
-                return jnp.asarray(P)
-
-            P = mod.variable("buffers", "boft_P", perm_mats, None).value
-            R = R.reshape(m * k, b, b)
-            skew = 0.5 * (R - jnp.swapaxes(R, -1, -2))
-            eye = jnp.eye(b, dtype=skew.dtype)
-            # cayley_batch: PEFT calls torch.linalg.solve; jnp.linalg.solve's LAPACK custom calls
-            # deadlock XLA:CPU in programs this size (see boft.solve_identity_plus_skew), so the
-            # port uses the same solve as boft_jax (a negligible part of this candidate's time).
-            Q = boft.solve_identity_plus_skew(skew, eye - skew)
-            Q = Q.reshape(m, k, b, b)
-            # torch.block_diag(*blocks) for each factor: (m, d, d)
-            bd = jnp.einsum("mkce,kj->mkcje", Q, jnp.eye(k, dtype=Q.dtype)).reshape(m, d, d)
-            mats = P @ bd @ jnp.swapaxes(P, -1, -2)  # boft_P @ block_diag @ boft_P^T (bmm x 2)
-            M = mats[0]
-            for i in range(1, m):
-                M = mats[i] @ M
-            # PEFT rotates the (in, out)-transposed weight, then scales its output rows.
-            W = (M @ kernel.astype(jnp.float32)) * s
-            x, W, bias_ = nn.dtypes.promote_dtype(x, W, bias, dtype=mod.dtype)
-            return x @ W + bias_
-
-        with nn.intercept_methods(intercept):
-            return self.model(*args, **kwargs)
+        P = mod.variable("buffers", "boft_P", perm_mats, None).value
+        R = R.reshape(m * k, b, b)
+        skew = 0.5 * (R - jnp.swapaxes(R, -1, -2))
+        eye = jnp.eye(b, dtype=skew.dtype)
+        # cayley_batch: PEFT calls torch.linalg.solve; jnp.linalg.solve's LAPACK custom calls
+        # deadlock XLA:CPU in programs this size (see boft.solve_identity_plus_skew), so the
+        # port uses the same solve as boft_jax (a negligible part of this candidate's time).
+        Q = boft.solve_identity_plus_skew(skew, eye - skew)
+        Q = Q.reshape(m, k, b, b)
+        # torch.block_diag(*blocks) for each factor: (m, d, d)
+        bd = jnp.einsum("mkce,kj->mkcje", Q, jnp.eye(k, dtype=Q.dtype)).reshape(m, d, d)
+        mats = P @ bd @ jnp.swapaxes(P, -1, -2)  # boft_P @ block_diag @ boft_P^T (bmm x 2)
+        M = mats[0]
+        for i in range(1, m):
+            M = mats[i] @ M
+        # PEFT rotates the (in, out)-transposed weight, then scales its output rows.
+        W = (M @ kernel.astype(jnp.float32)) * s
+        x, W, bias_ = nn.dtypes.promote_dtype(x, W, bias, dtype=mod.dtype)
+        return x @ W + bias_
 
 
 # ---------------------------------------------------------------------------------------------

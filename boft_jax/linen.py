@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import re
 import types
 from typing import Any, Callable, Mapping
 
@@ -171,7 +170,7 @@ def _dropout_blocks(blocks: jax.Array, p: float, rng: jax.Array) -> jax.Array:
     return jnp.where(mask[:, :, None, None], jnp.eye(b, dtype=blocks.dtype), blocks)
 
 
-def _choose_mode(config: BOFTConfig, tokens: int, d_in: int, d_out: int) -> str:
+def _choose_mode(config: BOFTConfig, tokens: int, d_out: int) -> str:
     """``"input"`` or ``"weight"`` for one layer call: ``config.mode``, or the cheaper one for ``"auto"``.
 
     Both modes compute ``y = ((x M) K) * s`` exactly, applying ``M`` as ``d_in / S`` dense
@@ -199,12 +198,8 @@ def _choose_mode(config: BOFTConfig, tokens: int, d_in: int, d_out: int) -> str:
     return "weight" if d_out <= 2 * tokens else "input"
 
 
-def _rotation(skew: jax.Array, config: BOFTConfig, drop_key: jax.Array | None) -> jax.Array:
-    """``M`` for the products of :mod:`boft_jax._ops`: Cayley blocks, dropout, span or factor form."""
-    return _rotation_of(skew, drop_key, config.cayley, config.neumann_terms, config.dropout)
-
-
 def _rotation_of(skew, drop_key, method: str, neumann_terms: int, p_drop: float) -> jax.Array:
+    """``M`` for the products of :mod:`boft_jax._ops`: Cayley blocks, dropout, span or factor form."""
     blocks = cayley(skew, method=method, neumann_terms=neumann_terms)
     if drop_key is not None:
         blocks = _dropout_blocks(blocks, p_drop, drop_key)
@@ -272,7 +267,7 @@ def _adapted_call(
     inputs, kernel, bias = module.promote_dtype(inputs, kernel, bias, dtype=module.dtype)
     custom_dot = module.dot_general_cls is not None or module.dot_general is not None
     tokens = int(np.prod(inputs.shape)) // geo.d_in
-    mode = _choose_mode(config, tokens, geo.d_in, geo.d_out)
+    mode = _choose_mode(config, tokens, geo.d_out)
     # Contracted axes last, flattened to d_in; the remaining axes keep their order, which is the
     # order of dot_general's output batch axes.
     n_ax = len(geo.axis)
@@ -292,7 +287,7 @@ def _adapted_call(
         else:
             dot_general = module.dot_general
         contract = (geo.axis, tuple(range(n_ax)))
-        B = _rotation(skew, config, drop_key)
+        B = _rotation_of(skew, drop_key, config.cayley, config.neumann_terms, config.dropout)
         if mode == "weight":
             flat = _ops.rotate_kernel_any(k2, B, module.precision) * scale.astype(B.dtype)
             y = dot_general(inputs, flat.astype(kernel.dtype).reshape(kernel.shape), (contract, ((), ())),

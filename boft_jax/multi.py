@@ -39,7 +39,6 @@ Id rules:
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Mapping, Sequence
 from typing import Any, Callable
 

@@ -4,8 +4,8 @@ import os
 import sys
 from pathlib import Path
 
-# jaxlib's CPU LAPACK (the Cayley map's batched solve) comes from scipy's OpenBLAS, whose worker
-# threads spin on small batched solves and slow them 100x on a busy 2-core machine.
+# numpy's OpenBLAS worker threads spin and steal the cores XLA computes on (a 2-core machine runs
+# two test workers); the library itself calls no BLAS/LAPACK for the Cayley map.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # `import train` / `import benchmarks` from the repository root.

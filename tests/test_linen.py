@@ -597,9 +597,9 @@ def test_auto_mode_rule_helper():
         tuple(int(v) for v in rng.integers(1, 5000, size=2)) for _ in range(50)
     ]:
         want = "weight" if d_out <= 2 * tokens else "input"
-        assert _choose_mode(auto, tokens, 64, d_out) == want, (tokens, d_out)
+        assert _choose_mode(auto, tokens, d_out) == want, (tokens, d_out)
         for fixed in ("input", "weight"):
-            assert _choose_mode(boft.BOFTConfig(block_size=4, mode=fixed), tokens, 64, d_out) == fixed
+            assert _choose_mode(boft.BOFTConfig(block_size=4, mode=fixed), tokens, d_out) == fixed
 
 
 @pytest.mark.parametrize("d_out", [20, 24, 25, 40])

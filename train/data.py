@@ -132,8 +132,7 @@ BYTE_VOCAB = 256 + BYTE_OFFSET
 
 def encode_text(text: str, length: int) -> np.ndarray:
     """UTF-8 bytes + 3 (ByT5's layout: 0 pad, 1 eos, 2 unk), then EOS, padded/cut to ``length``."""
-    ids = [b + BYTE_OFFSET for b in text.encode("utf-8")][: length - 1] + [EOS]
-    return np.asarray(ids + [PAD] * (length - len(ids)), np.int32)
+    return ids_row([b + BYTE_OFFSET for b in text.encode("utf-8")], length)
 
 
 def decode_ids(ids) -> str:
@@ -146,10 +145,15 @@ def decode_ids(ids) -> str:
     return out.decode("utf-8", errors="replace")
 
 
+def id_split(src: np.ndarray, tgt: np.ndarray) -> Split:
+    """Encoder ids ``(N, S)`` (mask: non-pad) and label ids ``(N, L)`` as a :class:`Split`."""
+    return Split({"input_ids": src, "attention_mask": (src != PAD).astype(np.int32)}, tgt)
+
+
 def text_split(pairs: list[tuple[str, str]], src_len: int, tgt_len: int) -> Split:
     src = np.stack([encode_text(s, src_len) for s, _ in pairs])
     tgt = np.stack([encode_text(t, tgt_len) for _, t in pairs])
-    return Split({"input_ids": src, "attention_mask": (src != PAD).astype(np.int32)}, tgt)
+    return id_split(src, tgt)
 
 
 def ids_row(ids, length: int) -> np.ndarray:
@@ -198,8 +202,7 @@ def load_jsonl(path: str | Path, src_len: int, tgt_len: int, *, test_fraction=0.
         raise ValueError(f"{path}: mixes text lines and pre-tokenized lines; use one form")
     if len(rows) < 2:
         raise ValueError(f"{path}: needs at least 2 source/target pairs, found {len(rows)}")
-    src = np.stack([r[0] for r in rows])
-    full = Split({"input_ids": src, "attention_mask": (src != PAD).astype(np.int32)}, np.stack([r[1] for r in rows]))
+    full = id_split(np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows]))
     tr, te = _train_test(len(full), test_fraction, seed)
     form = "token ids" if kinds == {"ids"} else "byte-level text"
     return Dataset(full.take(tr), full.take(te), f"{path} ({len(rows)} pairs, {form})", kind=kinds.pop())

@@ -96,7 +96,6 @@ def run(argv=None) -> dict:
     # Heavy imports after argument parsing, so --help is instant.
     import jax
     import jax.numpy as jnp
-    import numpy as np
 
     import boft_jax as boft
     from boft_jax import sharding as sh

@@ -115,7 +115,7 @@ def _trim(split: data_lib.Split) -> data_lib.Split:
 
     ids, labels = split.inputs["input_ids"], split.labels
     s, t = used(ids), used(labels)
-    return data_lib.Split({"input_ids": ids[:, :s], "attention_mask": split.inputs["attention_mask"][:, :s]}, labels[:, :t])
+    return data_lib.id_split(ids[:, :s], labels[:, :t])
 
 
 def load_data(path, module) -> data_lib.Dataset:
