@@ -158,6 +158,14 @@ def load_adapter(path: str | os.PathLike) -> tuple[dict, BOFTConfig, dict]:
     return restored["adapter"], config_from_dict(meta["config"]), meta.get("metadata", {})
 
 
+_SHAPES_KEY = "_adapter_shapes"
+
+
+def _shapes(tree) -> dict[str, list[int]]:
+    """``{leaf path: shape}`` of a pytree, JSON-ready (the identity of an adapter's structure)."""
+    return {jax.tree_util.keystr(p): list(np.shape(x)) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
 class TrainCheckpointer:
     """Periodic, asynchronous training checkpoints: adapter, optimizer state and JSON state.
 
@@ -205,7 +213,7 @@ class TrainCheckpointer:
             args=ocp.args.Composite(
                 adapter=ocp.args.StandardSave(adapter),
                 opt_state=ocp.args.StandardSave(opt_state),
-                state=ocp.args.JsonSave(dict(state)),
+                state=ocp.args.JsonSave({**state, _SHAPES_KEY: _shapes(adapter)}),
             ),
             force=True,
         )
@@ -220,6 +228,16 @@ class TrainCheckpointer:
         step = self._mngr.latest_step()
         if step is None:
             return None
+        # The adapter's shapes are in the JSON state: compare them before orbax restores arrays.
+        stored = self._mngr.restore(step, args=ocp.args.Composite(state=ocp.args.JsonRestore()))["state"]
+        want = _shapes(adapter_like)
+        if _SHAPES_KEY in stored and stored[_SHAPES_KEY] != want:
+            got = stored[_SHAPES_KEY]
+            diff = sorted(k for k in set(got) | set(want) if got.get(k) != want.get(k))
+            raise ValueError(
+                f"step {step} in {self.directory} holds another adapter: {len(diff)} leaves differ, e.g. "
+                + "; ".join(f"{k}: stored {got.get(k)}, expected {want.get(k)}" for k in diff[:3])
+            )
         abstract = lambda t: jax.tree.map(ocp.utils.to_shape_dtype_struct, t)  # noqa: E731
         r = self._mngr.restore(
             step,
@@ -230,7 +248,8 @@ class TrainCheckpointer:
             ),
         )
         opt_state = jax.tree.unflatten(jax.tree.structure(opt_state_like), jax.tree.leaves(r["opt_state"]))
-        return step, r["adapter"], opt_state, r["state"]
+        state = {k: v for k, v in r["state"].items() if k != _SHAPES_KEY}
+        return step, r["adapter"], opt_state, state
 
     def wait(self) -> None:
         self._mngr.wait_until_finished()
