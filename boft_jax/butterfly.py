@@ -97,8 +97,15 @@ def max_factors(d: int, block_size: int) -> int:
 
 
 def valid_block_sizes(d: int, n_factors: int = 1) -> list[int]:
-    """All block sizes ``b >= 2`` that fit ``d`` features with ``n_factors`` factors, ascending."""
-    return [b for b in range(2, d + 1) if structure_error(d, b, n_factors) is None]
+    """All block sizes ``b`` that fit ``d`` features with ``n_factors`` factors, ascending.
+
+    ``b = 1`` (valid for ``m = 1``: the rotation is the identity, only the scale trains) is included,
+    as PEFT accepts it too.
+
+    >>> valid_block_sizes(24, 2)
+    [2, 4, 6, 12]
+    """
+    return [b for b in range(1, d + 1) if structure_error(d, b, n_factors) is None]
 
 
 def _check(d: int, block_size: int, n_factors: int) -> None:

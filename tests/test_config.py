@@ -200,14 +200,15 @@ def test_property_config_fits_exactly_the_valid_structures(structure):
     assert msg == cfg.fit_error(path, d)
     assert f"layer '{path}' (d_in = {d})" in msg and f"{field} = {value}" in msg
     assert "exclude" in msg
-    # The alternatives named are exactly the valid ones (block sizes >= 2: b = 1 adapts nothing).
+    # The alternatives named are exactly the valid ones (b = 1, i.e. block_num = d_in, included:
+    # it trains only the scale, and PEFT accepts it).
     if by_size:
         _assert_alternatives(msg, f"Valid block_size for n_factors = {m}: ",
-                             [bb for bb in range(2, d + 1) if _valid(d, bb, m)])
+                             [bb for bb in range(1, d + 1) if _valid(d, bb, m)])
         if d % value == 0:
             assert f"valid n_factors for block_size = {value}: 1..{_max_m(d, value)}" in msg
         else:
             assert "valid n_factors" not in msg
     else:
         _assert_alternatives(msg, f"Valid block_num for n_factors = {m}: ",
-                             [k for k in range(1, d // 2 + 1) if d % k == 0 and _valid(d, d // k, m)])
+                             [k for k in range(1, d + 1) if d % k == 0 and _valid(d, d // k, m)])

@@ -28,7 +28,7 @@ FIXTURES = Path(__file__).parent / "fixtures"
 PEFT = FIXTURES / "peft"
 PEFT_ADAPTERS = [
     "vit_m1", "vit_m2_head", "vit_m3_all", "vit_v4_names", "vit_cpu_fallback",
-    "t5_relu_m2", "t5_gated_m3_head", "t5_gated_blocknum",
+    "t5_relu_m2", "t5_gated_m3_head", "t5_gated_blocknum", "t5_relu_tied_head", "t5_relu_shared",
 ]
 TOL = 1e-5  # float32: max |ours - reference| <= TOL * max(1, max |reference|), as in the model tests
 
@@ -111,6 +111,42 @@ def test_outputs_match_peft_with_scan_layers(name):
     model, params = load(name, scan_layers=True)
     assert all("layers" in t for t in model.config.targets)
     assert_close(run(model, params, ref), ref["outputs"])
+
+
+def test_tied_t5_head_in_modules_to_save_becomes_an_untied_scaled_head(tmp_path):
+    """Original T5 ties its head to the embedding; PEFT's modules_to_save copy of lm_head is an untied
+    head, and the decoder output keeps its d_model**-0.5 scaling (PEFT's outputs: test above)."""
+    base_module, base_params = base("t5_relu")
+    assert base_module.config.tie_word_embeddings and "lm_head" not in base_params
+    model, params = load("t5_relu_tied_head")
+    assert not model.model.config.tie_word_embeddings and model.model.config.scale_decoder_outputs
+    assert model.config.modules_to_save == ("^lm_head",)
+    saved = load_file(PEFT / "t5_relu_tied_head" / peft_io.ADAPTER_WEIGHTS_NAME)
+    saved_head = next(v for k, v in saved.items() if k.endswith("lm_head.weight") and ".original_module." not in k)
+    np.testing.assert_array_equal(params["lm_head"]["kernel"], saved_head.T)
+    assert np.abs(saved_head - np.asarray(base_params["shared"]["embedding"])).max() > 0.05  # a real change
+    # the merged export reloads as the same untied, scaled model
+    export_merged(PEFT / "t5_relu_tied_head", tmp_path / "m", base=FIXTURES / "t5_relu")
+    module, merged = t5.from_pretrained(tmp_path / "m")
+    assert (module.config.tie_word_embeddings, module.config.scale_decoder_outputs) == (False, True)
+    ref = reference("t5_relu_tied_head")
+    assert_close(run(module, merged, ref), ref["outputs"])
+
+
+def test_t5_shared_embedding_copy_is_not_applied_as_peft_does_not_use_it():
+    """PEFT saves a modules_to_save copy of T5's `shared` that its forward never reads; loading it
+    warns and leaves the embedding as it is (the outputs equal PEFT's: test above)."""
+    module, base_params = base("t5_relu")
+    with pytest.warns(UserWarning, match="'shared' embedding; its saved copy .* not applied"):
+        model, params = load_peft_adapter(PEFT / "t5_relu_shared", module, base_params)
+    np.testing.assert_array_equal(params["shared"]["embedding"], base_params["shared"]["embedding"])
+    assert model.config.modules_to_save == ()
+    # The copy differs from the embedding, so applying it would change the outputs (the choice matters).
+    saved = load_file(PEFT / "t5_relu_shared" / peft_io.ADAPTER_WEIGHTS_NAME)
+    copy = next(v for k, v in saved.items() if k.endswith("shared.weight") and ".original_module." not in k)
+    ref = reference("t5_relu_shared")
+    applied = run(model, {**params, "shared": {"embedding": jnp.asarray(copy)}}, ref)
+    assert np.abs(np.asarray(applied) - ref["outputs"]).max() > 0.05
 
 
 def test_config_comes_from_tensors_and_adapter_config():
@@ -250,7 +286,7 @@ def test_round_trip_boft_peft_boft_is_identical(name, key_style, tmp_path):
     assert boft.layer_paths(params2) == boft.layer_paths(params)
 
 
-@pytest.mark.parametrize("name", ["vit_m2_head", "vit_m3_all", "t5_gated_m3_head"])
+@pytest.mark.parametrize("name", ["vit_m2_head", "vit_m3_all", "t5_gated_m3_head", "t5_relu_tied_head"])
 def test_round_trip_peft_boft_peft(name, tmp_path):
     model, params = load(name)
     save_peft_adapter(tmp_path / "a", model, params)

@@ -45,6 +45,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -263,6 +264,39 @@ def _check_stackable(flat: Mapping[Path_, Any], shapes: Mapping[Path_, Any], wha
         )
 
 
+def _t5_saved_modules(module: Any, params: Mapping, keymap: _KeyMap, plain: dict, mts_names: list, where: str):
+    """PEFT's ``modules_to_save`` copies of T5's embedding and tied head, read as PEFT runs them.
+
+    - ``shared`` in ``modules_to_save``: PEFT swaps ``model.shared`` for a wrapper, but T5's encoder
+      and decoder read their own ``embed_tokens`` (the original module) and a tied head keeps the
+      original weight, so PEFT's outputs never depend on the saved copy.  It is not applied here
+      either (a warning says so and by how much it differs from the base's embedding).
+    - ``lm_head.weight`` for a tied base (original T5): PEFT's copy is an untied head, and the
+      decoder output keeps its ``d_model**-0.5`` scaling; the module is rebuilt that way, its base
+      ``lm_head`` being the tied one (the shared embedding, transposed).
+    """
+    plain = dict(plain)
+    if "shared" in mts_names and "shared.weight" in plain:
+        value = plain.pop("shared.weight")
+        mts_names = [n for n in mts_names if n != "shared"]
+        warnings.warn(
+            f"{where}: modules_to_save holds T5's 'shared' embedding; its saved copy (shape"
+            f" {tuple(value.shape)}) is not applied, because PEFT never uses it either (T5's encoder"
+            " and decoder read their own embed_tokens, which PEFT leaves as they are), so applying it"
+            " would make the outputs differ from PEFT's. It is not written back by save_peft_adapter.",
+            UserWarning,
+            stacklevel=3,
+        )
+    if module.config.tie_word_embeddings and "lm_head.weight" in plain:
+        config = dataclasses.replace(
+            module.config, tie_word_embeddings=False, scale_decoder_outputs=module.config.scale_decoder_outputs
+        )
+        module = module.clone(config=config)
+        keymap = _KeyMap(module)
+        params = {**params, "lm_head": {"kernel": jnp.asarray(params["shared"]["embedding"]).T}}
+    return module, params, keymap, plain, mts_names
+
+
 def load_peft_adapter(
     adapter_dir: str | os.PathLike, module: Any, params: Mapping[str, Any]
 ) -> tuple[BOFTModule, dict]:
@@ -288,9 +322,15 @@ def load_peft_adapter(
         (all listed); tensors that do not fit their layer or the butterfly structure (all listed).
       FileNotFoundError: missing files, or only a pickled ``adapter_model.bin``.
 
+    T5 specifics, matching what PEFT computes: ``lm_head`` in ``modules_to_save`` on a tied base
+    (original T5) makes the returned module's head untied (``wrapped.model.config``), with the
+    decoder output's ``d_model**-0.5`` scaling kept; a saved copy of ``shared`` is not applied (PEFT's
+    T5 forward never reads it) and a warning says so.
+
     Warns:
       UserWarning when ``boft_n_butterfly_factor`` in the config differs from the tensors' factor
-      count (PEFT without its CUDA extension trains one factor whatever the config says).
+      count (PEFT without its CUDA extension trains one factor whatever the config says), and when
+      T5's ``shared`` copy is left out (above).
     """
     peft_cfg, tensors = read_peft_adapter(adapter_dir)
     where = f"PEFT adapter {os.fspath(adapter_dir)!r}"
@@ -366,6 +406,8 @@ def load_peft_adapter(
     mts_names = peft_cfg.get("modules_to_save") or []
     if isinstance(mts_names, str):
         mts_names = [mts_names]
+    if keymap.kind == "t5":
+        module, params, keymap, plain, mts_names = _t5_saved_modules(module, params, keymap, plain, mts_names, where)
     extra: dict[Path_, np.ndarray] = {}
     saved_modules: dict[str, list[Path_]] = {}  # HF module (ancestor) -> our param paths under it
     bias_paths: list[Path_] = []
