@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import types
 from typing import Any, Callable, Mapping
 
@@ -109,7 +110,7 @@ def _canon(v) -> tuple[int, ...]:
 class _Geometry:
     """How a Dense/DenseGeneral call maps to ``(..., d_in) @ (d_in, d_out)``."""
 
-    axis: tuple[int, ...]  # contracted input axes (normalized, ascending as given)
+    axis: tuple[int, ...]  # contracted input axes (normalized, ascending)
     features: tuple[int, ...]
     d_in: int
     d_out: int
@@ -123,7 +124,7 @@ def _geometry(module: nn.Module, inputs: jax.Array, path: str) -> _Geometry:
             f"layer '{path}': DenseGeneral with batch_dims={module.batch_dims} is not supported by BOFT;"
             " exclude it with BOFTConfig.exclude"
         )
-    axis = tuple(a % inputs.ndim for a in _canon(module.axis))
+    axis = tuple(sorted(a % inputs.ndim for a in _canon(module.axis)))  # as flax orders the kernel's axes
     features = _canon(module.features)
     d_in = int(np.prod([inputs.shape[a] for a in axis]))
     return _Geometry(axis, features, d_in, int(np.prod(features)))
@@ -312,6 +313,10 @@ class _CallState:
     seen: list = dataclasses.field(default_factory=list)  # every Dense path met
     adapted: list = dataclasses.field(default_factory=list)
     unfit: list = dataclasses.field(default_factory=list)
+    overridden: list = dataclasses.field(default_factory=list)  # (path, class) of Dense subclasses' own __call__
+
+
+_STOCK_CALLS = (inspect.unwrap(nn.Dense.__call__), inspect.unwrap(nn.DenseGeneral.__call__))
 
 
 def _intercept(state: _CallState, next_fun, args, kwargs, context):
@@ -319,6 +324,11 @@ def _intercept(state: _CallState, next_fun, args, kwargs, context):
     if context.method_name != "__call__" or not isinstance(module, (nn.Dense, nn.DenseGeneral)):
         return next_fun(*args, **kwargs)
     path = "/".join(module.path)
+    if getattr(context.orig_method, "func", None) not in _STOCK_CALLS:
+        # A subclass with its own __call__: run its code; the stock Dense.__call__ it calls through
+        # super() is what gets adapted (a matched layer that never gets there is an error below).
+        state.overridden.append((path, type(module).__name__))
+        return next_fun(*args, **kwargs)
     state.seen.append(path)
     if not state.config.matches(path):
         return next_fun(*args, **kwargs)
@@ -369,12 +379,45 @@ class BOFTModule(nn.Module):
                 f"{len(state.unfit)} targeted layer(s) do not fit the BOFT block structure:\n  "
                 + "\n  ".join(state.unfit)
             )
+        skipped = sorted({(p, c) for p, c in state.overridden if self.config.matches(p) and p not in state.adapted})
+        if skipped:
+            raise ValueError(
+                "BOFT targets match layer(s) whose class overrides __call__ without calling"
+                " nn.Dense/nn.DenseGeneral.__call__, so there is no stock Dense computation to adapt: "
+                + ", ".join(f"'{p}' ({c})" for p, c in skipped)
+                + ". Exclude them (BOFTConfig.exclude) or let their __call__ use super().__call__."
+            )
         if self.is_initializing() and not state.adapted:
             raise ValueError(
                 f"BOFT targets {self.config.targets} (exclude {self.config.exclude}) match none of the"
                 f" model's Dense/DenseGeneral layers: {state.seen or 'none were called'}"
             )
         return out
+
+    @nn.nowrap
+    def _method_name(self, method):
+        """``method=Base.encode`` / ``method=base.encode`` (the flax idiom) -> ``"encode"``, which
+        runs the base model's method with the adapters; anything else is passed on as it is."""
+        if method is None or isinstance(method, str):
+            return method
+        fn = getattr(method, "__func__", method)
+        name = getattr(fn, "__name__", None)
+        own = getattr(type(self.model), name, None) if isinstance(name, str) else None
+        if own is not None and inspect.unwrap(own) is inspect.unwrap(fn):
+            return name
+        return method
+
+    @nn.nowrap
+    def apply(self, variables, *args, method=None, **kwargs):
+        return super().apply(variables, *args, method=self._method_name(method), **kwargs)
+
+    @nn.nowrap
+    def init_with_output(self, rngs, *args, method=None, **kwargs):
+        return super().init_with_output(rngs, *args, method=self._method_name(method), **kwargs)
+
+    @nn.nowrap
+    def init(self, rngs, *args, method=None, **kwargs):
+        return super().init(rngs, *args, method=self._method_name(method), **kwargs)
 
     def __getattr__(self, name: str):
         try:
@@ -398,9 +441,14 @@ def wrap(model: nn.Module, config: BOFTConfig) -> BOFTModule:
       config: the :class:`BOFTConfig`.
 
     Returns:
-      A linen Module with the same call signature.  ``init`` creates the base params (identical to
-      ``model.init`` with the same rng) plus identity adapters (``M = I``, ``s = 1``), so the wrapped
-      model starts exactly at the base model.
+      A linen Module with the same call signature (``method=`` a name or the base model's own
+      method, e.g. ``method=Base.encode``, runs that method with the adapters).  ``init`` creates the
+      base params (the same tree and shapes as ``model.init``; the same values with the same rng for
+      layers made in ``setup`` or ``@nn.compact``, not for layers passed in as dataclass fields, e.g.
+      ``nn.Sequential``'s) plus identity adapters (``M = I``, ``s = 1``), so the wrapped model starts
+      exactly at the base model whose params it holds.  For pretrained weights use
+      :func:`init_adapter` and :func:`combine`.  A subclass of ``nn.Dense`` with its own ``__call__``
+      is adapted where that calls ``super().__call__``; one that never does is refused.
 
     Example:
       >>> import jax, jax.numpy as jnp, flax.linen as nn
@@ -427,6 +475,20 @@ def wrap(model: nn.Module, config: BOFTConfig) -> BOFTModule:
 # ---------------------------------------------------------------------------------------------
 # Params helpers
 # ---------------------------------------------------------------------------------------------
+def _no_boxes(tree, fn: str, arg: str) -> None:
+    """Refuse flax's boxed params (``nn.with_partitioning`` -> ``nn.Partitioned``), saying what to do."""
+    is_box = lambda v: isinstance(v, nn.meta.AxisMetadata)  # noqa: E731
+    leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_box)[0]
+    boxed = [(jax.tree_util.keystr(k), type(v).__name__) for k, v in leaves if is_box(v)]
+    if boxed:
+        raise TypeError(
+            f"boft.{fn}: {arg} holds {len(boxed)} boxed value(s) ({boxed[0][1]} at {boxed[0][0]}"
+            f"{', ...' if len(boxed) > 1 else ''}), as flax returns params whose initializers use"
+            f" nn.with_partitioning. Unbox them first: {arg} = flax.linen.unbox({arg}); shard with"
+            " jax.jit / NamedSharding instead (e.g. boft_jax.sharding.shard_frozen)"
+        )
+
+
 def split(params: Mapping, config: BOFTConfig | None = None) -> tuple[dict, dict]:
     """Split wrapped-model params into ``(frozen, adapter)``.
 
@@ -444,6 +506,7 @@ def split(params: Mapping, config: BOFTConfig | None = None) -> tuple[dict, dict
     """
     if config is not None and not isinstance(config, BOFTConfig):
         raise TypeError(f"split's config must be a BOFTConfig or None, got {type(config).__name__}")
+    _no_boxes(params, "split", "params")
     bias_mode = config.bias if config is not None else "none"
 
     def frozen_of(tree):
@@ -474,6 +537,8 @@ def combine(frozen: Mapping, adapter: Mapping) -> dict:
     Raises ``ValueError`` naming the path when the adapter names a layer the base does not have, or
     when shapes disagree (an adapter made for a different base).
     """
+    _no_boxes(frozen, "combine", "frozen")
+    _no_boxes(adapter, "combine", "adapter")
 
     def go(f, a, path):
         if not isinstance(f, Mapping):
@@ -528,7 +593,14 @@ def _split_point(kshape, d_in: int, d_out: int) -> int | None:
 
 
 def _merge_node(node: BOFTKernel, config: BOFTConfig, inverse: bool = False) -> jax.Array:
-    lead = jnp.ndim(node.skew) - 3
+    return _merge_arrays(node.kernel, node.skew, node.scale, config, inverse)
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4))
+def _merge_arrays(kernel, skew_, scale_, config: BOFTConfig, inverse: bool) -> jax.Array:
+    # One compiled program per (shapes, config): merging a model's many same-shaped layers costs one
+    # compilation, not one per primitive as op-by-op execution would.
+    lead = jnp.ndim(skew_) - 3
 
     def one(kernel, skew, scale):
         m, k, p = skew.shape
@@ -549,7 +621,7 @@ def _merge_node(node: BOFTKernel, config: BOFTConfig, inverse: bool = False) -> 
     fn = one
     for _ in range(lead):
         fn = jax.vmap(fn)
-    return fn(node.kernel, node.skew, node.scale)
+    return fn(kernel, skew_, scale_)
 
 
 def merge(params: Mapping, config: BOFTConfig) -> dict:
@@ -558,6 +630,7 @@ def merge(params: Mapping, config: BOFTConfig) -> dict:
     Zero inference overhead: ``model.apply({"params": merge(params, config)}, x)`` equals the wrapped
     model's output (dropout off).  Works on stacked (``nn.scan``) params too.
     """
+    _no_boxes(params, "merge", "params")
     return jax.tree.map(lambda v: _merge_node(v, config) if _is_node(v) else v, params, is_leaf=_is_node)
 
 
@@ -619,7 +692,8 @@ def init_adapter(model: BOFTModule, frozen: Mapping, *args, **kwargs) -> dict:
     Returns:
       The adapter tree, ready for ``boft.combine(frozen, adapter)`` and an optimizer.
     """
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), *args, **kwargs))["params"]
+    _no_boxes(frozen, "init_adapter", "frozen")
+    shapes = nn.unbox(jax.eval_shape(lambda: model.init(jax.random.key(0), *args, **kwargs))["params"])
 
     def identity(tree):
         out = {}

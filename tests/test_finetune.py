@@ -22,9 +22,11 @@ SMALL = ["--steps", "30", "--eval-every", "0", "--save-every", "10", "--no-progr
 
 
 def _env(devices: int | None = None) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="2")
+    # the job runs with the caller's XLA_FLAGS (not the suite's compile-time setting, see conftest)
+    flags = os.environ.get("BOFT_JAX_TEST_USER_XLA_FLAGS", "")
     if devices:
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+        flags = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="2", XLA_FLAGS=flags)
     return env
 
 

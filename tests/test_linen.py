@@ -636,3 +636,131 @@ def test_exact_unmerge_recovers_the_base(m):
         assert jax.tree.structure(recovered) == jax.tree.structure(frozen)
         err = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), recovered, frozen)
         assert max(jax.tree.leaves(err)) < 1e-5, err
+
+
+# ---------------------------------------------------------------------------------------------
+# Layers and call styles found by an adversarial review of wrap()
+# ---------------------------------------------------------------------------------------------
+class ScaledDense(nn.Dense):
+    """A Dense subclass with its own __call__ around the stock one."""
+
+    def __call__(self, x):
+        return 2.0 * super().__call__(x) + 1.0
+
+
+class OwnDense(nn.Dense):
+    """A Dense subclass that computes on its own (never calls nn.Dense.__call__)."""
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features))
+        return jnp.tanh(x @ kernel)
+
+
+class Subclassed(nn.Module):
+    own: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.relu(ScaledDense(24, name="scaled")(x))
+        if self.own:
+            h = OwnDense(24, name="own")(h)
+        return nn.Dense(8, name="head")(h)
+
+
+class SwappedAxes(nn.Module):
+    """DenseGeneral with its contracted axes given out of order (flax sorts them)."""
+
+    @nn.compact
+    def __call__(self, x):  # x: (batch, 4, 6)
+        return nn.DenseGeneral(features=8, axis=(-1, -2), name="proj")(x)
+
+
+class EncDec(nn.Module):
+    def setup(self):
+        self.enc = nn.Dense(16)
+        self.dec = nn.Dense(8)
+
+    def encode(self, x):
+        return nn.relu(self.enc(x))
+
+    def __call__(self, x):
+        return self.dec(self.encode(x))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_dense_subclass_keeps_its_own_call_and_adapts_the_stock_one(mode):
+    cfg = boft.BOFTConfig(block_size=4, n_factors=2, targets="scaled|head", mode=mode)
+    x = jax.random.normal(jax.random.key(3), (5, 16))
+    model, frozen, adapter = _setup(Subclassed(), cfg, x)
+    assert sorted(boft.layer_paths(boft.combine(frozen, adapter))) == ["head", "scaled"]
+    y = model.apply({"params": boft.combine(frozen, adapter)}, x)
+    merged = boft.merge(boft.combine(frozen, adapter), cfg)
+    np.testing.assert_allclose(y, Subclassed().apply({"params": merged}, x), rtol=1e-5, atol=1e-5)
+    # the subclass's own arithmetic (2 * . + 1) is kept: at identity the output is the base model's
+    identity = boft.init_adapter(model, frozen, x)
+    np.testing.assert_allclose(model.apply({"params": boft.combine(frozen, identity)}, x),
+                               Subclassed().apply({"params": frozen}, x), rtol=1e-6, atol=1e-6)
+
+
+def test_dense_subclass_that_never_calls_the_stock_call_is_refused():
+    cfg = boft.BOFTConfig(block_size=4, targets="own|head")
+    with pytest.raises(ValueError, match=r"'own' \(OwnDense\).*Exclude them"):
+        boft.wrap(Subclassed(own=True), cfg).init(jax.random.key(0), jnp.ones((2, 16)))
+    # excluded, it is simply not adapted
+    cfg = boft.BOFTConfig(block_size=4, targets="own|head", exclude="own")
+    params = boft.wrap(Subclassed(own=True), cfg).init(jax.random.key(0), jnp.ones((2, 16)))["params"]
+    assert boft.layer_paths(params) == ["head"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_dense_general_axes_given_out_of_order(mode):
+    cfg = boft.BOFTConfig(block_size=4, n_factors=2, mode=mode)
+    x = jax.random.normal(jax.random.key(4), (3, 4, 6))
+    base_params = SwappedAxes().init(jax.random.key(1), x)["params"]
+    model = boft.wrap(SwappedAxes(), cfg)
+    adapter = _perturb(boft.init_adapter(model, base_params, x), 2)
+    params = boft.combine(base_params, adapter)  # the pretrained kernel fits the wrapped model
+    y = model.apply({"params": params}, x)
+    np.testing.assert_allclose(y, SwappedAxes().apply({"params": boft.merge(params, cfg)}, x), rtol=1e-5, atol=1e-5)
+    # and the definition: rows of x with its contracted axes in flax's (sorted) order, times M K s
+    k = base_params["proj"]["kernel"].reshape(24, 8)
+    blocks = boft.cayley(adapter["proj"]["kernel"]["skew"], 4)
+    ref = (x.reshape(3, 24) @ boft.rotation_matrix(blocks) @ k) * adapter["proj"]["kernel"]["scale"] + base_params["proj"]["bias"]
+    np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_method_given_as_the_base_models_function():
+    cfg = boft.BOFTConfig(block_size=4, targets="enc")
+    x = jax.random.normal(jax.random.key(5), (3, 8))
+    model, frozen, adapter = _setup(EncDec(), cfg, x)
+    params = {"params": boft.combine(frozen, adapter)}
+    by_name = model.apply(params, x, method="encode")
+    base_encode = EncDec().apply({"params": frozen}, x, method="encode")
+    assert float(jnp.abs(by_name - base_encode).max()) > 1e-3  # the adapter acts
+    np.testing.assert_array_equal(model.apply(params, x, method=EncDec.encode), by_name)
+    np.testing.assert_array_equal(model.apply(params, x, method=EncDec().encode), by_name)
+    init_params = model.init(jax.random.key(0), x, method=EncDec.encode)["params"]
+    assert boft.layer_paths(init_params) == ["enc"]
+
+
+def test_boxed_params_are_refused_with_what_to_do():
+    class Boxed(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            init = nn.with_partitioning(nn.initializers.lecun_normal(), (None, "model"))
+            return nn.Dense(8, kernel_init=init, name="d")(x)
+
+    cfg = boft.BOFTConfig(block_size=4)
+    x = jax.random.normal(jax.random.key(6), (3, 16))
+    model = boft.wrap(Boxed(), cfg)
+    boxed = Boxed().init(jax.random.key(0), x)["params"]
+    for call in (lambda: boft.split(model.init(jax.random.key(0), x)["params"]), lambda: boft.merge(
+            model.init(jax.random.key(0), x)["params"], cfg), lambda: boft.init_adapter(model, boxed, x)):
+        with pytest.raises(TypeError, match=r"boxed value.*Partitioned.*flax\.linen\.unbox"):
+            call()
+    frozen = nn.unbox(boxed)
+    adapter = _perturb(boft.init_adapter(model, frozen, x), 3)
+    params = boft.combine(frozen, adapter)
+    np.testing.assert_allclose(model.apply({"params": params}, x), Boxed().apply({"params": boft.merge(params, cfg)}, x),
+                               rtol=1e-5, atol=1e-5)

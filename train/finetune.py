@@ -219,9 +219,14 @@ def run(argv=None) -> dict:
         save_every=args.save_every,
         keep=args.keep,
         seed=args.seed,
-        mesh=args.mesh,
+        mesh=mesh,
         progress=not args.no_progress,
     )
+    # Place the weights once, as training does (frozen sharded over the mesh, adapter replicated):
+    # the evaluation before training then runs on the same placement as training and the final
+    # evaluation (one compilation of the evaluation step, not two; no full copy on one device).
+    frozen = sh.shard_frozen(frozen, mesh)
+    adapter = jax.device_put(adapter, sh.replicated(mesh))
     task = task_lib.make_task(model, frozen, adapter, data)
     n_base = boft.count_params(frozen)
     n_train = boft.count_params(adapter)
