@@ -56,9 +56,12 @@ __all__ = [
 ]
 
 _MISUSE = (
-    "this params tree holds BOFT adapter params (a BOFTKernel at an adapted layer's 'kernel');"
-    " the bare model cannot use them. Apply it with the wrapped model (boft.wrap(model, config)),"
-    " or fold the adapter in first with boft.merge(params, config), or drop it with boft.split(params)[0]."
+    "this params tree holds BOFT adapter params (a BOFTKernel at an adapted layer's 'kernel') where"
+    " the model runs a plain Dense. With the bare model: apply it with the wrapped model"
+    " (boft.wrap(model, config)), or fold the adapter in first with boft.merge(params, config), or drop"
+    " it with boft.split(params)[0]. With a wrapped model: a layer holds adapter params that the"
+    " config's targets / exclude do not select; use the config the params were made with"
+    " (boft.layer_paths(params) lists the layers that hold adapters)."
 )
 
 
@@ -578,9 +581,15 @@ def _check_adapter_fits(path: str, kernel, skew, scale) -> None:
     kshape = jnp.shape(kernel)[lead:]
     ok = jnp.shape(kernel)[:lead] == jnp.shape(skew)[:lead] and _split_point(kshape, d_in, d_out) is not None
     if not ok:
+        stacked = (
+            f" Stacked layers (nn.scan / nn.vmap) must keep the layer axis first (variable_axes={{'params': 0}});"
+            f" here the adapter's stacked axes are {tuple(jnp.shape(skew)[:lead])}."
+            if lead
+            else ""
+        )
         raise ValueError(
             f"layer '{path}': the adapter (m={m}, k={k}, b={b}: d_in={d_in}, d_out={d_out}) does not fit"
-            f" the base kernel of shape {tuple(jnp.shape(kernel))}; it was made for a different base model"
+            f" the base kernel of shape {tuple(jnp.shape(kernel))}; it was made for a different base model.{stacked}"
         )
 
 
@@ -592,7 +601,13 @@ def _split_point(kshape, d_in: int, d_out: int) -> int | None:
     return None
 
 
-def _merge_node(node: BOFTKernel, config: BOFTConfig, inverse: bool = False) -> jax.Array:
+def _key_path(key_path) -> str:
+    """'a/b' of the layer owning a ``kernel`` node, from a jax tree key path."""
+    return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in key_path[:-1])
+
+
+def _merge_node(node: BOFTKernel, config: BOFTConfig, inverse: bool = False, path: str = "?") -> jax.Array:
+    _check_adapter_fits(path, node.kernel, node.skew, node.scale)
     return _merge_arrays(node.kernel, node.skew, node.scale, config, inverse)
 
 
@@ -631,7 +646,9 @@ def merge(params: Mapping, config: BOFTConfig) -> dict:
     model's output (dropout off).  Works on stacked (``nn.scan``) params too.
     """
     _no_boxes(params, "merge", "params")
-    return jax.tree.map(lambda v: _merge_node(v, config) if _is_node(v) else v, params, is_leaf=_is_node)
+    return jax.tree_util.tree_map_with_path(
+        lambda kp, v: _merge_node(v, config, path=_key_path(kp)) if _is_node(v) else v, params, is_leaf=_is_node
+    )
 
 
 def unmerge(merged: Mapping, adapter: Mapping, config: BOFTConfig) -> dict:
@@ -640,8 +657,10 @@ def unmerge(merged: Mapping, adapter: Mapping, config: BOFTConfig) -> dict:
     Biases trained with the adapter cannot be un-trained; they are returned as they are in ``merged``.
     """
     node_tree = combine(merged, {**_kernel_only(adapter)})
-    return jax.tree.map(
-        lambda v: _merge_node(v, config, inverse=True) if _is_node(v) else v, node_tree, is_leaf=_is_node
+    return jax.tree_util.tree_map_with_path(
+        lambda kp, v: _merge_node(v, config, inverse=True, path=_key_path(kp)) if _is_node(v) else v,
+        node_tree,
+        is_leaf=_is_node,
     )
 
 

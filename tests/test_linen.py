@@ -764,3 +764,28 @@ def test_boxed_params_are_refused_with_what_to_do():
     params = boft.combine(frozen, adapter)
     np.testing.assert_allclose(model.apply({"params": params}, x), Boxed().apply({"params": boft.merge(params, cfg)}, x),
                                rtol=1e-5, atol=1e-5)
+
+
+def test_unclear_setups_get_errors_that_say_what_is_wrong():
+    class Layer(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(16, name="inp")(x)
+
+    class Ensemble(nn.Module):  # stacked params with the ensemble axis second, not first
+        @nn.compact
+        def __call__(self, x):
+            return nn.vmap(Layer, variable_axes={"params": 1}, split_rngs={"params": True}, in_axes=None,
+                           axis_size=3)(name="ens")(x)
+
+    x = jax.random.normal(jax.random.key(7), (2, 16))
+    cfg = boft.BOFTConfig(block_size=4, n_factors=2)
+    params = boft.wrap(Ensemble(), cfg).init(jax.random.key(0), x)["params"]
+    for call in (lambda: boft.combine(*boft.split(params)), lambda: boft.merge(params, cfg)):
+        with pytest.raises(ValueError, match=r"layer 'ens/inp'.*must keep the layer axis first"):
+            call()
+
+    # params made with one config, applied with a wrapped model whose config no longer selects fc2
+    params = boft.wrap(MLP(), boft.BOFTConfig(block_size=4, targets=["fc1", "fc2"])).init(jax.random.key(0), x)["params"]
+    with pytest.raises(TypeError, match=r"With a wrapped model: a layer holds adapter params that the config's targets"):
+        boft.wrap(MLP(), boft.BOFTConfig(block_size=4, targets=["fc1"])).apply({"params": params}, x)
