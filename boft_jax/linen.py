@@ -250,6 +250,17 @@ def _adapted_call(
             scale=jnp.ones((geo.d_out,), jnp.float32),
         )
 
+    want = (struct.n_factors, struct.n_blocks, n_skew)
+    if module.has_variable("params", "kernel"):  # say it before flax's own (skew-as-"kernel") shape check
+        held = module.get_variable("params", "kernel")
+        if _is_node(held) and (tuple(jnp.shape(held.skew)) != want or tuple(jnp.shape(held.scale)) != (geo.d_out,)):
+            m, k, p = jnp.shape(held.skew)
+            raise ValueError(
+                f"layer '{path}': its adapter params were made for n_factors={m}, {k} blocks of size"
+                f" {block_size_from_num_params(p)} (skew {tuple(jnp.shape(held.skew))}), but the config asks for"
+                f" n_factors={struct.n_factors}, {struct.n_blocks} blocks of size {struct.block_size} here"
+                f" (skew {want}). Apply the params with the BOFTConfig they were made with."
+            )
     node = module.param("kernel", init_node, kernel_shape, module.param_dtype)
     if not _is_node(node):
         raise ValueError(
@@ -258,7 +269,6 @@ def _adapted_call(
             " wrapped model."
         )
     kernel, skew, scale = node.kernel, node.skew, node.scale
-    want = (struct.n_factors, struct.n_blocks, n_skew)
     if tuple(kernel.shape) != kernel_shape or tuple(skew.shape) != want or tuple(scale.shape) != (geo.d_out,):
         raise ValueError(
             f"layer '{path}': params do not fit the call: kernel {tuple(kernel.shape)} (expected"

@@ -789,3 +789,11 @@ def test_unclear_setups_get_errors_that_say_what_is_wrong():
     params = boft.wrap(MLP(), boft.BOFTConfig(block_size=4, targets=["fc1", "fc2"])).init(jax.random.key(0), x)["params"]
     with pytest.raises(TypeError, match=r"With a wrapped model: a layer holds adapter params that the config's targets"):
         boft.wrap(MLP(), boft.BOFTConfig(block_size=4, targets=["fc1"])).apply({"params": params}, x)
+
+
+def test_params_applied_with_another_block_structure_say_so():
+    x = jax.random.normal(jax.random.key(8), (4, 16))
+    params = boft.wrap(MLP(), boft.BOFTConfig(block_size=4, n_factors=2)).init(jax.random.key(0), x)["params"]
+    with pytest.raises(ValueError, match=r"layer 'fc1': its adapter params were made for n_factors=2, 4 blocks of"
+                                         r" size 4 .* asks for n_factors=2, 8 blocks of size 2"):
+        boft.wrap(MLP(), boft.BOFTConfig(block_size=2, n_factors=2)).apply({"params": params}, x)
