@@ -228,6 +228,31 @@ def _adapted_dense_jit(x2, k2, skew, scale, drop_key, method, neumann_terms, p_d
     return y2 * scale.astype(y2.dtype)
 
 
+def _check_held(path: str, held, kernel_shape: tuple[int, ...], want: tuple[int, ...], struct, d_out: int) -> None:
+    """The params an adapted layer finds fit this call: a :class:`BOFTKernel` with kernel
+    ``kernel_shape``, skew ``want`` and scale ``(d_out,)``."""
+    if not _is_node(held):
+        raise ValueError(
+            f"layer '{path}' is targeted by BOFT but its 'kernel' param is a plain array: the params"
+            " hold no adapter for it. Build params with boft.combine(frozen, adapter), or init the"
+            " wrapped model."
+        )
+    skew, scale, kernel = (tuple(jnp.shape(a)) for a in (held.skew, held.scale, held.kernel))
+    if skew != want and len(skew) == 3:
+        m, k, p = skew
+        raise ValueError(
+            f"layer '{path}': its adapter params were made for n_factors={m}, {k} blocks of size"
+            f" {block_size_from_num_params(p)} (skew {skew}), but the config asks for n_factors={struct.n_factors},"
+            f" {struct.n_blocks} blocks of size {struct.block_size} here (skew {want}). Apply the params"
+            " with the BOFTConfig they were made with."
+        )
+    if skew != want or kernel != kernel_shape or scale != (d_out,):
+        raise ValueError(
+            f"layer '{path}': params do not fit the call: kernel {kernel} (expected {kernel_shape}),"
+            f" skew {skew} (expected {want}), scale {scale} (expected {(d_out,)})"
+        )
+
+
 def _adapted_call(
     module: nn.Module,
     inputs: jax.Array,
@@ -240,41 +265,21 @@ def _adapted_call(
     geo = _geometry(module, inputs, path)
     struct = config.layer_structure(path, geo.d_in)
     kernel_shape = tuple(inputs.shape[a] for a in geo.axis) + geo.features
-    n_skew = struct.block_size * (struct.block_size - 1) // 2
+    skew_shape = (struct.n_factors, struct.n_blocks, struct.block_size * (struct.block_size - 1) // 2)
     init_kernel = _init_kernel(module, geo, kernel_shape)
 
     def init_node(rng, shape, dtype):
         return BOFTKernel(
             kernel=init_kernel(rng, shape, dtype),
-            skew=jnp.zeros((struct.n_factors, struct.n_blocks, n_skew), jnp.float32),
+            skew=jnp.zeros(skew_shape, jnp.float32),
             scale=jnp.ones((geo.d_out,), jnp.float32),
         )
 
-    want = (struct.n_factors, struct.n_blocks, n_skew)
-    if module.has_variable("params", "kernel"):  # say it before flax's own (skew-as-"kernel") shape check
-        held = module.get_variable("params", "kernel")
-        if _is_node(held) and (tuple(jnp.shape(held.skew)) != want or tuple(jnp.shape(held.scale)) != (geo.d_out,)):
-            m, k, p = jnp.shape(held.skew)
-            raise ValueError(
-                f"layer '{path}': its adapter params were made for n_factors={m}, {k} blocks of size"
-                f" {block_size_from_num_params(p)} (skew {tuple(jnp.shape(held.skew))}), but the config asks for"
-                f" n_factors={struct.n_factors}, {struct.n_blocks} blocks of size {struct.block_size} here"
-                f" (skew {want}). Apply the params with the BOFTConfig they were made with."
-            )
+    if module.has_variable("params", "kernel"):  # before flax's own check, which calls the skew "kernel"
+        held = nn.meta.unbox(module.get_variable("params", "kernel"))
+        _check_held(path, held, kernel_shape, skew_shape, struct, geo.d_out)
     node = module.param("kernel", init_node, kernel_shape, module.param_dtype)
-    if not _is_node(node):
-        raise ValueError(
-            f"layer '{path}' is targeted by BOFT but its 'kernel' param is a plain array: the params"
-            " hold no adapter for it. Build params with boft.combine(frozen, adapter), or init the"
-            " wrapped model."
-        )
     kernel, skew, scale = node.kernel, node.skew, node.scale
-    if tuple(kernel.shape) != kernel_shape or tuple(skew.shape) != want or tuple(scale.shape) != (geo.d_out,):
-        raise ValueError(
-            f"layer '{path}': params do not fit the call: kernel {tuple(kernel.shape)} (expected"
-            f" {kernel_shape}), skew {tuple(skew.shape)} (expected {want}), scale {tuple(scale.shape)}"
-            f" (expected {(geo.d_out,)})"
-        )
     bias = module.param("bias", _init_bias(module, geo), geo.features, module.param_dtype) if module.use_bias else None
 
     drop_key = module.make_rng("dropout") if dropout else None

@@ -113,9 +113,9 @@ def frozen_sharding(frozen: Mapping, mesh: Mesh, *, min_size: int = 1024, strict
     along their last axis over ``model`` (if the mesh has it and it divides; otherwise along their
     largest axis that it divides), then along their largest remaining divisible axis over ``data``
     (FSDP).  A leaf with at least ``min_size`` elements that no mesh axis of size > 1 can split,
-    although one of its dimensions is at least that large, would be held whole by every device: with ``strict`` (the default) that is a ``ValueError``
-    naming those leaves, their shapes and the axis sizes that would divide them; with
-    ``strict=False`` they stay replicated.
+    although one of its dimensions is at least that axis size, would be held whole by every device:
+    with ``strict`` (the default) that is a ``ValueError`` naming those leaves, their shapes and the
+    axis sizes that would divide them; with ``strict=False`` they stay replicated.
 
     Example:
       >>> import jax.numpy as jnp

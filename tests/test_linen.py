@@ -797,3 +797,10 @@ def test_params_applied_with_another_block_structure_say_so():
     with pytest.raises(ValueError, match=r"layer 'fc1': its adapter params were made for n_factors=2, 4 blocks of"
                                          r" size 4 .* asks for n_factors=2, 8 blocks of size 2"):
         boft.wrap(MLP(), boft.BOFTConfig(block_size=2, n_factors=2)).apply({"params": params}, x)
+
+
+def test_base_params_without_adapter_applied_to_the_wrapped_model_say_so():
+    x = jax.random.normal(jax.random.key(9), (4, 16))
+    bare = MLP().init(jax.random.key(0), x)["params"]
+    with pytest.raises(ValueError, match=r"layer 'fc1' is targeted by BOFT but its 'kernel' param is a plain array"):
+        boft.wrap(MLP(), boft.BOFTConfig(block_size=4, targets="fc1")).apply({"params": bare}, x)

@@ -270,7 +270,7 @@ def _t5_saved_modules(module: Any, params: Mapping, keymap: _KeyMap, plain: dict
     - ``shared`` in ``modules_to_save``: PEFT swaps ``model.shared`` for a wrapper, but T5's encoder
       and decoder read their own ``embed_tokens`` (the original module) and a tied head keeps the
       original weight, so PEFT's outputs never depend on the saved copy.  It is not applied here
-      either (a warning says so and by how much it differs from the base's embedding).
+      either, and a warning says so.
     - ``lm_head.weight`` for a tied base (original T5): PEFT's copy is an untied head, and the
       decoder output keeps its ``d_model**-0.5`` scaling; the module is rebuilt that way, its base
       ``lm_head`` being the tied one (the shared embedding, transposed).
@@ -288,10 +288,8 @@ def _t5_saved_modules(module: Any, params: Mapping, keymap: _KeyMap, plain: dict
             stacklevel=3,
         )
     if module.config.tie_word_embeddings and "lm_head.weight" in plain:
-        config = dataclasses.replace(
-            module.config, tie_word_embeddings=False, scale_decoder_outputs=module.config.scale_decoder_outputs
-        )
-        module = module.clone(config=config)
+        # scale_decoder_outputs is already resolved (True for a tied base) and stays as it is
+        module = module.clone(config=dataclasses.replace(module.config, tie_word_embeddings=False))
         keymap = _KeyMap(module)
         params = {**params, "lm_head": {"kernel": jnp.asarray(params["shared"]["embedding"]).T}}
     return module, params, keymap, plain, mts_names
