@@ -1,4 +1,4 @@
-"""PEFT BOFT interop (boft_jax.interop): outputs equal PEFT's, round trips, merged export, CLI, errors.
+"""PEFT BOFT and OFT interop (boft_jax.interop): outputs equal PEFT's, round trips, merged export, CLI, errors.
 
 The references come from PyTorch PEFT / transformers via tests/fixtures/make_peft_fixtures.py (with
 a CPU block-diagonal op substituted for PEFT's CUDA extension, so that PEFT really runs m > 1
@@ -13,6 +13,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -29,7 +30,10 @@ PEFT = FIXTURES / "peft"
 PEFT_ADAPTERS = [
     "vit_m1", "vit_m2_head", "vit_m3_all", "vit_v4_names", "vit_cpu_fallback",
     "t5_relu_m2", "t5_gated_m3_head", "t5_gated_blocknum", "t5_relu_tied_head", "t5_relu_shared",
+    # PEFT OFT (BOFT with one factor and no output scale)
+    "vit_oft_neumann", "vit_oft_exact_r", "vit_oft_share_coft", "vit_oft_adjusted", "t5_oft_gated",
 ]
+OURS = ["ours_vit", "ours_t5", "ours_vit_oft", "ours_t5_oft"]
 TOL = 1e-5  # float32: max |ours - reference| <= TOL * max(1, max |reference|), as in the model tests
 
 
@@ -210,6 +214,137 @@ def test_v5_names_invert_the_models_aliases():
 
 
 # ---------------------------------------------------------------------------------------------
+# PEFT OFT adapters
+# ---------------------------------------------------------------------------------------------
+def load_oft(name, tmp_path=None, **config_changes):
+    path = PEFT / name
+    if config_changes:
+        path = copy_fixture(name, tmp_path)
+        edit_config(path, **config_changes)
+    return load_peft_adapter(path, *base(str(reference(name)["base"])))
+
+
+def test_oft_config_maps_to_one_factor_boft():
+    model, params = load_oft("vit_oft_neumann")
+    cfg = model.config
+    assert (cfg.block_size, cfg.block_num, cfg.n_factors, cfg.bias) == (4, None, 1, "boft_only")  # oft_only
+    # PEFT's default 5-term series is (I + S)(I + S + S^2 + S^3): our Neumann map of -S with 4 terms
+    assert (cfg.cayley, cfg.neumann_terms) == ("neumann", 4)
+    tensors = load_file(PEFT / "vit_oft_neumann" / peft_io.ADAPTER_WEIGHTS_NAME)
+    kernel = params["encoder"]["layer_1"]["mlp"]["fc2"]["kernel"]
+    np.testing.assert_array_equal(kernel.skew[0], -tensors["base_model.model.vit.layers.1.mlp.fc2.oft_R.weight"])
+    np.testing.assert_array_equal(kernel.scale, np.ones(32, np.float32))  # OFT has no output scale
+    assert len(cfg.targets) == 12
+
+    cfg = load_oft("vit_oft_exact_r")[0].config  # r = 4 blocks, exact Cayley: the parameters as they are
+    assert (cfg.block_size, cfg.block_num, cfg.cayley, cfg.modules_to_save) == (None, 4, "exact", ("^classifier",))
+    assert load_oft("t5_oft_gated")[0].config.neumann_terms == 6  # num_cayley_neumann_terms = 7
+
+
+def test_oft_neumann_terms_follow_peft_and_the_rotation_is_peft_s():
+    """Independent reference: PEFT's series written out (I + 2S + 2S^2 + ... + 2S^(n-2) + S^(n-1); n = 3 and
+    4 both give 3 terms in PEFT 0.18-0.21) equals our rotation of the loaded parameters, blocks times blocks."""
+    rng = np.random.default_rng(3)
+    w = (0.2 * rng.standard_normal((5, 6))).astype(np.float32)
+    S = np.zeros((5, 4, 4))
+    rows, cols = np.triu_indices(4, 1)
+    S[:, rows, cols] = w
+    S = S - np.swapaxes(S, 1, 2)
+    with jax.enable_x64(True):
+        check_oft_rotations(w, S)
+
+
+def check_oft_rotations(w, S):
+    for n, terms in [(3, 3), (4, 3), (5, 4), (8, 7)]:
+        peft_R = np.eye(4) + 2 * sum(np.linalg.matrix_power(S, j) for j in range(1, terms)) + np.linalg.matrix_power(S, terms)
+        opts = peft_io._OftOptions.read({"use_cayley_neumann": True, "num_cayley_neumann_terms": n, "peft_version": "0.21.2"}, "x")
+        assert opts.neumann_terms == terms
+        _, (skew, scale) = opts.layer(w.astype(np.float32), 20, 7, "x")
+        ours = boft.cayley(jnp.asarray(skew[0], jnp.float64), 4, "neumann", neumann_terms=terms)
+        np.testing.assert_allclose(ours, peft_R, atol=1e-6)
+    exact = peft_io._OftOptions.read({"use_cayley_neumann": False}, "x")
+    _, (skew, _) = exact.layer(w.astype(np.float32), 20, 7, "x")
+    eye = np.eye(4)
+    np.testing.assert_allclose(boft.cayley(jnp.asarray(skew[0], jnp.float64), 4),
+                               (eye - S) @ np.linalg.inv(eye + S), atol=1e-6)  # PEFT's solve(I + S, I - S, left=False)
+
+
+def test_oft_block_share_and_coft(tmp_path):
+    with pytest.warns(UserWarning) as record:
+        model, params = load_oft("vit_oft_share_coft")
+    text = " | ".join(str(w.message) for w in record)
+    assert "block_share = true" in text and "coft = true" in text
+    skew = params["encoder"]["layer_0"]["attention"]["query"]["kernel"].skew
+    assert skew.shape == (1, 4, 28)  # the one shared (1, 28) row copied to the k = 32 / 8 blocks
+    np.testing.assert_array_equal(skew[0, 1:], np.broadcast_to(skew[0, :1], (3, 28)))
+    assert model.config.neumann_terms == 3  # num_cayley_neumann_terms = 3
+    # PEFT projects the weights onto ||S||_F <= eps / sqrt(rows) before each forward (what it saved is
+    # projected already); rows 3x too long must load to the same rotations, hence PEFT's outputs.
+    bigger = copy_fixture("vit_oft_share_coft", tmp_path)
+    edit_tensors(bigger, lambda t: {k: 3 * v if "oft_R" in k else v for k, v in t.items()})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, params = load_peft_adapter(bigger, *base("vit"))
+        ref = reference("vit_oft_share_coft")
+        assert_close(run(model, params, ref), ref["outputs"])
+        edit_config(bigger, coft=False)  # without the projection they are other rotations
+        model, params = load_peft_adapter(bigger, *base("vit"))
+    assert np.abs(np.asarray(run(model, params, ref)) - ref["outputs"]).max() > 1e-2
+
+
+def test_oft_block_size_adjusted_by_peft_warns_and_uses_the_tensors():
+    with pytest.warns(UserWarning, match=r"oft_block_size = 5, but its oft_R tensors hold blocks of size \[4\].*block_size = 4"):
+        model, _ = load_oft("vit_oft_adjusted")
+    assert model.config.block_size == 4
+
+
+def test_oft_errors(tmp_path):
+    with pytest.raises(ValueError, match=r"num_cayley_neumann_terms = 2.*I \+ 2S.*>= 3"):
+        load_oft("vit_oft_neumann", tmp_path / "a", num_cayley_neumann_terms=2)
+    with pytest.raises(ValueError, match=r"num_cayley_neumann_terms = 1.*I \(the adapter does nothing\)"):
+        load_oft("vit_oft_neumann", tmp_path / "b", num_cayley_neumann_terms=1)
+    old = copy_fixture("vit_oft_exact_r", tmp_path / "c")
+    cfg = json.loads((old / peft_io.ADAPTER_CONFIG_NAME).read_text())
+    del cfg["oft_block_size"]
+    (old / peft_io.ADAPTER_CONFIG_NAME).write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"PEFT < 0\.14"):
+        load_peft_adapter(old, *base("vit"))
+    with pytest.warns(UserWarning, match=r"PEFT 0\.17\.1.*changed that map in 0\.18"):
+        load_oft("vit_oft_neumann", tmp_path / "d", peft_version="0.17.1")
+    # r = 4 rows on a 32-wide layer is b = 8; rows of b = 4 (6 numbers) cannot be r = 4 blocks there
+    bad = copy_fixture("vit_oft_exact_r", tmp_path / "e")
+    edit_tensors(bad, lambda t: {k: (v[:, :6] if "oft_R" in k else v) for k, v in t.items()})
+    with pytest.raises(ValueError, match=r"q_proj -> 'encoder/layer_0/attention/query': oft_R.weight has shape \(4, 6\), expected r = d_in / b = 32 / 4 = 8 rows"):
+        load_peft_adapter(bad, *base("vit"))
+    mixed = copy_fixture("vit_oft_exact_r", tmp_path / "f")  # a BOFT tensor in an OFT adapter
+    edit_tensors(mixed, lambda t: {**t, "base_model.model.vit.layers.0.mlp.fc1.boft_s": np.ones((64, 1), np.float32)})
+    with pytest.raises(ValueError, match=r"fc1\.boft_s.*not a OFT parameter.*'boft_\*' tensors belong to the other PEFT type"):
+        load_peft_adapter(mixed, *base("vit"))
+
+
+def test_saving_as_oft_refuses_what_oft_cannot_represent(tmp_path):
+    import dataclasses
+
+    model, params, _ = ours("ours_vit")  # m = 2, scales != 1
+    with pytest.raises(ValueError, match=r"one block-diagonal factor.*n_factors = 2.*peft_type='BOFT'"):
+        save_peft_adapter(tmp_path / "a", model, params, peft_type="OFT")
+    model, params, _ = ours("ours_vit_oft")
+    scaled = jax.tree.map(lambda x: x, params)
+    kernel = scaled["encoder"]["layer_1"]["mlp"]["fc1"]["kernel"]
+    scaled["encoder"]["layer_1"]["mlp"]["fc1"]["kernel"] = boft.BOFTKernel(kernel.kernel, kernel.skew, kernel.scale.at[3].set(1.25))
+    with pytest.raises(ValueError, match=r"no output scale(?s:.*)encoder/layer_1/mlp/fc1: max \|s - 1\| = 0\.25"):
+        save_peft_adapter(tmp_path / "a", model, scaled, peft_type="OFT")
+    short = boft.wrap(model.model, dataclasses.replace(model.config, neumann_terms=2))
+    with pytest.raises(ValueError, match=r"neumann_terms = 2.*at least 3 terms"):
+        save_peft_adapter(tmp_path / "a", short, params, peft_type="OFT")
+    with pytest.raises(ValueError, match=r"peft_type must be one of"):
+        save_peft_adapter(tmp_path / "a", model, params, peft_type="LORA")
+    with pytest.raises(ValueError, match=r"BOFT only has the exact Cayley map.*peft_type='OFT'"):
+        save_peft_adapter(tmp_path / "a", model, params)  # Neumann as BOFT
+    assert not (tmp_path / "a").exists()
+
+
+# ---------------------------------------------------------------------------------------------
 # Our adapters in PEFT's format
 # ---------------------------------------------------------------------------------------------
 def ours(name):
@@ -225,15 +360,18 @@ def ours(name):
         node[leaf] = jnp.asarray(value)
     params = boft.combine(frozen, tree)
     cfg = json.loads((PEFT / name / peft_io.ADAPTER_CONFIG_NAME).read_text())
-    config = {
+    config = {  # as in make_peft_fixtures.py
         "ours_vit": boft.BOFTConfig(block_size=4, n_factors=2, targets=vit.TARGET_PRESETS["all_linear"],
                                     bias="boft_only", modules_to_save="classifier"),
         "ours_t5": boft.BOFTConfig(block_num=2, n_factors=2, targets=t5.TARGET_PRESETS["attention"]),
+        "ours_vit_oft": boft.BOFTConfig(block_size=8, n_factors=1, targets=vit.TARGET_PRESETS["all_linear"],
+                                        bias="boft_only", cayley="neumann", neumann_terms=4),
+        "ours_t5_oft": boft.BOFTConfig(block_num=4, n_factors=1, targets=t5.TARGET_PRESETS["attention"]),
     }[name]
     return boft.wrap(module, config), params, cfg
 
 
-@pytest.mark.parametrize("name", ["ours_vit", "ours_t5"])
+@pytest.mark.parametrize("name", OURS)
 def test_saved_adapter_is_what_peft_ran(name, tmp_path):
     """save_peft_adapter writes exactly the committed files, on which PEFT computed our outputs."""
     model, params, committed_cfg = ours(name)
@@ -242,7 +380,8 @@ def test_saved_adapter_is_what_peft_ran(name, tmp_path):
     assert_close(out, ref["outputs"])
     assert_close(out, ref["outputs_f64"])
 
-    save_peft_adapter(tmp_path / "a", model, params, base_model_name_or_path=committed_cfg["base_model_name_or_path"])
+    save_peft_adapter(tmp_path / "a", model, params, base_model_name_or_path=committed_cfg["base_model_name_or_path"],
+                      peft_type=committed_cfg["peft_type"])
     assert json.loads((tmp_path / "a" / peft_io.ADAPTER_CONFIG_NAME).read_text()) == committed_cfg
     mine, theirs = load_file(tmp_path / "a" / peft_io.ADAPTER_WEIGHTS_NAME), load_file(PEFT / name / peft_io.ADAPTER_WEIGHTS_NAME)
     assert sorted(mine) == sorted(theirs)
@@ -266,30 +405,34 @@ def test_saved_format_details():
     assert (t5_cfg["boft_block_size"], t5_cfg["boft_block_num"], t5_cfg["task_type"]) == (0, 2, "SEQ_2_SEQ_LM")
 
 
-@pytest.mark.parametrize("name", ["ours_vit", "ours_t5"])
+@pytest.mark.parametrize("name", OURS)
 @pytest.mark.parametrize("key_style", ["transformers5", "transformers4"])
 def test_round_trip_boft_peft_boft_is_identical(name, key_style, tmp_path):
-    model, params, _ = ours(name)
-    save_peft_adapter(tmp_path / "a", model, params, key_style=key_style)
+    model, params, committed_cfg = ours(name)
+    peft_type = committed_cfg["peft_type"]
+    save_peft_adapter(tmp_path / "a", model, params, key_style=key_style, peft_type=peft_type)
     keys = load_file(tmp_path / "a" / peft_io.ADAPTER_WEIGHTS_NAME)
-    if name == "ours_vit":
+    if name.startswith("ours_vit"):
         style = "vit.layers.0.attention.q_proj" if key_style == "transformers5" else "vit.encoder.layer.0.attention.attention.query"
-        assert f"base_model.model.{style}.boft_R" in keys
+        assert f"base_model.model.{style}.{'boft_R' if peft_type == 'BOFT' else 'oft_R.weight'}" in keys
     again, params2 = load_peft_adapter(tmp_path / "a", model.model, base(str(reference(name)["base"]), model.model.scan_layers)[1])
     a, b = flat_adapter(params, model.config), flat_adapter(params2, again.config)
     assert sorted(a) == sorted(b)
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg="/".join(k))
-    for field in ("block_size", "block_num", "n_factors", "bias", "dropout"):
-        assert getattr(again.config, field) == getattr(model.config, field)
+    for field in ("block_size", "block_num", "n_factors", "bias", "dropout", "cayley", "neumann_terms"):
+        if field != "neumann_terms" or model.config.cayley == "neumann":
+            assert getattr(again.config, field) == getattr(model.config, field), field
     # exact regexes select the same layers as the original patterns
     assert boft.layer_paths(params2) == boft.layer_paths(params)
 
 
-@pytest.mark.parametrize("name", ["vit_m2_head", "vit_m3_all", "t5_gated_m3_head", "t5_relu_tied_head"])
+@pytest.mark.parametrize("name", ["vit_m2_head", "vit_m3_all", "t5_gated_m3_head", "t5_relu_tied_head",
+                                  "vit_oft_neumann", "vit_oft_exact_r", "t5_oft_gated"])
 def test_round_trip_peft_boft_peft(name, tmp_path):
     model, params = load(name)
-    save_peft_adapter(tmp_path / "a", model, params)
+    peft_cfg = json.loads((PEFT / name / peft_io.ADAPTER_CONFIG_NAME).read_text())
+    save_peft_adapter(tmp_path / "a", model, params, peft_type=peft_cfg["peft_type"])
     original = load_file(PEFT / name / peft_io.ADAPTER_WEIGHTS_NAME)
     written = load_file(tmp_path / "a" / peft_io.ADAPTER_WEIGHTS_NAME)
     original = {k: v for k, v in original.items() if ".original_module." not in k and ".modules_to_save." not in k}
@@ -299,8 +442,9 @@ def test_round_trip_peft_boft_peft(name, tmp_path):
         expected = 0.5 * (v - np.swapaxes(v, -1, -2)) if k.endswith("boft_R") else v
         np.testing.assert_array_equal(written[k], expected, err_msg=k)
     cfg = json.loads((tmp_path / "a" / peft_io.ADAPTER_CONFIG_NAME).read_text())
-    peft_cfg = json.loads((PEFT / name / peft_io.ADAPTER_CONFIG_NAME).read_text())
-    for field in ("boft_block_size", "boft_block_num", "boft_n_butterfly_factor", "boft_dropout", "bias", "modules_to_save"):
+    fields = ("boft_block_size", "boft_block_num", "boft_n_butterfly_factor", "boft_dropout") if peft_cfg["peft_type"] == "BOFT" else (
+        "oft_block_size", "r", "module_dropout", "use_cayley_neumann", "num_cayley_neumann_terms", "coft", "block_share")
+    for field in (*fields, "peft_type", "bias", "modules_to_save"):
         assert cfg[field] == peft_cfg[field], field
 
 
@@ -356,6 +500,26 @@ def test_cli_convert_both_ways_and_export(tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
 
 
+def test_cli_oft_convert_both_ways_and_export(tmp_path, capsys):
+    """A PEFT OFT adapter (Neumann map, oft_only biases) through orbax and back, and merged."""
+    name = "vit_oft_neumann"
+    ref = reference(name)
+    ckpt, back, merged = tmp_path / "orbax", tmp_path / "peft", tmp_path / "merged"
+    assert main(["convert", "--from", "peft", "--adapter", str(PEFT / name), "--base", str(FIXTURES / "vit"),
+                 "--out", str(ckpt)]) == 0
+    assert main(["convert", "--from", "boft", "--adapter", str(ckpt), "--out", str(back), "--peft-type", "OFT"]) == 0
+    original, written = load_file(PEFT / name / peft_io.ADAPTER_WEIGHTS_NAME), load_file(back / peft_io.ADAPTER_WEIGHTS_NAME)
+    assert sorted(original) == sorted(written)
+    for k in original:
+        np.testing.assert_array_equal(written[k], original[k], err_msg=k)
+    cfg = json.loads((back / peft_io.ADAPTER_CONFIG_NAME).read_text())
+    assert (cfg["peft_type"], cfg["use_cayley_neumann"], cfg["num_cayley_neumann_terms"], cfg["bias"]) == ("OFT", True, 5, "oft_only")
+    assert main(["export-merged", "--adapter", str(ckpt), "--out", str(merged)]) == 0
+    merged_module, merged_params = hf.from_pretrained(merged)
+    assert_close(run(merged_module, merged_params, ref), ref["outputs"])
+    capsys.readouterr()
+
+
 def test_cli_errors_are_reported(tmp_path, capsys):
     assert main(["export-merged", "--adapter", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
     assert "cannot tell the format" in capsys.readouterr().err
@@ -374,6 +538,8 @@ def test_cli_help(command, capsys):
     assert "usage: python -m boft_jax.interop" in text
     if command:
         assert "--adapter" in text and "--out" in text and "--base" in text
+    if command == ["convert"]:
+        assert "--peft-type {BOFT,OFT}" in text
 
 
 def test_cli_module_entry_point_and_no_torch():
@@ -390,7 +556,7 @@ def test_cli_module_entry_point_and_no_torch():
 def test_unknown_peft_type(tmp_path):
     bad = copy_fixture("vit_m1", tmp_path)
     edit_config(bad, peft_type="LORA")
-    with pytest.raises(ValueError, match=r"peft_type 'LORA'.*only BOFT"):
+    with pytest.raises(ValueError, match=r"peft_type 'LORA'.*only BOFT and OFT"):
         load_peft_adapter(bad, *base("vit"))
 
 

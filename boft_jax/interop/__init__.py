@@ -1,6 +1,6 @@
 """Interoperability with other BOFT implementations (no torch import, no pickle).
 
-- :mod:`boft_jax.interop.peft`: Hugging Face PEFT BOFT adapters (``adapter_config.json`` +
+- :mod:`boft_jax.interop.peft`: Hugging Face PEFT BOFT and OFT adapters (``adapter_config.json`` +
   ``adapter_model.safetensors``) <-> boft_jax (:func:`load_peft_adapter`, :func:`save_peft_adapter`).
 - ``python -m boft_jax.interop``: command line conversion (PEFT <-> orbax adapter checkpoints) and
   merged Hugging Face model export; see ``python -m boft_jax.interop --help``.

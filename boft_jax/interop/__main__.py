@@ -1,4 +1,4 @@
-"""Command line: convert BOFT adapters between PEFT and boft_jax, and export merged models.
+"""Command line: convert BOFT / OFT adapters between PEFT and boft_jax, and export merged models.
 
     python -m boft_jax.interop convert --from peft --adapter PEFT_DIR --out ORBAX_DIR [--base HF_DIR]
     python -m boft_jax.interop convert --from boft --adapter ORBAX_DIR --out PEFT_DIR [--base HF_DIR]
@@ -121,8 +121,10 @@ def convert(
     base_model_name_or_path: str | None = None,
     key_style: str = "transformers5",
     task_type: str | None = "auto",
+    peft_type: str = "BOFT",
 ) -> None:
-    """PEFT adapter -> orbax adapter checkpoint (``src="peft"``), or the reverse (``src="boft"``)."""
+    """PEFT adapter (BOFT or OFT) -> orbax adapter checkpoint (``src="peft"``), or the reverse
+    (``src="boft"``, written as PEFT ``peft_type`` "BOFT" or "OFT")."""
     import boft_jax as boft
 
     wrapped, params, base_path, _, metadata = load_any_adapter(adapter, base=base, fmt=src)
@@ -140,7 +142,8 @@ def convert(
         save_adapter(out, tree, wrapped.config, metadata=metadata)
     else:
         peft_io.save_peft_adapter(
-            out, wrapped, params, base_model_name_or_path=name, key_style=key_style, task_type=task_type
+            out, wrapped, params, base_model_name_or_path=name, key_style=key_style, task_type=task_type,
+            peft_type=peft_type,
         )
 
 
@@ -165,7 +168,7 @@ def export_merged(
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m boft_jax.interop",
-        description="Convert BOFT adapters between PEFT (adapter_config.json + adapter_model.safetensors)"
+        description="Convert BOFT adapters between PEFT (BOFT or OFT; adapter_config.json + adapter_model.safetensors)"
         " and boft_jax orbax checkpoints, or export a merged Hugging Face model. Supports the boft_jax"
         " ViT and T5 models; no torch needed, nothing unpickled.",
     )
@@ -174,7 +177,7 @@ def _parser() -> argparse.ArgumentParser:
     conv = sub.add_parser(
         "convert",
         help="PEFT adapter <-> boft_jax orbax adapter checkpoint",
-        description="Convert a BOFT adapter. --from peft: read a PEFT adapter directory, write an orbax"
+        description="Convert a BOFT adapter. --from peft: read a PEFT BOFT or OFT adapter directory, write an orbax"
         " checkpoint (boft_jax.checkpoint.save_adapter). --from boft: read an orbax checkpoint, write a PEFT"
         " adapter directory that PEFT loads to the same outputs.",
     )
@@ -203,6 +206,14 @@ def _parser() -> argparse.ArgumentParser:
         default="auto",
         help="--from boft: PEFT task_type (default auto: SEQ_2_SEQ_LM for T5, none for ViT; 'none' for none)",
     )
+    conv.add_argument(
+        "--peft-type",
+        dest="peft_type",
+        choices=("BOFT", "OFT"),
+        default="BOFT",
+        help="--from boft: write a PEFT BOFT adapter (default) or an OFT one (needs n_factors = 1 and every"
+        " output scale 1)",
+    )
 
     exp = sub.add_parser(
         "export-merged",
@@ -226,7 +237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             task_type = None if args.task_type.lower() == "none" else args.task_type
             convert(
                 args.adapter, args.out, src=args.src, base=args.base, base_model_name_or_path=args.base_name,
-                key_style=args.key_style, task_type=task_type,
+                key_style=args.key_style, task_type=task_type, peft_type=args.peft_type,
             )
         else:
             export_merged(args.adapter, args.out, base=args.base, fmt=args.fmt, max_shard_bytes=args.max_shard_bytes)

@@ -1,4 +1,4 @@
-"""PEFT BOFT adapters <-> boft_jax, without torch and without pickle.
+"""PEFT BOFT and OFT adapters <-> boft_jax, without torch and without pickle.
 
 A PEFT BOFT adapter is a directory with
 
@@ -11,6 +11,11 @@ A PEFT BOFT adapter is a directory with
   trainable biases (``bias="boft_only"``: ``<mod>.base_layer.bias`` of adapted layers;
   ``bias="all"``: every ``<module>.bias``); and the full weights of ``modules_to_save`` modules
   (``<module>.<param>``; PEFT strips its ``modules_to_save.<adapter>`` infix when saving).
+
+A PEFT OFT adapter (``peft_type: "OFT"``, the format of PEFT >= 0.14) holds ``<mod>.oft_R.weight``
+of shape ``(r, b(b-1)/2)``, the packed strict upper triangles of its skew blocks (the order of
+``numpy.triu_indices(b, 1)``, as ours), or ``(1, b(b-1)/2)`` with ``block_share``.  It is BOFT with
+one factor and no output scale; see :func:`load_peft_adapter` for how each OFT option maps.
 
 ``<mod>`` is the module name in the *transformers* model: transformers 5 names
 (``vit.layers.0.attention.q_proj``, ``vit.layers.0.mlp.fc1``) or transformers 4 ones
@@ -31,7 +36,10 @@ Things PEFT does that we do not copy (each is reported, never silently changed):
   machine without the extension cannot load an adapter with ``m > 1`` (it builds ``(1, k, b, b)``
   parameters): load it where the extension works, or with an equivalent block-diagonal op (see
   ``tests/fixtures/make_peft_fixtures.py``).
-- PEFT has only the exact Cayley map; :func:`save_peft_adapter` refuses ``cayley="neumann"``.
+- PEFT's BOFT has only the exact Cayley map; :func:`save_peft_adapter` refuses ``cayley="neumann"``
+  for BOFT.  PEFT's OFT has both; its Cayley-Neumann series approximates the *transpose* of its
+  exact map, ``(I + S)(I - S)^(-1)``, so its parameters are negated on the way in and out (the
+  rotations are then equal term for term).
 
 Example::
 
@@ -85,6 +93,9 @@ KeyStyle = Literal["transformers5", "transformers4"]
 _TASK_TYPES = {"vit": None, "t5": "SEQ_2_SEQ_LM"}
 _LAYER_RE = re.compile(r"layer_(\d+)")
 _BOFT_KEY = re.compile(r"^(?P<mod>.+)\.(?P<kind>boft_R|boft_s)(?:\.(?P<adapter>[^.]+))?$")
+_OFT_KEY = re.compile(r"^(?P<mod>.+)\.oft_R(?:\.(?P<adapter>[^.]+))?\.weight$")
+_PEFT_TYPES = ("BOFT", "OFT")
+PeftType = Literal["BOFT", "OFT"]
 
 Path_ = tuple[str, ...]
 
@@ -158,11 +169,12 @@ def _adapter_dir(adapter_dir: str | os.PathLike) -> Path:
 
 
 def read_peft_adapter(adapter_dir: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """``(adapter_config, tensors)`` of a PEFT BOFT adapter directory, checked, nothing unpickled.
+    """``(adapter_config, tensors)`` of a PEFT BOFT or OFT adapter directory, checked, nothing unpickled.
 
     Raises:
       FileNotFoundError: missing files; only a pickled ``adapter_model.bin`` is present.
-      ValueError: ``peft_type`` is not ``"BOFT"``; ``fan_in_fan_out`` is set.
+      ValueError: ``peft_type`` is neither ``"BOFT"`` nor ``"OFT"``; an OFT adapter in the format of
+        PEFT < 0.14 (no ``oft_block_size``); ``fan_in_fan_out`` is set.
     """
     p = _adapter_dir(adapter_dir)
     cfg_file, weights = p / ADAPTER_CONFIG_NAME, p / ADAPTER_WEIGHTS_NAME
@@ -173,10 +185,15 @@ def read_peft_adapter(adapter_dir: str | os.PathLike) -> tuple[dict[str, Any], d
     with open(cfg_file, encoding="utf-8") as f:
         config = json.load(f)
     peft_type = config.get("peft_type")
-    if peft_type != "BOFT":
+    if peft_type not in _PEFT_TYPES:
         raise ValueError(
-            f"{str(cfg_file)!r} has peft_type {peft_type!r}; load_peft_adapter reads only BOFT adapters"
-            " (peft_type 'BOFT')"
+            f"{str(cfg_file)!r} has peft_type {peft_type!r}; load_peft_adapter reads only BOFT and OFT adapters"
+            " (peft_type 'BOFT' or 'OFT')"
+        )
+    if peft_type == "OFT" and "oft_block_size" not in config:
+        raise ValueError(
+            f"{str(cfg_file)!r} is an OFT adapter in the format of PEFT < 0.14 (no 'oft_block_size'), whose"
+            " parameters mean something else; PEFT >= 0.14 refuses it too. Retrain it with PEFT >= 0.14."
         )
     if config.get("fan_in_fan_out"):
         raise ValueError(
@@ -295,13 +312,148 @@ def _t5_saved_modules(module: Any, params: Mapping, keymap: _KeyMap, plain: dict
     return module, params, keymap, plain, mts_names
 
 
+def _boft_layer(entry: Mapping[str, np.ndarray], d_in: int, d_out: int, here: str):
+    """``(problem, None)`` or ``(None, (packed skew (m, k, n), scale (d_out,)))`` of one PEFT BOFT layer."""
+    if set(entry) != {"boft_R", "boft_s"}:
+        missing = {"boft_R", "boft_s"} - set(entry)
+        return f"{here}: has {sorted(entry)} but no {sorted(missing)}", None
+    R, s = entry["boft_R"], entry["boft_s"]
+    if R.ndim != 4 or R.shape[-1] != R.shape[-2]:
+        return f"{here}: boft_R has shape {tuple(R.shape)}, expected (m, k, b, b)", None
+    m, k, b, _ = R.shape
+    if k * b != d_in:
+        return (
+            f"{here}: boft_R {tuple(R.shape)} covers k * b = {k} * {b} = {k * b} input features, but the layer"
+            f" has d_in = {d_in}"
+        ), None
+    if s.shape not in ((d_out, 1), (d_out,)):
+        return f"{here}: boft_s has shape {tuple(s.shape)}, expected ({d_out}, 1) for d_out = {d_out}", None
+    return None, (np.asarray(pack_skew(jnp.asarray(R, jnp.float32))), s.reshape(d_out).astype(np.float32))
+
+
+@dataclasses.dataclass(frozen=True)
+class _OftOptions:
+    """What a PEFT OFT ``adapter_config.json`` asks for, and how each layer's ``oft_R`` maps to ours.
+
+    PEFT's OFT layer computes ``base(x @ blockdiag(R_0 .. R_{r-1}))``: BOFT with one factor and no
+    output scale (ours is set to 1).  Its rotation: exact ``R = (I - S)(I + S)^(-1)`` (our exact
+    map), or with ``use_cayley_neumann`` the series ``R = I + 2S + 2S^2 + ... + 2S^(t-1) + S^t =
+    (I + S) sum_{j<t} S^j``, which approximates ``(I + S)(I - S)^(-1)``, the transpose: our Neumann
+    map of ``-S`` with ``t`` terms, term for term.  ``t`` is ``num_cayley_neumann_terms - 1``, except
+    that PEFT 0.18-0.21 computes 3 terms for both 3 and 4; 1 and 2 give ``I`` and ``I + 2S``,
+    which no Cayley map reproduces.
+    """
+
+    neumann_terms: int | None  # ours; None: exact
+    coft_eps: float | None
+    block_share: bool
+
+    @staticmethod
+    def read(cfg: Mapping[str, Any], where: str) -> _OftOptions:
+        terms = None
+        if cfg.get("use_cayley_neumann", False):
+            n = int(cfg.get("num_cayley_neumann_terms", 5))
+            if n <= 2:
+                raise ValueError(
+                    f"{where}: use_cayley_neumann with num_cayley_neumann_terms = {n}: PEFT then uses the"
+                    f" rotation {'I (the adapter does nothing)' if n <= 1 else 'I + 2S'}, which is not a Cayley map"
+                    " boft_jax can represent; num_cayley_neumann_terms >= 3 or use_cayley_neumann = false can be"
+                    " loaded"
+                )
+            terms = 3 if n == 3 else n - 1
+            version = str(cfg.get("peft_version") or "0").partition("@")[0]
+            if _version_tuple(version) < (0, 18):
+                warnings.warn(
+                    f"{where}: uses the Cayley-Neumann map but was written by PEFT {version if version != '0' else '< 0.18'};"
+                    " PEFT changed that map in 0.18, so this adapter was trained with another rotation. It is loaded"
+                    " with the new map, as PEFT >= 0.18 does (retrain it to get what you trained)",
+                    UserWarning,
+                    stacklevel=3,
+                )
+        coft = bool(cfg.get("coft", False))
+        return _OftOptions(
+            neumann_terms=terms,
+            coft_eps=float(cfg.get("eps", 6e-5)) if coft else None,
+            block_share=bool(cfg.get("block_share", False)),
+        )
+
+    def layer(self, weight: np.ndarray, d_in: int, d_out: int, here: str):
+        """``(problem, None)`` or ``(None, (packed skew (1, k, n), scale = ones (d_out,)))``."""
+        if weight.ndim != 2:
+            return f"{here}: oft_R.weight has shape {tuple(weight.shape)}, expected (r, b(b-1)/2)", None
+        try:
+            b = block_size_from_num_params(weight.shape[1])
+        except ValueError as e:
+            return f"{here}: oft_R.weight has shape {tuple(weight.shape)}: {e}", None
+        rows = weight.shape[0]
+        if d_in % b:
+            return f"{here}: oft_R.weight {tuple(weight.shape)} holds blocks of size b = {b}, which do not divide d_in = {d_in}", None
+        k = d_in // b
+        if rows != (1 if self.block_share else k):
+            expected = "1 row (block_share = true)" if self.block_share else f"r = d_in / b = {d_in} / {b} = {k} rows"
+            return f"{here}: oft_R.weight has shape {tuple(weight.shape)}, expected {expected}", None
+        w = weight.astype(np.float32)
+        if self.coft_eps is not None:
+            # PEFT projects the weight (in place, at every forward) onto the ball ||S||_F <= eps / sqrt(rows)
+            # around 0; ||S||_F = sqrt(2) |w| for a skew S built from its packed upper triangle w.
+            radius = np.float32(self.coft_eps) / np.sqrt(np.float32(rows))
+            norm = np.sqrt(np.float32(2.0) * np.sum(w * w, axis=-1, keepdims=True))
+            w = np.where(norm <= radius, w, radius * (w / np.maximum(norm, np.finfo(np.float32).tiny)))
+        if self.neumann_terms is not None:
+            w = -w
+        w = np.broadcast_to(w, (k, w.shape[1])) if self.block_share else w
+        return None, (np.ascontiguousarray(w[None]), np.ones((d_out,), np.float32))
+
+
+def _oft_structure(cfg_bs: int, cfg_bn: int, bs: list[int], ks: list[int], layers: Mapping, where: str) -> dict:
+    """``{"block_size": b}`` or ``{"block_num": r}`` for a PEFT OFT adapter.
+
+    PEFT's OFT silently adjusts an ``oft_block_size`` / ``r`` that does not divide a layer's width
+    (with a warning when the adapter is made) and records the requested value, so the tensors are
+    the truth: this warns when they disagree with the config.
+    """
+    want = {"block_num": cfg_bn} if cfg_bn > 0 and not cfg_bs else {"block_size": cfg_bs}
+    (field, value), = want.items()
+    have = bs if field == "block_size" else ks
+    if have == [value]:
+        return want
+    if len(bs) == 1:
+        structure = {"block_size": bs[0]}
+    elif len(ks) == 1:
+        structure = {"block_num": ks[0]}
+    else:
+        sizes = {"/".join(p): f"b = {block_size_from_num_params(w.shape[2])}, r = {w.shape[1]}" for p, (w, _) in layers.items()}
+        raise ValueError(
+            f"{where}: its layers differ in both block size and block count, but boft_jax uses one of the two"
+            f" for all layers:{_fmt(f'{k}: {v}' for k, v in sorted(sizes.items()))}"
+        )
+    name = {"block_size": "oft_block_size", "block_num": "r"}[field]
+    warnings.warn(
+        f"{where}: adapter_config.json says {name} = {value}, but its oft_R tensors hold"
+        f" {'blocks of size' if field == 'block_size' else 'block counts'} {have} (PEFT adjusts a value that does not"
+        f" divide a layer's width); using the tensors: {next(iter(structure))} = {next(iter(structure.values()))}",
+        UserWarning,
+        stacklevel=3,
+    )
+    return structure
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    out = []
+    for part in version.split(".")[:3]:
+        digits = re.match(r"\d*", part).group()
+        out.append(int(digits) if digits else 0)
+    return tuple(out)
+
+
 def load_peft_adapter(
     adapter_dir: str | os.PathLike, module: Any, params: Mapping[str, Any]
 ) -> tuple[BOFTModule, dict]:
-    """Load a PEFT BOFT adapter onto a boft_jax ViT / T5: ``(wrapped_module, params)``.
+    """Load a PEFT BOFT or OFT adapter onto a boft_jax ViT / T5: ``(wrapped_module, params)``.
 
     Args:
-      adapter_dir: PEFT adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``).
+      adapter_dir: PEFT adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``),
+        ``peft_type`` ``"BOFT"`` or ``"OFT"`` (PEFT >= 0.14).
       module, params: the base model, from ``boft_jax.models.vit.from_pretrained`` /
         ``t5.from_pretrained`` (``scan_layers`` either way; with ``scan_layers=True`` every layer
         of a stack must carry the same adapter).  A ViT adapter whose ``modules_to_save`` holds a
@@ -316,9 +468,20 @@ def load_peft_adapter(
       regexes of the saved modules.
 
     Raises:
-      ValueError: not a BOFT adapter; ``fan_in_fan_out``; keys naming modules the model lacks
-        (all listed); tensors that do not fit their layer or the butterfly structure (all listed).
+      ValueError: not a BOFT / OFT adapter; ``fan_in_fan_out``; keys naming modules the model lacks
+        (all listed); tensors that do not fit their layer or the butterfly structure (all listed);
+        an OFT Cayley-Neumann series of fewer than 3 terms (no Cayley map reproduces it).
       FileNotFoundError: missing files, or only a pickled ``adapter_model.bin``.
+
+    OFT adapters become ``n_factors = 1`` with every output scale 1 (OFT has none; they train in
+    boft_jax unless frozen): ``oft_block_size`` / ``r`` -> ``block_size`` / ``block_num`` (from the
+    tensors, with a warning, when PEFT had adjusted a value that did not divide a layer's width);
+    ``use_cayley_neumann`` -> ``cayley="neumann"`` with ``neumann_terms = num_cayley_neumann_terms - 1``
+    (3 for 3 or 4, as PEFT computes) and negated parameters (PEFT's series approximates the transposed
+    map); ``oft_only`` -> ``"boft_only"``; ``module_dropout`` -> ``dropout`` (PEFT 0.21 defines it but
+    never applies it in its Linear forward; boft_jax applies it in training); ``block_share`` -> the
+    shared block copied to every block; ``coft`` -> the rotations projected as PEFT projects them before
+    each forward (both with a warning: training in boft_jax keeps neither constraint).
 
     T5 specifics, matching what PEFT computes: ``lm_head`` in ``modules_to_save`` on a tied base
     (original T5) makes the returned module's head untied (``wrapped.model.config``), with the
@@ -327,21 +490,25 @@ def load_peft_adapter(
 
     Warns:
       UserWarning when ``boft_n_butterfly_factor`` in the config differs from the tensors' factor
-      count (PEFT without its CUDA extension trains one factor whatever the config says), and when
-      T5's ``shared`` copy is left out (above).
+      count (PEFT without its CUDA extension trains one factor whatever the config says), when
+      T5's ``shared`` copy is left out (above), and for the OFT cases above.
     """
     peft_cfg, tensors = read_peft_adapter(adapter_dir)
-    where = f"PEFT adapter {os.fspath(adapter_dir)!r}"
+    peft_type = peft_cfg["peft_type"]
+    where = f"PEFT {peft_type} adapter {os.fspath(adapter_dir)!r}"
     keymap = _KeyMap(module)
+    oft = _OftOptions.read(peft_cfg, where) if peft_type == "OFT" else None
+    ours_key = _OFT_KEY if oft else _BOFT_KEY
+    other_prefix = "boft_" if oft else "oft_"
 
-    boft: dict[str, dict[str, np.ndarray]] = {}  # HF module name -> {"boft_R": ..., "boft_s": ...}
+    found: dict[str, dict[str, np.ndarray]] = {}  # HF module name -> {"boft_R"/"boft_s"/"oft_R": ...}
     plain: dict[str, np.ndarray] = {}  # HF param key -> value (biases, modules_to_save)
     adapted_bias: dict[str, np.ndarray] = {}  # HF module name -> bias (from <mod>.base_layer.bias)
     unknown: list[str] = []
     for raw, value in sorted(tensors.items()):
         key = _strip_prefix(raw)
-        if m := _BOFT_KEY.match(key):
-            boft.setdefault(m.group("mod"), {})[m.group("kind")] = np.asarray(value)
+        if m := ours_key.match(key):
+            found.setdefault(m.group("mod"), {})[m.groupdict().get("kind") or "oft_R"] = np.asarray(value)
             continue
         if ".original_module." in key:
             continue  # PEFT's untouched copy of a modules_to_save module (unused while the adapter is on)
@@ -353,52 +520,45 @@ def load_peft_adapter(
                 continue
             adapted_bias[mod] = np.asarray(value)
             continue
-        if "boft_" in key.rsplit(".", 1)[-1]:
-            unknown.append(f"{raw} (shape {tuple(value.shape)}; not a BOFT parameter boft_jax knows)")
+        parts = key.split(".")[-3:]
+        if any(part.startswith(("boft_", "oft_")) for part in parts):
+            foreign = any(part.startswith(other_prefix) for part in parts)
+            unknown.append(
+                f"{raw} (shape {tuple(value.shape)}; not a {peft_type} parameter boft_jax knows"
+                + (f"; '{other_prefix}*' tensors belong to the other PEFT type)" if foreign else ")")
+            )
             continue
         if key in plain and not np.array_equal(plain[key], value):
             raise ValueError(f"{where}: {raw} and another entry for {key} hold different values")
         plain[key] = np.asarray(value)
 
-    # --- BOFT layers -----------------------------------------------------------------------------
-    layers: dict[Path_, tuple[np.ndarray, np.ndarray]] = {}  # our module path -> (R, s)
+    # --- adapted layers ---------------------------------------------------------------------------
+    layers: dict[Path_, tuple[np.ndarray, np.ndarray]] = {}  # our module path -> (packed skew (m, k, n), s)
     unfit: list[str] = []
-    for mod, entry in sorted(boft.items()):
-        if set(entry) != {"boft_R", "boft_s"}:
-            missing = {"boft_R", "boft_s"} - set(entry)
-            unfit.append(f"{mod}: has {sorted(entry)} but no {sorted(missing)}")
-            continue
+    for mod, entry in sorted(found.items()):
+        first = entry.get("oft_R", entry.get("boft_R", next(iter(entry.values()))))
         path = keymap.path(mod + ".weight")
         if path is None or path[-1] != "kernel":
-            unknown.append(f"{mod} (boft_R {tuple(entry['boft_R'].shape)})")
+            unknown.append(f"{mod} ({'oft_R' if oft else 'boft_R'} {tuple(first.shape)})")
             continue
         kshape = keymap.shapes[path]
         mpath = path[:-1]
-        R, s = entry["boft_R"], entry["boft_s"]
+        here = f"{mod} -> '{'/'.join(mpath)}'"
         if len(kshape) != 2:
             unfit.append(
-                f"{mod} -> '{'/'.join(mpath)}': a kernel of shape {kshape} (not a Linear/Dense); BOFT on"
-                " convolutions is not supported by boft_jax"
+                f"{here}: a kernel of shape {kshape} (not a Linear/Dense); {peft_type} on convolutions is not"
+                " supported by boft_jax"
             )
             continue
         d_in, d_out = kshape
-        if R.ndim != 4 or R.shape[-1] != R.shape[-2]:
-            unfit.append(f"{mod}: boft_R has shape {tuple(R.shape)}, expected (m, k, b, b)")
-            continue
-        m, k, b, _ = R.shape
-        if k * b != d_in:
-            unfit.append(
-                f"{mod} -> '{'/'.join(mpath)}': boft_R {tuple(R.shape)} covers k * b = {k} * {b} = {k * b}"
-                f" input features, but the layer has d_in = {d_in}"
-            )
-            continue
-        if s.shape not in ((d_out, 1), (d_out,)):
-            unfit.append(
-                f"{mod} -> '{'/'.join(mpath)}': boft_s has shape {tuple(s.shape)}, expected ({d_out}, 1)"
-                f" for d_out = {d_out}"
-            )
-            continue
-        layers[mpath] = (R, s.reshape(d_out))
+        if oft:
+            problem, layer = oft.layer(entry["oft_R"], d_in, d_out, here)
+        else:
+            problem, layer = _boft_layer(entry, d_in, d_out, here)
+        if problem:
+            unfit.append(problem)
+        else:
+            layers[mpath] = layer
 
     # --- plain params: biases and modules_to_save -----------------------------------------------
     mts_names = peft_cfg.get("modules_to_save") or []
@@ -452,40 +612,62 @@ def load_peft_adapter(
             f"{where} does not fit the model ({len(unfit) + len(misshaped)} problem(s)):{_fmt(unfit + misshaped)}"
         )
     if not layers:
-        raise ValueError(f"{where} holds no boft_R / boft_s tensors")
+        raise ValueError(f"{where} holds no {'oft_R' if oft else 'boft_R / boft_s'} tensors")
 
     # --- the BOFTConfig --------------------------------------------------------------------------
-    ms = sorted({R.shape[0] for R, _ in layers.values()})
-    bs = sorted({R.shape[2] for R, _ in layers.values()})
-    ks = sorted({R.shape[1] for R, _ in layers.values()})
+    ms = sorted({w.shape[0] for w, _ in layers.values()})
+    bs = sorted({block_size_from_num_params(w.shape[2]) for w, _ in layers.values()})
+    ks = sorted({w.shape[1] for w, _ in layers.values()})
     if len(ms) > 1:
         raise ValueError(f"{where}: layers have different butterfly factor counts {ms}; boft_jax uses one for all")
     m = ms[0]
-    cfg_bs, cfg_bn = int(peft_cfg.get("boft_block_size") or 0), int(peft_cfg.get("boft_block_num") or 0)
-    use_num = cfg_bn > 0 if (cfg_bs > 0) != (cfg_bn > 0) else len(bs) > 1
-    if use_num:
-        if len(ks) > 1 or (cfg_bn and ks[0] != cfg_bn):
-            raise ValueError(
-                f"{where}: boft_block_num = {cfg_bn} in the config, but the tensors hold {ks} blocks per factor"
-            )
-        structure = {"block_num": ks[0]}
+    if oft:
+        cfg_bs, cfg_bn = int(peft_cfg.get("oft_block_size") or 0), int(peft_cfg.get("r") or 0)
+        structure = _oft_structure(cfg_bs, cfg_bn, bs, ks, layers, where)
     else:
-        if len(bs) > 1 or (cfg_bs and bs[0] != cfg_bs):
-            raise ValueError(
-                f"{where}: boft_block_size = {cfg_bs} in the config, but the tensors hold blocks of size {bs}"
+        cfg_bs, cfg_bn = int(peft_cfg.get("boft_block_size") or 0), int(peft_cfg.get("boft_block_num") or 0)
+        use_num = cfg_bn > 0 if (cfg_bs > 0) != (cfg_bn > 0) else len(bs) > 1
+        if use_num:
+            if len(ks) > 1 or (cfg_bn and ks[0] != cfg_bn):
+                raise ValueError(
+                    f"{where}: boft_block_num = {cfg_bn} in the config, but the tensors hold {ks} blocks per factor"
+                )
+            structure = {"block_num": ks[0]}
+        else:
+            if len(bs) > 1 or (cfg_bs and bs[0] != cfg_bs):
+                raise ValueError(
+                    f"{where}: boft_block_size = {cfg_bs} in the config, but the tensors hold blocks of size {bs}"
+                )
+            structure = {"block_size": bs[0]}
+        cfg_m = peft_cfg.get("boft_n_butterfly_factor", 1)
+        if cfg_m != m:
+            warnings.warn(
+                f"{where}: adapter_config.json says boft_n_butterfly_factor = {cfg_m}, but its boft_R tensors hold"
+                f" {m} factor(s) (PEFT without its CUDA extension trains ONE factor whatever the config says);"
+                f" using the tensors: n_factors = {m}",
+                UserWarning,
+                stacklevel=2,
             )
-        structure = {"block_size": bs[0]}
-    cfg_m = peft_cfg.get("boft_n_butterfly_factor", 1)
-    if cfg_m != m:
+    if oft and oft.block_share:
         warnings.warn(
-            f"{where}: adapter_config.json says boft_n_butterfly_factor = {cfg_m}, but its boft_R tensors hold"
-            f" {m} factor(s) (PEFT without its CUDA extension trains ONE factor whatever the config says);"
-            f" using the tensors: n_factors = {m}",
+            f"{where}: block_share = true: the one shared block of each layer is copied to all of its blocks"
+            " (same outputs); boft_jax trains those copies independently, and save_peft_adapter writes them"
+            " unshared",
+            UserWarning,
+            stacklevel=2,
+        )
+    if oft and oft.coft_eps is not None:
+        warnings.warn(
+            f"{where}: coft = true: the rotations are projected onto PEFT's ball (eps = {oft.coft_eps:g}) as"
+            " PEFT does before every forward, so the outputs match; boft_jax does not keep that constraint"
+            " while training",
             UserWarning,
             stacklevel=2,
         )
 
     bias_mode = peft_cfg.get("bias", "none") or "none"
+    if oft and bias_mode == "oft_only":
+        bias_mode = "boft_only"
     adapted_paths = sorted(layers)
     if bias_mode == "none" and bias_paths:
         warnings.warn(
@@ -542,8 +724,13 @@ def load_peft_adapter(
             **structure,
             n_factors=m,
             targets=tuple(sorted({"^" + re.escape("/".join(show(p))) for p in adapted_paths})),
-            dropout=float(peft_cfg.get("boft_dropout", 0.0) or 0.0),
+            dropout=float(peft_cfg.get("module_dropout" if oft else "boft_dropout", 0.0) or 0.0),
             bias=bias_mode,
+            **(
+                {"cayley": "neumann", "neumann_terms": oft.neumann_terms}
+                if oft and oft.neumann_terms is not None
+                else {}
+            ),
             modules_to_save=tuple(sorted({"^" + re.escape("/".join(show(p))) for p in saved_paths})) or None,
         )
     except ValueError as e:
@@ -554,9 +741,9 @@ def load_peft_adapter(
 
     # --- the adapter tree ------------------------------------------------------------------------
     flat: dict[Path_, Any] = {}
-    for p, (R, s) in layers.items():
-        flat[(*p, "kernel", "skew")] = np.asarray(pack_skew(jnp.asarray(R, jnp.float32)))
-        flat[(*p, "kernel", "scale")] = s.astype(np.float32)
+    for p, (skew, scale) in layers.items():
+        flat[(*p, "kernel", "skew")] = skew
+        flat[(*p, "kernel", "scale")] = scale
     base_flat = hf.flatten_params(hf.unstack_layers(params) if keymap.scan else params)
     for p, v in extra.items():
         flat[p] = v.astype(base_flat[p].dtype) if p in base_flat else v
@@ -584,25 +771,44 @@ def _host(x) -> np.ndarray:
 
 
 def peft_state_dict(
-    wrapped_module: BOFTModule, params: Mapping[str, Any], *, key_style: KeyStyle = "transformers5"
+    wrapped_module: BOFTModule,
+    params: Mapping[str, Any],
+    *,
+    key_style: KeyStyle = "transformers5",
+    peft_type: PeftType = "BOFT",
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """The tensors and config fields :func:`save_peft_adapter` writes (no files touched).
 
     Returns ``(tensors, fields)``: tensors keyed ``base_model.model.<hf module>.<name>``, and the
     ``adapter_config.json`` entries that depend on the adapter (target_modules, block structure,
-    n_factors, dropout, bias, modules_to_save).
+    n_factors or the Cayley variant, dropout, bias, modules_to_save).
     """
     if not isinstance(wrapped_module, BOFTModule):
         raise TypeError(
             f"save_peft_adapter needs the wrapped model (boft.wrap(module, config)), got {type(wrapped_module).__name__}"
         )
+    if peft_type not in _PEFT_TYPES:
+        raise ValueError(f"peft_type must be one of {_PEFT_TYPES}, got {peft_type!r}")
     config = wrapped_module.config
     keymap = _KeyMap(wrapped_module.model)
-    if config.cayley != "exact":
+    oft = peft_type == "OFT"
+    if oft and config.n_factors != 1:
         raise ValueError(
-            f"this adapter uses cayley = {config.cayley!r}, but PEFT only has the exact Cayley map, so PEFT"
+            f"PEFT's OFT has one block-diagonal factor, but this adapter has n_factors = {config.n_factors};"
+            " save it with peft_type='BOFT'"
+        )
+    if oft and config.cayley == "neumann" and config.neumann_terms < 3:
+        raise ValueError(
+            f"this adapter uses cayley = 'neumann' with neumann_terms = {config.neumann_terms}; PEFT's OFT"
+            " Cayley-Neumann series has at least 3 terms (num_cayley_neumann_terms = t + 1 for t >= 3), so PEFT"
+            " would compute a different rotation"
+        )
+    if not oft and config.cayley != "exact":
+        raise ValueError(
+            f"this adapter uses cayley = {config.cayley!r}, but PEFT's BOFT only has the exact Cayley map, so PEFT"
             " would compute a different rotation. Convert with an exact config if that is intended:"
-            " boft.wrap(model, dataclasses.replace(config, cayley='exact'))"
+            " boft.wrap(model, dataclasses.replace(config, cayley='exact')), or save a one-factor adapter with"
+            " peft_type='OFT', which has the Neumann variant"
         )
     _, adapter = split(params, config)
     if keymap.scan:
@@ -635,6 +841,7 @@ def peft_state_dict(
     tensors: dict[str, np.ndarray] = {}
     ms, bs, ks = set(), set(), set()
     targets = []
+    scaled = []  # OFT: layers whose output scale is not 1
     for p, (skew, scale) in sorted(layers.items()):
         if p + ("kernel",) not in keymap.shapes:
             raise ValueError(f"adapted layer '{'/'.join(p)}' has no Hugging Face counterpart")
@@ -643,8 +850,21 @@ def peft_state_dict(
         ms.add(m), bs.add(b), ks.add(k)
         name = keymap.module_name(p, key_style)
         targets.append(name)
-        tensors[f"{PEFT_PREFIX}{name}.boft_R"] = _host(unpack_skew(jnp.asarray(skew, jnp.float32), b))
-        tensors[f"{PEFT_PREFIX}{name}.boft_s"] = scale.astype(np.float32).reshape(-1, 1)
+        if oft:
+            if np.any(scale != 1):
+                scaled.append(f"{'/'.join(p)}: max |s - 1| = {np.abs(scale.astype(np.float64) - 1).max():.3g}")
+            # PEFT's Neumann series approximates the transposed map: store -S (see _OftOptions)
+            w = skew.astype(np.float32)[0]
+            tensors[f"{PEFT_PREFIX}{name}.oft_R.weight"] = -w if config.cayley == "neumann" else w
+        else:
+            tensors[f"{PEFT_PREFIX}{name}.boft_R"] = _host(unpack_skew(jnp.asarray(skew, jnp.float32), b))
+            tensors[f"{PEFT_PREFIX}{name}.boft_s"] = scale.astype(np.float32).reshape(-1, 1)
+    if scaled:
+        raise ValueError(
+            f"PEFT's OFT has no output scale, but {len(scaled)} adapted layer(s) have scales other than 1, which"
+            f" PEFT would drop:{_fmt(scaled)}\n  Save with peft_type='BOFT' (m = 1 is OFT with a scale), or train"
+            " with the scales frozen (e.g. optax.multi_transform with optax.set_to_zero() for the 'scale' leaves)"
+        )
     saved_names = []
     for p in sorted(saved):
         leaves = sorted(q for q in others if q[: len(p)] == p)
@@ -668,15 +888,33 @@ def peft_state_dict(
         raise ValueError(f"adapted layers have different factor counts {sorted(ms)}; PEFT needs one")
     fields: dict[str, Any] = {
         "target_modules": sorted(targets),
-        "boft_n_butterfly_factor": int(ms.pop()),
-        "boft_dropout": float(config.dropout),
         "bias": config.bias,
         "modules_to_save": sorted(saved_names) or None,
     }
-    if config.block_size is not None:
-        fields.update(boft_block_size=int(config.block_size), boft_block_num=0)
+    by_size = config.block_size is not None
+    if oft:
+        neumann = config.cayley == "neumann"
+        fields.update(
+            bias="oft_only" if config.bias == "boft_only" else config.bias,
+            module_dropout=float(config.dropout),
+            oft_block_size=int(config.block_size) if by_size else 0,
+            r=0 if by_size else int(config.block_num),
+            use_cayley_neumann=neumann,
+            num_cayley_neumann_terms=int(config.neumann_terms) + 1 if neumann else 5,
+            coft=False,
+            eps=6e-05,
+            block_share=False,
+            exclude_modules=None,
+        )
+        if neumann:
+            fields["peft_version"] = "0.18.0"  # the Cayley-Neumann form written here is PEFT >= 0.18's
     else:
-        fields.update(boft_block_size=0, boft_block_num=int(config.block_num))
+        fields.update(
+            boft_n_butterfly_factor=int(ms.pop()),
+            boft_dropout=float(config.dropout),
+            boft_block_size=int(config.block_size) if by_size else 0,
+            boft_block_num=0 if by_size else int(config.block_num),
+        )
     return tensors, fields
 
 
@@ -689,8 +927,9 @@ def save_peft_adapter(
     key_style: KeyStyle = "transformers5",
     task_type: str | None = "auto",
     revision: str | None = None,
+    peft_type: PeftType = "BOFT",
 ) -> None:
-    """Write a PEFT BOFT adapter directory that PEFT loads to the same outputs.
+    """Write a PEFT BOFT (or OFT) adapter directory that PEFT loads to the same outputs.
 
     Args:
       out_dir: directory, created if needed.  A new directory appears complete or not at all (it is
@@ -705,19 +944,28 @@ def save_peft_adapter(
         models.  T5's names are the same in both.
       task_type: PEFT task type; ``"auto"``: ``SEQ_2_SEQ_LM`` for T5, none for ViT.
       revision: recorded in ``adapter_config.json``.
+      peft_type: ``"BOFT"``, or ``"OFT"`` for PEFT's OFT (PEFT >= 0.14 format), which only an
+        adapter with ``n_factors = 1``, every output scale exactly 1 (OFT has none; freeze them while
+        training) and the exact map or ``neumann_terms >= 3`` can be.
 
     Writes ``boft_R`` as the full skew-symmetric matrices ``S`` (so PEFT's ``0.5 (S - S^T) = S``),
-    ``boft_s`` as ``(d_out, 1)``, trainable biases (``<mod>.base_layer.bias`` for adapted layers,
+    ``boft_s`` as ``(d_out, 1)`` (OFT: ``oft_R.weight``, the packed ``(k, b(b-1)/2)`` triangles,
+    negated for the Neumann map), trainable biases (``<mod>.base_layer.bias`` for adapted layers,
     ``<module>.bias`` otherwise) and ``modules_to_save`` weights under their module names.
     ``target_modules`` lists the exact module names.  An ``adapter_model.bin`` left in ``out_dir``
     is removed, so that it cannot shadow the new weights.
+
+    Raises:
+      ValueError: what PEFT cannot represent: the Neumann map for BOFT; for OFT more than one
+        factor, a scale other than 1, fewer than 3 Neumann terms.
+      TypeError: ``wrapped_module`` is not a ``boft.wrap`` model.
     """
     from safetensors.numpy import save_file
 
-    tensors, fields = peft_state_dict(wrapped_module, params, key_style=key_style)
+    tensors, fields = peft_state_dict(wrapped_module, params, key_style=key_style, peft_type=peft_type)
     kind = _model_kind(wrapped_module.model)
     config = {
-        "peft_type": "BOFT",
+        "peft_type": peft_type,
         "task_type": _TASK_TYPES[kind] if task_type == "auto" else task_type,
         "base_model_name_or_path": base_model_name_or_path,
         "revision": revision,
