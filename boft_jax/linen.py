@@ -367,8 +367,9 @@ class BOFTModule(nn.Module):
     at adapted layers.  Every public method of ``model`` is available (``method="encode"``).
 
     Dropout (``config.dropout > 0``) is active when a ``'dropout'`` rng is given and the call is
-    not deterministic: pass ``deterministic=True`` / ``train=False`` as the base model expects
-    (the wrapper reads those keyword arguments) or ``boft_deterministic=True``.
+    not deterministic: the wrapper reads the base method's ``deterministic`` (or ``train``)
+    argument as the method binds it (keyword, position or default), so adapter dropout follows the
+    base model's own; ``boft_deterministic=True/False`` overrides it.
     """
 
     model: nn.Module
@@ -380,14 +381,31 @@ class BOFTModule(nn.Module):
     def __call__(self, *args, boft_deterministic: bool | None = None, **kwargs):
         return self._run("__call__", args, kwargs, boft_deterministic)
 
+    @nn.nowrap
+    def _deterministic(self, method: str, args, kwargs) -> bool:
+        """The call's ``deterministic`` (or ``not train``) argument as the base method binds it:
+        by keyword, by position, or its default; ``False`` when the method has neither."""
+        values = dict(kwargs)
+        try:
+            sig = inspect.signature(getattr(type(self.model), method))
+            bound = sig.bind(self.model, *args, **kwargs)
+        except (TypeError, ValueError):  # no signature / a call the method will reject itself
+            bound = None
+        if bound is not None:
+            bound.apply_defaults()
+            values = dict(bound.arguments)
+            for name, param in sig.parameters.items():
+                if param.kind is inspect.Parameter.VAR_KEYWORD:
+                    values.update(values.pop(name, {}))
+        if "deterministic" in values:
+            return bool(values["deterministic"])
+        if "train" in values:
+            return not bool(values["train"])
+        return False
+
     def _run(self, method: str, args, kwargs, deterministic: bool | None = None):
         if deterministic is None:
-            if "deterministic" in kwargs:
-                deterministic = bool(kwargs["deterministic"])
-            elif "train" in kwargs:
-                deterministic = not bool(kwargs["train"])
-            else:
-                deterministic = False
+            deterministic = self._deterministic(method, args, kwargs)
         dropout = self.config.dropout > 0 and not deterministic and self.has_rng("dropout")
         state = _CallState(self.config, dropout)
         with nn.intercept_methods(functools.partial(_intercept, state)):
@@ -425,25 +443,39 @@ class BOFTModule(nn.Module):
             return name
         return method
 
+    @staticmethod
+    def _capture(kwargs: dict) -> dict:
+        """``capture_intermediates`` without this wrapper: it shares the base model's scope, so its
+        own ``__call__`` output would be recorded a second time next to the base model's."""
+        flt = kwargs.get("capture_intermediates", False)
+        if flt is True:
+            kwargs["capture_intermediates"] = lambda mdl, name: name == "__call__" and not isinstance(mdl, BOFTModule)
+        elif callable(flt):
+            kwargs["capture_intermediates"] = lambda mdl, name: not isinstance(mdl, BOFTModule) and flt(mdl, name)
+        return kwargs
+
     @nn.nowrap
     def apply(self, variables, *args, method=None, **kwargs):
-        return super().apply(variables, *args, method=self._method_name(method), **kwargs)
+        return super().apply(variables, *args, method=self._method_name(method), **self._capture(kwargs))
 
     @nn.nowrap
     def init_with_output(self, rngs, *args, method=None, **kwargs):
-        return super().init_with_output(rngs, *args, method=self._method_name(method), **kwargs)
+        return super().init_with_output(rngs, *args, method=self._method_name(method), **self._capture(kwargs))
 
     @nn.nowrap
     def init(self, rngs, *args, method=None, **kwargs):
-        return super().init(rngs, *args, method=self._method_name(method), **kwargs)
+        return super().init(rngs, *args, method=self._method_name(method), **self._capture(kwargs))
 
     def __getattr__(self, name: str):
         try:
             return super().__getattr__(name)
         except AttributeError:
             model = self.__dict__.get("model")
-            if name.startswith("_") or model is None or not callable(getattr(type(model), name, None)):
+            attr = getattr(type(model), name, None) if model is not None else None
+            if name.startswith("_") or not callable(attr):
                 raise
+            if getattr(attr, "nowrap", False):  # an @nn.nowrap helper: the model's own, callable unbound
+                return getattr(model, name)
 
             def method(module, *args, **kwargs):
                 return module._run(name, args, kwargs, kwargs.pop("boft_deterministic", None))

@@ -331,6 +331,42 @@ def test_dropout_only_in_training_and_deterministic_per_rng():
     np.testing.assert_array_equal(model.apply(params, x, rngs={"dropout": r1}, boft_deterministic=True), eval_out)
 
 
+class TrainFlag(nn.Module):
+    """A base model whose call takes the train flag positionally (``train``), default False."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False, **kwargs):
+        return nn.Dense(8, name="fc")(nn.Dropout(0.5, deterministic=not train)(x))
+
+
+def test_dropout_follows_the_base_methods_flag_by_keyword_position_or_default():
+    cfg = boft.BOFTConfig(block_size=4, n_factors=2, dropout=0.5, targets="fc1|fc2")
+    x = jax.random.normal(jax.random.key(6), (4, 5, 32))
+    model, frozen, adapter = _setup(PreLNBlock(), cfg, x)
+    params = {"params": boft.combine(frozen, adapter)}
+    rngs = {"dropout": jax.random.key(3)}
+    eval_out = model.apply(params, x, True)
+    train_out = model.apply(params, x, False, rngs=rngs)
+    assert np.abs(np.asarray(train_out) - np.asarray(eval_out)).max() > 1e-3
+    np.testing.assert_array_equal(model.apply(params, x, deterministic=False, rngs=rngs), train_out)
+    # deterministic=True positionally, or by the method's default (True), keeps adapter dropout off
+    np.testing.assert_array_equal(model.apply(params, x, True, rngs=rngs), eval_out)
+    np.testing.assert_array_equal(model.apply(params, x, rngs=rngs), eval_out)
+    np.testing.assert_array_equal(model.apply(params, x, True, rngs=rngs, boft_deterministic=False), train_out)
+
+    cfg = boft.BOFTConfig(block_size=4, dropout=0.5, targets="fc")
+    x = jax.random.normal(jax.random.key(7), (4, 16))
+    model, frozen, adapter = _setup(TrainFlag(), cfg, x)
+    params = {"params": boft.combine(frozen, adapter)}
+    plain = model.apply(params, x)
+    np.testing.assert_array_equal(model.apply(params, x, rngs=rngs), plain)  # train defaults to False
+    np.testing.assert_array_equal(model.apply(params, x, False, rngs=rngs), plain)
+    # train=True (by position or keyword, also through **kwargs-taking signatures) turns it on
+    on = model.apply(params, x, True, rngs=rngs)
+    assert not np.array_equal(on, model.apply(params, x, True, rngs=rngs, boft_deterministic=True))
+    np.testing.assert_array_equal(model.apply(params, x, train=True, rngs=rngs), on)
+
+
 def test_dropout_matches_reference_rule():
     from boft_jax.linen import _dropout_blocks
 
@@ -407,6 +443,10 @@ def test_other_methods_are_forwarded():
         def encode(self, x):
             return self.enc(x)
 
+        @nn.nowrap
+        def dummy_input(self, batch):  # a helper flax lets you call on an unbound module
+            return jnp.ones((batch, 16))
+
         def __call__(self, x):
             return self.dec(self.encode(x))
 
@@ -416,6 +456,20 @@ def test_other_methods_are_forwarded():
     params = boft.combine(frozen, adapter)
     h = model.apply({"params": params}, x, method="encode")
     np.testing.assert_allclose(h, EncDec().apply({"params": boft.merge(params, cfg)}, x, method="encode"), atol=2e-5)
+    # capture_intermediates records what the base model records (the wrapper adds no second root output)
+    _, ours = model.apply({"params": params}, x, capture_intermediates=True, mutable=["intermediates"])
+    merged = boft.merge(params, cfg)
+    _, theirs = EncDec().apply({"params": merged}, x, capture_intermediates=True, mutable=["intermediates"])
+    assert jax.tree.structure(ours) == jax.tree.structure(theirs)
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):
+        np.testing.assert_allclose(a, b, atol=2e-5)
+    only_enc = lambda mdl, name: mdl.name == "enc"  # noqa: E731
+    _, ours = model.apply({"params": params}, x, capture_intermediates=only_enc, mutable=["intermediates"])
+    assert list(ours["intermediates"]) == ["enc"]
+    # @nn.nowrap helpers work on the unbound wrapper, as on the unbound base model
+    np.testing.assert_array_equal(model.dummy_input(3), EncDec().dummy_input(3))
+    with pytest.raises(AttributeError):
+        model.no_such_method
 
 
 # ---------------------------------------------------------------------------------------------
