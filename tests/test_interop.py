@@ -344,6 +344,42 @@ def test_saving_as_oft_refuses_what_oft_cannot_represent(tmp_path):
     assert not (tmp_path / "a").exists()
 
 
+def test_oft_training_recipe_keeps_scales_at_one_and_saves_as_oft(tmp_path):
+    """The README's recipe for PEFT-style OFT (no output scale): optax masks the scales' updates."""
+    import optax
+
+    module, frozen = base("vit")
+    config = boft.BOFTConfig(block_size=8, targets=["attention/query", "attention/value", "mlp/fc1"], cayley="neumann",
+                             neumann_terms=4)
+    model = boft.wrap(module, config)
+    x = jax.random.normal(jax.random.key(0), (4, 16, 16, 3))
+    target = jax.random.normal(jax.random.key(1), module.apply({"params": frozen}, x).shape)
+    adapter = boft.init_adapter(model, frozen, x)
+    # --- the recipe (README "Finetuning any linen model") ---
+    frozen_scales = jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key == "scale", adapter)
+    opt = optax.chain(optax.adamw(1e-2), optax.masked(optax.set_to_zero(), frozen_scales))
+    # ---
+    state = opt.init(adapter)
+
+    @jax.jit
+    def step(adapter, state):
+        loss, g = jax.value_and_grad(lambda a: jnp.mean((model.apply({"params": boft.combine(frozen, a)}, x) - target) ** 2))(adapter)
+        updates, state = opt.update(g, state, adapter)
+        return optax.apply_updates(adapter, updates), state, loss
+
+    losses = []
+    for _ in range(5):
+        adapter, state, loss = step(adapter, state)
+        losses.append(float(loss))
+    assert losses[-1] < losses[0]
+    kernels = [v for v in jax.tree.leaves(adapter, is_leaf=lambda v: isinstance(v, dict) and "scale" in v) if isinstance(v, dict)]
+    assert len(kernels) == 6 and all(np.all(np.asarray(k["scale"]) == 1) and np.abs(k["skew"]).max() > 1e-3 for k in kernels)
+    params = boft.combine(frozen, adapter)
+    save_peft_adapter(tmp_path / "oft", model, params, peft_type="OFT")
+    again, params2 = load_peft_adapter(tmp_path / "oft", *base("vit"))
+    assert_close(again.apply({"params": params2}, x), model.apply({"params": params}, x), tol=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------
 # Our adapters in PEFT's format
 # ---------------------------------------------------------------------------------------------

@@ -863,7 +863,8 @@ def peft_state_dict(
         raise ValueError(
             f"PEFT's OFT has no output scale, but {len(scaled)} adapted layer(s) have scales other than 1, which"
             f" PEFT would drop:{_fmt(scaled)}\n  Save with peft_type='BOFT' (m = 1 is OFT with a scale), or train"
-            " with the scales frozen (e.g. optax.multi_transform with optax.set_to_zero() for the 'scale' leaves)"
+            " with the scales kept at 1 (optax.chain(opt, optax.masked(optax.set_to_zero(), mask)) with mask True at the"
+            " 'scale' leaves; see the README)"
         )
     saved_names = []
     for p in sorted(saved):
