@@ -31,7 +31,7 @@ PEFT_ADAPTERS = [
     "vit_m1", "vit_m2_head", "vit_m3_all", "vit_v4_names", "vit_cpu_fallback",
     "t5_relu_m2", "t5_gated_m3_head", "t5_gated_blocknum", "t5_relu_tied_head", "t5_relu_shared",
     # PEFT OFT (BOFT with one factor and no output scale)
-    "vit_oft_neumann", "vit_oft_exact_r", "vit_oft_share_coft", "vit_oft_adjusted", "t5_oft_gated",
+    "vit_oft_neumann", "vit_oft_exact_r", "vit_oft_share_coft", "vit_oft_adjusted", "t5_oft_gated", "t5_oft_lm_head",
 ]
 OURS = ["ours_vit", "ours_t5", "ours_vit_oft", "ours_t5_oft"]
 TOL = 1e-5  # float32: max |ours - reference| <= TOL * max(1, max |reference|), as in the model tests
@@ -296,6 +296,43 @@ def test_oft_block_size_adjusted_by_peft_warns_and_uses_the_tensors():
     with pytest.warns(UserWarning, match=r"oft_block_size = 5, but its oft_R tensors hold blocks of size \[4\].*block_size = 4"):
         model, _ = load_oft("vit_oft_adjusted")
     assert model.config.block_size == 4
+
+
+def test_oft_without_use_cayley_neumann_follows_peft_default(tmp_path):
+    """Configs from before PEFT had the option: PEFT >= 0.16 fills in its default (Neumann, 5 terms)."""
+    path = copy_fixture("vit_oft_neumann", tmp_path)
+    cfg = json.loads((path / peft_io.ADAPTER_CONFIG_NAME).read_text())
+    for key in ("use_cayley_neumann", "num_cayley_neumann_terms", "peft_version"):
+        del cfg[key]
+    (path / peft_io.ADAPTER_CONFIG_NAME).write_text(json.dumps(cfg))
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        model, params = load_peft_adapter(path, *base("vit"))
+    assert [str(w.message) for w in record if "0.18" in str(w.message)] == []  # no second, version warning
+    assert any("has no use_cayley_neumann" in str(w.message) and "set \"use_cayley_neumann\": false" in str(w.message)
+               for w in record)
+    assert (model.config.cayley, model.config.neumann_terms) == ("neumann", 4)
+    ref = reference("vit_oft_neumann")
+    assert_close(run(model, params, ref), ref["outputs"])
+
+
+def test_adapted_tied_t5_head_and_peft_copy_of_its_base_weight(tmp_path):
+    """OFT on original T5's tied lm_head: PEFT rotates the tied head's input and saves the head's base
+    weight (the shared embedding) as lm_head.base_layer.weight; it must equal the model's."""
+    tensors = load_file(PEFT / "t5_oft_lm_head" / peft_io.ADAPTER_WEIGHTS_NAME)
+    assert "base_model.model.lm_head.base_layer.weight" in tensors
+    module, _ = base("t5_relu")
+    assert module.config.tie_word_embeddings
+    model, params = load("t5_oft_lm_head")
+    assert not model.model.config.tie_word_embeddings and model.model.config.scale_decoder_outputs
+    assert "^lm_head" in model.config.targets
+    ref = reference("t5_oft_lm_head")
+    assert_close(run(model, params, ref), ref["outputs"])
+    bad = copy_fixture("t5_oft_lm_head", tmp_path)
+    edit_tensors(bad, lambda t: {k: (v + 0.5 if k.endswith("lm_head.base_layer.weight") else v) for k, v in t.items()})
+    with pytest.raises(ValueError, match=r"lm_head\.weight -> 'lm_head/kernel': PEFT's copy of this adapted layer's base"
+                                         r" weight differs from the model's \(max \|diff\| 0\.5\)"):
+        load_peft_adapter(bad, *base("t5_relu"))
 
 
 def test_oft_errors(tmp_path):

@@ -281,7 +281,9 @@ def _check_stackable(flat: Mapping[Path_, Any], shapes: Mapping[Path_, Any], wha
         )
 
 
-def _t5_saved_modules(module: Any, params: Mapping, keymap: _KeyMap, plain: dict, mts_names: list, where: str):
+def _t5_saved_modules(
+    module: Any, params: Mapping, keymap: _KeyMap, plain: dict, mts_names: list, where: str, adapted: set[str]
+):
     """PEFT's ``modules_to_save`` copies of T5's embedding and tied head, read as PEFT runs them.
 
     - ``shared`` in ``modules_to_save``: PEFT swaps ``model.shared`` for a wrapper, but T5's encoder
@@ -290,7 +292,9 @@ def _t5_saved_modules(module: Any, params: Mapping, keymap: _KeyMap, plain: dict
       either, and a warning says so.
     - ``lm_head.weight`` for a tied base (original T5): PEFT's copy is an untied head, and the
       decoder output keeps its ``d_model**-0.5`` scaling; the module is rebuilt that way, its base
-      ``lm_head`` being the tied one (the shared embedding, transposed).
+      ``lm_head`` being the tied one (the shared embedding, transposed).  The same for an adapted
+      ``lm_head`` (in ``adapted``, the HF names of adapted modules): PEFT rotates the input of the
+      tied head, which the untied copy reproduces.
     """
     plain = dict(plain)
     if "shared" in mts_names and "shared.weight" in plain:
@@ -304,12 +308,37 @@ def _t5_saved_modules(module: Any, params: Mapping, keymap: _KeyMap, plain: dict
             UserWarning,
             stacklevel=3,
         )
-    if module.config.tie_word_embeddings and "lm_head.weight" in plain:
+    if module.config.tie_word_embeddings and ("lm_head.weight" in plain or "lm_head" in adapted):
         # scale_decoder_outputs is already resolved (True for a tied base) and stays as it is
         module = module.clone(config=dataclasses.replace(module.config, tie_word_embeddings=False))
         keymap = _KeyMap(module)
         params = {**params, "lm_head": {"kernel": jnp.asarray(params["shared"]["embedding"]).T}}
     return module, params, keymap, plain, mts_names
+
+
+def _check_base_copies(copies: Mapping[str, np.ndarray], keymap: _KeyMap, params: Mapping) -> list[str]:
+    """PEFT's copies of adapted layers' frozen weights (``<mod>.base_layer.weight``; it saves them
+    for layers it counts as embeddings, e.g. ``lm_head``): they must equal the base model's, which
+    then stays as it is.  Returns ``(keys the model lacks, copies that differ)``."""
+    if not copies:
+        return [], []
+    base_flat = hf.flatten_params(hf.unstack_layers(params) if keymap.scan else params)
+    missing, differing = [], []
+    for key, value in sorted(copies.items()):
+        path = keymap.path(key)
+        if path is None or path not in base_flat:
+            missing.append(f"{key} (shape {tuple(value.shape)}; a base weight under base_layer of a module the model lacks)")
+            continue
+        ours = np.asarray(base_flat[path], np.float32)
+        theirs = np.asarray(hf.from_torch_layout(path, value), np.float32)
+        eps = float(np.finfo(np.dtype(base_flat[path].dtype) if np.dtype(base_flat[path].dtype).kind == "f" else np.float32).eps)
+        if ours.shape != theirs.shape or np.abs(ours - theirs).max() > 4 * eps * max(1.0, float(np.abs(ours).max())):
+            diff = "shape " + str(theirs.shape) if ours.shape != theirs.shape else f"max |diff| {np.abs(ours - theirs).max():.3g}"
+            differing.append(
+                f"{key} -> '{'/'.join(path)}': PEFT's copy of this adapted layer's base weight differs from the"
+                f" model's ({diff}), so it was made for another base model"
+            )
+    return missing, differing
 
 
 def _boft_layer(entry: Mapping[str, np.ndarray], d_in: int, d_out: int, here: str):
@@ -351,7 +380,16 @@ class _OftOptions:
     @staticmethod
     def read(cfg: Mapping[str, Any], where: str) -> _OftOptions:
         terms = None
-        if cfg.get("use_cayley_neumann", False):
+        if "use_cayley_neumann" not in cfg:
+            warnings.warn(
+                f"{where}: adapter_config.json has no use_cayley_neumann (an OFT adapter from before PEFT added that"
+                " option); PEFT >= 0.16 then uses its default, the Cayley-Neumann map with"
+                f" {cfg.get('num_cayley_neumann_terms', 5)} terms, and so does boft_jax. If the adapter was trained with"
+                " the exact Cayley map, set \"use_cayley_neumann\": false in adapter_config.json",
+                UserWarning,
+                stacklevel=3,
+            )
+        if cfg.get("use_cayley_neumann", True):
             n = int(cfg.get("num_cayley_neumann_terms", 5))
             if n <= 2:
                 raise ValueError(
@@ -362,7 +400,7 @@ class _OftOptions:
                 )
             terms = 3 if n == 3 else n - 1
             version = str(cfg.get("peft_version") or "0").partition("@")[0]
-            if _version_tuple(version) < (0, 18):
+            if "use_cayley_neumann" in cfg and _version_tuple(version) < (0, 18):
                 warnings.warn(
                     f"{where}: uses the Cayley-Neumann map but was written by PEFT {version if version != '0' else '< 0.18'};"
                     " PEFT changed that map in 0.18, so this adapter was trained with another rotation. It is loaded"
@@ -483,9 +521,11 @@ def load_peft_adapter(
     shared block copied to every block; ``coft`` -> the rotations projected as PEFT projects them before
     each forward (both with a warning: training in boft_jax keeps neither constraint).
 
-    T5 specifics, matching what PEFT computes: ``lm_head`` in ``modules_to_save`` on a tied base
-    (original T5) makes the returned module's head untied (``wrapped.model.config``), with the
-    decoder output's ``d_model**-0.5`` scaling kept; a saved copy of ``shared`` is not applied (PEFT's
+    T5 specifics, matching what PEFT computes: ``lm_head`` in ``modules_to_save`` or among the
+    adapted layers on a tied base (original T5) makes the returned module's head untied
+    (``wrapped.model.config``), with the decoder output's ``d_model**-0.5`` scaling kept;
+    PEFT's copy of an adapted head's base weight (``lm_head.base_layer.weight``) must equal the
+    model's; a saved copy of ``shared`` is not applied (PEFT's
     T5 forward never reads it) and a warning says so.
 
     Warns:
@@ -504,6 +544,7 @@ def load_peft_adapter(
     found: dict[str, dict[str, np.ndarray]] = {}  # HF module name -> {"boft_R"/"boft_s"/"oft_R": ...}
     plain: dict[str, np.ndarray] = {}  # HF param key -> value (biases, modules_to_save)
     adapted_bias: dict[str, np.ndarray] = {}  # HF module name -> bias (from <mod>.base_layer.bias)
+    base_copies: dict[str, np.ndarray] = {}  # HF param key -> value (<mod>.base_layer.weight)
     unknown: list[str] = []
     for raw, value in sorted(tensors.items()):
         key = _strip_prefix(raw)
@@ -515,10 +556,10 @@ def load_peft_adapter(
         key = re.sub(r"\.modules_to_save\.(?:default\.)?", ".", key)
         if ".base_layer." in key:
             mod, leaf = key.rsplit(".base_layer.", 1)
-            if leaf != "bias":
-                unknown.append(f"{raw} (shape {tuple(value.shape)}; only a trainable bias is expected under base_layer)")
-                continue
-            adapted_bias[mod] = np.asarray(value)
+            if leaf == "bias":
+                adapted_bias[mod] = np.asarray(value)
+            else:  # e.g. lm_head.base_layer.weight: PEFT saves an adapted "embedding layer"'s base weight too
+                base_copies[f"{mod}.{leaf}"] = np.asarray(value)
             continue
         parts = key.split(".")[-3:]
         if any(part.startswith(("boft_", "oft_")) for part in parts):
@@ -532,9 +573,19 @@ def load_peft_adapter(
             raise ValueError(f"{where}: {raw} and another entry for {key} hold different values")
         plain[key] = np.asarray(value)
 
+    mts_names = peft_cfg.get("modules_to_save") or []
+    if isinstance(mts_names, str):
+        mts_names = [mts_names]
+    if keymap.kind == "t5":
+        module, params, keymap, plain, mts_names = _t5_saved_modules(
+            module, params, keymap, plain, mts_names, where, set(found)
+        )
+    missing, differing = _check_base_copies(base_copies, keymap, params)
+    unknown += missing
+
     # --- adapted layers ---------------------------------------------------------------------------
     layers: dict[Path_, tuple[np.ndarray, np.ndarray]] = {}  # our module path -> (packed skew (m, k, n), s)
-    unfit: list[str] = []
+    unfit: list[str] = list(differing)
     for mod, entry in sorted(found.items()):
         first = entry.get("oft_R", entry.get("boft_R", next(iter(entry.values()))))
         path = keymap.path(mod + ".weight")
@@ -561,11 +612,6 @@ def load_peft_adapter(
             layers[mpath] = layer
 
     # --- plain params: biases and modules_to_save -----------------------------------------------
-    mts_names = peft_cfg.get("modules_to_save") or []
-    if isinstance(mts_names, str):
-        mts_names = [mts_names]
-    if keymap.kind == "t5":
-        module, params, keymap, plain, mts_names = _t5_saved_modules(module, params, keymap, plain, mts_names, where)
     extra: dict[Path_, np.ndarray] = {}
     saved_modules: dict[str, list[Path_]] = {}  # HF module (ancestor) -> our param paths under it
     bias_paths: list[Path_] = []
