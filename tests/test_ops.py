@@ -90,9 +90,10 @@ def test_custom_vjps_match_autodiff_of_the_definition(d, n, b, m, mode):
             return jnp.sum(jnp.sin(_reference(skew, x, kernel, scale) - target))
 
         args = (skew, x, kernel, scale)
-        np.testing.assert_allclose(fast(*args), ref(*args), rtol=1e-12)
-        g_fast = jax.grad(fast, argnums=(0, 1, 2, 3))(*args)
-        g_ref = jax.grad(ref, argnums=(0, 1, 2, 3))(*args)
+        # jitted: one compile per function instead of op-by-op dispatch (4-8x faster here)
+        np.testing.assert_allclose(jax.jit(fast)(*args), jax.jit(ref)(*args), rtol=1e-12)
+        g_fast = jax.jit(jax.grad(fast, argnums=(0, 1, 2, 3)))(*args)
+        g_ref = jax.jit(jax.grad(ref, argnums=(0, 1, 2, 3)))(*args)
         for name, a, r in zip(("skew", "x", "kernel", "scale"), g_fast, g_ref):
             np.testing.assert_allclose(a, r, rtol=1e-9, atol=1e-11, err_msg=name)
 
@@ -149,10 +150,11 @@ def test_vmap_over_adapters():
     d, n, b, m = 32, 24, 4, 2
     skew, x, kernel, scale, _ = _random(d, n, b, m, dtype=jnp.float32)
     skews = jnp.stack([skew, 2 * skew, -skew])
-    f = lambda sk: _ops.boft_dense(x, kernel, _ops.span_blocks(boft.cayley(sk)), scale)  # noqa: E731
-    ys = jax.vmap(f)(skews)
+    f = jax.jit(lambda sk: _ops.boft_dense(x, kernel, _ops.span_blocks(boft.cayley(sk)), scale))
+    ys = jax.jit(jax.vmap(f))(skews)
     for i in range(3):
         np.testing.assert_allclose(ys[i], f(skews[i]), rtol=1e-5, atol=1e-5)
-    gs = jax.vmap(jax.grad(lambda sk: jnp.sum(f(sk) ** 2)))(skews)
-    np.testing.assert_allclose(gs[1], jax.grad(lambda sk: jnp.sum(f(sk) ** 2))(skews[1]), rtol=1e-4, atol=1e-5)
+    grad = jax.grad(lambda sk: jnp.sum(f(sk) ** 2))
+    gs = jax.jit(jax.vmap(grad))(skews)
+    np.testing.assert_allclose(gs[1], jax.jit(grad)(skews[1]), rtol=1e-4, atol=1e-5)
 
