@@ -208,7 +208,7 @@ def test_missing_shard_is_a_clear_error(tmp_path):
 
 def test_unsupported_or_mismatched_model_type_is_a_clear_error(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
-    with pytest.raises(ValueError, match=r"model_type='bert'.*supported model types: \['vit', 't5'\]"):
+    with pytest.raises(ValueError, match=r"model_type='bert'.*supported model types: \['vit', 't5', 'mt5'\]"):
         models.from_pretrained(tmp_path)
     with pytest.raises(ValueError, match=r"model_type='t5', but this loader reads 'vit'"):
         vit.from_pretrained(FIXTURES / "t5_relu")
@@ -218,7 +218,7 @@ def test_unsupported_or_mismatched_model_type_is_a_clear_error(tmp_path):
 
 
 @pytest.mark.parametrize("scan_layers", [False, True])
-@pytest.mark.parametrize("name", ["vit", "t5_relu", "t5_gated"])
+@pytest.mark.parametrize("name", ["vit", "t5_relu", "t5_gated", "mt5"])
 def test_save_pretrained_round_trips_exactly(tmp_path, name, scan_layers):
     module, params = models.from_pretrained(FIXTURES / name, scan_layers=scan_layers)
     models.save_pretrained(tmp_path, module, params)
@@ -231,6 +231,8 @@ def test_save_pretrained_round_trips_exactly(tmp_path, name, scan_layers):
     assert sorted(ours) == sorted(theirs)
     for key in theirs:
         np.testing.assert_array_equal(ours[key], theirs[key])
+    written, original = (json.loads((d / "config.json").read_text()) for d in (tmp_path, FIXTURES / name))
+    assert (written["model_type"], written["architectures"]) == (original["model_type"], original["architectures"])
 
 
 @pytest.mark.parametrize(

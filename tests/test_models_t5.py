@@ -14,7 +14,9 @@ import pytest
 from boft_jax.models import t5
 
 FIXTURES = Path(__file__).parent / "fixtures"
-VARIANTS = ["t5_relu", "t5_gated"]  # original T5 (tied) and v1.1/FLAN style (gated-gelu, untied)
+# original T5 (tied), v1.1/FLAN style (gated-gelu, untied), and an mT5 (MT5ForConditionalGeneration,
+# gated-silu, 3 encoder / 1 decoder layers, d_model 24 with an inner attention dim of 18)
+VARIANTS = ["t5_relu", "t5_gated", "mt5"]
 
 
 def assert_matches_reference(actual, reference, *, tol=1e-5):
@@ -98,8 +100,9 @@ def test_head_tying_and_scaling_follow_the_checkpoint(variant):
         # transformers 5 writes tie_word_embeddings=true for every T5; the distinct lm_head.weight
         # in the checkpoint decides, as in transformers.
         assert not cfg.tie_word_embeddings and not cfg.scale_decoder_outputs
-        assert params["lm_head"]["kernel"].shape == (32, 64)
-        assert cfg.is_gated and cfg.activation == "gelu_new"
+        assert params["lm_head"]["kernel"].shape == (cfg.d_model, 64)
+        assert cfg.is_gated and cfg.activation == {"t5_gated": "gelu_new", "mt5": "silu"}[variant.name]
+        assert cfg.model_type == ("mt5" if variant.name == "mt5" else "t5")
 
 
 def decode_in_pieces(module, params, encoded, mask, dec, pieces=(3, 1, None)):

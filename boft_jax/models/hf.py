@@ -48,7 +48,7 @@ FLAX_MSGPACK_NAME = "flax_model.msgpack"
 _SHARD_RE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 _LAYER_RE = re.compile(r"layer_(\d+)")
 
-SUPPORTED_MODEL_TYPES = ("vit", "t5")
+SUPPORTED_MODEL_TYPES = ("vit", "t5", "mt5")  # mt5: T5 v1.1 architecture (boft_jax.models.t5)
 
 # Hugging Face activation names (``hidden_act``, ``feed_forward_proj``) -> JAX functions.
 # "gelu" is the exact erf GELU; "gelu_new" / "gelu_pytorch_tanh" the tanh approximation.
@@ -121,12 +121,14 @@ def model_type(path: str | os.PathLike) -> str:
     return mt
 
 
-def check_model_type(path: str | os.PathLike, config: Mapping[str, Any], expected: str) -> None:
+def check_model_type(path: str | os.PathLike, config: Mapping[str, Any], expected: str | tuple[str, ...]) -> None:
     mt = config.get("model_type")
-    if mt != expected:
+    expected = (expected,) if isinstance(expected, str) else tuple(expected)
+    if mt not in expected:
+        reads = " or ".join(repr(e) for e in expected)
         raise ValueError(
             f"{os.fspath(path)!r}: config.json has model_type={mt!r}, but this loader reads "
-            f"{expected!r} models; boft_jax.models.from_pretrained dispatches on model_type "
+            f"{reads} models; boft_jax.models.from_pretrained dispatches on model_type "
             f"(supported: {list(SUPPORTED_MODEL_TYPES)})"
         )
 
@@ -519,7 +521,7 @@ def save_state_dict(
 def _library(model_type_: str):
     from boft_jax.models import t5, vit  # local: vit and t5 import this module
 
-    return {"vit": vit, "t5": t5}[model_type_]
+    return {"vit": vit, "t5": t5, "mt5": t5}[model_type_]
 
 
 def _library_for(module_or_config: Any):

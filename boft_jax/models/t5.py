@@ -64,14 +64,19 @@ TARGET_PRESETS: dict[str, str] = {
 }
 
 
+MODEL_TYPES = {"t5": "T5ForConditionalGeneration", "mt5": "MT5ForConditionalGeneration"}  # model_type -> class
+
+
 @dataclasses.dataclass(frozen=True)
 class T5Config:
     """The fields of Hugging Face's ``T5Config`` that define ``T5ForConditionalGeneration``.
 
     ``tie_word_embeddings``: the LM head is the shared embedding (original T5); otherwise an
-    untied ``lm_head`` (v1.1, FLAN-T5). ``scale_decoder_outputs`` (default: equal to
+    untied ``lm_head`` (v1.1, FLAN-T5, mT5). ``scale_decoder_outputs`` (default: equal to
     ``tie_word_embeddings``, as in transformers 4) multiplies the decoder output by
-    ``d_model**-0.5`` before the head.
+    ``d_model**-0.5`` before the head.  ``model_type``: ``"t5"`` or ``"mt5"`` (transformers'
+    ``MT5ForConditionalGeneration``: the same architecture and weight names), kept so that
+    :func:`boft_jax.models.save_pretrained` writes the class the checkpoint came from.
     """
 
     vocab_size: int = 32128
@@ -91,8 +96,11 @@ class T5Config:
     pad_token_id: int = 0
     eos_token_id: int | tuple[int, ...] = 1
     decoder_start_token_id: int = 0
+    model_type: str = "t5"
 
     def __post_init__(self):
+        if self.model_type not in MODEL_TYPES:
+            raise ValueError(f"T5Config.model_type must be one of {list(MODEL_TYPES)}, got {self.model_type!r}")
         if self.num_decoder_layers is None:
             object.__setattr__(self, "num_decoder_layers", self.num_layers)
         if self.scale_decoder_outputs is None:
@@ -133,14 +141,25 @@ class T5Config:
         """
         kwargs = {f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d and d[f.name] is not None}
         kwargs.setdefault("decoder_start_token_id", d.get("pad_token_id", 0) or 0)
+        if kwargs.get("model_type") == "mt5":
+            # transformers' MT5 never scales the decoder output (transformers 5 forces
+            # tie_word_embeddings = true in its config and has no scale_decoder_outputs)
+            kwargs.setdefault("scale_decoder_outputs", False)
         return cls(**kwargs)
 
     def to_hf_dict(self) -> dict[str, Any]:
-        """A ``config.json`` dict that transformers' ``T5ForConditionalGeneration`` loads."""
+        """A ``config.json`` dict that transformers' ``T5ForConditionalGeneration`` (or
+        ``MT5ForConditionalGeneration``) loads."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        if self.model_type == "mt5":
+            if self.scale_decoder_outputs:
+                raise ValueError(
+                    "this T5Config has model_type='mt5' and scale_decoder_outputs=True, but transformers'"
+                    " MT5ForConditionalGeneration never scales the decoder output; use model_type='t5'"
+                )
+            del d["scale_decoder_outputs"]
         d.update(
-            model_type="t5",
-            architectures=["T5ForConditionalGeneration"],
+            architectures=[MODEL_TYPES[self.model_type]],
             is_encoder_decoder=True,
             initializer_factor=1.0,
             eos_token_id=list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id,
@@ -748,7 +767,7 @@ def params_from_hf(
 def from_pretrained(
     path: str | os.PathLike, *, dtype: Dtype = jnp.float32, scan_layers: bool = False
 ) -> tuple[T5, dict[str, Any]]:
-    """Load a Hugging Face T5 / T5 v1.1 / FLAN-T5 directory as ``(module, params)``.
+    """Load a Hugging Face T5 / T5 v1.1 / FLAN-T5 / mT5 directory as ``(module, params)``.
 
     Args:
       path: directory with ``config.json`` and ``model.safetensors`` (or shards + index, or
@@ -757,7 +776,7 @@ def from_pretrained(
       scan_layers: build the stacks with layers under ``nn.scan`` (stacked params).
     """
     cfg_dict = hf.read_config(path)
-    hf.check_model_type(path, cfg_dict, "t5")
+    hf.check_model_type(path, cfg_dict, tuple(MODEL_TYPES))
     state = hf.load_state_dict(path)
     config = resolve_tying(T5Config.from_hf_dict(cfg_dict), state)
     params = params_from_hf(config, state, scan_layers=scan_layers, source=f"{os.fspath(path)!r}")
