@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import functools
 import json
+import shutil
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +17,8 @@ import boft_jax as boft
 from boft_jax.models import t5
 from train import data as data_lib
 from train import finetune, text_tasks
+
+FIXTURES = Path(__file__).parent / "fixtures"
 
 
 @functools.cache
@@ -214,6 +218,24 @@ def test_pretokenized_jsonl_equals_the_text_form_and_serves_any_vocabulary(tmp_p
     # long examples are cut with EOS kept last
     row = data_lib.ids_row(rng.integers(3, 50, size=20).tolist(), 8)
     assert row.shape == (8,) and row[-1] == data_lib.EOS and (row[:-1] != data_lib.PAD).all()
+
+
+def test_mt5_checkpoint_finetunes_with_pretokenized_data(tmp_path):
+    """--model t5 takes an mT5 directory (model_type "mt5"); the merged export stays an mT5."""
+    rng = np.random.default_rng()
+    rows = [{"source_ids": rng.integers(3, 64, size=rng.integers(2, 8)).tolist(),
+             "target_ids": rng.integers(3, 64, size=rng.integers(1, 4)).tolist()} for _ in range(40)]
+    (tmp_path / "ids.jsonl").write_text("\n".join(map(json.dumps, rows)))
+    ckpt = tmp_path / "mt5"  # the fixture with EOS id 1, the tokenizers' convention the JSONL loader checks
+    shutil.copytree(FIXTURES / "mt5", ckpt)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**cfg, "eos_token_id": 1}))
+    out = tmp_path / "run"
+    finetune.run(["--model", "t5", "--checkpoint", str(ckpt), "--data", str(tmp_path / "ids.jsonl"),
+                  "--output", str(out), "--steps", "2", "--batch-size", "8", "--eval-every", "0", "--no-progress",
+                  "--block-size", "2", "--factors", "1"])
+    merged = json.loads((out / "merged" / "config.json").read_text())
+    assert (merged["model_type"], merged["architectures"]) == ("mt5", ["MT5ForConditionalGeneration"])
 
 
 def test_bad_data_through_the_cli_exits_2_and_writes_nothing(tmp_path, capsys):

@@ -127,7 +127,7 @@ def run(argv=None) -> dict:
         mtype = hf.model_type(ckpt_path)
     except Exception as e:  # unreadable config.json
         _fail(f"--checkpoint {ckpt_path}: {e}")
-    if mtype != kind:
+    if {"mt5": "t5"}.get(mtype, mtype) != kind:  # mT5 is a T5 (v1.1 architecture)
         _fail(f"--checkpoint {ckpt_path} holds a '{mtype}' model but --model is '{kind}'")
     dtype = jnp.bfloat16 if args.precision == "bf16" else jnp.float32
     try:
