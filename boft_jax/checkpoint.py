@@ -28,20 +28,28 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
 import shutil
 import uuid
+import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
 from boft_jax.config import BOFTConfig
 from boft_jax.sharding import gather_to_host, is_main_process
 
-__all__ = ["save_adapter", "load_adapter", "config_to_dict", "config_from_dict", "TrainCheckpointer"]
+__all__ = ["save_adapter", "load_adapter", "config_to_dict", "config_from_dict", "TrainCheckpointer", "IncompleteCheckpoint"]
+
+
+class IncompleteCheckpoint(ValueError):
+    """A step directory that is not a complete :class:`TrainCheckpointer` checkpoint."""
 
 _FORMAT = "boft_jax.adapter/1"
 
@@ -79,6 +87,26 @@ def save_adapter(
       overwrite: replace an existing checkpoint at ``path`` (crash-safely); else raise.
     """
     path = Path(path).absolute()
+    if metadata is not None and not isinstance(metadata, Mapping):
+        raise TypeError(f"save_adapter metadata must be a mapping (a JSON object), got {type(metadata).__name__}")
+    host = gather_to_host(adapter)
+    leaves = jax.tree_util.tree_leaves_with_path(host)
+    if not leaves:
+        raise ValueError("save_adapter got an adapter with no arrays (an empty tree); nothing to save")
+    for p, x in leaves:
+        if np.asarray(x).dtype.kind not in "biufc" and np.asarray(x).dtype != jnp.bfloat16:
+            raise TypeError(f"adapter leaf {jax.tree_util.keystr(p)} is not a numeric array (dtype {np.asarray(x).dtype})")
+    meta = {
+        "format": _FORMAT,
+        "config": config_to_dict(config),
+        "metadata": dict(metadata or {}),
+        "checksums": _checksums(host),
+    }
+    _check_config_fits(path, host, config)
+    try:  # checked before anything is written: orbax would fail half-way and leave a temporary dir
+        json.dumps(meta, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"save_adapter metadata must be plain JSON (str, finite numbers, bool, None, lists, dicts): {e}") from None
     multi = jax.process_count() > 1
     main = is_main_process()
     if main:
@@ -99,12 +127,8 @@ def save_adapter(
 
         tag = int(multihost_utils.broadcast_one_to_all(np.int32(tag)))
     tmp = path.with_name(f".{path.name}.tmp-{tag:08x}")
-    meta = {"format": _FORMAT, "config": config_to_dict(config), "metadata": dict(metadata or {})}
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
-        ckptr.save(
-            tmp,
-            ocp.args.Composite(adapter=ocp.args.StandardSave(gather_to_host(adapter)), meta=ocp.args.JsonSave(meta)),
-        )
+        ckptr.save(tmp, ocp.args.Composite(adapter=ocp.args.StandardSave(host), meta=ocp.args.JsonSave(meta)))
     if main:
         if path.exists():
             old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
@@ -119,11 +143,29 @@ def save_adapter(
         multihost_utils.sync_global_devices(f"boft_jax.save_adapter:{tag:08x}")
 
 
+def _checksums(tree) -> dict[str, str]:
+    """``{leaf path: sha256 of dtype, shape and bytes}``: orbax/tensorstore do not detect a damaged file."""
+    out = {}
+    for p, x in jax.tree_util.tree_leaves_with_path(tree):
+        a = np.ascontiguousarray(np.asarray(x))
+        h = hashlib.sha256(f"{a.dtype.name}{a.shape}".encode())
+        h.update(a.view(np.uint8).reshape(-1) if a.size else b"")
+        out[jax.tree_util.keystr(p)] = h.hexdigest()
+    return out
+
+
+def _olds(path: Path) -> list[Path]:
+    return sorted(path.parent.glob(f".{path.name}.old-*"), key=lambda p: p.stat().st_mtime)
+
+
 def _recover(path: Path) -> None:
-    """Undo a replacement that crashed between its two renames: bring the last good one back."""
+    """Undo a replacement that crashed between its two renames: bring the last good one back.
+
+    Only writers (:func:`save_adapter`) call this; one writer at a time per path.
+    """
     if path.exists():
         return
-    olds = sorted(path.parent.glob(f".{path.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    olds = _olds(path)
     if olds:
         os.replace(olds[-1], path)
 
@@ -131,31 +173,79 @@ def _recover(path: Path) -> None:
 def load_adapter(path: str | os.PathLike) -> tuple[dict, BOFTConfig, dict]:
     """Read a checkpoint written by :func:`save_adapter`: ``(adapter, config, metadata)``.
 
+    Every array is checked against the checksum stored when it was written, and the config
+    against the arrays' shapes, so a damaged file is an error naming it, never silent garbage.
     If a previous :func:`save_adapter` crashed between moving the old checkpoint aside and moving
-    the new one in, the old one (the last good checkpoint) is put back and loaded.
+    the new one in, the old one (the last good checkpoint) is read where it lies, with a warning
+    (the next :func:`save_adapter` to this path puts it back); reading never moves anything, so it
+    is safe while a writer is at work.
     """
     path = Path(path).absolute()
-    if is_main_process():  # one process repairs; the others wait for it
-        _recover(path)
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(f"boft_jax.load_adapter:recover:{path}")
-    if not path.is_dir():
+    source = path
+    if not path.exists() and _olds(path):
+        source = _olds(path)[-1]
+        warnings.warn(
+            f"{path} is missing but {source.name} (the last good checkpoint of a replacement that was"
+            " interrupted) is there; loading it",
+            UserWarning,
+            stacklevel=2,
+        )
+    if not source.is_dir():
         raise FileNotFoundError(f"no adapter checkpoint directory at {path}")
-    if not (path / "meta").exists() or not (path / "adapter").exists():
+    if not (source / "meta").exists() or not (source / "adapter").exists():
         raise ValueError(
             f"{path} is not a boft_jax adapter checkpoint (expected 'adapter' and 'meta' entries, found"
-            f" {sorted(os.listdir(path))})"
+            f" {sorted(os.listdir(source))})"
         )
-    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
-        restored = ckptr.restore(
-            path, ocp.args.Composite(adapter=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore())
+    try:
+        with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+            meta = ckptr.restore(source, ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+            restored = ckptr.restore(source, ocp.args.Composite(adapter=ocp.args.StandardRestore()))["adapter"]
+    except (ValueError, OSError, KeyError) as e:
+        raise ValueError(f"{path}: damaged or incomplete adapter checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(meta, Mapping) or meta.get("format") != _FORMAT:
+        got = meta.get("format") if isinstance(meta, Mapping) else type(meta).__name__
+        raise ValueError(f"{path}: unsupported adapter format {got!r} (expected {_FORMAT!r})")
+    if not isinstance(meta.get("config"), Mapping) or not isinstance(meta.get("metadata", {}), Mapping):
+        raise ValueError(f"{path}: its meta entry has no config object (or a metadata that is not an object)")
+    sums = meta.get("checksums")
+    if sums is not None:  # checkpoints written before checksums were stored have none
+        got = _checksums(restored)
+        bad = sorted(k for k in set(sums) | set(got) if sums.get(k) != got.get(k))
+        if bad:
+            raise ValueError(
+                f"{path}: {len(bad)} array(s) do not match the checksums stored when the checkpoint was written"
+                f" ({', '.join(bad[:4])}{', ...' if len(bad) > 4 else ''}): the files are damaged, or were replaced"
+                " while being read"
+            )
+    config = config_from_dict(meta["config"])
+    _check_config_fits(path, restored, config)
+    return restored, config, dict(meta.get("metadata", {}))
+
+
+def _check_config_fits(path: Path, adapter, config: BOFTConfig) -> None:
+    """The stored config must describe the stored blocks (factor count, block size / count)."""
+    from boft_jax.orthogonal import block_size_from_num_params
+
+    problems = []
+
+    def walk(tree, where):
+        if isinstance(tree, Mapping):
+            if set(tree) == {"skew", "scale"}:
+                shape = np.shape(tree["skew"])
+                m, k, b = shape[-3], shape[-2], block_size_from_num_params(shape[-1])
+                if m != config.n_factors or (config.block_size or b) != b or (config.block_num or k) != k:
+                    problems.append(f"{where}: blocks (m={m}, k={k}, b={b})")
+                return
+            for key, v in tree.items():
+                walk(v, f"{where}/{key}" if where else str(key))
+
+    walk(adapter, "")
+    if problems:
+        raise ValueError(
+            f"{path}: its config (n_factors={config.n_factors}, block_size={config.block_size},"
+            f" block_num={config.block_num}) does not describe its arrays: {'; '.join(problems[:4])}"
         )
-    meta = restored["meta"]
-    if meta.get("format") != _FORMAT:
-        raise ValueError(f"{path}: unsupported adapter format {meta.get('format')!r} (expected {_FORMAT!r})")
-    return restored["adapter"], config_from_dict(meta["config"]), meta.get("metadata", {})
 
 
 _SHAPES_KEY = "_adapter_shapes"
@@ -228,6 +318,15 @@ class TrainCheckpointer:
         step = self._mngr.latest_step()
         if step is None:
             return None
+        step_dir = self.directory / str(step)
+        missing = [item for item in ("adapter", "opt_state", "state") if not (step_dir / item).exists()]
+        if missing:  # orbax commits a step by renaming a complete directory: this one came from elsewhere
+            found = sorted(p.name for p in step_dir.iterdir()) if step_dir.is_dir() else []
+            raise IncompleteCheckpoint(
+                f"{step_dir} is the newest step directory but not a complete training checkpoint (missing"
+                f" {missing}, found {found}); remove it to resume from the step before"
+                f" ({sorted(self.all_steps())[:-1][-1:] or 'none'})"
+            )
         # The adapter's shapes are in the JSON state: compare them before orbax restores arrays.
         stored = self._mngr.restore(step, args=ocp.args.Composite(state=ocp.args.JsonRestore()))["state"]
         want = _shapes(adapter_like)

@@ -44,6 +44,24 @@ def _env(devices: int | None = None) -> dict:
         (["--mesh", "data=3"], "--mesh"),
         (["--mesh", "pipeline=1"], "--mesh"),
         (["--batch-size", "5000"], "exceeds"),
+        (["--batch-size", "0"], "--batch-size 0: must be an integer >= 1"),
+        (["--steps", "0"], "--steps 0: must be an integer >= 1"),
+        (["--steps", "-5"], "--steps -5: must be"),
+        (["--lr", "0"], "--lr 0.0: must be a finite number > 0"),
+        (["--lr", "nan"], "--lr nan: must be a finite number > 0"),
+        (["--clip", "-1"], "--clip -1.0: must be a finite number > 0"),
+        (["--weight-decay", "-1"], "--weight-decay -1.0"),
+        (["--warmup", "-3"], "--warmup -3"),
+        (["--eval-every", "-1"], "--eval-every -1"),
+        (["--save-every", "0"], "--save-every 0"),
+        (["--keep", "0"], "--keep 0"),
+        (["--seed", "-1"], "--seed -1"),
+        (["--block-size", "0"], "--block-size 0"),
+        (["--block-size", "4", "--block-num", "8"], "give one of them, not both"),
+        (["--neumann-terms", "7"], "only used with --cayley neumann"),
+        (["--mesh", ""], "--mesh ''"),
+        (["--resume", "--overwrite"], "--resume and --overwrite"),
+        (["--modules-to-save", "no_such_module"], "matches no module of the model"),
     ],
 )
 def test_bad_input_exits_2_with_a_clear_message_and_writes_nothing(tmp_path, capsys, extra, fragment):
@@ -52,6 +70,19 @@ def test_bad_input_exits_2_with_a_clear_message_and_writes_nothing(tmp_path, cap
     err = capsys.readouterr().err
     assert err.startswith("error: ") and fragment in err, err
     assert not out.exists()
+
+
+def test_overwrite_keeps_the_previous_run_when_an_option_is_bad(tmp_path, capsys):
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')
+    assert finetune.main(["--output", str(out), *SMALL, "--overwrite", "--keep", "0"]) == 2
+    assert "--keep 0" in capsys.readouterr().err
+    assert (out / "checkpoints").is_dir() and (out / "metrics.jsonl").read_text() == '{"step": 1}\n'
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("x")
+    assert finetune.main(["--output", str(not_a_dir), *SMALL]) == 2
+    assert "exists and is not a directory" in capsys.readouterr().err
 
 
 def test_unreadable_checkpoint_or_data_file_exits_2_with_a_clear_message(tmp_path, capsys):
@@ -106,6 +137,15 @@ def test_npz_and_image_folder_data_load_exactly(tmp_path):
     ds = data_lib.load_npz(tmp_path / "two.npz")
     np.testing.assert_array_equal(ds.test.inputs["pixel_values"], imgs[30:])
     np.testing.assert_array_equal(ds.train.labels, labels[:30])
+    # labels that do not fit the images: refused, never truncated or cast silently
+    for bad, fragment in (({"images": imgs, "labels": labels[:10]}, "with the same N"),
+                          ({"images": imgs, "labels": labels + 0.5}, "labels must be integers"),
+                          ({"images": np.where(imgs > 0.9, np.nan, imgs), "labels": labels}, "finite"),
+                          ({"train_images": imgs, "train_labels": labels, "test_images": imgs[:0], "test_labels": labels[:0]},
+                           "no examples")):
+        np.savez(tmp_path / "bad.npz", **bad)
+        with pytest.raises(ValueError, match=fragment):
+            data_lib.load_npz(tmp_path / "bad.npz")
     raw = bytearray((tmp_path / "one.npz").read_bytes())  # a damaged member: found only when read
     raw[len(raw) // 3] ^= 0xFF
     (tmp_path / "damaged.npz").write_bytes(bytes(raw))
@@ -149,6 +189,12 @@ def test_cli_options_reach_the_adapter_and_keep_and_resume_mismatch(tmp_path, ca
     assert res["acc_after"] >= 0.0 and np.isfinite(np.concatenate([np.ravel(s) for s in skews])).all()
     steps = sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
     assert steps == [6, 8]  # --keep 2
+    # the interop CLI finds the base model the job recorded (no --base needed)
+    from boft_jax.interop.__main__ import main as interop_main
+
+    assert interop_main(["export-merged", "--adapter", str(out / "adapter"), "--out", str(tmp_path / "exported")]) == 0
+    assert (tmp_path / "exported" / "config.json").is_file()
+    capsys.readouterr()
     before = {p.name: p.stat().st_mtime_ns for p in (out / "adapter").rglob("*")}
     assert finetune.main([*args, "--resume", "--seed", "5"]) == 2
     err = capsys.readouterr().err
@@ -158,7 +204,33 @@ def test_cli_options_reach_the_adapter_and_keep_and_resume_mismatch(tmp_path, ca
     assert finetune.main(other) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --resume: the checkpoint in") and "does not match this run's adapter" in err, err
+    # other training options (same adapter shapes): named, refused
+    for flag, value, shown in (("--lr", "1e-2", "learning_rate: checkpoint 0.005, now 0.01"),
+                               ("--steps", "12", "steps: checkpoint 8, now 12"),
+                               ("--cayley", "exact", '"cayley": "neumann"'),
+                               ("--precision", "float32", 'precision: checkpoint "bf16", now "float32"')):
+        changed = [*args, "--resume", flag, value]
+        if flag == "--cayley":
+            changed = [a for i, a in enumerate(changed) if a != "--neumann-terms" and changed[i - 1] != "--neumann-terms"]
+        assert finetune.main(changed) == 2, flag
+        err = capsys.readouterr().err
+        assert "belongs to a run with other options" in err and shown in err, (flag, err)
+    assert finetune.main([*args, "--resume", "--steps", "6"]) == 2  # fewer steps than already done
+    assert "belongs to a run with other options" in capsys.readouterr().err
     assert before == {p.name: p.stat().st_mtime_ns for p in (out / "adapter").rglob("*")}
+    # resuming the finished run changes nothing in metrics.jsonl (no second final row); a last line
+    # cut short by a crash is dropped
+    rows = (out / "metrics.jsonl").read_text()
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 8, "loss": 0.1')
+    assert finetune.main([*args, "--resume"]) == 0
+    assert (out / "metrics.jsonl").read_text() == rows
+    assert sum('"final": true' in line for line in rows.splitlines()) == 1
+    # a foreign step directory newer than the last checkpoint: named, not a traceback
+    (out / "checkpoints" / "500").mkdir()
+    assert finetune.main([*args, "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "checkpoints/500 is the newest step directory but not a complete training checkpoint" in err, err
 
 
 def test_existing_run_is_not_overwritten_without_consent(tmp_path, capsys):
@@ -398,10 +470,14 @@ def test_save_adapter_crash_mid_replace_keeps_a_loadable_checkpoint(tmp_path, mo
         ck.save_adapter(path, new, cfg)
     monkeypatch.setattr(ck.os, "replace", real_replace)
     assert not path.exists()  # the crash hit between moving the old one aside and moving the new one in
-    # loading puts the last good checkpoint back
-    assert float(ck.load_adapter(path)[0]["l"]["kernel"]["skew"].max()) == 1.0
-    # and a crash before any rename leaves the last good checkpoint in place
+    # loading reads the last good checkpoint where it lies, with a warning, and moves nothing
+    with pytest.warns(UserWarning, match=r"adapter is missing but \.adapter\.old-.*interrupted"):
+        assert float(ck.load_adapter(path)[0]["l"]["kernel"]["skew"].max()) == 1.0
+    assert not path.exists()
+    # the next save puts it back first, then replaces it; a crash before any rename leaves the last
+    # good checkpoint in place
     ck.save_adapter(path, old, cfg)
+    assert path.exists() and not list(tmp_path.glob(".adapter.old-*"))
     monkeypatch.setattr(ck.os, "replace", lambda s, d: (_ for _ in ()).throw(KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):
         ck.save_adapter(path, new, cfg)

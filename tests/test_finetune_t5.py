@@ -144,6 +144,7 @@ def test_jsonl_loads_and_trims_to_the_longest_example(tmp_path):
         ('{"source": "a", "target": "b"}\n{"source": "a"}\n', ":2: each line must be a JSON object"),
         ('{"source": "a", "target": "b"}\n', "needs at least 2 source/target pairs"),
         ("", "needs at least 2 source/target pairs"),
+        ('{"source": "a", "target": "b"}\n{"source": "a", "target": null}\n', ":2: each line must be a JSON object"),
     ],
 )
 def test_bad_jsonl_is_a_clear_error(tmp_path, content, fragment):

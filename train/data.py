@@ -66,6 +66,25 @@ def digits(classes=FINETUNE_CLASSES, *, test_fraction: float = 0.25, seed: int =
     return Dataset(full.take(tr), full.take(te), f"sklearn digits, classes {list(classes)}")
 
 
+def _image_split(path: Path, arrays: dict, images_key: str, labels_key: str) -> Split:
+    """Checked images ``(N, H, W, C)`` float32 and labels ``(N,)`` int32 (integral, >= 0)."""
+    images, labels = np.asarray(arrays[images_key]), np.asarray(arrays[labels_key])
+    where = f"{path}: '{images_key}' {images.shape} / '{labels_key}' {labels.shape}"
+    if images.ndim != 4 or labels.ndim != 1 or len(images) != len(labels):
+        raise ValueError(f"{where}: expected images (N, H, W, C) and labels (N,) with the same N")
+    if len(labels) == 0:
+        raise ValueError(f"{where}: no examples")
+    if images.dtype.kind not in "biuf" or not np.isfinite(images.astype(np.float32)).all():
+        raise ValueError(f"{where}: images must be finite numbers (found {images.dtype}"
+                         f"{'' if images.dtype.kind not in 'f' else ' with NaN/inf'})")
+    if labels.dtype.kind not in "biuf" or (labels.dtype.kind == "f" and not np.array_equal(labels, np.round(labels))):
+        raise ValueError(f"{where}: labels must be integers (class indices), found {labels.dtype} values such as"
+                         f" {labels.ravel()[:3].tolist()}")
+    if labels.min() < 0:
+        raise ValueError(f"{where}: labels must be class indices >= 0, found {labels.min()}")
+    return Split({"pixel_values": images.astype(np.float32)}, labels.astype(np.int32))
+
+
 def load_npz(path: str | Path, *, test_fraction: float = 0.2, seed: int = 0) -> Dataset:
     path = Path(path)
     with open(path, "rb") as f:
@@ -81,12 +100,12 @@ def load_npz(path: str | Path, *, test_fraction: float = 0.2, seed: int = 0) -> 
         raise ValueError(f"{path}: unreadable .npz archive ({type(e).__name__}: {e})") from None
     if {"train_images", "train_labels", "test_images", "test_labels"} <= keys:
         return Dataset(
-            Split({"pixel_values": arrays["train_images"].astype(np.float32)}, arrays["train_labels"].astype(np.int32)),
-            Split({"pixel_values": arrays["test_images"].astype(np.float32)}, arrays["test_labels"].astype(np.int32)),
+            _image_split(path, arrays, "train_images", "train_labels"),
+            _image_split(path, arrays, "test_images", "test_labels"),
             f"{path}",
         )
     if {"images", "labels"} <= keys:
-        full = Split({"pixel_values": arrays["images"].astype(np.float32)}, arrays["labels"].astype(np.int32))
+        full = _image_split(path, arrays, "images", "labels")
         tr, te = _train_test(len(full), test_fraction, seed)
         return Dataset(full.take(tr), full.take(te), f"{path} ({1 - test_fraction:.0%}/{test_fraction:.0%} split)")
     raise ValueError(
@@ -191,8 +210,10 @@ def load_jsonl(path: str | Path, src_len: int, tgt_len: int, *, test_fraction=0.
                     kinds.add("ids")
                     rows.append((ids_row(src, src_len), ids_row(tgt, tgt_len)))
                 else:
+                    if not (isinstance(row["source"], str) and isinstance(row["target"], str)):
+                        raise TypeError("'source' and 'target' must be strings")
                     kinds.add("text")
-                    rows.append((encode_text(str(row["source"]), src_len), encode_text(str(row["target"]), tgt_len)))
+                    rows.append((encode_text(row["source"], src_len), encode_text(row["target"], tgt_len)))
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise ValueError(
                     f"{path}:{n}: each line must be a JSON object with 'source' and 'target' (text) or"

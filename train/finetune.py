@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--bias", choices=["none", "boft_only", "all"], default="none")
     b.add_argument("--mode", choices=["auto", "input", "weight"], default="auto")
     b.add_argument("--cayley", choices=["exact", "neumann"], default="exact")
-    b.add_argument("--neumann-terms", type=int, default=5)
+    b.add_argument("--neumann-terms", type=int, default=None, help="series terms for --cayley neumann (default 5)")
     b.add_argument("--list-presets", action="store_true", help="print the target presets and exit")
     o = p.add_argument_group("optimization")
     o.add_argument("--steps", type=int, default=None, help="training steps (default: ViT 300, T5 600)")
@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--weight-decay", type=float, default=0.0)
     o.add_argument("--warmup", type=int, default=20, help="linear warmup steps before the cosine decay")
     o.add_argument("--clip", type=float, default=1.0, help="global gradient-norm clip")
-    o.add_argument("--eval-every", type=int, default=100)
+    o.add_argument("--eval-every", type=int, default=100, help="evaluate every N steps (0: only before and after)")
     o.add_argument("--save-every", type=int, default=100)
     o.add_argument("--keep", type=int, default=3, help="step checkpoints to keep")
     o.add_argument("--seed", type=int, default=0)
@@ -91,15 +91,52 @@ def _fail(msg: str) -> None:
     raise UsageError(msg)
 
 
+def _check_options(args) -> None:
+    """Every number and combination of options, before anything is imported, read or written."""
+    import math
+
+    bad = []
+
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            bad.append(msg)
+
+    def positive_int(name: str, value, minimum: int = 1) -> None:
+        if value is not None:
+            need(value >= minimum, f"--{name} {value}: must be an integer >= {minimum}")
+
+    positive_int("steps", args.steps)
+    positive_int("batch-size", args.batch_size)
+    positive_int("save-every", args.save_every)
+    positive_int("keep", args.keep)
+    positive_int("warmup", args.warmup, 0)
+    positive_int("eval-every", args.eval_every, 0)
+    positive_int("block-size", args.block_size)
+    positive_int("block-num", args.block_num)
+    positive_int("neumann-terms", args.neumann_terms)
+    need(0 <= args.seed < 2**32, f"--seed {args.seed}: must be an integer in [0, 2^32)")
+    if args.lr is not None:
+        need(math.isfinite(args.lr) and args.lr > 0, f"--lr {args.lr}: must be a finite number > 0")
+    need(math.isfinite(args.weight_decay) and args.weight_decay >= 0, f"--weight-decay {args.weight_decay}: must be a finite number >= 0")
+    need(math.isfinite(args.clip) and args.clip > 0, f"--clip {args.clip}: must be a finite number > 0 (the global gradient-norm bound)")
+    need(args.block_size is None or args.block_num is None, "--block-size and --block-num: give one of them, not both")
+    need(args.neumann_terms is None or args.cayley == "neumann", f"--neumann-terms {args.neumann_terms}: only used with --cayley neumann")
+    need(not (args.resume and args.overwrite), "--resume and --overwrite: give one of them (continue the run in --output, or replace it)")
+    need(args.mesh is None or bool(args.mesh.strip()), "--mesh '': give axis sizes such as 'data=2,model=4', or leave --mesh out")
+    if bad:
+        _fail("; ".join(bad))
+
+
 def run(argv=None) -> dict:
     args = build_parser().parse_args(argv)
+    _check_options(args)
     # Heavy imports after argument parsing, so --help is instant.
     import jax
     import jax.numpy as jnp
 
     import boft_jax as boft
     from boft_jax import sharding as sh
-    from boft_jax.checkpoint import save_adapter
+    from boft_jax.checkpoint import config_to_dict, save_adapter
     from boft_jax.models import hf, save_pretrained
     from train import loop
 
@@ -141,10 +178,10 @@ def run(argv=None) -> dict:
         saved = args.modules_to_save or None
     else:
         saved = "classifier" if kind == "vit" else None
-    block_size = args.block_size if args.block_size or args.block_num else 4
+    block_size = 4 if args.block_size is None and args.block_num is None else args.block_size
     try:
         config = boft.BOFTConfig(
-            block_size=block_size if not args.block_num else None,
+            block_size=block_size,
             block_num=args.block_num,
             n_factors=args.factors,
             targets=targets,
@@ -153,7 +190,7 @@ def run(argv=None) -> dict:
             bias=args.bias,
             mode=args.mode,
             cayley=args.cayley,
-            neumann_terms=args.neumann_terms,
+            neumann_terms=5 if args.neumann_terms is None else args.neumann_terms,
             modules_to_save=saved,
         )
     except (ValueError, TypeError) as e:
@@ -187,7 +224,14 @@ def run(argv=None) -> dict:
     except ValueError as e:
         _fail(f"--mesh {args.mesh or f'(default: data={jax.device_count()})'}: {e}")
 
+    if saved is not None:
+        if not any(config.saves_module("/".join(str(k.key) for k in p[:i]))  # the adapter holds saved modules
+                   for p, _ in jax.tree_util.tree_leaves_with_path(adapter) for i in range(1, len(p))):
+            _fail(f"--modules-to-save {saved!r} matches no module of the model (e.g. 'classifier' for a ViT head)")
+
     out = Path(args.output or DEFAULT_OUTPUT[kind])
+    if out.exists() and not out.is_dir():
+        _fail(f"--output {out}: exists and is not a directory")
     previous = [p for p in ("checkpoints", "adapter", "merged", "metrics.jsonl") if (out / p).exists()]
     if previous and not (args.resume or args.overwrite):
         _fail(
@@ -201,7 +245,13 @@ def run(argv=None) -> dict:
             q = out / p
             shutil.rmtree(q) if q.is_dir() else q.unlink()
     if main:
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            probe = out / f".write-test-{os.getpid()}"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as e:
+            _fail(f"--output {out}: cannot write there ({e.strerror or e})")
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
@@ -209,9 +259,9 @@ def run(argv=None) -> dict:
 
     # ---- train --------------------------------------------------------------------------------
     opts = loop.TrainOptions(
-        steps=args.steps or task_lib.DEFAULT_STEPS,
+        steps=task_lib.DEFAULT_STEPS if args.steps is None else args.steps,
         batch_size=args.batch_size,
-        learning_rate=args.lr or task_lib.DEFAULT_LR,
+        learning_rate=task_lib.DEFAULT_LR if args.lr is None else args.lr,
         weight_decay=args.weight_decay,
         warmup_steps=args.warmup,
         clip_norm=args.clip,
@@ -221,6 +271,15 @@ def run(argv=None) -> dict:
         seed=args.seed,
         mesh=mesh,
         progress=not args.no_progress,
+        run_identity={
+            "model": kind,
+            "checkpoint": str(ckpt_path.absolute()),
+            "data": data.description,
+            "data_sizes": [len(data.train), len(data.test)],
+            "precision": args.precision,
+            # the adapter's definition; "mode" only changes how it is computed, not the result
+            "boft": {k: v for k, v in config_to_dict(config).items() if k != "mode"},
+        },
     )
     # Place the weights once, as training does (frozen sharded over the mesh, adapter replicated):
     # the evaluation before training then runs on the same placement as training and the final
@@ -248,7 +307,7 @@ def run(argv=None) -> dict:
     acc_after = task.evaluate(model, final_params, data.test)
     if main:
         with open(out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps({"step": opts.steps, "eval_accuracy": acc_after}) + "\n")
+            f.write(json.dumps({"step": opts.steps, "eval_accuracy": acc_after, "final": True}) + "\n")
 
     # ---- outputs ------------------------------------------------------------------------------
     adapter_host = sh.gather_to_host(adapter)
@@ -256,7 +315,8 @@ def run(argv=None) -> dict:
         out / "adapter",
         adapter_host,
         config,
-        metadata={"base_checkpoint": str(ckpt_path), "model": kind, "steps": opts.steps, task_lib.METRIC: acc_after},
+        metadata={"base_checkpoint": str(ckpt_path), "base_path": str(ckpt_path.absolute()), "model": kind,
+                  "steps": opts.steps, task_lib.METRIC: acc_after},
     )
     merged = sh.gather_to_host(boft.merge(final_params, config))
     if main:
@@ -292,12 +352,33 @@ def run(argv=None) -> dict:
     }
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, turned into an exception so that the in-flight checkpoint save completes."""
+
+
 def main(argv=None) -> int:
+    import signal
+
+    def on_sigterm(signum, frame):
+        raise _Terminated()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, on_sigterm)
+    except ValueError:  # not the main thread: leave signals alone
+        previous = None
     try:
         run(argv)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:
+        what = "terminated (SIGTERM)" if isinstance(e, _Terminated) else "interrupted"
+        print(f"\n{what}: step checkpoints saved so far are complete; rerun the same command with --resume to"
+              " continue", file=sys.stderr)
+        return 143 if isinstance(e, _Terminated) else 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 

@@ -20,7 +20,7 @@ from jax.sharding import Mesh
 
 import boft_jax as boft
 from boft_jax import sharding as sh
-from boft_jax.checkpoint import TrainCheckpointer
+from boft_jax.checkpoint import IncompleteCheckpoint, TrainCheckpointer
 from train.data import Dataset, batch_indices
 
 # loss_fn(model, params, inputs: dict, labels, rng, train: bool) -> (loss, accuracy)
@@ -55,10 +55,27 @@ class TrainOptions:
     seed: int = 0
     mesh: str | Mesh | None = None  # spec like 'data=2,model=4', a Mesh, or None for data=<all devices>
     progress: bool = True
+    # What else defines the run (model, data, adapter config, precision...): stored with every
+    # checkpoint; --resume refuses a checkpoint whose run differs from this one in any entry.
+    run_identity: dict = field(default_factory=dict)
+
+    def identity(self) -> dict:
+        """Everything a resumed run must share with the checkpoint's (not logging or saving cadence)."""
+        own = {k: getattr(self, k) for k in ("steps", "batch_size", "learning_rate", "weight_decay", "warmup_steps",
+                                              "clip_norm", "seed")}
+        return {**own, **self.run_identity}
 
 
 class ResumeMismatch(ValueError):
-    """``--resume`` found a checkpoint written with a different batch size or seed."""
+    """``--resume`` found a checkpoint of another run (options, adapter shapes) or a damaged one."""
+
+
+def _identity_diff(stored: dict, current: dict) -> list[str]:
+    return [
+        f"{k}: checkpoint {json.dumps(stored[k])}, now {json.dumps(current.get(k))}"
+        for k in sorted(stored)
+        if stored[k] != json.loads(json.dumps(current.get(k)))  # compare as the JSON state stores them
+    ]
 
 
 def _global_norm(tree) -> jax.Array:
@@ -123,9 +140,13 @@ def fit(task: Task, opts: TrainOptions, out_dir: Path, *, resume: bool = False) 
 
     ckpt = TrainCheckpointer(out_dir / "checkpoints", save_every=opts.save_every, keep=opts.keep)
     start = 0
+    identity = opts.identity()
     if resume:
         try:
             restored = ckpt.restore_latest(adapter, opt_state)
+        except IncompleteCheckpoint as e:
+            ckpt.close()
+            raise ResumeMismatch(f"--resume: {e}") from None
         except ValueError as e:  # orbax: shapes or tree structure differ from this run's adapter
             ckpt.close()
             raise ResumeMismatch(
@@ -143,6 +164,17 @@ def fit(task: Task, opts: TrainOptions, out_dir: Path, *, resume: bool = False) 
                     f" {state.get('seed')}, not {opts.batch_size} and {opts.seed}; resuming would not continue"
                     " the same run"
                 )
+            diff = _identity_diff(state.get("run", {}), identity)
+            if diff:
+                ckpt.close()
+                raise ResumeMismatch(
+                    f"--resume: the checkpoint at step {start} in {out_dir / 'checkpoints'} belongs to a run with other"
+                    f" options, so resuming would not continue it: {'; '.join(diff)}. Use the same options, or start a"
+                    " new run (another --output, or --overwrite)"
+                )
+            if start > opts.steps:
+                ckpt.close()
+                raise ResumeMismatch(f"--resume: the checkpoint is at step {start}, past --steps {opts.steps}")
             adapter = jax.device_put(_fresh_copy(adapter), rep)
             opt_state = jax.device_put(_fresh_copy(opt_state), rep)
             print(f"resumed from step {start} (data position {state.get('data_position')})")
@@ -152,8 +184,8 @@ def fit(task: Task, opts: TrainOptions, out_dir: Path, *, resume: bool = False) 
     if main and start == 0 and metrics_path.exists():
         metrics_path.unlink()
     elif main and start > 0 and metrics_path.exists():  # drop lines logged after the checkpoint we resume from
-        kept = [l for l in metrics_path.read_text().splitlines() if json.loads(l).get("step", 0) <= start]
-        metrics_path.write_text("".join(k + "\n" for k in kept))
+        kept = _metrics_until(metrics_path, start)
+        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
     def log(row):
         if main:
@@ -163,7 +195,7 @@ def fit(task: Task, opts: TrainOptions, out_dir: Path, *, resume: bool = False) 
     bsh = lambda x: jax.device_put(x, sh.batch_sharding(mesh, x.ndim))  # noqa: E731
     train_split = task.data.train
     bar = _progress(opts.steps, start, opts.progress and main)
-    t0, last = time.time(), time.time()
+    t0, last, last_done = time.time(), time.time(), start
     history = []
     step = start
     try:
@@ -173,11 +205,12 @@ def fit(task: Task, opts: TrainOptions, out_dir: Path, *, resume: bool = False) 
             inputs = {k: bsh(v) for k, v in batch.inputs.items()}
             adapter, opt_state, m = step_jit(adapter, opt_state, frozen, inputs, bsh(batch.labels), jnp.int32(step))
             done = step + 1
-            if done % 10 == 0 or done == opts.steps or done == start + 1:
+            if done % 10 == 0 or done == opts.steps or done == 1:
                 m = {k: float(v) for k, v in m.items()}
                 now = time.time()
-                row = {"step": done, **m, "examples_per_s": opts.batch_size * 10 / max(now - last, 1e-9)}
-                last = now
+                # examples per second since the previous row (the first row of a run includes compiling)
+                row = {"step": done, **m, "examples_per_s": opts.batch_size * (done - last_done) / max(now - last, 1e-9)}
+                last, last_done = now, done
                 log(row)
                 history.append(row)
                 if bar is not None:
@@ -187,7 +220,7 @@ def fit(task: Task, opts: TrainOptions, out_dir: Path, *, resume: bool = False) 
                 log({"step": done, "eval_accuracy": acc})
                 history.append({"step": done, "eval_accuracy": acc})
             ckpt.save(done, adapter, opt_state, {"step": done, "data_position": done * opts.batch_size,
-                                                 "batch_size": opts.batch_size, "seed": opts.seed},
+                                                 "batch_size": opts.batch_size, "seed": opts.seed, "run": identity},
                       force=done == opts.steps)
             if bar is not None:
                 bar.update(1)
@@ -206,6 +239,30 @@ def fit(task: Task, opts: TrainOptions, out_dir: Path, *, resume: bool = False) 
         "steps_run": opts.steps - start,
         "mesh": dict(mesh.shape),
     }
+
+
+def _metrics_until(path: Path, step: int) -> list[dict]:
+    """The rows of ``metrics.jsonl`` up to ``step``, for a run resumed there.
+
+    Drops rows logged after the checkpoint and the final evaluation row of a finished run (marked
+    ``"final"``; the resumed run writes it again).  A last line cut short by a crash is dropped
+    with a note; any other unreadable line is an error naming it.
+    """
+    lines = path.read_text().splitlines()
+    rows = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                print(f"{path}: dropping its last line, cut short (a crash while it was written): {line[:60]!r}")
+                continue
+            raise ResumeMismatch(f"--resume: {path} line {i + 1} is not JSON: {line[:60]!r}") from None
+        if isinstance(row, dict) and row.get("step", 0) <= step and not row.get("final"):
+            rows.append(row)
+    return rows
 
 
 def plot_curves(metrics_path: Path, out_png: Path, title: str) -> None:

@@ -47,9 +47,16 @@ def _recorded_bases(adapter: str | os.PathLike, fmt: str) -> list[str]:
     meta = Path(adapter) / "meta" / "metadata"  # boft_jax.checkpoint's JSON metadata entry
     if not meta.is_file():
         return []
-    with open(meta, encoding="utf-8") as f:
-        recorded = json.load(f).get("metadata") or {}
-    return [v for v in (recorded.get("base_path"), recorded.get("base_model_name_or_path")) if v]
+    try:
+        with open(meta, encoding="utf-8") as f:
+            recorded = json.load(f).get("metadata") or {}
+    except (ValueError, AttributeError) as e:
+        raise ValueError(f"{meta}: unreadable checkpoint metadata ({e})") from None
+    if not isinstance(recorded, dict):
+        return []
+    # base_path / base_model_name_or_path: `convert`; base_checkpoint: the train.finetune job
+    keys = ("base_path", "base_model_name_or_path", "base_checkpoint")
+    return [v for v in (recorded.get(k) for k in keys) if isinstance(v, str) and v]
 
 
 def _resolve_base(base: str | None, adapter: str | os.PathLike, fmt: str) -> str:

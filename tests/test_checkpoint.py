@@ -1,0 +1,118 @@
+"""boft_jax.checkpoint.save_adapter / load_adapter: round trips, damaged files, bad metadata, and
+configs that do not describe their arrays.  (Crash safety of the training checkpoints and of a
+replacement interrupted between its renames: tests/test_finetune.py.)"""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import boft_jax as boft
+from boft_jax import checkpoint as ck
+
+CFG = boft.BOFTConfig(block_size=4, n_factors=2, targets="l")
+# orbax's reader threads, stopped by a damaged file, report "Event loop is closed" later, during
+# garbage collection; the load itself has raised our ValueError by then
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
+
+def _adapter(seed=0, dtype=jnp.float32):
+    rng = np.random.default_rng(seed)
+    return {
+        "l": {"kernel": {"skew": jnp.asarray(rng.standard_normal((2, 4, 6)), dtype),
+                         "scale": jnp.asarray(1 + 0.1 * rng.standard_normal(16), dtype)},
+              "bias": jnp.asarray(rng.standard_normal(16), dtype)},
+    }
+
+
+def _leftovers(tmp_path):
+    return sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("."))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_round_trip_is_exact_with_checksums_and_metadata(tmp_path, dtype):
+    adapter = _adapter(1, dtype)
+    ck.save_adapter(tmp_path / "a", adapter, CFG, metadata={"note": "x", "acc": 0.5, "nested": {"k": [1, 2]}})
+    got, cfg, meta = ck.load_adapter(tmp_path / "a")
+    assert cfg == CFG and meta == {"note": "x", "acc": 0.5, "nested": {"k": [1, 2]}}
+    for a, b in zip(jax.tree.leaves(adapter), jax.tree.leaves(got)):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+    stored = json.loads((tmp_path / "a" / "meta" / "metadata").read_text())
+    assert set(stored["checksums"]) == {"['l']['bias']", "['l']['kernel']['scale']", "['l']['kernel']['skew']"}
+
+
+def test_a_damaged_array_file_is_an_error_not_garbage(tmp_path):
+    ck.save_adapter(tmp_path / "a", _adapter(), CFG)
+    files = [p for p in (tmp_path / "a" / "adapter").rglob("*") if p.is_file() and "/d/" in str(p)]
+    assert files, sorted((tmp_path / "a").rglob("*"))
+    for f in files:  # one flipped byte in the middle of every data file
+        data = bytearray(f.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        f.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"(do not match the checksums|damaged or incomplete)"):
+        ck.load_adapter(tmp_path / "a")
+
+
+def test_arrays_swapped_from_another_save_are_detected(tmp_path):
+    ck.save_adapter(tmp_path / "a", _adapter(1), CFG)
+    ck.save_adapter(tmp_path / "b", _adapter(2), CFG)
+    (tmp_path / "a" / "meta").rename(tmp_path / "meta_a")
+    (tmp_path / "b" / "meta").rename(tmp_path / "a" / "meta")  # a's arrays with b's meta
+    with pytest.raises(ValueError, match=r"3 array\(s\) do not match the checksums"):
+        ck.load_adapter(tmp_path / "a")
+
+
+@pytest.mark.parametrize(
+    "metadata,error,fragment",
+    [
+        ({"x": np.float32(1.0)}, TypeError, "plain JSON"),
+        ({"x": float("nan")}, TypeError, "plain JSON"),
+        ({"x": object()}, TypeError, "plain JSON"),
+        ([("a", 1)], TypeError, "must be a mapping"),
+    ],
+)
+def test_bad_metadata_is_refused_before_anything_is_written(tmp_path, metadata, error, fragment):
+    with pytest.raises(error, match=fragment):
+        ck.save_adapter(tmp_path / "a", _adapter(), CFG, metadata=metadata)
+    assert not (tmp_path / "a").exists() and _leftovers(tmp_path) == []
+
+
+def test_empty_or_non_numeric_adapters_and_unfitting_configs_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="no arrays"):
+        ck.save_adapter(tmp_path / "a", {}, CFG)
+    with pytest.raises(TypeError, match=r"\['l'\]\['name'\] is not a numeric array"):
+        ck.save_adapter(tmp_path / "a", {"l": {"name": np.asarray(["x"])}}, CFG)
+    with pytest.raises(ValueError, match=r"n_factors=1.*does not describe its arrays: l/kernel: blocks \(m=2, k=4, b=4\)"):
+        ck.save_adapter(tmp_path / "a", _adapter(), boft.BOFTConfig(block_size=4, n_factors=1, targets="l"))
+    assert not (tmp_path / "a").exists() and _leftovers(tmp_path) == []
+    # a config edited on disk after saving: the load says so
+    ck.save_adapter(tmp_path / "a", _adapter(), CFG)
+    meta_file = tmp_path / "a" / "meta" / "metadata"
+    meta = json.loads(meta_file.read_text())
+    meta["config"]["block_size"] = 8
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"block_size=8.*does not describe its arrays"):
+        ck.load_adapter(tmp_path / "a")
+    meta["config"] = None
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="no config object"):
+        ck.load_adapter(tmp_path / "a")
+    meta_file.write_text("{not json")
+    with pytest.raises(ValueError, match=r"damaged or incomplete adapter checkpoint"):
+        ck.load_adapter(tmp_path / "a")
+
+
+def test_reading_never_moves_a_checkpoint(tmp_path):
+    """A reader that finds only the last good checkpoint of an interrupted replacement reads it in
+    place (a writer may be between its renames right now)."""
+    ck.save_adapter(tmp_path / "a", _adapter(3), CFG)
+    old = tmp_path / ".a.old-deadbeef"
+    os.replace(tmp_path / "a", old)
+    with pytest.warns(UserWarning, match="interrupted"):
+        got, _, _ = ck.load_adapter(tmp_path / "a")
+    np.testing.assert_array_equal(got["l"]["bias"], _adapter(3)["l"]["bias"])
+    assert old.is_dir() and not (tmp_path / "a").exists()
