@@ -85,6 +85,27 @@ def test_overwrite_keeps_the_previous_run_when_an_option_is_bad(tmp_path, capsys
     assert "exists and is not a directory" in capsys.readouterr().err
 
 
+def test_sigterm_and_ctrl_c_end_with_a_resume_hint_not_a_traceback(monkeypatch, capsys):
+    import signal
+
+    def killed(argv):
+        os.kill(os.getpid(), signal.SIGTERM)  # what a scheduler sends; the handler raises in this frame
+        raise AssertionError("SIGTERM was not turned into an exception")
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(finetune, "run", killed)
+    assert finetune.main([]) == 143
+    assert "terminated (SIGTERM)" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) == before  # the handler is removed again
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(finetune, "run", interrupted)
+    assert finetune.main([]) == 130
+    assert "interrupted: step checkpoints saved so far are complete; rerun the same command with --resume" in capsys.readouterr().err
+
+
 def test_unreadable_checkpoint_or_data_file_exits_2_with_a_clear_message(tmp_path, capsys):
     import shutil
 
