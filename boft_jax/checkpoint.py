@@ -79,14 +79,22 @@ def save_adapter(
 ) -> None:
     """Write ``adapter`` (from :func:`boft_jax.split`) and its ``config`` to directory ``path``.
 
+    One writer at a time per ``path`` (a save removes temporary directories that an earlier save
+    to the same path left behind when it crashed).
+
     Args:
-      path: the checkpoint directory (its parent is created if needed).
+      path: the checkpoint directory (its parent is created if needed); a symlink to one is
+        written through (the link stays).
       adapter: the adapter params pytree.
       config: the :class:`BOFTConfig` it was trained with.
       metadata: optional JSON-serializable extras (e.g. the base checkpoint path, metrics).
       overwrite: replace an existing checkpoint at ``path`` (crash-safely); else raise.
     """
     path = Path(path).absolute()
+    if path.is_symlink():  # write into the checkpoint the link points to, keep the link
+        path = path.resolve()
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"{path} exists and is not a directory (an adapter checkpoint is a directory)")
     if metadata is not None and not isinstance(metadata, Mapping):
         raise TypeError(f"save_adapter metadata must be a mapping (a JSON object), got {type(metadata).__name__}")
     host = gather_to_host(adapter)
@@ -111,6 +119,8 @@ def save_adapter(
     main = is_main_process()
     if main:
         _recover(path)
+        for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a crash before the first rename
+            shutil.rmtree(stale, ignore_errors=True)
     if multi:  # every process must see the recovered state before deciding anything
         from jax.experimental import multihost_utils
 

@@ -116,3 +116,19 @@ def test_reading_never_moves_a_checkpoint(tmp_path):
         got, _, _ = ck.load_adapter(tmp_path / "a")
     np.testing.assert_array_equal(got["l"]["bias"], _adapter(3)["l"]["bias"])
     assert old.is_dir() and not (tmp_path / "a").exists()
+
+
+def test_stale_temporaries_files_and_symlinks(tmp_path):
+    stale = tmp_path / ".a.tmp-0000abcd"  # what a crash before the first rename leaves
+    stale.mkdir()
+    (stale / "junk").write_text("x")
+    ck.save_adapter(tmp_path / "a", _adapter(4), CFG)
+    assert _leftovers(tmp_path) == []
+    (tmp_path / "file").write_text("not a checkpoint")
+    with pytest.raises(FileExistsError, match="exists and is not a directory"):
+        ck.save_adapter(tmp_path / "file", _adapter(), CFG)
+    assert (tmp_path / "file").read_text() == "not a checkpoint" and _leftovers(tmp_path) == []
+    (tmp_path / "link").symlink_to(tmp_path / "a")
+    ck.save_adapter(tmp_path / "link", _adapter(5), CFG)  # written through the link, which stays
+    assert (tmp_path / "link").is_symlink() and _leftovers(tmp_path) == []
+    np.testing.assert_array_equal(ck.load_adapter(tmp_path / "a")[0]["l"]["bias"], _adapter(5)["l"]["bias"])
