@@ -87,9 +87,9 @@ def save_adapter(
         written through (the link stays).
       adapter: the adapter params pytree.
       config: the :class:`BOFTConfig` it was trained with.
-      metadata: optional plain-JSON extras (e.g. the base checkpoint path, metrics): dicts, lists,
-        finite numbers (keys come back as strings, tuples as lists); anything else is refused
-        before writing.
+      metadata: optional plain-JSON extras (e.g. the base checkpoint path, metrics): str, finite
+        numbers, bool, None, lists and dicts (keys come back as strings, tuples as lists);
+        anything else is refused before writing.
       overwrite: replace an existing checkpoint at ``path`` (crash-safely); else raise.
     """
     path = Path(path).absolute()
