@@ -332,6 +332,7 @@ class _CallState:
     adapted: list = dataclasses.field(default_factory=list)
     unfit: list = dataclasses.field(default_factory=list)
     overridden: list = dataclasses.field(default_factory=list)  # (path, class) of Dense subclasses' own __call__
+    saved_and_targeted: list = dataclasses.field(default_factory=list)  # layers both targeted and in modules_to_save
 
 
 _STOCK_CALLS = (inspect.unwrap(nn.Dense.__call__), inspect.unwrap(nn.DenseGeneral.__call__))
@@ -349,6 +350,12 @@ def _intercept(state: _CallState, next_fun, args, kwargs, context):
         return next_fun(*args, **kwargs)
     state.seen.append(path)
     if not state.config.matches(path):
+        return next_fun(*args, **kwargs)
+    if state.config.modules_to_save and any(
+        state.config.saves_module("/".join(module.path[:i])) for i in range(1, len(module.path) + 1)
+    ):
+        # trained in full as a saved module: BOFT params there would be dropped by split()
+        state.saved_and_targeted.append(path)
         return next_fun(*args, **kwargs)
     inputs = args[0] if args else kwargs["inputs"]
     geo = _geometry(module, jnp.asarray(inputs), path)
@@ -410,6 +417,12 @@ class BOFTModule(nn.Module):
         state = _CallState(self.config, dropout)
         with nn.intercept_methods(functools.partial(_intercept, state)):
             out = getattr(self.model, method)(*args, **kwargs)
+        if state.saved_and_targeted:
+            raise ValueError(
+                f"layer(s) {sorted(set(state.saved_and_targeted))} are both targeted by BOFT (targets"
+                f" {self.config.targets}) and inside modules_to_save {self.config.modules_to_save}, which trains them"
+                " in full; exclude them from the targets (BOFTConfig.exclude) or from modules_to_save"
+            )
         if state.unfit:
             raise ValueError(
                 f"{len(state.unfit)} targeted layer(s) do not fit the BOFT block structure:\n  "

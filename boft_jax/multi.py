@@ -225,9 +225,11 @@ def _gather(frozen: Mapping, stacked: Mapping, ids: jax.Array) -> tuple[dict, ja
     k = num_adapters(stacked)
     ident = _identity_like(frozen, stacked, lead=1)
     ext = jax.tree.map(lambda s, e: jnp.concatenate([s, e[None]], axis=0), stacked, ident)  # entry k = BASE
-    ids = ids.astype(jnp.int32)
-    valid = (ids == BASE) | ((ids >= 0) & (ids < k))
-    idx = jnp.where(ids == BASE, k, jnp.where(valid, ids, k + 1))  # k + 1: out of bounds -> filled
+    # validity on the ids' own dtype: a cast first would wrap 2**32 - 1 (uint32) to BASE, or
+    # 2**32 (int64) to adapter 0
+    base = ids == BASE if jnp.issubdtype(ids.dtype, jnp.signedinteger) else jnp.zeros(ids.shape, bool)
+    valid = base | ((ids >= 0) & (ids < k))
+    idx = jnp.where(base, k, jnp.where(valid, ids, k + 1).astype(jnp.int32))  # k + 1: out of bounds -> filled
     per = jax.tree.map(lambda s: jnp.take(s, idx, axis=0, mode="fill"), ext)  # NaN for inexact leaves
     return per, valid
 
@@ -248,8 +250,14 @@ def _batch_size(tree) -> int | None:
     leaves = jax.tree.leaves(tree)
     if not leaves:
         return None
-    sizes = {jnp.shape(x)[0] if jnp.ndim(x) else None for x in leaves}
-    if len(sizes) != 1 or None in sizes:
+    scalars = [type(x).__name__ for x in leaves if not jnp.ndim(x)]
+    if scalars:
+        raise ValueError(
+            f"every positional input of apply_multi is batched along axis 0, but got scalar(s) {scalars}; pass"
+            " per-call flags and other non-batched values as keyword arguments (e.g. train=False)"
+        )
+    sizes = {jnp.shape(x)[0] for x in leaves}
+    if len(sizes) != 1:
         raise ValueError(
             f"every positional input of apply_multi is batched along axis 0, but their leading sizes differ:"
             f" {[jnp.shape(x) for x in leaves]}"

@@ -45,7 +45,7 @@ def parse_mesh(spec: str) -> dict[str, int]:
     for part in filter(None, (p.strip() for p in spec.split(","))):
         name, eq, size = part.partition("=")
         name = name.strip()
-        if not eq or name not in AXES or not size.strip().isdigit() or int(size) < 1:
+        if not eq or name not in AXES or not size.strip().isascii() or not size.strip().isdigit() or int(size) < 1:
             raise ValueError(
                 f"bad mesh spec {spec!r} at {part!r}: expected comma-separated AXIS=SIZE with AXIS in"
                 f" {AXES} and SIZE a positive integer, e.g. 'data=2,model=4'"
@@ -60,8 +60,18 @@ def parse_mesh(spec: str) -> dict[str, int]:
 
 def make_mesh(spec: str | Mapping[str, int], devices=None) -> Mesh:
     """A ``Mesh`` with the named axes; their sizes must multiply to the number of devices."""
-    sizes = parse_mesh(spec) if isinstance(spec, str) else dict(spec)
+    if isinstance(spec, str):
+        sizes = parse_mesh(spec)
+    else:
+        sizes = dict(spec)
+        bad = {k: v for k, v in sizes.items() if k not in AXES or isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1}
+        if bad or not sizes:
+            raise ValueError(
+                f"bad mesh {sizes}: expected axes {AXES} with positive integer sizes, e.g. {{'data': 2, 'model': 4}}"
+            )
     devices = list(jax.devices() if devices is None else devices)
+    if len({id(d) for d in devices}) != len(devices):
+        raise ValueError(f"make_mesh got a device more than once: {devices}")
     total = math.prod(sizes.values())
     if total != len(devices):
         raise ValueError(
@@ -78,6 +88,8 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
     """Leading (batch) axis over ``data`` when the mesh has it, other axes replicated."""
+    if ndim < 1:
+        raise ValueError(f"batch_sharding needs arrays with a leading batch axis (ndim >= 1), got ndim={ndim}")
     lead = "data" if "data" in mesh.shape else None
     return NamedSharding(mesh, P(lead, *([None] * (ndim - 1))))
 
@@ -123,6 +135,12 @@ def frozen_sharding(frozen: Mapping, mesh: Mesh, *, min_size: int = 1024, strict
       >>> tuple(frozen_sharding({"w": {"kernel": jnp.zeros((64, 64))}}, mesh)["w"]["kernel"].spec)
       (None, None)
     """
+    unknown = [k for k, v in mesh.shape.items() if k not in AXES and v > 1]
+    if unknown:
+        raise ValueError(
+            f"mesh {dict(mesh.shape)} has axes {unknown} that boft_jax does not shard over; name the axes"
+            f" {AXES} ('data': batch and FSDP, 'model': tensor parallel), e.g. make_mesh('data=2,model=4')"
+        )
     axes = {k: v for k, v in mesh.shape.items() if v > 1}
     bad: list[str] = []
 

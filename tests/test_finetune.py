@@ -337,6 +337,12 @@ SHARDED_SCRIPT = textwrap.dedent(
         out["refused"] = ""
     except ValueError as e:
         out["refused"] = str(e)
+    from jax.sharding import Mesh  # an axis name boft_jax does not shard over: said so
+    try:
+        sh.frozen_sharding({"k": np.zeros((64, 64))}, Mesh(np.asarray(jax.devices()), ("batch",)))
+        out["unknown_axis"] = ""
+    except ValueError as e:
+        out["unknown_axis"] = str(e)
     print("RESULT" + json.dumps(out))
     """
 )
@@ -352,6 +358,7 @@ def test_sharded_training_matches_single_device_and_splits_the_weights(tmp_path)
     single = np.asarray(res["single"]["losses"])
     assert len(single) >= 3 and single[0] > single[-1]
     assert "k (9, 7) (axis sizes that divide it: 3, 7, 9)" in res["refused"], res["refused"]
+    assert "has axes ['batch'] that boft_jax does not shard over" in res["unknown_axis"], res["unknown_axis"]
     total = res["total_bytes"]
     assert res["single"]["max_bytes"] == total
     for name in ("fsdp", "tp", "both"):

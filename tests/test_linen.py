@@ -482,6 +482,16 @@ def test_targets_that_match_nothing_list_the_layers():
     assert "match none" in str(e.value) and "fc1" in str(e.value) and "head" in str(e.value)
 
 
+def test_a_layer_both_targeted_and_in_modules_to_save_is_refused():
+    """split() would drop its BOFT params (the module trains in full); say so at init."""
+    model = boft.wrap(MLP(), boft.BOFTConfig(block_size=4, targets=".*", modules_to_save="head"))
+    with pytest.raises(ValueError, match=r"\['head'\] are both targeted by BOFT.*inside modules_to_save"):
+        model.init(jax.random.key(0), jnp.ones((1, 16)))
+    ok = boft.wrap(MLP(), boft.BOFTConfig(block_size=4, targets=".*", exclude="head", modules_to_save="head"))
+    params = ok.init(jax.random.key(0), jnp.ones((1, 16)))["params"]
+    assert boft.layer_paths(params) == ["fc1", "fc2"]
+
+
 def test_every_unfit_layer_is_listed_with_valid_choices():
     model = boft.wrap(MLP(), boft.BOFTConfig(block_size=32, n_factors=2))
     with pytest.raises(ValueError) as e:

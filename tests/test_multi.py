@@ -180,6 +180,18 @@ def test_out_of_range_ids():
     good = np.setdiff1d(np.arange(7), bad)
     assert np.isfinite(y[good]).all()
     _close(y[good], case.reference(np.where(np.isin(np.arange(7), bad), 0, ids))[good])
+    # ids that an int32 cast would wrap onto valid ones (2**32 - 1 -> BASE, 2**32 -> adapter 0)
+    # are out of range in their own dtype: NaN too
+    ids_u = jnp.asarray([0, 2**32 - 1, 1, 0, 2, 1, 0], jnp.uint32)
+    y = np.asarray(case.run(case.frozen, case.stacked, ids_u, case.x))
+    assert np.isnan(y[1]).all() and np.isfinite(np.delete(y, 1, axis=0)).all()
+    with jax.enable_x64(True):
+        ids_64 = jnp.asarray([2**32, 2**32 + 1, 2**32 - 1, 0, 1, 2, -1], jnp.int64)
+        y = np.asarray(case.run(case.frozen, case.stacked, ids_64, case.x))
+    assert np.isnan(y[:3]).all() and np.isfinite(y[3:]).all()
+    # a Python scalar among the batched positional inputs: said so
+    with pytest.raises(ValueError, match=r"scalar\(s\) \['bool'\].*keyword arguments"):
+        multi.apply_multi(case.model, case.frozen, case.stacked, jnp.zeros(7, jnp.int32), case.x, True)
 
 
 def test_other_methods_kwargs_and_none_inputs():

@@ -1,0 +1,54 @@
+"""boft_jax.sharding on this process's devices: mesh specs and their errors.  (Sharded training on 8
+fake devices, the FSDP / tensor-parallel split and the refusal of meshes that cannot split the
+weights: tests/test_finetune.py, in a subprocess.)"""
+
+import jax
+import numpy as np
+import pytest
+
+from boft_jax import sharding as sh
+
+
+def test_mesh_specs_string_and_mapping():
+    n = jax.device_count()
+    for spec in (f"data={n}", {"data": n}, {"data": n, "model": 1}):
+        mesh = sh.make_mesh(spec)
+        assert mesh.shape["data"] == n
+    assert sh.parse_mesh(" data=2 , model=4 ") == {"data": 2, "model": 4}
+
+
+@pytest.mark.parametrize(
+    "spec,fragment",
+    [
+        ({"foo": 1}, "expected axes ('data', 'model')"),
+        ({"data": -2, "model": -4}, "positive integer sizes"),
+        ({"data": 2.0}, "positive integer sizes"),
+        ({"data": True}, "positive integer sizes"),
+        ({}, "positive integer sizes"),
+        ("data=²", "SIZE a positive integer"),
+        ("data=0", "SIZE a positive integer"),
+        ("pipeline=1", "AXIS in ('data', 'model')"),
+        ("data=1,data=1", "given twice"),
+        ("", "empty mesh spec"),
+    ],
+)
+def test_bad_mesh_specs_are_named(spec, fragment):
+    with pytest.raises(ValueError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
+        sh.make_mesh(spec)
+
+
+def test_repeated_devices_and_unbatched_arrays_are_refused():
+    d = jax.devices()[0]
+    with pytest.raises(ValueError, match="a device more than once"):
+        sh.make_mesh("data=2", devices=[d, d])
+    mesh = sh.make_mesh(f"data={jax.device_count()}")
+    with pytest.raises(ValueError, match="leading batch axis"):
+        sh.batch_sharding(mesh, 0)
+    assert tuple(sh.batch_sharding(mesh, 3).spec) == ("data", None, None)
+
+
+def test_gather_to_host_gives_numpy():
+    tree = {"a": jax.numpy.arange(6.0).reshape(2, 3), "b": [jax.numpy.ones(2)]}
+    out = sh.gather_to_host(tree)
+    assert isinstance(out["a"], np.ndarray) and out["a"].shape == (2, 3)
+    np.testing.assert_array_equal(out["b"][0], np.ones(2))
