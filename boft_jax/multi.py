@@ -312,7 +312,11 @@ def apply_multi(
       method: as for ``Module.apply`` (e.g. ``"encode"``); default ``__call__``.
       **kwargs: keyword arguments of ``method``, the same for every example (e.g.
         ``deterministic=True``).  Non-array values are static (part of the compilation key); array
-        values are passed through unbatched.
+        values are passed whole to every example (not split per example: a per-example mask
+        goes in ``*inputs``).
+
+    Only the ``params`` collection is served: models with other variable collections (e.g.
+    ``BatchNorm``'s ``batch_stats``) are not supported.
 
     Returns:
       ``method``'s output with the batch axis first, example ``j`` equal to
