@@ -43,6 +43,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from boft_jax.config import BOFTConfig
+from boft_jax.orthogonal import block_size_from_num_params
 from boft_jax.sharding import gather_to_host, is_main_process
 
 __all__ = ["save_adapter", "load_adapter", "config_to_dict", "config_from_dict", "TrainCheckpointer", "IncompleteCheckpoint"]
@@ -104,8 +105,9 @@ def save_adapter(
     if not leaves:
         raise ValueError("save_adapter got an adapter with no arrays (an empty tree); nothing to save")
     for p, x in leaves:
-        if np.asarray(x).dtype.kind not in "biufc" and np.asarray(x).dtype != jnp.bfloat16:
-            raise TypeError(f"adapter leaf {jax.tree_util.keystr(p)} is not a numeric array (dtype {np.asarray(x).dtype})")
+        dtype = np.asarray(x).dtype
+        if not (jnp.issubdtype(dtype, jnp.number) or dtype == np.bool_):  # numbers incl. bfloat16
+            raise TypeError(f"adapter leaf {jax.tree_util.keystr(p)} is not a numeric array (dtype {dtype})")
     meta = {
         "format": _FORMAT,
         "config": config_to_dict(config),
@@ -211,8 +213,8 @@ def load_adapter(path: str | os.PathLike) -> tuple[dict, BOFTConfig, dict]:
         )
     try:
         with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
-            meta = ckptr.restore(source, ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-            restored = ckptr.restore(source, ocp.args.Composite(adapter=ocp.args.StandardRestore()))["adapter"]
+            both = ckptr.restore(source, ocp.args.Composite(adapter=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+        restored, meta = both["adapter"], both["meta"]
     except (ValueError, OSError, KeyError) as e:
         raise ValueError(f"{path}: damaged or incomplete adapter checkpoint ({type(e).__name__}: {e})") from None
     if not isinstance(meta, Mapping) or meta.get("format") != _FORMAT:
@@ -237,8 +239,6 @@ def load_adapter(path: str | os.PathLike) -> tuple[dict, BOFTConfig, dict]:
 
 def _check_config_fits(path: Path, adapter, config: BOFTConfig) -> None:
     """The stored config must describe the stored blocks (factor count, block size / count)."""
-    from boft_jax.orthogonal import block_size_from_num_params
-
     problems = []
 
     def walk(tree, where):
@@ -334,10 +334,11 @@ class TrainCheckpointer:
         missing = [item for item in ("adapter", "opt_state", "state") if not (step_dir / item).exists()]
         if missing:  # orbax commits a step by renaming a complete directory: this one came from elsewhere
             found = sorted(p.name for p in step_dir.iterdir()) if step_dir.is_dir() else []
+            earlier = sorted(self.all_steps())[:-1]
             raise IncompleteCheckpoint(
                 f"{step_dir} is the newest step directory but not a complete training checkpoint (missing"
-                f" {missing}, found {found}); remove it to resume from the step before"
-                f" ({sorted(self.all_steps())[:-1][-1:] or 'none'})"
+                f" {missing}, found {found}); remove it to resume from "
+                + (f"step {earlier[-1]}" if earlier else "the start")
             )
         # The adapter's shapes are in the JSON state: compare them before orbax restores arrays.
         stored = self._mngr.restore(step, args=ocp.args.Composite(state=ocp.args.JsonRestore()))["state"]

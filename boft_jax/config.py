@@ -152,6 +152,12 @@ class BOFTConfig:
         """Whether the module at ``path`` is in ``modules_to_save`` (all its params train)."""
         return any(_path_matches(p, path) for p in self.modules_to_save)
 
+    def saved_ancestor(self, path: str) -> str | None:
+        """The module at ``path`` or its nearest enclosing module that is in ``modules_to_save``
+        (so everything at ``path`` trains in full), or ``None``."""
+        parts = path.split("/")
+        return next((p for p in ("/".join(parts[:i]) for i in range(len(parts), 0, -1)) if self.saves_module(p)), None)
+
     def layer_structure(self, path: str, d_in: int) -> LayerStructure:
         """Block structure for a layer with ``d_in`` input features, or a ``ValueError``.
 

@@ -351,10 +351,8 @@ def _intercept(state: _CallState, next_fun, args, kwargs, context):
     state.seen.append(path)
     if not state.config.matches(path):
         return next_fun(*args, **kwargs)
-    if state.config.modules_to_save and any(
-        state.config.saves_module("/".join(module.path[:i])) for i in range(1, len(module.path) + 1)
-    ):
-        # trained in full as a saved module: BOFT params there would be dropped by split()
+    if state.config.saved_ancestor(path) is not None:
+        # trained in full as (part of) a saved module: BOFT params there would be dropped by split()
         state.saved_and_targeted.append(path)
         return next_fun(*args, **kwargs)
     inputs = args[0] if args else kwargs["inputs"]
@@ -786,4 +784,13 @@ def init_adapter(model: BOFTModule, frozen: Mapping, *args, **kwargs) -> dict:
         return out
 
     params = combine(frozen, identity(shapes))
-    return split(params, model.config)[1]
+    adapter = split(params, model.config)[1]
+    cfg = model.config
+    if cfg.modules_to_save and not any(
+        cfg.saved_ancestor(_key_path(kp)) for kp, _ in jax.tree_util.tree_leaves_with_path(adapter)
+    ):
+        raise ValueError(
+            f"modules_to_save {cfg.modules_to_save} matches no module of the model (e.g. 'classifier' for a ViT"
+            " head); nothing would train in full"
+        )
+    return adapter

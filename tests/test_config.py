@@ -212,3 +212,12 @@ def test_property_config_fits_exactly_the_valid_structures(structure):
     else:
         _assert_alternatives(msg, f"Valid block_num for n_factors = {m}: ",
                              [k for k in range(1, d + 1) if d % k == 0 and _valid(d, d // k, m)])
+
+
+def test_saved_ancestor_finds_the_enclosing_saved_module():
+    cfg = boft.BOFTConfig(block_size=4, modules_to_save=["head", r"encoder/layer_\d+/mlp"])
+    assert cfg.saved_ancestor("head") == "head"
+    assert cfg.saved_ancestor("head/dense") == "head"
+    assert cfg.saved_ancestor("encoder/layer_3/mlp/fc1") == "encoder/layer_3/mlp"
+    assert cfg.saved_ancestor("encoder/layer_3/attention/query") is None
+    assert boft.BOFTConfig(block_size=4).saved_ancestor("head") is None

@@ -490,6 +490,11 @@ def test_a_layer_both_targeted_and_in_modules_to_save_is_refused():
     ok = boft.wrap(MLP(), boft.BOFTConfig(block_size=4, targets=".*", exclude="head", modules_to_save="head"))
     params = ok.init(jax.random.key(0), jnp.ones((1, 16)))["params"]
     assert boft.layer_paths(params) == ["fc1", "fc2"]
+    assert set(boft.init_adapter(ok, boft.split(params)[0], jnp.ones((1, 16)))["head"]) == {"kernel", "bias"}
+    # modules_to_save that names no module: said so, as for targets that match nothing
+    none_saved = boft.wrap(MLP(), boft.BOFTConfig(block_size=4, targets="fc1", modules_to_save="classifier"))
+    with pytest.raises(ValueError, match=r"modules_to_save \('classifier',\) matches no module"):
+        boft.init_adapter(none_saved, boft.split(params)[0], jnp.ones((1, 16)))
 
 
 def test_every_unfit_layer_is_listed_with_valid_choices():

@@ -164,7 +164,7 @@ def run(argv=None) -> dict:
         mtype = hf.model_type(ckpt_path)
     except Exception as e:  # unreadable config.json
         _fail(f"--checkpoint {ckpt_path}: {e}")
-    if {"mt5": "t5"}.get(mtype, mtype) != kind:  # mT5 is a T5 (v1.1 architecture)
+    if hf.MODEL_FAMILIES[mtype] != kind:
         _fail(f"--checkpoint {ckpt_path} holds a '{mtype}' model but --model is '{kind}'")
     dtype = jnp.bfloat16 if args.precision == "bf16" else jnp.float32
     try:
@@ -223,11 +223,6 @@ def run(argv=None) -> dict:
         sh.frozen_sharding(frozen, mesh)  # a mesh that cannot split the weights: say so now
     except ValueError as e:
         _fail(f"--mesh {args.mesh or f'(default: data={jax.device_count()})'}: {e}")
-
-    if saved is not None:
-        if not any(config.saves_module("/".join(str(k.key) for k in p[:i]))  # the adapter holds saved modules
-                   for p, _ in jax.tree_util.tree_leaves_with_path(adapter) for i in range(1, len(p))):
-            _fail(f"--modules-to-save {saved!r} matches no module of the model (e.g. 'classifier' for a ViT head)")
 
     out = Path(args.output or DEFAULT_OUTPUT[kind])
     if out.exists() and not out.is_dir():

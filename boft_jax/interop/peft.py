@@ -316,7 +316,9 @@ def _t5_saved_modules(
     return module, params, keymap, plain, mts_names
 
 
-def _check_base_copies(copies: Mapping[str, np.ndarray], keymap: _KeyMap, params: Mapping) -> list[str]:
+def _check_base_copies(
+    copies: Mapping[str, np.ndarray], keymap: _KeyMap, params: Mapping
+) -> tuple[list[str], list[str]]:
     """PEFT's copies of adapted layers' frozen weights (``<mod>.base_layer.weight``; it saves them
     for layers it counts as embeddings, e.g. ``lm_head``): they must equal the base model's, which
     then stays as it is.  Returns ``(keys the model lacks, copies that differ)``."""
@@ -331,7 +333,7 @@ def _check_base_copies(copies: Mapping[str, np.ndarray], keymap: _KeyMap, params
             continue
         ours = np.asarray(base_flat[path], np.float32)
         theirs = np.asarray(hf.from_torch_layout(path, value), np.float32)
-        eps = float(np.finfo(np.dtype(base_flat[path].dtype) if np.dtype(base_flat[path].dtype).kind == "f" else np.float32).eps)
+        eps = float(jnp.finfo(base_flat[path].dtype).eps)  # the base's own precision (bf16 or float32)
         if ours.shape != theirs.shape or np.abs(ours - theirs).max() > 4 * eps * max(1.0, float(np.abs(ours).max())):
             diff = "shape " + str(theirs.shape) if ours.shape != theirs.shape else f"max |diff| {np.abs(ours - theirs).max():.3g}"
             differing.append(
@@ -378,6 +380,21 @@ class _OftOptions:
     block_share: bool
 
     @staticmethod
+    def ours_from_peft_terms(n: int) -> int:
+        """Our ``neumann_terms`` for PEFT's ``num_cayley_neumann_terms = n >= 3``."""
+        return 3 if n == 3 else n - 1
+
+    @staticmethod
+    def peft_from_our_terms(t: int) -> int:
+        """PEFT's ``num_cayley_neumann_terms`` for our ``neumann_terms = t >= 3`` (inverse of the above)."""
+        return t + 1
+
+    @staticmethod
+    def sign(neumann: bool) -> float:
+        """Our packed parameters = sign * PEFT's: -1 for the Neumann map (PEFT's approximates the transpose)."""
+        return -1.0 if neumann else 1.0
+
+    @staticmethod
     def read(cfg: Mapping[str, Any], where: str) -> _OftOptions:
         terms = None
         if "use_cayley_neumann" not in cfg:
@@ -398,7 +415,7 @@ class _OftOptions:
                     " boft_jax can represent; num_cayley_neumann_terms >= 3 or use_cayley_neumann = false can be"
                     " loaded"
                 )
-            terms = 3 if n == 3 else n - 1
+            terms = _OftOptions.ours_from_peft_terms(n)
             version = str(cfg.get("peft_version") or "0").partition("@")[0]
             if "use_cayley_neumann" in cfg and _version_tuple(version) < (0, 18):
                 warnings.warn(
@@ -437,8 +454,7 @@ class _OftOptions:
             radius = np.float32(self.coft_eps) / np.sqrt(np.float32(rows))
             norm = np.sqrt(np.float32(2.0) * np.sum(w * w, axis=-1, keepdims=True))
             w = np.where(norm <= radius, w, radius * (w / np.maximum(norm, np.finfo(np.float32).tiny)))
-        if self.neumann_terms is not None:
-            w = -w
+        w = np.float32(self.sign(self.neumann_terms is not None)) * w
         w = np.broadcast_to(w, (k, w.shape[1])) if self.block_share else w
         return None, (np.ascontiguousarray(w[None]), np.ones((d_out,), np.float32))
 
@@ -587,10 +603,10 @@ def load_peft_adapter(
     layers: dict[Path_, tuple[np.ndarray, np.ndarray]] = {}  # our module path -> (packed skew (m, k, n), s)
     unfit: list[str] = list(differing)
     for mod, entry in sorted(found.items()):
-        first = entry.get("oft_R", entry.get("boft_R", next(iter(entry.values()))))
         path = keymap.path(mod + ".weight")
         if path is None or path[-1] != "kernel":
-            unknown.append(f"{mod} ({'oft_R' if oft else 'boft_R'} {tuple(first.shape)})")
+            name, value = sorted(entry.items())[0]
+            unknown.append(f"{mod} ({name} {tuple(value.shape)})")
             continue
         kshape = keymap.shapes[path]
         mpath = path[:-1]
@@ -899,9 +915,8 @@ def peft_state_dict(
         if oft:
             if np.any(scale != 1):
                 scaled.append(f"{'/'.join(p)}: max |s - 1| = {np.abs(scale.astype(np.float64) - 1).max():.3g}")
-            # PEFT's Neumann series approximates the transposed map: store -S (see _OftOptions)
-            w = skew.astype(np.float32)[0]
-            tensors[f"{PEFT_PREFIX}{name}.oft_R.weight"] = -w if config.cayley == "neumann" else w
+            sign = np.float32(_OftOptions.sign(config.cayley == "neumann"))
+            tensors[f"{PEFT_PREFIX}{name}.oft_R.weight"] = sign * skew.astype(np.float32)[0]
         else:
             tensors[f"{PEFT_PREFIX}{name}.boft_R"] = _host(unpack_skew(jnp.asarray(skew, jnp.float32), b))
             tensors[f"{PEFT_PREFIX}{name}.boft_s"] = scale.astype(np.float32).reshape(-1, 1)
@@ -947,7 +962,7 @@ def peft_state_dict(
             oft_block_size=int(config.block_size) if by_size else 0,
             r=0 if by_size else int(config.block_num),
             use_cayley_neumann=neumann,
-            num_cayley_neumann_terms=int(config.neumann_terms) + 1 if neumann else 5,
+            num_cayley_neumann_terms=_OftOptions.peft_from_our_terms(int(config.neumann_terms)) if neumann else 5,
             coft=False,
             eps=6e-05,
             block_share=False,

@@ -48,7 +48,9 @@ FLAX_MSGPACK_NAME = "flax_model.msgpack"
 _SHARD_RE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 _LAYER_RE = re.compile(r"layer_(\d+)")
 
-SUPPORTED_MODEL_TYPES = ("vit", "t5", "mt5")  # mt5: T5 v1.1 architecture (boft_jax.models.t5)
+# model_type -> the boft_jax.models family that loads it (mT5 is T5 v1.1's architecture)
+MODEL_FAMILIES = {"vit": "vit", "t5": "t5", "mt5": "t5"}
+SUPPORTED_MODEL_TYPES = tuple(MODEL_FAMILIES)
 
 # Hugging Face activation names (``hidden_act``, ``feed_forward_proj``) -> JAX functions.
 # "gelu" is the exact erf GELU; "gelu_new" / "gelu_pytorch_tanh" the tanh approximation.
@@ -521,7 +523,7 @@ def save_state_dict(
 def _library(model_type_: str):
     from boft_jax.models import t5, vit  # local: vit and t5 import this module
 
-    return {"vit": vit, "t5": t5, "mt5": t5}[model_type_]
+    return {"vit": vit, "t5": t5}[MODEL_FAMILIES[model_type_]]
 
 
 def _library_for(module_or_config: Any):
