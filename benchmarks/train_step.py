@@ -16,7 +16,10 @@ adapter and optimizer state donated.  Every variant goes through ``flax.linen.in
                factor, multiplied into ``M``, then ``x @ ((M K) * s)``
 
 Times are medians over interleaved repeats (all candidates are compiled first, then each repeat
-runs every candidate once, in turn), so machine noise hits them alike.  Memory is XLA's compiled
+runs every candidate once, in turn), so machine noise hits them alike.  "paired vs LoRA" is the
+median over repeats of each repeat's own ratio to the LoRA step run next to it, with a 90%
+bootstrap interval; the verdict lines printed at the end call a time target met or missed only
+when that whole interval is on one side of it.  Memory is XLA's compiled
 ``memory_analysis()``: temp + output bytes of the step (the arguments - frozen weights, adapter,
 optimizer state - are listed separately).
 
@@ -454,26 +457,83 @@ def measure(cands: list[Candidate], repeats: int, warmup: int = 2, log=print) ->
         log(f"  repeat {r + 1}/{repeats} done")
 
 
-def table(cands: list[Candidate]) -> str:
-    # The reference is the stricter LoRA: the faster variant, and the smaller peak.
+# Issue 3's targets: BOFT step time (mode "auto") per m, and peak memory, relative to LoRA's.
+TARGET_STEP = {1: 1.05, 2: 1.10, 4: 1.15}
+TARGET_MEMORY = 1.10
+
+
+def paired_ratio(times: list[float], ref_times: list[float], n_boot: int = 4000, seed: int = 0):
+    """Median over rounds of ``times[r] / ref_times[r]`` and a 90% bootstrap interval of that median.
+
+    Round ``r`` runs every candidate once, back to back, so the per-round ratio cancels the
+    machine's slow drift (other jobs on a shared VM) that separate medians carry.  The interval
+    resamples rounds with replacement.  Returns ``(median, low, high)``; ``None`` with < 3 rounds.
+    """
+    n = min(len(times), len(ref_times))
+    if n < 3:
+        return None
+    r = np.asarray(times[:n]) / np.asarray(ref_times[:n])
+    rng = np.random.default_rng(seed)
+    boot = np.median(r[rng.integers(0, n, size=(n_boot, n))], axis=1)
+    return float(np.median(r)), float(np.quantile(boot, 0.05)), float(np.quantile(boot, 0.95))
+
+
+def _reference(cands: list[Candidate]) -> Candidate:
+    # The reference is the stricter LoRA: the faster variant (and, for memory, the smaller peak).
     loras = [c for c in cands if c.name.startswith("lora")] or cands[:1]
-    ref = min(loras, key=lambda c: statistics.median(c.times))
+    return min(loras, key=lambda c: statistics.median(c.times))
+
+
+def table(cands: list[Candidate]) -> str:
+    loras = [c for c in cands if c.name.startswith("lora")] or cands[:1]
+    ref = _reference(cands)
     t_ref = statistics.median(ref.times)
     tmin_ref = min(ref.times)
     m_ref = min(c.mem.get("peak", 0) for c in loras) or 1
     rows = [
-        "| variant | trainable | step ms (median) | vs LoRA | min ms | vs LoRA (min) | n | peak temp+out MiB | vs LoRA |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| variant | trainable | step ms (median) | vs LoRA | paired vs LoRA [90% CI] | min ms | vs LoRA (min) | n"
+        " | peak temp+out MiB | vs LoRA |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for c in cands:
         t = statistics.median(c.times)
         tmin = min(c.times)
         peak = c.mem.get("peak", 0)
+        pr = paired_ratio(c.times, ref.times) if c is not ref else None
+        paired = f"{pr[0]:.3f}x [{pr[1]:.3f}, {pr[2]:.3f}]" if pr else "-"
         rows.append(
-            f"| {c.name} | {c.n_adapter:,} | {t * 1e3:.1f} | {t / t_ref:.3f}x | {tmin * 1e3:.1f} | {tmin / tmin_ref:.3f}x |"
-            f" {len(c.times)} | {peak / 2**20:.1f} | {peak / m_ref:.3f}x |"
+            f"| {c.name} | {c.n_adapter:,} | {t * 1e3:.1f} | {t / t_ref:.3f}x | {paired} | {tmin * 1e3:.1f} |"
+            f" {tmin / tmin_ref:.3f}x | {len(c.times)} | {peak / 2**20:.1f} | {peak / m_ref:.3f}x |"
         )
     return "\n".join(rows)
+
+
+def verdicts(cands: list[Candidate]) -> list[str]:
+    """One line per issue-3 target that this run measured ("boft m=1/2/4 auto" vs the stricter LoRA).
+
+    Step time: *met* when the whole 90% interval of the paired ratio is at or under the target,
+    *missed* when it is entirely above, *undecided* (within this machine's noise) otherwise.
+    """
+    ref = _reference(cands)
+    loras = [c for c in cands if c.name.startswith("lora")]
+    m_ref = min(c.mem.get("peak", 0) for c in loras) if loras else 0
+    out = []
+    for c in cands:
+        for m, target in TARGET_STEP.items():
+            if c.name != f"boft m={m} auto":
+                continue
+            pr = paired_ratio(c.times, ref.times)
+            if pr:
+                med, lo, hi = pr
+                word = "met" if hi <= target else "missed" if lo > target else "undecided"
+                out.append(
+                    f"step  m={m}: {med:.3f}x {ref.name} [90% CI {lo:.3f}-{hi:.3f}], target <= {target:.2f}x: {word}"
+                )
+            if m_ref and c.mem.get("peak"):
+                ratio = c.mem["peak"] / m_ref
+                word = "met" if ratio <= TARGET_MEMORY else "missed"
+                out.append(f"memory m={m}: {ratio:.3f}x the LoRA peak, target <= {TARGET_MEMORY:.2f}x: {word}")
+    return out
 
 
 def main(argv=None):
@@ -511,6 +571,8 @@ def main(argv=None):
     cands = build(args)
     measure(cands, args.repeats)
     print(table(cands))
+    for line in verdicts(cands):
+        print(line)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,66 @@
+"""The statistics the issue-3 benchmark prints its verdicts from (benchmarks/train_step.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from benchmarks import train_step as ts
+
+
+def _cand(name, times, peak=100 * 2**20):
+    c = ts.Candidate(name=name, step=None, state=(), static=(), n_adapter=1)
+    c.times = list(times)
+    c.mem = {"peak": peak}
+    return c
+
+
+def test_paired_ratio_is_the_median_of_per_round_ratios_with_a_bootstrap_interval():
+    rng = np.random.default_rng(7)
+    n = 25
+    drift = np.exp(rng.normal(0, 0.3, n))  # the machine's load, shared by both in a round
+    ref = 0.75 * drift * np.exp(rng.normal(0, 0.01, n))
+    ours = 1.08 * ref * np.exp(rng.normal(0, 0.02, n))
+    med, lo, hi = ts.paired_ratio(list(ours), list(ref))
+    ratios = ours / ref
+    assert med == pytest.approx(np.median(ratios), rel=1e-12)
+    assert lo <= med <= hi
+    # The interval is the spread of the median under resampling: within the observed ratios,
+    # and much narrower than the ratio of separate medians would suggest under this drift.
+    assert ratios.min() <= lo and hi <= ratios.max()
+    assert hi - lo < 0.05
+    # The planted 1.08 is recovered although the load moved both times by ~30% between rounds.
+    assert abs(med - 1.08) < 0.02
+
+
+def test_paired_ratio_pairs_the_first_rounds_and_needs_three():
+    assert ts.paired_ratio([1.0, 2.0], [1.0, 1.0]) is None
+    med, _, _ = ts.paired_ratio([2.0, 4.0, 6.0, 100.0], [1.0, 2.0, 3.0])  # the 4th round is unpaired
+    assert med == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize(
+    "factor, word",
+    [(1.00, "met"), (1.30, "missed"), (None, "undecided")],
+)
+def test_verdicts_call_a_target_only_when_the_whole_interval_is_on_one_side(factor, word):
+    rng = np.random.default_rng(3)
+    ref = list(0.7 + 0.1 * rng.random(15))
+    if factor is None:  # ratios spread evenly across the m = 1 target (1.05)
+        ours = [r * f for r, f in zip(ref, np.linspace(0.95, 1.15, 15))]
+    else:
+        ours = [r * factor * (1 + 0.001 * i) for i, r in enumerate(ref)]
+    cands = [
+        _cand("frozen", [r * 0.8 for r in ref]),
+        _cand("lora r=8", [r * 1.2 for r in ref], peak=120 * 2**20),
+        _cand("lora r=8 tuned", ref),
+        _cand("boft m=1 auto", ours, peak=105 * 2**20),
+    ]
+    lines = ts.verdicts(cands)
+    step = [ln for ln in lines if ln.startswith("step  m=1")]
+    assert len(step) == 1 and step[0].endswith(word), lines
+    assert "lora r=8 tuned" in step[0]  # the faster LoRA is the reference
+    # memory against the smaller LoRA peak (100 MiB): 1.05x <= 1.10x
+    assert [ln for ln in lines if ln.startswith("memory m=1")] == [
+        "memory m=1: 1.050x the LoRA peak, target <= 1.10x: met"
+    ]
