@@ -31,6 +31,7 @@ import time
 from typing import Any, Callable, Iterable, Sequence
 
 import jax
+import numpy as np
 
 __all__ = [
     "Candidate",
@@ -41,13 +42,16 @@ __all__ = [
     "fmt_ms",
     "fmt_ratio",
     "interleaved_medians",
+    "interleaved_times",
     "load_average",
     "machine_description",
     "markdown_table",
     "median_time",
     "memory_stats",
+    "paired_ratio",
     "peak_rss_bytes",
     "rss_bytes",
+    "target_verdict",
 ]
 
 
@@ -94,18 +98,19 @@ class Candidate:
     warmup: int | None = None
 
 
-def interleaved_medians(
+def interleaved_times(
     candidates: Iterable[Candidate],
     repeats: int = 5,
     warmup: int = 1,
     compiled_out: dict | None = None,
-) -> dict[str, float]:
-    """Median seconds per candidate, timed interleaved: round ``r`` runs every candidate once.
+) -> dict[str, list[float]]:
+    """Seconds of every timed call per candidate, timed interleaved: round ``r`` runs every candidate once.
 
     All candidates are compiled, then warmed up, before the first timed call.  A candidate with its
-    own ``repeats`` takes part in that many rounds only (the first ones).  Pass a dict as
-    ``compiled_out`` to get the compiled executables back (``name -> Compiled``), e.g. to check
-    their outputs or read :func:`memory_stats` without compiling again.
+    own ``repeats`` takes part in that many rounds only (the first ones), so ``times[a][r]`` and
+    ``times[b][r]`` ran back to back for every ``r`` both have (see :func:`paired_ratio`).  Pass a
+    dict as ``compiled_out`` to get the compiled executables back (``name -> Compiled``), e.g. to
+    check their outputs or read :func:`memory_stats` without compiling again.
     """
     cands = list(candidates)
     compiled = [compile_jitted(c.fn, *c.args) for c in cands]
@@ -123,7 +128,46 @@ def interleaved_medians(
         for c, g in zip(cands, compiled):
             if r < (repeats if c.repeats is None else c.repeats):
                 times[c.name].append(_time_once(g, c.args))
-    return {name: statistics.median(ts) for name, ts in times.items() if ts}
+    return {name: ts for name, ts in times.items() if ts}
+
+
+def interleaved_medians(
+    candidates: Iterable[Candidate],
+    repeats: int = 5,
+    warmup: int = 1,
+    compiled_out: dict | None = None,
+) -> dict[str, float]:
+    """Median seconds per candidate of :func:`interleaved_times` (same arguments)."""
+    times = interleaved_times(candidates, repeats, warmup, compiled_out)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def paired_ratio(
+    times: Sequence[float], ref_times: Sequence[float], n_boot: int = 4000, seed: int = 0
+) -> tuple[float, float, float] | None:
+    """Median over rounds of ``times[r] / ref_times[r]`` and a 90% bootstrap interval of that median.
+
+    Round ``r`` ran both candidates back to back (:func:`interleaved_times`), so the per-round
+    ratio cancels the machine's slow drift (other jobs on a shared VM) that a ratio of separate
+    medians carries.  The interval resamples rounds with replacement.  Returns ``(median, low,
+    high)``; ``None`` with fewer than 3 paired rounds.
+    """
+    n = min(len(times), len(ref_times))
+    if n < 3:
+        return None
+    r = np.asarray(times[:n], dtype=float) / np.asarray(ref_times[:n], dtype=float)
+    rng = np.random.default_rng(seed)
+    boot = np.median(r[rng.integers(0, n, size=(n_boot, n))], axis=1)
+    return float(np.median(r)), float(np.quantile(boot, 0.05)), float(np.quantile(boot, 0.95))
+
+
+def target_verdict(interval: tuple[float, float, float], target: float, *, at_most: bool = True) -> str:
+    """"met" / "missed" when the whole interval of :func:`paired_ratio` is on one side of
+    ``target`` (``at_most``: the ratio should be <= target), else "undecided"."""
+    _, lo, hi = interval
+    if not at_most:
+        lo, hi, target = -hi, -lo, -target
+    return "met" if hi <= target else "missed" if lo > target else "undecided"
 
 
 # --------------------------------------------------------------------------------------------

@@ -49,8 +49,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(_HERE, ".."))
+sys.path.insert(0, _HERE)
 import boft_jax as boft  # noqa: E402
+from _util import paired_ratio, target_verdict  # noqa: E402
 
 TARGETS = r"attention/(?:query|key|value|out)|mlp/(?:fc1|fc2)"
 
@@ -462,22 +465,6 @@ TARGET_STEP = {1: 1.05, 2: 1.10, 4: 1.15}
 TARGET_MEMORY = 1.10
 
 
-def paired_ratio(times: list[float], ref_times: list[float], n_boot: int = 4000, seed: int = 0):
-    """Median over rounds of ``times[r] / ref_times[r]`` and a 90% bootstrap interval of that median.
-
-    Round ``r`` runs every candidate once, back to back, so the per-round ratio cancels the
-    machine's slow drift (other jobs on a shared VM) that separate medians carry.  The interval
-    resamples rounds with replacement.  Returns ``(median, low, high)``; ``None`` with < 3 rounds.
-    """
-    n = min(len(times), len(ref_times))
-    if n < 3:
-        return None
-    r = np.asarray(times[:n]) / np.asarray(ref_times[:n])
-    rng = np.random.default_rng(seed)
-    boot = np.median(r[rng.integers(0, n, size=(n_boot, n))], axis=1)
-    return float(np.median(r)), float(np.quantile(boot, 0.05)), float(np.quantile(boot, 0.95))
-
-
 def _reference(cands: list[Candidate]) -> Candidate:
     # The reference is the stricter LoRA: the faster variant (and, for memory, the smaller peak).
     loras = [c for c in cands if c.name.startswith("lora")] or cands[:1]
@@ -525,7 +512,7 @@ def verdicts(cands: list[Candidate]) -> list[str]:
             pr = paired_ratio(c.times, ref.times)
             if pr:
                 med, lo, hi = pr
-                word = "met" if hi <= target else "missed" if lo > target else "undecided"
+                word = target_verdict(pr, target)
                 out.append(
                     f"step  m={m}: {med:.3f}x {ref.name} [90% CI {lo:.3f}-{hi:.3f}], target <= {target:.2f}x: {word}"
                 )
