@@ -28,7 +28,7 @@ import platform
 import resource
 import statistics
 import time
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -47,6 +47,7 @@ __all__ = [
     "machine_description",
     "markdown_table",
     "median_time",
+    "medians",
     "memory_stats",
     "paired_ratio",
     "peak_rss_bytes",
@@ -138,7 +139,11 @@ def interleaved_medians(
     compiled_out: dict | None = None,
 ) -> dict[str, float]:
     """Median seconds per candidate of :func:`interleaved_times` (same arguments)."""
-    times = interleaved_times(candidates, repeats, warmup, compiled_out)
+    return medians(interleaved_times(candidates, repeats, warmup, compiled_out))
+
+
+def medians(times: Mapping[str, Sequence[float]]) -> dict[str, float]:
+    """``name -> median`` of ``name -> timed calls`` (e.g. from :func:`interleaved_times`)."""
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
@@ -161,12 +166,10 @@ def paired_ratio(
     return float(np.median(r)), float(np.quantile(boot, 0.05)), float(np.quantile(boot, 0.95))
 
 
-def target_verdict(interval: tuple[float, float, float], target: float, *, at_most: bool = True) -> str:
-    """"met" / "missed" when the whole interval of :func:`paired_ratio` is on one side of
-    ``target`` (``at_most``: the ratio should be <= target), else "undecided"."""
+def target_verdict(interval: tuple[float, float, float], target: float) -> str:
+    """For a ratio that should be ``<= target``: "met" / "missed" when the whole interval of
+    :func:`paired_ratio` is on one side of ``target``, else "undecided"."""
     _, lo, hi = interval
-    if not at_most:
-        lo, hi, target = -hi, -lo, -target
     return "met" if hi <= target else "missed" if lo > target else "undecided"
 
 

@@ -39,9 +39,11 @@ import numpy as np  # noqa: E402
 import boft_jax as boft  # noqa: E402
 from boft_jax import _ops  # noqa: E402
 from _util import Candidate, interleaved_medians, machine_description, markdown_table  # noqa: E402
+from train_step import Shape  # noqa: E402
 
-# (d_in, adapted layers of that width per transformer block) in train_step.py's model
-LAYER_WIDTHS = ((768, 5), (3072, 1))
+# (d_in, adapted layers of that width per transformer block) in train_step.py's model: query, key,
+# value, out and fc1 read the hidden size, fc2 reads the MLP width
+LAYER_WIDTHS = ((Shape.hidden, 5), (Shape.mlp, 1))
 
 
 def _grad_of(build):
@@ -52,7 +54,7 @@ def _grad_of(build):
 
 
 def candidates(d: int, m: int, b: int, rng: np.random.Generator) -> list[Candidate]:
-    skew = jnp.asarray(0.1 * rng.standard_normal((m, d // b, b * (b - 1) // 2)), jnp.float32)
+    skew = jnp.asarray(0.1 * rng.standard_normal((m, d // b, boft.num_skew_params(b))), jnp.float32)
     blocks = boft.cayley(skew)
     operand = _ops.rotation_operand(blocks)
     cot_blocks = jnp.asarray(rng.standard_normal(blocks.shape), jnp.float32)
@@ -71,7 +73,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--factors", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--block-size", type=int, default=8)
-    p.add_argument("--layers", type=int, default=4, help="transformer blocks (6 adapted layers each)")
+    p.add_argument("--layers", type=int, default=Shape.layers, help="transformer blocks (6 adapted layers each)")
     p.add_argument("--repeats", type=int, default=21)
     args = p.parse_args(argv)
     print(f"# construction: {machine_description()}")

@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
-import statistics
 import sys
 import time
 
@@ -69,6 +68,7 @@ from _util import (  # noqa: E402
     load_average,
     machine_description,
     markdown_table,
+    medians,
     memory_stats,
     paired_ratio,
     target_verdict,
@@ -174,7 +174,7 @@ def run_grid(ds, ms, bs, tokens, dtype, repeats, ref_max_gflop, big_ref_at_targe
         comp: dict = {}
         n_rep = repeats if repeats is not None else (3 if d >= 4096 else 5)
         raw = interleaved_times(cands, repeats=n_rep, compiled_out=comp)
-        times = {name: statistics.median(ts) for name, ts in raw.items()}
+        times = medians(raw)
         M_ref = None
         if ref_build_once:  # one timed call, right after the others; its compilation is not timed
             g = jax.jit(reference_rotation).lower(R, P).compile()

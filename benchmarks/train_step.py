@@ -465,18 +465,17 @@ TARGET_STEP = {1: 1.05, 2: 1.10, 4: 1.15}
 TARGET_MEMORY = 1.10
 
 
-def _reference(cands: list[Candidate]) -> Candidate:
-    # The reference is the stricter LoRA: the faster variant (and, for memory, the smaller peak).
+def _references(cands: list[Candidate]) -> tuple[Candidate, int]:
+    """The stricter LoRA: the faster variant for time, the smaller peak (bytes) for memory."""
     loras = [c for c in cands if c.name.startswith("lora")] or cands[:1]
-    return min(loras, key=lambda c: statistics.median(c.times))
+    return min(loras, key=lambda c: statistics.median(c.times)), min(c.mem.get("peak", 0) for c in loras)
 
 
 def table(cands: list[Candidate]) -> str:
-    loras = [c for c in cands if c.name.startswith("lora")] or cands[:1]
-    ref = _reference(cands)
+    ref, m_ref = _references(cands)
+    m_ref = m_ref or 1
     t_ref = statistics.median(ref.times)
     tmin_ref = min(ref.times)
-    m_ref = min(c.mem.get("peak", 0) for c in loras) or 1
     rows = [
         "| variant | trainable | step ms (median) | vs LoRA | paired vs LoRA [90% CI] | min ms | vs LoRA (min) | n"
         " | peak temp+out MiB | vs LoRA |",
@@ -500,26 +499,27 @@ def verdicts(cands: list[Candidate]) -> list[str]:
 
     Step time: *met* when the whole 90% interval of the paired ratio is at or under the target,
     *missed* when it is entirely above, *undecided* (within this machine's noise) otherwise.
+    Memory (deterministic, no interval): the compiled peak vs the smaller LoRA peak.
     """
-    ref = _reference(cands)
-    loras = [c for c in cands if c.name.startswith("lora")]
-    m_ref = min(c.mem.get("peak", 0) for c in loras) if loras else 0
+    if not any(c.name.startswith("lora") for c in cands):
+        return ["no LoRA in this run: no verdicts (the targets are relative to LoRA)"]
+    ref, m_ref = _references(cands)
+    by_name = {c.name: c for c in cands}
     out = []
-    for c in cands:
-        for m, target in TARGET_STEP.items():
-            if c.name != f"boft m={m} auto":
-                continue
-            pr = paired_ratio(c.times, ref.times)
-            if pr:
-                med, lo, hi = pr
-                word = target_verdict(pr, target)
-                out.append(
-                    f"step  m={m}: {med:.3f}x {ref.name} [90% CI {lo:.3f}-{hi:.3f}], target <= {target:.2f}x: {word}"
-                )
-            if m_ref and c.mem.get("peak"):
-                ratio = c.mem["peak"] / m_ref
-                word = "met" if ratio <= TARGET_MEMORY else "missed"
-                out.append(f"memory m={m}: {ratio:.3f}x the LoRA peak, target <= {TARGET_MEMORY:.2f}x: {word}")
+    for m, target in TARGET_STEP.items():
+        c = by_name.get(f"boft m={m} auto")
+        if c is None:
+            continue
+        pr = paired_ratio(c.times, ref.times)
+        if pr:
+            out.append(
+                f"step  m={m}: {pr[0]:.3f}x {ref.name} [90% CI {pr[1]:.3f}-{pr[2]:.3f}], target <= {target:.2f}x:"
+                f" {target_verdict(pr, target)}"
+            )
+        if m_ref and c.mem.get("peak"):
+            ratio = c.mem["peak"] / m_ref
+            word = "met" if ratio <= TARGET_MEMORY else "missed"
+            out.append(f"memory m={m}: {ratio:.3f}x the LoRA peak, target <= {TARGET_MEMORY:.2f}x: {word}")
     return out
 
 
