@@ -103,6 +103,39 @@ def _fresh_copy(tree):
     return jax.tree.map(lambda x: jnp.array(x, copy=True) if isinstance(x, (jax.Array, np.ndarray)) else x, tree)
 
 
+def _restore_for_resume(ckpt: TrainCheckpointer, adapter, opt_state, opts: TrainOptions, identity: dict, out_dir: Path):
+    """The newest checkpoint as ``(step, adapter, opt_state, state)`` (``None`` when there is none), or
+    :class:`ResumeMismatch` when it is damaged or belongs to a run with other options."""
+    try:
+        restored = ckpt.restore_latest(adapter, opt_state)
+    except IncompleteCheckpoint as e:
+        raise ResumeMismatch(f"--resume: {e}") from None
+    except ValueError as e:  # orbax: shapes or tree structure differ from this run's adapter
+        raise ResumeMismatch(
+            f"--resume: the checkpoint in {out_dir / 'checkpoints'} does not match this run's adapter"
+            f" (another BOFT configuration or model?): {e}"
+        ) from None
+    if restored is None:
+        return None
+    start, _, _, state = restored
+    if state.get("batch_size") != opts.batch_size or state.get("seed") != opts.seed:
+        raise ResumeMismatch(
+            f"--resume: the checkpoint was written with batch size {state.get('batch_size')} and seed"
+            f" {state.get('seed')}, not {opts.batch_size} and {opts.seed}; resuming would not continue"
+            " the same run"
+        )
+    diff = _identity_diff(state.get("run", {}), identity)
+    if diff:
+        raise ResumeMismatch(
+            f"--resume: the checkpoint at step {start} in {out_dir / 'checkpoints'} belongs to a run with other"
+            f" options, so resuming would not continue it: {'; '.join(diff)}. Use the same options, or start a"
+            " new run (another --output, or --overwrite)"
+        )
+    if start > opts.steps:
+        raise ResumeMismatch(f"--resume: the checkpoint is at step {start}, past --steps {opts.steps}")
+    return restored
+
+
 def fit(task: Task, opts: TrainOptions, out_dir: Path, *, resume: bool = False) -> dict[str, Any]:
     """Train ``task.adapter`` for ``opts.steps`` steps; returns the final state and metrics.
 
@@ -143,38 +176,14 @@ def fit(task: Task, opts: TrainOptions, out_dir: Path, *, resume: bool = False) 
     identity = opts.identity()
     if resume:
         try:
-            restored = ckpt.restore_latest(adapter, opt_state)
-        except IncompleteCheckpoint as e:
+            restored = _restore_for_resume(ckpt, adapter, opt_state, opts, identity, out_dir)
+        except ResumeMismatch:
             ckpt.close()
-            raise ResumeMismatch(f"--resume: {e}") from None
-        except ValueError as e:  # orbax: shapes or tree structure differ from this run's adapter
-            ckpt.close()
-            raise ResumeMismatch(
-                f"--resume: the checkpoint in {out_dir / 'checkpoints'} does not match this run's adapter"
-                f" (another BOFT configuration or model?): {e}"
-            ) from None
+            raise
         if restored is None:
             print(f"--resume: no checkpoint in {out_dir / 'checkpoints'}; starting from step 0")
         else:
             start, adapter, opt_state, state = restored
-            if state.get("batch_size") != opts.batch_size or state.get("seed") != opts.seed:
-                ckpt.close()
-                raise ResumeMismatch(
-                    f"--resume: the checkpoint was written with batch size {state.get('batch_size')} and seed"
-                    f" {state.get('seed')}, not {opts.batch_size} and {opts.seed}; resuming would not continue"
-                    " the same run"
-                )
-            diff = _identity_diff(state.get("run", {}), identity)
-            if diff:
-                ckpt.close()
-                raise ResumeMismatch(
-                    f"--resume: the checkpoint at step {start} in {out_dir / 'checkpoints'} belongs to a run with other"
-                    f" options, so resuming would not continue it: {'; '.join(diff)}. Use the same options, or start a"
-                    " new run (another --output, or --overwrite)"
-                )
-            if start > opts.steps:
-                ckpt.close()
-                raise ResumeMismatch(f"--resume: the checkpoint is at step {start}, past --steps {opts.steps}")
             adapter = jax.device_put(_fresh_copy(adapter), rep)
             opt_state = jax.device_put(_fresh_copy(opt_state), rep)
             print(f"resumed from step {start} (data position {state.get('data_position')})")
