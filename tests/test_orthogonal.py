@@ -109,6 +109,39 @@ def test_cayley_identity_at_zero_and_gradients():
         p = jnp.asarray(0.5 * rng.normal(size=(3, 10)))
         check_grads(jax.jit(lambda p: boft.cayley(p, 5)), (p,), order=2, modes=("fwd", "rev"))
         check_grads(jax.jit(lambda p: boft.cayley(p, 5, "neumann", neumann_terms=3)), (p,), order=2, modes=("rev",))
+        # above b = 16 the tangent map uses batched matmuls and the gather unpack instead
+        p = jnp.asarray(0.2 * rng.normal(size=(2, 153)))
+        check_grads(jax.jit(lambda p: boft.cayley(p, 18)), (p,), order=1, modes=("fwd", "rev"))
+
+
+def test_cayley_hessian_matches_autodiff_of_a_float64_solve():
+    """Second derivatives through the custom tangent map (custom_linear_solve) vs plain autodiff."""
+    rng = np.random.default_rng(8)
+    with jax.enable_x64(True):
+        for b in (4, 17):
+            p = jnp.asarray(0.4 * rng.normal(size=(2, b * (b - 1) // 2)))
+            w = jnp.asarray(rng.normal(size=(b, b)))
+
+            def ref(p):
+                s = boft.unpack_skew(p)
+                eye = jnp.eye(b)
+                return jnp.linalg.solve(eye + s, jnp.broadcast_to(eye, s.shape) - s)
+
+            f = lambda c: lambda p: jnp.sum(jnp.sin(c(p) * w))  # noqa: E731
+            np.testing.assert_allclose(jax.hessian(f(boft.cayley))(p), jax.hessian(f(ref))(p), rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("q", [1, 3, 8, 16, 17, 24])
+def test_small_matmul_matches_numpy(q):
+    """Both forms (multiply-adds up to 16, batched matmul above), with broadcasting leading axes."""
+    from boft_jax.orthogonal import _unpack_linear, small_matmul
+
+    rng = np.random.default_rng(q)
+    a, c = rng.normal(size=(3, 1, 5, q)), rng.normal(size=(4, q, 2))
+    with jax.enable_x64(True):
+        np.testing.assert_allclose(small_matmul(jnp.asarray(a), jnp.asarray(c)), a @ c, rtol=1e-13, atol=1e-13)
+        packed = jnp.asarray(rng.normal(size=(3, q * (q - 1) // 2)))
+        np.testing.assert_array_equal(_unpack_linear(packed, q), np_skew(np.asarray(packed), q))
 
 
 @settings(max_examples=15, deadline=None)
