@@ -70,10 +70,12 @@ def small_matmul(a: jax.Array, c: jax.Array) -> jax.Array:
     """``a @ c`` for batches of small matrices ``(..., p, q) @ (..., q, r)`` (leading axes broadcast).
 
     Up to ``q = 16`` the product is ``q`` broadcast multiply-adds in the inputs' dtype, which XLA
-    fuses into one loop; above, one batched matmul at ``Precision.HIGHEST``.  Fast forward; its
-    reverse mode (slices transpose to pads) is not, which is why the Cayley map's derivative
-    supplies its own transpose (:func:`_cayley_exact_jvp`).  On XLA:CPU a batched ``dot`` over many tiny matrices pays a per-matrix
-    overhead: for 1536 blocks of 8 x 8 the multiply-adds measured 0.13 ms against 0.30 ms.
+    fuses into one loop; above, one batched matmul at ``Precision.HIGHEST``.  On XLA:CPU a batched
+    ``dot`` over many tiny matrices pays a per-matrix overhead: for 1536 blocks of 8 x 8 the
+    multiply-adds measured 0.13 ms against 0.30 ms.  Only the forward pass is fast: its reverse
+    mode (slices transpose to pads) is not, which is why the Cayley map's derivative supplies its
+    own transpose (:func:`_cayley_exact_jvp`), and chains of it can be slower than matmuls (the
+    Neumann series keeps ``@``: 3-6x faster there).
 
     >>> import jax.numpy as jnp
     >>> a, c = jnp.arange(8.0).reshape(2, 2, 2), jnp.ones((2, 2, 3))
@@ -171,8 +173,9 @@ def _cayley_exact_jvp(block_size, primals, tangents):
     ``custom_linear_solve`` takes the solution (``-1/2 P dS P``) and its transpose (``-1/2 P^T C
     P^T``, used in reverse mode) as given, so both directions run as forward-form small products.
     JAX's own transpose of the tangent map (slices, pads and transposed batched dots) is 3-4x
-    slower on XLA:CPU (reverse pass for 1536 blocks of 8 x 8: about 1.2 ms against 3.2-3.8 ms).  Forward mode, reverse mode
-    and higher derivatives all work (tests: ``check_grads`` to second order, ``jax.hessian``).
+    slower on XLA:CPU (reverse pass for 1536 blocks of 8 x 8: about 1.2 ms against 3.2-3.8 ms).
+    Forward mode, reverse mode and higher derivatives all work (tests: ``check_grads`` to second
+    order, Hessians and Hessian-vector products against autodiff of a float64 solve).
     """
     (packed,), (dpacked,) = primals, tangents
     q = _cayley_exact(packed, block_size)
@@ -316,6 +319,6 @@ def cayley(
         # sum_{j<n} (-S)^j by Horner's rule: T <- I - S T, n-1 times.
         series = jnp.broadcast_to(eye, s.shape)
         for _ in range(int(neumann_terms) - 1):
-            series = eye - small_matmul(s, series)
-        return small_matmul(eye - s, series)
+            series = eye - s @ series
+        return (eye - s) @ series
     raise ValueError(f"cayley method must be 'exact' or 'neumann', got {method!r}")
