@@ -66,13 +66,13 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 _EW_MAX_BLOCK = 16  # small_matmul: broadcast multiply-adds up to this size, a batched matmul above
 
 
-def small_matmul(a: jax.Array, c: jax.Array) -> jax.Array:
+def small_matmul(a: jax.Array, c: jax.Array, *, precision=_HIGHEST) -> jax.Array:
     """``a @ c`` for batches of small matrices ``(..., p, q) @ (..., q, r)`` (leading axes broadcast).
 
     Up to ``q = 16`` the product is ``q`` broadcast multiply-adds in the inputs' dtype, which XLA
-    fuses into one loop; above, one batched matmul at ``Precision.HIGHEST``.  On XLA:CPU a batched
-    ``dot`` over many tiny matrices pays a per-matrix overhead: for 1536 blocks of 8 x 8 the
-    multiply-adds measured 0.13 ms against 0.30 ms.  Only the forward pass is fast: its reverse
+    fuses into one loop; above, one batched matmul at ``precision`` (default ``HIGHEST``).  On
+    XLA:CPU a batched ``dot`` over many tiny matrices pays a per-matrix overhead: for 1536 blocks
+    of 8 x 8 the multiply-adds measured 0.13 ms against 0.30 ms.  Only the forward pass is fast: its reverse
     mode (slices transpose to pads) is not, which is why the Cayley map's derivative supplies its
     own transpose (:func:`_cayley_exact_jvp`), and chains of it can be slower than matmuls (the
     Neumann series keeps ``@``: 3-6x faster there).
@@ -83,7 +83,7 @@ def small_matmul(a: jax.Array, c: jax.Array) -> jax.Array:
     True
     """
     if a.shape[-1] > _EW_MAX_BLOCK:
-        return jnp.matmul(a, c, precision=_HIGHEST)
+        return jnp.matmul(a, c, precision=precision)
     out = a[..., :, 0, None] * c[..., None, 0, :]
     for k in range(1, a.shape[-1]):
         out = out + a[..., :, k, None] * c[..., None, k, :]
