@@ -38,6 +38,7 @@ import datetime
 import functools
 import os
 import platform
+import signal
 import statistics
 import sys
 import time
@@ -316,9 +317,10 @@ class Candidate:
     times: list = dataclasses.field(default_factory=list)
     mem: dict = dataclasses.field(default_factory=dict)
     raw: Callable | None = None  # the un-jitted step (for profiling without donation)
+    compiled: Any = None  # ``step.lower(...).compile()``, set by :func:`measure` (one compilation)
 
     def run(self):
-        out = self.step(*self.state, *self.static)
+        out = (self.compiled or self.step)(*self.state, *self.static)
         if self.state:
             self.state = out[:2]
         return out
@@ -355,13 +357,22 @@ def build(args) -> list[Candidate]:
     rng = jax.random.key(0)
     x = jax.random.normal(jax.random.key(1), (args.batch, shape.tokens, shape.hidden), jnp.float32).astype(dtype)
     labels = jax.random.randint(jax.random.key(2), (args.batch,), 0, shape.classes)
-    base_params = jax.jit(base.init)(rng, x)["params"]
+    base_params = jax.jit(base.init)(rng, x[:1])["params"]
     base_params = jax.tree.map(lambda a: a.astype(dtype), base_params)
     cands = []
     want = set(args.only.split(",")) if args.only else None
 
     def wanted(name):
         return want is None or any(name.startswith(w) for w in want)
+
+    def from_shapes(model, split):
+        """(frozen, adapter shapes): the frozen tree is ``base_params`` itself (checked to match the
+        model's); the adapter's shapes come from ``jax.eval_shape`` of ``model.init``, so no
+        candidate compiles or runs an init of the whole model (minutes on a GPU at 12 layers)."""
+        frozen_s, adapter_s = split(jax.eval_shape(model.init, rng, x[:1])["params"])
+        if jax.tree.structure(frozen_s) != jax.tree.structure(base_params):
+            raise AssertionError(f"{type(model).__name__}: frozen params differ from the base model's")
+        return base_params, adapter_s
 
     if wanted("frozen"):
         # The floor: forward + backward to the inputs, nothing trains, no optimizer.
@@ -376,9 +387,9 @@ def build(args) -> list[Candidate]:
         if not wanted(name):
             continue
         model = LoRA(base, rank=8, tuned=tuned)
-        params = jax.jit(model.init)(rng, x)["params"]
-        frozen, adapter = _split_by_name(params, {"lora_a", "lora_b"})
-        frozen = jax.tree.map(lambda a: a.astype(dtype), frozen)
+        frozen, adapter = from_shapes(model, lambda p: _split_by_name(p, {"lora_a", "lora_b"}))
+        # Random A and B (values do not change the time); B non-zero so the branch is real.
+        adapter = jax.tree.map(lambda a: 0.02 * jax.random.normal(jax.random.key(3), a.shape, a.dtype), adapter)
         cands.append(_train_candidate(name, model.apply, frozen, adapter, {}, x, labels))
 
     for m in args.factors:
@@ -388,12 +399,11 @@ def build(args) -> list[Candidate]:
                 continue
             cfg = boft.BOFTConfig(block_size=args.block_size, n_factors=m, targets=TARGETS, mode=mode)
             model = boft.wrap(base, cfg)
-            params = jax.jit(model.init)(rng, x)["params"]
-            frozen, adapter = boft.split(params, cfg)
-            frozen = jax.tree.map(lambda a: a.astype(dtype), frozen)
-            # A non-identity adapter (values do not change the time, but keep it honest).
+            frozen, adapter = from_shapes(model, lambda p: boft.split(p, cfg))
+            # A non-identity adapter near the identity init (skew ~ 0, scale ~ 1); values do not
+            # change the time, but keep it honest.
             adapter = jax.tree.map(
-                lambda a: a + 0.01 * jax.random.normal(jax.random.key(3), a.shape, a.dtype), adapter
+                lambda a: (a.ndim == 1) + 0.01 * jax.random.normal(jax.random.key(3), a.shape, a.dtype), adapter
             )
             cands.append(
                 _train_candidate(name, model.apply, frozen, adapter, {}, x, labels, combine=boft.combine)
@@ -405,7 +415,7 @@ def build(args) -> list[Candidate]:
             if not wanted(name):
                 continue
             model = AutodiffBOFT(base, block_size=args.block_size, n_factors=m, mode=mode)
-            params = jax.jit(model.init)(rng, x)["params"]
+            params = jax.jit(model.init)(rng, x[:1])["params"]
             frozen, adapter = _split_by_name(params, {"boft_skew", "boft_s"})
             frozen = jax.tree.map(lambda a: a.astype(dtype), frozen)
             adapter = jax.tree.map(
@@ -418,7 +428,7 @@ def build(args) -> list[Candidate]:
         if not wanted(name):
             continue
         model = PEFTNaive(base, block_size=args.block_size, n_factors=m)
-        variables = jax.jit(model.init)(rng, x)
+        variables = jax.jit(model.init)(rng, x[:1])
         frozen, adapter = _split_by_name(variables["params"], {"boft_R", "boft_s"})
         frozen = jax.tree.map(lambda a: a.astype(dtype), frozen)
         c = _train_candidate(name, model.apply, frozen, adapter, {"buffers": variables["buffers"]}, x, labels)
@@ -431,7 +441,8 @@ def build(args) -> list[Candidate]:
 # Measurement
 # ---------------------------------------------------------------------------------------------
 def _memory(c: Candidate) -> dict:
-    compiled = c.step.lower(*c.state, *c.static).compile()
+    """XLA's memory analysis of ``c``'s step; compiles it once and keeps the executable in ``c``."""
+    compiled = c.compiled = c.step.lower(*c.state, *c.static).compile()
     ma = compiled.memory_analysis()
     if ma is None:
         return {}
@@ -444,12 +455,24 @@ def _memory(c: Candidate) -> dict:
 
 
 def measure(cands: list[Candidate], repeats: int, warmup: int = 2, log=print) -> None:
-    for c in cands:
-        t = time.perf_counter()
-        c.mem = _memory(c)
-        for _ in range(warmup):
-            jax.block_until_ready(c.run())
-        log(f"  compiled + warmed {c.name:18s} in {time.perf_counter() - t:6.1f} s")
+    """Compile + warm up every candidate, then time ``repeats`` interleaved rounds.
+
+    Interrupted (Ctrl-C, or SIGTERM from ``timeout``, see :func:`main`) while compiling: the
+    candidates not yet compiled are dropped from ``cands`` and at most 5 rounds of the others run.
+    """
+    ready = []
+    try:
+        for c in cands:
+            t = time.perf_counter()
+            c.mem = _memory(c)
+            for _ in range(warmup):
+                jax.block_until_ready(c.run())
+            log(f"  compiled + warmed {c.name:18s} in {time.perf_counter() - t:6.1f} s")
+            ready.append(c)
+    except KeyboardInterrupt:
+        log(f"# interrupted while compiling: timing the {len(ready)} compiled candidates only")
+        cands[:] = ready
+        repeats = min(repeats, 5)
     for r in range(repeats):
         for c in cands:
             if c.repeats and r >= c.repeats:
@@ -555,8 +578,21 @@ def main(argv=None):
         f"# {datetime.date.today()}  jax {jax.__version__}  {platform.processor() or platform.machine()}"
         f"  {os.cpu_count()} cpus  devices {jax.devices()}"
     )
-    cands = build(args)
-    measure(cands, args.repeats)
+    def _stop(signum, frame):  # `timeout` (SIGTERM): report the rounds measured so far
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _stop)
+    cands = []
+    try:
+        t0 = time.perf_counter()
+        cands = build(args)
+        print(f"  built {len(cands)} candidates in {time.perf_counter() - t0:.1f} s")
+        measure(cands, args.repeats)
+    except KeyboardInterrupt:
+        print("# interrupted: the table holds the rounds completed so far")
+    cands = [c for c in cands if c.times]
+    if not cands:
+        return
     print(table(cands))
     for line in verdicts(cands):
         print(line)
