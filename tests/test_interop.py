@@ -357,6 +357,18 @@ def test_oft_errors(tmp_path):
     edit_tensors(mixed, lambda t: {**t, "base_model.model.vit.layers.0.mlp.fc1.boft_s": np.ones((64, 1), np.float32)})
     with pytest.raises(ValueError, match=r"fc1\.boft_s.*not a OFT parameter.*'boft_\*' tensors belong to the other PEFT type"):
         load_peft_adapter(mixed, *base("vit"))
+    # PEFT's OFT on T5's shared embedding (target_modules=[..., "shared"]) saves oft_embedding_R:
+    # the error names the tensor kind, not a module the model lacks (the model has "shared")
+    emb = copy_fixture("t5_oft_gated", tmp_path / "g")
+
+    def add_embedding(t):
+        r = next(v for k, v in t.items() if k.endswith("oft_R.weight"))
+        return {**t, "base_model.model.shared.oft_embedding_R.weight": r}
+
+    edit_tensors(emb, add_embedding)
+    with pytest.raises(ValueError, match=r"1 tensor\(s\) that boft_jax cannot load:\s+base_model\.model\.shared\.oft_embedding_R"
+                       r"\.weight \(shape .*; PEFT's OFT on an embedding layer \(nn\.Embedding\); boft_jax adapts Dense layers only\)"):
+        load_peft_adapter(emb, *base(str(reference("t5_oft_gated")["base"])))
 
 
 def test_saving_as_oft_refuses_what_oft_cannot_represent(tmp_path):

@@ -522,8 +522,9 @@ def load_peft_adapter(
       regexes of the saved modules.
 
     Raises:
-      ValueError: not a BOFT / OFT adapter; ``fan_in_fan_out``; keys naming modules the model lacks
-        (all listed); tensors that do not fit their layer or the butterfly structure (all listed);
+      ValueError: not a BOFT / OFT adapter; ``fan_in_fan_out``; adapter tensors of a kind boft_jax
+        does not load, e.g. PEFT's OFT on an embedding layer (all listed); keys naming modules the
+        model lacks (all listed); tensors that do not fit their layer or the butterfly structure (all listed);
         an OFT Cayley-Neumann series of fewer than 3 terms (no Cayley map reproduces it).
       FileNotFoundError: missing files, or only a pickled ``adapter_model.bin``.
 
@@ -562,6 +563,7 @@ def load_peft_adapter(
     adapted_bias: dict[str, np.ndarray] = {}  # HF module name -> bias (from <mod>.base_layer.bias)
     base_copies: dict[str, np.ndarray] = {}  # HF param key -> value (<mod>.base_layer.weight)
     unknown: list[str] = []
+    unsupported: list[str] = []  # adapter tensors of a kind boft_jax does not load (e.g. on embeddings)
     for raw, value in sorted(tensors.items()):
         key = _strip_prefix(raw)
         if m := ours_key.match(key):
@@ -580,10 +582,13 @@ def load_peft_adapter(
         parts = key.split(".")[-3:]
         if any(part.startswith(("boft_", "oft_")) for part in parts):
             foreign = any(part.startswith(other_prefix) for part in parts)
-            unknown.append(
-                f"{raw} (shape {tuple(value.shape)}; not a {peft_type} parameter boft_jax knows"
-                + (f"; '{other_prefix}*' tensors belong to the other PEFT type)" if foreign else ")")
+            embedding = any("embedding" in part for part in parts if part.startswith(("boft_", "oft_")))
+            why = (
+                f"not a {peft_type} parameter; '{other_prefix}*' tensors belong to the other PEFT type" if foreign
+                else f"PEFT's {peft_type} on an embedding layer (nn.Embedding); boft_jax adapts Dense layers only"
+                if embedding else f"not a {peft_type} parameter boft_jax knows"
             )
+            unsupported.append(f"{raw} (shape {tuple(value.shape)}; {why})")
             continue
         if key in plain and not np.array_equal(plain[key], value):
             raise ValueError(f"{where}: {raw} and another entry for {key} hold different values")
@@ -664,6 +669,12 @@ def load_peft_adapter(
         else:  # a full weight outside modules_to_save (e.g. PEFT's save_embedding_layers): save its module
             saved_modules.setdefault(key.rsplit(".", 1)[0], []).append(path)
 
+    if unsupported:
+        raise ValueError(
+            f"{where} holds {len(unsupported)} tensor(s) that boft_jax cannot load:{_fmt(unsupported)}\n"
+            f"  (boft_jax loads {'oft_R' if oft else 'boft_R / boft_s'} tensors of Linear layers, biases and"
+            " modules_to_save; an adapter on other kinds of layer has to be retrained without them)"
+        )
     if unknown:
         raise ValueError(
             f"{where} names modules that the {keymap.kind} model does not have ({len(unknown)}):{_fmt(unknown)}\n"
