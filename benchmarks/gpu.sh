@@ -8,7 +8,8 @@
 # Writes one log per benchmark to $OUT, in order of priority (each has its own time limit):
 #   train_step.txt    issue 3: ViT-B/16 train step (12 layers, batch 256, bfloat16): frozen floor,
 #                     LoRA r=8 (plain and tuned), BOFT m=1/2/4 (b=8, mode auto: the weight side at
-#                     256 x 197 tokens)
+#                     256 x 197 tokens); with --matmul-forms (set MATMUL_FORMS= to leave it out) each
+#                     BOFT candidate again with batched matmuls for every block size ("... mm")
 #   rotate.txt        issue 2: rotate vs dense x @ M vs the reference's construction, d 4096
 #   multi_adapter.txt issue 6 (only with MULTI=1): 32 images, K in 1/4/32 adapters, 12 layers
 # Compilation dominates on the GPU machine (a first try with more candidates and the 12-layer
@@ -33,8 +34,9 @@ if ! check; then
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1 | tee "$OUT/gpu.txt"
 
-timeout "${T_TRAIN:-240}" $PY benchmarks/train_step.py --layers 12 --batch 256 --dtype bfloat16 \
-  --modes auto --peft-factors --only "frozen,lora,boft" --repeats 10 2>&1 | tee "$OUT/train_step.txt"
+timeout "${T_TRAIN:-420}" $PY benchmarks/train_step.py --layers 12 --batch 256 --dtype bfloat16 \
+  --modes auto --peft-factors --only "frozen,lora,boft" ${MATMUL_FORMS---matmul-forms} --repeats 10 2>&1 \
+  | tee "$OUT/train_step.txt"
 timeout "${T_ROTATE:-60}" $PY benchmarks/rotate.py --d 4096 --m 1 2 4 --b 8 --repeats 10 2>&1 | tee "$OUT/rotate.txt"
 [ -n "${MULTI:-}" ] && timeout "${T_MULTI:-300}" $PY benchmarks/multi_adapter.py --layers 12 --repeats 10 2>&1 \
   | tee "$OUT/multi_adapter.txt"

@@ -33,9 +33,11 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import functools
+import itertools
 import os
 import platform
 import signal
@@ -330,7 +332,32 @@ def _loss(logits, labels):
     return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels).mean()
 
 
-def _train_candidate(name, apply_fn, frozen, adapter, extra_vars, x, labels, combine=None) -> Candidate:
+@contextlib.contextmanager
+def matmul_forms():
+    """While tracing: boft_jax's products of small blocks as (batched) matmuls only.
+
+    boft_jax uses broadcast multiply-adds for blocks up to 16 wide (``_ops._EW_MAX_SPAN``,
+    ``orthogonal._EW_MAX_BLOCK``) and 16-wide block gradients (``_ops._BLOCK_GRAD_MIN_SPAN``),
+    choices measured on XLA:CPU.  ``--matmul-forms`` adds candidates traced without them, to
+    compare on other backends (on an H200, m = 4, which uses the matmul forms at S = 64, was faster
+    than m = 1 and m = 2).  Trace caches are cleared on entry and exit so that neither kind of
+    candidate reuses the other's traced layers.
+    """
+    from boft_jax import _ops, orthogonal
+
+    saved = (_ops._EW_MAX_SPAN, _ops._BLOCK_GRAD_MIN_SPAN, orthogonal._EW_MAX_BLOCK)
+    jax.clear_caches()
+    _ops._EW_MAX_SPAN, _ops._BLOCK_GRAD_MIN_SPAN, orthogonal._EW_MAX_BLOCK = 0, 1, 0
+    try:
+        yield
+    finally:
+        _ops._EW_MAX_SPAN, _ops._BLOCK_GRAD_MIN_SPAN, orthogonal._EW_MAX_BLOCK = saved
+        jax.clear_caches()
+
+
+def _train_candidate(
+    name, apply_fn, frozen, adapter, extra_vars, x, labels, combine=None, trace_context=contextlib.nullcontext
+) -> Candidate:
     opt = optax.adamw(1e-4)
     combine = combine or _merge_trees
 
@@ -339,7 +366,8 @@ def _train_candidate(name, apply_fn, frozen, adapter, extra_vars, x, labels, com
             params = combine(frozen, adapter)
             return _loss(apply_fn({"params": params, **extra}, x), labels)
 
-        loss, grads = jax.value_and_grad(loss_fn)(adapter)
+        with trace_context():  # the whole step: custom VJPs' backward rules are traced here too
+            loss, grads = jax.value_and_grad(loss_fn)(adapter)
         updates, opt_state = opt.update(grads, opt_state, adapter)
         return optax.apply_updates(adapter, updates), opt_state, loss
 
@@ -392,22 +420,22 @@ def build(args) -> list[Candidate]:
         adapter = jax.tree.map(lambda a: 0.02 * jax.random.normal(jax.random.key(3), a.shape, a.dtype), adapter)
         cands.append(_train_candidate(name, model.apply, frozen, adapter, {}, x, labels))
 
-    for m in args.factors:
-        for mode in args.modes:
-            name = f"boft m={m} {mode}"
-            if not wanted(name):
-                continue
-            cfg = boft.BOFTConfig(block_size=args.block_size, n_factors=m, targets=TARGETS, mode=mode)
-            model = boft.wrap(base, cfg)
-            frozen, adapter = from_shapes(model, lambda p: boft.split(p, cfg))
-            # A non-identity adapter near the identity init (skew ~ 0, scale ~ 1); values do not
-            # change the time, but keep it honest.
-            adapter = jax.tree.map(
-                lambda a: (a.ndim == 1) + 0.01 * jax.random.normal(jax.random.key(3), a.shape, a.dtype), adapter
-            )
-            cands.append(
-                _train_candidate(name, model.apply, frozen, adapter, {}, x, labels, combine=boft.combine)
-            )
+    forms = [("", contextlib.nullcontext)] + ([(" mm", matmul_forms)] if args.matmul_forms else [])
+    for m, mode, (suffix, ctx) in itertools.product(args.factors, args.modes, forms):
+        name = f"boft m={m} {mode}{suffix}"
+        if not wanted(name):
+            continue
+        cfg = boft.BOFTConfig(block_size=args.block_size, n_factors=m, targets=TARGETS, mode=mode)
+        model = boft.wrap(base, cfg)
+        frozen, adapter = from_shapes(model, lambda p: boft.split(p, cfg))
+        # A non-identity adapter near the identity init (skew ~ 0, scale ~ 1); values do not
+        # change the time, but keep it honest.
+        adapter = jax.tree.map(
+            lambda a: (a.ndim == 1) + 0.01 * jax.random.normal(jax.random.key(3), a.shape, a.dtype), adapter
+        )
+        cands.append(_train_candidate(
+            name, model.apply, frozen, adapter, {}, x, labels, combine=boft.combine, trace_context=ctx
+        ))
 
     for m in getattr(args, "autodiff_factors", []):
         for mode in ("input", "weight"):
@@ -560,6 +588,10 @@ def main(argv=None):
     p.add_argument(
         "--autodiff-factors", type=int, nargs="*", default=[],
         help="also time plain autodiff of boft.rotate/rotate_kernel (the pre-issue-3 linen path) for these m",
+    )
+    p.add_argument(
+        "--matmul-forms", action="store_true",
+        help="also time each BOFT candidate traced with batched matmuls for every block size (name suffix ' mm')",
     )
     p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--peft-repeats", type=int, default=3, help="repeats for the (slow) naive PEFT port")
