@@ -511,3 +511,44 @@ def test_save_adapter_crash_mid_replace_keeps_a_loadable_checkpoint(tmp_path, mo
         ck.save_adapter(path, new, cfg)
     monkeypatch.setattr(ck.os, "replace", real_replace)
     assert float(ck.load_adapter(path)[0]["l"]["kernel"]["skew"].max()) == 1.0
+
+
+@pytest.mark.slow
+def test_scan_layers_job_matches_the_unrolled_job(tmp_path, capsys):
+    """--scan-layers: the same training (dropout 0, so no per-layer random streams) with the layers
+    under nn.scan gives the same merged model as the unrolled run; its adapter is stacked per layer,
+    and a --resume without the flag is refused."""
+    import re
+
+    from safetensors.numpy import load_file
+
+    from boft_jax.checkpoint import load_adapter
+    from train.make_base import VIT_BASE
+
+    common = ["--steps", "4", "--save-every", "2", "--eval-every", "0", "--no-progress", "--batch-size", "16",
+              "--dropout", "0", "--seed", "2"]
+    finetune.run(["--output", str(tmp_path / "unrolled"), *common])
+    finetune.run(["--output", str(tmp_path / "scanned"), "--scan-layers", *common])
+
+    def skews(adapter):
+        return {jax.tree_util.keystr(p): l for p, l in jax.tree_util.tree_leaves_with_path(adapter) if "skew" in jax.tree_util.keystr(p)}
+
+    skew_u = skews(load_adapter(tmp_path / "unrolled" / "adapter")[0])
+    skew_s = skews(load_adapter(tmp_path / "scanned" / "adapter")[0])
+    n_layers = len({re.search(r"layer_\d+", k).group() for k in skew_u})
+    assert all(s.ndim == 3 for s in skew_u.values())  # (m, k, b(b-1)/2) per layer
+    assert n_layers > 1 and skew_s and not any("layer_" in k for k in skew_s), skew_s.keys()
+    assert all(s.ndim == 4 and s.shape[0] == n_layers for s in skew_s.values())  # stacked: (layers, m, k, ...)
+    assert sum(s.size for s in skew_s.values()) == sum(s.size for s in skew_u.values())
+
+    base = load_file(Path(VIT_BASE) / "model.safetensors")
+    merged_u = load_file(tmp_path / "unrolled" / "merged" / "model.safetensors")
+    merged_s = load_file(tmp_path / "scanned" / "merged" / "model.safetensors")
+    assert merged_u.keys() == merged_s.keys()
+    changed = [k for k in merged_u if k in base and merged_u[k].shape == base[k].shape and not np.allclose(merged_u[k], base[k])]
+    assert any("attention" in k for k in changed), changed  # training moved the adapted layers
+    for k, u in merged_u.items():
+        np.testing.assert_allclose(merged_s[k], u, rtol=1e-4, atol=1e-5, err_msg=k)
+    capsys.readouterr()
+    assert finetune.main(["--output", str(tmp_path / "scanned"), *common, "--resume"]) == 2  # without the flag
+    assert "does not match this run's adapter" in capsys.readouterr().err
