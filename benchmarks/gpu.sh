@@ -12,8 +12,8 @@
 #                     BOFT candidate again with batched matmuls for every block size ("... mm")
 #   rotate.txt        issue 2: rotate vs dense x @ M vs the reference's construction, d 4096
 #   multi_adapter.txt issue 6 (only with MULTI=1): 32 images, K in 1/4/32 adapters, 12 layers
-# Compilation dominates on the GPU machine (a first try with more candidates and the 12-layer
-# multi-adapter run did not finish compiling in 8 minutes), hence the short candidate list.
+# Compilation dominates on the GPU machine (a first try with 14 train-step candidates and the
+# 12-layer multi-adapter run did not finish compiling within 270 s and 120 s), hence the short list.
 # If the installed flax/optax/chex cannot import boft_jax and a folder .whl of wheels exists, those
 # wheels are installed into /tmp/site (no network needed) and used instead.
 set -u
