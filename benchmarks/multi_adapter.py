@@ -12,7 +12,7 @@ uses ``K`` distinct adapters (``K`` in 1, 4, 32; ids a shuffled ``arange(32) % K
               adapter's merged kernels (precomputed; only the adapted kernels are stacked, the
               rest is shared): what serving with merged weights switched per adapter costs
   wrapped xK  K passes of the wrapped model, each on its sub-batch with its own adapter (mode
-              "auto": weight side when a pass has more tokens than d_out, else input side)
+              "auto": weight side when d_out <= 2 x the tokens of a pass, else input side)
   base        the bare base model on the 32 images (context: the cost of any adapter at all)
 
 The K passes of "merged" and "wrapped" run as a ``lax.map`` inside one jitted program (sequential

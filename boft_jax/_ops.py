@@ -13,8 +13,8 @@ Notation: ``x (T, d)`` token rows, frozen kernel ``K (d, n)``, scale ``s (n,)``,
    instead (:func:`use_span`, :func:`rotation_operand`): every product below accepts either form,
    so no ``d x d`` array is ever built.
 
-2. Products with ``M`` on the token side (``x M``, ``u M^T``) never transpose the ``(T, d)``
-   activations (XLA:CPU copies a transposed ``(T, d)`` array at a fraction of memory bandwidth):
+2. Products with ``M`` on the token side (``x M``, ``u M^T``); XLA:CPU copies a transposed
+   ``(T, d)`` array at a fraction of memory bandwidth, so the transposes are kept few:
 
    - for ``S <= 16``, elementwise: ``(x M)[t, gS + e] = sum_c x[t, gS + c] Y[c, gS + e]`` with the
      coefficient rows ``Y[c, gS + e] = B[g, c, e]`` (:func:`_coeff_rows`): ``S`` broadcast
@@ -22,11 +22,12 @@ Notation: ``x (T, d)`` token rows, frozen kernel ``K (d, n)``, scale ``s (n,)``,
      its own row-major buffer (if XLA fused the transpose that builds it into the loop, the loop
      would gather ``Y`` and run ~10x slower), so it is produced by a (tiny) matmul with the
      identity: a matmul's result is always materialized in row-major layout on XLA:CPU.
-   - for larger ``S``: one batched matmul on a ``(G, T, S)`` view (that transpose moves ``S``-float
-     runs, which is cheap).
+   - for larger ``S``, and in the input-centric forward pass (whose input is often an
+     unmaterialized LayerNorm/GELU): one batched matmul on a ``(G, T, S)`` view (one transpose in
+     and one out, moving ``S``-float runs).
 
 3. Block gradients ``dB_g = x_g^T u_g`` (a reduction over tokens) are one batched matmul on
-   ``(G, T, S)`` views of ``x`` and ``u``.
+   ``(G, T, S')`` views of ``x`` and ``u`` (two transposes; ``S' = max(S, 16)``, see :func:`_block_grad`).
 
 4. :func:`boft_dense` (weight-centric, a ``jax.custom_vjp``): forward ``z = x (M K)``, ``y = z s``
    (the structured product touches the ``d x n`` kernel, not the tokens); backward with
@@ -141,7 +142,7 @@ def rotate_rows(x: jax.Array, R: jax.Array, precision=None) -> jax.Array:
     """``x M`` for ``x (T, d)``; ``R`` from :func:`rotation_operand`; promoted dtype.
 
     Span form ``R = B (G, S, S)``: one structured product, backward ``dx = g M^T``,
-    ``dB_h = x_h^T g_h`` (no transposes of ``(T, d)`` arrays).  Factor form ``R (m, k, b, b)``:
+    ``dB_h = x_h^T g_h`` (module docstring, 2 and 3).  Factor form ``R (m, k, b, b)``:
     :func:`boft_jax.rotate` and its autodiff (``m`` structured products each way).
     """
     if R.ndim == 4:

@@ -78,8 +78,10 @@ class BOFTConfig:
         with the identity (no rescaling).
       bias: ``"none"`` (biases frozen), ``"boft_only"`` (biases of adapted layers train) or
         ``"all"`` (every bias in the model trains).
-      mode: ``"input"`` rotates activations (``x -> x M``, ``2 m b d_in`` FLOPs per token),
-        ``"weight"`` rotates the kernel once per call (``K -> M K``, ``2 m b d_in d_out`` FLOPs),
+      mode: ``"input"`` rotates activations (``x -> x M``, ``2 S d_in`` FLOPs per token with
+        ``S = b 2^(m-1)`` for ``m <= 4``, i.e. ``2 m b d_in`` for ``m <= 2``; ``2 m b d_in`` for
+        deeper butterflies), ``"weight"`` rotates the kernel once per call (``K -> M K``,
+        ``2 S d_in d_out`` FLOPs, likewise),
         ``"auto"`` picks the cheaper one per layer and call from the number of tokens.
       cayley: ``"exact"`` or ``"neumann"`` (see :func:`boft_jax.cayley`).
       neumann_terms: series terms for ``cayley="neumann"``.

@@ -17,7 +17,8 @@ Use :func:`split` to get ``(frozen, adapter)`` (``frozen`` in the base model's o
 
 Optax recipe (gradients and optimizer state only for the adapter)::
 
-  model = boft.wrap(base_model, boft.BOFTConfig(block_size=8, n_factors=2, targets="query|value"))
+  config = boft.BOFTConfig(block_size=8, n_factors=2, targets="query|value")
+  model = boft.wrap(base_model, config)
   params = model.init(jax.random.key(0), x)["params"]      # or boft.combine(pretrained, adapter)
   frozen, adapter = boft.split(params, config)
   opt = optax.adamw(1e-3)

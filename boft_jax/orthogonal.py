@@ -112,7 +112,7 @@ def _gauss_jordan(skew: jax.Array, rhs: jax.Array) -> jax.Array:
 
 
 def solve_identity_plus_skew(skew: jax.Array, rhs: jax.Array, *, refine: int = 1) -> jax.Array:
-    """``X = (I + S)^(-1) R`` for skew-symmetric ``S`` and ``R`` of shape ``(..., b, b)``: a batched solve.
+    """``X = (I + S)^(-1) R`` for skew-symmetric ``S (..., b, b)`` and ``R (..., b, n)``: a batched solve.
 
     Gauss-Jordan elimination on ``[I + S | R]`` without pivoting, then ``refine`` steps of
     iterative refinement (``X += (I + S)^(-1) (R - (I + S) X)``), all with elementwise array ops
