@@ -44,6 +44,7 @@ from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 import jax
+from flax.core import meta as flax_meta
 import jax.numpy as jnp
 import numpy as np
 
@@ -134,13 +135,21 @@ def _geometry(module: nn.Module, inputs: jax.Array, path: str) -> _Geometry:
     return _Geometry(axis, features, d_in, int(np.prod(features)))
 
 
+def _reshape_maybe_boxed(value: Any, shape: tuple[int, ...]) -> Any:
+    """``value`` reshaped; an initializer's boxed result (e.g. ``nn.with_partitioning``) stays boxed,
+    as in flax's own DenseGeneral."""
+    if isinstance(value, flax_meta.AxisMetadata):
+        return flax_meta.replace_boxed(value, jnp.reshape(value.unbox(), shape))
+    return jnp.reshape(value, shape)
+
+
 def _init_kernel(module: nn.Module, geo: _Geometry, kernel_shape: tuple[int, ...]) -> Callable:
     """The base layer's own kernel initializer (DenseGeneral initializes the flattened matrix)."""
     if isinstance(module, nn.Dense):
         return module.kernel_init
 
     def init(rng, shape, dtype=jnp.float32):
-        return jnp.reshape(module.kernel_init(rng, (geo.d_in, geo.d_out), dtype), shape)
+        return _reshape_maybe_boxed(module.kernel_init(rng, (geo.d_in, geo.d_out), dtype), shape)
 
     return init
 
@@ -150,7 +159,7 @@ def _init_bias(module: nn.Module, geo: _Geometry) -> Callable:
         return module.bias_init
 
     def init(rng, shape, dtype=jnp.float32):
-        return jnp.reshape(module.bias_init(rng, (geo.d_out,), dtype), shape)
+        return _reshape_maybe_boxed(module.bias_init(rng, (geo.d_out,), dtype), shape)
 
     return init
 
@@ -374,8 +383,9 @@ class BOFTModule(nn.Module):
 
     Dropout (``config.dropout > 0``) is active when a ``'dropout'`` rng is given and the call is
     not deterministic: the wrapper reads the base method's ``deterministic`` (or ``train``)
-    argument as the method binds it (keyword, position or default), so adapter dropout follows the
-    base model's own; ``boft_deterministic=True/False`` overrides it.
+    argument as the method binds it (keyword, position or default) and, when that is absent or
+    ``None``, the base module's ``deterministic`` (or ``train``) field, so adapter dropout follows
+    the base model's own; ``boft_deterministic=True/False`` overrides it.
     """
 
     model: nn.Module
@@ -390,7 +400,9 @@ class BOFTModule(nn.Module):
     @nn.nowrap
     def _deterministic(self, method: str, args, kwargs) -> bool:
         """The call's ``deterministic`` (or ``not train``) argument as the base method binds it:
-        by keyword, by position, or its default; ``False`` when the method has neither."""
+        by keyword, by position, or its default.  When that is absent or ``None`` (flax's
+        ``nn.merge_param`` idiom), the wrapped module's own ``deterministic`` (or ``train``) field;
+        ``False`` when there is neither (pass ``boft_deterministic`` to say it explicitly)."""
         values = dict(kwargs)
         try:
             sig = inspect.signature(getattr(type(self.model), method))
@@ -403,10 +415,14 @@ class BOFTModule(nn.Module):
             for name, param in sig.parameters.items():
                 if param.kind is inspect.Parameter.VAR_KEYWORD:
                     values.update(values.pop(name, {}))
-        if "deterministic" in values:
+        if values.get("deterministic") is not None:
             return bool(values["deterministic"])
-        if "train" in values:
+        if values.get("train") is not None:
             return not bool(values["train"])
+        for name, deterministic_if in (("deterministic", True), ("train", False)):
+            field = getattr(self.model, name, None)
+            if isinstance(field, (bool, np.bool_)):
+                return bool(field) == deterministic_if
         return False
 
     def _run(self, method: str, args, kwargs, deterministic: bool | None = None):
@@ -667,7 +683,21 @@ def _key_path(key_path) -> str:
 
 def _merge_node(node: BOFTKernel, config: BOFTConfig, inverse: bool = False, path: str = "?") -> jax.Array:
     _check_adapter_fits(path, node.kernel, node.skew, node.scale)
+    _check_config_structure(path, node.skew, config)
     return _merge_arrays(node.kernel, node.skew, node.scale, config, inverse)
+
+
+def _check_config_structure(path: str, skew: jax.Array, config: BOFTConfig) -> None:
+    """The adapter's block structure (from its skew's shape) is the one ``config`` gives the layer."""
+    m, k, p = jnp.shape(skew)[-3:]
+    b = block_size_from_num_params(p)
+    want = config.layer_structure(path, k * b)
+    if (want.n_factors, want.block_size) != (m, b):
+        raise ValueError(
+            f"layer '{path}': the adapter has n_factors = {m}, block_size = {b} (skew of shape"
+            f" {tuple(jnp.shape(skew))}), but the config gives this layer n_factors = {want.n_factors},"
+            f" block_size = {want.block_size}; use the config the adapter was trained with"
+        )
 
 
 @functools.partial(jax.jit, static_argnums=(3, 4))

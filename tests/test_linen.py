@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import flax.linen as nn
@@ -365,6 +366,56 @@ def test_dropout_follows_the_base_methods_flag_by_keyword_position_or_default():
     on = model.apply(params, x, True, rngs=rngs)
     assert not np.array_equal(on, model.apply(params, x, True, rngs=rngs, boft_deterministic=True))
     np.testing.assert_array_equal(model.apply(params, x, train=True, rngs=rngs), on)
+
+
+def test_dropout_follows_a_deterministic_field_and_the_merge_param_idiom():
+    """Eval mode set as a module field, or a call argument defaulting to None that flax's
+    ``nn.merge_param`` resolves from the field: adapter dropout follows that field."""
+
+    class FieldModel(nn.Module):
+        deterministic: bool = True
+
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dropout(0.5, deterministic=self.deterministic)(nn.Dense(16, name="d")(x))
+
+    class NoneArgModel(nn.Module):
+        deterministic: bool | None = True
+
+        @nn.compact
+        def __call__(self, x, deterministic: bool | None = None):
+            det = nn.merge_param("deterministic", self.deterministic, deterministic)
+            return nn.Dropout(0.5, deterministic=det)(nn.Dense(16, name="d")(x))
+
+    class TrainFieldModel(nn.Module):
+        train: bool = False
+
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(16, name="d")(x)
+
+    cfg = boft.BOFTConfig(block_size=4, n_factors=2, dropout=0.5)
+    x = jax.random.normal(jax.random.key(8), (4, 16))
+    rngs = {"dropout": jax.random.key(5)}
+    for cls, eval_kw, train_kw in ((FieldModel, {"deterministic": True}, {"deterministic": False}),
+                                   (NoneArgModel, {"deterministic": True}, {"deterministic": False}),
+                                   (TrainFieldModel, {"train": False}, {"train": True})):
+        model, frozen, adapter = _setup(cls(**eval_kw), cfg, x)
+        params = {"params": boft.combine(frozen, adapter)}
+        plain = model.apply(params, x)
+        np.testing.assert_array_equal(model.apply(params, x, rngs=rngs), plain)  # eval: no adapter dropout
+        dropped = model.apply(params, x, rngs=rngs, boft_deterministic=False)
+        assert np.abs(np.asarray(dropped) - np.asarray(plain)).max() > 1e-3, cls.__name__
+        training = boft.wrap(cls(**train_kw), cfg)  # a training field: adapter dropout on
+        on = training.apply(params, x, rngs=rngs)
+        off = training.apply(params, x, rngs=rngs, boft_deterministic=True)  # same base dropout mask
+        assert np.abs(np.asarray(on) - np.asarray(off)).max() > 1e-3, cls.__name__
+    # merge_param's other half: no field, the mode given at call time
+    model = boft.wrap(NoneArgModel(deterministic=None), cfg)
+    params = {"params": boft.combine(*_setup(NoneArgModel(), cfg, x)[1:])}
+    np.testing.assert_array_equal(model.apply(params, x, True, rngs=rngs), model.apply(params, x, True))
+    on = model.apply(params, x, False, rngs=rngs)
+    assert np.abs(np.asarray(on) - np.asarray(model.apply(params, x, False, rngs=rngs, boft_deterministic=True))).max() > 1e-3
 
 
 def test_dropout_matches_reference_rule():
@@ -833,6 +884,49 @@ def test_boxed_params_are_refused_with_what_to_do():
     params = boft.combine(frozen, adapter)
     np.testing.assert_allclose(model.apply({"params": params}, x), Boxed().apply({"params": boft.merge(params, cfg)}, x),
                                rtol=1e-5, atol=1e-5)
+
+
+def test_boxed_dense_general_initializers_stay_boxed_and_wrap():
+    """A T5X/MaxText-style DenseGeneral whose kernel_init / bias_init are nn.with_partitioning:
+    the wrapped model inits (boxes kept, in the layer's own 3-D shape, as flax does), and the
+    unboxed params adapt and merge exactly."""
+
+    class Attn(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            kinit = nn.with_partitioning(nn.initializers.lecun_normal(), ("embed", "heads", "kv"))
+            binit = nn.with_partitioning(nn.initializers.normal(0.1), ("heads", "kv"))
+            return nn.DenseGeneral((2, 4), kernel_init=kinit, bias_init=binit, name="q")(x)
+
+    cfg = boft.BOFTConfig(block_size=4, n_factors=2)
+    x = jax.random.normal(jax.random.key(9), (3, 16))
+    model = boft.wrap(Attn(), cfg)
+    wrapped = model.init(jax.random.key(0), x)["params"]
+    base = Attn().init(jax.random.key(0), x)["params"]
+    for name in ("kernel", "bias"):
+        got, want = wrapped["q"][name], base["q"][name]
+        got = got.kernel if isinstance(got, boft.BOFTKernel) else got
+        assert isinstance(got, nn.Partitioned) and got.names == want.names, (name, got)
+        np.testing.assert_array_equal(got.unbox(), want.unbox())
+    frozen = nn.unbox(base)
+    adapter = _perturb(boft.init_adapter(model, frozen, x), 4)
+    params = boft.combine(frozen, adapter)
+    np.testing.assert_allclose(model.apply({"params": params}, x), Attn().apply({"params": boft.merge(params, cfg)}, x),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_merge_and_unmerge_refuse_a_config_with_another_block_structure():
+    cfg = boft.BOFTConfig(block_size=4, n_factors=2, targets="fc1")
+    x = jax.random.normal(jax.random.key(10), (3, 32))
+    model, frozen, adapter = _setup(MLP(), cfg, x)
+    params = boft.combine(frozen, adapter)
+    merged = boft.merge(params, boft.BOFTConfig(block_num=8, n_factors=2, targets="fc1"))  # the same b = 4
+    np.testing.assert_array_equal(merged["fc1"]["kernel"], boft.merge(params, cfg)["fc1"]["kernel"])
+    for other, said in ((dataclasses.replace(cfg, n_factors=1), "n_factors = 1, block_size = 4"),
+                        (dataclasses.replace(cfg, block_size=2), "n_factors = 2, block_size = 2")):
+        for call in (lambda: boft.merge(params, other), lambda: boft.unmerge(merged, adapter, other)):
+            with pytest.raises(ValueError, match=rf"layer 'fc1': the adapter has n_factors = 2, block_size = 4.*{said}"):
+                call()
 
 
 def test_unclear_setups_get_errors_that_say_what_is_wrong():
