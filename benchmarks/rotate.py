@@ -24,6 +24,10 @@ The reference costs ``2 d^3 (3m - 1)`` FLOPs to build ``M``: it is skipped where
 exceeds ``--ref-max-gflop`` (default 60), except that its construction is timed once (one repeat)
 at the issue's target shape d = 4096, m = 4, b = 8.
 
+``--span-forms`` runs the study behind the span form's application (``span_rows``: one batched
+matmul between two transposes of the activations) at the target shape: a grouped convolution, a
+loop over column blocks, broadcast multiply-adds, and the adopted form's parts timed alone.
+
 ``--formulations`` runs the study behind the per-factor formulation of ``_factor_rows`` /
 ``_factor_cols`` instead: the previous einsum layout vs the adopted batched matmul (forward, and
 forward + backward) vs other candidates, side by side.
@@ -34,6 +38,7 @@ Usage::
   python benchmarks/rotate.py --quick          # small grid, < 1 minute
   python benchmarks/rotate.py --dtype bf16 --tokens 2048
   python benchmarks/rotate.py --formulations   # formulation study (~3-5 min on 2 cores)
+  python benchmarks/rotate.py --span-forms     # span-form study at d 4096, m 4, b 8 (~2 min)
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
+import statistics
 import sys
 import time
 
@@ -423,6 +429,102 @@ def run_formulations(shapes, tokens, dtype, repeats) -> str:
 
 
 # --------------------------------------------------------------------------------------------
+# Span-form study: other ways to apply the (G, S, S) diagonal blocks of M to (T, d) rows
+# --------------------------------------------------------------------------------------------
+def _span_grouped_conv(x, B):
+    """``x M`` as a 1-D convolution of width 1 with ``G`` feature groups (XLA's grouped conv)."""
+    g, s, _ = B.shape
+    kernel = B.transpose(1, 0, 2).reshape(1, s, g * s)  # W, I / groups, O: kernel[0, c, gS + e] = B[g, c, e]
+    y = jax.lax.conv_general_dilated(
+        x[:, None, :], kernel, (1,), "VALID", dimension_numbers=("NWC", "WIO", "NWC"), feature_group_count=g
+    )
+    return y[:, 0, :]
+
+
+def _span_column_loop(unroll):
+    """``x M`` one ``S``-column block at a time: ``fori_loop`` over ``G`` of slice, ``(T, S) @ (S, S)``,
+    and an in-place update of the output (no transposes; a serial loop of small matmuls)."""
+
+    def rot(x, B):
+        g, s, _ = B.shape
+
+        def body(i, out):
+            xs = jax.lax.dynamic_slice_in_dim(x, i * s, s, axis=1)
+            return jax.lax.dynamic_update_slice_in_dim(out, xs @ B[i], i * s, axis=1)
+
+        return jax.lax.fori_loop(0, g, body, jnp.zeros_like(x), unroll=unroll)
+
+    return rot
+
+
+def _span_elementwise(x, B):
+    """``x M`` as ``S`` broadcast multiply-adds in one fused loop (the form boft_jax's layers use for
+    ``S <= 16``, with its row-major coefficient rows; here at the study's ``S``)."""
+    from boft_jax._ops import _coeff_rows
+
+    t, d = x.shape
+    g, s, _ = B.shape
+    y = _coeff_rows(B, False)  # y[c, gS + e] = B[g, c, e]
+    xv = x.reshape(t, g, s)
+    out = 0.0
+    for c in range(s):
+        out = out + jnp.broadcast_to(xv[:, :, c : c + 1], (t, g, s)).reshape(t, d) * y[c]
+    return out
+
+
+def run_span_forms(shapes, tokens, dtype, repeats) -> str:
+    """Paired ratios (median per round, 90% interval) of each form to the adopted span form and to
+    ``x @ M``; plus the adopted form's parts timed alone (input transpose, batched matmul, output
+    transpose) against a plain elementwise pass over ``x`` (one read, one write)."""
+    from boft_jax.butterfly import span_blocks, span_rows
+
+    headers = ["d", "m", "b", "S", "candidate", "ms", "paired / span form [90% CI]", "paired / x@M"]
+    rows = []
+    for d, m, b in shapes:
+        k = d // b
+        kx, kp, km = jax.random.split(jax.random.key(d + m + b), 3)
+        x = jax.random.normal(kx, (tokens, d), jnp.float32).astype(dtype)
+        blocks = boft.cayley(0.1 * jax.random.normal(kp, (m, k, boft.num_skew_params(b))), b)
+        B = span_blocks(blocks).astype(dtype)
+        g, s, _ = B.shape
+        M = boft.rotation_matrix(blocks).astype(dtype)
+        xt = x.reshape(tokens, g, s).transpose(1, 0, 2) + 0  # the batched matmul's operand, materialized
+        forms = {
+            "span form (adopted: span_rows)": (lambda x, B: span_rows(x, B), (x, B)),
+            "boft.rotate as shipped (incl. building B)": (lambda x, q: boft.rotate(x, q), (x, blocks.astype(dtype))),
+            "grouped 1-D convolution": (_span_grouped_conv, (x, B)),
+            "column-block fori_loop": (_span_column_loop(1), (x, B)),
+            "column-block fori_loop, unroll 4": (_span_column_loop(4), (x, B)),
+            f"broadcast multiply-adds (S = {s})": (_span_elementwise, (x, B)),
+            "part: transpose in": (lambda x: x.reshape(tokens, g, s).transpose(1, 0, 2), (x,)),
+            "part: batched matmul": (lambda xt, B: jnp.matmul(xt, B), (xt, B)),
+            "part: transpose out": (lambda y: y.transpose(1, 0, 2).reshape(tokens, d), (xt,)),
+            "part: one elementwise pass (2 x)": (lambda x: x * 2, (x,)),
+            "x@M": (lambda x, M: x @ M, (x, M)),
+        }
+        cands = [Candidate(n, f, a) for n, (f, a) in forms.items()]
+        y_ref = (x.astype(jnp.float32) @ M.astype(jnp.float32))
+        tol = 1e-3 if dtype == jnp.float32 else 1e-1
+        for c in cands[:6]:
+            err = float(jnp.max(jnp.abs(jax.jit(c.fn)(*c.args).astype(jnp.float32) - y_ref)))
+            assert err < tol, (c.name, err)
+        t0 = time.perf_counter()
+        times = interleaved_times(cands, repeats=repeats)
+        print(f"  d={d} m={m} b={b}: {time.perf_counter() - t0:.1f} s; load {load_average()}", file=sys.stderr, flush=True)
+        span = times["span form (adopted: span_rows)"]
+        for c in cands:
+            t = times[c.name]
+            vs_span = paired_ratio(t, span)
+            vs_dense = paired_ratio(t, times["x@M"])
+            rows.append([
+                d, m, b, s, c.name, fmt_ms(statistics.median(t)),
+                "-" if vs_span is None or c.name.startswith("span form") else "%.3f [%.3f, %.3f]" % vs_span,
+                "-" if vs_dense is None or c.name == "x@M" else "%.3f" % vs_dense[0],
+            ])
+    return markdown_table(headers, rows, align="rrrrlrrr")
+
+
+# --------------------------------------------------------------------------------------------
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="small grid (d 768/1024, m 1/4, b 8, 1024 tokens, 3 repeats)")
@@ -438,6 +540,8 @@ def main(argv=None):
     ap.add_argument("--no-target-ref", action="store_true",
                     help="do not time the reference's construction once at d=4096, m=4, b=8")
     ap.add_argument("--formulations", action="store_true", help="run the per-factor formulation study instead")
+    ap.add_argument("--span-forms", action="store_true",
+                    help="run the study of ways to apply the span blocks instead (default shape d 4096, m 4, b 8)")
     args = ap.parse_args(argv)
 
     dtype = DTYPES[args.dtype]
@@ -450,7 +554,11 @@ def main(argv=None):
     print(f"# tokens = {tokens}, activations {jnp.dtype(dtype).name}, blocks float32, {reps} interleaved repeats, medians\n")
 
     start = time.perf_counter()
-    if args.formulations:
+    if args.span_forms:
+        shapes = [s for s in itertools.product(args.d or [4096], args.m or [4], args.b or [8])
+                  if boft.structure_error(s[0], s[2], s[1]) is None and s[1] > 1]
+        print(run_span_forms(shapes, tokens, dtype, repeats or 11))
+    elif args.formulations:
         shapes = [(1024, 2, 8), (4096, 1, 8), (4096, 4, 8)] if args.quick else [
             (768, 2, 8), (1024, 4, 4), (4096, 1, 16), (4096, 2, 8), (4096, 4, 8), (4096, 4, 16)]
         if args.d or args.m or args.b:

@@ -283,8 +283,9 @@ def span_cols(w: jax.Array, B: jax.Array, *, precision=None) -> jax.Array:
 
     ``(M w)[g S + r] = sum_c B[g, r, c] w[g S + c]``, the batched product ``B @ w.reshape(G, S, n)``
     by :func:`boft_jax.orthogonal.small_matmul`: for ``S <= 16`` ``S`` multiply-adds of contiguous
-    rows of ``w`` by scalars (one fused loop; 1.3-3.5x faster than the batched matmul on XLA:CPU for
-    S = 8, 16), above one batched matmul at ``precision``.
+    rows of ``w`` by scalars (one fused loop; on XLA:CPU up to ~1.4x faster than the batched matmul
+    at S = 8 and about even at S = 16, BENCHMARKS.md, compile_time), above one batched matmul at
+    ``precision``.
     """
     d, n = w.shape
     g, s, _ = B.shape
@@ -356,8 +357,9 @@ def rotate_kernel(
 
     Returns:
       ``M @ K`` with ``kernel``'s shape and dtype (computed in the promoted dtype).  For every
-      ``x``: ``rotate(x, blocks) @ K == x @ rotate_kernel(K, blocks)``.  Cost: ``2 m b d n`` FLOPs
-      for ``n`` output features.
+      ``x``: ``rotate(x, blocks) @ K == x @ rotate_kernel(K, blocks)``.  Cost for ``n`` output
+      features: with span blocks (:func:`use_span`) ``2 S d n`` FLOPs plus building them
+      (``2 m b S d``), otherwise ``2 m b d n``.
     """
     blocks = _as_blocks(blocks, n_factors)
     m, k, b, _ = blocks.shape
