@@ -123,8 +123,13 @@ def save_adapter(
     main = is_main_process()
     if main:
         _recover(path)
-        for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a crash before the first rename
-            shutil.rmtree(stale, ignore_errors=True)
+        # left by a crash before the first rename (tmp), while deleting a replaced checkpoint (trash),
+        # or by an older version of this function that deleted `.old-*` in place
+        stale = [*path.parent.glob(f".{path.name}.tmp-*"), *path.parent.glob(f".{path.name}.trash-*")]
+        if path.exists():
+            stale += _olds(path, complete_only=False)
+        for p in stale:
+            shutil.rmtree(p, ignore_errors=True)
     if multi:  # every process must see the recovered state before deciding anything
         from jax.experimental import multihost_utils
 
@@ -148,7 +153,11 @@ def save_adapter(
             old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
             os.replace(path, old)  # a crash after this line leaves `old` and the complete `tmp`
             os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
+            # Renamed before deleting: a crash mid-delete leaves a `.trash-*` (ignored, removed by
+            # the next save), never a half-deleted `.old-*` that recovery could take for a checkpoint.
+            trash = path.with_name(f".{path.name}.trash-{uuid.uuid4().hex[:8]}")
+            os.replace(old, trash)
+            shutil.rmtree(trash, ignore_errors=True)
         else:
             os.replace(tmp, path)
     if multi:
@@ -168,8 +177,18 @@ def _checksums(tree) -> dict[str, str]:
     return out
 
 
-def _olds(path: Path) -> list[Path]:
-    return sorted(path.parent.glob(f".{path.name}.old-*"), key=lambda p: p.stat().st_mtime)
+def _leaf_checksums(tree) -> list[str]:
+    """sha256 of every leaf (dtype, shape, bytes), in leaf order, gathered to the host."""
+    return list(_checksums(gather_to_host(tree)).values())
+
+
+def _olds(path: Path, complete_only: bool = True) -> list[Path]:
+    """Checkpoints moved aside by a replacement (oldest first); by default only complete ones (with
+    both entries), so that a directory an older version left half-deleted is never taken for one."""
+    olds = sorted(path.parent.glob(f".{path.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    if complete_only:
+        olds = [p for p in olds if (p / "adapter").is_dir() and (p / "meta").exists()]
+    return olds
 
 
 def _recover(path: Path) -> None:
@@ -261,11 +280,16 @@ def _check_config_fits(path: Path, adapter, config: BOFTConfig) -> None:
 
 
 _SHAPES_KEY = "_adapter_shapes"
+_SUMS_KEY = "_checksums"  # sha256 of every adapter and optimizer-state leaf: orbax does not detect damage
 
 
 def _shapes(tree) -> dict[str, list[int]]:
     """``{leaf path: shape}`` of a pytree, JSON-ready (the identity of an adapter's structure)."""
     return {jax.tree_util.keystr(p): list(np.shape(x)) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+class _StepError(ValueError):
+    """A training checkpoint step that reads back but is not the one expected (raised as is)."""
 
 
 class TrainCheckpointer:
@@ -310,12 +334,13 @@ class TrainCheckpointer:
             return False
         if step in self._mngr.all_steps():
             return False
+        sums = {"adapter": _leaf_checksums(adapter), "opt_state": _leaf_checksums(opt_state)}
         self._mngr.save(
             step,
             args=ocp.args.Composite(
                 adapter=ocp.args.StandardSave(adapter),
                 opt_state=ocp.args.StandardSave(opt_state),
-                state=ocp.args.JsonSave({**state, _SHAPES_KEY: _shapes(adapter)}),
+                state=ocp.args.JsonSave({**state, _SHAPES_KEY: _shapes(adapter), _SUMS_KEY: sums}),
             ),
             force=True,
         )
@@ -340,13 +365,25 @@ class TrainCheckpointer:
                 f" {missing}, found {found}); remove it to resume from "
                 + (f"step {earlier[-1]}" if earlier else "the start")
             )
+        try:
+            return self._restore(step, adapter_like, opt_state_like)
+        except _StepError:
+            raise
+        except (ValueError, OSError, KeyError) as e:  # what orbax / tensorstore raise on bad files
+            earlier = sorted(self.all_steps())[:-1]
+            raise ValueError(
+                f"step {step} in {self.directory}: damaged or incomplete training checkpoint ({type(e).__name__}:"
+                f" {e}). Remove {step_dir} to resume from " + (f"step {earlier[-1]}" if earlier else "the start")
+            ) from None
+
+    def _restore(self, step: int, adapter_like, opt_state_like):
         # The adapter's shapes are in the JSON state: compare them before orbax restores arrays.
         stored = self._mngr.restore(step, args=ocp.args.Composite(state=ocp.args.JsonRestore()))["state"]
         want = _shapes(adapter_like)
         if _SHAPES_KEY in stored and stored[_SHAPES_KEY] != want:
             got = stored[_SHAPES_KEY]
             diff = sorted(k for k in set(got) | set(want) if got.get(k) != want.get(k))
-            raise ValueError(
+            raise _StepError(
                 f"step {step} in {self.directory} holds another adapter: {len(diff)} leaves differ, e.g. "
                 + "; ".join(f"{k}: stored {got.get(k)}, expected {want.get(k)}" for k in diff[:3])
             )
@@ -360,7 +397,20 @@ class TrainCheckpointer:
             ),
         )
         opt_state = jax.tree.unflatten(jax.tree.structure(opt_state_like), jax.tree.leaves(r["opt_state"]))
-        state = {k: v for k, v in r["state"].items() if k != _SHAPES_KEY}
+        sums = r["state"].get(_SUMS_KEY)
+        if sums is not None:  # steps written before checksums were stored have none
+            got = {"adapter": _leaf_checksums(r["adapter"]), "opt_state": _leaf_checksums(opt_state)}
+            bad = [f"{part} leaf {i}" for part in ("adapter", "opt_state")
+                   for i, (a, b) in enumerate(zip(sums[part], got[part])) if a != b]
+            if bad or any(len(sums[part]) != len(got[part]) for part in got):
+                earlier = sorted(self.all_steps())[:-1]
+                raise _StepError(
+                    f"step {step} in {self.directory}: {len(bad)} array(s) ({', '.join(bad[:4])}) do not match the"
+                    " checksums stored when the step was written: its files are damaged. Remove"
+                    f" {self.directory / str(step)} to resume from "
+                    + (f"step {earlier[-1]}" if earlier else "the start")
+                )
+        state = {k: v for k, v in r["state"].items() if k not in (_SHAPES_KEY, _SUMS_KEY)}
         return step, r["adapter"], opt_state, state
 
     def wait(self) -> None:

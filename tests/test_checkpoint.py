@@ -132,3 +132,82 @@ def test_stale_temporaries_files_and_symlinks(tmp_path):
     ck.save_adapter(tmp_path / "link", _adapter(5), CFG)  # written through the link, which stays
     assert (tmp_path / "link").is_symlink() and _leftovers(tmp_path) == []
     np.testing.assert_array_equal(ck.load_adapter(tmp_path / "a")[0]["l"]["bias"], _adapter(5)["l"]["bias"])
+
+
+def test_two_crashes_in_a_row_keep_the_last_good_checkpoint(tmp_path, monkeypatch):
+    """(1) A save killed while deleting the replaced checkpoint, then (2) the next save killed
+    between its two renames: the last good checkpoint (v2) is what loads and what comes back."""
+    import shutil
+
+    path = tmp_path / "a"
+    ck.save_adapter(path, _adapter(1), CFG)
+    real_rmtree, real_replace = shutil.rmtree, os.replace
+
+    def dying_rmtree(p, *args, **kwargs):  # deletes the contents, dies before the directory itself
+        if ".a." in str(p) and not str(p).startswith(str(tmp_path / ".a.tmp-")):
+            for e in os.listdir(p):
+                q = os.path.join(p, e)
+                real_rmtree(q) if os.path.isdir(q) else os.remove(q)
+            raise KeyboardInterrupt("killed while deleting")
+        return real_rmtree(p, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", dying_rmtree)
+    with pytest.raises(KeyboardInterrupt):
+        ck.save_adapter(path, _adapter(2), CFG)
+    monkeypatch.setattr(shutil, "rmtree", real_rmtree)
+    assert _leftovers(tmp_path) and all(".trash-" in n for n in _leftovers(tmp_path))  # never a half `.old-`
+
+    def dying_replace(src, dst):
+        if ".tmp-" in str(src) and str(dst) == str(path):
+            raise KeyboardInterrupt("killed between the renames")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", dying_replace)
+    with pytest.raises(KeyboardInterrupt):
+        ck.save_adapter(path, _adapter(3), CFG)
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert not path.exists()
+    with pytest.warns(UserWarning, match="interrupted"):
+        np.testing.assert_array_equal(ck.load_adapter(path)[0]["l"]["bias"], _adapter(2)["l"]["bias"])
+    # a directory an older version left half-deleted, newer than the good one, is not taken for it
+    half = tmp_path / ".a.old-0badc0de"
+    half.mkdir()
+    with pytest.warns(UserWarning, match="interrupted"):
+        np.testing.assert_array_equal(ck.load_adapter(path)[0]["l"]["bias"], _adapter(2)["l"]["bias"])
+    ck.save_adapter(path, _adapter(4), CFG)  # the next save recovers v2 first, then replaces it
+    np.testing.assert_array_equal(ck.load_adapter(path)[0]["l"]["bias"], _adapter(4)["l"]["bias"])
+    assert _leftovers(tmp_path) == []  # trash, temporaries and stale `.old-` all gone
+
+
+def test_train_checkpoint_with_a_damaged_array_is_an_error_not_garbage(tmp_path):
+    import optax
+
+    rng = np.random.default_rng(5)  # arrays large enough to be stored as they are (not inlined)
+    adapter = {"l": {"kernel": {"skew": jnp.asarray(rng.standard_normal((2, 256, 6)), jnp.float32),
+                                "scale": jnp.asarray(rng.standard_normal(1024), jnp.float32)}}}
+    opt = optax.adam(1e-3)
+    opt_state = opt.init(adapter)
+    tc = ck.TrainCheckpointer(tmp_path, save_every=1, async_save=False)
+    tc.save(1, adapter, opt_state, {"step": 1})
+    tc.save(2, adapter, opt_state, {"step": 2})
+    tc.close()
+    tc = ck.TrainCheckpointer(tmp_path, save_every=1, async_save=False)
+    step, a, _, state = tc.restore_latest(adapter, opt_state)  # intact: restored exactly
+    assert step == 2 and state == {"step": 2}
+    np.testing.assert_array_equal(a["l"]["kernel"]["skew"], adapter["l"]["kernel"]["skew"])
+    tc.close()
+    files = sorted((tmp_path / "2" / "adapter").glob("ocdbt.process_0/d/*"), key=lambda p: -p.stat().st_size)
+    assert files, sorted(str(p) for p in (tmp_path / "2").rglob("*"))  # the array data files
+    raw = bytearray(files[0].read_bytes())
+    for i in range(len(raw) // 2, len(raw) // 2 + 4):
+        raw[i] ^= 0x7F
+    files[0].write_bytes(bytes(raw))
+    tc = ck.TrainCheckpointer(tmp_path, save_every=1, async_save=False)
+    with pytest.raises(ValueError, match=r"step 2 .*damaged.*step 1"):
+        tc.restore_latest(adapter, opt_state)
+    tc.close()
+    (tmp_path / "2" / "state" / "metadata").write_bytes(b"\x94 not json")  # a damaged JSON entry
+    tc = ck.TrainCheckpointer(tmp_path, save_every=1, async_save=False)
+    with pytest.raises(ValueError, match=r"step 2 .*damaged or incomplete"):
+        tc.restore_latest(adapter, opt_state)
+    tc.close()
