@@ -88,15 +88,25 @@ def test_overwrite_keeps_the_previous_run_when_an_option_is_bad(tmp_path, capsys
 def test_sigterm_and_ctrl_c_end_with_a_resume_hint_not_a_traceback(monkeypatch, capsys):
     import signal
 
-    def killed(argv):
-        os.kill(os.getpid(), signal.SIGTERM)  # what a scheduler sends; the handler raises in this frame
-        raise AssertionError("SIGTERM was not turned into an exception")
+    from train import loop
+
+    def killed(argv):  # the first SIGTERM only asks the loop to stop after its step
+        os.kill(os.getpid(), signal.SIGTERM)  # what a scheduler sends
+        assert loop.STOP.is_set()
+        raise loop.Terminated()  # what the training loop does after the step
+
+    def killed_twice(argv):  # a second SIGTERM stops at once, raised in this frame
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("the second SIGTERM was not turned into an exception")
 
     before = signal.getsignal(signal.SIGTERM)
-    monkeypatch.setattr(finetune, "run", killed)
-    assert finetune.main([]) == 143
-    assert "terminated (SIGTERM)" in capsys.readouterr().err
-    assert signal.getsignal(signal.SIGTERM) == before  # the handler is removed again
+    for run in (killed, killed_twice):
+        monkeypatch.setattr(finetune, "run", run)
+        assert finetune.main([]) == 143
+        assert "terminated (SIGTERM)" in capsys.readouterr().err
+        assert signal.getsignal(signal.SIGTERM) == before  # the handler is removed again
+        assert not loop.STOP.is_set()
 
     def interrupted(argv):
         raise KeyboardInterrupt
@@ -104,6 +114,34 @@ def test_sigterm_and_ctrl_c_end_with_a_resume_hint_not_a_traceback(monkeypatch, 
     monkeypatch.setattr(finetune, "run", interrupted)
     assert finetune.main([]) == 130
     assert "interrupted: step checkpoints saved so far are complete; rerun the same command with --resume" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_sigterm_during_training_stops_after_the_step_and_resumes(tmp_path, monkeypatch, capsys):
+    """SIGTERM in the middle of a step: the step and its checkpoint complete, then exit 143; the
+    same command with --resume finishes the run."""
+    import signal
+
+    from boft_jax.checkpoint import TrainCheckpointer
+    from train import loop
+
+    real = loop.batch_indices
+
+    def indices(n, batch, seed, step):
+        if step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(n, batch, seed, step)
+
+    monkeypatch.setattr(loop, "batch_indices", indices)
+    args = ["--output", str(tmp_path / "run"), *SMALL, "--steps", "4", "--save-every", "1"]
+    assert finetune.main(args) == 143
+    assert "stopping after the current training step" in capsys.readouterr().err
+    ck = TrainCheckpointer(tmp_path / "run" / "checkpoints", save_every=1)
+    assert ck.latest_step() == 2  # step index 1 ran to the end and was saved
+    ck.close()
+    monkeypatch.setattr(loop, "batch_indices", real)
+    assert finetune.main([*args, "--resume"]) == 0
+    assert (tmp_path / "run" / "adapter").is_dir()
 
 
 def test_unreadable_checkpoint_or_data_file_exits_2_with_a_clear_message(tmp_path, capsys):

@@ -356,13 +356,25 @@ def run(argv=None) -> dict:
 
 
 class _Terminated(KeyboardInterrupt):
-    """SIGTERM, turned into an exception so that the in-flight checkpoint save completes."""
+    """A second SIGTERM, turned into an exception at once."""
 
 
 def main(argv=None) -> int:
     import signal
 
+    from train import loop
+
+    loop.STOP.clear()
+
     def on_sigterm(signum, frame):
+        # The first SIGTERM asks the training loop to stop after its current step (and that step's
+        # checkpoint): raising here could land inside JAX/XLA code (a compile, a GC callback) and
+        # crash the process.  A second one stops at once.
+        if not loop.STOP.is_set():
+            loop.request_stop()
+            print("\nSIGTERM: stopping after the current training step (send it again to stop now)",
+                  file=sys.stderr, flush=True)
+            return
         raise _Terminated()
 
     try:
@@ -375,13 +387,18 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
-        what = "terminated (SIGTERM)" if isinstance(e, _Terminated) else "interrupted"
+        term = isinstance(e, (_Terminated, loop.Terminated))
+        what = "terminated (SIGTERM)" if term else "interrupted"
         print(f"\n{what}: step checkpoints saved so far are complete; rerun the same command with --resume to"
               " continue", file=sys.stderr)
-        return 143 if isinstance(e, _Terminated) else 130
+        return 143 if term else 130
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+        stopped = loop.STOP.is_set()
+        loop.STOP.clear()
+    if stopped:  # SIGTERM after the last step: the job finished anyway
+        print("SIGTERM came after the last training step: the job finished", file=sys.stderr)
     return 0
 
 

@@ -7,6 +7,7 @@ evaluation; :func:`fit` does the rest.
 from __future__ import annotations
 
 import json
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,6 +77,19 @@ def _identity_diff(stored: dict, current: dict) -> list[str]:
         for k in sorted(stored)
         if stored[k] != json.loads(json.dumps(current.get(k)))  # compare as the JSON state stores them
     ]
+
+
+class Terminated(KeyboardInterrupt):
+    """A stop request (SIGTERM) honoured between two training steps, after the step's checkpoint."""
+
+
+STOP = threading.Event()  # set by a signal handler (train.finetune); checked after every step
+
+
+def request_stop() -> None:
+    """Ask the running :func:`fit` to stop after its current step (safe from a signal handler:
+    nothing is raised inside JAX/XLA code, which a raising handler could crash)."""
+    STOP.set()
 
 
 def _global_norm(tree) -> jax.Array:
@@ -233,6 +247,8 @@ def fit(task: Task, opts: TrainOptions, out_dir: Path, *, resume: bool = False) 
                       force=done == opts.steps)
             if bar is not None:
                 bar.update(1)
+            if STOP.is_set() and done < opts.steps:
+                raise Terminated()
     finally:
         if bar is not None:
             bar.close()
