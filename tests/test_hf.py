@@ -65,6 +65,20 @@ def test_legacy_flax_msgpack_loads_the_same_params(name):
     assert_trees_equal(params, expected)
 
 
+def test_a_msgpack_file_that_is_no_param_tree_is_a_clear_error(tmp_path):
+    import shutil
+
+    from flax.serialization import msgpack_serialize
+
+    d = tmp_path / "m"
+    d.mkdir()
+    shutil.copy(FIXTURES / "vit_flax_legacy" / "config.json", d)
+    for value, what in (([1, 2, 3], "list"), (7, "int")):
+        (d / "flax_model.msgpack").write_bytes(msgpack_serialize(value))
+        with pytest.raises(ValueError, match=rf"holds a msgpack {what}, not a Flax parameter tree"):
+            hf.load_state_dict(d)
+
+
 def test_transformers5_key_names_load_the_same_params():
     keys = set(hf.load_state_dict(FIXTURES / "vit_v5_keys"))
     assert "vit.layers.0.attention.q_proj.weight" in keys and "vit.layers.1.mlp.fc2.bias" in keys

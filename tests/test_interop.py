@@ -153,6 +153,18 @@ def test_t5_shared_embedding_copy_is_not_applied_as_peft_does_not_use_it():
     assert np.abs(np.asarray(applied) - ref["outputs"]).max() > 0.05
 
 
+def test_saving_a_t5_shared_embedding_for_peft_warns(tmp_path):
+    """The export side of the test above: a copy PEFT would not apply is saved with a warning."""
+    module, base_params = base("t5_relu")
+    cfg = boft.BOFTConfig(block_size=4, targets=t5.TARGET_PRESETS["attention"], modules_to_save="shared")
+    wrapped = boft.wrap(module, cfg)
+    ref = reference("t5_relu_shared")
+    adapter = boft.init_adapter(wrapped, base_params, ref["input_ids"], ref["attention_mask"], ref["decoder_input_ids"])
+    with pytest.warns(UserWarning, match="'shared' embedding.*PEFT's T5 forward never reads"):
+        save_peft_adapter(tmp_path / "p", wrapped, boft.combine(base_params, adapter))
+    assert json.loads((tmp_path / "p" / peft_io.ADAPTER_CONFIG_NAME).read_text())["modules_to_save"] == ["shared"]
+
+
 def test_config_comes_from_tensors_and_adapter_config():
     cfg = load("vit_m2_head")[0].config
     assert (cfg.block_size, cfg.block_num, cfg.n_factors, cfg.bias, cfg.dropout) == (4, None, 2, "boft_only", 0.0)
@@ -612,6 +624,49 @@ def test_cli_errors_are_reported(tmp_path, capsys):
     edit_config(bad, base_model_name_or_path="google/vit-base-patch16-224")
     assert main(["convert", "--from", "peft", "--adapter", str(bad), "--out", str(tmp_path / "y")]) == 2
     assert "--base" in capsys.readouterr().err
+
+
+def test_cli_never_overwrites_without_asking_and_reports_damaged_inputs(tmp_path, capsys):
+    base_dir = tmp_path / "base"
+    shutil.copytree(FIXTURES / "vit", base_dir)
+    before = {p.name: p.read_bytes() for p in base_dir.iterdir() if p.is_file()}
+    ckpt = tmp_path / "orbax"
+    args = ["--adapter", str(PEFT / "vit_m2_head"), "--base", str(base_dir)]
+    assert main(["convert", "--from", "peft", *args, "--out", str(ckpt)]) == 0
+    # the base model itself as the output: refused even with --overwrite
+    for extra in ([], ["--overwrite"]):
+        assert main(["export-merged", "--adapter", str(ckpt), "--base", str(base_dir), "--out", str(base_dir), *extra]) == 2
+        assert "is the --base directory itself" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in base_dir.iterdir() if p.is_file()} == before
+    # an existing non-empty output: only with --overwrite
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "keep.txt").write_text("x")
+    for command in (["convert", "--from", "peft", *args], ["export-merged", "--adapter", str(ckpt)]):
+        assert main([*command, "--out", str(taken)]) == 2
+        assert "exists and is not empty" in capsys.readouterr().err and (taken / "keep.txt").exists()
+    assert main(["export-merged", "--adapter", str(ckpt), "--out", str(taken), "--overwrite"]) == 0
+    assert (taken / "model.safetensors").is_file()
+    # bad values and paths: a clear error, exit 2, no traceback
+    with pytest.raises(SystemExit) as e:
+        main(["export-merged", "--adapter", str(ckpt), "--out", str(tmp_path / "m"), "--max-shard-bytes", "0"])
+    assert e.value.code == 2 and "--max-shard-bytes must be a positive" in capsys.readouterr().err
+    (tmp_path / "afile").write_text("x")
+    assert main(["convert", "--from", "boft", "--adapter", str(ckpt), "--out", str(tmp_path / "afile" / "x")]) == 2
+    assert "is a file, not a directory" in capsys.readouterr().err
+    assert main(["convert", "--from", "boft", "--adapter", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    damaged = copy_fixture("vit_m2_head", tmp_path)
+    weights = damaged / peft_io.ADAPTER_WEIGHTS_NAME
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # truncated
+    assert main(["convert", "--from", "peft", "--adapter", str(damaged), "--base", str(base_dir), "--out", str(tmp_path / "d")]) == 2
+    assert "is not a readable safetensors file" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="is not a readable safetensors file"):
+        peft_io.read_peft_adapter(damaged)
+    listed = copy_fixture("vit_m1", tmp_path / "listed")
+    (listed / peft_io.ADAPTER_CONFIG_NAME).write_text("[1, 2]")
+    assert main(["convert", "--from", "peft", "--adapter", str(listed), "--base", str(base_dir), "--out", str(tmp_path / "l")]) == 2
+    assert "holds a JSON list" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("command", [[], ["convert"], ["export-merged"]])

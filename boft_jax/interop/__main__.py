@@ -6,7 +6,9 @@
 
 The base model (a Hugging Face ViT or T5 directory) defaults to the one recorded with the adapter
 (``base_model_name_or_path`` in a PEFT ``adapter_config.json``, or the same key in the orbax
-checkpoint's metadata) when that is a local directory.  No torch is needed; nothing is unpickled.
+checkpoint's metadata) when that is a local directory.  ``--out`` must be new or empty
+(``--overwrite`` replaces the files of an existing one) and is never the base or adapter directory.
+No torch is needed; nothing is unpickled.
 The functions behind the commands (:func:`load_any_adapter`, :func:`convert`,
 :func:`export_merged`) can be imported from ``boft_jax.interop.__main__``.
 """
@@ -41,9 +43,16 @@ def _detect_format(adapter: str | os.PathLike) -> str:
 def _recorded_bases(adapter: str | os.PathLike, fmt: str) -> list[str]:
     """Base model locations recorded with the adapter, most specific first."""
     if fmt == "peft":
-        with open(Path(adapter) / peft_io.ADAPTER_CONFIG_NAME, encoding="utf-8") as f:
-            name = json.load(f).get("base_model_name_or_path")
-        return [name] if name else []
+        cfg_file = Path(adapter) / peft_io.ADAPTER_CONFIG_NAME
+        try:
+            with open(cfg_file, encoding="utf-8") as f:
+                cfg = json.load(f)
+        except ValueError as e:
+            raise ValueError(f"{str(cfg_file)!r} is not readable JSON: {e}") from None
+        if not isinstance(cfg, dict):
+            raise ValueError(f"{str(cfg_file)!r} holds a JSON {type(cfg).__name__}, not a PEFT adapter config object")
+        name = cfg.get("base_model_name_or_path")
+        return [name] if isinstance(name, str) and name else []
     meta = Path(adapter) / "meta" / "metadata"  # boft_jax.checkpoint's JSON metadata entry
     if not meta.is_file():
         return []
@@ -77,10 +86,16 @@ def _num_labels_hint(adapter: str | os.PathLike, fmt: str, tree: Any = None) -> 
     if fmt == "peft":
         from safetensors import safe_open
 
-        with safe_open(os.fspath(Path(adapter) / peft_io.ADAPTER_WEIGHTS_NAME), framework="numpy") as f:
-            for key in f.keys():
-                if key.removeprefix(peft_io.PEFT_PREFIX) in ("classifier.weight", "classifier.modules_to_save.default.weight"):
-                    return int(f.get_slice(key).get_shape()[0])
+        if not (Path(adapter) / peft_io.ADAPTER_WEIGHTS_NAME).is_file():
+            return None  # read_peft_adapter says what is missing (or that only a pickle is there)
+        weights = Path(adapter) / peft_io.ADAPTER_WEIGHTS_NAME
+        try:
+            with safe_open(os.fspath(weights), framework="numpy") as f:
+                for key in f.keys():
+                    if key.removeprefix(peft_io.PEFT_PREFIX) in ("classifier.weight", "classifier.modules_to_save.default.weight"):
+                        return int(f.get_slice(key).get_shape()[0])
+        except Exception as e:  # SafetensorError: truncated, a damaged header, not safetensors
+            raise ValueError(f"{os.fspath(weights)!r} is not a readable safetensors file: {e}") from None
         return None
     head = (tree or {}).get("classifier", {})
     kernel = head.get("kernel") if isinstance(head, dict) else None
@@ -102,6 +117,8 @@ def load_any_adapter(
     """``(wrapped_module, params, base_path, fmt, metadata)`` for a PEFT or orbax adapter + its base."""
     import boft_jax as boft
 
+    if not Path(adapter).exists():
+        raise FileNotFoundError(f"adapter {os.fspath(adapter)!r} does not exist")
     fmt = _detect_format(adapter) if fmt == "auto" else fmt
     if fmt not in _FORMATS:
         raise ValueError(f"adapter format must be one of {_FORMATS} or 'auto', got {fmt!r}")
@@ -117,6 +134,11 @@ def load_any_adapter(
     tree, config, metadata = load_adapter(adapter)
     module, frozen = _load_base(base, _num_labels_hint(adapter, fmt, tree), scan_layers)
     return boft.wrap(module, config), boft.combine(frozen, tree), base, fmt, dict(metadata)
+
+
+def _not_the_base(out: str | os.PathLike, base: str) -> None:
+    if Path(out).exists() and Path(base).exists() and Path(out).samefile(base):
+        raise ValueError(f"output {os.fspath(out)!r} is the base model directory itself; write to another directory")
 
 
 def convert(
@@ -135,6 +157,7 @@ def convert(
     import boft_jax as boft
 
     wrapped, params, base_path, _, metadata = load_any_adapter(adapter, base=base, fmt=src)
+    _not_the_base(out, base_path)
     name = base_model_name_or_path or metadata.get("base_model_name_or_path") or base_path
     if src == "peft":
         from boft_jax.checkpoint import save_adapter
@@ -167,7 +190,8 @@ def export_merged(
     import boft_jax as boft
     from boft_jax.models import save_pretrained
 
-    wrapped, params, *_ = load_any_adapter(adapter, base=base, fmt=fmt)
+    wrapped, params, base_path, *_ = load_any_adapter(adapter, base=base, fmt=fmt)
+    _not_the_base(out, base_path)
     merged = boft.merge(params, wrapped.config)
     save_pretrained(out, wrapped.model, merged, max_shard_bytes=max_shard_bytes)
 
@@ -234,12 +258,37 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--out", required=True, help="output model directory")
     exp.add_argument("--base", help="Hugging Face base model directory (default: the adapter's recorded base)")
     exp.add_argument("--max-shard-bytes", type=int, help="split the weights into shards of at most this size")
+    for p in (conv, exp):
+        p.add_argument("--overwrite", action="store_true",
+                       help="write into an existing, non-empty --out directory (its files are replaced)")
     return parser
 
 
+def _check_out(out: str, adapter: str, base: str | None, overwrite: bool) -> None:
+    """Refuse an output that would overwrite something without --overwrite, or ever the inputs."""
+    target = Path(out).absolute()
+    for parent in target.parents:
+        if parent.exists() and not parent.is_dir():
+            raise ValueError(f"--out {out!r}: {str(parent)!r} is a file, not a directory")
+    if target.exists() and not target.is_dir():
+        raise ValueError(f"--out {out!r} exists and is not a directory")
+    for flag, given in (("--adapter", adapter), ("--base", base)):
+        if given is not None and Path(given).exists() and target.exists() and target.samefile(given):
+            raise ValueError(f"--out {out!r} is the {flag} directory itself; write to another directory")
+    if target.is_dir() and any(target.iterdir()) and not overwrite:
+        raise ValueError(
+            f"--out {out!r} exists and is not empty ({len(list(target.iterdir()))} entries); pass --overwrite to"
+            " replace its files, or choose another directory"
+        )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "export-merged" and args.max_shard_bytes is not None and args.max_shard_bytes < 1:
+        parser.error(f"--max-shard-bytes must be a positive number of bytes, got {args.max_shard_bytes}")
     try:
+        _check_out(args.out, args.adapter, args.base, args.overwrite)
         if args.command == "convert":
             task_type = None if args.task_type.lower() == "none" else args.task_type
             convert(
@@ -248,7 +297,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         else:
             export_merged(args.adapter, args.out, base=args.base, fmt=args.fmt, max_shard_bytes=args.max_shard_bytes)
-    except (ValueError, FileNotFoundError, NotADirectoryError, TypeError) as e:
+    except (ValueError, OSError, TypeError) as e:  # OSError: missing, unwritable, a file in the way
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {args.out}")

@@ -182,8 +182,13 @@ def read_peft_adapter(adapter_dir: str | os.PathLike) -> tuple[dict[str, Any], d
         raise FileNotFoundError(
             f"{str(p)!r} has no {ADAPTER_CONFIG_NAME}; found {sorted(x.name for x in p.iterdir())}"
         )
-    with open(cfg_file, encoding="utf-8") as f:
-        config = json.load(f)
+    try:
+        with open(cfg_file, encoding="utf-8") as f:
+            config = json.load(f)
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{str(cfg_file)!r} is not readable JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{str(cfg_file)!r} holds a JSON {type(config).__name__}, not the object of a PEFT adapter config")
     peft_type = config.get("peft_type")
     if peft_type not in _PEFT_TYPES:
         raise ValueError(
@@ -211,9 +216,9 @@ def read_peft_adapter(adapter_dir: str | os.PathLike) -> tuple[dict[str, Any], d
         raise FileNotFoundError(
             f"{str(p)!r} has no {ADAPTER_WEIGHTS_NAME}; found {sorted(x.name for x in p.iterdir())}"
         )
-    from safetensors.numpy import load_file  # the `train` extra
+    from boft_jax.models.hf import _load_safetensors  # a damaged file is a ValueError naming it
 
-    return config, dict(load_file(os.fspath(weights)))
+    return config, _load_safetensors(weights)
 
 
 def _strip_prefix(key: str) -> str:
@@ -1037,6 +1042,16 @@ def save_peft_adapter(
 
     tensors, fields = peft_state_dict(wrapped_module, params, key_style=key_style, peft_type=peft_type)
     kind = _model_kind(wrapped_module.model)
+    if kind == "t5" and "shared" in (fields.get("modules_to_save") or []):
+        warnings.warn(
+            "save_peft_adapter: modules_to_save holds T5's 'shared' embedding. It is saved, but PEFT's T5"
+            " forward never reads that copy (the encoder and decoder keep the original embedding), so PEFT"
+            " will not reproduce this adapter's outputs if the embedding was trained; load_peft_adapter"
+            " leaves it out for the same reason. Keep a boft_jax checkpoint (boft_jax.checkpoint.save_adapter)"
+            " or export the merged model to keep it.",
+            UserWarning,
+            stacklevel=2,
+        )
     config = {
         "peft_type": peft_type,
         "task_type": _TASK_TYPES[kind] if task_type == "auto" else task_type,

@@ -176,7 +176,14 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
             tree = msgpack_restore(msgpack.read_bytes())
         except Exception as e:  # truncated or not msgpack
             raise ValueError(f"{str(msgpack)!r} is not a readable Flax msgpack file: {e}") from None
-        return state_dict_from_flax_legacy(tree)
+        if not isinstance(tree, dict):
+            raise ValueError(
+                f"{str(msgpack)!r} holds a msgpack {type(tree).__name__}, not a Flax parameter tree (a nested map of arrays)"
+            )
+        try:
+            return state_dict_from_flax_legacy(tree)
+        except (TypeError, AttributeError, ValueError) as e:
+            raise ValueError(f"{str(msgpack)!r} is not a Flax parameter tree of arrays: {e}") from None
     found = sorted(x.name for x in p.iterdir())
     hint = ""
     if any(name.endswith((".bin", ".pt", ".pth", ".ckpt")) for name in found):
