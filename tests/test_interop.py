@@ -669,6 +669,29 @@ def test_cli_never_overwrites_without_asking_and_reports_damaged_inputs(tmp_path
     assert "holds a JSON list" in capsys.readouterr().err
 
 
+def test_cli_converts_and_exports_a_scan_layers_adapter(tmp_path, capsys):
+    """An adapter trained on a scan_layers=True model (stacked 'layers' subtrees, as from
+    train.finetune --scan-layers): its layout is detected; PEFT and the merged export reproduce it."""
+    from boft_jax.checkpoint import save_adapter
+
+    module, params = base("vit", scan_layers=True)
+    cfg = boft.BOFTConfig(block_size=4, n_factors=2, targets=vit.TARGET_PRESETS["attention"])
+    wrapped = boft.wrap(module, cfg)
+    ref = reference("vit_m2_head")
+    adapter = boft.init_adapter(wrapped, params, ref["pixel_values"])
+    adapter = jax.tree.map(lambda a: a + 0.1 * jax.random.normal(jax.random.key(a.size), a.shape, a.dtype), adapter)
+    assert "layers" in adapter["encoder"]
+    expected = wrapped.apply({"params": boft.combine(params, adapter)}, ref["pixel_values"])
+    save_adapter(tmp_path / "a", adapter, cfg, metadata={"base_path": str(FIXTURES / "vit")})
+    assert main(["export-merged", "--adapter", str(tmp_path / "a"), "--out", str(tmp_path / "m")]) == 0
+    merged_module, merged_params = hf.from_pretrained(tmp_path / "m")
+    assert_close(merged_module.apply({"params": merged_params}, ref["pixel_values"]), expected)
+    assert main(["convert", "--from", "boft", "--adapter", str(tmp_path / "a"), "--out", str(tmp_path / "p")]) == 0
+    peft_model, peft_params = load_peft_adapter(tmp_path / "p", *base("vit"))
+    assert_close(peft_model.apply({"params": peft_params}, ref["pixel_values"]), expected)
+    capsys.readouterr()
+
+
 @pytest.mark.parametrize("command", [[], ["convert"], ["export-merged"]])
 def test_cli_help(command, capsys):
     with pytest.raises(SystemExit) as e:

@@ -102,6 +102,14 @@ def _num_labels_hint(adapter: str | os.PathLike, fmt: str, tree: Any = None) -> 
     return int(kernel.shape[-1]) if kernel is not None and hasattr(kernel, "shape") else None
 
 
+def _is_scanned(tree: Any) -> bool:
+    """Whether an adapter tree has the ``scan_layers=True`` layout of boft_jax's ViT / T5 (a stacked
+    ``layers`` subtree in a layer stack instead of ``layer_{i}`` subtrees)."""
+    return isinstance(tree, dict) and any(
+        (key == "layers" and isinstance(sub, dict)) or _is_scanned(sub) for key, sub in tree.items()
+    )
+
+
 def _load_base(base: str, num_labels: int | None, scan_layers: bool):
     from boft_jax.models import hf, vit
 
@@ -132,6 +140,7 @@ def load_any_adapter(
     from boft_jax.checkpoint import load_adapter
 
     tree, config, metadata = load_adapter(adapter)
+    scan_layers = scan_layers or _is_scanned(tree)  # e.g. from train.finetune --scan-layers
     module, frozen = _load_base(base, _num_labels_hint(adapter, fmt, tree), scan_layers)
     return boft.wrap(module, config), boft.combine(frozen, tree), base, fmt, dict(metadata)
 
