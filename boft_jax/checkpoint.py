@@ -359,22 +359,24 @@ class TrainCheckpointer:
         missing = [item for item in ("adapter", "opt_state", "state") if not (step_dir / item).exists()]
         if missing:  # orbax commits a step by renaming a complete directory: this one came from elsewhere
             found = sorted(p.name for p in step_dir.iterdir()) if step_dir.is_dir() else []
-            earlier = sorted(self.all_steps())[:-1]
             raise IncompleteCheckpoint(
                 f"{step_dir} is the newest step directory but not a complete training checkpoint (missing"
-                f" {missing}, found {found}); remove it to resume from "
-                + (f"step {earlier[-1]}" if earlier else "the start")
+                f" {missing}, found {found}); remove it to resume from {self._fallback()}"
             )
         try:
             return self._restore(step, adapter_like, opt_state_like)
         except _StepError:
             raise
         except (ValueError, OSError, KeyError) as e:  # what orbax / tensorstore raise on bad files
-            earlier = sorted(self.all_steps())[:-1]
             raise ValueError(
                 f"step {step} in {self.directory}: damaged or incomplete training checkpoint ({type(e).__name__}:"
-                f" {e}). Remove {step_dir} to resume from " + (f"step {earlier[-1]}" if earlier else "the start")
+                f" {e}). Remove {step_dir} to resume from {self._fallback()}"
             ) from None
+
+    def _fallback(self) -> str:
+        """Where a resume goes once the newest step is removed: "step N" or "the start"."""
+        earlier = sorted(self.all_steps())[:-1]
+        return f"step {earlier[-1]}" if earlier else "the start"
 
     def _restore(self, step: int, adapter_like, opt_state_like):
         # The adapter's shapes are in the JSON state: compare them before orbax restores arrays.
@@ -403,12 +405,10 @@ class TrainCheckpointer:
             bad = [f"{part} leaf {i}" for part in ("adapter", "opt_state")
                    for i, (a, b) in enumerate(zip(sums[part], got[part])) if a != b]
             if bad or any(len(sums[part]) != len(got[part]) for part in got):
-                earlier = sorted(self.all_steps())[:-1]
                 raise _StepError(
                     f"step {step} in {self.directory}: {len(bad)} array(s) ({', '.join(bad[:4])}) do not match the"
                     " checksums stored when the step was written: its files are damaged. Remove"
-                    f" {self.directory / str(step)} to resume from "
-                    + (f"step {earlier[-1]}" if earlier else "the start")
+                    f" {self.directory / str(step)} to resume from {self._fallback()}"
                 )
         state = {k: v for k, v in r["state"].items() if k not in (_SHAPES_KEY, _SUMS_KEY)}
         return step, r["adapter"], opt_state, state

@@ -238,6 +238,20 @@ def _adapted_dense_jit(x2, k2, skew, scale, drop_key, method, neumann_terms, p_d
     return y2 * scale.astype(y2.dtype)
 
 
+def _check_structure(path: str, skew_shape: tuple[int, ...], struct) -> None:
+    """The block structure of an adapter's skew ``(..., m, k, b(b-1)/2)`` (leading stacked axes
+    allowed) is the one the config gives the layer (``struct``, a :class:`LayerStructure`)."""
+    m, k, p = skew_shape[-3:]
+    want = (struct.n_factors, struct.n_blocks, struct.block_size * (struct.block_size - 1) // 2)
+    if (m, k, p) != want:
+        raise ValueError(
+            f"layer '{path}': its adapter params were made for n_factors={m}, {k} blocks of size"
+            f" {block_size_from_num_params(p)} (skew {tuple(skew_shape)}), but the config asks for"
+            f" n_factors={struct.n_factors}, {struct.n_blocks} blocks of size {struct.block_size} here (skew {want})."
+            " Apply the params with the BOFTConfig they were made with."
+        )
+
+
 def _check_held(path: str, held, kernel_shape: tuple[int, ...], want: tuple[int, ...], struct, d_out: int) -> None:
     """The params an adapted layer finds fit this call: a :class:`BOFTKernel` with kernel
     ``kernel_shape``, skew ``want`` and scale ``(d_out,)``."""
@@ -248,14 +262,8 @@ def _check_held(path: str, held, kernel_shape: tuple[int, ...], want: tuple[int,
             " wrapped model."
         )
     skew, scale, kernel = (tuple(jnp.shape(a)) for a in (held.skew, held.scale, held.kernel))
-    if skew != want and len(skew) == 3:
-        m, k, p = skew
-        raise ValueError(
-            f"layer '{path}': its adapter params were made for n_factors={m}, {k} blocks of size"
-            f" {block_size_from_num_params(p)} (skew {skew}), but the config asks for n_factors={struct.n_factors},"
-            f" {struct.n_blocks} blocks of size {struct.block_size} here (skew {want}). Apply the params"
-            " with the BOFTConfig they were made with."
-        )
+    if len(skew) == 3:
+        _check_structure(path, skew, struct)
     if skew != want or kernel != kernel_shape or scale != (d_out,):
         raise ValueError(
             f"layer '{path}': params do not fit the call: kernel {kernel} (expected {kernel_shape}),"
@@ -683,21 +691,9 @@ def _key_path(key_path) -> str:
 
 def _merge_node(node: BOFTKernel, config: BOFTConfig, inverse: bool = False, path: str = "?") -> jax.Array:
     _check_adapter_fits(path, node.kernel, node.skew, node.scale)
-    _check_config_structure(path, node.skew, config)
+    _, k, p = jnp.shape(node.skew)[-3:]
+    _check_structure(path, jnp.shape(node.skew), config.layer_structure(path, k * block_size_from_num_params(p)))
     return _merge_arrays(node.kernel, node.skew, node.scale, config, inverse)
-
-
-def _check_config_structure(path: str, skew: jax.Array, config: BOFTConfig) -> None:
-    """The adapter's block structure (from its skew's shape) is the one ``config`` gives the layer."""
-    m, k, p = jnp.shape(skew)[-3:]
-    b = block_size_from_num_params(p)
-    want = config.layer_structure(path, k * b)
-    if (want.n_factors, want.block_size) != (m, b):
-        raise ValueError(
-            f"layer '{path}': the adapter has n_factors = {m}, block_size = {b} (skew of shape"
-            f" {tuple(jnp.shape(skew))}), but the config gives this layer n_factors = {want.n_factors},"
-            f" block_size = {want.block_size}; use the config the adapter was trained with"
-        )
 
 
 @functools.partial(jax.jit, static_argnums=(3, 4))

@@ -879,10 +879,15 @@ def test_boxed_params_are_refused_with_what_to_do():
             model.init(jax.random.key(0), x)["params"], cfg), lambda: boft.init_adapter(model, boxed, x)):
         with pytest.raises(TypeError, match=r"boxed value.*Partitioned.*flax\.linen\.unbox"):
             call()
+    _assert_unboxed_params_adapt_and_merge(model, Boxed(), boxed, cfg, x, seed=3)
+
+
+def _assert_unboxed_params_adapt_and_merge(model, base_model, boxed, cfg, x, seed):
+    """Unboxed base params take a (perturbed) adapter, and the wrapped output equals the base
+    model's with merged params."""
     frozen = nn.unbox(boxed)
-    adapter = _perturb(boft.init_adapter(model, frozen, x), 3)
-    params = boft.combine(frozen, adapter)
-    np.testing.assert_allclose(model.apply({"params": params}, x), Boxed().apply({"params": boft.merge(params, cfg)}, x),
+    params = boft.combine(frozen, _perturb(boft.init_adapter(model, frozen, x), seed))
+    np.testing.assert_allclose(model.apply({"params": params}, x), base_model.apply({"params": boft.merge(params, cfg)}, x),
                                rtol=1e-5, atol=1e-5)
 
 
@@ -908,11 +913,7 @@ def test_boxed_dense_general_initializers_stay_boxed_and_wrap():
         got = got.kernel if isinstance(got, boft.BOFTKernel) else got
         assert isinstance(got, nn.Partitioned) and got.names == want.names, (name, got)
         np.testing.assert_array_equal(got.unbox(), want.unbox())
-    frozen = nn.unbox(base)
-    adapter = _perturb(boft.init_adapter(model, frozen, x), 4)
-    params = boft.combine(frozen, adapter)
-    np.testing.assert_allclose(model.apply({"params": params}, x), Attn().apply({"params": boft.merge(params, cfg)}, x),
-                               rtol=1e-5, atol=1e-5)
+    _assert_unboxed_params_adapt_and_merge(model, Attn(), base, cfg, x, seed=4)
 
 
 def test_merge_and_unmerge_refuse_a_config_with_another_block_structure():
@@ -922,10 +923,11 @@ def test_merge_and_unmerge_refuse_a_config_with_another_block_structure():
     params = boft.combine(frozen, adapter)
     merged = boft.merge(params, boft.BOFTConfig(block_num=8, n_factors=2, targets="fc1"))  # the same b = 4
     np.testing.assert_array_equal(merged["fc1"]["kernel"], boft.merge(params, cfg)["fc1"]["kernel"])
-    for other, said in ((dataclasses.replace(cfg, n_factors=1), "n_factors = 1, block_size = 4"),
-                        (dataclasses.replace(cfg, block_size=2), "n_factors = 2, block_size = 2")):
+    for other, said in ((dataclasses.replace(cfg, n_factors=1), "n_factors=1, 8 blocks of size 4"),
+                        (dataclasses.replace(cfg, block_size=2), "n_factors=2, 16 blocks of size 2")):
         for call in (lambda: boft.merge(params, other), lambda: boft.unmerge(merged, adapter, other)):
-            with pytest.raises(ValueError, match=rf"layer 'fc1': the adapter has n_factors = 2, block_size = 4.*{said}"):
+            with pytest.raises(ValueError, match=rf"layer 'fc1': its adapter params were made for n_factors=2, 8 blocks"
+                                                 rf" of size 4 .* asks for {said}"):
                 call()
 
 

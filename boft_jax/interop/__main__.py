@@ -43,15 +43,7 @@ def _detect_format(adapter: str | os.PathLike) -> str:
 def _recorded_bases(adapter: str | os.PathLike, fmt: str) -> list[str]:
     """Base model locations recorded with the adapter, most specific first."""
     if fmt == "peft":
-        cfg_file = Path(adapter) / peft_io.ADAPTER_CONFIG_NAME
-        try:
-            with open(cfg_file, encoding="utf-8") as f:
-                cfg = json.load(f)
-        except ValueError as e:
-            raise ValueError(f"{str(cfg_file)!r} is not readable JSON: {e}") from None
-        if not isinstance(cfg, dict):
-            raise ValueError(f"{str(cfg_file)!r} holds a JSON {type(cfg).__name__}, not a PEFT adapter config object")
-        name = cfg.get("base_model_name_or_path")
+        name = peft_io.read_adapter_config(adapter).get("base_model_name_or_path")
         return [name] if isinstance(name, str) and name else []
     meta = Path(adapter) / "meta" / "metadata"  # boft_jax.checkpoint's JSON metadata entry
     if not meta.is_file():
@@ -86,9 +78,9 @@ def _num_labels_hint(adapter: str | os.PathLike, fmt: str, tree: Any = None) -> 
     if fmt == "peft":
         from safetensors import safe_open
 
-        if not (Path(adapter) / peft_io.ADAPTER_WEIGHTS_NAME).is_file():
-            return None  # read_peft_adapter says what is missing (or that only a pickle is there)
         weights = Path(adapter) / peft_io.ADAPTER_WEIGHTS_NAME
+        if not weights.is_file():
+            return None  # read_peft_adapter says what is missing (or that only a pickle is there)
         try:
             with safe_open(os.fspath(weights), framework="numpy") as f:
                 for key in f.keys():
@@ -134,8 +126,7 @@ def load_any_adapter(
     if fmt == "peft":
         module, params = _load_base(base, _num_labels_hint(adapter, fmt), scan_layers)
         wrapped, params = peft_io.load_peft_adapter(adapter, module, params)
-        with open(Path(adapter) / peft_io.ADAPTER_CONFIG_NAME, encoding="utf-8") as f:
-            metadata = {"converted_from": "peft", "peft_config": json.load(f)}
+        metadata = {"converted_from": "peft", "peft_config": peft_io.read_adapter_config(adapter)}
         return wrapped, params, base, fmt, metadata
     from boft_jax.checkpoint import load_adapter
 
@@ -145,9 +136,10 @@ def load_any_adapter(
     return boft.wrap(module, config), boft.combine(frozen, tree), base, fmt, dict(metadata)
 
 
-def _not_the_base(out: str | os.PathLike, base: str) -> None:
-    if Path(out).exists() and Path(base).exists() and Path(out).samefile(base):
-        raise ValueError(f"output {os.fspath(out)!r} is the base model directory itself; write to another directory")
+def _not_an_input(out: str | os.PathLike, given: str | os.PathLike | None, flag: str) -> None:
+    """Never write into an input directory (the base model given or recorded, or the adapter)."""
+    if given is not None and Path(out).exists() and Path(given).exists() and Path(out).samefile(given):
+        raise ValueError(f"--out {os.fspath(out)!r} is the {flag} directory itself; write to another directory")
 
 
 def convert(
@@ -166,7 +158,7 @@ def convert(
     import boft_jax as boft
 
     wrapped, params, base_path, _, metadata = load_any_adapter(adapter, base=base, fmt=src)
-    _not_the_base(out, base_path)
+    _not_an_input(out, base_path, "--base")  # also a base found through the adapter's record
     name = base_model_name_or_path or metadata.get("base_model_name_or_path") or base_path
     if src == "peft":
         from boft_jax.checkpoint import save_adapter
@@ -200,7 +192,7 @@ def export_merged(
     from boft_jax.models import save_pretrained
 
     wrapped, params, base_path, *_ = load_any_adapter(adapter, base=base, fmt=fmt)
-    _not_the_base(out, base_path)
+    _not_an_input(out, base_path, "--base")
     merged = boft.merge(params, wrapped.config)
     save_pretrained(out, wrapped.model, merged, max_shard_bytes=max_shard_bytes)
 
@@ -282,8 +274,7 @@ def _check_out(out: str, adapter: str, base: str | None, overwrite: bool) -> Non
     if target.exists() and not target.is_dir():
         raise ValueError(f"--out {out!r} exists and is not a directory")
     for flag, given in (("--adapter", adapter), ("--base", base)):
-        if given is not None and Path(given).exists() and target.exists() and target.samefile(given):
-            raise ValueError(f"--out {out!r} is the {flag} directory itself; write to another directory")
+        _not_an_input(target, given, flag)
     if target.is_dir() and any(target.iterdir()) and not overwrite:
         raise ValueError(
             f"--out {out!r} exists and is not empty ({len(list(target.iterdir()))} entries); pass --overwrite to"

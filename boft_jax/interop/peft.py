@@ -168,6 +168,20 @@ def _adapter_dir(adapter_dir: str | os.PathLike) -> Path:
     return p
 
 
+def read_adapter_config(adapter_dir: str | os.PathLike) -> dict[str, Any]:
+    """The ``adapter_config.json`` of a PEFT adapter directory as a dict (a ``ValueError`` naming the
+    file when it is not readable JSON or not an object)."""
+    cfg_file = Path(adapter_dir) / ADAPTER_CONFIG_NAME
+    try:
+        with open(cfg_file, encoding="utf-8") as f:
+            config = json.load(f)
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{str(cfg_file)!r} is not readable JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{str(cfg_file)!r} holds a JSON {type(config).__name__}, not the object of a PEFT adapter config")
+    return config
+
+
 def read_peft_adapter(adapter_dir: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """``(adapter_config, tensors)`` of a PEFT BOFT or OFT adapter directory, checked, nothing unpickled.
 
@@ -182,13 +196,7 @@ def read_peft_adapter(adapter_dir: str | os.PathLike) -> tuple[dict[str, Any], d
         raise FileNotFoundError(
             f"{str(p)!r} has no {ADAPTER_CONFIG_NAME}; found {sorted(x.name for x in p.iterdir())}"
         )
-    try:
-        with open(cfg_file, encoding="utf-8") as f:
-            config = json.load(f)
-    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
-        raise ValueError(f"{str(cfg_file)!r} is not readable JSON: {e}") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{str(cfg_file)!r} holds a JSON {type(config).__name__}, not the object of a PEFT adapter config")
+    config = read_adapter_config(p)
     peft_type = config.get("peft_type")
     if peft_type not in _PEFT_TYPES:
         raise ValueError(
