@@ -302,6 +302,31 @@ def machine_description() -> str:
     )
 
 
+def add_malloc_flag(ap) -> None:
+    """``--system-malloc`` for a benchmark's argument parser (see :func:`setup_host_memory`)."""
+    ap.add_argument(
+        "--system-malloc", action="store_true",
+        help="keep glibc's default allocator, which maps and unmaps every buffer above 32 MiB on each "
+        "call (default: boft.keep_freed_memory() before JAX runs; see boft_jax/host_memory.py)",
+    )
+
+
+def setup_host_memory(system_malloc: bool) -> str:
+    """Apply :func:`boft_jax.keep_freed_memory` unless ``system_malloc``; a header line saying which.
+
+    Must run before JAX's first computation (before :func:`machine_description`).
+    """
+    import boft_jax as boft
+
+    preset = [k for k in boft.host_memory.MALLOC_ENV if k in os.environ]
+    note = f" (environment sets {', '.join(preset)})" if preset else ""
+    if system_malloc:
+        return "host allocator: system defaults (--system-malloc)" + note
+    if boft.keep_freed_memory():
+        return "host allocator: glibc keeping freed memory (boft.keep_freed_memory())" + note
+    return "host allocator: system defaults (boft.keep_freed_memory() does not apply here)" + note
+
+
 def load_average() -> str:
     """``os.getloadavg()`` formatted (the 1/5/15-minute load), or ``n/a``."""
     try:

@@ -15,6 +15,10 @@ For every (d, m, b) of the grid, with ``tokens`` rows of activations, all measur
   build: dense  ``boft.rotation_matrix(boft.cayley(params))`` (dense ``M`` the structured way; for
                 tests/notebooks/merging only)
 
+Host memory: the script calls :func:`boft_jax.keep_freed_memory` before JAX runs, so XLA:CPU's
+large buffers are reused instead of mapped and page-faulted in at every call (half of ``rotate``'s
+time at d = 4096 with glibc's defaults); ``--system-malloc`` measures with glibc's defaults.
+
 Times are medians over interleaved repeats (compile, warm up, then every repeat runs each
 candidate once in turn).  Peak memory is XLA's compiled ``memory_analysis()``: temp + output bytes
 (arguments - x, M, blocks, the reference's permutation buffers - excluded).  Every row is also
@@ -39,6 +43,7 @@ Usage::
   python benchmarks/rotate.py --dtype bf16 --tokens 2048
   python benchmarks/rotate.py --formulations   # formulation study (~3-5 min on 2 cores)
   python benchmarks/rotate.py --span-forms     # span-form study at d 4096, m 4, b 8 (~2 min)
+  python benchmarks/rotate.py --d 4096 --m 4 --b 8 --repeats 31 --no-target-ref --system-malloc
 """
 
 from __future__ import annotations
@@ -65,6 +70,7 @@ import numpy as np  # noqa: E402
 import boft_jax as boft  # noqa: E402
 from _util import (  # noqa: E402
     Candidate,
+    add_malloc_flag,
     compiled_memory,
     fmt_mib,
     fmt_ms,
@@ -77,6 +83,7 @@ from _util import (  # noqa: E402
     medians,
     memory_stats,
     paired_ratio,
+    setup_host_memory,
     target_verdict,
 )
 
@@ -542,7 +549,9 @@ def main(argv=None):
     ap.add_argument("--formulations", action="store_true", help="run the per-factor formulation study instead")
     ap.add_argument("--span-forms", action="store_true",
                     help="run the study of ways to apply the span blocks instead (default shape d 4096, m 4, b 8)")
+    add_malloc_flag(ap)
     args = ap.parse_args(argv)
+    allocator = setup_host_memory(args.system_malloc)
 
     dtype = DTYPES[args.dtype]
     tokens = args.tokens or (1024 if args.quick else 4096)
@@ -550,6 +559,7 @@ def main(argv=None):
     cmd = "python benchmarks/rotate.py " + " ".join(argv if argv is not None else sys.argv[1:])
     print(f"# {cmd.strip()}")
     print(f"# {machine_description()}; load average at start {load_average()}")
+    print(f"# {allocator}")
     reps = repeats or "5 (3 for d >= 4096)"
     print(f"# tokens = {tokens}, activations {jnp.dtype(dtype).name}, blocks float32, {reps} interleaved repeats, medians\n")
 

@@ -21,7 +21,10 @@ median over repeats of each repeat's own ratio to the LoRA step run next to it, 
 bootstrap interval; the verdict lines printed at the end call a time target met or missed only
 when that whole interval is on one side of it.  Memory is XLA's compiled
 ``memory_analysis()``: temp + output bytes of the step (the arguments - frozen weights, adapter,
-optimizer state - are listed separately).
+optimizer state - are listed separately).  Host memory: :func:`boft_jax.keep_freed_memory` is
+applied before JAX runs (as ``train.finetune`` does on a CPU); ``--system-malloc`` keeps glibc's
+defaults, under which every step maps and page-faults its large buffers anew (10-20% slower steps,
+the ratios between candidates about the same).
 
 Usage::
 
@@ -56,7 +59,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(_HERE, ".."))
 sys.path.insert(0, _HERE)
 import boft_jax as boft  # noqa: E402
-from _util import paired_ratio, target_verdict  # noqa: E402
+from _util import add_malloc_flag, paired_ratio, setup_host_memory, target_verdict  # noqa: E402
 
 TARGETS = r"attention/(?:query|key|value|out)|mlp/(?:fc1|fc2)"
 
@@ -596,7 +599,9 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--peft-repeats", type=int, default=3, help="repeats for the (slow) naive PEFT port")
     p.add_argument("--only", default="", help="comma-separated name prefixes, e.g. 'lora,boft m=1'")
+    add_malloc_flag(p)
     args = p.parse_args(argv)
+    allocator = setup_host_memory(args.system_malloc)
     if args.quick:
         args.layers, args.batch, args.repeats, args.peft_repeats = 1, 1, 3, 2
         args.factors = [f for f in args.factors if f <= 2]
@@ -610,6 +615,7 @@ def main(argv=None):
         f"# {datetime.date.today()}  jax {jax.__version__}  {platform.processor() or platform.machine()}"
         f"  {os.cpu_count()} cpus  devices {jax.devices()}"
     )
+    print(f"# {allocator}")
     def _stop(signum, frame):  # `timeout` (SIGTERM): report the rounds measured so far
         raise KeyboardInterrupt
 

@@ -15,6 +15,7 @@ from boft_jax.butterfly import (
     valid_block_sizes,
 )
 from boft_jax.config import BOFTConfig, LayerStructure
+from boft_jax.host_memory import keep_freed_memory
 from boft_jax.orthogonal import cayley, num_skew_params, pack_skew, solve_identity_plus_skew, unpack_skew
 
 __version__ = "0.1.0"
@@ -24,6 +25,7 @@ __all__ = [
     "LayerStructure",
     "butterfly_permutations",
     "cayley",
+    "keep_freed_memory",
     "solve_identity_plus_skew",
     "max_factors",
     "num_layer_params",

@@ -85,6 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     o.add_argument("--mesh", default=None, help="device mesh, e.g. 'data=2,model=4' (default: data=<all devices>)")
     o.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. in logs)")
+    o.add_argument(
+        "--system-malloc", action="store_true",
+        help="leave glibc's allocator as it is (default on CPU-only machines: boft.keep_freed_memory(),"
+        " which stops XLA's large buffers from page-faulting anew at every step)",
+    )
     return p
 
 
@@ -132,6 +137,17 @@ def _check_options(args) -> None:
         _fail("; ".join(bad))
 
 
+def _host_allocator(boft, system_malloc: bool) -> str:
+    """Apply :func:`boft_jax.keep_freed_memory` unless asked not to; says what is in effect."""
+    if system_malloc:
+        return "system defaults (--system-malloc)"
+    try:
+        kept = boft.keep_freed_memory()
+    except RuntimeError:  # run() called in a process where JAX already computed (tests, notebooks)
+        return "system defaults (JAX was already running in this process)"
+    return "freed memory kept for reuse" if kept else "system defaults (not glibc, or an accelerator)"
+
+
 def run(argv=None) -> dict:
     args = build_parser().parse_args(argv)
     _check_options(args)
@@ -145,6 +161,7 @@ def run(argv=None) -> dict:
     from boft_jax.models import hf, save_pretrained
     from train import loop
 
+    allocator = _host_allocator(boft, args.system_malloc)
     try:
         sh.maybe_initialize_distributed()
     except ValueError as e:
@@ -296,7 +313,8 @@ def run(argv=None) -> dict:
         f"{kind}: {ckpt_path} | data: {data.description} ({len(data.train)} train / {len(data.test)} held-out)\n"
         f"BOFT: b={config.block_size or '-'} k={config.block_num or '-'} m={config.n_factors} on"
         f" {len(boft.layer_paths(boft.combine(frozen, adapter)))} layers ({targets}); trainable"
-        f" {loop.fmt_params(n_train, n_base)}; devices: {jax.device_count()} {jax.devices()[0].platform}"
+        f" {loop.fmt_params(n_train, n_base)}; devices: {jax.device_count()} {jax.devices()[0].platform};"
+        f" host allocator: {allocator}"
     )
     t_start = time.time()
     acc_before = task.evaluate(model, boft.combine(frozen, adapter), data.test)
