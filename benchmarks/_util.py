@@ -318,8 +318,7 @@ def setup_host_memory(system_malloc: bool) -> str:
     """
     import boft_jax as boft
 
-    preset = [k for k in boft.host_memory.MALLOC_ENV if k in os.environ]
-    note = f" (environment sets {', '.join(preset)})" if preset else ""
+    note = boft.host_memory.preset_env()
     if system_malloc:
         return "host allocator: system defaults (--system-malloc)" + note
     if boft.keep_freed_memory():

@@ -23,8 +23,8 @@ when that whole interval is on one side of it.  Memory is XLA's compiled
 ``memory_analysis()``: temp + output bytes of the step (the arguments - frozen weights, adapter,
 optimizer state - are listed separately).  Host memory: :func:`boft_jax.keep_freed_memory` is
 applied before JAX runs (as ``train.finetune`` does on a CPU); ``--system-malloc`` keeps glibc's
-defaults, under which every step maps and page-faults its large buffers anew (10-20% slower steps,
-the ratios between candidates about the same).
+defaults, under which every step maps and page-faults its large buffers anew (11-26% more time
+per step in one back-to-back comparison; the ratios between candidates about the same).
 
 Usage::
 

@@ -4,7 +4,7 @@ Why: on Linux with glibc, ``malloc`` serves every block above 32 MiB (and every 
 allocated from a worker thread's arena) with a fresh ``mmap`` and gives it back to the kernel
 with ``munmap`` when it is freed.  XLA:CPU allocates each call's outputs and temporaries anew, so
 a jitted function whose buffers are large touches brand-new pages on *every* call, and the kernel
-zero-fills them one 4 KiB page fault at a time.  For memory-bound work that is most of the cost:
+zero-fills them one page fault at a time (4 KiB pages, unless transparent huge pages are always on).  For memory-bound work that is most of the cost:
 ``boft.rotate`` on ``(4096, 4096)`` float32 activations (two 64 MiB buffers, 33k page faults per
 call) takes about twice as long as the same computation on reused memory (BENCHMARKS.md, issue 2).
 A compute-bound dense matmul barely notices.
@@ -13,11 +13,19 @@ A compute-bound dense matmul barely notices.
 process and is reused: one arena for all threads, no ``mmap`` for large blocks, no trimming of the
 heap.  The shell equivalent, for any Python process, is::
 
-    MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647 python ...
+    MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=18446744073709551615 python ...
 
-Costs: the process keeps its peak host memory until it exits (it never hands freed memory back),
-and all threads share one arena lock (harmless for XLA, which allocates few, large buffers).
-``train/finetune.py`` applies it on CPU-only machines (``--system-malloc`` opts out).
+Costs:
+
+- Host memory.  The process never hands freed memory back, and one heap without ``mmap``
+  fragments: a review measured a peak RSS of 1.06-1.19 GiB against 0.42-0.43 GiB with glibc's
+  defaults for a loop of jitted 4096 x 4096 einsums (levelling off after about 30 calls), and
+  795 vs 696 MiB for 3 steps of the default ``train.finetune`` job.
+- All threads share one arena lock: harmless for XLA, which allocates few, large buffers, on the
+  2-core machine where it was measured; not measured with many cores.
+
+``train/finetune.py`` applies it when no accelerator plugin is installed (``--system-malloc`` opts
+out).
 
 Example::
 
@@ -33,21 +41,22 @@ import ctypes
 import importlib.metadata
 import importlib.util
 import os
+import pkgutil
 import platform
 import sys
 
-__all__ = ["MALLOC_ENV", "keep_freed_memory", "accelerator_plugins"]
+__all__ = ["MALLOC_ENV", "keep_freed_memory", "accelerator_plugins", "preset_env"]
 
 # glibc <malloc.h> parameter numbers for mallopt()
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
-_INT_MAX = 2**31 - 1
+_NO_TRIM = -1  # M_TRIM_THRESHOLD = (size_t) -1: never trim (mallopt(3)); INT_MAX would trim above 2 GiB
 
 MALLOC_ENV: dict[str, str] = {
     "MALLOC_ARENA_MAX": "1",
     "MALLOC_MMAP_MAX_": "0",
-    "MALLOC_TRIM_THRESHOLD_": str(_INT_MAX),
+    "MALLOC_TRIM_THRESHOLD_": str(2**64 - 1),
 }
 """The same settings as environment variables (read by glibc when a process starts)."""
 
@@ -59,13 +68,28 @@ def accelerator_plugins() -> list[str]:
 
     Empty on a CPU-only installation; ``JAX_PLATFORMS=cpu`` (environment) also counts as CPU-only.
     """
-    platforms = os.environ.get("JAX_PLATFORMS", "")
-    if platforms and all(p.strip() == "cpu" for p in platforms.split(",")):
+    platforms = [p.strip() for p in os.environ.get("JAX_PLATFORMS", "").split(",") if p.strip()]
+    if platforms and all(p == "cpu" for p in platforms):
         return []
-    found = sorted({ep.name for ep in importlib.metadata.entry_points(group="jax_plugins")})
+    found = {ep.name for ep in importlib.metadata.entry_points(group="jax_plugins")}
+    try:  # plugins installed as jax_plugins.* namespace packages (JAX finds these too)
+        import jax_plugins
+
+        found |= {m.name for m in pkgutil.iter_modules(jax_plugins.__path__)}
+    except ImportError:
+        pass
     if importlib.util.find_spec("libtpu") is not None:
-        found.append("libtpu")
-    return found
+        found.add("libtpu")
+    return sorted(found)
+
+
+def preset_env() -> str:
+    """``" (environment sets MALLOC_...)"`` naming the :data:`MALLOC_ENV` variables already set, or ``""``.
+
+    For status lines: with them set, glibc was configured at start-up whatever is called later.
+    """
+    preset = [k for k in MALLOC_ENV if k in os.environ]
+    return f" (environment sets {', '.join(preset)})" if preset else ""
 
 
 def _backends_initialized() -> bool:
@@ -79,6 +103,23 @@ def _backends_initialized() -> bool:
     return bool(check()) if check is not None else False
 
 
+def _malloc_arenas(libc) -> int | None:
+    """How many malloc arenas exist (``malloc_info``), or ``None`` if glibc cannot say."""
+    try:
+        buf, size = ctypes.c_char_p(), ctypes.c_size_t()
+        libc.open_memstream.restype = ctypes.c_void_p
+        stream = libc.open_memstream(ctypes.byref(buf), ctypes.byref(size))
+        if not stream:
+            return None
+        libc.malloc_info(0, ctypes.c_void_p(stream))
+        libc.fclose(ctypes.c_void_p(stream))
+        text = ctypes.string_at(buf, size.value).decode("ascii", "replace")
+        libc.free(buf)
+    except (AttributeError, OSError):
+        return None
+    return text.count("<heap nr=")
+
+
 def keep_freed_memory(*, cpu_only: bool = True) -> bool:
     """Make glibc keep freed memory for reuse (see the module docstring); call it before JAX runs.
 
@@ -88,13 +129,15 @@ def keep_freed_memory(*, cpu_only: bool = True) -> bool:
 
     Returns:
       ``True`` when the settings are in effect (applied now or by an earlier call), ``False`` when
-      nothing was done: not Linux with glibc (other allocators keep freed memory anyway; nothing to
-      fix), or ``cpu_only`` and an accelerator plugin is installed.
+      nothing was done: not Linux with glibc (the settings are glibc's), or ``cpu_only`` and an
+      accelerator plugin is installed.
 
     Raises:
-      RuntimeError: JAX has already run a computation (its backend and worker threads exist, and
-        the threads keep the arenas they already use, so the setting would not reach XLA's
-        buffers).  Call it first thing, or set :data:`MALLOC_ENV` in the environment instead.
+      RuntimeError: too late for the setting to reach XLA's buffers, because threads already
+        allocate from their own arenas (they keep them): JAX's backend is initialized (a
+        computation or ``jax.devices()`` ran), or other threads have already allocated (a Jupyter
+        kernel's, a data loader's).  Call it first thing, or set :data:`MALLOC_ENV` in the
+        environment before Python starts (that covers every thread).
       OSError: glibc refused one of the settings (names it).
 
     Example:
@@ -109,18 +152,25 @@ def keep_freed_memory(*, cpu_only: bool = True) -> bool:
         return False
     if cpu_only and accelerator_plugins():
         return False
+    env = " ".join(f"{k}={v}" for k, v in MALLOC_ENV.items())
     if _backends_initialized():
         raise RuntimeError(
             "keep_freed_memory() must run before the first JAX computation: JAX's backend is "
             "already initialized, and its worker threads keep the allocator arenas they have. "
-            "Call it at the top of the program, or start Python with "
-            + " ".join(f"{k}={v}" for k, v in MALLOC_ENV.items())
+            f"Call it at the top of the program, or start Python with {env}"
         )
     libc = ctypes.CDLL("libc.so.6")
+    arenas = _malloc_arenas(libc)
+    if arenas is not None and arenas > 1:
+        raise RuntimeError(
+            f"keep_freed_memory() came too late: other threads have already allocated from {arenas - 1}"
+            " malloc arena(s) of their own, and XLA's threads could share those (where large blocks are"
+            f" mapped anew at every call). Start Python with {env} instead (it covers every thread)"
+        )
     for name, param, value in (
         ("M_ARENA_MAX", _M_ARENA_MAX, 1),
         ("M_MMAP_MAX", _M_MMAP_MAX, 0),
-        ("M_TRIM_THRESHOLD", _M_TRIM_THRESHOLD, _INT_MAX),
+        ("M_TRIM_THRESHOLD", _M_TRIM_THRESHOLD, _NO_TRIM),
     ):
         if libc.mallopt(param, value) != 1:
             raise OSError(f"glibc mallopt({name}, {value}) failed")

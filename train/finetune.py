@@ -87,8 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. in logs)")
     o.add_argument(
         "--system-malloc", action="store_true",
-        help="leave glibc's allocator as it is (default on CPU-only machines: boft.keep_freed_memory(),"
-        " which stops XLA's large buffers from page-faulting anew at every step)",
+        help="leave glibc's allocator as it is (default when no accelerator plugin is installed:"
+        " boft.keep_freed_memory(), which stops XLA's large buffers from page-faulting anew at every step)",
     )
     return p
 
@@ -139,13 +139,16 @@ def _check_options(args) -> None:
 
 def _host_allocator(boft, system_malloc: bool) -> str:
     """Apply :func:`boft_jax.keep_freed_memory` unless asked not to; says what is in effect."""
+    note = boft.host_memory.preset_env()
     if system_malloc:
-        return "system defaults (--system-malloc)"
+        return "system defaults (--system-malloc)" + note
     try:
         kept = boft.keep_freed_memory()
-    except RuntimeError:  # run() called in a process where JAX already computed (tests, notebooks)
-        return "system defaults (JAX was already running in this process)"
-    return "freed memory kept for reuse" if kept else "system defaults (not glibc, or an accelerator)"
+    except RuntimeError:  # too late: JAX already ran, or other threads allocated (tests, notebooks)
+        return "system defaults (keep_freed_memory() came too late in this process)" + note
+    except OSError as e:
+        return f"system defaults ({e})" + note
+    return ("freed memory kept for reuse" if kept else "system defaults (not glibc, or an accelerator plugin)") + note
 
 
 def run(argv=None) -> dict:
