@@ -303,27 +303,13 @@ def machine_description() -> str:
 
 
 def add_malloc_flag(ap) -> None:
-    """``--system-malloc`` for a benchmark's argument parser (see :func:`setup_host_memory`)."""
+    """``--system-malloc`` for a benchmark's argument parser; pass its value to
+    ``boft_jax.host_memory.configure`` before JAX's first computation (before :func:`machine_description`)."""
     ap.add_argument(
         "--system-malloc", action="store_true",
         help="keep glibc's default allocator, which maps and unmaps every buffer above 32 MiB on each "
         "call (default: boft.keep_freed_memory() before JAX runs; see boft_jax/host_memory.py)",
     )
-
-
-def setup_host_memory(system_malloc: bool) -> str:
-    """Apply :func:`boft_jax.keep_freed_memory` unless ``system_malloc``; a header line saying which.
-
-    Must run before JAX's first computation (before :func:`machine_description`).
-    """
-    import boft_jax as boft
-
-    note = boft.host_memory.preset_env()
-    if system_malloc:
-        return "host allocator: system defaults (--system-malloc)" + note
-    if boft.keep_freed_memory():
-        return "host allocator: glibc keeping freed memory (boft.keep_freed_memory())" + note
-    return "host allocator: system defaults (boft.keep_freed_memory() does not apply here)" + note
 
 
 def load_average() -> str:

@@ -83,7 +83,6 @@ from _util import (  # noqa: E402
     medians,
     memory_stats,
     paired_ratio,
-    setup_host_memory,
     target_verdict,
 )
 
@@ -465,18 +464,15 @@ def _span_column_loop(unroll):
 
 
 def _span_elementwise(x, B):
-    """``x M`` as ``S`` broadcast multiply-adds in one fused loop (the form boft_jax's layers use for
-    ``S <= 16``, with its row-major coefficient rows; here at the study's ``S``)."""
-    from boft_jax._ops import _coeff_rows
+    """``x M`` as ``S`` broadcast multiply-adds in one fused loop: the layers' own form for
+    ``S <= 16`` (``boft_jax._ops._rows``), its threshold lifted to the study's ``S`` while tracing."""
+    from boft_jax import _ops
 
-    t, d = x.shape
-    g, s, _ = B.shape
-    y = _coeff_rows(B, False)  # y[c, gS + e] = B[g, c, e]
-    xv = x.reshape(t, g, s)
-    out = 0.0
-    for c in range(s):
-        out = out + jnp.broadcast_to(xv[:, :, c : c + 1], (t, g, s)).reshape(t, d) * y[c]
-    return out
+    saved, _ops._EW_MAX_SPAN = _ops._EW_MAX_SPAN, B.shape[1]
+    try:
+        return _ops._rows(x, B, False)
+    finally:
+        _ops._EW_MAX_SPAN = saved
 
 
 def run_span_forms(shapes, tokens, dtype, repeats) -> str:
@@ -551,7 +547,7 @@ def main(argv=None):
                     help="run the study of ways to apply the span blocks instead (default shape d 4096, m 4, b 8)")
     add_malloc_flag(ap)
     args = ap.parse_args(argv)
-    allocator = setup_host_memory(args.system_malloc)
+    allocator = "host allocator: " + boft.host_memory.configure(args.system_malloc)
 
     dtype = DTYPES[args.dtype]
     tokens = args.tokens or (1024 if args.quick else 4096)

@@ -59,7 +59,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(_HERE, ".."))
 sys.path.insert(0, _HERE)
 import boft_jax as boft  # noqa: E402
-from _util import add_malloc_flag, paired_ratio, setup_host_memory, target_verdict  # noqa: E402
+from _util import add_malloc_flag, paired_ratio, target_verdict  # noqa: E402
 
 TARGETS = r"attention/(?:query|key|value|out)|mlp/(?:fc1|fc2)"
 
@@ -601,7 +601,7 @@ def main(argv=None):
     p.add_argument("--only", default="", help="comma-separated name prefixes, e.g. 'lora,boft m=1'")
     add_malloc_flag(p)
     args = p.parse_args(argv)
-    allocator = setup_host_memory(args.system_malloc)
+    allocator = "host allocator: " + boft.host_memory.configure(args.system_malloc)
     if args.quick:
         args.layers, args.batch, args.repeats, args.peft_repeats = 1, 1, 3, 2
         args.factors = [f for f in args.factors if f <= 2]

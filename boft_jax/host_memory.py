@@ -45,7 +45,7 @@ import pkgutil
 import platform
 import sys
 
-__all__ = ["MALLOC_ENV", "keep_freed_memory", "accelerator_plugins", "preset_env"]
+__all__ = ["MALLOC_ENV", "accelerator_plugins", "configure", "keep_freed_memory", "preset_env"]
 
 # glibc <malloc.h> parameter numbers for mallopt()
 _M_TRIM_THRESHOLD = -1
@@ -59,6 +59,7 @@ MALLOC_ENV: dict[str, str] = {
     "MALLOC_TRIM_THRESHOLD_": str(2**64 - 1),
 }
 """The same settings as environment variables (read by glibc when a process starts)."""
+
 
 _applied = False
 
@@ -176,3 +177,29 @@ def keep_freed_memory(*, cpu_only: bool = True) -> bool:
             raise OSError(f"glibc mallopt({name}, {value}) failed")
     _applied = True
     return True
+
+
+def configure(system_malloc: bool = False) -> str:
+    """For command-line entry points: :func:`keep_freed_memory` unless ``system_malloc``; never raises.
+
+    Returns the status line they print: what is in effect and why, plus :func:`preset_env`.  Call
+    it before JAX's first computation (``train.finetune`` and the benchmarks do, behind their
+    ``--system-malloc`` flag).
+
+    Example:
+      >>> from boft_jax import host_memory
+      >>> host_memory.configure(system_malloc=True)  # doctest: +SKIP
+      'system defaults (--system-malloc)'
+    """
+    note = preset_env()
+    if system_malloc:
+        return "system defaults (--system-malloc)" + note
+    try:
+        kept = keep_freed_memory()
+    except RuntimeError:  # too late: JAX already ran, or other threads allocated (tests, notebooks)
+        return "system defaults (keep_freed_memory() came too late in this process)" + note
+    except OSError as e:
+        return f"system defaults ({e})" + note
+    if kept:
+        return "freed memory kept for reuse (boft.keep_freed_memory())" + note
+    return "system defaults (keep_freed_memory() does not apply here: not glibc, or an accelerator plugin)" + note

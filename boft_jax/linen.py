@@ -44,7 +44,6 @@ from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 import jax
-from flax.core import meta as flax_meta
 import jax.numpy as jnp
 import numpy as np
 
@@ -138,8 +137,8 @@ def _geometry(module: nn.Module, inputs: jax.Array, path: str) -> _Geometry:
 def _reshape_maybe_boxed(value: Any, shape: tuple[int, ...]) -> Any:
     """``value`` reshaped; an initializer's boxed result (e.g. ``nn.with_partitioning``) stays boxed,
     as in flax's own DenseGeneral."""
-    if isinstance(value, flax_meta.AxisMetadata):
-        return flax_meta.replace_boxed(value, jnp.reshape(value.unbox(), shape))
+    if isinstance(value, nn.meta.AxisMetadata):
+        return nn.meta.replace_boxed(value, jnp.reshape(value.unbox(), shape))
     return jnp.reshape(value, shape)
 
 

@@ -174,30 +174,39 @@ class _EP:
         self.name = name
 
 
-def test_finetune_reports_the_allocator(monkeypatch):
-    from train import finetune
-
-    assert finetune._host_allocator(boft, True) == "system defaults (--system-malloc)"
-
-    def already_running(**kw):
-        raise RuntimeError("late")
-
-    monkeypatch.setattr(boft, "keep_freed_memory", already_running)
-    assert "came too late" in finetune._host_allocator(boft, False)
-    monkeypatch.setattr(boft, "keep_freed_memory", lambda **kw: True)
-    assert finetune._host_allocator(boft, False) == "freed memory kept for reuse"
-    assert finetune.build_parser().parse_args(["--system-malloc"]).system_malloc is True
-
-
-def test_benchmarks_header_says_which_allocator(monkeypatch):
-    from benchmarks import _util
-
+def test_configure_says_what_is_in_effect(monkeypatch):
+    # The status line train.finetune and the benchmarks print behind their --system-malloc flag.
     for k in host_memory.MALLOC_ENV:
         monkeypatch.delenv(k, raising=False)
-    assert _util.setup_host_memory(True) == "host allocator: system defaults (--system-malloc)"
+    assert host_memory.configure(True) == "system defaults (--system-malloc)"
     monkeypatch.setenv("MALLOC_ARENA_MAX", "1")
-    assert _util.setup_host_memory(True).endswith("(environment sets MALLOC_ARENA_MAX)")
-    monkeypatch.setattr(boft, "keep_freed_memory", lambda **kw: True)
-    assert "keeping freed memory" in _util.setup_host_memory(False)
-    monkeypatch.setattr(boft, "keep_freed_memory", lambda **kw: False)
-    assert "does not apply here" in _util.setup_host_memory(False)
+    assert host_memory.configure(True).endswith("(environment sets MALLOC_ARENA_MAX)")
+    monkeypatch.delenv("MALLOC_ARENA_MAX")
+
+    def too_late(**kw):
+        raise RuntimeError("late")
+
+    def refused(**kw):
+        raise OSError("glibc mallopt(M_ARENA_MAX, 1) failed")
+
+    monkeypatch.setattr(host_memory, "keep_freed_memory", too_late)
+    assert "came too late" in host_memory.configure(False)
+    monkeypatch.setattr(host_memory, "keep_freed_memory", refused)
+    assert host_memory.configure(False) == "system defaults (glibc mallopt(M_ARENA_MAX, 1) failed)"
+    monkeypatch.setattr(host_memory, "keep_freed_memory", lambda **kw: True)
+    assert host_memory.configure(False).startswith("freed memory kept for reuse")
+    monkeypatch.setattr(host_memory, "keep_freed_memory", lambda **kw: False)
+    assert "does not apply here" in host_memory.configure(False)
+
+
+def test_entry_points_take_system_malloc():
+    import argparse
+
+    from benchmarks import _util
+    from train import finetune
+
+    assert finetune.build_parser().parse_args(["--system-malloc"]).system_malloc is True
+    ap = argparse.ArgumentParser()
+    _util.add_malloc_flag(ap)
+    assert ap.parse_args(["--system-malloc"]).system_malloc is True
+    assert ap.parse_args([]).system_malloc is False

@@ -137,20 +137,6 @@ def _check_options(args) -> None:
         _fail("; ".join(bad))
 
 
-def _host_allocator(boft, system_malloc: bool) -> str:
-    """Apply :func:`boft_jax.keep_freed_memory` unless asked not to; says what is in effect."""
-    note = boft.host_memory.preset_env()
-    if system_malloc:
-        return "system defaults (--system-malloc)" + note
-    try:
-        kept = boft.keep_freed_memory()
-    except RuntimeError:  # too late: JAX already ran, or other threads allocated (tests, notebooks)
-        return "system defaults (keep_freed_memory() came too late in this process)" + note
-    except OSError as e:
-        return f"system defaults ({e})" + note
-    return ("freed memory kept for reuse" if kept else "system defaults (not glibc, or an accelerator plugin)") + note
-
-
 def run(argv=None) -> dict:
     args = build_parser().parse_args(argv)
     _check_options(args)
@@ -164,7 +150,7 @@ def run(argv=None) -> dict:
     from boft_jax.models import hf, save_pretrained
     from train import loop
 
-    allocator = _host_allocator(boft, args.system_malloc)
+    allocator = boft.host_memory.configure(args.system_malloc)
     try:
         sh.maybe_initialize_distributed()
     except ValueError as e:
@@ -376,10 +362,6 @@ def run(argv=None) -> dict:
     }
 
 
-class _Terminated(KeyboardInterrupt):
-    """A second SIGTERM, turned into an exception at once."""
-
-
 def main(argv=None) -> int:
     import signal
 
@@ -396,7 +378,7 @@ def main(argv=None) -> int:
             print("\nSIGTERM: stopping after the current training step (send it again to stop now)",
                   file=sys.stderr, flush=True)
             return
-        raise _Terminated()
+        raise loop.Terminated()  # the second one: at once
 
     try:
         previous = signal.signal(signal.SIGTERM, on_sigterm)
@@ -408,7 +390,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
-        term = isinstance(e, (_Terminated, loop.Terminated))
+        term = isinstance(e, loop.Terminated)
         what = "terminated (SIGTERM)" if term else "interrupted"
         print(f"\n{what}: step checkpoints saved so far are complete; rerun the same command with --resume to"
               " continue", file=sys.stderr)

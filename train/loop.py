@@ -80,7 +80,8 @@ def _identity_diff(stored: dict, current: dict) -> list[str]:
 
 
 class Terminated(KeyboardInterrupt):
-    """A stop request (SIGTERM) honoured between two training steps, after the step's checkpoint."""
+    """A stop request (SIGTERM): raised by :func:`fit` between two steps, after the step's
+    checkpoint, or by ``train.finetune``'s handler at once on a second SIGTERM."""
 
 
 STOP = threading.Event()  # set by a signal handler (train.finetune); checked after every step

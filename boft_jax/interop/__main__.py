@@ -81,13 +81,12 @@ def _num_labels_hint(adapter: str | os.PathLike, fmt: str, tree: Any = None) -> 
         weights = Path(adapter) / peft_io.ADAPTER_WEIGHTS_NAME
         if not weights.is_file():
             return None  # read_peft_adapter says what is missing (or that only a pickle is there)
-        try:
-            with safe_open(os.fspath(weights), framework="numpy") as f:
-                for key in f.keys():
-                    if key.removeprefix(peft_io.PEFT_PREFIX) in ("classifier.weight", "classifier.modules_to_save.default.weight"):
-                        return int(f.get_slice(key).get_shape()[0])
-        except Exception as e:  # SafetensorError: truncated, a damaged header, not safetensors
-            raise ValueError(f"{os.fspath(weights)!r} is not a readable safetensors file: {e}") from None
+        from boft_jax.models.hf import safetensors_errors
+
+        with safetensors_errors(weights), safe_open(os.fspath(weights), framework="numpy") as f:
+            for key in f.keys():
+                if key.removeprefix(peft_io.PEFT_PREFIX) in ("classifier.weight", "classifier.modules_to_save.default.weight"):
+                    return int(f.get_slice(key).get_shape()[0])
         return None
     head = (tree or {}).get("classifier", {})
     kernel = head.get("kernel") if isinstance(head, dict) else None

@@ -29,6 +29,7 @@ also writes on disk).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -135,13 +136,21 @@ def check_model_type(path: str | os.PathLike, config: Mapping[str, Any], expecte
         )
 
 
+@contextlib.contextmanager
+def safetensors_errors(file: str | os.PathLike):
+    """Reading ``file`` inside this block: any failure of the safetensors library (truncated, a
+    damaged header, not safetensors, bad dtypes) becomes a ``ValueError`` naming the file."""
+    try:
+        yield
+    except Exception as e:  # SafetensorError and whatever else the reader raises
+        raise ValueError(f"{os.fspath(file)!r} is not a readable safetensors file: {e}") from None
+
+
 def _load_safetensors(file: Path) -> dict[str, np.ndarray]:
     from safetensors.numpy import load_file  # the `train` extra; imported only when needed
 
-    try:
+    with safetensors_errors(file):
         return dict(load_file(os.fspath(file)))
-    except Exception as e:  # SafetensorError (truncated / not safetensors), bad dtypes, ...
-        raise ValueError(f"{os.fspath(file)!r} is not a readable safetensors file: {e}") from None
 
 
 def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
