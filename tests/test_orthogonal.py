@@ -180,10 +180,13 @@ def test_solve_identity_plus_skew_matches_numpy_float64(b):
         boft.solve_identity_plus_skew(jnp.zeros((3, 4)), jnp.zeros((4, 4)))
 
 
-@pytest.mark.parametrize("b", [2, 8, 32])
+@pytest.mark.parametrize("b", [2, 3, 7, 8, 12, 32])
 @pytest.mark.parametrize("scale", [0.05, 1.0, 10.0])
 def test_cayley_float32_is_as_accurate_as_lapack(b, scale):
-    """float32 Cayley blocks vs the float64 formula: no worse than a pivoted LAPACK solve (+1e-6)."""
+    """float32 Cayley blocks vs the float64 formula: as accurate as a pivoted LAPACK solve.
+
+    Measured: below LAPACK's error in 17 of these 18 cases, 1.3x it in one (b = 7, entries ~10);
+    without the refinement step the error is 2-7e-7 already at small entries (LAPACK: 1-3e-7)."""
     rng = np.random.default_rng(b)
     packed = scale * rng.normal(size=(40, b * (b - 1) // 2))
     ref = np_cayley(np_skew(packed, b))
@@ -192,7 +195,7 @@ def test_cayley_float32_is_as_accurate_as_lapack(b, scale):
     eye = jnp.eye(b, dtype=jnp.float32)
     lapack = np.asarray(jnp.linalg.solve(eye + s32, jnp.broadcast_to(eye, s32.shape) - s32), np.float64)
     err, err_lapack = np.abs(q - ref).max(), np.abs(lapack - ref).max()
-    assert err <= err_lapack + 1e-6, (err, err_lapack)
+    assert err <= 1.5 * err_lapack + 1e-7, (err, err_lapack)
     assert np.abs(q @ np.swapaxes(q, -1, -2) - np.eye(b)).max() < 1e-5
 
 
