@@ -577,9 +577,8 @@ def verdicts(cands: list[Candidate]) -> list[str]:
     return out
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="smoke run: 1 layer, batch 1, 3 repeats, m=1,2")
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """The model and adapter options of :func:`build` (shared with ``peak_buffers.py``)."""
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--tokens", type=int, default=197)
@@ -587,6 +586,12 @@ def main(argv=None):
     p.add_argument("--block-size", type=int, default=8)
     p.add_argument("--factors", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--modes", nargs="+", default=["input", "weight", "auto"])
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="smoke run: 1 layer, batch 1, 3 repeats, m=1,2")
+    add_model_args(p)
     p.add_argument("--peft-factors", type=int, nargs="*", default=[1, 2, 4])
     p.add_argument(
         "--autodiff-factors", type=int, nargs="*", default=[],

@@ -1,0 +1,218 @@
+"""Issue 3: what is in memory at the peak of a train step (the buffers behind the memory ratio).
+
+``benchmarks/train_step.py`` reports XLA's compiled peak (``memory_analysis()``: temp + output
+bytes).  This script says what that peak is made of.  It compiles the same train steps, reads the
+scheduled HLO of each (``Compiled.as_text()``: the entry computation in execution order), gives
+every buffer a live range (from the instruction that defines it to its last use; bitcasts,
+tuples and tuple elements alias their operands, parameters are arguments and not counted), finds
+the point of the schedule where the most bytes are live, and groups the buffers live there by
+the layer and op that made them (the ``op_name`` metadata, with ``layer_<i>`` merged over
+layers) and by pass (forward: ``jvp``, backward: ``transpose``).
+
+The estimate is checked against XLA's own figure and printed next to it (it ignores the
+temporaries inside loops and XLA's in-place reuse, so it can be off by a few MiB).
+
+Usage::
+
+  python benchmarks/peak_buffers.py                       # frozen, tuned LoRA, BOFT m=1 auto
+  python benchmarks/peak_buffers.py --only "lora r=8 tuned,boft m=4 auto" --factors 4 --top 25
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import os
+import re
+import sys
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(_HERE, ".."))
+sys.path.insert(0, _HERE)
+
+from _util import machine_description, markdown_table  # noqa: E402
+
+_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4,
+          "f64": 8, "s64": 8, "u64": 8, "c64": 8, "c128": 16}
+_ARRAY = re.compile(r"\b(" + "|".join(_BYTES) + r")\[([0-9,]*)\]")
+_INSTR = re.compile(r"^(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.+?)\s+([a-z][\w\-]*)\((.*)$")
+_ALIASES = {"bitcast", "get-tuple-element", "tuple"}
+_NOT_TEMP = {"parameter", "constant"}
+
+
+def shape_bytes(shape: str) -> int:
+    """Bytes of an HLO shape string, e.g. ``f32[788,768]{1,0}`` or a tuple of arrays."""
+    total = 0
+    for dtype, dims in _ARRAY.findall(shape):
+        n = 1
+        for d in filter(None, dims.split(",")):
+            n *= int(d)
+        total += n * _BYTES[dtype]
+    return total
+
+
+@dataclasses.dataclass(frozen=True)
+class Buffer:
+    """One buffer defined by an instruction of the entry computation."""
+
+    name: str
+    bytes: int
+    opcode: str
+    shape: str
+    op_name: str  # the JAX op that produced it ('' when XLA made it)
+    start: int  # schedule position of the defining instruction
+    end: int  # last schedule position that reads it (outputs: the last position)
+
+
+@dataclasses.dataclass(frozen=True)
+class Peak:
+    bytes: int
+    position: int
+    n_instructions: int
+    live: tuple[Buffer, ...]  # largest first
+
+
+def _entry_lines(hlo_text: str) -> list[str]:
+    lines = hlo_text.splitlines()
+    start = next((i for i, l in enumerate(lines) if l.startswith("ENTRY")), None)
+    if start is None:
+        raise ValueError("no ENTRY computation in the HLO text (expected Compiled.as_text() of a jitted function)")
+    body = []
+    for line in lines[start + 1:]:
+        if line.startswith("}"):
+            break
+        if line.strip():
+            body.append(line.strip())
+    return body
+
+
+def buffers(hlo_text: str) -> tuple[list[Buffer], int]:
+    """Buffers of the (scheduled) entry computation with their live ranges, and its length."""
+    roots: dict[str, tuple[str, ...]] = {}  # instruction -> the buffers it stands for
+    defined: dict[str, tuple[int, int, str, str, str]] = {}
+    last_use: dict[str, int] = {}
+    lines = _entry_lines(hlo_text)
+    root_operands: tuple[str, ...] = ()
+    for pos, line in enumerate(lines):
+        m = _INSTR.match(line)
+        if m is None:
+            continue
+        name, shape, opcode, rest = m.groups()
+        operand_text = rest.split("), ", 1)[0]
+        operands = [o for o in re.findall(r"%?([\w.\-]+)", operand_text) if o in roots]
+        used = tuple(b for o in operands for b in roots[o])
+        for b in used:
+            last_use[b] = pos
+        if opcode in _NOT_TEMP:
+            roots[name] = ()
+        elif opcode in _ALIASES:
+            roots[name] = used
+        else:
+            roots[name] = (name,)
+            op_name = re.search(r'op_name="([^"]*)"', line)
+            defined[name] = (pos, shape_bytes(shape), opcode, shape.split("{")[0], op_name.group(1) if op_name else "")
+        if line.startswith("ROOT"):
+            root_operands = roots[name]
+    if not defined:
+        raise ValueError("found no instructions in the ENTRY computation: is this XLA's HLO text format?")
+    n = len(lines)
+    out = []
+    for name, (pos, size, opcode, shape, op_name) in defined.items():
+        end = n - 1 if name in root_operands else last_use.get(name, pos)
+        out.append(Buffer(name, size, opcode, shape, op_name, pos, end))
+    return out, n
+
+
+def peak(hlo_text: str) -> Peak:
+    """The schedule position with the most live bytes, and the buffers live there."""
+    bufs, n = buffers(hlo_text)
+    delta = [0] * (n + 1)
+    for b in bufs:
+        delta[b.start] += b.bytes
+        delta[b.end + 1] -= b.bytes
+    live, best, where = 0, -1, 0
+    for pos in range(n):
+        live += delta[pos]
+        if live > best:
+            best, where = live, pos
+    live_bufs = sorted((b for b in bufs if b.start <= where <= b.end), key=lambda b: -b.bytes)
+    return Peak(best, where, n, tuple(live_bufs))
+
+
+def role(op_name: str) -> str:
+    """``'<pass> <layer part>'`` for grouping, e.g. ``'fwd mlp/fc1 dot_general'``."""
+    if not op_name:
+        return "(made by XLA)"
+    phase = "bwd" if "transpose(" in op_name else "fwd"
+    m = re.search(r"layer_\d+/(.*)", op_name)
+    tail = m.group(1) if m else op_name.split("/")[-1]
+    parts = [p for p in tail.split("/") if not p.startswith("jit(") and not p.endswith(".adapted")]
+    where = "/".join(parts[:-1]) or "-"
+    return f"{phase} {where} {parts[-1] if parts else ''}".strip()
+
+
+def grouped(p: Peak) -> dict[str, tuple[int, int]]:
+    """``role -> (bytes, buffers)`` of the buffers live at the peak."""
+    acc: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
+    for b in p.live:
+        acc[role(b.op_name)][0] += b.bytes
+        acc[role(b.op_name)][1] += 1
+    return {k: (v[0], v[1]) for k, v in acc.items()}
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:.1f}"
+
+
+def main(argv=None) -> None:
+    import boft_jax as boft
+    import train_step
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--only", default="frozen,lora r=8 tuned,boft m=1 auto",
+                   help="comma-separated candidate names of benchmarks/train_step.py")
+    train_step.add_model_args(p)
+    p.add_argument("--top", type=int, default=20, help="rows of the table (largest groups over all candidates)")
+    args = p.parse_args(argv)
+    args.peft_factors, args.matmul_forms = [], False
+    boft.host_memory.configure(False)
+    print(f"# peak_buffers: ViT-B/16 shapes, {args.layers} layers, batch {args.batch}, {args.tokens} tokens,"
+          f" {args.dtype}, b = {args.block_size}")
+    print(f"# {machine_description()}")
+    cands = train_step.build(args)
+    if not cands:
+        raise SystemExit(f"--only {args.only!r} matched no candidate of benchmarks/train_step.py")
+    peaks, groups, summary = {}, {}, []
+    for c in cands:
+        compiled = c.step.lower(*c.state, *c.static).compile()
+        ma = compiled.memory_analysis()
+        peaks[c.name] = pk = peak(compiled.as_text())
+        groups[c.name] = grouped(pk)
+        xla = ma.temp_size_in_bytes + ma.output_size_in_bytes if ma is not None else None
+        summary.append([c.name, _mib(pk.bytes), _mib(xla) if xla is not None else "-",
+                        f"{pk.position}/{pk.n_instructions}", str(len(pk.live))])
+    print(markdown_table(["candidate", "peak MiB (schedule estimate)", "XLA temp+out MiB", "at instruction",
+                          "live buffers"], summary))
+    totals = collections.Counter()
+    for g in groups.values():
+        for k, (size, _) in g.items():
+            totals[k] = max(totals[k], size)
+    keys = [k for k, _ in totals.most_common(args.top)]
+    rows = []
+    for k in keys:
+        row = [k]
+        for c in cands:
+            size, count = groups[c.name].get(k, (0, 0))
+            row.append(f"{_mib(size)} ({count})" if count else "-")
+        rows.append(row)
+    rest = [["(all other groups)"] + [_mib(sum(s for k, (s, _) in groups[c.name].items() if k not in keys))
+                                      for c in cands]]
+    print(f"\nMiB live at each candidate's peak, by pass and producing op (buffers), the {len(keys)} largest groups:")
+    print(markdown_table(["pass, layer part, op"] + [c.name for c in cands], rows + rest))
+
+
+if __name__ == "__main__":
+    main()
