@@ -9,8 +9,9 @@ the point of the schedule where the most bytes are live, and groups the buffers 
 the layer and op that made them (the ``op_name`` metadata, with ``layer_<i>`` merged over
 layers) and by pass (forward: ``jvp``, backward: ``transpose``).
 
-The estimate is checked against XLA's own figure and printed next to it (it ignores the
-temporaries inside loops and XLA's in-place reuse, so it can be off by a few MiB).
+The estimate is checked against XLA's own figure and printed next to it.  It leaves out the
+temporaries inside loops and other nested computations and any in-place reuse XLA does beyond
+the aliases listed in :func:`buffers`, so it can be off by a few MiB.
 
 Usage::
 
@@ -35,23 +36,54 @@ sys.path.insert(0, _HERE)
 
 from _util import machine_description, markdown_table  # noqa: E402
 
-_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4,
-          "f64": 8, "s64": 8, "u64": 8, "c64": 8, "c128": 16}
-_ARRAY = re.compile(r"\b(" + "|".join(_BYTES) + r")\[([0-9,]*)\]")
+# bits per element; "token" carries no data
+_BITS = {"pred": 8, "s1": 1, "u1": 1, "s2": 2, "u2": 2, "s4": 4, "u4": 4, "f4e2m1fn": 4, "s8": 8, "u8": 8,
+         "f8e3m4": 8, "f8e4m3": 8, "f8e4m3fn": 8, "f8e4m3fnuz": 8, "f8e4m3b11fnuz": 8, "f8e5m2": 8,
+         "f8e5m2fnuz": 8, "f8e8m0fnu": 8, "bf16": 16, "f16": 16, "s16": 16, "u16": 16, "f32": 32, "s32": 32,
+         "u32": 32, "f64": 64, "s64": 64, "u64": 64, "c64": 64, "c128": 128, "token": 0}
+_ARRAY = re.compile(r"\b([a-z][a-z0-9]*)\[([^\]]*)\]")
 _INSTR = re.compile(r"^(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.+?)\s+([a-z][\w\-]*)\((.*)$")
-_ALIASES = {"bitcast", "get-tuple-element", "tuple"}
 _NOT_TEMP = {"parameter", "constant"}
+# ops whose result is their operand's buffers (XLA runs a while loop's body in place on its state)
+_SAME_BUFFERS = {"bitcast", "while", "opt-barrier", "async-done", "send-done", "recv-done", "all-reduce-done",
+                 "all-gather-done", "collective-permute-done"}
 
 
 def shape_bytes(shape: str) -> int:
-    """Bytes of an HLO shape string, e.g. ``f32[788,768]{1,0}`` or a tuple of arrays."""
-    total = 0
+    """Bytes of an HLO shape string, e.g. ``f32[788,768]{1,0}`` or a tuple of arrays.
+
+    Raises ``ValueError`` on an element type or a dimension it cannot size (e.g. a dynamic
+    ``f32[<=8]``), rather than counting it as nothing."""
+    total_bits = 0
     for dtype, dims in _ARRAY.findall(shape):
+        if dtype not in _BITS:
+            raise ValueError(f"unknown element type {dtype!r} in HLO shape {shape!r}")
         n = 1
         for d in filter(None, dims.split(",")):
+            if not d.isdigit():
+                raise ValueError(f"cannot size dimension {d!r} of HLO shape {shape!r} (dynamic shapes are not supported)")
             n *= int(d)
-        total += n * _BYTES[dtype]
-    return total
+        total_bits += n * _BITS[dtype]
+    return (total_bits + 7) // 8
+
+
+def tuple_elements(shape: str) -> list[str]:
+    """The top-level elements of a tuple shape ``(a, b, (c, d))``; ``[shape]`` for an array."""
+    shape = shape.strip()
+    if not shape.startswith("("):
+        return [shape]
+    parts, depth, cur = [], 0, ""
+    for ch in shape[1:shape.rindex(")")]:
+        if ch == "," and depth == 0:
+            parts.append(cur.strip())
+            cur = ""
+            continue
+        depth += ch in "([{"
+        depth -= ch in ")]}"
+        cur += ch
+    if cur.strip():
+        parts.append(cur.strip())
+    return parts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,40 +122,64 @@ def _entry_lines(hlo_text: str) -> list[str]:
 
 
 def buffers(hlo_text: str) -> tuple[list[Buffer], int]:
-    """Buffers of the (scheduled) entry computation with their live ranges, and its length."""
-    roots: dict[str, tuple[str, ...]] = {}  # instruction -> the buffers it stands for
+    """Buffers of the (scheduled) entry computation with their live ranges, and its length.
+
+    Each instruction stands for one set of buffers per top-level tuple element:
+    ``get-tuple-element`` takes its element's, ``tuple`` gathers its operands', bitcasts, while
+    loops and optimization barriers pass their operand's on, an ``*-start`` op makes its first
+    element (the destination) and passes its operand's on as the second, ``copy-done`` passes on
+    the destination and other ``*-done`` ops all of their operand's (an over-count), and every
+    other op makes a new buffer per element (a multi-output fusion: one per output).
+    Parameters and constants are not temporaries.  A buffer is live from the op that makes it
+    to the last op that reads it, directly or through any of those aliases.
+    """
+    elements: dict[str, list[tuple[str, ...]]] = {}  # instruction -> buffers of each tuple element
     defined: dict[str, tuple[int, int, str, str, str]] = {}
     last_use: dict[str, int] = {}
     lines = _entry_lines(hlo_text)
-    root_operands: tuple[str, ...] = ()
     for pos, line in enumerate(lines):
         m = _INSTR.match(line)
         if m is None:
             continue
         name, shape, opcode, rest = m.groups()
         operand_text = rest.split("), ", 1)[0]
-        operands = [o for o in re.findall(r"%?([\w.\-]+)", operand_text) if o in roots]
-        used = tuple(b for o in operands for b in roots[o])
-        for b in used:
-            last_use[b] = pos
+        operands = [o for o in re.findall(r"%?([\w.\-]+)", operand_text) if o in elements]
+        flat = [tuple(b for e in elements[o] for b in e) for o in operands]
+        for bufs in flat:
+            for b in bufs:
+                last_use[b] = pos
+        shapes = tuple_elements(shape)
+        op_name = re.search(r'op_name="([^"]*)"', line)
+
+        def new(i: int) -> tuple[str, ...]:
+            bid = name if len(shapes) == 1 else f"{name}#{i}"
+            defined[bid] = (pos, shape_bytes(shapes[i]), opcode, shapes[i].split("{")[0],
+                            op_name.group(1) if op_name else "")
+            return (bid,)
+
         if opcode in _NOT_TEMP:
-            roots[name] = ()
-        elif opcode in _ALIASES:
-            roots[name] = used
+            elements[name] = [()] * len(shapes)
+        elif opcode == "tuple":
+            elements[name] = flat
+        elif opcode == "get-tuple-element":
+            index = re.search(r"index=(\d+)", rest)
+            parts = elements[operands[0]] if operands else [()]
+            k = int(index.group(1)) if index else -1
+            elements[name] = [parts[k]] if 0 <= k < len(parts) else [tuple(b for e in parts for b in e)]
+        elif opcode == "copy-done" and operands:  # copy-start's (destination, source, context)
+            elements[name] = [elements[operands[0]][0]]
+        elif opcode in _SAME_BUFFERS and operands:
+            parts = elements[operands[0]]
+            elements[name] = parts if len(parts) == len(shapes) else [tuple(b for e in parts for b in e)]
+        elif opcode.endswith("-start") and len(shapes) > 1 and operands:
+            elements[name] = [new(0), flat[0]] + [new(i) for i in range(2, len(shapes))]
         else:
-            roots[name] = (name,)
-            op_name = re.search(r'op_name="([^"]*)"', line)
-            defined[name] = (pos, shape_bytes(shape), opcode, shape.split("{")[0], op_name.group(1) if op_name else "")
-        if line.startswith("ROOT"):
-            root_operands = roots[name]
+            elements[name] = [new(i) for i in range(len(shapes))]
     if not defined:
         raise ValueError("found no instructions in the ENTRY computation: is this XLA's HLO text format?")
-    n = len(lines)
-    out = []
-    for name, (pos, size, opcode, shape, op_name) in defined.items():
-        end = n - 1 if name in root_operands else last_use.get(name, pos)
-        out.append(Buffer(name, size, opcode, shape, op_name, pos, end))
-    return out, n
+    out = [Buffer(bid, size, opcode, shp, op_name, pos, last_use.get(bid, pos))
+           for bid, (pos, size, opcode, shp, op_name) in defined.items()]
+    return out, len(lines)
 
 
 def peak(hlo_text: str) -> Peak:

@@ -161,7 +161,8 @@ def _cayley_exact(packed: jax.Array, block_size: int) -> jax.Array:
 
     One elimination gives ``X = (I + S)^(-1)`` (:func:`_gauss_jordan` on ``[I + S | I]``), and
     ``Q_0 = 2 X - I`` (``I - S = 2 I - (I + S)``).  One step of iterative refinement then brings
-    ``Q`` to the accuracy of a pivoted LAPACK solve: ``Q = Q_0 + X ((I - S) - (I + S) Q_0)``.  The
+    ``Q`` to about the accuracy of a pivoted LAPACK solve, ``Q = Q_0 + X ((I - S) - (I + S) Q_0)``:
+    in float32 every entry within ``eps (1 + ||S||_2)`` of the exact blocks (tests).  The
     refinement costs two small products, not a second elimination: that halves the forward pass's
     elimination loops (per layer 1.2-1.5x less construction time, BENCHMARKS.md, train_step).  Its
     last product is a ``jnp.matmul``, not :func:`small_matmul`: XLA:CPU fuses a multiply-add loop
@@ -308,7 +309,7 @@ def cayley(
       method: ``"exact"`` solves ``(I + S) Q = I - S`` (``I - S`` and ``(I + S)^(-1)`` commute, so
         this is the Cayley map): ``Q_0 = 2 (I + S)^(-1) - I`` from one batched elimination without
         pivoting (as in :func:`solve_identity_plus_skew`), then one step of iterative refinement,
-        as accurate as a pivoted LAPACK solve in float32; its derivative is the closed form
+        about as accurate as a pivoted LAPACK solve in float32; its derivative is the closed form
         ``dQ = -1/2 (Q + I) dS (Q + I)``.
         ``"neumann"`` replaces ``(I + S)^(-1)`` by the truncated series ``sum_{j<n} (-S)^j``
         (``n = neumann_terms``): cheaper, only approximately orthogonal, accurate while

@@ -183,19 +183,25 @@ def test_solve_identity_plus_skew_matches_numpy_float64(b):
 @pytest.mark.parametrize("b", [2, 3, 7, 8, 12, 32])
 @pytest.mark.parametrize("scale", [0.05, 1.0, 10.0])
 def test_cayley_float32_is_as_accurate_as_lapack(b, scale):
-    """float32 Cayley blocks vs the float64 formula: as accurate as a pivoted LAPACK solve.
+    """float32 Cayley blocks vs the float64 formula: about as accurate as a pivoted LAPACK solve.
 
-    Measured: below LAPACK's error in 17 of these 18 cases, 1.3x it in one (b = 7, entries ~10);
-    without the refinement step the error is 2-7e-7 already at small entries (LAPACK: 1-3e-7)."""
+    Per block, the largest entry error stays within ``eps32 (1 + ||S||_2)`` (measured: at most
+    ~0.5x that; without the refinement step 10 of these 18 cases exceed it).  LAPACK's own error
+    depends on the CPU's BLAS kernels (up to 2x between kernel sets on the same data), so the
+    comparison with it has a loose margin."""
     rng = np.random.default_rng(b)
     packed = scale * rng.normal(size=(40, b * (b - 1) // 2))
-    ref = np_cayley(np_skew(packed, b))
+    skew = np_skew(packed, b)
+    ref = np_cayley(skew)
     q = np.asarray(boft.cayley(jnp.asarray(packed, jnp.float32), b), np.float64)
-    s32 = jnp.asarray(np_skew(packed, b), jnp.float32)
+    block_err = np.abs(q - ref).max(axis=(-2, -1))
+    bound = np.finfo(np.float32).eps * (1.0 + np.linalg.norm(skew, ord=2, axis=(-2, -1)))
+    assert np.all(block_err <= bound), (block_err / bound).max()
+    s32 = jnp.asarray(skew, jnp.float32)
     eye = jnp.eye(b, dtype=jnp.float32)
     lapack = np.asarray(jnp.linalg.solve(eye + s32, jnp.broadcast_to(eye, s32.shape) - s32), np.float64)
-    err, err_lapack = np.abs(q - ref).max(), np.abs(lapack - ref).max()
-    assert err <= 1.5 * err_lapack + 1e-7, (err, err_lapack)
+    err, err_lapack = block_err.max(), np.abs(lapack - ref).max()
+    assert err <= 3.0 * err_lapack + 1e-7, (err, err_lapack)
     assert np.abs(q @ np.swapaxes(q, -1, -2) - np.eye(b)).max() < 1e-5
 
 
