@@ -195,15 +195,21 @@ def one_masked_step_changes_only_the_adapter(model, config, pretrained, loss_of_
     def recipe_step(adapter):
         grads = jax.grad(lambda a: loss_of_output(model.apply({"params": boft.combine(frozen, a)}, *inputs)))(adapter)
         updates, _ = recipe_opt.update(grads, recipe_opt.init(adapter), adapter)
-        return optax.apply_updates(adapter, updates)
+        return optax.apply_updates(adapter, updates), grads
 
     new_frozen, new_adapter = boft.split(new_params, config)
     for a, b in zip(jax.tree.leaves(new_frozen), jax.tree.leaves(frozen)):
         assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
-    recipe_adapter = recipe_step(adapter)
+    recipe_adapter, recipe_grads = recipe_step(adapter)
     assert jax.tree.structure(new_adapter) == jax.tree.structure(recipe_adapter)
-    for a, b in zip(jax.tree.leaves(new_adapter), jax.tree.leaves(recipe_adapter)):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    # The two compiled programs (gradients of the whole tree vs of the adapter alone) sum in
+    # different orders: their float32 gradients agree to ~1e-5 of each leaf's largest entry, and
+    # the step (at most lr / eps = 10x a gradient difference) to 10x that.
+    masked_grads = boft.split(grads, config)[1]
+    for a, b, ga, gb in zip(*map(jax.tree.leaves, (new_adapter, recipe_adapter, masked_grads, recipe_grads))):
+        tol = 1e-5 * float(np.abs(gb).max())
+        np.testing.assert_allclose(ga, gb, rtol=1e-4, atol=tol)
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=10 * tol + 1e-7)
 
 
 def test_one_masked_optax_step_changes_only_the_adapter_vit():
