@@ -92,7 +92,6 @@ class Buffer:
 
     name: str
     bytes: int
-    opcode: str
     shape: str
     op_name: str  # the JAX op that produced it ('' when XLA made it)
     start: int  # schedule position of the defining instruction
@@ -134,7 +133,7 @@ def buffers(hlo_text: str) -> tuple[list[Buffer], int]:
     to the last op that reads it, directly or through any of those aliases.
     """
     elements: dict[str, list[tuple[str, ...]]] = {}  # instruction -> buffers of each tuple element
-    defined: dict[str, tuple[int, int, str, str, str]] = {}
+    defined: dict[str, tuple[int, int, str, str]] = {}
     last_use: dict[str, int] = {}
     lines = _entry_lines(hlo_text)
     for pos, line in enumerate(lines):
@@ -153,8 +152,7 @@ def buffers(hlo_text: str) -> tuple[list[Buffer], int]:
 
         def new(i: int) -> tuple[str, ...]:
             bid = name if len(shapes) == 1 else f"{name}#{i}"
-            defined[bid] = (pos, shape_bytes(shapes[i]), opcode, shapes[i].split("{")[0],
-                            op_name.group(1) if op_name else "")
+            defined[bid] = (pos, shape_bytes(shapes[i]), shapes[i].split("{")[0], op_name.group(1) if op_name else "")
             return (bid,)
 
         if opcode in _NOT_TEMP:
@@ -177,8 +175,8 @@ def buffers(hlo_text: str) -> tuple[list[Buffer], int]:
             elements[name] = [new(i) for i in range(len(shapes))]
     if not defined:
         raise ValueError("found no instructions in the ENTRY computation: is this XLA's HLO text format?")
-    out = [Buffer(bid, size, opcode, shp, op_name, pos, last_use.get(bid, pos))
-           for bid, (pos, size, opcode, shp, op_name) in defined.items()]
+    out = [Buffer(bid, size, shp, op_name, pos, last_use.get(bid, pos))
+           for bid, (pos, size, shp, op_name) in defined.items()]
     return out, len(lines)
 
 
@@ -224,7 +222,6 @@ def _mib(n: float) -> str:
 
 
 def main(argv=None) -> None:
-    import boft_jax as boft
     import train_step
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -234,20 +231,17 @@ def main(argv=None) -> None:
     p.add_argument("--top", type=int, default=20, help="rows of the table (largest groups over all candidates)")
     args = p.parse_args(argv)
     args.peft_factors, args.matmul_forms = [], False
-    boft.host_memory.configure(False)
     print(f"# peak_buffers: ViT-B/16 shapes, {args.layers} layers, batch {args.batch}, {args.tokens} tokens,"
           f" {args.dtype}, b = {args.block_size}")
     print(f"# {machine_description()}")
     cands = train_step.build(args)
     if not cands:
         raise SystemExit(f"--only {args.only!r} matched no candidate of benchmarks/train_step.py")
-    peaks, groups, summary = {}, {}, []
+    groups, summary = {}, []
     for c in cands:
-        compiled = c.step.lower(*c.state, *c.static).compile()
-        ma = compiled.memory_analysis()
-        peaks[c.name] = pk = peak(compiled.as_text())
+        xla = train_step._memory(c).get("peak")  # compiles the step once, into c.compiled
+        pk = peak(c.compiled.as_text())
         groups[c.name] = grouped(pk)
-        xla = ma.temp_size_in_bytes + ma.output_size_in_bytes if ma is not None else None
         summary.append([c.name, _mib(pk.bytes), _mib(xla) if xla is not None else "-",
                         f"{pk.position}/{pk.n_instructions}", str(len(pk.live))])
     print(markdown_table(["candidate", "peak MiB (schedule estimate)", "XLA temp+out MiB", "at instruction",

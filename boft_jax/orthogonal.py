@@ -91,13 +91,11 @@ def small_matmul(a: jax.Array, c: jax.Array, *, precision=_HIGHEST) -> jax.Array
 
 
 @jax.jit  # compiled once per shape, also when called eagerly (a bare fori_loop would recompile its fresh closure every call)
-def _gauss_jordan(skew: jax.Array, rhs: jax.Array) -> jax.Array:
-    """``(I + S)^(-1) R`` by Gauss-Jordan elimination on ``[I + S | R]`` without pivoting."""
+def _invert_identity_plus_skew(skew: jax.Array) -> jax.Array:
+    """``(I + S)^(-1)`` by Gauss-Jordan elimination on ``[I + S | I]`` without pivoting."""
     b = skew.shape[-1]
     a = jnp.eye(b, dtype=skew.dtype) + skew
-    batch = jnp.broadcast_shapes(a.shape[:-2], rhs.shape[:-2])
-    x = jnp.broadcast_to(rhs, batch + rhs.shape[-2:]).astype(a.dtype)
-    a = jnp.broadcast_to(a, batch + a.shape[-2:])
+    x = jnp.broadcast_to(jnp.eye(b, dtype=skew.dtype), a.shape)
 
     def eliminate(j, carry):
         a, x = carry
@@ -111,21 +109,33 @@ def _gauss_jordan(skew: jax.Array, rhs: jax.Array) -> jax.Array:
     return jax.lax.fori_loop(0, b, eliminate, (a, x))[1]
 
 
+def _refined(skew: jax.Array, rhs: jax.Array, x: jax.Array, inverse: jax.Array) -> jax.Array:
+    """One step of iterative refinement of ``X ~ (I + S)^(-1) R``: ``X + (I + S)^(-1) (R - X - S X)``.
+
+    Two small products, no second elimination.  The last one is a ``jnp.matmul``, not
+    :func:`small_matmul`: XLA:CPU fuses a multiply-add loop into a consumer multiply-add loop and
+    would recompute the residual ``b`` times (it drops optimization barriers before fusion),
+    whereas a dot's operands are materialized.
+    """
+    return x + jnp.matmul(inverse, rhs - x - small_matmul(skew, x), precision=_HIGHEST)
+
+
 def solve_identity_plus_skew(skew: jax.Array, rhs: jax.Array, *, refine: int = 1) -> jax.Array:
     """``X = (I + S)^(-1) R`` for skew-symmetric ``S (..., b, b)`` and ``R (..., b, n)``: a batched solve.
 
-    Gauss-Jordan elimination on ``[I + S | R]`` without pivoting, then ``refine`` steps of
-    iterative refinement (``X += (I + S)^(-1) (R - (I + S) X)``), all with elementwise array ops
-    and small batched matmuls, so it lowers to a few fused loops on every backend.
+    Gauss-Jordan elimination on ``[I + S | I]`` without pivoting gives ``(I + S)^(-1)``, then
+    ``X = (I + S)^(-1) R`` and ``refine`` steps of iterative refinement by products
+    (``X += (I + S)^(-1) (R - (I + S) X)``), all with elementwise array ops and small batched
+    matmuls, so it lowers to a few fused loops on every backend.
 
     No pivoting is needed: the symmetric part of ``A = I + S`` is ``I`` (``x^T A x = |x|^2``), so
     every leading principal submatrix is invertible and every Schur complement keeps a symmetric
     part ``>= I``: each pivot has magnitude ``>= 1``.  Without pivoting the element growth is
     about ``|S|``, so the first solve loses about ``|S|`` more digits than a pivoted LU; one
-    refinement step recovers them.  Measured in float32 against float64 (Cayley map, 50 random
-    blocks of size 2-32): max error <= LAPACK's pivoted ``getrf``/``getrs`` for skew entries up
-    to ~10 (2e-8 to 3e-6), 2e-4 at entries ~100 (where LAPACK gets 2e-5).  Trained BOFT blocks
-    have entries far below 1.
+    refinement step recovers them.  The Cayley map, computed this way (:func:`cayley`), is within
+    ``eps (1 + ||S||_2)`` of the exact blocks in float32, about as accurate as LAPACK's pivoted
+    ``getrf``/``getrs`` (tests; 1-3e-5 at skew entries ~100).  Trained BOFT blocks have entries
+    far below 1.
 
     Why not ``jnp.linalg.solve``: on XLA:CPU (jax 0.10) it lowers to LAPACK custom calls (plus a
     pivot loop) per call site, and programs with many call sites (a transformer with BOFT on every
@@ -147,10 +157,11 @@ def solve_identity_plus_skew(skew: jax.Array, rhs: jax.Array, *, refine: int = 1
     skew, rhs = jnp.asarray(skew), jnp.asarray(rhs)
     if skew.ndim < 2 or skew.shape[-1] != skew.shape[-2] or rhs.shape[-2] != skew.shape[-1]:
         raise ValueError(f"solve_identity_plus_skew needs (..., b, b) skew and (..., b, n) rhs, got {skew.shape} and {rhs.shape}")
-    x = _gauss_jordan(skew, rhs)
+    rhs = rhs.astype(skew.dtype)
+    inverse = _invert_identity_plus_skew(skew)
+    x = jnp.matmul(inverse, rhs, precision=_HIGHEST)
     for _ in range(refine):
-        residual = rhs - x - small_matmul(skew, x)
-        x = x + _gauss_jordan(skew, residual)
+        x = _refined(skew, rhs, x, inverse)
     return x
 
 
@@ -159,22 +170,15 @@ def _cayley_exact(packed: jax.Array, block_size: int) -> jax.Array:
     """``Q = (I + S)^(-1) (I - S)`` for packed skew ``S`` (``(..., b(b-1)/2)``), with a closed-form
     derivative (see :func:`_cayley_exact_jvp`).
 
-    One elimination gives ``X = (I + S)^(-1)`` (:func:`_gauss_jordan` on ``[I + S | I]``), and
-    ``Q_0 = 2 X - I`` (``I - S = 2 I - (I + S)``).  One step of iterative refinement then brings
-    ``Q`` to about the accuracy of a pivoted LAPACK solve, ``Q = Q_0 + X ((I - S) - (I + S) Q_0)``:
-    in float32 every entry within ``eps (1 + ||S||_2)`` of the exact blocks (tests).  The
-    refinement costs two small products, not a second elimination: that halves the forward pass's
-    elimination loops (per layer 1.2-1.5x less construction time, BENCHMARKS.md, train_step).  Its
-    last product is a ``jnp.matmul``, not :func:`small_matmul`: XLA:CPU fuses a multiply-add loop
-    into a consumer multiply-add loop and would recompute the residual ``b`` times, whereas a dot's
-    operands are materialized.
+    :func:`solve_identity_plus_skew` with the right-hand side ``I - S``, one product saved:
+    ``Q_0 = 2 (I + S)^(-1) - I`` (``I - S = 2 I - (I + S)``), then its one refinement step
+    (:func:`_refined`).  One elimination instead of the two of a solve refined by a second solve:
+    per layer 1.2-1.5x less construction time (BENCHMARKS.md, train_step).
     """
     s = unpack_skew(packed, block_size)
     eye = jnp.eye(block_size, dtype=s.dtype)
-    inv = _gauss_jordan(s, jnp.broadcast_to(eye, s.shape))
-    q = 2.0 * inv - eye
-    residual = (eye - s) - q - small_matmul(s, q)
-    return q + jnp.matmul(inv, residual, precision=_HIGHEST)
+    inverse = _invert_identity_plus_skew(s)
+    return _refined(s, eye - s, 2.0 * inverse - eye, inverse)
 
 
 @_cayley_exact.defjvp
