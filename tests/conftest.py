@@ -18,3 +18,18 @@ if os.environ.get("BOFT_JAX_TEST_XLA_OPT") != "1" and "xla_backend_optimization_
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
 # `import train` / `import benchmarks` from the repository root.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# A persistent XLA compilation cache, one fresh folder per test worker (deleted at exit), for the
+# programs that take >= 1 s to compile.  The end-to-end tests run the training job several times
+# (in this process and as subprocesses, which inherit the setting): an interrupted job and its
+# resumption, a job and its reference run, compile the same training step.  Subprocesses with other
+# XLA_FLAGS get other cache keys; a truncated entry (two processes of one test writing at once) is
+# read back as a warning and a recompile.  BOFT_JAX_TEST_XLA_CACHE=0 turns it off.
+if os.environ.get("BOFT_JAX_TEST_XLA_CACHE") != "0" and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    _cache = tempfile.mkdtemp(prefix=f"boft_jax-xla-cache-{os.environ.get('PYTEST_XDIST_WORKER', 'main')}-")
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
