@@ -21,15 +21,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # A persistent XLA compilation cache, one fresh folder per test worker (deleted at exit), for the
 # programs that take >= 1 s to compile.  The end-to-end tests run the training job several times
 # (in this process and as subprocesses, which inherit the setting): an interrupted job and its
-# resumption, a job and its reference run, compile the same training step.  Subprocesses with other
-# XLA_FLAGS get other cache keys; a truncated entry (two processes of one test writing at once) is
-# read back as a warning and a recompile.  BOFT_JAX_TEST_XLA_CACHE=0 turns it off.
-if os.environ.get("BOFT_JAX_TEST_XLA_CACHE") != "0" and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+# resumption, a job and its reference run, compile the same training step.  Per worker, because
+# JAX writes cache entries without a lock: two workers sharing a folder could read each other's
+# half-written entries.  (The two processes of the multi-process test share their worker's
+# folder; JAX writes entries from process 0 only, and reads a truncated entry back as a warning
+# and a recompile.)  Subprocesses with other XLA_FLAGS get other cache keys.  A folder the user
+# set in JAX_COMPILATION_CACHE_DIR is used as it is.  BOFT_JAX_TEST_XLA_CACHE=0 turns it off.
+_worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+_ours = os.environ.get("BOFT_JAX_TEST_XLA_CACHE_OF")  # set below: the folder is this suite's
+if os.environ.get("BOFT_JAX_TEST_XLA_CACHE") != "0" and (
+    "JAX_COMPILATION_CACHE_DIR" not in os.environ or (_ours is not None and _ours != _worker)
+):
     import atexit
     import shutil
     import tempfile
 
-    _cache = tempfile.mkdtemp(prefix=f"boft_jax-xla-cache-{os.environ.get('PYTEST_XDIST_WORKER', 'main')}-")
+    # xdist workers inherit the controller's environment, hence the owner check above
+    _cache = tempfile.mkdtemp(prefix=f"boft_jax-xla-cache-{_worker}-")
     atexit.register(shutil.rmtree, _cache, ignore_errors=True)
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+    os.environ["BOFT_JAX_TEST_XLA_CACHE_OF"] = _worker
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
