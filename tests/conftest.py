@@ -38,7 +38,11 @@ if os.environ.get("BOFT_JAX_TEST_XLA_CACHE") != "0" and (
 
     # xdist workers inherit the controller's environment, hence the owner check above
     _cache = tempfile.mkdtemp(prefix=f"boft_jax-xla-cache-{_worker}-")
-    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)  # and in pytest_unconfigure: a
+    # worker that xdist ends does not always run its atexit handlers
+
+    def pytest_unconfigure(config):
+        shutil.rmtree(_cache, ignore_errors=True)
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
     os.environ["BOFT_JAX_TEST_XLA_CACHE_OF"] = _worker
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
