@@ -225,12 +225,9 @@ def main(argv=None) -> None:
     import train_step
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--only", default="frozen,lora r=8 tuned,boft m=1 auto",
-                   help="comma-separated candidate names of benchmarks/train_step.py")
-    train_step.add_model_args(p)
+    train_step.add_build_args(p, only_default="frozen,lora r=8 tuned,boft m=1 auto")
     p.add_argument("--top", type=int, default=20, help="rows of the table (largest groups over all candidates)")
     args = p.parse_args(argv)
-    args.peft_factors, args.matmul_forms = [], False
     print(f"# peak_buffers: ViT-B/16 shapes, {args.layers} layers, batch {args.batch}, {args.tokens} tokens,"
           f" {args.dtype}, b = {args.block_size}")
     print(f"# {machine_description()}")

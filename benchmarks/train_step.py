@@ -440,7 +440,7 @@ def build(args) -> list[Candidate]:
             name, model.apply, frozen, adapter, {}, x, labels, combine=boft.combine, trace_context=ctx
         ))
 
-    for m in getattr(args, "autodiff_factors", []):
+    for m in args.autodiff_factors:
         for mode in ("input", "weight"):
             name = f"autodiff m={m} {mode}"
             if not wanted(name):
@@ -577,8 +577,9 @@ def verdicts(cands: list[Candidate]) -> list[str]:
     return out
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    """The model and adapter options of :func:`build` (shared with ``peak_buffers.py``)."""
+def add_build_args(p: argparse.ArgumentParser, only_default: str = "") -> None:
+    """Every option :func:`build` reads: the model, the adapters and which candidates to build
+    (shared with ``peak_buffers.py``, which passes its own ``--only`` default)."""
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--tokens", type=int, default=197)
@@ -586,13 +587,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, default=8)
     p.add_argument("--factors", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--modes", nargs="+", default=["input", "weight", "auto"])
-
-
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="smoke run: 1 layer, batch 1, 3 repeats, m=1,2")
-    add_model_args(p)
     p.add_argument("--peft-factors", type=int, nargs="*", default=[1, 2, 4])
+    p.add_argument("--peft-repeats", type=int, default=3, help="repeats for the (slow) naive PEFT port")
     p.add_argument(
         "--autodiff-factors", type=int, nargs="*", default=[],
         help="also time plain autodiff of boft.rotate/rotate_kernel (the pre-issue-3 linen path) for these m",
@@ -601,9 +597,14 @@ def main(argv=None):
         "--matmul-forms", action="store_true",
         help="also time each BOFT candidate traced with batched matmuls for every block size (name suffix ' mm')",
     )
+    p.add_argument("--only", default=only_default, help="comma-separated candidate name prefixes, e.g. 'lora,boft m=1'")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="smoke run: 1 layer, batch 1, 3 repeats, m=1,2")
+    add_build_args(p)
     p.add_argument("--repeats", type=int, default=9)
-    p.add_argument("--peft-repeats", type=int, default=3, help="repeats for the (slow) naive PEFT port")
-    p.add_argument("--only", default="", help="comma-separated name prefixes, e.g. 'lora,boft m=1'")
     add_malloc_flag(p)
     args = p.parse_args(argv)
     allocator = "host allocator: " + boft.host_memory.configure(args.system_malloc)

@@ -18,31 +18,37 @@ if os.environ.get("BOFT_JAX_TEST_XLA_OPT") != "1" and "xla_backend_optimization_
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
 # `import train` / `import benchmarks` from the repository root.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-# A persistent XLA compilation cache, one fresh folder per test worker (deleted at exit), for the
-# programs that take >= 1 s to compile.  The end-to-end tests run the training job several times
-# (in this process and as subprocesses, which inherit the setting): an interrupted job and its
-# resumption, a job and its reference run, compile the same training step.  Per worker, because
-# JAX writes cache entries without a lock: two workers sharing a folder could read each other's
-# half-written entries.  (The two processes of the multi-process test share their worker's
-# folder; JAX writes entries from process 0 only, and reads a truncated entry back as a warning
-# and a recompile.)  Subprocesses with other XLA_FLAGS get other cache keys.  A folder the user
-# set in JAX_COMPILATION_CACHE_DIR is used as it is.  BOFT_JAX_TEST_XLA_CACHE=0 turns it off.
-_worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
-_ours = os.environ.get("BOFT_JAX_TEST_XLA_CACHE_OF")  # set below: the folder is this suite's
-if os.environ.get("BOFT_JAX_TEST_XLA_CACHE") != "0" and (
-    "JAX_COMPILATION_CACHE_DIR" not in os.environ or (_ours is not None and _ours != _worker)
-):
-    import atexit
-    import shutil
+
+# A persistent XLA compilation cache, one fresh folder per test process (deleted at the end), for
+# the programs that take >= 1 s to compile.  The end-to-end tests run the training job several
+# times (in this process and as subprocesses, which inherit the setting): an interrupted job and
+# its resumption, a job and its reference run, compile the same training step.  One folder per
+# xdist worker, because JAX writes cache entries without a lock (the two processes of the
+# multi-process test share their worker's folder: JAX writes entries from process 0 only, and
+# reads a truncated entry back as a warning and a recompile).  Subprocesses with other XLA_FLAGS
+# get other cache keys.  A folder the user set in JAX_COMPILATION_CACHE_DIR is used as it is.
+# BOFT_JAX_TEST_XLA_CACHE=0 turns it off.  Set in pytest_configure, before collection imports jax.
+_xla_cache: str | None = None
+
+
+def pytest_configure(config):
+    global _xla_cache
+    if os.environ.get("BOFT_JAX_TEST_XLA_CACHE") == "0" or "JAX_COMPILATION_CACHE_DIR" in os.environ:
+        return
+    if config.getoption("numprocesses", None) and not hasattr(config, "workerinput"):
+        return  # the xdist controller runs no tests; each worker makes its own folder
+    if "jax" in sys.modules:  # too late for the environment variable: say so rather than run uncached
+        raise RuntimeError("tests/conftest.py: jax was imported before pytest_configure; the compilation cache cannot be set")
     import tempfile
 
-    # xdist workers inherit the controller's environment, hence the owner check above
-    _cache = tempfile.mkdtemp(prefix=f"boft_jax-xla-cache-{_worker}-")
-    atexit.register(shutil.rmtree, _cache, ignore_errors=True)  # and in pytest_unconfigure: a
-    # worker that xdist ends does not always run its atexit handlers
-
-    def pytest_unconfigure(config):
-        shutil.rmtree(_cache, ignore_errors=True)
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
-    os.environ["BOFT_JAX_TEST_XLA_CACHE_OF"] = _worker
+    worker = getattr(config, "workerinput", {}).get("workerid", "main")
+    _xla_cache = tempfile.mkdtemp(prefix=f"boft_jax-xla-cache-{worker}-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _xla_cache
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
+
+
+def pytest_unconfigure(config):
+    if _xla_cache is not None:
+        import shutil
+
+        shutil.rmtree(_xla_cache, ignore_errors=True)
