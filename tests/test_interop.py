@@ -617,6 +617,31 @@ def test_cli_oft_convert_both_ways_and_export(tmp_path, capsys):
     capsys.readouterr()
 
 
+@pytest.mark.parametrize("name,peft_type", [("t5_relu_tied_head", "BOFT"), ("t5_oft_lm_head", "OFT")])
+def test_cli_tied_t5_head_through_orbax_and_back(name, peft_type, tmp_path, capsys):
+    """A PEFT adapter that saves (BOFT) or adapts (OFT) a tied T5's lm_head: PEFT runs an untied
+    copy of the head; the orbax checkpoint made from it is converted back and exported on the same
+    untied head (it used to fail: the base rebuilt from the checkpoint had no lm_head)."""
+    ref = reference(name)
+    base_dir = FIXTURES / str(ref["base"])
+    ckpt, back, merged = tmp_path / "orbax", tmp_path / "peft", tmp_path / "merged"
+    assert main(["convert", "--from", "peft", "--adapter", str(PEFT / name), "--base", str(base_dir), "--out", str(ckpt)]) == 0
+    assert main(["convert", "--from", "boft", "--adapter", str(ckpt), "--out", str(back), "--peft-type", peft_type]) == 0
+    original, written = load_file(PEFT / name / peft_io.ADAPTER_WEIGHTS_NAME), load_file(back / peft_io.ADAPTER_WEIGHTS_NAME)
+    for k in written:
+        assert k in original, k
+        expected = 0.5 * (original[k] - np.swapaxes(original[k], -1, -2)) if k.endswith("boft_R") else original[k]
+        np.testing.assert_array_equal(written[k], expected, err_msg=k)
+    assert any("lm_head" in k for k in written)
+    model, params = load_peft_adapter(back, *base(str(ref["base"])))
+    assert_close(run(model, params, ref), ref["outputs"])
+    assert main(["export-merged", "--adapter", str(ckpt), "--out", str(merged)]) == 0
+    merged_module, merged_params = hf.from_pretrained(merged)
+    assert_close(run(merged_module, merged_params, ref), ref["outputs"])
+    assert np.abs(ref["outputs"] - ref["base_outputs"]).max() > 0.05
+    capsys.readouterr()
+
+
 def test_cli_errors_are_reported(tmp_path, capsys):
     assert main(["export-merged", "--adapter", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
     assert "cannot tell the format" in capsys.readouterr().err

@@ -3,6 +3,7 @@
 import dataclasses
 import functools
 import re
+import warnings
 from pathlib import Path
 
 import flax.linen as nn
@@ -156,13 +157,37 @@ def test_incremental_decoding_with_cache_matches_teacher_forcing(gated):
 
 
 def test_relative_position_buckets_match_transformers():
+    """Every bucket transformers defines, at usual and odd settings; where max_distance is not above
+    the exact buckets, transformers' ids turn negative far out, and those positions (only those)
+    take the last bucket of their direction, with a warning."""
     ref = np.load(FIXTURES / "t5_buckets_reference.npz", allow_pickle=False)
     r = ref["relative_position"]
-    for nb, md in ((32, 128), (8, 16)):
+    settings = sorted({tuple(map(int, re.fullmatch(r"b(\d+)_d(\d+)_(?:bi|uni)", k).groups())) for k in ref.files if k != "relative_position"})
+    assert len(settings) >= 10
+    degenerate = 0
+    for nb, md in settings:
         for direction in ("bi", "uni"):
-            table = t5.relative_position_buckets(direction == "bi", nb, md)
-            ours = table[np.clip(r, -md, md) + md]
-            np.testing.assert_array_equal(ours, ref[f"b{nb}_d{md}_{direction}"], err_msg=f"{nb} {md} {direction}")
+            t5.relative_position_buckets.cache_clear()
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                table = t5.relative_position_buckets(direction == "bi", nb, md)
+            h = (table.shape[0] - 1) // 2
+            ours, theirs = table[np.clip(r, -h, h) + h], ref[f"b{nb}_d{md}_{direction}"]
+            defined = (theirs >= 0) & (theirs < nb)
+            np.testing.assert_array_equal(ours[defined], theirs[defined], err_msg=f"{nb} {md} {direction}")
+            n = nb // 2 if direction == "bi" else nb
+            last = np.where((r > 0) & (direction == "bi"), 2 * n - 1, n - 1)
+            np.testing.assert_array_equal(ours[~defined], last[~defined], err_msg=f"{nb} {md} {direction}")
+            assert bool(caught) == (not defined.all()), (nb, md, direction)
+            degenerate += not defined.all()
+    assert degenerate >= 4  # the fixture covers the settings where transformers breaks down
+
+
+def test_too_few_buckets_are_refused():
+    with pytest.raises(ValueError, match="relative_attention_num_buckets = 3: the encoder's bidirectional buckets need at least 4"):
+        t5.T5Config(relative_attention_num_buckets=3)
+    with pytest.raises(ValueError, match="relative_attention_max_distance must be a positive integer, got 0"):
+        t5.T5Config(relative_attention_max_distance=0)
 
 
 def test_dropout_is_active_only_when_not_deterministic(gated):

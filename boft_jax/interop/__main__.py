@@ -132,6 +132,12 @@ def load_any_adapter(
     tree, config, metadata = load_adapter(adapter)
     scan_layers = scan_layers or _is_scanned(tree)  # e.g. from train.finetune --scan-layers
     module, frozen = _load_base(base, _num_labels_hint(adapter, fmt, tree), scan_layers)
+    if "lm_head" in tree and "lm_head" not in frozen and "shared" in frozen:
+        # an adapted (or saved) head of a tied T5, e.g. converted from PEFT: the head is untied, as
+        # load_peft_adapter does (PEFT runs a copy of the tied head)
+        from boft_jax.models import t5
+
+        module, frozen = t5.untie_head(module, frozen)
     return boft.wrap(module, config), boft.combine(frozen, tree), base, fmt, dict(metadata)
 
 

@@ -322,10 +322,8 @@ def _t5_saved_modules(
             stacklevel=3,
         )
     if module.config.tie_word_embeddings and ("lm_head.weight" in plain or "lm_head" in adapted):
-        # scale_decoder_outputs is already resolved (True for a tied base) and stays as it is
-        module = module.clone(config=dataclasses.replace(module.config, tie_word_embeddings=False))
+        module, params = t5.untie_head(module, params)
         keymap = _KeyMap(module)
-        params = {**params, "lm_head": {"kernel": jnp.asarray(params["shared"]["embedding"]).T}}
     return module, params, keymap, plain, mts_names
 
 

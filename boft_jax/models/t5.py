@@ -39,6 +39,7 @@ import functools
 import math
 import os
 import re
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -107,6 +108,12 @@ class T5Config:
             object.__setattr__(self, "scale_decoder_outputs", self.tie_word_embeddings)
         if isinstance(self.eos_token_id, (list, tuple)):
             object.__setattr__(self, "eos_token_id", tuple(int(e) for e in self.eos_token_id))
+        if not isinstance(self.relative_attention_num_buckets, (int, np.integer)) or self.relative_attention_num_buckets < 4:
+            raise ValueError(_bucket_error(self.relative_attention_num_buckets))
+        if not isinstance(self.relative_attention_max_distance, (int, np.integer)) or self.relative_attention_max_distance < 1:
+            raise ValueError(
+                f"T5Config.relative_attention_max_distance must be a positive integer, got {self.relative_attention_max_distance!r}"
+            )
         parts = self.feed_forward_proj.split("-")
         if len(parts) > 2 or (len(parts) == 2 and parts[0] != "gated"):
             raise ValueError(
@@ -174,47 +181,89 @@ class T5Config:
 
 @functools.lru_cache(maxsize=None)
 def relative_position_buckets(bidirectional: bool, num_buckets: int, max_distance: int) -> np.ndarray:
-    """Bucket of each relative position ``r = key_pos - query_pos`` in ``[-max_distance, max_distance]``.
+    """Bucket of each relative position ``r = key_pos - query_pos``, as a table over ``[-h, h]``.
 
-    Returns an int32 table ``t`` of shape ``(2 * max_distance + 1,)`` with bucket(r) =
-    ``t[clip(r, -max_distance, max_distance) + max_distance]``; positions beyond
-    ``max_distance`` share the last bucket, so clipping changes nothing. Computed once in numpy
-    with the float32 arithmetic of transformers' ``_relative_position_bucket`` (the log-spaced
-    bucket edges fall exactly on integers for the default 32/128 setting, so the rounding must
-    match, and a table makes the result independent of the backend's ``log``).
+    Returns an int32 table ``t`` of shape ``(2 * h + 1,)`` with bucket(r) = ``t[clip(r, -h, h) + h]``;
+    positions beyond ``h`` (``max_distance`` in a usual setting) share the last bucket, so clipping
+    changes nothing.  Computed once in numpy with the float32 arithmetic of transformers'
+    ``_relative_position_bucket`` (the log-spaced bucket edges fall exactly on integers for the
+    default 32/128 setting, so the rounding must match, and a table makes the result independent
+    of the backend's ``log``).
+
+    When ``max_distance`` is not above the exact range (``max_exact = num_buckets // 2``, halved
+    again when bidirectional), transformers' formula divides by ``log(max_distance / max_exact) <=
+    0``: its buckets then fall as the distance grows and become negative or undefined (an index
+    error in its embedding).  This table keeps every bucket transformers defines and puts the
+    positions where it has none in the last bucket of their direction, with a warning.
+
+    >>> relative_position_buckets(True, 8, 16)[16 - 3: 16 + 4].tolist()  # r = -3 .. 3
+    [2, 2, 1, 0, 5, 6, 6]
     """
-    r = np.arange(-max_distance, max_distance + 1, dtype=np.int64)
-    buckets = np.zeros_like(r)
+    if num_buckets < (4 if bidirectional else 2):
+        raise ValueError(_bucket_error(num_buckets))
+    n = num_buckets // 2 if bidirectional else num_buckets
+    max_exact = n // 2
+    h = max(max_distance, max_exact)
+    while True:  # the buckets are constant beyond h: after max_distance, or once transformers' are undefined
+        table, undefined = _bucket_table(bidirectional, num_buckets, max_distance, h)
+        if max_distance > max_exact or (undefined[0] and (undefined[-1] or not bidirectional)):
+            break
+        h *= 2
+    if undefined.any():
+        warnings.warn(
+            f"T5 relative_attention_max_distance = {max_distance} is not above the {max_exact} exact"
+            f" {'bidirectional' if bidirectional else 'causal'} buckets of relative_attention_num_buckets ="
+            f" {num_buckets}: transformers' bucket ids are negative or undefined for positions {int(np.abs(np.arange(-h, h + 1)[undefined]).min())}"
+            f" or more apart; boft_jax puts them in the last bucket of their direction",
+            UserWarning,
+            stacklevel=2,
+        )
+    table.setflags(write=False)  # cached and shared
+    return table
+
+
+def _bucket_table(bidirectional: bool, num_buckets: int, max_distance: int, h: int) -> tuple[np.ndarray, np.ndarray]:
+    """transformers' buckets for ``r`` in ``[-h, h]`` and where they are undefined (replaced)."""
+    r = np.arange(-h, h + 1, dtype=np.int64)
+    offset = np.zeros_like(r)
     n = num_buckets
     if bidirectional:
         n //= 2
-        buckets += (r > 0).astype(np.int64) * n
+        offset += (r > 0).astype(np.int64) * n
         r = np.abs(r)
     else:
         r = -np.minimum(r, 0)
     max_exact = n // 2
-    with np.errstate(divide="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore"):  # log(0) at r = 0 (exact); 0/0 when degenerate
         scaled = (
             np.log(r.astype(np.float32) / np.float32(max_exact))
-            / np.float32(math.log(max_distance / max_exact))
+            / np.float32(math.log(max_distance / max_exact) if max_distance != max_exact else 0.0)
             * np.float32(n - max_exact)
         )
-    large = max_exact + np.where(np.isfinite(scaled), scaled, 0).astype(np.int64)
-    large = np.minimum(large, n - 1)
-    buckets += np.where(r < max_exact, r, large)
-    table = buckets.astype(np.int32)
-    table.setflags(write=False)  # cached and shared
-    return table
+    finite = np.isfinite(scaled)
+    large = np.minimum(max_exact + np.where(finite, scaled, 0).astype(np.int64), n - 1)
+    undefined = (r >= max_exact) & (~finite | (offset + large < 0))
+    large = np.where(undefined, n - 1, large)
+    return (offset + np.where(r < max_exact, r, large)).astype(np.int32), undefined
+
+
+def _bucket_error(num_buckets: int) -> str:
+    return (
+        f"T5Config.relative_attention_num_buckets = {num_buckets}: the encoder's bidirectional buckets need at"
+        " least 4 (2 per direction, of which 1 exact; transformers divides by zero below that)"
+    )
 
 
 def _position_bias(
     table: nn.Embed, q_pos: jax.Array, k_pos: jax.Array, *, bidirectional: bool, config: T5Config
 ) -> jax.Array:
     """Relative position bias (1, heads, q, k) in float32."""
-    md = config.relative_attention_max_distance
-    lookup = jnp.asarray(relative_position_buckets(bidirectional, config.relative_attention_num_buckets, md))
-    rel = jnp.clip(k_pos[None, :] - q_pos[:, None], -md, md) + md
-    values = table(lookup[rel])  # (q, k, heads)
+    lookup = relative_position_buckets(
+        bidirectional, config.relative_attention_num_buckets, config.relative_attention_max_distance
+    )
+    h = (lookup.shape[0] - 1) // 2
+    rel = jnp.clip(k_pos[None, :] - q_pos[:, None], -h, h) + h
+    values = table(jnp.asarray(lookup)[rel])  # (q, k, heads)
     return jnp.transpose(values, (2, 0, 1))[None].astype(jnp.float32)
 
 
@@ -736,6 +785,35 @@ def resolve_tying(config: T5Config, state: Mapping[str, np.ndarray]) -> T5Config
         if not np.array_equal(state["lm_head.weight"], state["shared.weight"]):
             return dataclasses.replace(config, tie_word_embeddings=False)
     return config
+
+
+def untie_head(module: T5, params: Mapping[str, Any]) -> tuple[T5, dict[str, Any]]:
+    """A tied T5 (its LM head is the shared embedding) as the same model with an untied head.
+
+    The returned module has ``tie_word_embeddings=False`` and keeps the decoder output's
+    ``d_model**-0.5`` scaling; its params gain ``lm_head/kernel = shared/embedding^T``.  The outputs
+    are unchanged, but the head is now a layer of its own: what PEFT runs when a tied T5's
+    ``lm_head`` is adapted or in ``modules_to_save``.  A module whose head is already untied is
+    returned as it is.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> cfg = T5Config(vocab_size=32, d_model=8, d_kv=4, d_ff=16, num_layers=1, num_heads=2)
+      >>> model = T5(cfg)
+      >>> ids, mask = jnp.array([[5, 7, 1]]), jnp.ones((1, 3), jnp.int32)
+      >>> params = model.init(jax.random.key(0), ids, mask, ids)["params"]
+      >>> untied, untied_params = untie_head(model, params)
+      >>> untied.config.tie_word_embeddings, untied_params["lm_head"]["kernel"].shape
+      (False, (8, 32))
+      >>> run = lambda module, p: module.apply({"params": p}, ids, mask, ids)
+      >>> bool(jnp.allclose(run(untied, untied_params), run(model, params)))
+      True
+    """
+    if not module.config.tie_word_embeddings:
+        return module, dict(params)
+    # scale_decoder_outputs was resolved (True) when the tied config was made and stays as it is
+    untied = module.clone(config=dataclasses.replace(module.config, tie_word_embeddings=False))
+    return untied, {**params, "lm_head": {"kernel": jnp.asarray(params["shared"]["embedding"]).T}}
 
 
 def params_from_hf(
