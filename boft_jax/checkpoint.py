@@ -67,7 +67,7 @@ def config_from_dict(d: Mapping[str, Any]) -> BOFTConfig:
     unknown = sorted(set(d) - known)
     if unknown:
         raise ValueError(f"unknown BOFTConfig fields in checkpoint: {unknown} (known: {sorted(known)})")
-    return BOFTConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+    return BOFTConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})  # pairs: lists -> tuples there
 
 
 def save_adapter(
@@ -265,7 +265,8 @@ def _check_config_fits(path: Path, adapter, config: BOFTConfig) -> None:
             if set(tree) == {"skew", "scale"}:
                 shape = np.shape(tree["skew"])
                 m, k, b = shape[-3], shape[-2], block_size_from_num_params(shape[-1])
-                if m != config.n_factors or (config.block_size or b) != b or (config.block_num or k) != k:
+                layer = where.removesuffix("/kernel")  # the module path the config's regexes match
+                if config.fit_error(layer, k * b) or config.layer_structure(layer, k * b) != (b, k, m):
                     problems.append(f"{where}: blocks (m={m}, k={k}, b={b})")
                 return
             for key, v in tree.items():
@@ -275,7 +276,9 @@ def _check_config_fits(path: Path, adapter, config: BOFTConfig) -> None:
     if problems:
         raise ValueError(
             f"{path}: its config (n_factors={config.n_factors}, block_size={config.block_size},"
-            f" block_num={config.block_num}) does not describe its arrays: {'; '.join(problems[:4])}"
+            f" block_num={config.block_num}"
+            + (f", block_size_overrides={list(config.block_size_overrides)}" if config.block_size_overrides else "")
+            + f") does not describe its arrays: {'; '.join(problems[:4])}"
         )
 
 

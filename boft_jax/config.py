@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Mapping
 from typing import Literal, NamedTuple, Sequence
 
 from boft_jax.butterfly import _short, max_factors, structure_error, valid_block_sizes
@@ -88,6 +89,16 @@ class BOFTConfig:
       modules_to_save: regexes (same matching rule) of modules whose params all train in full,
         e.g. a new classifier head (PEFT's ``modules_to_save``).  :func:`boft_jax.split` puts
         them in the adapter tree; they are checkpointed with it.
+      block_size_overrides: ``(regex, block_size)`` pairs (or a ``{regex: block_size}`` dict),
+        same matching rule: a layer matched by one takes that block size instead of
+        ``block_size`` / ``block_num`` (the first matching pair wins).  For layers of different
+        widths that no single block size or count fits, e.g. a PEFT OFT adapter whose ``r`` PEFT
+        adjusted per layer (:func:`boft_jax.interop.load_peft_adapter` sets these).
+
+    Example of overrides:
+      >>> cfg = BOFTConfig(block_num=3, targets=("q", "wo"), block_size_overrides={"wo": 20})
+      >>> cfg.layer_structure("decoder/mlp/wo", d_in=40), cfg.layer_structure("decoder/attention/q", d_in=24)
+      (LayerStructure(block_size=20, n_blocks=2, n_factors=1), LayerStructure(block_size=8, n_blocks=3, n_factors=1))
     """
 
     block_size: int | None = None
@@ -101,8 +112,10 @@ class BOFTConfig:
     cayley: Literal["exact", "neumann"] = "exact"
     neumann_terms: int = 5
     modules_to_save: str | Sequence[str] | None = None
+    block_size_overrides: Mapping[str, int] | Sequence[tuple[str, int]] | None = None
 
     def __post_init__(self):
+        object.__setattr__(self, "block_size_overrides", _as_overrides(self.block_size_overrides))
         # Sequences become tuples so the config stays hashable.
         object.__setattr__(self, "targets", _as_patterns(self.targets, "targets"))
         object.__setattr__(self, "exclude", _as_patterns(self.exclude, "exclude"))
@@ -160,6 +173,10 @@ class BOFTConfig:
         parts = path.split("/")
         return next((p for p in ("/".join(parts[:i]) for i in range(len(parts), 0, -1)) if self.saves_module(p)), None)
 
+    def block_size_override(self, path: str) -> int | None:
+        """The block size of the first ``block_size_overrides`` pair matching ``path``, or ``None``."""
+        return next((b for pattern, b in self.block_size_overrides if _path_matches(pattern, path)), None)
+
     def layer_structure(self, path: str, d_in: int) -> LayerStructure:
         """Block structure for a layer with ``d_in`` input features, or a ``ValueError``.
 
@@ -169,20 +186,22 @@ class BOFTConfig:
         err = self.fit_error(path, d_in)
         if err is not None:
             raise ValueError(err)
-        b = self.block_size if self.block_size is not None else d_in // self.block_num
+        b = self.block_size_override(path) or (self.block_size if self.block_size is not None else d_in // self.block_num)
         return LayerStructure(block_size=b, n_blocks=d_in // b, n_factors=self.n_factors)
 
     def fit_error(self, path: str, d_in: int) -> str | None:
         """The message :meth:`layer_structure` would raise for this layer, or ``None`` if it fits."""
         m = self.n_factors
-        if self.block_size is not None:
-            b = self.block_size
+        override = self.block_size_override(path)
+        if self.block_size is not None or override is not None:
+            b = override or self.block_size
             err = structure_error(d_in, b, m)
             if err is None:
                 return None
             alt_m = max_factors(d_in, b)
+            what = "block_size" if override is None else "its block_size_overrides entry, block_size"
             return (
-                f"layer '{path}' (d_in = {d_in}) does not fit block_size = {b}, n_factors = {m}: {err}."
+                f"layer '{path}' (d_in = {d_in}) does not fit {what} = {b}, n_factors = {m}: {err}."
                 f" Valid block_size for n_factors = {m}: {_short(valid_block_sizes(d_in, m))}"
                 + (f"; valid n_factors for block_size = {b}: 1..{alt_m}" if alt_m else "")
                 + ". Exclude the layer with BOFTConfig.exclude if it should not be adapted."
@@ -200,6 +219,27 @@ class BOFTConfig:
             f" Valid block_num for n_factors = {m}: {_short(valid_k)}"
             ". Exclude the layer with BOFTConfig.exclude if it should not be adapted."
         )
+
+
+def _as_overrides(value) -> tuple[tuple[str, int], ...]:
+    """``block_size_overrides`` as a hashable tuple of ``(regex, block_size)`` pairs, checked."""
+    if value is None:
+        return ()
+    pairs = list(value.items()) if isinstance(value, Mapping) else value
+    try:
+        pairs = [tuple(p) for p in pairs]
+    except TypeError:
+        raise TypeError(
+            f"BOFTConfig.block_size_overrides must be a {{regex: block_size}} dict or (regex, block_size) pairs, got {value!r}"
+        ) from None
+    for pair in pairs:
+        if len(pair) != 2 or not isinstance(pair[0], str):
+            raise TypeError(f"BOFTConfig.block_size_overrides entries must be (regex, block_size) pairs, got {pair!r}")
+        b = pair[1]
+        if isinstance(b, bool) or not isinstance(b, int) or b < 1:
+            raise ValueError(f"BOFTConfig.block_size_overrides: block size for {pair[0]!r} must be a positive integer, got {b!r}")
+    _as_patterns([p for p, _ in pairs], "block_size_overrides")
+    return tuple((p, int(b)) for p, b in pairs)
 
 
 def _max_factors_for_block_num(k: int) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 from hypothesis import event, given, settings
@@ -221,3 +222,39 @@ def test_saved_ancestor_finds_the_enclosing_saved_module():
     assert cfg.saved_ancestor("encoder/layer_3/mlp/fc1") == "encoder/layer_3/mlp"
     assert cfg.saved_ancestor("encoder/layer_3/attention/query") is None
     assert boft.BOFTConfig(block_size=4).saved_ancestor("head") is None
+
+
+def test_block_size_overrides_take_precedence_per_layer_and_round_trip_through_json():
+    from boft_jax.checkpoint import config_from_dict, config_to_dict
+
+    cfg = boft.BOFTConfig(block_num=3, targets=("q", "o", "wo"), block_size_overrides={"mlp/wo": 20, "wo": 5})
+    assert cfg.block_size_overrides == (("mlp/wo", 20), ("wo", 5))
+    # the first matching pair wins; other layers follow block_num
+    assert cfg.layer_structure("decoder/layer_0/mlp/wo", 40) == (20, 2, 1)
+    assert cfg.layer_structure("decoder/layer_0/attn/wo", 40) == (5, 8, 1)
+    assert cfg.layer_structure("decoder/layer_0/attn/o", 18) == (6, 3, 1)
+    assert cfg.block_size_override("decoder/layer_0/attn/q") is None
+    same = boft.BOFTConfig(block_num=3, targets=("q", "o", "wo"), block_size_overrides=[("mlp/wo", 20), ["wo", 5]])
+    assert same == cfg and hash(same) == hash(cfg)
+    again = config_from_dict(json.loads(json.dumps(config_to_dict(cfg))))
+    assert again == cfg
+    # an override that does not fit names the override, the layer and the valid sizes
+    msg = cfg.fit_error("decoder/layer_0/mlp/wo", 30)
+    assert "layer 'decoder/layer_0/mlp/wo' (d_in = 30) does not fit its block_size_overrides entry, block_size = 20" in msg
+    assert "Valid block_size for n_factors = 1: 1, 2, 3, 5, 6, 10, 15, 30" in msg
+
+
+@pytest.mark.parametrize(
+    "overrides,error,fragment",
+    [
+        ({"wo": 0}, ValueError, "block size for 'wo' must be a positive integer, got 0"),
+        ({"wo": 2.5}, ValueError, "got 2.5"),
+        ([("wo",)], TypeError, "must be (regex, block_size) pairs"),
+        ({"(": 4}, ValueError, "block_size_overrides: '(' is not a valid regular expression"),
+        (7, TypeError, "must be a {regex: block_size} dict or (regex, block_size) pairs"),
+    ],
+)
+def test_bad_block_size_overrides_are_refused(overrides, error, fragment):
+    with pytest.raises(error) as e:
+        boft.BOFTConfig(block_size=4, block_size_overrides=overrides)
+    assert fragment in str(e.value)

@@ -5,6 +5,7 @@ a CPU block-diagonal op substituted for PEFT's CUDA extension, so that PEFT real
 butterfly factors); no torch is needed here.
 """
 
+import dataclasses
 import functools
 import json
 import shutil
@@ -32,6 +33,7 @@ PEFT_ADAPTERS = [
     "t5_relu_m2", "t5_gated_m3_head", "t5_gated_blocknum", "t5_relu_tied_head", "t5_relu_shared",
     # PEFT OFT (BOFT with one factor and no output scale)
     "vit_oft_neumann", "vit_oft_exact_r", "vit_oft_share_coft", "vit_oft_adjusted", "t5_oft_gated", "t5_oft_lm_head",
+    "mt5_oft_mixed",
 ]
 OURS = ["ours_vit", "ours_t5", "ours_vit_oft", "ours_t5_oft"]
 TOL = 1e-5  # float32: max |ours - reference| <= TOL * max(1, max |reference|), as in the model tests
@@ -310,6 +312,47 @@ def test_oft_block_size_adjusted_by_peft_warns_and_uses_the_tensors():
     assert model.config.block_size == 4
 
 
+def test_oft_layers_adjusted_differently_get_block_size_overrides(tmp_path, capsys):
+    """r = 3 on an mT5: PEFT keeps 3 blocks where 3 divides the width (q, wi_0: blocks of 8; o: 6)
+    and adjusts wo (width 40) to 2 blocks of 20, so no single block size or count describes the
+    layers.  The config keeps r (block_num = 3) and overrides wo's block size; the outputs equal
+    PEFT's (test_outputs_match_peft), also with scan_layers, and the adapter goes through orbax and
+    back to PEFT unchanged (r = 3 again, which PEFT adjusts the same way)."""
+    ref = reference("mt5_oft_mixed")
+    with pytest.warns(UserWarning, match=r"r = 3, but its oft_R tensors hold block counts \[2, 3\].*block_size_overrides, 4 layer"):
+        model, params = load_oft("mt5_oft_mixed")
+    cfg = model.config
+    assert (cfg.block_num, cfg.block_size) == (3, None)
+    assert sorted(b for _, b in cfg.block_size_overrides) == [20] * 4
+    assert all(p.endswith("mlp/wo") for p, _ in cfg.block_size_overrides)
+    shapes = {"/".join(p[:-2]): v.shape for p, v in hf.flatten_params(boft.split(params, cfg)[1]).items() if p[-1] == "skew"}
+    assert {s[1:] for p, s in shapes.items() if p.endswith("wo")} == {(2, 190)}  # 2 blocks of 20
+    assert {s[1:] for p, s in shapes.items() if p.endswith("/o")} == {(3, 15)}  # 3 blocks of 6
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        scanned, scanned_params = load_peft_adapter(PEFT / "mt5_oft_mixed", *base("mt5", scan_layers=True))
+    assert_close(run(scanned, scanned_params, ref), ref["outputs"])
+
+    ckpt, back = tmp_path / "orbax", tmp_path / "peft"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(["convert", "--from", "peft", "--adapter", str(PEFT / "mt5_oft_mixed"), "--base", str(FIXTURES / "mt5"),
+                     "--out", str(ckpt)]) == 0
+    from boft_jax.checkpoint import load_adapter
+
+    assert load_adapter(ckpt)[1] == cfg
+    assert main(["convert", "--from", "boft", "--adapter", str(ckpt), "--out", str(back), "--peft-type", "OFT"]) == 0
+    written, original = load_file(back / peft_io.ADAPTER_WEIGHTS_NAME), load_file(PEFT / "mt5_oft_mixed" / peft_io.ADAPTER_WEIGHTS_NAME)
+    assert sorted(written) == sorted(original)
+    for k in original:
+        np.testing.assert_array_equal(written[k], original[k], err_msg=k)
+    assert json.loads((back / peft_io.ADAPTER_CONFIG_NAME).read_text())[("r")] == 3
+    # PEFT's BOFT has no adjustment: one boft_block_size or boft_block_num must fit every layer
+    with pytest.raises(ValueError, match=r"PEFT's BOFT config holds one boft_block_size or boft_block_num for all layers; no single value"):
+        save_peft_adapter(tmp_path / "boft", boft.wrap(model.model, dataclasses.replace(cfg, cayley="exact")), params)
+    capsys.readouterr()
+
+
 def test_oft_without_use_cayley_neumann_follows_peft_default(tmp_path):
     """Configs from before PEFT had the option: PEFT >= 0.16 fills in its default (Neumann, 5 terms)."""
     path = copy_fixture("vit_oft_neumann", tmp_path)
@@ -525,7 +568,7 @@ def test_round_trip_boft_peft_boft_is_identical(name, key_style, tmp_path):
 
 
 @pytest.mark.parametrize("name", ["vit_m2_head", "vit_m3_all", "t5_gated_m3_head", "t5_relu_tied_head",
-                                  "vit_oft_neumann", "vit_oft_exact_r", "t5_oft_gated"])
+                                  "vit_oft_neumann", "vit_oft_exact_r", "t5_oft_gated", "mt5_oft_mixed"])
 def test_round_trip_peft_boft_peft(name, tmp_path):
     model, params = load(name)
     peft_cfg = json.loads((PEFT / name / peft_io.ADAPTER_CONFIG_NAME).read_text())

@@ -470,12 +470,15 @@ class _OftOptions:
         return None, (np.ascontiguousarray(w[None]), np.ones((d_out,), np.float32))
 
 
-def _oft_structure(cfg_bs: int, cfg_bn: int, bs: list[int], ks: list[int], layers: Mapping, where: str) -> dict:
-    """``{"block_size": b}`` or ``{"block_num": r}`` for a PEFT OFT adapter.
+def _oft_structure(cfg_bs: int, cfg_bn: int, bs: list[int], ks: list[int], layers: Mapping, where: str, show) -> dict:
+    """``{"block_size": b}`` or ``{"block_num": r}`` for a PEFT OFT adapter, plus
+    ``block_size_overrides`` where no single value describes every layer.
 
     PEFT's OFT silently adjusts an ``oft_block_size`` / ``r`` that does not divide a layer's width
     (with a warning when the adapter is made) and records the requested value, so the tensors are
-    the truth: this warns when they disagree with the config.
+    the truth: this warns when they disagree with the config.  When the layers differ in both block
+    size and block count (layers of different widths, some adjusted), the requested value stays the
+    config's and each layer it does not describe gets its tensors' block size as an override.
     """
     want = {"block_num": cfg_bn} if cfg_bn > 0 and not cfg_bs else {"block_size": cfg_bs}
     (field, value), = want.items()
@@ -487,20 +490,68 @@ def _oft_structure(cfg_bs: int, cfg_bn: int, bs: list[int], ks: list[int], layer
     elif len(ks) == 1:
         structure = {"block_num": ks[0]}
     else:
-        sizes = {"/".join(p): f"b = {block_size_from_num_params(w.shape[2])}, r = {w.shape[1]}" for p, (w, _) in layers.items()}
-        raise ValueError(
-            f"{where}: its layers differ in both block size and block count, but boft_jax uses one of the two"
-            f" for all layers:{_fmt(f'{k}: {v}' for k, v in sorted(sizes.items()))}"
-        )
+        overrides = {}
+        for p, (w, _) in sorted(layers.items()):
+            k, b = w.shape[1], block_size_from_num_params(w.shape[2])
+            if (b if field == "block_size" else k) != value:
+                overrides["^" + re.escape("/".join(show(p)))] = b
+        structure = {**want, "block_size_overrides": tuple(overrides.items())}
     name = {"block_size": "oft_block_size", "block_num": "r"}[field]
+    using = (
+        f"{next(iter(structure))} = {next(iter(structure.values()))}"
+        if "block_size_overrides" not in structure
+        else f"{name} where it divides the layer's width, and each other layer's own block size"
+        f" (block_size_overrides, {len(structure['block_size_overrides'])} layer(s))"
+    )
     warnings.warn(
         f"{where}: adapter_config.json says {name} = {value}, but its oft_R tensors hold"
         f" {'blocks of size' if field == 'block_size' else 'block counts'} {have} (PEFT adjusts a value that does not"
-        f" divide a layer's width); using the tensors: {next(iter(structure))} = {next(iter(structure.values()))}",
+        f" divide a layer's width); using the tensors: {using}",
         UserWarning,
         stacklevel=3,
     )
     return structure
+
+
+def _peft_oft_adjusted(d_in: int, value: int) -> int:
+    """The ``oft_block_size`` or ``r`` PEFT's OFT uses for a layer of width ``d_in`` when asked for
+    ``value``: ``value`` if it divides ``d_in``, else the nearest divisor (the lower one on a tie;
+    ``d_in`` if ``value`` exceeds it), as PEFT's ``adjust_oft_parameters`` does."""
+    if d_in % value == 0 and value <= d_in:
+        return value
+    if value >= d_in:
+        return d_in
+    higher = next(h for h in range(value, d_in + 1) if d_in % h == 0)
+    lower = next(h for h in range(value, 0, -1) if d_in % h == 0)
+    return lower if value - lower <= higher - value else higher
+
+
+def _peft_structure_field(config: BOFTConfig, dims: Mapping[Path_, tuple[int, int, int]], oft: bool) -> tuple[str, int]:
+    """The one ``("block_size" | "block_num", value)`` PEFT's config can hold that gives every
+    adapted layer (``path -> (d_in, block size, block count)``) its block structure: exactly for
+    BOFT, through PEFT's per-layer adjustment for OFT.  The config's own value is tried first."""
+    own = ("block_size", config.block_size) if config.block_size is not None else ("block_num", config.block_num)
+    candidates = [own]
+    for _, b, k in dims.values():
+        candidates += [("block_size", b), ("block_num", k)]
+
+    def gives(field: str, value: int) -> bool:
+        for d_in, b, k in dims.values():
+            want = b if field == "block_size" else k
+            if (_peft_oft_adjusted(d_in, value) if oft else value) != want:
+                return False
+        return True
+
+    for field, value in dict.fromkeys(candidates):
+        if gives(field, value):
+            return field, value
+    listed = [f"{'/'.join(p)}: d_in = {d}, block size {b}, {k} blocks" for p, (d, b, k) in sorted(dims.items())]
+    rule = (
+        "one oft_block_size or r for all layers, adjusted per layer to the nearest divisor of its width"
+        if oft
+        else "one boft_block_size or boft_block_num for all layers"
+    )
+    raise ValueError(f"PEFT's {'OFT' if oft else 'BOFT'} config holds {rule}; no single value gives these layers' blocks:{_fmt(listed)}")
 
 
 def _version_tuple(version: str) -> tuple[int, ...]:
@@ -707,7 +758,7 @@ def load_peft_adapter(
     m = ms[0]
     if oft:
         cfg_bs, cfg_bn = int(peft_cfg.get("oft_block_size") or 0), int(peft_cfg.get("r") or 0)
-        structure = _oft_structure(cfg_bs, cfg_bn, bs, ks, layers, where)
+        structure = _oft_structure(cfg_bs, cfg_bn, bs, ks, layers, where, _stack_path if keymap.scan else (lambda p: p))
     else:
         cfg_bs, cfg_bn = int(peft_cfg.get("boft_block_size") or 0), int(peft_cfg.get("boft_block_num") or 0)
         use_num = cfg_bn > 0 if (cfg_bs > 0) != (cfg_bn > 0) else len(bs) > 1
@@ -819,7 +870,7 @@ def load_peft_adapter(
         )
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
-    fit = [err for p in adapted_paths if (err := config.fit_error("/".join(p), keymap.shapes[p + ("kernel",)][0]))]
+    fit = [err for p in adapted_paths if (err := config.fit_error("/".join(show(p)), keymap.shapes[p + ("kernel",)][0]))]
     if fit:
         raise ValueError(f"{where} does not fit the butterfly structure:{_fmt(fit)}")
 
@@ -924,6 +975,7 @@ def peft_state_dict(
 
     tensors: dict[str, np.ndarray] = {}
     ms, bs, ks = set(), set(), set()
+    dims: dict[Path_, tuple[int, int, int]] = {}  # (d_in, block size, block count)
     targets = []
     scaled = []  # OFT: layers whose output scale is not 1
     for p, (skew, scale) in sorted(layers.items()):
@@ -932,6 +984,7 @@ def peft_state_dict(
         m, k, n = skew.shape
         b = block_size_from_num_params(n)
         ms.add(m), bs.add(b), ks.add(k)
+        dims[p] = (k * b, b, k)
         name = keymap.module_name(p, key_style)
         targets.append(name)
         if oft:
@@ -975,14 +1028,15 @@ def peft_state_dict(
         "bias": config.bias,
         "modules_to_save": sorted(saved_names) or None,
     }
-    by_size = config.block_size is not None
+    field, value = _peft_structure_field(config, dims, oft)
+    by_size = field == "block_size"
     if oft:
         neumann = config.cayley == "neumann"
         fields.update(
             bias="oft_only" if config.bias == "boft_only" else config.bias,
             module_dropout=float(config.dropout),
-            oft_block_size=int(config.block_size) if by_size else 0,
-            r=0 if by_size else int(config.block_num),
+            oft_block_size=int(value) if by_size else 0,
+            r=0 if by_size else int(value),
             use_cayley_neumann=neumann,
             num_cayley_neumann_terms=_OftOptions.peft_from_our_terms(int(config.neumann_terms)) if neumann else 5,
             coft=False,
@@ -996,8 +1050,8 @@ def peft_state_dict(
         fields.update(
             boft_n_butterfly_factor=int(ms.pop()),
             boft_dropout=float(config.dropout),
-            boft_block_size=int(config.block_size) if by_size else 0,
-            boft_block_num=0 if by_size else int(config.block_num),
+            boft_block_size=int(value) if by_size else 0,
+            boft_block_num=0 if by_size else int(value),
         )
     return tensors, fields
 
