@@ -974,7 +974,7 @@ def peft_state_dict(
         raise ValueError("the params hold no BOFT adapter (no BOFTKernel nodes); nothing to save")
 
     tensors: dict[str, np.ndarray] = {}
-    ms, bs, ks = set(), set(), set()
+    ms: set[int] = set()
     dims: dict[Path_, tuple[int, int, int]] = {}  # (d_in, block size, block count)
     targets = []
     scaled = []  # OFT: layers whose output scale is not 1
@@ -983,7 +983,7 @@ def peft_state_dict(
             raise ValueError(f"adapted layer '{'/'.join(p)}' has no Hugging Face counterpart")
         m, k, n = skew.shape
         b = block_size_from_num_params(n)
-        ms.add(m), bs.add(b), ks.add(k)
+        ms.add(m)
         dims[p] = (k * b, b, k)
         name = keymap.module_name(p, key_style)
         targets.append(name)
