@@ -114,6 +114,9 @@ def save_adapter(
         "metadata": dict(metadata or {}),
         "checksums": _checksums(host),
     }
+    stored, empties = _without_empty(host)
+    if empties:
+        meta["empty_leaves"] = empties
     _check_config_fits(path, host, config)
     try:  # checked before anything is written: orbax would fail half-way and leave a temporary dir
         json.dumps(meta, allow_nan=False)
@@ -147,7 +150,7 @@ def save_adapter(
         tag = int(multihost_utils.broadcast_one_to_all(np.int32(tag)))
     tmp = path.with_name(f".{path.name}.tmp-{tag:08x}")
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
-        ckptr.save(tmp, ocp.args.Composite(adapter=ocp.args.StandardSave(host), meta=ocp.args.JsonSave(meta)))
+        ckptr.save(tmp, ocp.args.Composite(adapter=ocp.args.StandardSave(stored), meta=ocp.args.JsonSave(meta)))
     if main:
         if path.exists():
             old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
@@ -175,6 +178,39 @@ def _checksums(tree) -> dict[str, str]:
         h.update(a.view(np.uint8).reshape(-1) if a.size else b"")
         out[jax.tree_util.keystr(p)] = h.hexdigest()
     return out
+
+
+def _without_empty(tree, placeholder=lambda dtype: np.zeros((1,), dtype)):
+    """``(tree', empties)``: orbax cannot store zero-size arrays (the skew of a layer with block size
+    1, e.g. where PEFT's OFT adjusted ``r`` to the layer's width, and its optimizer state), so each
+    becomes a one-element ``placeholder`` and ``empties`` (``{leaf path: [shape, dtype]}``, JSON)
+    records it for :func:`_with_empty`.  A tree without zero-size leaves comes back unchanged."""
+    empties = {}
+
+    def swap(p, x):
+        if np.size(x) == 0:
+            dtype = np.dtype(x.dtype)
+            empties[jax.tree_util.keystr(p)] = [list(np.shape(x)), dtype.name]
+            return placeholder(dtype)
+        return x
+
+    out = jax.tree_util.tree_map_with_path(swap, tree)
+    return (out if empties else tree), empties
+
+
+def _with_empty(tree, empties: Mapping[str, Any]):
+    """Inverse of :func:`_without_empty`: the recorded zero-size leaves back in place of their placeholders."""
+    if not empties:
+        return tree
+
+    def back(p, x):
+        rec = empties.get(jax.tree_util.keystr(p))
+        if rec is None:
+            return x
+        empty = np.zeros(tuple(rec[0]), jnp.dtype(rec[1]))
+        return jnp.asarray(empty) if isinstance(x, jax.Array) else empty
+
+    return jax.tree_util.tree_map_with_path(back, tree)
 
 
 def _leaf_checksums(tree) -> list[str]:
@@ -241,6 +277,7 @@ def load_adapter(path: str | os.PathLike) -> tuple[dict, BOFTConfig, dict]:
         raise ValueError(f"{path}: unsupported adapter format {got!r} (expected {_FORMAT!r})")
     if not isinstance(meta.get("config"), Mapping) or not isinstance(meta.get("metadata", {}), Mapping):
         raise ValueError(f"{path}: its meta entry has no config object (or a metadata that is not an object)")
+    restored = _with_empty(restored, meta.get("empty_leaves") or {})
     sums = meta.get("checksums")
     if sums is not None:  # checkpoints written before checksums were stored have none
         got = _checksums(restored)
@@ -338,11 +375,12 @@ class TrainCheckpointer:
         if step in self._mngr.all_steps():
             return False
         sums = {"adapter": _leaf_checksums(adapter), "opt_state": _leaf_checksums(opt_state)}
+        (adapter_out, _), (opt_out, _) = _without_empty(adapter), _without_empty(opt_state)
         self._mngr.save(
             step,
             args=ocp.args.Composite(
-                adapter=ocp.args.StandardSave(adapter),
-                opt_state=ocp.args.StandardSave(opt_state),
+                adapter=ocp.args.StandardSave(adapter_out),
+                opt_state=ocp.args.StandardSave(opt_out),
                 state=ocp.args.JsonSave({**state, _SHAPES_KEY: _shapes(adapter), _SUMS_KEY: sums}),
             ),
             force=True,
@@ -393,15 +431,20 @@ class TrainCheckpointer:
                 + "; ".join(f"{k}: stored {got.get(k)}, expected {want.get(k)}" for k in diff[:3])
             )
         abstract = lambda t: jax.tree.map(ocp.utils.to_shape_dtype_struct, t)  # noqa: E731
+        # zero-size leaves were stored as one-element placeholders (_without_empty); the like trees say where
+        one = lambda dtype: jnp.zeros((1,), dtype)  # noqa: E731
+        (adapter_ph, adapter_empty), (opt_ph, opt_empty) = _without_empty(adapter_like, one), _without_empty(opt_state_like, one)
         r = self._mngr.restore(
             step,
             args=ocp.args.Composite(
-                adapter=ocp.args.StandardRestore(abstract(adapter_like)),
-                opt_state=ocp.args.StandardRestore(abstract(opt_state_like)),
+                adapter=ocp.args.StandardRestore(abstract(adapter_ph)),
+                opt_state=ocp.args.StandardRestore(abstract(opt_ph)),
                 state=ocp.args.JsonRestore(),
             ),
         )
+        r = {**r, "adapter": _with_empty(r["adapter"], adapter_empty)}
         opt_state = jax.tree.unflatten(jax.tree.structure(opt_state_like), jax.tree.leaves(r["opt_state"]))
+        opt_state = _with_empty(opt_state, opt_empty)
         sums = r["state"].get(_SUMS_KEY)
         if sums is not None:  # steps written before checksums were stored have none
             got = {"adapter": _leaf_checksums(r["adapter"]), "opt_state": _leaf_checksums(opt_state)}

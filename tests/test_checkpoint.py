@@ -211,3 +211,47 @@ def test_train_checkpoint_with_a_damaged_array_is_an_error_not_garbage(tmp_path)
     with pytest.raises(ValueError, match=r"step 2 .*damaged or incomplete"):
         tc.restore_latest(adapter, opt_state)
     tc.close()
+
+
+def test_block_size_one_layers_zero_size_skews_save_and_restore(tmp_path):
+    """A layer with block size 1 (PEFT's OFT adjusts r to d_in on narrow layers) has a zero-size
+    skew, which orbax cannot store; adapter and training checkpoints keep it (shape and dtype) next
+    to the other leaves, which come back exactly."""
+    import optax
+
+    rng = np.random.default_rng(7)
+    cfg = boft.BOFTConfig(block_size=4, targets=("l", "narrow"), block_size_overrides={"narrow": 1})
+    adapter = {
+        "l": {"kernel": {"skew": jnp.asarray(rng.standard_normal((1, 4, 6)), jnp.float32),
+                         "scale": jnp.asarray(1 + 0.1 * rng.standard_normal(16), jnp.float32)}},
+        "narrow": {"kernel": {"skew": jnp.zeros((1, 4, 0), jnp.float32),
+                              "scale": jnp.asarray(1 + 0.1 * rng.standard_normal(5), jnp.float32)}},
+    }
+    ck.save_adapter(tmp_path / "a", adapter, cfg)
+    got, got_cfg, _ = ck.load_adapter(tmp_path / "a")
+    assert got_cfg == cfg
+    assert jax.tree.structure(got) == jax.tree.structure(adapter)
+    for a, b in zip(jax.tree.leaves(adapter), jax.tree.leaves(got)):
+        assert (a.shape, a.dtype) == (b.shape, b.dtype)
+        np.testing.assert_array_equal(a, b)
+    stored = json.loads((tmp_path / "a" / "meta" / "metadata").read_text())
+    assert stored["empty_leaves"] == {"['narrow']['kernel']['skew']": [[1, 4, 0], "float32"]}
+
+    opt = optax.adam(1e-2)
+    opt_state = opt.init(adapter)
+    grads = jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape), x.dtype), adapter)
+    updates, opt_state = opt.update(grads, opt_state, adapter)
+    adapter = optax.apply_updates(adapter, updates)
+    tc = ck.TrainCheckpointer(tmp_path / "train", save_every=1, async_save=False)
+    tc.save(1, adapter, opt_state, {"step": 1})
+    tc.close()
+    tc = ck.TrainCheckpointer(tmp_path / "train", save_every=1, async_save=False)
+    fresh = jax.tree.map(jnp.zeros_like, adapter)
+    step, a, o, state = tc.restore_latest(fresh, opt.init(fresh))
+    tc.close()
+    assert (step, state) == (1, {"step": 1})
+    for want, have in ((adapter, a), (opt_state, o)):
+        assert jax.tree.structure(have) == jax.tree.structure(want)
+        for x, y in zip(jax.tree.leaves(want), jax.tree.leaves(have)):
+            assert (x.shape, x.dtype) == (y.shape, y.dtype)
+            np.testing.assert_array_equal(x, y)
