@@ -883,3 +883,24 @@ def test_save_refuses_what_peft_cannot_represent(tmp_path):
     with pytest.raises(TypeError, match="wrapped model"):
         save_peft_adapter(tmp_path / "a", model.model, params)
     assert not (tmp_path / "a").exists()
+
+
+def test_adapted_new_head_with_no_base_weights_warns(tmp_path):
+    """An adapted (not saved) classifier on a ViT loaded with a new num_labels: PEFT saved no base
+    weights for it, so the fresh head is all zero here and the layer computes zero; said so."""
+    path = copy_fixture("vit_m1", tmp_path)
+    rng = np.random.default_rng(11)
+    r = rng.standard_normal((1, 8, 4, 4)).astype(np.float32)
+
+    def add_head(t):
+        return {**t, f"{peft_io.PEFT_PREFIX}classifier.boft_R": r - np.swapaxes(r, -1, -2),
+                f"{peft_io.PEFT_PREFIX}classifier.boft_s": (1 + 0.1 * rng.standard_normal((6, 1))).astype(np.float32)}
+
+    edit_tensors(path, add_head)
+    edit_config(path, target_modules=["q_proj", "v_proj", "classifier"])
+    with pytest.warns(UserWarning, match=r"adapted layer\(s\) \['classifier'\] have an all-zero base kernel here.*modules_to_save"):
+        model, params = load_peft_adapter(path, *base("vit", num_labels=6))
+    assert boft.split(params, model.config)[1]["classifier"]["kernel"]["scale"].shape == (6,)
+    with warnings.catch_warnings():  # the fixture itself (a trained base head): no such warning
+        warnings.simplefilter("error")
+        load_peft_adapter(PEFT / "vit_m1", *base("vit"))

@@ -880,6 +880,16 @@ def load_peft_adapter(
         flat[(*p, "kernel", "skew")] = skew
         flat[(*p, "kernel", "scale")] = scale
     base_flat = hf.flatten_params(hf.unstack_layers(params) if keymap.scan else params)
+    zero = ["/".join(p) for p in adapted_paths if p + ("kernel",) in base_flat and not np.any(np.asarray(base_flat[p + ("kernel",)]))]
+    if zero:
+        warnings.warn(
+            f"{where}: adapted layer(s) {zero} have an all-zero base kernel here (a new head made with"
+            " num_labels?). PEFT saves no base weights for an adapted layer, so these layers compute zero"
+            " whatever the adapter holds, unlike the model PEFT trained; a new head must be in modules_to_save"
+            " to carry its weights",
+            UserWarning,
+            stacklevel=2,
+        )
     for p, v in extra.items():
         flat[p] = v.astype(base_flat[p].dtype) if p in base_flat else v
     if keymap.scan:
