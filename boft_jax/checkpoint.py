@@ -67,7 +67,7 @@ def config_from_dict(d: Mapping[str, Any]) -> BOFTConfig:
     unknown = sorted(set(d) - known)
     if unknown:
         raise ValueError(f"unknown BOFTConfig fields in checkpoint: {unknown} (known: {sorted(known)})")
-    return BOFTConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})  # pairs: lists -> tuples there
+    return BOFTConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
 def save_adapter(
@@ -303,7 +303,11 @@ def _check_config_fits(path: Path, adapter, config: BOFTConfig) -> None:
                 shape = np.shape(tree["skew"])
                 m, k, b = shape[-3], shape[-2], block_size_from_num_params(shape[-1])
                 layer = where.removesuffix("/kernel")  # the module path the config's regexes match
-                if config.fit_error(layer, k * b) or config.layer_structure(layer, k * b) != (b, k, m):
+                try:
+                    fits = config.layer_structure(layer, k * b) == (b, k, m)
+                except ValueError:
+                    fits = False
+                if not fits:
                     problems.append(f"{where}: blocks (m={m}, k={k}, b={b})")
                 return
             for key, v in tree.items():

@@ -188,6 +188,9 @@ def test_too_few_buckets_are_refused():
         t5.T5Config(relative_attention_num_buckets=3)
     with pytest.raises(ValueError, match="relative_attention_max_distance must be a positive integer, got 0"):
         t5.T5Config(relative_attention_max_distance=0)
+    with pytest.raises(ValueError, match=r"= 1: the decoder's causal buckets need at least 2 \(of which 1 exact"):
+        t5.relative_position_buckets(False, 1, 8)
+    t5.relative_position_buckets(False, 2, 8)  # the causal minimum itself is fine
 
 
 def test_dropout_is_active_only_when_not_deterministic(gated):

@@ -756,9 +756,10 @@ def load_peft_adapter(
     if len(ms) > 1:
         raise ValueError(f"{where}: layers have different butterfly factor counts {ms}; boft_jax uses one for all")
     m = ms[0]
+    show = _stack_path if keymap.scan else (lambda p: p)  # a layer path as the model names it
     if oft:
         cfg_bs, cfg_bn = int(peft_cfg.get("oft_block_size") or 0), int(peft_cfg.get("r") or 0)
-        structure = _oft_structure(cfg_bs, cfg_bn, bs, ks, layers, where, _stack_path if keymap.scan else (lambda p: p))
+        structure = _oft_structure(cfg_bs, cfg_bn, bs, ks, layers, where, show)
     else:
         cfg_bs, cfg_bn = int(peft_cfg.get("boft_block_size") or 0), int(peft_cfg.get("boft_block_num") or 0)
         use_num = cfg_bn > 0 if (cfg_bs > 0) != (cfg_bn > 0) else len(bs) > 1
@@ -853,7 +854,6 @@ def load_peft_adapter(
             f"{where}: modules {['/'.join(p) for p in overlap]} are both adapted and in modules_to_save"
         )
 
-    show = _stack_path if keymap.scan else (lambda p: p)
     try:
         config = BOFTConfig(
             **structure,

@@ -200,7 +200,7 @@ def relative_position_buckets(bidirectional: bool, num_buckets: int, max_distanc
     [2, 2, 1, 0, 5, 6, 6]
     """
     if num_buckets < (4 if bidirectional else 2):
-        raise ValueError(_bucket_error(num_buckets))
+        raise ValueError(_bucket_error(num_buckets, bidirectional))
     n = num_buckets // 2 if bidirectional else num_buckets
     max_exact = n // 2
     h = max(max_distance, max_exact)
@@ -247,10 +247,15 @@ def _bucket_table(bidirectional: bool, num_buckets: int, max_distance: int, h: i
     return (offset + np.where(r < max_exact, r, large)).astype(np.int32), undefined
 
 
-def _bucket_error(num_buckets: int) -> str:
+def _bucket_error(num_buckets: int, bidirectional: bool = True) -> str:
+    need = (
+        "the encoder's bidirectional buckets need at least 4 (2 per direction, of which 1 exact"
+        if bidirectional
+        else "the decoder's causal buckets need at least 2 (of which 1 exact"
+    )
     return (
-        f"T5Config.relative_attention_num_buckets = {num_buckets}: the encoder's bidirectional buckets need at"
-        " least 4 (2 per direction, of which 1 exact; transformers divides by zero below that)"
+        f"T5Config.relative_attention_num_buckets = {num_buckets}: {need};"
+        " transformers divides by zero below that)"
     )
 
 
