@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,19 +16,12 @@ import jax
 import numpy as np
 import pytest
 
+from jobs import job_env as _env
+from jobs import job_summary
 from train import finetune
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--steps", "30", "--eval-every", "0", "--save-every", "10", "--no-progress", "--batch-size", "32"]
-
-
-def _env(devices: int | None = None) -> dict:
-    # the job runs with the caller's XLA_FLAGS (not the suite's compile-time setting, see conftest)
-    flags = os.environ.get("BOFT_JAX_TEST_USER_XLA_FLAGS", "")
-    if devices:
-        flags = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
-    env = dict(os.environ, PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="2", XLA_FLAGS=flags)
-    return env
 
 
 # ---------------------------------------------------------------------------------------------
@@ -319,7 +313,7 @@ def test_default_vit_job_end_to_end(tmp_path):
     from train.data import FINETUNE_CLASSES, digits
 
     out = tmp_path / "run"
-    res = finetune.run(["--output", str(out), "--no-progress"])  # exactly the README's default job
+    res = job_summary(["--output", str(out), "--no-progress"], out)  # exactly the README's default job
     assert res["trainable"] / res["base"] < 0.02
     assert res["acc_before"] < 0.2 and res["acc_after"] >= 0.90  # new classes: from nothing to >= 90%
     for f in ("metrics.jsonl", "curves.png", "summary.md", "adapter", "merged/config.json", "merged/model.safetensors"):
@@ -556,8 +550,6 @@ def test_scan_layers_job_matches_the_unrolled_job(tmp_path, capsys):
     """--scan-layers: the same training (dropout 0, so no per-layer random streams) with the layers
     under nn.scan gives the same merged model as the unrolled run; its adapter is stacked per layer,
     and a --resume without the flag is refused."""
-    import re
-
     from safetensors.numpy import load_file
 
     from boft_jax.checkpoint import load_adapter
