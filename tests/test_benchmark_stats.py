@@ -64,3 +64,40 @@ def test_verdicts_call_a_target_only_when_the_whole_interval_is_on_one_side(fact
     assert [ln for ln in lines if ln.startswith("memory m=1")] == [
         "memory m=1: 1.050x the LoRA peak, target <= 1.10x: met"
     ]
+
+
+def test_collectives_counts_ops_and_result_bytes_in_hlo_text():
+    """benchmarks/collectives.py: random collective lines (sync, sync with tuple results, async
+    start/done pairs) among other instructions; expected counts and bytes are computed here from
+    the drawn shapes."""
+    from benchmarks import collectives as col
+
+    rng = np.random.default_rng()
+    itemsize = {"f32": 4, "bf16": 2, "s32": 4, "f64": 8}
+
+    def array():
+        dtype = str(rng.choice(list(itemsize)))
+        dims = [int(v) for v in rng.integers(1, 9, size=rng.integers(0, 4))]
+        text = f"{dtype}[{','.join(map(str, dims))}]{{{','.join(map(str, range(len(dims))))}}}"
+        return text, int(np.prod(dims, dtype=np.int64)) * itemsize[dtype]
+
+    lines, want = [], {}
+    for i in range(60):
+        op = str(rng.choice(col.COLLECTIVES))
+        results = [array() for _ in range(rng.integers(1, 4))]
+        res_type = results[0][0] if len(results) == 1 else "(" + ", ".join(t for t, _ in results) + ")"
+        kind = rng.integers(3)
+        if kind == 0:  # synchronous
+            lines.append(f"  %{op}.{i} = {res_type} {op}(f32[8]{{0}} %p.{i}), replica_groups={{}}")
+        elif op == "all-reduce":  # asynchronous all-reduce: the start returns the results
+            lines.append(f"  %s.{i} = {res_type} {op}-start(f32[8]{{0}} %p.{i}), channel_id={i}")
+            lines.append(f"  %d.{i} = {res_type} {op}-done({res_type} %s.{i})")
+        else:  # asynchronous: an (operands, results) tuple at the start, counted once
+            operands = ", ".join(f"f32[{j + 2}]{{0}}" for j in range(len(results)))
+            start = f"({operands}, {', '.join(t for t, _ in results)})"
+            lines.append(f"  %s.{i} = {start} {op}-start(f32[3]{{0}} %p.{i}), channel_id={i}")
+            lines.append(f"  %d.{i} = {res_type} {op}-done({start} %s.{i})")
+        lines.append(f"  %f.{i} = f32[5,5]{{1,0}} fusion(f32[5]{{0}} %x), calls=%fused.{i}")
+        c, b = want.get(op, (0, 0))
+        want[op] = (c + 1, b + sum(n for _, n in results))
+    assert col.collectives("\n".join(lines)) == want
