@@ -24,11 +24,21 @@ import os
 import re
 import sys
 
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(_HERE, ".."))
+sys.path.insert(0, _HERE)
+
+# jax is imported here but starts its backend (and reads XLA_FLAGS) only in main()
+from _util import machine_description, markdown_table  # noqa: E402
+from peak_buffers import shape_bytes, tuple_elements  # noqa: E402
+
 COLLECTIVES = ("all-gather", "all-reduce", "collective-permute", "reduce-scatter", "all-to-all")
-_OP = re.compile(r"= (?P<type>\S+|\(.*?\)) (?P<op>" + "|".join(COLLECTIVES) + r")(?P<start>-start)?\(")
-_SHAPE = re.compile(r"(\w+)\[([\d,]*)\]")
-_BYTES = {"f64": 8, "s64": 8, "u64": 8, "f32": 4, "s32": 4, "u32": 4, "bf16": 2, "f16": 2, "s16": 2, "u16": 2,
-          "s8": 1, "u8": 1, "pred": 1}
+# one instruction per line: "%name = TYPE OP(" or "OP-start("; TYPE holds no "=" (metadata does)
+_OP = re.compile(
+    r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(?P<type>[^=]+?)\s+(?P<op>" + "|".join(COLLECTIVES) + r")(?P<start>-start)?\(",
+    re.M,
+)
+_COMMENT = re.compile(r"/\*.*?\*/")  # e.g. the /*index=5*/ markers inside long tuple types
 
 
 def collectives(hlo_text: str) -> dict[str, tuple[int, int]]:
@@ -37,21 +47,17 @@ def collectives(hlo_text: str) -> dict[str, tuple[int, int]]:
     A synchronous op counts its result (every array of a tuple result, e.g. a combined
     all-reduce).  An asynchronous pair (``all-gather-start`` / ``all-gather-done``) counts once, at
     its start: an ``all-reduce-start`` returns its results; the other starts return an
-    ``(operands, results)`` tuple, of which the second half is counted.
+    ``(operands, results)`` tuple, of which the second half is counted.  Shapes are sized by
+    :func:`peak_buffers.shape_bytes`.
     """
     count, size = collections.Counter(), collections.Counter()
-    for m in _OP.finditer(hlo_text):
-        arrays = []
-        for dtype, dims in _SHAPE.findall(m.group("type")):
-            n = 1
-            for v in filter(None, dims.split(",")):
-                n *= int(v)
-            arrays.append(n * _BYTES[dtype])
+    for m in _OP.finditer(_COMMENT.sub("", hlo_text)):
+        parts = tuple_elements(m.group("type"))
         op = m.group("op")
-        if m.group("start") and op != "all-reduce" and len(arrays) > 1:
-            arrays = arrays[len(arrays) // 2 :]
+        if m.group("start") and op != "all-reduce" and len(parts) > 1:
+            parts = parts[len(parts) // 2 :]
         count[op] += 1
-        size[op] += sum(arrays)
+        size[op] += sum(shape_bytes(p) for p in parts)
     return {op: (count[op], size[op]) for op in COLLECTIVES if count[op]}
 
 
@@ -84,11 +90,10 @@ def main(argv=None) -> None:
     x = jnp.asarray(np.random.default_rng(0).normal(size=(args.batch, 8, 8, 1)), jnp.float32)
     params = module.init(jax.random.key(0), x[:1])["params"]
     frozen_bytes = sum(np.asarray(l).nbytes for l in jax.tree.leaves(params))
-    print(f"jax {jax.__version__}, {jax.device_count()} simulated {jax.devices()[0].platform} devices; ViT hidden {h},"
-          f" MLP {4 * h}, 2 layers, batch {args.batch} x 5 tokens; BOFT b={args.block_size} m={args.factors} on all"
-          f" Dense layers; frozen weights {frozen_bytes / 2**20:.2f} MiB\n")
-    print("| mesh | program | " + " | ".join(COLLECTIVES) + " | total MiB | vs bare |")
-    print("|---|---|" + "---:|" * (len(COLLECTIVES) + 2))
+    print(machine_description())
+    print(f"ViT hidden {h}, MLP {4 * h}, 2 layers, batch {args.batch} x 5 tokens; BOFT b={args.block_size}"
+          f" m={args.factors} on all Dense layers; frozen weights {frozen_bytes / 2**20:.2f} MiB\n")
+    table = []
     for spec in args.meshes:
         mesh = sh.make_mesh(spec)
         rep = sh.replicated(mesh)
@@ -119,8 +124,9 @@ def main(argv=None) -> None:
         for name, found, total in rows:
             cells = [f"{found[op][0]} / {found[op][1] / 2**10:.0f} KiB" if op in found else "-" for op in COLLECTIVES]
             ratio = f"{total / bare_total:.2f}x" if bare_total else "-"
-            print(f"| {spec} | {name} | " + " | ".join(cells) + f" | {total / 2**20:.2f} | {ratio} |")
-        sys.stdout.flush()
+            table.append([spec, name, *cells, f"{total / 2**20:.2f}", ratio])
+        print(f"{spec}: done", file=sys.stderr, flush=True)
+    print(markdown_table(["mesh", "program", *COLLECTIVES, "total MiB", "vs bare"], table, align="ll" + "r" * (len(COLLECTIVES) + 2)))
 
 
 if __name__ == "__main__":

@@ -85,7 +85,9 @@ def test_collectives_counts_ops_and_result_bytes_in_hlo_text():
     for i in range(60):
         op = str(rng.choice(col.COLLECTIVES))
         results = [array() for _ in range(rng.integers(1, 4))]
-        res_type = results[0][0] if len(results) == 1 else "(" + ", ".join(t for t, _ in results) + ")"
+        # long tuples carry /*index=N*/ markers (an "=" inside the type)
+        res_type = results[0][0] if len(results) == 1 else "(" + ", ".join(
+            (f"/*index={j}*/" if j else "") + t for j, (t, _) in enumerate(results)) + ")"
         kind = rng.integers(3)
         if kind == 0:  # synchronous
             lines.append(f"  %{op}.{i} = {res_type} {op}(f32[8]{{0}} %p.{i}), replica_groups={{}}")
@@ -98,6 +100,7 @@ def test_collectives_counts_ops_and_result_bytes_in_hlo_text():
             lines.append(f"  %s.{i} = {start} {op}-start(f32[3]{{0}} %p.{i}), channel_id={i}")
             lines.append(f"  %d.{i} = {res_type} {op}-done({start} %s.{i})")
         lines.append(f"  %f.{i} = f32[5,5]{{1,0}} fusion(f32[5]{{0}} %x), calls=%fused.{i}")
+        lines.append(f'  %g.{i} = f32[2]{{0}} add(%a, %b), metadata={{op_name="jit(f)/{op}(x)"}}')
         c, b = want.get(op, (0, 0))
         want[op] = (c + 1, b + sum(n for _, n in results))
     assert col.collectives("\n".join(lines)) == want
