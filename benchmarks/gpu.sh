@@ -1,24 +1,27 @@
 #!/usr/bin/env bash
-# The GPU benchmark run recorded in BENCHMARKS.md ("GPU" sections): one script, so that a short
+# The GPU benchmark runs recorded in BENCHMARKS.md ("GPU" sections): one script, so that a short
 # device lease runs all of it.  Run from the repository root on a machine with jax[cuda], flax,
 # optax and chex installed:
 #
 #   OUT=runs/gpu bash benchmarks/gpu.sh
 #
-# Writes one log per benchmark to $OUT, in order of priority (each has its own time limit):
+# Steps, in order of priority, each with its own time limit and all within BUDGET seconds (default
+# 540; a step starts only with at least 60 s left and is cut at the deadline).  STEPS picks and
+# orders them (default "multi layer_ops train_step"):
+#   multi_adapter.txt issue 6: 32 images, K in 1/4/32 adapters, ViT-B (12 layers), float32
+#   layer_ops.txt     issue 3: where a BOFT layer's time goes at ViT-B/16 batch 256 (50,432 tokens,
+#                     bfloat16): chains of 4 layers, frozen / LoRA / BOFT variants
 #   train_step.txt    issue 3: ViT-B/16 train step (12 layers, batch 256, bfloat16): frozen floor,
-#                     LoRA r=8 (plain and tuned), BOFT m=1/2/4 (b=8, mode auto: the weight side at
-#                     256 x 197 tokens); with --matmul-forms (set MATMUL_FORMS= to leave it out) each
-#                     BOFT candidate again with batched matmuls for every block size ("... mm")
+#                     LoRA r=8, BOFT m=1/2/4 (b=8) in mode TRAIN_MODES (default "input"; "auto" is
+#                     the weight side at this size and was recorded on 2026-11-29)
 #   rotate.txt        issue 2: rotate vs dense x @ M vs the reference's construction, d 4096
-#   multi_adapter.txt issue 6 (only with MULTI=1): 32 images, K in 1/4/32 adapters, 12 layers
-# Compilation dominates on the GPU machine (a first try with 14 train-step candidates and the
-# 12-layer multi-adapter run did not finish compiling within 270 s and 120 s), hence the short list.
+# Compilation dominates on the GPU machine (34-52 s per 12-layer BOFT train step), hence short lists.
 # If the installed flax/optax/chex cannot import boft_jax and a folder .whl of wheels exists, those
 # wheels are installed into /tmp/site (no network needed) and used instead.
 set -u
 OUT=${OUT:-runs/gpu}
 PY=${PYTHON:-python3}
+DEADLINE=$((SECONDS + ${BUDGET:-540}))
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
@@ -34,10 +37,26 @@ if ! check; then
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1 | tee "$OUT/gpu.txt"
 
-timeout "${T_TRAIN:-420}" $PY benchmarks/train_step.py --layers 12 --batch 256 --dtype bfloat16 \
-  --modes auto --peft-factors --only "frozen,lora,boft" ${MATMUL_FORMS---matmul-forms} --repeats 10 2>&1 \
-  | tee "$OUT/train_step.txt"
-timeout "${T_ROTATE:-60}" $PY benchmarks/rotate.py --d 4096 --m 1 2 4 --b 8 --repeats 10 2>&1 | tee "$OUT/rotate.txt"
-[ -n "${MULTI:-}" ] && timeout "${T_MULTI:-300}" $PY benchmarks/multi_adapter.py --layers 12 --repeats 10 2>&1 \
-  | tee "$OUT/multi_adapter.txt"
+# step NAME LIMIT COMMAND...: runs COMMAND under min(LIMIT, time to the deadline), logs to $OUT/NAME.txt
+step() {
+  local name=$1 limit=$2 left=$((DEADLINE - SECONDS))
+  shift 2
+  if [ "$left" -lt 60 ]; then echo "# $name: skipped, $left s left" | tee "$OUT/$name.txt"; return; fi
+  [ "$left" -lt "$limit" ] && limit=$left
+  echo "# $name: limit $limit s: $*" | tee "$OUT/$name.txt"
+  local t0=$SECONDS
+  timeout "$limit" "$@" 2>&1 | tee -a "$OUT/$name.txt"
+  echo "# $name: exit ${PIPESTATUS[0]} after $((SECONDS - t0)) s" | tee -a "$OUT/$name.txt"
+}
+
+for s in ${STEPS:-multi layer_ops train_step}; do
+  case $s in
+    multi) step multi_adapter "${T_MULTI:-240}" $PY benchmarks/multi_adapter.py --layers 12 --repeats 10 ;;
+    layer_ops) step layer_ops "${T_LAYER:-240}" $PY benchmarks/layer_ops.py --dtype bfloat16 --repeats 7 ;;
+    train_step) step train_step "${T_TRAIN:-420}" $PY benchmarks/train_step.py --layers 12 --batch 256 \
+      --dtype bfloat16 --modes ${TRAIN_MODES:-input} --peft-factors --only "frozen,lora r=8,boft" --repeats 10 ;;
+    rotate) step rotate "${T_ROTATE:-60}" $PY benchmarks/rotate.py --d 4096 --m 1 2 4 --b 8 --repeats 10 ;;
+    *) echo "unknown step $s (multi, layer_ops, train_step, rotate)"; exit 2 ;;
+  esac
+done
 exit 0
