@@ -7,13 +7,15 @@
 #
 # Steps, in order of priority, each with its own time limit and all within BUDGET seconds (default
 # 540; a step starts only with at least 60 s left and is cut at the deadline).  STEPS picks and
-# orders them (default "multi layer_ops train_step"):
+# orders them (default "train_step multi layer_ops"):
+#   train_step.txt    issue 3: ViT-B/16 train step (12 layers, batch 256, bfloat16): frozen floor,
+#                     LoRA r=8, BOFT m=1/2/4 (b=8) in mode TRAIN_MODES (default "auto": the weight
+#                     side at this size); first after the 2026-11-30 change (Cayley elimination
+#                     unrolled on CUDA), which no whole step has measured yet
 #   multi_adapter.txt issue 6: 32 images, K in 1/4/32 adapters, ViT-B (12 layers), float32
 #   layer_ops.txt     issue 3: where a BOFT layer's time goes at ViT-B/16 batch 256 (50,432 tokens,
-#                     bfloat16): chains of 4 layers, frozen / LoRA / BOFT variants
-#   train_step.txt    issue 3: ViT-B/16 train step (12 layers, batch 256, bfloat16): frozen floor,
-#                     LoRA r=8, BOFT m=1/2/4 (b=8) in mode TRAIN_MODES (default "input"; "auto" is
-#                     the weight side at this size and was recorded on 2026-11-29)
+#                     bfloat16): chains of 4 layers, frozen / LoRA / BOFT variants (on 2026-11-30
+#                     7 rounds x 10 calls left no time for the MLP chains' timings in 240 s)
 #   rotate.txt        issue 2: rotate vs dense x @ M vs the reference's construction, d 4096
 # Compilation dominates on the GPU machine (34-52 s per 12-layer BOFT train step), hence short lists.
 # If the installed flax/optax/chex cannot import boft_jax and a folder .whl of wheels exists, those
@@ -49,12 +51,12 @@ step() {
   echo "# $name: exit ${PIPESTATUS[0]} after $((SECONDS - t0)) s" | tee -a "$OUT/$name.txt"
 }
 
-for s in ${STEPS:-multi layer_ops train_step}; do
+for s in ${STEPS:-train_step multi layer_ops}; do
   case $s in
     multi) step multi_adapter "${T_MULTI:-240}" $PY benchmarks/multi_adapter.py --layers 12 --repeats 10 ;;
-    layer_ops) step layer_ops "${T_LAYER:-240}" $PY benchmarks/layer_ops.py --dtype bfloat16 --repeats 7 ;;
+    layer_ops) step layer_ops "${T_LAYER:-240}" $PY benchmarks/layer_ops.py --dtype bfloat16 --repeats 5 --inner 5 ;;
     train_step) step train_step "${T_TRAIN:-420}" $PY benchmarks/train_step.py --layers 12 --batch 256 \
-      --dtype bfloat16 --modes ${TRAIN_MODES:-input} --peft-factors --only "frozen,lora r=8,boft" --repeats 10 ;;
+      --dtype bfloat16 --modes ${TRAIN_MODES:-auto} --peft-factors --only "frozen,lora r=8,boft" --repeats 10 ;;
     rotate) step rotate "${T_ROTATE:-60}" $PY benchmarks/rotate.py --d 4096 --m 1 2 4 --b 8 --repeats 10 ;;
     *) echo "unknown step $s (multi, layer_ops, train_step, rotate)"; exit 2 ;;
   esac

@@ -15,8 +15,10 @@ on ``--tokens`` token rows (default 256 x 197 = 50,432: ViT-B/16 at batch 256). 
   boft m=M weight    ``boft.wrap`` with ``mode="weight"``: the library's path, gradients w.r.t. x
                      and the adapter (skew blocks, scale)
   boft m=M input     the same with ``mode="input"``
-  ... unrolled       the weight path with the Cayley elimination unrolled in Python instead of a
-                     ``fori_loop`` (does a device loop cost launches / host round trips per step?)
+  ... loop           the weight path with the Cayley elimination as a ``fori_loop`` (the library's
+                     form on CPU and TPU; what it ran everywhere before this benchmark's GPU run)
+  ... unrolled       the same, with the elimination unrolled (the library's form on CUDA / ROCm:
+                     a device loop costs a host round trip per iteration there)
   ... bg chunked     the weight path with the block gradients ``x_g^T u_g`` computed over token
                      chunks (batch ``chunks x G`` matmuls, then a sum) instead of one ``G``-batched
                      matmul over all tokens (does the long contraction starve the device?)
@@ -25,7 +27,8 @@ on ``--tokens`` token rows (default 256 x 197 = 50,432: ViT-B/16 at batch 256). 
   ... mm             batched matmuls for every block size, no broadcast multiply-adds (as
                      ``train_step.py --matmul-forms``)
   construct m=M      only the adapters' construction (packed skew -> Cayley -> span blocks) and its
-                     backward, for ``copies`` independent adapters (``... unrolled`` likewise)
+                     backward, for ``copies`` independent adapters (``... loop`` / ``unrolled`` /
+                     ``mm`` likewise)
 
 Times: all candidates are compiled and warmed up, then timed in interleaved rounds; each timing is
 ``--inner`` back-to-back calls (asynchronous dispatch hides the host) and the table shows the median
@@ -65,19 +68,6 @@ from _util import machine_description, markdown_table  # noqa: E402
 # ---------------------------------------------------------------------------------------------
 # Alternative formulations, patched in while a candidate is traced
 # ---------------------------------------------------------------------------------------------
-def _invert_unrolled(skew):
-    """``(I + S)^(-1)`` by the library's Gauss-Jordan steps, unrolled in Python (no device loop)."""
-    b = skew.shape[-1]
-    a = jnp.eye(b, dtype=skew.dtype) + skew
-    x = jnp.broadcast_to(jnp.eye(b, dtype=skew.dtype), a.shape)
-    for j in range(b):
-        piv = a[..., j, j][..., None]
-        row_a, row_x = a[..., j, :] / piv, x[..., j, :] / piv
-        f = a[..., :, j] - (jnp.arange(b) == j).astype(a.dtype)
-        a, x = a - f[..., :, None] * row_a[..., None, :], x - f[..., :, None] * row_x[..., None, :]
-    return x
-
-
 def _widened(d: int, s: int) -> int:
     sg = s
     while sg < _ops._BLOCK_GRAD_MIN_SPAN and d % (2 * sg) == 0:
@@ -122,7 +112,8 @@ def _block_grad_direct(x, u, g, s, precision=None):
 
 PATCHES = {
     "": {},
-    " unrolled": {(orthogonal, "_invert_identity_plus_skew"): _invert_unrolled},
+    " loop": {(orthogonal, "_invert_identity_plus_skew"): orthogonal._invert_loop},
+    " unrolled": {(orthogonal, "_invert_identity_plus_skew"): orthogonal._invert_unrolled},
     " bg chunked": {(_ops, "_block_grad"): _block_grad_chunked},
     " bg direct": {(_ops, "_block_grad"): _block_grad_direct},
     # batched matmuls for every block size (as train_step.py --matmul-forms)
@@ -232,7 +223,7 @@ def candidates(shape: str, copies: int, tokens: int, dtype, factors, block_size:
                  for i in range(copies)]
         cot = [jax.random.normal(jax.random.key(40 + i), jax.eval_shape(
             lambda s: _ops.rotation_operand(cayley(s)), skews[0]).shape, jnp.float32) for i in range(copies)]
-        for variant in [v for v in variants if v in ("", " unrolled", " mm")]:
+        for variant in [v for v in variants if v in ("", " loop", " unrolled", " mm")]:
             def construct(skews, cot, variant=variant):
                 with patched(variant):
                     ys, pull = jax.vjp(lambda ss: [_ops.rotation_operand(cayley(s)) for s in ss], skews)
@@ -268,8 +259,8 @@ def main():
     ap.add_argument("--shapes", nargs="+", default=["attn", "mlp"], choices=["attn", "mlp"])
     ap.add_argument("--factors", type=int, nargs="+", default=None, help="m values (default 1 2 4; 1 2 with --quick)")
     ap.add_argument("--block-size", type=int, default=8)
-    ap.add_argument("--variants", nargs="*", default=["unrolled", "bg chunked", "bg direct", "mm"],
-                    choices=["unrolled", "bg chunked", "bg direct", "mm"])
+    ap.add_argument("--variants", nargs="*", default=["loop", "unrolled", "bg chunked", "bg direct", "mm"],
+                    choices=["loop", "unrolled", "bg chunked", "bg direct", "mm"])
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--inner", type=int, default=10, help="back-to-back calls per timing")
     ap.add_argument("--quick", action="store_true", help="CPU smoke run: 394 tokens, 3 repeats of 2 calls")

@@ -161,7 +161,8 @@ def main():
         err_m = np.abs(y_multi[order] - y_merged).max() / scale
         err_w = np.abs(y_multi[order] - y_wrapped).max() / scale
         print(f"# K={k}: max |multi - merged| / max|y| = {err_m:.1e}; |multi - wrapped| = {err_w:.1e}")
-        assert err_m < 1e-3 and err_w < 1e-3, (k, err_m, err_w)
+        tol = 1e-3 if jax.default_backend() == "cpu" else 1e-2  # float32 matmuls run as TF32 on GPUs by default
+        assert err_m < tol and err_w < tol, (k, err_m, err_w)
 
     single = times["single"]
     rows = [["base (no adapter)", "1", fmt_ms(times["base"]), fmt_ratio(times["base"] / single), "", fmt_mib(memory_stats(compiled["base"]).temp)],
