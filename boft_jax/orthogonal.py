@@ -90,23 +90,52 @@ def small_matmul(a: jax.Array, c: jax.Array, *, precision=_HIGHEST) -> jax.Array
     return out
 
 
+def _elimination_step(j, carry):
+    """Gauss-Jordan step ``j`` on ``[A | X]`` (without pivoting): rows ``!= j`` lose their multiple
+    of the pivot row, row ``j`` becomes the pivot row divided by the pivot."""
+    a, x = carry
+    b = a.shape[-1]
+    piv = jnp.take(jnp.take(a, j, axis=-2), j, axis=-1)[..., None]
+    row_a, row_x = jnp.take(a, j, axis=-2) / piv, jnp.take(x, j, axis=-2) / piv
+    # Row i != j loses f_i times the pivot row; row j (f_j = pivot - 1) becomes the pivot row.
+    f = jnp.take(a, j, axis=-1) - (jnp.arange(b) == j).astype(a.dtype)
+    return a - f[..., :, None] * row_a[..., None, :], x - f[..., :, None] * row_x[..., None, :]
+
+
+def _identity_plus_skew_and_eye(skew: jax.Array) -> tuple[jax.Array, jax.Array]:
+    b = skew.shape[-1]
+    eye = jnp.eye(b, dtype=skew.dtype)
+    return eye + skew, jnp.broadcast_to(eye, skew.shape)
+
+
+def _invert_loop(skew: jax.Array) -> jax.Array:
+    """``(I + S)^(-1)``: the ``b`` elimination steps as a ``fori_loop`` (one compiled step)."""
+    return jax.lax.fori_loop(0, skew.shape[-1], _elimination_step, _identity_plus_skew_and_eye(skew))[1]
+
+
+def _invert_unrolled(skew: jax.Array) -> jax.Array:
+    """``(I + S)^(-1)``: the same ``b`` elimination steps, unrolled (no device loop)."""
+    carry = _identity_plus_skew_and_eye(skew)
+    for j in range(skew.shape[-1]):
+        carry = _elimination_step(j, carry)
+    return carry[1]
+
+
 @jax.jit  # compiled once per shape, also when called eagerly (a bare fori_loop would recompile its fresh closure every call)
 def _invert_identity_plus_skew(skew: jax.Array) -> jax.Array:
-    """``(I + S)^(-1)`` by Gauss-Jordan elimination on ``[I + S | I]`` without pivoting."""
-    b = skew.shape[-1]
-    a = jnp.eye(b, dtype=skew.dtype) + skew
-    x = jnp.broadcast_to(jnp.eye(b, dtype=skew.dtype), a.shape)
+    """``(I + S)^(-1)`` by Gauss-Jordan elimination on ``[I + S | I]`` without pivoting.
 
-    def eliminate(j, carry):
-        a, x = carry
-        piv = jnp.take(jnp.take(a, j, axis=-2), j, axis=-1)[..., None]
-        row_a, row_x = jnp.take(a, j, axis=-2) / piv, jnp.take(x, j, axis=-2) / piv
-        # Row i != j loses f_i times the pivot row; row j (f_j = pivot - 1) becomes the pivot row.
-        f = jnp.take(a, j, axis=-1) - (jnp.arange(b) == j).astype(a.dtype)
-        return a - f[..., :, None] * row_a[..., None, :], x - f[..., :, None] * row_x[..., None, :]
+    The same steps either way; the form depends on the platform the program is lowered for:
 
-    # A loop rather than b unrolled steps: the same run time, 2-3x less compile time per call site.
-    return jax.lax.fori_loop(0, b, eliminate, (a, x))[1]
+    - CPU: a ``fori_loop``, the same run time as ``b`` unrolled steps and 2-3x less compile time
+      per call site (a transformer has one call site per adapted layer).
+    - CUDA / ROCm: unrolled.  A device loop costs every iteration a round trip to the host for its
+      condition: on an H200 one adapter's construction (forward + backward, ``m k`` blocks of
+      8 x 8) took 245-290 us with the loop and 45-95 us unrolled, and it compiled faster
+      (BENCHMARKS.md, layer_ops).
+    - Other platforms (TPU): the loop, which runs on the device there.
+    """
+    return jax.lax.platform_dependent(skew, cuda=_invert_unrolled, rocm=_invert_unrolled, default=_invert_loop)
 
 
 def _refined(skew: jax.Array, rhs: jax.Array, x: jax.Array, inverse: jax.Array) -> jax.Array:
@@ -126,7 +155,9 @@ def solve_identity_plus_skew(skew: jax.Array, rhs: jax.Array, *, refine: int = 1
     Gauss-Jordan elimination on ``[I + S | I]`` without pivoting gives ``(I + S)^(-1)``, then
     ``X = (I + S)^(-1) R`` and ``refine`` steps of iterative refinement by products
     (``X += (I + S)^(-1) (R - (I + S) X)``), all with elementwise array ops and small batched
-    matmuls, so it lowers to a few fused loops on every backend.
+    matmuls, so it lowers to a few fused loops on every backend (the ``b`` elimination steps as a
+    device loop on CPU and TPU, unrolled on CUDA and ROCm, where a loop iteration costs a host
+    round trip).
 
     No pivoting is needed: the symmetric part of ``A = I + S`` is ``I`` (``x^T A x = |x|^2``), so
     every leading principal submatrix is invertible and every Schur complement keeps a symmetric

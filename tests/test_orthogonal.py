@@ -230,3 +230,40 @@ def test_cayley_compiles_to_no_library_calls():
     for fn in (lambda p: boft.cayley(p), jax.grad(lambda p: jnp.sum(boft.cayley(p) ** 3))):
         hlo = jax.jit(fn).lower(p).compile().as_text()
         assert "custom-call" not in hlo and "custom_call_target" not in hlo
+
+
+@pytest.mark.parametrize("b", [1, 3, 8, 16])
+def test_elimination_loop_and_unrolled_forms_agree_with_float64_inverse(b):
+    """Both forms of the elimination (a fori_loop on CPU/TPU, unrolled on CUDA/ROCm) invert I + S.
+
+    The unrolled form is not what CPU programs run, so it is checked here directly (float32 and
+    float64, against numpy's inverse), with its gradient against the loop's."""
+    from boft_jax import orthogonal
+
+    rng = np.random.default_rng(60 + b)
+    a = rng.normal(size=(4, 3, b, b))
+    s = 0.7 * (a - np.swapaxes(a, -1, -2))
+    ref = np.linalg.inv(np.eye(b) + s)
+    for form in (orthogonal._invert_loop, orthogonal._invert_unrolled):
+        np.testing.assert_allclose(np.asarray(jax.jit(form)(jnp.asarray(s, jnp.float32))), ref, atol=2e-5)
+        with jax.enable_x64(True):
+            np.testing.assert_allclose(np.asarray(jax.jit(form)(jnp.asarray(s))), ref, atol=1e-12)
+    w = jnp.asarray(rng.normal(size=(b, b)), jnp.float32)
+    grads = [jax.grad(lambda s, f=f: jnp.sum(jnp.sin(f(s) * w)))(jnp.asarray(s, jnp.float32))
+             for f in (orthogonal._invert_loop, orthogonal._invert_unrolled)]
+    np.testing.assert_allclose(grads[1], grads[0], rtol=1e-4, atol=1e-5)
+
+
+def test_cayley_lowers_to_a_loop_on_cpu_and_unrolled_steps_on_cuda():
+    """The platform choice of the elimination, seen in the lowered programs (jax.export lowers for
+    a platform without its device): one while loop per call site for CPU/TPU, none for CUDA/ROCm;
+    the gradient too (the derivative rule runs no elimination of its own)."""
+    from jax import export
+
+    p = jnp.asarray(np.random.default_rng(6).normal(size=(2, 12, 28)), jnp.float32)
+    for fn in (boft.cayley, jax.grad(lambda p: jnp.sum(boft.cayley(p) ** 3))):
+        loops = {
+            platform: export.export(jax.jit(fn), platforms=[platform])(p).mlir_module().count("stablehlo.while")
+            for platform in ("cpu", "tpu", "cuda", "rocm")
+        }
+        assert loops == {"cpu": 1, "tpu": 1, "cuda": 0, "rocm": 0}, loops
