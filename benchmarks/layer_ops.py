@@ -17,15 +17,16 @@ on ``--tokens`` token rows (default 256 x 197 = 50,432: ViT-B/16 at batch 256). 
   boft m=M input     the same with ``mode="input"``
   ... loop           the weight path with the Cayley elimination as a ``fori_loop`` (the library's
                      form on CPU and TPU; what it ran everywhere before this benchmark's GPU run)
-  ... unrolled       the same, with the elimination unrolled (the library's form on CUDA / ROCm:
-                     a device loop costs a host round trip per iteration there)
+  ... unrolled       the same, with the elimination unrolled (the library's form on CUDA / ROCm
+                     since an H200 run of this benchmark measured the loop 3-5.5x slower)
   ... bg chunked     the weight path with the block gradients ``x_g^T u_g`` computed over token
                      chunks (batch ``chunks x G`` matmuls, then a sum) instead of one ``G``-batched
                      matmul over all tokens (does the long contraction starve the device?)
   ... bg direct      the block gradients as one einsum on the ``(T, G, S)`` views (XLA chooses
                      the layouts) instead of explicit ``(G, T, S)`` transposes
   ... mm             batched matmuls for every block size, no broadcast multiply-adds (as
-                     ``train_step.py --matmul-forms``)
+                     ``train_step.py --matmul-forms``; this also switches the skew unpacking of the
+                     Cayley derivative to its gather form)
   construct m=M      only the adapters' construction (packed skew -> Cayley -> span blocks) and its
                      backward, for ``copies`` independent adapters (``... loop`` / ``unrolled`` /
                      ``mm`` likewise)

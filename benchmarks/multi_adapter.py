@@ -151,7 +151,11 @@ def main():
     times = interleaved_medians(cands, repeats=repeats, warmup=1, compiled_out=compiled)
     print(f"# compile + warm-up + timing {time.perf_counter() - t0:.0f} s; load average now {load_average()}")
 
-    # Correctness: every K's three ways agree (to float32 rounding of two different orders).
+    # Correctness: every K's three ways agree (to float32 rounding of two different orders; float32
+    # matmuls run as TF32 by default on GPUs: 1.1e-3 measured on an H200).  Checked after the table
+    # is printed, so that a failed check still shows the timings.
+    tol = 1e-3 if jax.default_backend() == "cpu" else 5e-3
+    bad = []
     args_of = {c.name: c.args for c in cands}
     for k, (ids, order) in checks.items():
         y_multi = np.asarray(compiled[f"multi K={k}"](*args_of[f"multi K={k}"]))
@@ -161,8 +165,8 @@ def main():
         err_m = np.abs(y_multi[order] - y_merged).max() / scale
         err_w = np.abs(y_multi[order] - y_wrapped).max() / scale
         print(f"# K={k}: max |multi - merged| / max|y| = {err_m:.1e}; |multi - wrapped| = {err_w:.1e}")
-        tol = 1e-3 if jax.default_backend() == "cpu" else 1e-2  # float32 matmuls run as TF32 on GPUs by default
-        assert err_m < tol and err_w < tol, (k, err_m, err_w)
+        if not (err_m < tol and err_w < tol):
+            bad.append((k, float(err_m), float(err_w)))
 
     single = times["single"]
     rows = [["base (no adapter)", "1", fmt_ms(times["base"]), fmt_ratio(times["base"] / single), "", fmt_mib(memory_stats(compiled["base"]).temp)],
@@ -185,6 +189,8 @@ def main():
         k, r_single, r_merged, _ = next(s for s in summary if s[0] == 32)
         print(f"targets (K=32): multi <= 1.3x single: {'met' if r_single <= 1.3 else 'MISSED'} ({r_single:.2f}x);"
               f" multi >= 5x faster than merged: {'met' if r_merged >= 5 else 'MISSED'} ({r_merged:.2f}x)")
+    if bad:
+        raise SystemExit(f"outputs disagree beyond {tol:g} of max |y| (K, multi vs merged, multi vs wrapped): {bad}")
 
 
 def _varying(frozen, merged):

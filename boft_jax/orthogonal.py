@@ -129,10 +129,10 @@ def _invert_identity_plus_skew(skew: jax.Array) -> jax.Array:
 
     - CPU: a ``fori_loop``, the same run time as ``b`` unrolled steps and 2-3x less compile time
       per call site (a transformer has one call site per adapted layer).
-    - CUDA / ROCm: unrolled.  A device loop costs every iteration a round trip to the host for its
-      condition: on an H200 one adapter's construction (forward + backward, ``m k`` blocks of
-      8 x 8) took 245-290 us with the loop and 45-95 us unrolled, and it compiled faster
-      (BENCHMARKS.md, layer_ops).
+    - CUDA / ROCm: unrolled.  On an H200 one adapter's construction (forward + backward, ``m k``
+      blocks of 8 x 8) took 244-288 us with the loop and 45-95 us unrolled, and chains of adapted
+      layers compiled faster unrolled (BENCHMARKS.md, train_step on a GPU).  For larger ``b`` both
+      grow: the unrolled program's size (compile time) and the loop's iterations (run time).
     - Other platforms (TPU): the loop, which runs on the device there.
     """
     return jax.lax.platform_dependent(skew, cuda=_invert_unrolled, rocm=_invert_unrolled, default=_invert_loop)
@@ -156,8 +156,7 @@ def solve_identity_plus_skew(skew: jax.Array, rhs: jax.Array, *, refine: int = 1
     ``X = (I + S)^(-1) R`` and ``refine`` steps of iterative refinement by products
     (``X += (I + S)^(-1) (R - (I + S) X)``), all with elementwise array ops and small batched
     matmuls, so it lowers to a few fused loops on every backend (the ``b`` elimination steps as a
-    device loop on CPU and TPU, unrolled on CUDA and ROCm, where a loop iteration costs a host
-    round trip).
+    device loop on CPU and TPU, unrolled on CUDA and ROCm, where the loop measured 3-5.5x slower).
 
     No pivoting is needed: the symmetric part of ``A = I + S`` is ``I`` (``x^T A x = |x|^2``), so
     every leading principal submatrix is invertible and every Schur complement keeps a symmetric

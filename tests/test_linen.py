@@ -973,9 +973,10 @@ def test_base_params_without_adapter_applied_to_the_wrapped_model_say_so():
 
 @pytest.mark.parametrize("m", [1, 3])
 def test_training_gradient_lowered_for_cuda_has_no_device_loops(m):
-    """On GPUs a device loop costs a host round trip per iteration, so the adapter path there is
-    loop-free (the Cayley elimination is unrolled for CUDA/ROCm); CPU keeps its one loop.  Read
-    from the gradient program lowered by ``jax.export`` for each platform (no GPU needed)."""
+    """On GPUs the Cayley elimination's device loop measured 3-5.5x slower than its unrolled steps,
+    so the adapter path lowered for CUDA/ROCm is loop-free (and calls no library kernels); CPU
+    keeps its one loop.  Read from the gradient program lowered by ``jax.export`` for each
+    platform (no GPU needed)."""
     from jax import export
 
     base = nn.Sequential([nn.Dense(32), nn.relu, nn.Dense(16)])
@@ -984,5 +985,7 @@ def test_training_gradient_lowered_for_cuda_has_no_device_loops(m):
     x = jax.random.normal(jax.random.key(0), (5, 32))
     frozen, adapter = boft.split(model.init(jax.random.key(1), x)["params"], cfg)
     grad = jax.jit(jax.grad(lambda a, x: jnp.sum(model.apply({"params": boft.combine(frozen, a)}, x) ** 2)))
-    loops = {p: export.export(grad, platforms=[p])(adapter, x).mlir_module().count("stablehlo.while") for p in ("cpu", "cuda")}
+    text = {p: export.export(grad, platforms=[p])(adapter, x).mlir_module() for p in ("cpu", "cuda")}
+    loops = {p: t.count("stablehlo.while") for p, t in text.items()}
     assert loops["cuda"] == 0 and loops["cpu"] >= 1, loops
+    assert "custom_call" not in text["cuda"]
