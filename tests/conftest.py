@@ -81,9 +81,3 @@ def pytest_unconfigure(config):
 
         shutil.rmtree(_xla_cache, ignore_errors=True)
 
-
-def pytest_collection_modifyitems(session, config, items):
-    """Slow end-to-end tests first (stable order otherwise): under pytest-xdist the two workers then
-    start with the 1-2 minute jobs and finish on short tests, instead of one worker running a long
-    job at the end while the other waits.  Every worker sorts the same way, as xdist requires."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
