@@ -80,4 +80,3 @@ def pytest_unconfigure(config):
         import shutil
 
         shutil.rmtree(_xla_cache, ignore_errors=True)
-
