@@ -108,6 +108,9 @@ def _identity_plus_skew_and_eye(skew: jax.Array) -> tuple[jax.Array, jax.Array]:
     return eye + skew, jnp.broadcast_to(eye, skew.shape)
 
 
+_UNROLL_MAX_BLOCK = 64  # _invert_identity_plus_skew: unrolled on GPUs up to this block size
+
+
 def _invert_loop(skew: jax.Array) -> jax.Array:
     """``(I + S)^(-1)``: the ``b`` elimination steps as a ``fori_loop`` (one compiled step)."""
     return jax.lax.fori_loop(0, skew.shape[-1], _elimination_step, _identity_plus_skew_and_eye(skew))[1]
@@ -129,12 +132,16 @@ def _invert_identity_plus_skew(skew: jax.Array) -> jax.Array:
 
     - CPU: a ``fori_loop``, the same run time as ``b`` unrolled steps and 2-3x less compile time
       per call site (a transformer has one call site per adapted layer).
-    - CUDA / ROCm: unrolled.  On an H200 one adapter's construction (forward + backward, ``m k``
-      blocks of 8 x 8) took 244-288 us with the loop and 45-95 us unrolled, and chains of adapted
-      layers compiled faster unrolled (BENCHMARKS.md, train_step on a GPU).  For larger ``b`` both
-      grow: the unrolled program's size (compile time) and the loop's iterations (run time).
+    - CUDA / ROCm: unrolled up to ``b = 64`` (:data:`_UNROLL_MAX_BLOCK`).  On an H200 one
+      adapter's construction (forward + backward, ``m k`` blocks of 8 x 8) took 244-288 us with the
+      loop and 45-95 us unrolled, and chains of adapted layers compiled faster unrolled
+      (BENCHMARKS.md, train_step on a GPU).  The unrolled program grows with ``b``: for larger
+      blocks (OFT with ``block_num=1`` has ``b = d_in``, hundreds of steps per layer) the loop
+      keeps compile time bounded.
     - Other platforms (TPU): the loop, which runs on the device there.
     """
+    if skew.shape[-1] > _UNROLL_MAX_BLOCK:
+        return _invert_loop(skew)
     return jax.lax.platform_dependent(skew, cuda=_invert_unrolled, rocm=_invert_unrolled, default=_invert_loop)
 
 
@@ -156,7 +163,8 @@ def solve_identity_plus_skew(skew: jax.Array, rhs: jax.Array, *, refine: int = 1
     ``X = (I + S)^(-1) R`` and ``refine`` steps of iterative refinement by products
     (``X += (I + S)^(-1) (R - (I + S) X)``), all with elementwise array ops and small batched
     matmuls, so it lowers to a few fused loops on every backend (the ``b`` elimination steps as a
-    device loop on CPU and TPU, unrolled on CUDA and ROCm, where the loop measured 3-5.5x slower).
+    device loop on CPU and TPU, unrolled on CUDA and ROCm up to ``b = 64``, where the loop measured
+    3-5.5x slower at ``b = 8``).
 
     No pivoting is needed: the symmetric part of ``A = I + S`` is ``I`` (``x^T A x = |x|^2``), so
     every leading principal submatrix is invertible and every Schur complement keeps a symmetric

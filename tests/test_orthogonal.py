@@ -267,3 +267,8 @@ def test_cayley_lowers_to_a_loop_on_cpu_and_unrolled_steps_on_cuda():
             for platform in ("cpu", "tpu", "cuda", "rocm")
         }
         assert loops == {"cpu": 1, "tpu": 1, "cuda": 0, "rocm": 0}, loops
+    # Large blocks (b = d_in for OFT with one block) keep the loop everywhere: bounded compile time.
+    big = jnp.asarray(0.1 * np.random.default_rng(7).normal(size=(1, 65 * 64 // 2)), jnp.float32)
+    loops = {platform: export.export(jax.jit(boft.cayley), platforms=[platform])(big).mlir_module().count("stablehlo.while")
+             for platform in ("cpu", "cuda")}
+    assert loops == {"cpu": 1, "cuda": 1}, loops
