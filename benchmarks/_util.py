@@ -51,9 +51,26 @@ __all__ = [
     "memory_stats",
     "paired_ratio",
     "peak_rss_bytes",
+    "random_adapter",
     "rss_bytes",
     "target_verdict",
 ]
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs
+# --------------------------------------------------------------------------------------------
+def random_adapter(template, seed: int, scale: float = 0.1):
+    """Random (non-identity) adapter values with ``template``'s structure (arrays or shape structs):
+    ``scale``-sized numpy noise on every leaf, around 1 for the BOFT scales (``kernel/scale``)."""
+    rng = np.random.default_rng(seed)
+
+    def leaf(path, t):
+        noise = scale * rng.standard_normal(np.shape(t)).astype(np.float32)
+        names = [getattr(k, "key", None) for k in path[-2:]]
+        return jax.numpy.asarray(1.0 + noise if names == ["kernel", "scale"] else noise)
+
+    return jax.tree_util.tree_map_with_path(leaf, template)
 
 
 # --------------------------------------------------------------------------------------------

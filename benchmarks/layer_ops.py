@@ -11,7 +11,10 @@ of one of two shapes:
 on ``--tokens`` token rows (default 256 x 197 = 50,432: ViT-B/16 at batch 256).  Candidates:
 
   frozen             the plain chain, gradient w.r.t. the input only (the floor)
-  lora               LoRA r = 8 written here (``x K + (x A) B * 2``), gradients w.r.t. x, A, B
+  lora               LoRA r = 8 (``x K + (x A) B * 2``, with ``train_step.py``'s tuned backward: the
+                     baseline of issue 3's targets), gradients w.r.t. x, A, B; the H200 run of
+                     2026-11-30 used plain autodiff here (on that GPU the two LoRA steps were
+                     within 0.1%)
   boft m=M weight    ``boft.wrap`` with ``mode="weight"``: the library's path, gradients w.r.t. x
                      and the adapter (skew blocks, scale)
   boft m=M input     the same with ``mode="input"``
@@ -63,76 +66,59 @@ import numpy as np  # noqa: E402
 import boft_jax as boft  # noqa: E402
 from boft_jax import _ops, orthogonal  # noqa: E402
 from boft_jax.orthogonal import cayley, num_skew_params  # noqa: E402
-from _util import machine_description, markdown_table  # noqa: E402
+from _util import machine_description, markdown_table, random_adapter  # noqa: E402
+from train_step import _lora_branch, matmul_forms  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------
 # Alternative formulations, patched in while a candidate is traced
 # ---------------------------------------------------------------------------------------------
-def _widened(d: int, s: int) -> int:
-    sg = s
-    while sg < _ops._BLOCK_GRAD_MIN_SPAN and d % (2 * sg) == 0:
-        sg *= 2
-    return sg
-
-
-def _diag_blocks(db, gg: int, sg: int, g: int, s: int):
-    if sg == s:
-        return db
-    k = sg // s
-    db = db.reshape(gg, k, s, k, s)
-    return jnp.stack([db[:, i, :, i, :] for i in range(k)], axis=1).reshape(g, s, s)
-
-
 def _chunks(t: int, target: int = 1024) -> int:
     """The number of token chunks: the divisor of ``t`` whose chunk length is nearest ``target``."""
     divisors = [c for c in range(1, t + 1) if t % c == 0]
     return min(divisors, key=lambda c: abs(t // c - target))
 
 
-def _block_grad_chunked(x, u, g, s, precision=None):
+def _block_grad_chunked(x, u, s, precision=None):
     t, d = x.shape
-    sg = _widened(d, s)
+    sg = _ops.block_grad_width(d, s)
     gg, c = d // sg, _chunks(t)
     acc = jnp.promote_types(jnp.float32, jnp.result_type(x.dtype, u.dtype))
     xv = x.reshape(c, t // c, gg, sg)
     uv = u.reshape(c, t // c, gg, sg)
     db = jnp.einsum("ctgr,ctgk->cgrk", xv, uv, precision=precision, preferred_element_type=acc).sum(0)
-    return _diag_blocks(db, gg, sg, g, s)
+    return _ops.diagonal_blocks(db, s)
 
 
-def _block_grad_direct(x, u, g, s, precision=None):
+def _block_grad_direct(x, u, s, precision=None):
     t, d = x.shape
-    sg = _widened(d, s)
+    sg = _ops.block_grad_width(d, s)
     gg = d // sg
     acc = jnp.promote_types(jnp.float32, jnp.result_type(x.dtype, u.dtype))
     db = jnp.einsum("tgr,tgk->grk", x.reshape(t, gg, sg), u.reshape(t, gg, sg), precision=precision,
                     preferred_element_type=acc)
-    return _diag_blocks(db, gg, sg, g, s)
-
-
-PATCHES = {
-    "": {},
-    " loop": {(orthogonal, "_invert_identity_plus_skew"): orthogonal._invert_loop},
-    " unrolled": {(orthogonal, "_invert_identity_plus_skew"): orthogonal._invert_unrolled},
-    " bg chunked": {(_ops, "_block_grad"): _block_grad_chunked},
-    " bg direct": {(_ops, "_block_grad"): _block_grad_direct},
-    # batched matmuls for every block size (as train_step.py --matmul-forms)
-    " mm": {(_ops, "_EW_MAX_SPAN"): 0, (_ops, "_BLOCK_GRAD_MIN_SPAN"): 1, (orthogonal, "_EW_MAX_BLOCK"): 0},
-}
+    return _ops.diagonal_blocks(db, s)
 
 
 @contextlib.contextmanager
-def patched(name: str):
-    saved = {}
+def _patched(mod, attr: str, value):
+    saved = getattr(mod, attr)
+    setattr(mod, attr, value)
     try:
-        for (mod, attr), fn in PATCHES[name].items():
-            saved[(mod, attr)] = getattr(mod, attr)
-            setattr(mod, attr, fn)
         yield
     finally:
-        for (mod, attr), fn in saved.items():
-            setattr(mod, attr, fn)
+        setattr(mod, attr, saved)
+
+
+# Variant name suffix -> context manager factory, entered while a candidate is traced and compiled.
+VARIANTS = {
+    "": contextlib.nullcontext,
+    " loop": lambda: _patched(orthogonal, "_invert_identity_plus_skew", orthogonal._invert_loop),
+    " unrolled": lambda: _patched(orthogonal, "_invert_identity_plus_skew", orthogonal._invert_unrolled),
+    " bg chunked": lambda: _patched(_ops, "_block_grad", _block_grad_chunked),
+    " bg direct": lambda: _patched(_ops, "_block_grad", _block_grad_direct),
+    " mm": matmul_forms,
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -160,7 +146,7 @@ class LoraChain(nn.Module):
             k = self.param(f"kernel{i}", nn.initializers.lecun_normal(), (x.shape[-1], w), self.dtype)
             a = self.param(f"a{i}", nn.initializers.normal(0.02), (x.shape[-1], self.rank), self.dtype)
             b = self.param(f"b{i}", nn.initializers.normal(0.02), (self.rank, w), self.dtype)
-            x = x @ k + (x @ a) @ b * 2.0
+            x = x @ k + _lora_branch(x, a, b) * 2.0  # train_step's tuned LoRA (the #3 targets' baseline)
         return x
 
 
@@ -169,16 +155,9 @@ def _split_lora(params):
     return frozen, {k: v for k, v in params.items() if not k.startswith("kernel")}
 
 
-def _noisy(tree, seed: int, scale: float):
-    leaves, treedef = jax.tree_util.tree_flatten(tree)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    return jax.tree_util.tree_unflatten(
-        treedef, [leaf + scale * jax.random.normal(k, leaf.shape, leaf.dtype) for leaf, k in zip(leaves, keys)]
-    )
-
-
 def candidates(shape: str, copies: int, tokens: int, dtype, factors, block_size: int, variants):
-    """(name, jitted fn, args, output reference group, layers) for one chain shape."""
+    """([(name, fn, args, output reference group or None, variant context factory)], layers) for
+    one chain shape."""
     widths = (768,) * copies if shape == "attn" else (3072, 768) * (copies // 2)
     d0 = 768
     x = jax.random.normal(jax.random.key(1), (tokens, d0), dtype)
@@ -191,7 +170,7 @@ def candidates(shape: str, copies: int, tokens: int, dtype, factors, block_size:
         y, pull = jax.vjp(lambda x: base.apply({"params": p}, x), x)
         return y, pull(dy)[0]
 
-    out.append(("frozen", frozen_step, (frozen, x, dy), None))
+    out.append(("frozen", frozen_step, (frozen, x, dy), None, contextlib.nullcontext))
 
     lora = LoraChain(widths, dtype)
     lp = jax.jit(lora.init)(jax.random.key(0), x[:2])["params"]
@@ -201,7 +180,7 @@ def candidates(shape: str, copies: int, tokens: int, dtype, factors, block_size:
         y, pull = jax.vjp(lambda a, x: lora.apply({"params": {**f, **a}}, x), a, x)
         return y, pull(dy)
 
-    out.append(("lora", lora_step, (lf, la, x, dy), None))
+    out.append(("lora", lora_step, (lf, la, x, dy), None, contextlib.nullcontext))
 
     for m in factors:
         for mode in ("weight", "input"):
@@ -210,14 +189,14 @@ def candidates(shape: str, copies: int, tokens: int, dtype, factors, block_size:
                     continue
                 cfg = boft.BOFTConfig(block_size=block_size, n_factors=m, mode=mode)
                 model = boft.wrap(base, cfg)
-                adapter = _noisy(boft.split(jax.jit(model.init)(jax.random.key(0), x[:2])["params"], cfg)[1], 3, 0.05)
+                template = boft.split(jax.eval_shape(model.init, jax.random.key(0), x[:2])["params"], cfg)[1]
+                adapter = random_adapter(template, 3, 0.05)
 
-                def step(f, a, x, dy, model=model, variant=variant):
-                    with patched(variant):
-                        y, pull = jax.vjp(lambda a, x: model.apply({"params": boft.combine(f, a)}, x), a, x)
-                        return y, pull(dy)
+                def step(f, a, x, dy, model=model):
+                    y, pull = jax.vjp(lambda a, x: model.apply({"params": boft.combine(f, a)}, x), a, x)
+                    return y, pull(dy)
 
-                out.append((f"boft m={m} {mode}{variant}", step, (frozen, adapter, x, dy), f"m={m}"))
+                out.append((f"boft m={m} {mode}{variant}", step, (frozen, adapter, x, dy), f"m={m}", VARIANTS[variant]))
         # The adapters' construction alone, for `copies` adapters (768-wide, as the layers' inputs).
         k = 768 // block_size
         skews = [0.05 * jax.random.normal(jax.random.key(10 + i), (m, k, num_skew_params(block_size)), jnp.float32)
@@ -225,12 +204,11 @@ def candidates(shape: str, copies: int, tokens: int, dtype, factors, block_size:
         cot = [jax.random.normal(jax.random.key(40 + i), jax.eval_shape(
             lambda s: _ops.rotation_operand(cayley(s)), skews[0]).shape, jnp.float32) for i in range(copies)]
         for variant in [v for v in variants if v in ("", " loop", " unrolled", " mm")]:
-            def construct(skews, cot, variant=variant):
-                with patched(variant):
-                    ys, pull = jax.vjp(lambda ss: [_ops.rotation_operand(cayley(s)) for s in ss], skews)
-                    return ys, pull(cot)
+            def construct(skews, cot):
+                ys, pull = jax.vjp(lambda ss: [_ops.rotation_operand(cayley(s)) for s in ss], skews)
+                return ys, pull(cot)
 
-            out.append((f"construct m={m}{variant}", construct, (skews, cot), f"c m={m}"))
+            out.append((f"construct m={m}{variant}", construct, (skews, cot), f"c m={m}", VARIANTS[variant]))
     return out, len(widths)
 
 
@@ -280,17 +258,18 @@ def main():
         t0 = time.perf_counter()
         cands, layers = candidates(shape, args.copies, args.tokens, dtype, args.factors, args.block_size, variants)
         compiled, results = [], {}
-        for name, fn, cargs, _ in cands:
+        for name, fn, cargs, _, variant in cands:
             t1 = time.perf_counter()
-            jax.clear_caches()  # traces of the library's inner functions are cached; patches must re-trace
-            c = jax.jit(fn).lower(*cargs).compile()
+            jax.clear_caches()  # traces of the library's inner functions are cached; variants must re-trace
+            with variant():
+                c = jax.jit(fn).lower(*cargs).compile()
             results[name] = c(*cargs)
             jax.block_until_ready(results[name])
             compiled.append(c)
             loops = c.as_text().count(" while(")
             print(f"#   {shape}: compiled {name} in {time.perf_counter() - t1:.1f} s ({loops} while loops)", flush=True)
         # Every variant of one m against its library path (weight mode); inputs and gradients.
-        for name, _, _, group in cands:
+        for name, _, _, group, _ in cands:
             if group is None:
                 continue
             ref = f"boft {group} weight" if not group.startswith("c ") else f"construct {group[2:]}"
@@ -300,7 +279,7 @@ def main():
                 assert err < (5e-2 if dtype == jnp.bfloat16 else 1e-3), (name, err)
         times = {name: [] for name, *_ in cands}
         for _ in range(args.repeats):
-            for (name, _, cargs, _), c in zip(cands, compiled):
+            for (name, _, cargs, _, _), c in zip(cands, compiled):
                 times[name].append(timed(c, cargs, args.inner))
         med = {k: statistics.median(v) for k, v in times.items()}
         lora = med["lora"]

@@ -58,19 +58,8 @@ from _util import (  # noqa: E402
     machine_description,
     markdown_table,
     memory_stats,
+    random_adapter,
 )
-
-
-def random_adapter(template, seed: int, scale: float = 0.1):
-    """Random (non-identity) adapter values with ``template``'s structure (numpy noise)."""
-    rng = np.random.default_rng(seed)
-
-    def leaf(path, t):
-        noise = scale * rng.standard_normal(np.shape(t)).astype(np.float32)
-        names = [getattr(k, "key", None) for k in path[-2:]]
-        return jnp.asarray(1.0 + noise if names == ["kernel", "scale"] else noise)
-
-    return jax.tree_util.tree_map_with_path(leaf, template)
 
 
 def main():

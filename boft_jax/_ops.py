@@ -98,7 +98,7 @@ def _rows(x: jax.Array, B: jax.Array, transpose: bool, precision=None, elementwi
     return span_rows(x.astype(dtype), B.astype(dtype), transpose=transpose, precision=precision)
 
 
-def _block_grad(x: jax.Array, u: jax.Array, g: int, s: int, precision=None) -> jax.Array:
+def _block_grad(x: jax.Array, u: jax.Array, s: int, precision=None) -> jax.Array:
     """``dB[h] = x_h^T u_h`` (at least float32 accumulation) for ``x, u (T, d)`` seen as ``(T, G, S)``.
 
     One batched matmul over tokens on ``(G', T, S')`` views, ``S' = max(S, 16)`` (``S'``-float runs
@@ -106,19 +106,32 @@ def _block_grad(x: jax.Array, u: jax.Array, g: int, s: int, precision=None) -> j
     ``S'``-blocks are kept, at ``S'/S`` times the (small) FLOPs).
     """
     t, d = x.shape
-    sg = s
-    while sg < _BLOCK_GRAD_MIN_SPAN and d % (2 * sg) == 0:
-        sg *= 2
+    sg = block_grad_width(d, s)
     gg = d // sg
     xt = x.reshape(t, gg, sg).transpose(1, 0, 2)
     ut = u.reshape(t, gg, sg).transpose(1, 0, 2)
     acc = jnp.promote_types(jnp.float32, jnp.result_type(x.dtype, u.dtype))
     db = jnp.einsum("gtr,gtc->grc", xt, ut, precision=precision, preferred_element_type=acc)
+    return diagonal_blocks(db, s)
+
+
+def block_grad_width(d: int, s: int) -> int:
+    """``S'``, the block width :func:`_block_grad` reduces over: ``s`` doubled while below
+    ``_BLOCK_GRAD_MIN_SPAN`` and ``2 S'`` still divides ``d``."""
+    sg = s
+    while sg < _BLOCK_GRAD_MIN_SPAN and d % (2 * sg) == 0:
+        sg *= 2
+    return sg
+
+
+def diagonal_blocks(db: jax.Array, s: int) -> jax.Array:
+    """The diagonal ``s x s`` blocks of ``(G', S', S')`` blocks, as ``(G' S' / s, s, s)`` in order."""
+    gg, sg, _ = db.shape
     if sg == s:
         return db
     k = sg // s
     db = db.reshape(gg, k, s, k, s)
-    return jnp.stack([db[:, i, :, i, :] for i in range(k)], axis=1).reshape(g, s, s)
+    return jnp.stack([db[:, i, :, i, :] for i in range(k)], axis=1).reshape(gg * k, s, s)
 
 
 def _rotate_kernel(kernel: jax.Array, B: jax.Array, precision=None) -> jax.Array:
@@ -163,9 +176,9 @@ def _rotate_rows_fwd(x, B, precision):
 
 def _rotate_rows_bwd(precision, res, g):
     x, B = res
-    G, s, _ = B.shape
+    s = B.shape[-1]
     dx = _rows(g, B, True, precision).astype(x.dtype)
-    dB = _block_grad(x, g, G, s, precision).astype(B.dtype)
+    dB = _block_grad(x, g, s, precision).astype(B.dtype)
     return dx, dB
 
 
@@ -210,9 +223,9 @@ def _boft_dense_bwd(precision, res, dy):
         _, pull_k = jax.vjp(lambda k: rotate_kernel(k, B, precision=precision), kernel.astype(dtype))
         (dK,) = pull_k(gw.astype(dtype))
         return dx.astype(x.dtype), dK.astype(kernel.dtype), dB.astype(B.dtype), ds
-    g, s, _ = B.shape
+    s = B.shape[-1]
     dx = _rows(u, B, True, precision).astype(x.dtype)
-    dB = _block_grad(x, u, g, s, precision).astype(B.dtype)
+    dB = _block_grad(x, u, s, precision).astype(B.dtype)
     dK = _rotate_kernel(gw, jnp.swapaxes(B, 1, 2), precision).astype(kernel.dtype)
     return dx, dK, dB, ds
 

@@ -17,8 +17,7 @@ def job_env(devices: int | None = None) -> dict:
     flags = os.environ.get("BOFT_JAX_TEST_USER_XLA_FLAGS", "")
     if devices:
         flags = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
-    env = dict(os.environ, PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="2", XLA_FLAGS=flags)
-    return env
+    return dict(os.environ, PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="2", XLA_FLAGS=flags)
 
 
 def job_summary(args: list[str], out: Path) -> dict:

@@ -73,6 +73,15 @@ def all_eqns(jaxpr):
                 yield from all_eqns(sub)
 
 
+def lowered_for(fn, args, platform: str) -> str:
+    """The StableHLO text of ``jax.jit(fn)(*args)`` lowered for ``platform`` ("cpu", "cuda", "tpu",
+    "rocm") by ``jax.export``: what a program would run there, readable without that device."""
+    import jax
+    from jax import export
+
+    return export.export(jax.jit(fn), platforms=[platform])(*args).mlir_module()
+
+
 def np_neumann_from_packed(packed, b, n_terms):
     """Cayley-Neumann blocks Q = (I - S) sum_{j<n} (-S)^j from packed strict upper triangles, float64.
 

@@ -16,11 +16,10 @@ import jax
 import numpy as np
 import pytest
 
+from jobs import ROOT, job_summary
 from jobs import job_env as _env
-from jobs import job_summary
 from train import finetune
 
-ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--steps", "30", "--eval-every", "0", "--save-every", "10", "--no-progress", "--batch-size", "32"]
 
 
