@@ -10,12 +10,17 @@ model's gradient:
   boft     ``jax.grad`` of the wrapped ViT's loss w.r.t. the adapter (BOFT on every linear layer)
 
 for a ViT-B/16-shaped model (hidden 768, MLP 3072, 12 heads, 224 x 224 images), ``--layers``
-encoder layers.  Times: ``jit(...).lower`` (tracing) and ``.compile()`` (XLA), one process, in order.
+encoder layers, or with ``--model digits`` the bundled ViT of the main job (``train/assets``,
+hidden 96, 4 layers; ``--targets attention --block-size 4`` is the job's default adapter).
+``--dropout P`` takes the BOFT gradient in training mode with adapter dropout ``P`` (each adapted
+layer then draws its own dropout mask).  Times: ``jit(...).lower`` (tracing) and ``.compile()``
+(XLA), one process, in order.
 
 Usage::
 
   python benchmarks/compile_time.py                   # 12 layers, m = 2, b = 8, batch 2
   python benchmarks/compile_time.py --layers 24 --n-factors 4
+  python benchmarks/compile_time.py --model digits --targets attention --block-size 4 --batch 64 --dropout 0.25
 """
 
 from __future__ import annotations
@@ -57,17 +62,28 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--block-size", type=int, default=8)
     ap.add_argument("--n-factors", type=int, default=2)
+    ap.add_argument("--model", choices=["vit-b", "digits"], default="vit-b",
+                    help="ViT-B/16 shapes (default) or the main job's bundled ViT (--layers is then ignored)")
+    ap.add_argument("--targets", choices=sorted(vit.TARGET_PRESETS), default="all_linear")
+    ap.add_argument("--dropout", type=float, default=0.0, help="adapter dropout; > 0: the gradient of a training step")
     args = ap.parse_args(argv)
-    print(f"# compile_time: ViT-B/16 shapes, {args.layers} layers, batch {args.batch}, BOFT m = {args.n_factors},"
-          f" b = {args.block_size} on every linear layer")
+    if args.model == "digits":
+        from train import make_base
+
+        vcfg = vit.from_pretrained(make_base.VIT_BASE)[0].config
+    else:
+        vcfg = vit.ViTConfig(
+            hidden_size=768, num_hidden_layers=args.layers, num_attention_heads=12, intermediate_size=3072,
+            image_size=224, patch_size=16, num_labels=10,
+        )
+    print(f"# compile_time: {args.model} (hidden {vcfg.hidden_size}, {vcfg.num_hidden_layers} layers), batch"
+          f" {args.batch}, BOFT m = {args.n_factors}, b = {args.block_size} on {args.targets}, dropout {args.dropout}")
     print(f"# {machine_description()}")
-    vcfg = vit.ViTConfig(
-        hidden_size=768, num_hidden_layers=args.layers, num_attention_heads=12, intermediate_size=3072,
-        image_size=224, patch_size=16, num_labels=10,
-    )
-    cfg = boft.BOFTConfig(block_size=args.block_size, n_factors=args.n_factors, targets=vit.TARGET_PRESETS["all_linear"])
-    x = jax.random.normal(jax.random.key(1), (args.batch, 224, 224, 3), jnp.float32)
+    cfg = boft.BOFTConfig(block_size=args.block_size, n_factors=args.n_factors, targets=vit.TARGET_PRESETS[args.targets],
+                          dropout=args.dropout)
+    x = jax.random.normal(jax.random.key(1), (args.batch, *vcfg.image_size, vcfg.num_channels), jnp.float32)
     labels = jnp.arange(args.batch) % vcfg.num_labels
+    train = {"deterministic": False} if args.dropout > 0 else {}  # the dropout key is an argument, as in a train step
     rows = []
     for scan in (False, True):
         base = vit.ViT(vcfg, scan_layers=scan)
@@ -78,8 +94,8 @@ def main(argv=None):
         model = boft.wrap(base, cfg)
         frozen, adapter = boft.split(jax.eval_shape(model.init, jax.random.key(0), x[:1])["params"], cfg)
         lo_a, co_a = timed_compile(
-            jax.grad(lambda a, f, x, y: _loss(model.apply({"params": boft.combine(f, a)}, x), y)),
-            adapter, frozen, x, labels,
+            jax.grad(lambda a, f, x, y, r: _loss(model.apply({"params": boft.combine(f, a)}, x, rngs={"dropout": r}, **train), y)),
+            adapter, frozen, x, labels, jax.random.key(2),
         )
         name = "scan_layers=True" if scan else "unrolled"
         rows.append([name, "base", f"{lo_b:.1f}", f"{co_b:.1f}", "-"])

@@ -418,22 +418,37 @@ def test_dropout_follows_a_deterministic_field_and_the_merge_param_idiom():
     assert np.abs(np.asarray(on) - np.asarray(model.apply(params, x, False, rngs=rngs, boft_deterministic=True))).max() > 1e-3
 
 
-def test_dropout_matches_reference_rule():
-    from boft_jax.linen import _dropout_blocks
+def test_dropout_matches_reference_rule(monkeypatch):
+    from boft_jax import linen as linen_mod
 
     m, k, b, p = 3, 10, 4, 0.35
-    q, _ = np.linalg.qr(np.random.default_rng(0).normal(size=(m, k, b, b)))
+    n_drop = int(p * k)
+    q, _ = np.linalg.qr(np.random.default_rng().normal(size=(m, k, b, b)))
     blocks = jnp.asarray(q, jnp.float32)
-    chosen = set()
-    for seed in range(40):
-        out = np.asarray(_dropout_blocks(blocks, p, jax.random.key(seed)))
-        is_eye = np.all(np.abs(out - np.eye(b)) < 1e-7, axis=(-2, -1))  # (m, k)
-        changed = np.any(np.abs(out - q) > 1e-7, axis=(-2, -1))
-        assert changed.sum() == int(p * k) == is_eye.sum()  # int(p * k) identity blocks ...
-        factors = np.nonzero(is_eye.any(axis=1))[0]
-        assert len(factors) == 1  # ... all in one factor
-        chosen.add(int(factors[0]))
-    assert chosen == set(range(m))  # the factor is random
+    first = int(np.random.default_rng().integers(0, 2**30))
+    keys = jax.random.split(jax.random.key(first), 3000)
+    out = np.asarray(jax.jit(jax.vmap(lambda key: linen_mod._dropout_blocks(blocks, p, key)))(keys))
+    is_eye = np.all(np.abs(out - np.eye(b)) < 1e-7, axis=(-2, -1))  # (draws, m, k)
+    changed = np.any(np.abs(out - q) > 1e-7, axis=(-2, -1))
+    np.testing.assert_array_equal(changed, is_eye)  # a block is either kept or replaced by I
+    assert np.all(changed.sum(axis=(1, 2)) == n_drop)  # int(p * k) identity blocks ...
+    assert np.all(is_eye.any(axis=2).sum(axis=1) == 1)  # ... all in one factor
+    # PEFT draws the factor uniformly and the subset uniformly (a random permutation of the mask):
+    # every factor about 1/m of the draws, every block of it about n_drop / k (6 sigma)
+    n = len(keys)
+    factor_freq = is_eye.any(axis=2).mean(axis=0)
+    assert np.all(np.abs(factor_freq - 1 / m) < 6 * np.sqrt((1 / m) * (1 - 1 / m) / n)), factor_freq
+    block_freq = is_eye.sum(axis=1).mean(axis=0)
+    assert np.all(np.abs(block_freq - n_drop / k) < 6 * np.sqrt((n_drop / k) * (1 - n_drop / k) / n)), block_freq
+    dropped = is_eye.any(axis=1).astype(np.int64)  # (draws, k)
+    pairs = dropped.T @ dropped / n  # how often both blocks i and j were dropped
+    want = n_drop * (n_drop - 1) / (k * (k - 1))
+    off_diagonal = pairs[~np.eye(k, dtype=bool)]
+    assert np.all(np.abs(off_diagonal - want) < 6 * np.sqrt(want * (1 - want) / n)), pairs
+    # the sort used above _RANK_BY_COMPARISON_MAX blocks picks the same subset
+    monkeypatch.setattr(linen_mod, "_RANK_BY_COMPARISON_MAX", 0)
+    for i in range(5):
+        np.testing.assert_array_equal(np.asarray(linen_mod._dropout_blocks(blocks, p, keys[i])), out[i])
 
 
 # ---------------------------------------------------------------------------------------------
