@@ -228,92 +228,25 @@ def _choose_mode(config: BOFTConfig, tokens: int, d_out: int) -> str:
     return "weight" if d_out <= 2 * tokens else "input"
 
 
-def _rotation_of(skew, drop_key, method: str, neumann_terms: int, p_drop: float, pre=None, stage: str = "skew") -> jax.Array:
-    """``M`` for the products of :mod:`boft_jax._ops`: Cayley blocks, dropout, span or factor form.
-
-    ``stage`` says where to start: ``"skew"`` (from the layer's ``skew``), ``"blocks"`` (``pre``
-    holds its Cayley blocks) or ``"operand"`` (``pre`` is ``M`` already, no dropout); the last two
-    come from :func:`_batched_rotations`.
-    """
-    if stage == "operand":
-        return pre
-    blocks = pre if stage == "blocks" else cayley(skew, method=method, neumann_terms=neumann_terms)
+def _rotation_of(skew, drop_key, method: str, neumann_terms: int, p_drop: float) -> jax.Array:
+    """``M`` for the products of :mod:`boft_jax._ops`: Cayley blocks, dropout, span or factor form."""
+    blocks = cayley(skew, method=method, neumann_terms=neumann_terms)
     if drop_key is not None:
         blocks = _dropout_blocks(blocks, p_drop, drop_key)
     return _ops.rotation_operand(blocks)  # (d_in / S, S, S) diagonal blocks of M, or its factors
 
 
-@dataclasses.dataclass
-class _Rotation:
-    """A layer's rotation computed ahead of its call by :func:`_batched_rotations`."""
-
-    skew: Any  # the very skew array it was computed from (checked by identity at the call)
-    stage: str  # "blocks" or "operand", see _rotation_of
-    value: jax.Array
-    calls: int = 0  # layer calls that used it (tests)
-
-
-_MIN_BATCHED_LAYERS = 2  # _batched_rotations: layers of one shape computed together from this many
-
-
-def _batched_rotations(params: Any, config: BOFTConfig, dropout: bool) -> dict[str, _Rotation]:
-    """The rotations of all adapted layers in ``params``, computed together: ``{path: _Rotation}``.
-
-    Layers whose skew params have the same shape get one batched Cayley map (and, without
-    dropout, one batched span build) instead of one per layer.  The results are the same; what
-    changes is the compiled program: an unrolled transformer otherwise inlines one copy of the
-    construction per adapted layer, and XLA's compile time grows with every copy.  With dropout
-    each layer still draws its own mask from its own ``'dropout'`` rng, so only the Cayley map is
-    shared and every layer builds its span blocks itself.
-
-    Only plain per-layer nodes are collected (skew ``(m, k, b(b-1)/2)``; the stacked params of
-    ``nn.scan``-ed layers are not).  A layer uses its entry only if the skew it finds at its call
-    is the very array the entry was computed from; otherwise (a lifted transform such as
-    ``nn.remat`` hands it a new tracer, or ``nn.map_variables`` another value) it computes its
-    own rotation as before.
-    """
-    found: dict[tuple, list[tuple[str, Any]]] = {}
-
-    def walk(tree: Any, prefix: tuple[str, ...]) -> None:
-        if not isinstance(tree, Mapping):
-            return
-        for key, value in tree.items():
-            value = nn.meta.unbox(value) if isinstance(value, nn.meta.AxisMetadata) else value
-            if _is_node(value):
-                path = "/".join(prefix)
-                skew = value.skew
-                if key == "kernel" and jnp.ndim(skew) == 3 and config.matches(path):
-                    found.setdefault((tuple(jnp.shape(skew)), jnp.result_type(skew)), []).append((path, skew))
-            else:
-                walk(value, (*prefix, str(key)))
-
-    walk(params, ())
-    out: dict[str, _Rotation] = {}
-    for items in found.values():
-        if len(items) < _MIN_BATCHED_LAYERS:
-            continue
-        blocks = cayley(jnp.stack([jnp.asarray(skew) for _, skew in items]), method=config.cayley,
-                        neumann_terms=config.neumann_terms)
-        stage = "blocks" if dropout else "operand"
-        values = blocks if dropout else jax.vmap(_ops.rotation_operand)(blocks)
-        for i, (path, skew) in enumerate(items):
-            out[path] = _Rotation(skew, stage, values[i])
-    return out
-
-
-def _adapted_dense(x2, k2, skew, scale, drop_key, *, config: BOFTConfig, mode: str, precision,
-                   rotation: _Rotation | None = None) -> jax.Array:
+def _adapted_dense(x2, k2, skew, scale, drop_key, *, config: BOFTConfig, mode: str, precision) -> jax.Array:
     """``((x M) K) * s`` for ``x2 (T, d_in)``, ``k2 (d_in, d_out)`` (bias added by the caller)."""
-    pre, stage = (None, "skew") if rotation is None else (rotation.value, rotation.stage)
-    return _adapted_dense_jit(x2, k2, skew, scale, drop_key, pre, config.cayley, config.neumann_terms, config.dropout,
-                              mode, precision, stage)
+    return _adapted_dense_jit(x2, k2, skew, scale, drop_key, config.cayley, config.neumann_terms, config.dropout,
+                              mode, precision)
 
 
 # One compiled program per layer shape and math setting, also when the model runs eagerly (op-by-op
 # dispatch would compile every small primitive of the adapter separately); inlined under an outer jit.
-@functools.partial(jax.jit, static_argnums=(6, 7, 8, 9, 10, 11))
-def _adapted_dense_jit(x2, k2, skew, scale, drop_key, pre, method, neumann_terms, p_drop, mode, precision, stage) -> jax.Array:
-    B = _rotation_of(skew, drop_key, method, neumann_terms, p_drop, pre, stage)
+@functools.partial(jax.jit, static_argnums=(5, 6, 7, 8, 9))
+def _adapted_dense_jit(x2, k2, skew, scale, drop_key, method, neumann_terms, p_drop, mode, precision) -> jax.Array:
+    B = _rotation_of(skew, drop_key, method, neumann_terms, p_drop)
     if mode == "weight":
         return _ops.boft_dense(x2, k2, B, scale, precision)
     rotated = _ops.rotate_rows(x2, B, precision).astype(x2.dtype)
@@ -361,10 +294,8 @@ def _adapted_call(
     path: str,
     config: BOFTConfig,
     dropout: bool,
-    rotation: _Rotation | None = None,
 ) -> jax.Array:
-    """Dense / DenseGeneral ``__call__`` with the BOFT adapter, in the module's own scope
-    (``rotation``: its rotation computed ahead, see :func:`_batched_rotations`)."""
+    """Dense / DenseGeneral ``__call__`` with the BOFT adapter, in the module's own scope."""
     geo = _geometry(module, inputs, path)
     struct = config.layer_structure(path, geo.d_in)
     kernel_shape = tuple(inputs.shape[a] for a in geo.axis) + geo.features
@@ -383,10 +314,6 @@ def _adapted_call(
         _check_held(path, held, kernel_shape, skew_shape, struct, geo.d_out)
     node = module.param("kernel", init_node, kernel_shape, module.param_dtype)
     kernel, skew, scale = node.kernel, node.skew, node.scale
-    if rotation is not None and rotation.skew is not skew:
-        rotation = None  # computed from other params than the ones this call sees
-    if rotation is not None:
-        rotation.calls += 1
     bias = module.param("bias", _init_bias(module, geo), geo.features, module.param_dtype) if module.use_bias else None
 
     drop_key = module.make_rng("dropout") if dropout else None
@@ -404,8 +331,7 @@ def _adapted_call(
     k2 = kernel.reshape(geo.d_in, geo.d_out)
 
     if not custom_dot:
-        y2 = _adapted_dense(x2, k2, skew, scale, drop_key, config=config, mode=mode, precision=module.precision,
-                            rotation=rotation)
+        y2 = _adapted_dense(x2, k2, skew, scale, drop_key, config=config, mode=mode, precision=module.precision)
         y = y2.reshape(*lead, *geo.features)
     else:
         # A user-supplied dot_general (e.g. quantized): keep it, differentiate through it.
@@ -414,8 +340,7 @@ def _adapted_call(
         else:
             dot_general = module.dot_general
         contract = (geo.axis, tuple(range(n_ax)))
-        pre, stage = (None, "skew") if rotation is None else (rotation.value, rotation.stage)
-        B = _rotation_of(skew, drop_key, config.cayley, config.neumann_terms, config.dropout, pre, stage)
+        B = _rotation_of(skew, drop_key, config.cayley, config.neumann_terms, config.dropout)
         if mode == "weight":
             flat = _ops.rotate_kernel_any(k2, B, module.precision) * scale.astype(B.dtype)
             y = dot_general(inputs, flat.astype(kernel.dtype).reshape(kernel.shape), (contract, ((), ())),
@@ -442,7 +367,6 @@ class _CallState:
     unfit: list = dataclasses.field(default_factory=list)
     overridden: list = dataclasses.field(default_factory=list)  # (path, class) of Dense subclasses' own __call__
     saved_and_targeted: list = dataclasses.field(default_factory=list)  # layers both targeted and in modules_to_save
-    rotations: dict = dataclasses.field(default_factory=dict)  # path -> _Rotation (see _batched_rotations)
 
 
 _STOCK_CALLS = (inspect.unwrap(nn.Dense.__call__), inspect.unwrap(nn.DenseGeneral.__call__))
@@ -472,8 +396,7 @@ def _intercept(state: _CallState, next_fun, args, kwargs, context):
         state.unfit.append(err)
         return next_fun(*args, **kwargs)  # keep tracing so that every unfit layer gets listed
     state.adapted.append(path)
-    return _adapted_call(module, inputs, path=path, config=state.config, dropout=state.dropout,
-                         rotation=state.rotations.get(path))
+    return _adapted_call(module, inputs, path=path, config=state.config, dropout=state.dropout)
 
 
 class BOFTModule(nn.Module):
@@ -531,10 +454,6 @@ class BOFTModule(nn.Module):
             deterministic = self._deterministic(method, args, kwargs)
         dropout = self.config.dropout > 0 and not deterministic and self.has_rng("dropout")
         state = _CallState(self.config, dropout)
-        if method == "__call__" and not self.is_initializing():
-            # The whole model runs: every adapted layer's rotation is needed, so compute them
-            # together (other methods, e.g. a decoder step, may use only some of the layers).
-            state.rotations = _batched_rotations(self.variables.get("params", {}), self.config, dropout)
         with nn.intercept_methods(functools.partial(_intercept, state)):
             out = getattr(self.model, method)(*args, **kwargs)
         if state.saved_and_targeted:

@@ -451,63 +451,6 @@ def test_dropout_matches_reference_rule(monkeypatch):
         np.testing.assert_array_equal(np.asarray(linen_mod._dropout_blocks(blocks, p, keys[i])), out[i])
 
 
-class Tower(nn.Module):
-    @nn.compact
-    def __call__(self, x, deterministic: bool = True):  # x: (..., 32)
-        for i in range(3):
-            x = nn.tanh(nn.Dense(32, name=f"l{i}")(x))
-        return nn.Dense(8, name="head")(nn.Dense(64, name="wide")(x))
-
-
-def test_same_shape_layers_share_one_construction_with_the_same_results(monkeypatch):
-    """l0, l1, l2 and wide (d_in 32) have skew params of one shape: a full forward
-    pass computes their rotations together (``_batched_rotations``: one Cayley map, and without
-    dropout one span build) and every one of those layers uses its entry.  Outputs, dropout masks
-    and gradients equal those of the per-layer construction."""
-    from boft_jax import linen as linen_mod
-
-    seed = int(np.random.default_rng().integers(0, 2**30))
-    cfg = boft.BOFTConfig(block_size=4, n_factors=2, targets=".*", dropout=0.3)
-    x = jax.random.normal(jax.random.key(seed), (2, 6, 32))
-    model, frozen, adapter = _setup(Tower(), cfg, x, seed=seed % 1000)
-    target = jax.random.normal(jax.random.key(seed + 1), (2, 6, 8))
-    rng = jax.random.key(seed + 2)
-    made = []
-
-    def recording(*args):
-        made.append(original(*args))
-        return made[-1]
-
-    original = linen_mod._batched_rotations
-    monkeypatch.setattr(linen_mod, "_batched_rotations", recording)
-
-    def loss(adapter, train):
-        y = model.apply({"params": boft.combine(frozen, adapter)}, x, deterministic=not train, rngs={"dropout": rng})
-        return jnp.sum(y * target), y
-
-    results = {}
-    for batched in (True, False):
-        monkeypatch.setattr(linen_mod, "_MIN_BATCHED_LAYERS", 2 if batched else 10**9)
-        made.clear()
-        grad = jax.value_and_grad(loss, has_aux=True)
-        results[batched] = jax.jit(lambda a: [grad(a, train) for train in (False, True)])(adapter)  # a fresh trace
-        assert len(made) == 2
-        if batched:
-            same_shape = {"l0", "l1", "l2", "wide"}
-            for rotations, stage in zip(made, ("operand", "blocks")):
-                assert set(rotations) == same_shape  # head (d_in 64) is alone in its shape: per layer
-                assert {r.stage for r in rotations.values()} == {stage}
-                assert all(r.calls == 1 for r in rotations.values())
-        else:
-            assert made == [{}, {}]
-    train_eval = [results[True][i][0][1] for i in (0, 1)]
-    assert np.abs(np.asarray(train_eval[0]) - np.asarray(train_eval[1])).max() > 1e-4  # dropout was on
-    for (got, got_grad), (want, want_grad) in zip(results[True], results[False]):  # float32 rounding apart
-        np.testing.assert_allclose(got[1], want[1], rtol=1e-5, atol=1e-5 * np.abs(want[1]).max())
-        for a, b in zip(jax.tree.leaves(got_grad), jax.tree.leaves(want_grad)):
-            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max())
-
-
 # ---------------------------------------------------------------------------------------------
 # JAX transformations
 # ---------------------------------------------------------------------------------------------
