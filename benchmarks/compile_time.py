@@ -58,22 +58,24 @@ def timed_compile(f, *args) -> tuple[float, float]:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--layers", type=int, default=12)
+    ap.add_argument("--layers", type=int, default=None, help="encoder layers of the ViT-B/16 shapes (default 12)")
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--block-size", type=int, default=8)
     ap.add_argument("--n-factors", type=int, default=2)
     ap.add_argument("--model", choices=["vit-b", "digits"], default="vit-b",
-                    help="ViT-B/16 shapes (default) or the main job's bundled ViT (--layers is then ignored)")
+                    help="ViT-B/16 shapes (default) or the main job's bundled ViT (its own 4 layers)")
     ap.add_argument("--targets", choices=sorted(vit.TARGET_PRESETS), default="all_linear")
     ap.add_argument("--dropout", type=float, default=0.0, help="adapter dropout; > 0: the gradient of a training step")
     args = ap.parse_args(argv)
+    if args.model == "digits" and args.layers is not None:
+        ap.error(f"--layers {args.layers}: only for --model vit-b; the digits ViT has its own 4 layers")
     if args.model == "digits":
         from train import make_base
 
         vcfg = vit.from_pretrained(make_base.VIT_BASE)[0].config
     else:
         vcfg = vit.ViTConfig(
-            hidden_size=768, num_hidden_layers=args.layers, num_attention_heads=12, intermediate_size=3072,
+            hidden_size=768, num_hidden_layers=args.layers or 12, num_attention_heads=12, intermediate_size=3072,
             image_size=224, patch_size=16, num_labels=10,
         )
     print(f"# compile_time: {args.model} (hidden {vcfg.hidden_size}, {vcfg.num_hidden_layers} layers), batch"

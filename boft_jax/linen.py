@@ -181,7 +181,7 @@ def _dropout_blocks(blocks: jax.Array, p: float, rng: jax.Array) -> jax.Array:
     the lower index) are replaced.  Up to ``k = 1024`` the ranks are counted by pairwise
     comparison, above by one stable sort; both give the same subset.  ``jax.random.permutation``
     (a shuffle by several rounds of sorting) plus separate draws for the factor compiled to
-    0.2-0.5 s per adapted layer on XLA:CPU: the training gradient of ViT-B shapes (72 adapted
+    0.15-0.5 s per adapted layer on XLA:CPU: the training gradient of ViT-B shapes (72 adapted
     layers) compiled in 69 s with it and in 34 s with this (BENCHMARKS.md, compile_time).
     """
     m, k, b, _ = blocks.shape
