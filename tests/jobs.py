@@ -11,15 +11,20 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def job_env(devices: int | None = None) -> dict:
-    """Environment for a job subprocess: the caller's own XLA_FLAGS (not the suite's compile-time
-    settings, see conftest), optionally with ``devices`` simulated CPU devices."""
-    flags = os.environ.get("BOFT_JAX_TEST_USER_XLA_FLAGS", "")
+def job_env(devices: int | None = None, *, fast_compile: bool = False) -> dict:
+    """Environment for a job subprocess, optionally with ``devices`` simulated CPU devices.
+
+    XLA_FLAGS: by default the caller's own (not the suite's compile-time settings, see conftest),
+    for jobs whose time goes into running many steps.  ``fast_compile=True`` keeps the suite's
+    settings instead, for short jobs whose time goes into compiling: they compile faster, and a
+    program the test process already compiled with the same settings comes from the suite's
+    persistent compilation cache (the subprocess inherits its folder) instead of being compiled
+    again.
+    """
+    flags = os.environ.get("XLA_FLAGS", "") if fast_compile else os.environ.get("BOFT_JAX_TEST_USER_XLA_FLAGS", "")
     if devices:
         flags = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
     return dict(os.environ, PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="2", XLA_FLAGS=flags)
-
-
 def job_summary(args: list[str], out: Path) -> dict:
     """Run ``python -m train.finetune ARGS`` as its own process (with the caller's XLA_FLAGS, see
     conftest: a training run is faster with XLA's default compilation) and read its summary.md."""

@@ -417,7 +417,7 @@ def test_two_process_job_matches_one_process_and_only_process_0_writes(tmp_path)
     port = _free_port()
     procs = []
     for pid in range(2):
-        env = dict(_env(1), JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid))
+        env = dict(_env(1, fast_compile=True), JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid))
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "train.finetune", "--output", str(tmp_path / "multi"), *args],
             env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -457,7 +457,7 @@ def test_sigkill_then_resume_finishes_with_the_same_adapter(tmp_path, capsys):
     out = tmp_path / "killed"
     proc = subprocess.Popen(
         [sys.executable, "-m", "train.finetune", "--output", str(out), *args],
-        env=_env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env=_env(fast_compile=True), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     deadline = time.time() + 600
     ckpts = out / "checkpoints"
