@@ -25,6 +25,8 @@ def job_env(devices: int | None = None, *, fast_compile: bool = False) -> dict:
     if devices:
         flags = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
     return dict(os.environ, PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="2", XLA_FLAGS=flags)
+
+
 def job_summary(args: list[str], out: Path) -> dict:
     """Run ``python -m train.finetune ARGS`` as its own process (with the caller's XLA_FLAGS, see
     conftest: a training run is faster with XLA's default compilation) and read its summary.md."""
