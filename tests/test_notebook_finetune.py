@@ -32,7 +32,7 @@ _ACCURACY = re.compile(r"held-out accuracy on the new digits 5-9: ([0-9.]+) -> (
 
 def _kernel_manager(kernel_dir: pathlib.Path):
     """An AsyncKernelManager whose only kernelspec runs ipykernel with this very interpreter."""
-    jupyter_client = pytest.importorskip("jupyter_client")
+    import jupyter_client  # the test extra: a missing notebook dependency fails, never skips
     from jupyter_client.kernelspec import KernelSpecManager
 
     spec = kernel_dir / KERNEL_NAME
@@ -56,9 +56,9 @@ def execute(path: pathlib.Path, env: dict[str, str], kernel_dir: pathlib.Path, t
     A first cell is prepended that reports the kernel's interpreter, so the caller can check it.
     Raises ``nbclient.exceptions.CellExecutionError`` (with the cell's traceback) when a cell fails.
     """
-    nbformat = pytest.importorskip("nbformat")
-    nbclient = pytest.importorskip("nbclient")
-    pytest.importorskip("ipykernel")
+    import nbformat  # the test extra: a missing notebook dependency fails, never skips
+    import nbclient
+    import ipykernel  # noqa: F401  (the kernel that the client launches)
     nb = nbformat.read(path, as_version=4)
     probe = nbformat.v4.new_code_cell("import sys\nprint('KERNEL_EXECUTABLE=' + sys.executable)")
     nb.cells.insert(0, probe)
@@ -118,7 +118,7 @@ def test_finetune_notebook_runs_small(tmp_path):
 
 def test_committed_finetune_notebook_is_a_full_run():
     """The committed notebook carries full-size outputs (figures show on GitHub) and stays small."""
-    nbformat = pytest.importorskip("nbformat")
+    import nbformat  # the test extra: a missing notebook dependency fails, never skips
     nb = nbformat.read(NOTEBOOK, as_version=4)
     code = _code_cells(nb)
     assert code and all(c.get("execution_count") for c in code), "notebook is not fully executed"
