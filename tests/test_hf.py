@@ -347,3 +347,67 @@ def test_stack_and_unstack_layers_are_inverse():
 # That transformers loads what save_pretrained writes is checked without torch at test time in
 # tests/test_interop.py: tests/fixtures/make_peft_fixtures.py exports merged models with our code,
 # runs them in plain transformers and stores the logits.
+
+
+# Every activation name against its published formula, in float64 numpy (independent of jax.nn).
+_SQRT2 = np.sqrt(2.0)
+_ERF = np.vectorize(__import__("math").erf)
+
+
+def _np_gelu(x):
+    return 0.5 * x * (1.0 + _ERF(x / _SQRT2))
+
+
+def _np_gelu_tanh(x):
+    return 0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x**3)))
+
+
+def _np_softplus(x):
+    return np.log1p(np.exp(-np.abs(x))) + np.maximum(x, 0.0)
+
+
+NP_ACTIVATIONS = {
+    "gelu": _np_gelu,
+    "gelu_python": _np_gelu,
+    "gelu_10": lambda x: np.clip(_np_gelu(x), -10.0, 10.0),
+    "gelu_new": _np_gelu_tanh,
+    "gelu_pytorch_tanh": _np_gelu_tanh,
+    "gelu_python_tanh": _np_gelu_tanh,
+    "gelu_fast": _np_gelu_tanh,
+    "gelu_accurate": _np_gelu_tanh,
+    "quick_gelu": lambda x: x / (1.0 + np.exp(-1.702 * x)),
+    "relu": lambda x: np.maximum(x, 0.0),
+    "relu2": lambda x: np.maximum(x, 0.0) ** 2,
+    "relu6": lambda x: np.minimum(np.maximum(x, 0.0), 6.0),
+    "leaky_relu": lambda x: np.where(x >= 0, x, 0.01 * x),
+    "silu": lambda x: x / (1.0 + np.exp(-x)),
+    "swish": lambda x: x / (1.0 + np.exp(-x)),
+    "hardswish": lambda x: x * np.minimum(np.maximum(x + 3.0, 0.0), 6.0) / 6.0,
+    "mish": lambda x: x * np.tanh(_np_softplus(x)),
+    "sigmoid": lambda x: 1.0 / (1.0 + np.exp(-x)),
+    "tanh": np.tanh,
+    "sqrtsoftplus": lambda x: np.sqrt(_np_softplus(x)),
+    "laplace": lambda x: 0.5 * (1.0 + _ERF((x - 0.707107) / (0.282095 * _SQRT2))),
+    "linear": lambda x: x,
+}
+
+
+def test_activation_names_match_their_published_formulas():
+    assert sorted(hf.ACTIVATIONS) == sorted(NP_ACTIVATIONS)
+    rng = np.random.default_rng()
+    x = np.concatenate([rng.normal(0.0, 3.0, 500), rng.uniform(-30.0, 30.0, 100), [0.0, -3.0, 3.0, 6.0]])
+    for name, ref in NP_ACTIVATIONS.items():
+        got = np.asarray(hf.activation(name)(jnp.asarray(x, jnp.float32)), np.float64)
+        want = ref(x.astype(np.float32).astype(np.float64))
+        np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6, err_msg=name)
+    with pytest.raises(ValueError, match=r"unsupported activation 'prelu'; supported: \[.*'gelu_fast'.*\]"):
+        hf.activation("prelu")
+
+
+def test_mt5_config_never_scales_the_decoder_output():
+    """transformers' MT5ForConditionalGeneration never scales, even when config.json (e.g. a T5Config
+    saved with model_type "mt5") says scale_decoder_outputs = true."""
+    base = dict(vocab_size=40, d_model=8, d_kv=4, d_ff=16, num_layers=1, num_heads=2, feed_forward_proj="gated-gelu")
+    for extra in ({}, {"scale_decoder_outputs": True}, {"tie_word_embeddings": True, "scale_decoder_outputs": True}):
+        assert t5.T5Config.from_hf_dict({**base, "model_type": "mt5", **extra}).scale_decoder_outputs is False
+    assert t5.T5Config.from_hf_dict({**base, "model_type": "t5", "scale_decoder_outputs": True}).scale_decoder_outputs

@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import math
 import os
 import re
 import tempfile
@@ -40,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 CONFIG_NAME = "config.json"
@@ -53,16 +55,43 @@ _LAYER_RE = re.compile(r"layer_(\d+)")
 MODEL_FAMILIES = {"vit": "vit", "t5": "t5", "mt5": "t5"}
 SUPPORTED_MODEL_TYPES = tuple(MODEL_FAMILIES)
 
-# Hugging Face activation names (``hidden_act``, ``feed_forward_proj``) -> JAX functions.
-# "gelu" is the exact erf GELU; "gelu_new" / "gelu_pytorch_tanh" the tanh approximation.
+def _laplace(x: jax.Array, mu: float = 0.707107, sigma: float = 0.282095) -> jax.Array:
+    """MEGA's Laplace activation (the normal CDF with mean ``mu``, deviation ``sigma``)."""
+    return 0.5 * (1.0 + jax.lax.erf((x - mu) / (sigma * math.sqrt(2.0))))
+
+
+_gelu_exact = functools.partial(jax.nn.gelu, approximate=False)
+_gelu_tanh = functools.partial(jax.nn.gelu, approximate=True)
+
+# Hugging Face activation names (``hidden_act``, ``feed_forward_proj``; transformers' ACT2FN)
+# -> JAX functions, written from their published formulas.  "gelu" / "gelu_python" are the exact
+# erf GELU; "gelu_new", "gelu_pytorch_tanh", "gelu_python_tanh", "gelu_fast" and "gelu_accurate"
+# the tanh approximation (one formula, arranged differently); "gelu_10" the exact GELU clipped to
+# [-10, 10]; "leaky_relu" has torch's default slope 0.01.  ACT2FN's "prelu" and "xielu" carry
+# learned parameters and are not supported.
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "gelu": functools.partial(jax.nn.gelu, approximate=False),
-    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
-    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu": _gelu_exact,
+    "gelu_python": _gelu_exact,
+    "gelu_10": lambda x: jnp.clip(_gelu_exact(x), -10.0, 10.0),
+    "gelu_new": _gelu_tanh,
+    "gelu_pytorch_tanh": _gelu_tanh,
+    "gelu_python_tanh": _gelu_tanh,
+    "gelu_fast": _gelu_tanh,
+    "gelu_accurate": _gelu_tanh,
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
     "relu": jax.nn.relu,
+    "relu2": lambda x: jnp.square(jax.nn.relu(x)),
+    "relu6": jax.nn.relu6,
+    "leaky_relu": functools.partial(jax.nn.leaky_relu, negative_slope=0.01),
     "silu": jax.nn.silu,
     "swish": jax.nn.silu,
-    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "hardswish": jax.nn.hard_swish,
+    "mish": lambda x: x * jnp.tanh(jax.nn.softplus(x)),
+    "sigmoid": jax.nn.sigmoid,
+    "tanh": jnp.tanh,
+    "sqrtsoftplus": lambda x: jnp.sqrt(jax.nn.softplus(x)),
+    "laplace": _laplace,
+    "linear": lambda x: x,
 }
 
 

@@ -149,9 +149,10 @@ class T5Config:
         kwargs = {f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d and d[f.name] is not None}
         kwargs.setdefault("decoder_start_token_id", d.get("pad_token_id", 0) or 0)
         if kwargs.get("model_type") == "mt5":
-            # transformers' MT5 never scales the decoder output (transformers 5 forces
-            # tie_word_embeddings = true in its config and has no scale_decoder_outputs)
-            kwargs.setdefault("scale_decoder_outputs", False)
+            # transformers' MT5 never scales the decoder output, whatever the file says: transformers
+            # 5 forces tie_word_embeddings = true in its config, and its model never reads a
+            # scale_decoder_outputs key (one written by a T5Config saved as model_type "mt5")
+            kwargs["scale_decoder_outputs"] = False
         return cls(**kwargs)
 
     def to_hf_dict(self) -> dict[str, Any]:
