@@ -151,7 +151,7 @@ class T5Config:
         if kwargs.get("model_type") == "mt5":
             # transformers' MT5 never scales the decoder output, whatever the file says: transformers
             # 5 forces tie_word_embeddings = true in its config, and its model never reads a
-            # scale_decoder_outputs key (one written by a T5Config saved as model_type "mt5")
+            # scale_decoder_outputs key (which an edited or converted config.json may carry)
             kwargs["scale_decoder_outputs"] = False
         return cls(**kwargs)
 
