@@ -257,7 +257,8 @@ def test_oft_config_maps_to_one_factor_boft():
 
 def test_oft_neumann_terms_follow_peft_and_the_rotation_is_peft_s():
     """Independent reference: PEFT's series written out (I + 2S + 2S^2 + ... + 2S^(n-2) + S^(n-1); n = 3 and
-    4 both give 3 terms in PEFT 0.18-0.21) equals our rotation of the loaded parameters, blocks times blocks."""
+    4 both give 3 terms in PEFT 0.18-0.21; n = 2 gives I + 2S) equals our rotation of the loaded
+    parameters, blocks times blocks."""
     rng = np.random.default_rng(3)
     w = (0.2 * rng.standard_normal((5, 6))).astype(np.float32)
     S = np.zeros((5, 4, 4))
@@ -269,8 +270,11 @@ def test_oft_neumann_terms_follow_peft_and_the_rotation_is_peft_s():
 
 
 def check_oft_rotations(w, S):
-    for n, terms in [(3, 3), (4, 3), (5, 4), (8, 7)]:
-        peft_R = np.eye(4) + 2 * sum(np.linalg.matrix_power(S, j) for j in range(1, terms)) + np.linalg.matrix_power(S, terms)
+    for n, terms in [(2, 1), (3, 3), (4, 3), (5, 4), (8, 7)]:
+        if n == 2:  # PEFT: R = I, then R += 2 S; no further terms
+            peft_R = np.eye(4) + 2 * S
+        else:
+            peft_R = np.eye(4) + 2 * sum(np.linalg.matrix_power(S, j) for j in range(1, terms)) + np.linalg.matrix_power(S, terms)
         opts = peft_io._OftOptions.read({"use_cayley_neumann": True, "num_cayley_neumann_terms": n, "peft_version": "0.21.2"}, "x")
         assert opts.neumann_terms == terms
         _, (skew, scale) = opts.layer(w.astype(np.float32), 20, 7, "x")
@@ -391,9 +395,7 @@ def test_adapted_tied_t5_head_and_peft_copy_of_its_base_weight(tmp_path):
 
 
 def test_oft_errors(tmp_path):
-    with pytest.raises(ValueError, match=r"num_cayley_neumann_terms = 2.*I \+ 2S.*>= 3"):
-        load_oft("vit_oft_neumann", tmp_path / "a", num_cayley_neumann_terms=2)
-    with pytest.raises(ValueError, match=r"num_cayley_neumann_terms = 1.*I \(the adapter does nothing\)"):
+    with pytest.raises(ValueError, match=r"num_cayley_neumann_terms = 1.*I \(the adapter does nothing\).*>= 2"):
         load_oft("vit_oft_neumann", tmp_path / "b", num_cayley_neumann_terms=1)
     old = copy_fixture("vit_oft_exact_r", tmp_path / "c")
     cfg = json.loads((old / peft_io.ADAPTER_CONFIG_NAME).read_text())
@@ -439,7 +441,7 @@ def test_saving_as_oft_refuses_what_oft_cannot_represent(tmp_path):
     with pytest.raises(ValueError, match=r"no output scale(?s:.*)encoder/layer_1/mlp/fc1: max \|s - 1\| = 0\.25"):
         save_peft_adapter(tmp_path / "a", model, scaled, peft_type="OFT")
     short = boft.wrap(model.model, dataclasses.replace(model.config, neumann_terms=2))
-    with pytest.raises(ValueError, match=r"neumann_terms = 2.*at least 3 terms"):
+    with pytest.raises(ValueError, match=r"neumann_terms = 2, the rotation \(I - S\)\^2.*no setting for"):
         save_peft_adapter(tmp_path / "a", short, params, peft_type="OFT")
     with pytest.raises(ValueError, match=r"peft_type must be one of"):
         save_peft_adapter(tmp_path / "a", model, params, peft_type="LORA")
@@ -565,6 +567,37 @@ def test_round_trip_boft_peft_boft_is_identical(name, key_style, tmp_path):
             assert getattr(again.config, field) == getattr(model.config, field), field
     # exact regexes select the same layers as the original patterns
     assert boft.layer_paths(params2) == boft.layer_paths(params)
+
+
+def test_one_term_neumann_is_peft_two_terms_both_ways(tmp_path):
+    """Our one-term map I - S is PEFT's two-term series I + 2 S_p with S_p = -S / 2: saved as
+    num_cayley_neumann_terms = 2, read back exactly, and PEFT's formula (written out in float64 from the
+    saved weights) gives our rotation."""
+    import dataclasses
+
+    model, params, _ = ours("ours_vit_oft")
+    one = boft.wrap(model.model, dataclasses.replace(model.config, neumann_terms=1))
+    save_peft_adapter(tmp_path / "a", one, params, peft_type="OFT")
+    cfg = json.loads((tmp_path / "a" / peft_io.ADAPTER_CONFIG_NAME).read_text())
+    assert (cfg["use_cayley_neumann"], cfg["num_cayley_neumann_terms"]) == (True, 2)
+    written = load_file(tmp_path / "a" / peft_io.ADAPTER_WEIGHTS_NAME)
+    kernel = params["encoder"]["layer_0"]["mlp"]["fc1"]["kernel"]
+    w = written["base_model.model.vit.layers.0.mlp.fc1.oft_R.weight"].astype(np.float64)
+    b = 8
+    S = np.zeros((w.shape[0], b, b))
+    rows, cols = np.triu_indices(b, 1)
+    S[:, rows, cols] = w
+    S = S - np.swapaxes(S, 1, 2)
+    with jax.enable_x64(True):
+        ours_blocks = boft.cayley(jnp.asarray(np.asarray(kernel.skew[0], np.float64)), b, "neumann", neumann_terms=1)
+    np.testing.assert_allclose(np.asarray(ours_blocks), np.eye(b) + 2 * S, atol=1e-12)  # PEFT: R = I + 2 S_p
+    assert float(np.abs(S).max()) > 1e-3
+    again, params2 = load_peft_adapter(tmp_path / "a", model.model, base(str(reference("ours_vit_oft")["base"]))[1])
+    assert (again.config.cayley, again.config.neumann_terms) == ("neumann", 1)
+    a, b2 = flat_adapter(params, one.config), flat_adapter(params2, again.config)
+    assert sorted(a) == sorted(b2)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b2[k], err_msg="/".join(k))
 
 
 @pytest.mark.parametrize("name", ["vit_m2_head", "vit_m3_all", "t5_gated_m3_head", "t5_relu_tied_head",

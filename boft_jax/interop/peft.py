@@ -382,8 +382,9 @@ class _OftOptions:
     map), or with ``use_cayley_neumann`` the series ``R = I + 2S + 2S^2 + ... + 2S^(t-1) + S^t =
     (I + S) sum_{j<t} S^j``, which approximates ``(I + S)(I - S)^(-1)``, the transpose: our Neumann
     map of ``-S`` with ``t`` terms, term for term.  ``t`` is ``num_cayley_neumann_terms - 1``, except
-    that PEFT 0.18-0.21 computes 3 terms for both 3 and 4; 1 and 2 give ``I`` and ``I + 2S``,
-    which no Cayley map reproduces.
+    that PEFT 0.18-0.21 computes 3 terms for both 3 and 4.  With 2 terms PEFT computes ``I + 2S``:
+    our one-term map ``I - S'`` of ``S' = -2S``.  With 1 term PEFT computes ``I`` (the adapter does
+    nothing), which is refused.  Our two-term map ``(I - S)^2`` has no PEFT counterpart.
     """
 
     neumann_terms: int | None  # ours; None: exact
@@ -392,18 +393,24 @@ class _OftOptions:
 
     @staticmethod
     def ours_from_peft_terms(n: int) -> int:
-        """Our ``neumann_terms`` for PEFT's ``num_cayley_neumann_terms = n >= 3``."""
-        return 3 if n == 3 else n - 1
+        """Our ``neumann_terms`` for PEFT's ``num_cayley_neumann_terms = n >= 2``."""
+        return {2: 1, 3: 3}.get(n, n - 1)
 
     @staticmethod
     def peft_from_our_terms(t: int) -> int:
-        """PEFT's ``num_cayley_neumann_terms`` for our ``neumann_terms = t >= 3`` (inverse of the above)."""
-        return t + 1
+        """PEFT's ``num_cayley_neumann_terms`` for our ``neumann_terms = t`` (1 or >= 3; inverse of the above)."""
+        return 2 if t == 1 else t + 1
 
     @staticmethod
-    def sign(neumann: bool) -> float:
-        """Our packed parameters = sign * PEFT's: -1 for the Neumann map (PEFT's approximates the transpose)."""
-        return -1.0 if neumann else 1.0
+    def factor(neumann_terms: int | None) -> float:
+        """Our packed parameters = factor * PEFT's, for our ``neumann_terms`` (None: the exact map).
+
+        1 for the exact map; -1 for the Neumann map (PEFT's approximates the transpose); -2 for one
+        term (PEFT's two-term ``I + 2S`` is our ``I - S'`` with ``S' = -2S``).
+        """
+        if neumann_terms is None:
+            return 1.0
+        return -2.0 if neumann_terms == 1 else -1.0
 
     @staticmethod
     def read(cfg: Mapping[str, Any], where: str) -> _OftOptions:
@@ -419,12 +426,11 @@ class _OftOptions:
             )
         if cfg.get("use_cayley_neumann", True):
             n = int(cfg.get("num_cayley_neumann_terms", 5))
-            if n <= 2:
+            if n <= 1:
                 raise ValueError(
                     f"{where}: use_cayley_neumann with num_cayley_neumann_terms = {n}: PEFT then uses the"
-                    f" rotation {'I (the adapter does nothing)' if n <= 1 else 'I + 2S'}, which is not a Cayley map"
-                    " boft_jax can represent; num_cayley_neumann_terms >= 3 or use_cayley_neumann = false can be"
-                    " loaded"
+                    " rotation I (the adapter does nothing), which no rotation map of boft_jax reproduces from"
+                    " these parameters; num_cayley_neumann_terms >= 2 or use_cayley_neumann = false can be loaded"
                 )
             terms = _OftOptions.ours_from_peft_terms(n)
             version = str(cfg.get("peft_version") or "0").partition("@")[0]
@@ -465,7 +471,7 @@ class _OftOptions:
             radius = np.float32(self.coft_eps) / np.sqrt(np.float32(rows))
             norm = np.sqrt(np.float32(2.0) * np.sum(w * w, axis=-1, keepdims=True))
             w = np.where(norm <= radius, w, radius * (w / np.maximum(norm, np.finfo(np.float32).tiny)))
-        w = np.float32(self.sign(self.neumann_terms is not None)) * w
+        w = np.float32(self.factor(self.neumann_terms)) * w
         w = np.broadcast_to(w, (k, w.shape[1])) if self.block_share else w
         return None, (np.ascontiguousarray(w[None]), np.ones((d_out,), np.float32))
 
@@ -587,7 +593,7 @@ def load_peft_adapter(
       ValueError: not a BOFT / OFT adapter; ``fan_in_fan_out``; adapter tensors of a kind boft_jax
         does not load, e.g. PEFT's OFT on an embedding layer (all listed); keys naming modules the
         model lacks (all listed); tensors that do not fit their layer or the butterfly structure (all listed);
-        an OFT Cayley-Neumann series of fewer than 3 terms (no Cayley map reproduces it).
+        an OFT Cayley-Neumann series of 1 term (PEFT's rotation is then ``I`` whatever the parameters).
       FileNotFoundError: missing files, or only a pickled ``adapter_model.bin``.
 
     OFT adapters become ``n_factors = 1`` with every output scale 1 (OFT has none; they train in
@@ -595,7 +601,7 @@ def load_peft_adapter(
     tensors, with a warning, when PEFT had adjusted a value that did not divide a layer's width);
     ``use_cayley_neumann`` -> ``cayley="neumann"`` with ``neumann_terms = num_cayley_neumann_terms - 1``
     (3 for 3 or 4, as PEFT computes) and negated parameters (PEFT's series approximates the transposed
-    map); ``oft_only`` -> ``"boft_only"``; ``module_dropout`` -> ``dropout`` (PEFT 0.21 defines it but
+    map; for 2 terms, PEFT's ``I + 2S``: ``neumann_terms = 1`` and parameters times -2); ``oft_only`` -> ``"boft_only"``; ``module_dropout`` -> ``dropout`` (PEFT 0.21 defines it but
     never applies it in its Linear forward; boft_jax applies it in training); ``block_share`` -> the
     shared block copied to every block; ``coft`` -> the rotations projected as PEFT projects them before
     each forward (both with a warning: training in boft_jax keeps neither constraint).
@@ -942,11 +948,11 @@ def peft_state_dict(
             f"PEFT's OFT has one block-diagonal factor, but this adapter has n_factors = {config.n_factors};"
             " save it with peft_type='BOFT'"
         )
-    if oft and config.cayley == "neumann" and config.neumann_terms < 3:
+    if oft and config.cayley == "neumann" and config.neumann_terms == 2:
         raise ValueError(
-            f"this adapter uses cayley = 'neumann' with neumann_terms = {config.neumann_terms}; PEFT's OFT"
-            " Cayley-Neumann series has at least 3 terms (num_cayley_neumann_terms = t + 1 for t >= 3), so PEFT"
-            " would compute a different rotation"
+            "this adapter uses cayley = 'neumann' with neumann_terms = 2, the rotation (I - S)^2, which PEFT's OFT"
+            " Cayley-Neumann series has no setting for (its num_cayley_neumann_terms = 2 is our neumann_terms = 1,"
+            " and t + 1 is our t >= 3), so PEFT would compute a different rotation"
         )
     if not oft and config.cayley != "exact":
         raise ValueError(
@@ -1000,8 +1006,8 @@ def peft_state_dict(
         if oft:
             if np.any(scale != 1):
                 scaled.append(f"{'/'.join(p)}: max |s - 1| = {np.abs(scale.astype(np.float64) - 1).max():.3g}")
-            sign = np.float32(_OftOptions.sign(config.cayley == "neumann"))
-            tensors[f"{PEFT_PREFIX}{name}.oft_R.weight"] = sign * skew.astype(np.float32)[0]
+            factor = _OftOptions.factor(config.neumann_terms if config.cayley == "neumann" else None)
+            tensors[f"{PEFT_PREFIX}{name}.oft_R.weight"] = skew.astype(np.float32)[0] / np.float32(factor)
         else:
             tensors[f"{PEFT_PREFIX}{name}.boft_R"] = _host(unpack_skew(jnp.asarray(skew, jnp.float32), b))
             tensors[f"{PEFT_PREFIX}{name}.boft_s"] = scale.astype(np.float32).reshape(-1, 1)
@@ -1094,7 +1100,7 @@ def save_peft_adapter(
       revision: recorded in ``adapter_config.json``.
       peft_type: ``"BOFT"``, or ``"OFT"`` for PEFT's OFT (PEFT >= 0.14 format), which only an
         adapter with ``n_factors = 1``, every output scale exactly 1 (OFT has none; freeze them while
-        training) and the exact map or ``neumann_terms >= 3`` can be.
+        training) and the exact map or ``neumann_terms`` 1 or >= 3 can be.
 
     Writes ``boft_R`` as the full skew-symmetric matrices ``S`` (so PEFT's ``0.5 (S - S^T) = S``),
     ``boft_s`` as ``(d_out, 1)`` (OFT: ``oft_R.weight``, the packed ``(k, b(b-1)/2)`` triangles,
