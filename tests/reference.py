@@ -43,13 +43,20 @@ def dense_layer(x, kernel, blocks, scale, bias=None):
     return y if bias is None else y + np.asarray(bias, np.float64)
 
 
-def np_cayley_from_packed(packed, b):
-    """Q = (I - S)(I + S)^-1 with an explicit inverse, from packed strict upper triangles."""
+def np_skew_from_packed(packed, b):
+    """The skew-symmetric ``(..., b, b)`` matrices (float64) whose strict upper triangles, row by row,
+    are ``packed (..., b(b-1)/2)``."""
     packed = np.asarray(packed, np.float64)
     s = np.zeros(packed.shape[:-1] + (b, b))
     r, c = np.triu_indices(b, 1)
     s[..., r, c] = packed
     s[..., c, r] = -packed
+    return s
+
+
+def np_cayley_from_packed(packed, b):
+    """Q = (I - S)(I + S)^-1 with an explicit inverse, from packed strict upper triangles."""
+    s = np_skew_from_packed(packed, b)
     eye = np.eye(b)
     return (eye - s) @ np.linalg.inv(eye + s)
 
@@ -86,11 +93,7 @@ def np_neumann_from_packed(packed, b, n_terms):
     """Cayley-Neumann blocks Q = (I - S) sum_{j<n} (-S)^j from packed strict upper triangles, float64.
 
     Written from the formula with explicit matrix powers (not Horner's rule, unlike the library)."""
-    packed = np.asarray(packed, np.float64)
-    s = np.zeros(packed.shape[:-1] + (b, b))
-    r, c = np.triu_indices(b, 1)
-    s[..., r, c] = packed
-    s[..., c, r] = -packed
+    s = np_skew_from_packed(packed, b)
     eye = np.broadcast_to(np.eye(b), s.shape)
     series = sum(np.linalg.matrix_power(-s, j) for j in range(n_terms))
     return (eye - s) @ series

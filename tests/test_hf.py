@@ -1,6 +1,7 @@
 """Reading and writing Hugging Face model directories (boft_jax.models.hf)."""
 
 import json
+import math
 import os
 import re
 import shutil
@@ -351,7 +352,7 @@ def test_stack_and_unstack_layers_are_inverse():
 
 # Every activation name against its published formula, in float64 numpy (independent of jax.nn).
 _SQRT2 = np.sqrt(2.0)
-_ERF = np.vectorize(__import__("math").erf)
+_ERF = np.vectorize(math.erf)
 
 
 def _np_gelu(x):

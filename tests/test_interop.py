@@ -25,6 +25,7 @@ from boft_jax.interop import load_peft_adapter, save_peft_adapter
 from boft_jax.interop import peft as peft_io
 from boft_jax.interop.__main__ import export_merged, main
 from boft_jax.models import hf, t5, vit
+from reference import np_skew_from_packed
 
 FIXTURES = Path(__file__).parent / "fixtures"
 PEFT = FIXTURES / "peft"
@@ -261,10 +262,7 @@ def test_oft_neumann_terms_follow_peft_and_the_rotation_is_peft_s():
     parameters, blocks times blocks."""
     rng = np.random.default_rng(3)
     w = (0.2 * rng.standard_normal((5, 6))).astype(np.float32)
-    S = np.zeros((5, 4, 4))
-    rows, cols = np.triu_indices(4, 1)
-    S[:, rows, cols] = w
-    S = S - np.swapaxes(S, 1, 2)
+    S = np_skew_from_packed(w, 4)
     with jax.enable_x64(True):
         check_oft_rotations(w, S)
 
@@ -582,22 +580,18 @@ def test_one_term_neumann_is_peft_two_terms_both_ways(tmp_path):
     assert (cfg["use_cayley_neumann"], cfg["num_cayley_neumann_terms"]) == (True, 2)
     written = load_file(tmp_path / "a" / peft_io.ADAPTER_WEIGHTS_NAME)
     kernel = params["encoder"]["layer_0"]["mlp"]["fc1"]["kernel"]
-    w = written["base_model.model.vit.layers.0.mlp.fc1.oft_R.weight"].astype(np.float64)
-    b = 8
-    S = np.zeros((w.shape[0], b, b))
-    rows, cols = np.triu_indices(b, 1)
-    S[:, rows, cols] = w
-    S = S - np.swapaxes(S, 1, 2)
+    S = np_skew_from_packed(written["base_model.model.vit.layers.0.mlp.fc1.oft_R.weight"], one.config.block_size)
     with jax.enable_x64(True):
-        ours_blocks = boft.cayley(jnp.asarray(np.asarray(kernel.skew[0], np.float64)), b, "neumann", neumann_terms=1)
-    np.testing.assert_allclose(np.asarray(ours_blocks), np.eye(b) + 2 * S, atol=1e-12)  # PEFT: R = I + 2 S_p
+        ours_blocks = boft.cayley(jnp.asarray(np.asarray(kernel.skew[0], np.float64)), one.config.block_size,
+                                  "neumann", neumann_terms=1)
+    np.testing.assert_allclose(np.asarray(ours_blocks), np.eye(S.shape[-1]) + 2 * S, atol=1e-12)  # PEFT: R = I + 2 S_p
     assert float(np.abs(S).max()) > 1e-3
     again, params2 = load_peft_adapter(tmp_path / "a", model.model, base(str(reference("ours_vit_oft")["base"]))[1])
     assert (again.config.cayley, again.config.neumann_terms) == ("neumann", 1)
-    a, b2 = flat_adapter(params, one.config), flat_adapter(params2, again.config)
-    assert sorted(a) == sorted(b2)
-    for k in a:
-        np.testing.assert_array_equal(a[k], b2[k], err_msg="/".join(k))
+    before, after = flat_adapter(params, one.config), flat_adapter(params2, again.config)
+    assert sorted(before) == sorted(after)
+    for k in before:
+        np.testing.assert_array_equal(before[k], after[k], err_msg="/".join(k))
 
 
 @pytest.mark.parametrize("name", ["vit_m2_head", "vit_m3_all", "t5_gated_m3_head", "t5_relu_tied_head",

@@ -12,14 +12,7 @@ from jax.test_util import check_grads
 
 import boft_jax as boft
 from reference import lowered_for
-
-
-def np_skew(packed: np.ndarray, b: int) -> np.ndarray:
-    s = np.zeros(packed.shape[:-1] + (b, b))
-    r, c = np.triu_indices(b, 1)
-    s[..., r, c] = packed
-    s[..., c, r] = -packed
-    return s
+from reference import np_skew_from_packed as np_skew
 
 
 def np_cayley(s: np.ndarray) -> np.ndarray:

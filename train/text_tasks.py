@@ -235,11 +235,16 @@ def exact_match_fn(model):
     @jax.jit
     def correct(params, input_ids, attention_mask, labels):
         tokens = t5_lib.generate(model, params, input_ids, attention_mask, max_new_tokens=labels.shape[1])[:, 1:]
-        # positions up to and including the label's first EOS must match
-        upto = jnp.cumsum(labels == data_lib.EOS, axis=1) - (labels == data_lib.EOS) == 0
-        return jnp.all((tokens == labels) | ~upto, axis=1)
+        return matches_up_to_eos(tokens, labels)
 
     return correct
+
+
+def matches_up_to_eos(tokens, labels):
+    """``(B,) bool``: each row of ``tokens (B, L)`` equals ``labels (B, L)`` at every position up to
+    and including the labels' first EOS (what comes after it does not count)."""
+    upto = jnp.cumsum(labels == data_lib.EOS, axis=1) - (labels == data_lib.EOS) == 0
+    return jnp.all((tokens == labels) | ~upto, axis=1)
 
 
 def make_t5(

@@ -601,8 +601,9 @@ def load_peft_adapter(
     tensors, with a warning, when PEFT had adjusted a value that did not divide a layer's width);
     ``use_cayley_neumann`` -> ``cayley="neumann"`` with ``neumann_terms = num_cayley_neumann_terms - 1``
     (3 for 3 or 4, as PEFT computes) and negated parameters (PEFT's series approximates the transposed
-    map; for 2 terms, PEFT's ``I + 2S``: ``neumann_terms = 1`` and parameters times -2); ``oft_only`` -> ``"boft_only"``; ``module_dropout`` -> ``dropout`` (PEFT 0.21 defines it but
-    never applies it in its Linear forward; boft_jax applies it in training); ``block_share`` -> the
+    map; for 2 terms, PEFT's ``I + 2S``: ``neumann_terms = 1`` and parameters times -2); ``oft_only``
+    -> ``"boft_only"``; ``module_dropout`` -> ``dropout`` (PEFT 0.21 defines it but never applies it
+    in its Linear forward; boft_jax applies it in training); ``block_share`` -> the
     shared block copied to every block; ``coft`` -> the rotations projected as PEFT projects them before
     each forward (both with a warning: training in boft_jax keeps neither constraint).
 
@@ -994,6 +995,8 @@ def peft_state_dict(
     dims: dict[Path_, tuple[int, int, int]] = {}  # (d_in, block size, block count)
     targets = []
     scaled = []  # OFT: layers whose output scale is not 1
+    # OFT: PEFT's oft_R.weight = our packed skew / factor
+    factor = np.float32(_OftOptions.factor(config.neumann_terms if config.cayley == "neumann" else None))
     for p, (skew, scale) in sorted(layers.items()):
         if p + ("kernel",) not in keymap.shapes:
             raise ValueError(f"adapted layer '{'/'.join(p)}' has no Hugging Face counterpart")
@@ -1006,8 +1009,7 @@ def peft_state_dict(
         if oft:
             if np.any(scale != 1):
                 scaled.append(f"{'/'.join(p)}: max |s - 1| = {np.abs(scale.astype(np.float64) - 1).max():.3g}")
-            factor = _OftOptions.factor(config.neumann_terms if config.cayley == "neumann" else None)
-            tensors[f"{PEFT_PREFIX}{name}.oft_R.weight"] = skew.astype(np.float32)[0] / np.float32(factor)
+            tensors[f"{PEFT_PREFIX}{name}.oft_R.weight"] = skew.astype(np.float32)[0] / factor
         else:
             tensors[f"{PEFT_PREFIX}{name}.boft_R"] = _host(unpack_skew(jnp.asarray(skew, jnp.float32), b))
             tensors[f"{PEFT_PREFIX}{name}.boft_s"] = scale.astype(np.float32).reshape(-1, 1)
