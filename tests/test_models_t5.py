@@ -234,6 +234,22 @@ def test_config_round_trips_through_hf_dict(variant):
     assert t5.T5Config.from_hf_dict(config.to_hf_dict()) == config
 
 
+def test_encoder_only_checkpoint_is_refused_by_name(tmp_path):
+    """A T5EncoderModel directory (no decoder weights): one error naming the architecture, before
+    any weight is read, not a list of every missing decoder tensor."""
+    import json
+    import shutil
+
+    shutil.copytree(FIXTURES / "t5_gated", tmp_path / "enc")
+    cfg = json.loads((tmp_path / "enc" / "config.json").read_text())
+    cfg["architectures"] = ["T5EncoderModel"]
+    (tmp_path / "enc" / "config.json").write_text(json.dumps(cfg))
+    (tmp_path / "enc" / "model.safetensors").write_bytes(b"not read")
+    with pytest.raises(ValueError, match=r"architectures=\['T5EncoderModel'\], an encoder-only checkpoint") as e:
+        t5.from_pretrained(tmp_path / "enc")
+    assert "T5ForConditionalGeneration, MT5ForConditionalGeneration" in str(e.value)
+
+
 def test_invalid_feed_forward_proj_is_an_error():
     with pytest.raises(ValueError, match="feed_forward_proj"):
         t5.T5Config(feed_forward_proj="relu-gated")

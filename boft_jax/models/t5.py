@@ -861,6 +861,13 @@ def from_pretrained(
     """
     cfg_dict = hf.read_config(path)
     hf.check_model_type(path, cfg_dict, tuple(MODEL_TYPES))
+    encoder_only = [a for a in cfg_dict.get("architectures") or [] if str(a).endswith("EncoderModel")]
+    if encoder_only:
+        raise ValueError(
+            f"{os.fspath(path)!r}: config.json has architectures={encoder_only}, an encoder-only checkpoint"
+            f" (no decoder weights); this loader reads encoder-decoder checkpoints ({', '.join(MODEL_TYPES.values())})."
+            " For an encoder alone, wrap your own linen encoder with boft.wrap"
+        )
     state = hf.load_state_dict(path)
     config = resolve_tying(T5Config.from_hf_dict(cfg_dict), state)
     params = params_from_hf(config, state, scan_layers=scan_layers, source=f"{os.fspath(path)!r}")
