@@ -12,9 +12,13 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
+import numbers
 import re
 from collections.abc import Mapping
 from typing import Literal, NamedTuple, Sequence
+
+import numpy as np
 
 from boft_jax.butterfly import _short, max_factors, structure_error, valid_block_sizes
 
@@ -49,13 +53,35 @@ def _as_patterns(value, name: str) -> tuple[str, ...]:
             raise TypeError(f"BOFTConfig.{name} entries must be regex strings, got {p!r}")
         try:
             re.compile(p)
+            _path_regex(p)
         except re.error as e:
             raise ValueError(f"BOFTConfig.{name}: {p!r} is not a valid regular expression ({e})") from None
     return patterns
 
 
+_GLOBAL_FLAGS = re.compile(r"^(?:\(\?[aiLmsux]+\))+")
+
+
+@functools.lru_cache(maxsize=4096)
+def _path_regex(pattern: str) -> re.Pattern:
+    """``pattern`` matched against the whole path or a trailing run of its components.
+
+    Leading global flags (``"(?i)query"``) stay in front, where Python's ``re`` requires them.
+    """
+    flags = _GLOBAL_FLAGS.match(pattern)
+    lead = flags.group(0) if flags else ""
+    return re.compile(rf"{lead}(?:^|/)(?:{pattern[len(lead):]})$")
+
+
 def _path_matches(pattern: str, path: str) -> bool:
-    return re.search(rf"(?:^|/)(?:{pattern})$", path) is not None
+    return _path_regex(pattern).search(path) is not None
+
+
+def _integer(v):
+    """A Python / NumPy integer (not a bool) as ``int``; anything else unchanged (refused later)."""
+    if isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_)):
+        return int(v)
+    return v
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,6 +155,7 @@ class BOFTConfig:
                 " (e.g. block_size=8, or block_num=4)"
             )
         for name in ("block_size", "block_num", "n_factors", "neumann_terms"):
+            object.__setattr__(self, name, _integer(getattr(self, name)))
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ValueError(f"BOFTConfig.{name} must be a positive integer, got {v!r}")
@@ -147,8 +174,9 @@ class BOFTConfig:
                     f" valid n_factors for block_num = {self.block_num}:"
                     f" 1..{_max_factors_for_block_num(self.block_num)}"
                 )
-        if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
-            raise ValueError(f"BOFTConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        if not (isinstance(self.dropout, numbers.Real) and not isinstance(self.dropout, (bool, np.bool_)) and 0.0 <= self.dropout < 1.0):
+            raise ValueError(f"BOFTConfig.dropout must be a number in [0, 1), got {self.dropout!r}")
+        object.__setattr__(self, "dropout", float(self.dropout))
         if self.bias not in _BIAS_MODES:
             raise ValueError(f"BOFTConfig.bias must be one of {_BIAS_MODES}, got {self.bias!r}")
         if self.mode not in _APPLY_MODES:
@@ -235,7 +263,7 @@ def _as_overrides(value) -> tuple[tuple[str, int], ...]:
     for pair in pairs:
         if len(pair) != 2 or not isinstance(pair[0], str):
             raise TypeError(f"BOFTConfig.block_size_overrides entries must be (regex, block_size) pairs, got {pair!r}")
-        b = pair[1]
+        b = _integer(pair[1])
         if isinstance(b, bool) or not isinstance(b, int) or b < 1:
             raise ValueError(f"BOFTConfig.block_size_overrides: block size for {pair[0]!r} must be a positive integer, got {b!r}")
     _as_patterns([p for p, _ in pairs], "block_size_overrides")

@@ -278,6 +278,11 @@ def _check_held(path: str, held, kernel_shape: tuple[int, ...], want: tuple[int,
             " wrapped model."
         )
     skew, scale, kernel = (tuple(jnp.shape(a)) for a in (held.skew, held.scale, held.kernel))
+    if kernel != kernel_shape:
+        raise ValueError(
+            f"layer '{path}': its kernel has shape {kernel}, but this call needs {kernel_shape} (the input's"
+            f" contracted axes, then the layer's features): the input does not fit the params"
+        )
     if len(skew) == 3:
         _check_structure(path, skew, struct)
     if skew != want or kernel != kernel_shape or scale != (d_out,):
@@ -571,6 +576,11 @@ def wrap(model: nn.Module, config: BOFTConfig) -> BOFTModule:
         raise TypeError(f"boft.wrap expects a BOFTConfig, got {type(config).__name__}")
     if model.scope is not None:
         raise ValueError("boft.wrap expects an unbound model (as constructed, before init/apply/bind)")
+    if isinstance(model, BOFTModule):
+        raise ValueError(
+            "boft.wrap: this model is already wrapped (a BOFTModule); wrap the base model once, with one"
+            " BOFTConfig (several adapters on one base: boft_jax.multi)"
+        )
     return BOFTModule(model=model, config=config)
 
 
@@ -653,7 +663,18 @@ def combine(frozen: Mapping, adapter: Mapping) -> dict:
                     f"adapter entry '{'/'.join(here)}' has no counterpart in the base params"
                     f" (base keys there: {sorted(f)})"
                 )
-            if isinstance(v, Mapping) and set(v) == {"skew", "scale"} and not isinstance(f[k], Mapping):
+            if _is_node(f[k]):
+                raise ValueError(
+                    f"base params entry '{'/'.join(here)}' already holds BOFT adapter params (a BOFTKernel):"
+                    " pass the base params, e.g. frozen from boft.split(params), not params that were combined"
+                    " or initialized with the wrapped model"
+                )
+            if isinstance(v, Mapping) and not isinstance(f[k], Mapping) and set(v) <= {"skew", "scale"}:
+                if set(v) != {"skew", "scale"}:
+                    raise ValueError(
+                        f"adapter entry '{'/'.join(here)}' has {sorted(v)} but an adapted kernel needs both"
+                        " 'skew' and 'scale'"
+                    )
                 kernel = f[k]
                 _check_adapter_fits("/".join(path), kernel, v["skew"], v["scale"])
                 out[k] = BOFTKernel(kernel=kernel, skew=v["skew"], scale=v["scale"])
@@ -746,6 +767,7 @@ def merge(params: Mapping, config: BOFTConfig) -> dict:
     Zero inference overhead: ``model.apply({"params": merge(params, config)}, x)`` equals the wrapped
     model's output (dropout off).  Works on stacked (``nn.scan``) params too.
     """
+    _check_config(config, "merge")
     _no_boxes(params, "merge", "params")
     return jax.tree_util.tree_map_with_path(
         lambda kp, v: _merge_node(v, config, path=_key_path(kp)) if _is_node(v) else v, params, is_leaf=_is_node
@@ -757,12 +779,18 @@ def unmerge(merged: Mapping, adapter: Mapping, config: BOFTConfig) -> dict:
 
     Biases trained with the adapter cannot be un-trained; they are returned as they are in ``merged``.
     """
+    _check_config(config, "unmerge")
     node_tree = combine(merged, {**_kernel_only(adapter)})
     return jax.tree_util.tree_map_with_path(
         lambda kp, v: _merge_node(v, config, inverse=True, path=_key_path(kp)) if _is_node(v) else v,
         node_tree,
         is_leaf=_is_node,
     )
+
+
+def _check_config(config, fn: str) -> None:
+    if not isinstance(config, BOFTConfig):
+        raise TypeError(f"boft.{fn} needs the adapter's BOFTConfig, got {type(config).__name__}")
 
 
 def _kernel_only(adapter: Mapping) -> dict:
@@ -812,6 +840,10 @@ def init_adapter(model: BOFTModule, frozen: Mapping, *args, **kwargs) -> dict:
     Returns:
       The adapter tree, ready for ``boft.combine(frozen, adapter)`` and an optimizer.
     """
+    if not isinstance(model, BOFTModule):
+        raise TypeError(
+            f"boft.init_adapter expects the wrapped model, boft.wrap(model, config), got {type(model).__name__}"
+        )
     _no_boxes(frozen, "init_adapter", "frozen")
     shapes = nn.unbox(jax.eval_shape(lambda: model.init(jax.random.key(0), *args, **kwargs))["params"])
 

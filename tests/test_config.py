@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import numpy as np
 import pytest
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
@@ -30,7 +31,10 @@ def test_config_is_frozen_and_hashable_with_list_targets():
         (dict(block_size=4, n_factors=0), "n_factors must be a positive integer"),
         (dict(block_size=3, n_factors=2), "block_size = 3 is odd"),
         (dict(block_num=6, n_factors=3), "multiple of 2**(n_factors-1) = 4"),
-        (dict(block_size=4, dropout=1.0), "dropout must be in [0, 1)"),
+        (dict(block_size=4, dropout=1.0), "dropout must be a number in [0, 1)"),
+        (dict(block_size=4, dropout=True), "dropout must be a number in [0, 1)"),
+        (dict(block_size=np.bool_(True)), "block_size must be a positive integer"),
+        (dict(block_size=4.0), "block_size must be a positive integer"),
         (dict(block_size=4, bias="some"), "bias must be one of ('none', 'boft_only', 'all')"),
         (dict(block_size=4, mode="fast"), "mode must be one of ('auto', 'input', 'weight')"),
         (dict(block_size=4, cayley="pade"), "cayley must be one of ('exact', 'neumann')"),
@@ -43,6 +47,35 @@ def test_invalid_configs_raise_naming_what_is_valid(kwargs, fragment):
     with pytest.raises((ValueError, TypeError)) as e:
         boft.BOFTConfig(**kwargs)
     assert fragment in str(e.value)
+
+
+def test_numpy_scalars_are_accepted_as_python_numbers():
+    """Values read from arrays or configs (np.int64, np.float32) mean what they say; the config holds
+    plain Python numbers (hashable, equal to the same config written with Python literals)."""
+    rng = np.random.default_rng()
+    b, m, p = int(rng.choice([2, 4, 8])), int(rng.integers(1, 4)), float(rng.uniform(0, 0.9))
+    cfg = boft.BOFTConfig(block_size=np.int64(b), n_factors=np.int32(m), dropout=np.float32(p), neumann_terms=np.uint8(3),
+                          block_size_overrides={"fc2": np.int16(2 * b)})
+    assert cfg == boft.BOFTConfig(block_size=b, n_factors=m, dropout=float(np.float32(p)), neumann_terms=3,
+                                  block_size_overrides={"fc2": 2 * b})
+    assert all(type(v) is int for v in (cfg.block_size, cfg.n_factors, cfg.neumann_terms, cfg.block_size_overrides[0][1]))
+    assert type(cfg.dropout) is float and hash(cfg) == hash(dataclasses.replace(cfg))
+    assert boft.BOFTConfig(block_num=np.int64(4)).block_num == 4
+
+
+def test_leading_global_regex_flags_apply_to_the_whole_pattern():
+    # Python's re wants global flags at the very start; the path anchoring wraps the pattern, so
+    # the flags are kept in front of it (they used to pass validation and then fail at init).
+    cfg = boft.BOFTConfig(block_size=4, targets=r"(?i)attention/(QUERY|Value)", exclude=r"(?i)LAYER_1/.*",
+                          modules_to_save="(?i)HEAD", block_size_overrides={"(?i)(?x) attention / value": 2})
+    assert cfg.matches("encoder/layer_0/attention/query") and cfg.matches("encoder/Layer_0/Attention/VALUE")
+    assert not cfg.matches("encoder/layer_0/attention/key") and not cfg.matches("encoder/layer_1/attention/query")
+    assert not cfg.matches("encoder/layer_0/xattention/query")  # still whole components
+    assert cfg.saves_module("classifier/head")
+    assert cfg.layer_structure("encoder/layer_0/attention/value", d_in=8).block_size == 2
+    assert cfg.layer_structure("encoder/layer_0/attention/query", d_in=8).block_size == 4
+    with pytest.raises(ValueError, match="not a valid regular expression"):
+        boft.BOFTConfig(block_size=4, targets="query(?i)")  # a flag in the middle: refused up front
 
 
 def test_targets_match_whole_path_or_trailing_components():

@@ -971,6 +971,29 @@ def test_unclear_setups_get_errors_that_say_what_is_wrong():
         boft.wrap(MLP(), boft.BOFTConfig(block_size=4, targets=["fc1"])).apply({"params": params}, x)
 
 
+def test_api_slips_get_errors_that_name_the_slip():
+    x = jax.random.normal(jax.random.key(10), (2, 16))
+    cfg = boft.BOFTConfig(block_size=4, targets="fc1")
+    model = boft.wrap(MLP(), cfg)
+    params = model.init(jax.random.key(0), x)["params"]
+    frozen, adapter = boft.split(params, cfg)
+    for call in (lambda: boft.combine(params, adapter), lambda: boft.unmerge(params, adapter, cfg)):  # not base params
+        with pytest.raises(ValueError, match=r"base params entry 'fc1/kernel' already holds BOFT adapter params"):
+            call()
+    with pytest.raises(ValueError, match=r"adapter entry 'fc1/kernel' has \['skew'\] but an adapted kernel needs both"):
+        boft.combine(frozen, {"fc1": {"kernel": {"skew": adapter["fc1"]["kernel"]["skew"]}}})
+    with pytest.raises(TypeError, match=r"init_adapter expects the wrapped model, boft.wrap\(model, config\), got MLP"):
+        boft.init_adapter(MLP(), frozen, x)
+    with pytest.raises(ValueError, match="already wrapped"):
+        boft.wrap(model, cfg)
+    for fn in (lambda: boft.merge(params, None), lambda: boft.unmerge(boft.merge(params, cfg), adapter, "cfg")):
+        with pytest.raises(TypeError, match=r"boft.(un)?merge needs the adapter's BOFTConfig, got (NoneType|str)"):
+            fn()
+    # an input of another width than the params were made for is blamed on the input, not the config
+    with pytest.raises(ValueError, match=r"layer 'fc1': its kernel has shape \(16, 48\), but this call needs \(20, 48\)"):
+        model.apply({"params": params}, jnp.ones((2, 20)))
+
+
 def test_params_applied_with_another_block_structure_say_so():
     x = jax.random.normal(jax.random.key(8), (4, 16))
     params = boft.wrap(MLP(), boft.BOFTConfig(block_size=4, n_factors=2)).init(jax.random.key(0), x)["params"]
