@@ -98,7 +98,9 @@ class BOFTConfig:
       targets: regexes choosing layers by '/'-joined module path.  A pattern selects a layer when
         it matches the whole path or a trailing run of its components: ``"query"`` and
         ``"attention/(query|value)"`` both select ``encoder/layer_0/attention/query``; ``"que"``
-        does not.  Default: every ``Dense``/``DenseGeneral`` layer.
+        does not.  The anchoring is implied, so a ``^`` in a pattern pins it to the path's first
+        component (``"^query"`` selects only a top-level ``query``); leading global flags such as
+        ``"(?i)"`` apply to the whole pattern.  Default: every ``Dense``/``DenseGeneral`` layer.
       exclude: regexes (same matching rule) removing layers from ``targets``.
       dropout: multiplicative dropout probability ``p`` in ``[0, 1)``.  As in PEFT's reference,
         each training call picks one random factor and replaces ``int(p * k)`` random blocks of it

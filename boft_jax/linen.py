@@ -692,6 +692,13 @@ def combine(frozen: Mapping, adapter: Mapping) -> dict:
 
 
 def _check_adapter_fits(path: str, kernel, skew, scale) -> None:
+    for name, leaf in (("skew", skew), ("scale", scale)):
+        dtype = jnp.result_type(leaf)
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise TypeError(
+                f"layer '{path}': adapter {name} has dtype {dtype}; adapter params are real floating-point"
+                " arrays (float32 as boft.init_adapter makes them, or bfloat16 / float16 / float64)"
+            )
     lead = jnp.ndim(skew) - 3
     if lead < 0 or jnp.ndim(scale) != lead + 1:
         raise ValueError(f"layer '{path}': adapter skew {jnp.shape(skew)} / scale {jnp.shape(scale)} are malformed")

@@ -989,6 +989,11 @@ def test_api_slips_get_errors_that_name_the_slip():
     for fn in (lambda: boft.merge(params, None), lambda: boft.unmerge(boft.merge(params, cfg), adapter, "cfg")):
         with pytest.raises(TypeError, match=r"boft.(un)?merge needs the adapter's BOFTConfig, got (NoneType|str)"):
             fn()
+    for dtype in (jnp.int32, jnp.complex64, jnp.bool_):  # an int adapter would truncate, a complex one drop its imaginary part
+        bad = jax.tree.map(lambda a: a.astype(dtype), adapter)
+        for fn in (lambda: boft.combine(frozen, bad), lambda: boft.unmerge(boft.merge(params, cfg), bad, cfg)):
+            with pytest.raises(TypeError, match=rf"layer 'fc1': adapter skew has dtype {jnp.dtype(dtype).name}; adapter params are real floating"):
+                fn()
     # an input of another width than the params were made for is blamed on the input, not the config
     with pytest.raises(ValueError, match=r"layer 'fc1': its kernel has shape \(16, 48\), but this call needs \(20, 48\)"):
         model.apply({"params": params}, jnp.ones((2, 20)))
