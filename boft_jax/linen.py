@@ -40,6 +40,7 @@ import dataclasses
 import functools
 import inspect
 import types
+import warnings
 from typing import Any, Callable, Mapping
 
 import flax.linen as nn
@@ -640,7 +641,16 @@ def split(params: Mapping, config: BOFTConfig | None = None) -> tuple[dict, dict
                 out[k] = v
         return out
 
-    return frozen_of(params), adapter_of(params, ())
+    adapter = adapter_of(params, ())
+    if not adapter:
+        warnings.warn(
+            "boft.split: these params hold no adapter params (no adapted layer's BOFTKernel, no trainable"
+            " bias or saved module), so the adapter is empty and an optimizer would train nothing. Make"
+            " params with the wrapped model, boft.wrap(model, config).init(...), or pair pretrained ones"
+            " with boft.init_adapter",
+            stacklevel=2,
+        )
+    return frozen_of(params), adapter
 
 
 def combine(frozen: Mapping, adapter: Mapping) -> dict:

@@ -994,6 +994,8 @@ def test_api_slips_get_errors_that_name_the_slip():
         for fn in (lambda: boft.combine(frozen, bad), lambda: boft.unmerge(boft.merge(params, cfg), bad, cfg)):
             with pytest.raises(TypeError, match=rf"layer 'fc1': adapter skew has dtype {jnp.dtype(dtype).name}; adapter params are real floating"):
                 fn()
+    with pytest.warns(UserWarning, match="these params hold no adapter params"):  # the bare model's params
+        assert boft.split(frozen, cfg)[1] == {}
     # an input of another width than the params were made for is blamed on the input, not the config
     with pytest.raises(ValueError, match=r"layer 'fc1': its kernel has shape \(16, 48\), but this call needs \(20, 48\)"):
         model.apply({"params": params}, jnp.ones((2, 20)))
