@@ -176,7 +176,8 @@ class BOFTConfig:
                     f" valid n_factors for block_num = {self.block_num}:"
                     f" 1..{_max_factors_for_block_num(self.block_num)}"
                 )
-        if not (isinstance(self.dropout, numbers.Real) and not isinstance(self.dropout, (bool, np.bool_)) and 0.0 <= self.dropout < 1.0):
+        is_number = isinstance(self.dropout, numbers.Real) and not isinstance(self.dropout, (bool, np.bool_))
+        if not (is_number and 0.0 <= self.dropout < 1.0):
             raise ValueError(f"BOFTConfig.dropout must be a number in [0, 1), got {self.dropout!r}")
         object.__setattr__(self, "dropout", float(self.dropout))
         if self.bias not in _BIAS_MODES:

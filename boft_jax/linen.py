@@ -282,14 +282,14 @@ def _check_held(path: str, held, kernel_shape: tuple[int, ...], want: tuple[int,
     if kernel != kernel_shape:
         raise ValueError(
             f"layer '{path}': its kernel has shape {kernel}, but this call needs {kernel_shape} (the input's"
-            f" contracted axes, then the layer's features): the input does not fit the params"
+            " contracted axes, then the layer's features): the input does not fit the params"
         )
     if len(skew) == 3:
         _check_structure(path, skew, struct)
-    if skew != want or kernel != kernel_shape or scale != (d_out,):
+    if skew != want or scale != (d_out,):
         raise ValueError(
-            f"layer '{path}': params do not fit the call: kernel {kernel} (expected {kernel_shape}),"
-            f" skew {skew} (expected {want}), scale {scale} (expected {(d_out,)})"
+            f"layer '{path}': params do not fit the call: skew {skew} (expected {want}), scale {scale}"
+            f" (expected {(d_out,)})"
         )
 
 
@@ -679,11 +679,11 @@ def combine(frozen: Mapping, adapter: Mapping) -> dict:
                     " pass the base params, e.g. frozen from boft.split(params), not params that were combined"
                     " or initialized with the wrapped model"
                 )
-            if isinstance(v, Mapping) and not isinstance(f[k], Mapping) and set(v) <= {"skew", "scale"}:
+            if isinstance(v, Mapping) and not isinstance(f[k], Mapping):  # an adapted kernel's entry
                 if set(v) != {"skew", "scale"}:
                     raise ValueError(
-                        f"adapter entry '{'/'.join(here)}' has {sorted(v)} but an adapted kernel needs both"
-                        " 'skew' and 'scale'"
+                        f"adapter entry '{'/'.join(here)}' has {sorted(v)}, but the base has a plain array there:"
+                        " an adapted kernel's entry holds exactly 'skew' and 'scale'"
                     )
                 kernel = f[k]
                 _check_adapter_fits("/".join(path), kernel, v["skew"], v["scale"])
