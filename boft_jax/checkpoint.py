@@ -98,6 +98,14 @@ def save_adapter(
         path = path.resolve()
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"{path} exists and is not a directory (an adapter checkpoint is a directory)")
+    if path.is_dir() and not _is_checkpoint_dir(path) and any(path.iterdir()):
+        # Replacing means deleting: only ever delete an adapter checkpoint (or an empty directory).
+        found = sorted(os.listdir(path))
+        raise FileExistsError(
+            f"{path} is a directory that is not a boft_jax adapter checkpoint (it holds {found[:6]}"
+            f"{' ...' if len(found) > 6 else ''}, not the 'adapter' and 'meta' entries of one); save_adapter"
+            " replaces only adapter checkpoints or empty directories: choose another path"
+        )
     if metadata is not None and not isinstance(metadata, Mapping):
         raise TypeError(f"save_adapter metadata must be a mapping (a JSON object), got {type(metadata).__name__}")
     host = gather_to_host(adapter)
@@ -218,12 +226,25 @@ def _leaf_checksums(tree) -> list[str]:
     return list(_checksums(gather_to_host(tree)).values())
 
 
+def _brief(e: Exception, limit: int = 300) -> str:
+    """``'Type: first line of the message'``, cut at ``limit`` characters (tensorstore's errors
+    append a many-line dump of the store's spec)."""
+    first = (str(e).strip().splitlines() or [""])[0]
+    first = first if len(first) <= limit else first[: limit - 3] + "..."
+    return f"{type(e).__name__}: {first}"
+
+
+def _is_checkpoint_dir(path: Path) -> bool:
+    """Whether ``path`` holds the two entries :func:`save_adapter` writes."""
+    return (path / "adapter").is_dir() and (path / "meta").exists()
+
+
 def _olds(path: Path, complete_only: bool = True) -> list[Path]:
     """Checkpoints moved aside by a replacement (oldest first); by default only complete ones (with
     both entries), so that a directory an older version left half-deleted is never taken for one."""
     olds = sorted(path.parent.glob(f".{path.name}.old-*"), key=lambda p: p.stat().st_mtime)
     if complete_only:
-        olds = [p for p in olds if (p / "adapter").is_dir() and (p / "meta").exists()]
+        olds = [p for p in olds if _is_checkpoint_dir(p)]
     return olds
 
 
@@ -270,8 +291,8 @@ def load_adapter(path: str | os.PathLike) -> tuple[dict, BOFTConfig, dict]:
         with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
             both = ckptr.restore(source, ocp.args.Composite(adapter=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
         restored, meta = both["adapter"], both["meta"]
-    except (ValueError, OSError, KeyError) as e:
-        raise ValueError(f"{path}: damaged or incomplete adapter checkpoint ({type(e).__name__}: {e})") from None
+    except Exception as e:  # orbax / tensorstore: ValueError, OSError, KeyError, or a bare Exception (a truncated file)
+        raise ValueError(f"{path}: damaged or incomplete adapter checkpoint ({_brief(e)})") from None
     if not isinstance(meta, Mapping) or meta.get("format") != _FORMAT:
         got = meta.get("format") if isinstance(meta, Mapping) else type(meta).__name__
         raise ValueError(f"{path}: unsupported adapter format {got!r} (expected {_FORMAT!r})")
@@ -412,10 +433,10 @@ class TrainCheckpointer:
             return self._restore(step, adapter_like, opt_state_like)
         except _StepError:
             raise
-        except (ValueError, OSError, KeyError) as e:  # what orbax / tensorstore raise on bad files
+        except Exception as e:  # orbax / tensorstore on bad files: ValueError, OSError, KeyError, or a bare Exception (a truncated file)
             raise ValueError(
-                f"step {step} in {self.directory}: damaged or incomplete training checkpoint ({type(e).__name__}:"
-                f" {e}). Remove {step_dir} to resume from {self._fallback()}"
+                f"step {step} in {self.directory}: damaged or incomplete training checkpoint ({_brief(e)})."
+                f" Remove {step_dir} to resume from {self._fallback()}"
             ) from None
 
     def _fallback(self) -> str:

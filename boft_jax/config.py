@@ -194,6 +194,15 @@ class BOFTConfig:
             _path_matches(p, path) for p in self.exclude
         )
 
+    def targeted(self, paths) -> list[str]:
+        """The ``paths`` that ``targets`` selects, before ``exclude`` removes any."""
+        return [p for p in paths if any(_path_matches(t, p) for t in self.targets)]
+
+    def idle_excludes(self, paths) -> list[str]:
+        """The ``exclude`` patterns that remove none of the targeted layers among ``paths``."""
+        targeted = self.targeted(paths)
+        return [e for e in self.exclude if not any(_path_matches(e, p) for p in targeted)]
+
     def saves_module(self, path: str) -> bool:
         """Whether the module at ``path`` is in ``modules_to_save`` (all its params train)."""
         return any(_path_matches(p, path) for p in self.modules_to_save)

@@ -486,6 +486,17 @@ class BOFTModule(nn.Module):
                 f"BOFT targets {self.config.targets} (exclude {self.config.exclude}) match none of the"
                 f" model's Dense/DenseGeneral layers: {state.seen or 'none were called'}"
             )
+        if self.is_initializing() and self.config.exclude:
+            met = sorted(set(state.seen) | {p for p, _ in state.overridden})
+            idle = self.config.idle_excludes(met)
+            if idle:
+                targeted = self.config.targeted(met)
+                raise ValueError(
+                    f"BOFT exclude pattern(s) {idle} remove none of the layers the targets {self.config.targets}"
+                    " select, so they would change nothing: a pattern matches a whole '/'-joined module path or"
+                    " a trailing run of its components (e.g. 'layer_3/attention/query' or 'layer_3/.*'); the"
+                    f" targeted layers are {targeted[:12]}{' ...' if len(targeted) > 12 else ''}"
+                )
         return out
 
     @nn.nowrap

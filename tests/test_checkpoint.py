@@ -134,6 +134,20 @@ def test_stale_temporaries_files_and_symlinks(tmp_path):
     np.testing.assert_array_equal(ck.load_adapter(tmp_path / "a")[0]["l"]["bias"], _adapter(5)["l"]["bias"])
 
 
+def test_save_replaces_only_an_adapter_checkpoint_or_an_empty_directory(tmp_path):
+    """Replacing deletes: a directory holding anything but an adapter checkpoint is refused and kept."""
+    project = tmp_path / "project"
+    (project / "src").mkdir(parents=True)
+    (project / "src" / "important.py").write_text("keep me")
+    with pytest.raises(FileExistsError, match=r"project is a directory that is not a boft_jax adapter checkpoint.*\['src'\]"):
+        ck.save_adapter(project, _adapter(1), CFG)
+    assert (project / "src" / "important.py").read_text() == "keep me" and _leftovers(tmp_path) == []
+    (tmp_path / "empty").mkdir()
+    ck.save_adapter(tmp_path / "empty", _adapter(2), CFG)  # an empty directory: written
+    ck.save_adapter(tmp_path / "empty", _adapter(3), CFG)  # an adapter checkpoint: replaced
+    np.testing.assert_array_equal(ck.load_adapter(tmp_path / "empty")[0]["l"]["bias"], _adapter(3)["l"]["bias"])
+
+
 def test_two_crashes_in_a_row_keep_the_last_good_checkpoint(tmp_path, monkeypatch):
     """(1) A save killed while deleting the replaced checkpoint, then (2) the next save killed
     between its two renames: the last good checkpoint (v2) is what loads and what comes back."""
@@ -204,6 +218,12 @@ def test_train_checkpoint_with_a_damaged_array_is_an_error_not_garbage(tmp_path)
     files[0].write_bytes(bytes(raw))
     tc = ck.TrainCheckpointer(tmp_path, save_every=1, async_save=False)
     with pytest.raises(ValueError, match=r"step 2 .*damaged.*step 1"):
+        tc.restore_latest(adapter, opt_state)
+    tc.close()
+    for f in (tmp_path / "2" / "adapter").glob("ocdbt.process_0/d/*"):  # truncated files (a full disk, a partial copy)
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    tc = ck.TrainCheckpointer(tmp_path, save_every=1, async_save=False)
+    with pytest.raises(ValueError, match=r"step 2 .*damaged or incomplete.*step 1"):  # orbax raises a bare Exception
         tc.restore_latest(adapter, opt_state)
     tc.close()
     (tmp_path / "2" / "state" / "metadata").write_bytes(b"\x94 not json")  # a damaged JSON entry

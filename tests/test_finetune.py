@@ -58,6 +58,13 @@ FEW = ["--targets", "attention_qv"]
         (["--mesh", ""], "--mesh ''"),
         (["--resume", "--overwrite"], "--resume and --overwrite"),
         (["--modules-to-save", "no_such_module"], "matches no module of the model"),
+        (["--checkpoint", ""], "--checkpoint '': empty; give a model directory"),
+        (["--data", " "], "--data ' ': empty"),
+        (["--output", ""], "--output '': empty"),
+        (["--targets", ""], "--targets '': empty"),
+        (["--exclude", ""], "--exclude '': empty"),
+        (["--exclude", "layer_1"], "exclude pattern(s) ['layer_1'] remove none of the layers"),
+        (["--warmup", "30"], "--warmup 30: must be less than the 30 training steps"),
     ],
 )
 def test_bad_input_exits_2_with_a_clear_message_and_writes_nothing(tmp_path, capsys, extra, fragment):
@@ -129,11 +136,12 @@ def test_sigterm_during_training_stops_after_the_step_and_resumes(tmp_path, monk
         return real(n, batch, seed, step)
 
     monkeypatch.setattr(loop, "batch_indices", indices)
-    args = ["--output", str(tmp_path / "run"), *SMALL, *FEW, "--steps", "4", "--save-every", "1"]
+    # --save-every 100: no step of this run is due for a save; the stop request saves step 2 anyway
+    args = ["--output", str(tmp_path / "run"), *SMALL, *FEW, "--steps", "4", "--save-every", "100"]
     assert finetune.main(args) == 143
     assert "stopping after the current training step" in capsys.readouterr().err
-    ck = TrainCheckpointer(tmp_path / "run" / "checkpoints", save_every=1)
-    assert ck.latest_step() == 2  # step index 1 ran to the end and was saved
+    ck = TrainCheckpointer(tmp_path / "run" / "checkpoints", save_every=100)
+    assert ck.all_steps() == [2]  # step index 1 ran to the end and was saved
     ck.close()
     monkeypatch.setattr(loop, "batch_indices", real)
     assert finetune.main([*args, "--resume"]) == 0
@@ -223,6 +231,57 @@ def test_npz_and_image_folder_data_load_exactly(tmp_path):
         data_lib.load_image_folder(tmp_path / "imgs", (8, 8), 1)
 
 
+def test_pixels_are_preprocessed_as_the_checkpoint_says_and_nothing_is_skipped_silently(tmp_path, capsys):
+    """uint8 arrays and image files: ``(x * rescale - mean) / std`` from the checkpoint's
+    preprocessor_config.json (x / 255 without one); float arrays as stored.  An image folder lists
+    what it does not read and refuses a class folder without images."""
+    from PIL import Image
+
+    from train import data as data_lib
+
+    rng = np.random.default_rng()
+    pix = rng.integers(0, 256, size=(10, 4, 4, 3), dtype=np.uint8)
+    labels = np.arange(10, dtype=np.int32) % 2
+    mean, std = rng.uniform(0.2, 0.8, 3), rng.uniform(0.2, 0.8, 3)
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "preprocessor_config.json").write_text(json.dumps(
+        {"do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": mean.tolist(),
+         "image_std": std.tolist(), "resample": 0}))
+    want = (pix.astype(np.float64) / 255 - mean) / std
+    np.savez(tmp_path / "u8.npz", train_images=pix, train_labels=labels, test_images=pix, test_labels=labels)
+    prep = data_lib.pixel_prep(ckpt, 3)
+    assert prep.resample == 0
+    np.testing.assert_allclose(data_lib.load_npz(tmp_path / "u8.npz", prep=prep).test.inputs["pixel_values"], want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(data_lib.load_npz(tmp_path / "u8.npz").test.inputs["pixel_values"], pix / 255.0, rtol=1e-6)
+    as_float = (pix / 255.0).astype(np.float32) * 7  # float arrays: taken as already preprocessed
+    np.savez(tmp_path / "f32.npz", images=as_float, labels=labels)
+    both = data_lib.load_npz(tmp_path / "f32.npz", prep=prep)
+    assert {x.tobytes() for x in np.concatenate([both.train.inputs["pixel_values"], both.test.inputs["pixel_values"]])} == {
+        x.tobytes() for x in as_float}
+    folder = tmp_path / "imgs"
+    for i, p in enumerate(pix):
+        (folder / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(p, mode="RGB").save(folder / f"c{i % 2}" / f"{i}.png")
+    (folder / "c0" / "notes.txt").write_text("x")
+    (folder / "c1" / "nested").mkdir()
+    (folder / "stray.png").write_bytes((folder / "c0" / "0.png").read_bytes())
+    ds = data_lib.load_image_folder(folder, (4, 4), 3, prep=prep)  # same size: the resize changes nothing
+    got = {x.tobytes() for x in np.concatenate([ds.train.inputs["pixel_values"], ds.test.inputs["pixel_values"]])}
+    assert got == {x.astype(np.float32).tobytes() for x in data_lib.PixelPrep(1 / 255, tuple(mean), tuple(std))(pix)}
+    out = capsys.readouterr().out
+    assert "3 entries not read as training images" in out and "c0/notes.txt" in out and "c1/nested" in out and "stray.png" in out, out
+    (folder / "c2").mkdir()
+    with pytest.raises(ValueError, match=r"class folder\(s\) \['c2'\] hold no images"):
+        data_lib.load_image_folder(folder, (4, 4), 3)
+    (ckpt / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.5, 0.5], "image_std": [0.5, 0.5]}))
+    with pytest.raises(ValueError, match="preprocessor_config.json: unusable image preprocessing settings"):
+        data_lib.pixel_prep(ckpt, 3)
+    (ckpt / "preprocessor_config.json").write_text("{}")  # missing keys: ViTImageProcessor's defaults
+    assert data_lib.pixel_prep(ckpt, 3) == data_lib.PixelPrep(1 / 255, (0.5,) * 3, (0.5,) * 3, 2)
+    assert data_lib.pixel_prep(tmp_path, 3) == data_lib.PixelPrep()  # no preprocessor_config.json
+
+
 @pytest.mark.slow
 def test_cli_options_reach_the_adapter_and_keep_and_resume_mismatch(tmp_path, capsys):
     """bf16, Neumann, input mode, --block-num, --bias boft_only, --keep; a --resume with another seed."""
@@ -295,6 +354,67 @@ def test_existing_run_is_not_overwritten_without_consent(tmp_path, capsys):
     assert finetune.main(["--output", str(out), *SMALL]) == 2
     assert "--resume" in capsys.readouterr().err
     assert (out / "adapter" / "keep.txt").read_text() == "x"
+
+
+def test_inputs_inside_what_the_job_writes_are_refused(tmp_path, capsys):
+    """--checkpoint / --data inside an output the job writes or --overwrite removes (e.g. the merged
+    model of an earlier run as the new base, in that same --output): refused, and nothing is removed."""
+    import shutil
+
+    from train.make_base import VIT_BASE
+
+    out = tmp_path / "run"
+    shutil.copytree(VIT_BASE, out / "merged")
+    for extra in (["--overwrite"], ["--resume"], []):
+        assert finetune.main(["--output", str(out), *SMALL, "--checkpoint", str(out / "merged"), *extra]) == 2
+        err = capsys.readouterr().err
+        assert f"--checkpoint {out / 'merged'} lies in {out / 'merged'}, which this job writes" in err, err
+    data = out / "checkpoints" / "data.npz"
+    data.parent.mkdir()
+    data.write_bytes(b"x")
+    assert finetune.main(["--output", str(out), *SMALL, "--data", str(data), "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert f"--data {data} lies in {out / 'checkpoints'}, which this job writes" in err and data.exists(), err
+    assert sorted(p.name for p in (out / "merged").iterdir()) == sorted(p.name for p in Path(VIT_BASE).iterdir())
+    (out / "checkpoints" / "data.npz").unlink()
+    (out / "checkpoints").rmdir()
+    (out / "checkpoints").write_text("not a directory")
+    assert finetune.main(["--output", str(out), *SMALL, "--resume"]) == 2
+    assert "checkpoints is a file, not the step-checkpoint directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("steps,warmup,used", [(1, None, 0), (12, None, 1), (12, 0, 0), (12, 5, 5), (300, None, 20)])
+def test_learning_rate_follows_the_warmup_cosine_formula(steps, warmup, used):
+    """The rate of every step, read from AdamW's updates for a constant gradient (its update is then
+    exactly ``-lr_t sign(g)``), against the formula: ``lr t / W`` during the warmup, then
+    ``lr (1 + cos(pi (t - W) / (steps - W))) / 2``.  No warmup starts at the peak, so a 1-step run trains."""
+    import jax.numpy as jnp
+
+    from train import loop
+
+    lr = float(np.random.default_rng().uniform(1e-3, 1e-1))
+    opts = loop.TrainOptions(steps=steps, learning_rate=lr, warmup_steps=warmup, weight_decay=0.0)
+    assert opts.warmup == used and opts.identity()["warmup_steps"] == used
+    g = {"w": jnp.asarray(np.random.default_rng().standard_normal(6) + 3.0, jnp.float32)}  # all positive
+    opt = loop.make_optimizer(opts)
+    state = opt.init(g)
+    got = []
+    for _ in range(steps):
+        upd, state = opt.update(g, state, g)
+        got.append(-float(upd["w"][0]))
+    t = np.arange(steps, dtype=np.float64)
+    want = np.where(t < used, lr * t / max(used, 1), lr * (1 + np.cos(np.pi * (t - used) / (steps - used))) / 2)
+    # rtol: AdamW's bias correction 1 - 0.999^t in float32 is off by up to ~3e-5 relative at small t
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-9)
+    assert got[0 if used == 0 else used] == pytest.approx(lr, rel=1e-4)  # the peak is reached
+
+
+def test_warmup_as_long_as_the_run_is_refused():
+    from train import loop
+
+    for steps, warmup in ((10, 10), (1, 1), (5, 30)):
+        with pytest.raises(ValueError, match=f"warmup of {warmup} steps in a run of {steps} steps: the warmup must be shorter"):
+            loop.make_optimizer(loop.TrainOptions(steps=steps, warmup_steps=warmup))
 
 
 def test_help_lists_the_options():

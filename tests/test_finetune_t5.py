@@ -165,7 +165,7 @@ def test_missing_data_file_and_non_byte_level_model_are_clear_errors(tmp_path):
         text_tasks.load_data(None, wordpiece)
 
 
-def test_pretokenized_jsonl_equals_the_text_form_and_serves_any_vocabulary(tmp_path):
+def test_pretokenized_jsonl_equals_the_text_form_and_serves_any_vocabulary(tmp_path, capsys):
     module, _ = base()
     rng = np.random.default_rng()
     words = ["".join(rng.choice(list("abcdefgh"), size=rng.integers(1, 9))) for _ in range(30)]
@@ -203,6 +203,11 @@ def test_pretokenized_jsonl_equals_the_text_form_and_serves_any_vocabulary(tmp_p
         with pytest.raises(ValueError, match="source_ids"):
             text_tasks.load_data(None if path is None else str(path), flan)
     assert len(text_tasks.load_data(str(tmp_path / "ids.jsonl"), flan).train) == len(b.train)
+    long_rows = [{"source_ids": list(range(3, 3 + n)), "target_ids": [4]} for n in (511, 512, 600)]
+    (tmp_path / "long.jsonl").write_text("\n".join(map(json.dumps, long_rows)))
+    capsys.readouterr()
+    assert "2 cut to 512/256 tokens" in text_tasks.load_data(str(tmp_path / "long.jsonl"), flan).description
+    assert "2 of 3 pairs are longer than 512 source / 256 target tokens" in capsys.readouterr().out
     (tmp_path / "huge.jsonl").write_text('{"source_ids": [3000000000], "target_ids": [4]}\n' * 3)
     with pytest.raises(ValueError, match=":1: .*below 2\\^31"):
         text_tasks.load_data(str(tmp_path / "huge.jsonl"), flan)

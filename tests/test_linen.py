@@ -548,6 +548,19 @@ def test_targets_that_match_nothing_list_the_layers():
     assert "match none" in str(e.value) and "fc1" in str(e.value) and "head" in str(e.value)
 
 
+def test_exclude_patterns_that_remove_nothing_are_refused():
+    """An exclude pattern that removes no targeted layer is a slip (e.g. 'layer_3' for a path
+    'layer_3/attention/query'): said so at init, naming the pattern and the targeted layers."""
+    x = jnp.ones((1, 16))
+    for exclude in ("no_such_layer", ["fc1", "fc"], "fc1/.*"):
+        model = boft.wrap(MLP(), boft.BOFTConfig(block_size=4, targets="fc1|fc2", exclude=exclude))
+        with pytest.raises(ValueError, match=r"exclude pattern\(s\) \['(no_such_layer|fc|fc1/\.\*)'\] remove none"
+                                             r".*targeted layers are \['fc1', 'fc2'\]"):
+            model.init(jax.random.key(0), x)
+    params = boft.wrap(MLP(), boft.BOFTConfig(block_size=4, targets="fc1|fc2", exclude="fc1")).init(jax.random.key(0), x)
+    assert boft.layer_paths(params["params"]) == ["fc2"]
+
+
 def test_a_layer_both_targeted_and_in_modules_to_save_is_refused():
     """split() would drop its BOFT params (the module trains in full); say so at init."""
     model = boft.wrap(MLP(), boft.BOFTConfig(block_size=4, targets=".*", modules_to_save="head"))

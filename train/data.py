@@ -5,9 +5,12 @@ Bundled (no downloads):
   the default finetuning task is digits 5-9: new classes the base has never been trained on.
 * T5: a synthetic byte-level text task (see :mod:`train.text_tasks`).
 
-User data: ``--data`` is an ``.npz`` file (``images`` (N, H, W, C) float and ``labels`` (N,) int, or
+User data: ``--data`` is an ``.npz`` file (``images`` (N, H, W, C) and ``labels`` (N,) int, or
 ``train_images``/``train_labels``/``test_images``/``test_labels``), an image folder (one
 sub-folder per class), or for T5 a JSONL file of ``{"source": ..., "target": ...}`` lines.
+Decoded image files and ``uint8`` arrays are 0-255 pixels: they are preprocessed as the
+checkpoint's ``preprocessor_config.json`` says (:class:`PixelPrep`: rescale, normalize, resize
+filter), or scaled to [0, 1] without one; float arrays are taken as already preprocessed.
 
 Batches are a pure function of ``(seed, step)``: an epoch is a seeded permutation, so a resumed run
 sees exactly the batches an uninterrupted one would.
@@ -23,6 +26,52 @@ import numpy as np
 
 PRETRAIN_CLASSES = (0, 1, 2, 3, 4)
 FINETUNE_CLASSES = (5, 6, 7, 8, 9)
+
+
+@dataclass(frozen=True)
+class PixelPrep:
+    """How 0-255 pixels ``(..., C)`` become ``pixel_values``: ``(x * rescale - mean) / std``.
+
+    :func:`pixel_prep` reads it from a Hugging Face checkpoint's ``preprocessor_config.json``
+    (``do_rescale`` / ``rescale_factor``, ``do_normalize`` / ``image_mean`` / ``image_std``,
+    ``resample``: PIL's filter number, used when an image folder's files are resized); keys it lacks
+    take ``ViTImageProcessor``'s defaults (rescale by 1/255, normalize with mean = std = 0.5,
+    bilinear).  Without that file: ``x / 255``, no normalization, PIL's default filter.
+    """
+
+    rescale: float = 1 / 255
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    resample: int | None = None
+
+    def __call__(self, pixels: np.ndarray) -> np.ndarray:
+        x = np.asarray(pixels, np.float32) * np.float32(self.rescale)
+        if self.mean is not None:
+            x = (x - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+        return x.astype(np.float32)
+
+
+def pixel_prep(checkpoint: str | Path | None, channels: int) -> PixelPrep:
+    """The :class:`PixelPrep` of a checkpoint directory (default when it has no ``preprocessor_config.json``)."""
+    f = Path(checkpoint) / "preprocessor_config.json" if checkpoint is not None else None
+    if f is None or not f.is_file():
+        return PixelPrep()
+    try:
+        cfg = json.loads(f.read_text(encoding="utf-8"))
+        if not isinstance(cfg, dict):
+            raise TypeError(f"a JSON {type(cfg).__name__}, not an object")
+        rescale = float(cfg.get("rescale_factor", 1 / 255)) if cfg.get("do_rescale", True) else 1.0
+        mean = std = None
+        if cfg.get("do_normalize", True):
+            mean, std = (tuple(float(v) for v in np.broadcast_to(cfg.get(k, 0.5), (channels,))) for k in ("image_mean", "image_std"))
+            if not all(v > 0 for v in std):
+                raise ValueError(f"image_std {list(std)} must be positive")
+        resample = cfg.get("resample", 2)
+        if resample is not None and (not isinstance(resample, int) or not 0 <= resample <= 5):
+            raise ValueError(f"resample {resample!r} is not a PIL filter number (0-5)")
+    except (ValueError, TypeError, KeyError) as e:
+        raise ValueError(f"{f}: unusable image preprocessing settings ({type(e).__name__}: {e})") from None
+    return PixelPrep(rescale, mean, std, resample)
 
 
 @dataclass
@@ -66,8 +115,9 @@ def digits(classes=FINETUNE_CLASSES, *, test_fraction: float = 0.25, seed: int =
     return Dataset(full.take(tr), full.take(te), f"sklearn digits, classes {list(classes)}")
 
 
-def _image_split(path: Path, arrays: dict, images_key: str, labels_key: str) -> Split:
-    """Checked images ``(N, H, W, C)`` float32 and labels ``(N,)`` int32 (integral, >= 0)."""
+def _image_split(path: Path, arrays: dict, images_key: str, labels_key: str, prep: PixelPrep) -> Split:
+    """Checked images ``(N, H, W, C)`` float32 and labels ``(N,)`` int32 (integral, >= 0); ``uint8``
+    images are 0-255 pixels, preprocessed by ``prep``."""
     images, labels = np.asarray(arrays[images_key]), np.asarray(arrays[labels_key])
     where = f"{path}: '{images_key}' {images.shape} / '{labels_key}' {labels.shape}"
     if images.ndim != 4 or labels.ndim != 1 or len(images) != len(labels):
@@ -82,10 +132,12 @@ def _image_split(path: Path, arrays: dict, images_key: str, labels_key: str) -> 
                          f" {labels.ravel()[:3].tolist()}")
     if labels.min() < 0:
         raise ValueError(f"{where}: labels must be class indices >= 0, found {labels.min()}")
-    return Split({"pixel_values": images.astype(np.float32)}, labels.astype(np.int32))
+    pixels = prep(images) if images.dtype == np.uint8 else images.astype(np.float32)
+    return Split({"pixel_values": pixels}, labels.astype(np.int32))
 
 
-def load_npz(path: str | Path, *, test_fraction: float = 0.2, seed: int = 0) -> Dataset:
+def load_npz(path: str | Path, *, prep: PixelPrep = PixelPrep(), test_fraction: float = 0.2, seed: int = 0) -> Dataset:
+    """An ``.npz`` image data set (see the module docstring); ``uint8`` images go through ``prep``."""
     path = Path(path)
     with open(path, "rb") as f:
         magic = f.read(4)
@@ -100,12 +152,12 @@ def load_npz(path: str | Path, *, test_fraction: float = 0.2, seed: int = 0) -> 
         raise ValueError(f"{path}: unreadable .npz archive ({type(e).__name__}: {e})") from None
     if {"train_images", "train_labels", "test_images", "test_labels"} <= keys:
         return Dataset(
-            _image_split(path, arrays, "train_images", "train_labels"),
-            _image_split(path, arrays, "test_images", "test_labels"),
+            _image_split(path, arrays, "train_images", "train_labels", prep),
+            _image_split(path, arrays, "test_images", "test_labels", prep),
             f"{path}",
         )
     if {"images", "labels"} <= keys:
-        full = _image_split(path, arrays, "images", "labels")
+        full = _image_split(path, arrays, "images", "labels", prep)
         tr, te = _train_test(len(full), test_fraction, seed)
         return Dataset(full.take(tr), full.take(te), f"{path} ({1 - test_fraction:.0%}/{test_fraction:.0%} split)")
     raise ValueError(
@@ -114,28 +166,52 @@ def load_npz(path: str | Path, *, test_fraction: float = 0.2, seed: int = 0) -> 
     )
 
 
-def load_image_folder(path: str | Path, image_size: tuple[int, int], channels: int, *, test_fraction=0.2, seed=0):
-    """Images in ``path/<class name>/*.png|jpg``; classes sorted by name get labels 0, 1, ..."""
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def load_image_folder(path: str | Path, image_size: tuple[int, int], channels: int, *, prep: PixelPrep = PixelPrep(),
+                      test_fraction=0.2, seed=0):
+    """Images in ``path/<class name>/*`` (``IMAGE_SUFFIXES``), resized to ``image_size`` and
+    preprocessed by ``prep``; classes sorted by name get labels 0, 1, ...
+
+    A class folder without images is an error (its label would go unused and shift the others);
+    anything else that is not read (other files, nested folders, files next to the class folders,
+    hidden files) is listed in a printed note, never dropped silently.
+    """
     from PIL import Image
 
     path = Path(path)
-    classes = sorted(p.name for p in path.iterdir() if p.is_dir())
+    classes = sorted(p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise ValueError(f"{path}: an image folder needs one sub-folder per class; found none")
-    images, labels = [], []
+    skipped = [p for p in sorted(path.iterdir()) if not (p.is_dir() and p.name in classes)]
+    images, labels, empty = [], [], []
     for label, name in enumerate(classes):
+        count = 0
         for f in sorted((path / name).iterdir()):
-            if f.suffix.lower() not in (".png", ".jpg", ".jpeg", ".bmp", ".gif"):
+            if not f.is_file() or f.suffix.lower() not in IMAGE_SUFFIXES or f.name.startswith("."):
+                skipped.append(f)
                 continue
             try:
-                img = Image.open(f).convert("L" if channels == 1 else "RGB").resize(image_size[::-1])
+                img = Image.open(f).convert("L" if channels == 1 else "RGB").resize(image_size[::-1], resample=prep.resample)
             except OSError as e:  # PIL.UnidentifiedImageError, truncated files
                 raise ValueError(f"{f}: unreadable image ({e})") from None
-            arr = np.asarray(img, np.float32) / 255.0
+            arr = prep(np.asarray(img, np.uint8))
             images.append(arr[..., None] if channels == 1 else arr)
             labels.append(label)
-    if not images:
-        raise ValueError(f"{path}: no images (.png/.jpg/.jpeg/.bmp/.gif) in the class folders {classes}")
+            count += 1
+        if not count:
+            empty.append(name)
+    if empty:
+        raise ValueError(
+            f"{path}: class folder(s) {empty} hold no images ({'/'.join(IMAGE_SUFFIXES)}); every sub-folder is a"
+            f" class, labelled by sorted name ({classes}): add images or remove them"
+        )
+    if skipped:
+        shown = ", ".join(str(p.relative_to(path)) for p in skipped[:5])
+        print(f"note: {path}: {len(skipped)} entr{'y' if len(skipped) == 1 else 'ies'} not read as training images"
+              f" (not an image file ({'/'.join(IMAGE_SUFFIXES)}) inside a class folder): {shown}"
+              f"{', ...' if len(skipped) > 5 else ''}")
     full = Split({"pixel_values": np.stack(images)}, np.asarray(labels, np.int32))
     tr, te = _train_test(len(full), test_fraction, seed)
     return Dataset(full.take(tr), full.take(te), f"image folder {path} ({len(classes)} classes)")
@@ -194,7 +270,7 @@ def load_jsonl(path: str | Path, src_len: int, tgt_len: int, *, test_fraction=0.
     Longer examples are cut to ``src_len`` / ``tgt_len``.
     """
     path = Path(path)
-    rows, kinds = [], set()
+    rows, kinds, cut = [], set(), 0
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
@@ -209,11 +285,13 @@ def load_jsonl(path: str | Path, src_len: int, tgt_len: int, *, test_fraction=0.
                         raise TypeError("source_ids / target_ids must be lists of non-negative integers below 2^31")
                     kinds.add("ids")
                     rows.append((ids_row(src, src_len), ids_row(tgt, tgt_len)))
+                    cut += _with_eos(src) > src_len or _with_eos(tgt) > tgt_len
                 else:
                     if not (isinstance(row["source"], str) and isinstance(row["target"], str)):
                         raise TypeError("'source' and 'target' must be strings")
                     kinds.add("text")
                     rows.append((encode_text(row["source"], src_len), encode_text(row["target"], tgt_len)))
+                    cut += len(row["source"].encode("utf-8")) + 1 > src_len or len(row["target"].encode("utf-8")) + 1 > tgt_len
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise ValueError(
                     f"{path}:{n}: each line must be a JSON object with 'source' and 'target' (text) or"
@@ -226,7 +304,16 @@ def load_jsonl(path: str | Path, src_len: int, tgt_len: int, *, test_fraction=0.
     full = id_split(np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows]))
     tr, te = _train_test(len(full), test_fraction, seed)
     form = "token ids" if kinds == {"ids"} else "byte-level text"
-    return Dataset(full.take(tr), full.take(te), f"{path} ({len(rows)} pairs, {form})", kind=kinds.pop())
+    if cut:
+        print(f"note: {path}: {cut} of {len(rows)} pairs are longer than {src_len} source / {tgt_len} target"
+              " tokens (EOS included) and are cut to that length")
+    note = f", {cut} cut to {src_len}/{tgt_len} tokens" if cut else ""
+    return Dataset(full.take(tr), full.take(te), f"{path} ({len(rows)} pairs, {form}{note})", kind=kinds.pop())
+
+
+def _with_eos(ids: list) -> int:
+    """The length of pre-tokenized ``ids`` once EOS is appended (when missing)."""
+    return len(ids) + (0 if ids and ids[-1] == EOS else 1)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -59,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--factors", type=int, default=2, help="m, butterfly factors (1 = OFT; default 2)")
     b.add_argument("--targets", default=None, help="a preset name (see --list-presets) or a regex (default: 'attention')")
     b.add_argument("--exclude", default=None, help="regex of layers to leave alone")
-    b.add_argument("--modules-to-save", default=None, help="regex of modules trained in full (default: ViT 'classifier', T5 none)")
+    b.add_argument("--modules-to-save", default=None,
+                   help="regex of modules trained in full (default: ViT 'classifier', T5 none; '' for none)")
     b.add_argument("--dropout", type=float, default=0.25, help="multiplicative dropout p (default 0.25: regularizes the small default task)")
     b.add_argument("--bias", choices=["none", "boft_only", "all"], default="none")
     b.add_argument("--mode", choices=["auto", "input", "weight"], default="auto")
@@ -71,7 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--batch-size", type=int, default=64)
     o.add_argument("--lr", type=float, default=None, help="peak learning rate (default: ViT 5e-3, T5 3e-3)")
     o.add_argument("--weight-decay", type=float, default=0.0)
-    o.add_argument("--warmup", type=int, default=20, help="linear warmup steps before the cosine decay")
+    o.add_argument("--warmup", type=int, default=None,
+                   help="linear warmup steps before the cosine decay, fewer than --steps (default: 20, or steps/10"
+                   " for runs under 200 steps; 0: none, the run starts at the peak learning rate)")
     o.add_argument("--clip", type=float, default=1.0, help="global gradient-norm clip")
     o.add_argument("--eval-every", type=int, default=100, help="evaluate every N steps (0: only before and after)")
     o.add_argument("--save-every", type=int, default=100)
@@ -91,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
         " boft.keep_freed_memory(), which stops XLA's large buffers from page-faulting anew at every step)",
     )
     return p
+
+
+def _within(path: Path, root: Path) -> bool:
+    """Whether ``path`` is ``root`` or lies inside it (links resolved)."""
+    p, r = path.resolve(), root.resolve()
+    return p == r or r in p.parents
 
 
 class UsageError(Exception):
@@ -133,6 +142,10 @@ def _check_options(args) -> None:
     need(args.neumann_terms is None or args.cayley == "neumann", f"--neumann-terms {args.neumann_terms}: only used with --cayley neumann")
     need(not (args.resume and args.overwrite), "--resume and --overwrite: give one of them (continue the run in --output, or replace it)")
     need(args.mesh is None or bool(args.mesh.strip()), "--mesh '': give axis sizes such as 'data=2,model=4', or leave --mesh out")
+    for name, what in (("checkpoint", "a model directory"), ("data", "a data file or folder"), ("output", "a directory"),
+                       ("targets", "a preset name or a regex"), ("exclude", "a regex")):
+        value = getattr(args, name)
+        need(value is None or bool(value.strip()), f"--{name} {value!r}: empty; give {what}, or leave --{name} out for the default")
     if bad:
         _fail("; ".join(bad))
 
@@ -169,6 +182,19 @@ def run(argv=None) -> dict:
     else:
         from train.text_tasks import T5_BASE as default_ckpt
     ckpt_path = Path(args.checkpoint or default_ckpt)
+    out = Path(args.output or DEFAULT_OUTPUT[kind])
+    if out.exists() and not out.is_dir():
+        _fail(f"--output {out}: exists and is not a directory")
+    # What the job writes in --output (and what --overwrite removes): never where its inputs are.
+    written = [out / p for p in ("checkpoints", "adapter", "merged", "metrics.jsonl", "summary.md", "curves.png")]
+    for flag, given in (("--checkpoint", ckpt_path), ("--data", Path(args.data) if args.data else None)):
+        clash = [w for w in written if given is not None and _within(given, w)]
+        if clash:
+            _fail(f"{flag} {given} lies in {clash[0]}, which this job writes (or replaces) in --output {out};"
+                  " copy it elsewhere first, or choose another --output")
+    if args.resume and (out / "checkpoints").exists() and not (out / "checkpoints").is_dir():
+        _fail(f"--resume: {out / 'checkpoints'} is a file, not the step-checkpoint directory;"
+              " remove it, or pass --overwrite instead of --resume to replace the run")
     if not ckpt_path.is_dir():
         _fail(f"--checkpoint {ckpt_path}: not a directory (expected a Hugging Face model directory with config.json)")
     try:
@@ -180,7 +206,7 @@ def run(argv=None) -> dict:
     dtype = jnp.bfloat16 if args.precision == "bf16" else jnp.float32
     try:
         module, params = family.from_pretrained(ckpt_path, dtype=dtype, scan_layers=args.scan_layers)
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, TypeError) as e:  # TypeError: a config.json field of the wrong type
         _fail(f"--checkpoint {ckpt_path}: {e}")
 
     targets = args.targets or "attention"
@@ -212,7 +238,7 @@ def run(argv=None) -> dict:
     else:
         from train import text_tasks as task_lib
     try:
-        data = task_lib.load_data(args.data, module)
+        data = task_lib.load_data(args.data, module, checkpoint=ckpt_path)
     except (OSError, ValueError) as e:
         _fail(f"--data {args.data}: {e}")
 
@@ -235,9 +261,9 @@ def run(argv=None) -> dict:
     except ValueError as e:
         _fail(f"--mesh {args.mesh or f'(default: data={jax.device_count()})'}: {e}")
 
-    out = Path(args.output or DEFAULT_OUTPUT[kind])
-    if out.exists() and not out.is_dir():
-        _fail(f"--output {out}: exists and is not a directory")
+    steps = task_lib.DEFAULT_STEPS if args.steps is None else args.steps
+    if args.warmup is not None and args.warmup >= steps:
+        _fail(f"--warmup {args.warmup}: must be less than the {steps} training steps (0: no warmup)")
     previous = [p for p in ("checkpoints", "adapter", "merged", "metrics.jsonl") if (out / p).exists()]
     if previous and not (args.resume or args.overwrite):
         _fail(
@@ -247,9 +273,11 @@ def run(argv=None) -> dict:
     if args.overwrite and not args.resume and main:
         import shutil
 
-        for p in previous:
-            q = out / p
-            shutil.rmtree(q) if q.is_dir() else q.unlink()
+        for q in written:  # the previous run's outputs, its summary and curves too
+            if q.is_dir() and not q.is_symlink():
+                shutil.rmtree(q)
+            elif q.exists() or q.is_symlink():
+                q.unlink()
     if main:
         try:
             out.mkdir(parents=True, exist_ok=True)
@@ -265,7 +293,7 @@ def run(argv=None) -> dict:
 
     # ---- train --------------------------------------------------------------------------------
     opts = loop.TrainOptions(
-        steps=task_lib.DEFAULT_STEPS if args.steps is None else args.steps,
+        steps=steps,
         batch_size=args.batch_size,
         learning_rate=task_lib.DEFAULT_LR if args.lr is None else args.lr,
         weight_decay=args.weight_decay,
@@ -337,7 +365,8 @@ def run(argv=None) -> dict:
         [
             ("model", f"{kind} ({ckpt_path.name})"),
             ("task", data.description),
-            ("BOFT", f"m={config.n_factors}, b={config.block_size or '-'}, k={config.block_num or '-'}, targets={args.targets or 'attention'}"),
+            ("BOFT", f"m={config.n_factors}, b={config.block_size or '-'}, k={config.block_num or '-'},"
+                     f" targets={args.targets or 'attention'}" + (f", exclude={args.exclude}" if args.exclude else "")),
             ("trainable params", loop.fmt_params(n_train, n_base)),
             (f"held-out {task_lib.METRIC} before", f"{acc_before:.3f}"),
             (f"held-out {task_lib.METRIC} after", f"{acc_after:.3f}"),

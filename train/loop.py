@@ -7,6 +7,7 @@ evaluation; :func:`fit` does the rest.
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -48,7 +49,7 @@ class TrainOptions:
     batch_size: int = 64
     learning_rate: float = 3e-3
     weight_decay: float = 0.0
-    warmup_steps: int = 20
+    warmup_steps: int | None = None  # None: 20, or steps // 10 for runs under 200 steps (see `warmup`)
     clip_norm: float = 1.0
     eval_every: int = 100
     save_every: int = 100
@@ -60,11 +61,16 @@ class TrainOptions:
     # checkpoint; --resume refuses a checkpoint whose run differs from this one in any entry.
     run_identity: dict = field(default_factory=dict)
 
+    @property
+    def warmup(self) -> int:
+        """The warmup steps used: ``warmup_steps``, or by default 20 (``steps // 10`` for runs under
+        200 steps, so that a short run is not all warmup)."""
+        return min(20, self.steps // 10) if self.warmup_steps is None else self.warmup_steps
+
     def identity(self) -> dict:
         """Everything a resumed run must share with the checkpoint's (not logging or saving cadence)."""
-        own = {k: getattr(self, k) for k in ("steps", "batch_size", "learning_rate", "weight_decay", "warmup_steps",
-                                              "clip_norm", "seed")}
-        return {**own, **self.run_identity}
+        own = {k: getattr(self, k) for k in ("steps", "batch_size", "learning_rate", "weight_decay", "clip_norm", "seed")}
+        return {**own, "warmup_steps": self.warmup, **self.run_identity}
 
 
 class ResumeMismatch(ValueError):
@@ -98,10 +104,22 @@ def _global_norm(tree) -> jax.Array:
 
 
 def make_optimizer(opts: TrainOptions) -> optax.GradientTransformation:
-    """AdamW with linear warmup and cosine decay, after global-norm gradient clipping."""
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0, opts.learning_rate, max(1, min(opts.warmup_steps, opts.steps - 1)), max(opts.steps, 2), end_value=0.0
-    )
+    """AdamW with linear warmup and cosine decay to 0 at ``opts.steps``, after global-norm gradient clipping.
+
+    The learning rate rises linearly from 0 (at step 0) to ``opts.learning_rate`` over
+    ``opts.warmup`` steps; with no warmup it starts at the peak.  Raises ``ValueError`` when the
+    warmup would take the whole run (``warmup >= steps``): the rate would never reach its peak.
+    """
+    warmup = opts.warmup
+    if not 0 <= warmup < opts.steps:
+        raise ValueError(
+            f"warmup of {warmup} steps in a run of {opts.steps} steps: the warmup must be shorter than the run"
+            f" (0 <= warmup < steps; 0 means none), or the learning rate never reaches {opts.learning_rate:g}"
+        )
+    if warmup == 0:
+        schedule = optax.cosine_decay_schedule(opts.learning_rate, opts.steps)
+    else:
+        schedule = optax.warmup_cosine_decay_schedule(0.0, opts.learning_rate, warmup, opts.steps, end_value=0.0)
     return optax.chain(optax.clip_by_global_norm(opts.clip_norm), optax.adamw(schedule, weight_decay=opts.weight_decay))
 
 
@@ -209,7 +227,9 @@ def fit(task: Task, opts: TrainOptions, out_dir: Path, *, resume: bool = False) 
         metrics_path.unlink()
     elif main and start > 0 and metrics_path.exists():  # drop lines logged after the checkpoint we resume from
         kept = _metrics_until(metrics_path, start)
-        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        tmp = metrics_path.with_name(f".{metrics_path.name}.tmp-{os.getpid()}")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        os.replace(tmp, metrics_path)  # a crash mid-write leaves the old log, never half of it
 
     def log(row):
         if main:
@@ -245,7 +265,7 @@ def fit(task: Task, opts: TrainOptions, out_dir: Path, *, resume: bool = False) 
                 history.append({"step": done, "eval_accuracy": acc})
             ckpt.save(done, adapter, opt_state, {"step": done, "data_position": done * opts.batch_size,
                                                  "batch_size": opts.batch_size, "seed": opts.seed, "run": identity},
-                      force=done == opts.steps)
+                      force=done == opts.steps or STOP.is_set())  # a stop request saves the step it stops at
             if bar is not None:
                 bar.update(1)
             if STOP.is_set() and done < opts.steps:

@@ -118,14 +118,15 @@ def _trim(split: data_lib.Split) -> data_lib.Split:
     return data_lib.id_split(ids[:, :s], labels[:, :t])
 
 
-def load_data(path, module) -> data_lib.Dataset:
+def load_data(path, module, checkpoint=None) -> data_lib.Dataset:
     """The bundled task (``path=None``) or a JSONL file of source/target pairs.
 
     Text lines (``{"source", "target"}``) are encoded byte-level, so they need a byte-level T5
     (259 to 512 ids, pad id 0, EOS id 1, as ByT5 or the bundled base).  For any other T5 (t5,
     t5 v1.1, FLAN-T5) give pre-tokenized lines ``{"source_ids": [...], "target_ids": [...]}``
     made with the checkpoint's own tokenizer; ids are checked against its vocabulary.  Examples
-    longer than MAX_SRC_LEN / MAX_TGT_LEN tokens are cut.
+    longer than MAX_SRC_LEN / MAX_TGT_LEN tokens are cut (their count is printed).  ``checkpoint``
+    is not used (the same signature as :func:`train.vit_task.load_data`).
     """
     cfg = module.config
     # Byte-level vocabularies have 259 (bundled base) to 384 (ByT5) ids; SentencePiece T5s 32k+.

@@ -15,19 +15,29 @@ METRIC = "accuracy"
 EVAL_BATCH = 128
 
 
-def load_data(path, module) -> data_lib.Dataset:
-    """The bundled digits 5-9 task, or a user ``.npz`` / image folder checked against the model."""
+def load_data(path, module, checkpoint=None) -> data_lib.Dataset:
+    """The bundled digits 5-9 task, or a user ``.npz`` / image folder checked against the model.
+
+    Image files and ``uint8`` arrays are preprocessed as ``checkpoint``'s
+    ``preprocessor_config.json`` says (:func:`train.data.pixel_prep`).
+    """
     cfg = module.config
     if path is None:
-        ds = data_lib.digits(data_lib.FINETUNE_CLASSES)
-    elif str(path).endswith(".npz"):
-        ds = data_lib.load_npz(path)
+        return _checked(data_lib.digits(data_lib.FINETUNE_CLASSES), cfg)
+    prep = data_lib.pixel_prep(checkpoint, cfg.num_channels)
+    if str(path).endswith(".npz"):
+        ds = data_lib.load_npz(path, prep=prep)
     else:
         from pathlib import Path
 
         if not Path(path).is_dir():
             raise ValueError("not an .npz file or an image folder")
-        ds = data_lib.load_image_folder(path, cfg.image_size, cfg.num_channels)
+        ds = data_lib.load_image_folder(path, cfg.image_size, cfg.num_channels, prep=prep)
+    return _checked(ds, cfg)
+
+
+def _checked(ds: data_lib.Dataset, cfg) -> data_lib.Dataset:
+    """``ds`` after checking its image shapes and labels against the model's config."""
     want = (*cfg.image_size, cfg.num_channels)
     for name, split in (("train", ds.train), ("test", ds.test)):
         got = split.inputs["pixel_values"].shape[1:]
