@@ -102,9 +102,10 @@ class BOFTConfig:
         component (``"^query"`` selects only a top-level ``query``); leading global flags such as
         ``"(?i)"`` apply to the whole pattern.  Default: every ``Dense``/``DenseGeneral`` layer.
       exclude: regexes (same matching rule) removing layers from ``targets``.
-      dropout: multiplicative dropout probability ``p`` in ``[0, 1)``.  As in PEFT's reference,
+      dropout: multiplicative dropout probability ``p`` in ``[0, 1]``.  As in PEFT's reference,
         each training call picks one random factor and replaces ``int(p * k)`` random blocks of it
-        with the identity (no rescaling).
+        with the identity (no rescaling; ``p = 1`` replaces all of that factor's blocks, as PEFT
+        allows).
       bias: ``"none"`` (biases frozen), ``"boft_only"`` (biases of adapted layers train) or
         ``"all"`` (every bias in the model trains).
       mode: ``"input"`` rotates activations (``x -> x M``, ``2 S d_in`` FLOPs per token with
@@ -177,8 +178,8 @@ class BOFTConfig:
                     f" 1..{_max_factors_for_block_num(self.block_num)}"
                 )
         is_number = isinstance(self.dropout, numbers.Real) and not isinstance(self.dropout, (bool, np.bool_))
-        if not (is_number and 0.0 <= self.dropout < 1.0):
-            raise ValueError(f"BOFTConfig.dropout must be a number in [0, 1), got {self.dropout!r}")
+        if not (is_number and 0.0 <= self.dropout <= 1.0):
+            raise ValueError(f"BOFTConfig.dropout must be a number in [0, 1], got {self.dropout!r}")
         object.__setattr__(self, "dropout", float(self.dropout))
         if self.bias not in _BIAS_MODES:
             raise ValueError(f"BOFTConfig.bias must be one of {_BIAS_MODES}, got {self.bias!r}")

@@ -180,6 +180,22 @@ def test_config_comes_from_tensors_and_adapter_config():
 
     cfg = load("vit_m3_all")[0].config
     assert (cfg.n_factors, cfg.bias, cfg.dropout, cfg.modules_to_save) == (3, "all", 0.1, ())
+
+
+def test_dropout_one_loads_as_peft_accepts_it(tmp_path):
+    """PEFT trains and saves boft_dropout = 1.0 (one factor's blocks all identity per step): loaded as
+    such, and the forward (no dropout) is the same adapter's."""
+    src = copy_fixture("vit_m3_all", tmp_path)
+    f = src / peft_io.ADAPTER_CONFIG_NAME
+    f.write_text(json.dumps({**json.loads(f.read_text()), "boft_dropout": 1.0}))
+    module, params = base(str(reference("vit_m3_all")["base"]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        wrapped, got = load_peft_adapter(src, module, params)
+    assert wrapped.config.dropout == 1.0
+    want = load("vit_m3_all")[1]
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     cfg = load("t5_gated_blocknum")[0].config  # block_num: b = 8 for wi_*, 16 for wo
     assert (cfg.block_size, cfg.block_num, cfg.n_factors) == (None, 4, 2)
     _, params = load("t5_gated_blocknum")

@@ -451,6 +451,21 @@ def test_dropout_matches_reference_rule(monkeypatch):
         np.testing.assert_array_equal(np.asarray(linen_mod._dropout_blocks(blocks, p, keys[i])), out[i])
 
 
+def test_dropout_one_replaces_every_block_of_one_factor():
+    """p = 1 (PEFT accepts it): one random factor becomes the identity, the others stay as they are."""
+    from boft_jax import linen as linen_mod
+
+    m, k, b = 3, 6, 4
+    q, _ = np.linalg.qr(np.random.default_rng().normal(size=(m, k, b, b)))
+    keys = jax.random.split(jax.random.key(int(np.random.default_rng().integers(0, 2**30))), 50)
+    out = np.asarray(jax.vmap(lambda key: linen_mod._dropout_blocks(jnp.asarray(q, jnp.float32), 1.0, key))(keys))
+    is_eye = np.all(np.abs(out - np.eye(b)) < 1e-7, axis=(-2, -1)).all(axis=2)  # (draws, m): whole factor is I
+    assert np.all(is_eye.sum(axis=1) == 1)
+    kept = ~is_eye
+    np.testing.assert_allclose(out[kept], np.broadcast_to(q, out.shape)[kept], atol=1e-7)
+    assert set(np.argmax(is_eye, axis=1).tolist()) == set(range(m))  # every factor gets its turn in 50 draws
+
+
 # ---------------------------------------------------------------------------------------------
 # JAX transformations
 # ---------------------------------------------------------------------------------------------
