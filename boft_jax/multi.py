@@ -32,8 +32,10 @@ Id rules:
   * anything else: with concrete ids (an eager call) a ``ValueError`` naming the positions and
     values.  Under ``jax.jit`` (traced ids) no exception is possible; such an example gets a
     NaN-filled adapter (``jnp.take(..., mode="fill")``, so it never silently uses another
-    adapter), and its floating-point outputs are set to NaN (:func:`apply_multi`) or its tokens
-    to ``-1`` (:func:`generate_multi`).  Other examples are unaffected.
+    adapter), and its outputs are marked (:func:`apply_multi`: floating-point leaves NaN, signed
+    integer leaves ``-1``, unsigned ones their dtype's maximum, boolean ones ``False``, which
+    cannot be told from a real ``False``: check such ids yourself) or its tokens set to ``-1``
+    (:func:`generate_multi`).  Other examples are unaffected.
 """
 
 from __future__ import annotations
@@ -78,6 +80,10 @@ def _leaves_by_path(tree) -> dict[str, Any]:
 
 def stack(adapters: Sequence[Mapping]) -> dict:
     """Stack adapters (from :func:`boft_jax.split`) along a new leading adapter axis.
+
+    The arrays carry no config: adapters trained with another Cayley variant (``cayley``,
+    ``neumann_terms``) or dropout have the same shapes and are stacked alike, then served with
+    the serving model's config; stack only adapters trained with that config's rotation.
 
     Args:
       adapters: ``K >= 1`` adapter trees of one structure (same layers, same block structure, same
@@ -266,13 +272,15 @@ def _batch_size(tree) -> int | None:
 
 
 def _is_array(x) -> bool:
-    return isinstance(x, (jax.Array, np.ndarray, np.generic))
+    return isinstance(x, (jax.Array, np.ndarray))
 
 
 def _split_kwargs(kwargs: dict) -> tuple[tuple, dict]:
     static, dynamic = [], {}
     for name, v in kwargs.items():
-        if any(_is_array(leaf) for leaf in jax.tree.leaves(v)):
+        if isinstance(v, np.generic):  # a NumPy scalar (np.bool_(True), np.int32(3)): static, as a Python value
+            static.append((name, v.item()))
+        elif any(_is_array(leaf) for leaf in jax.tree.leaves(v)):
             dynamic[name] = v
         else:
             static.append((name, v))
@@ -325,7 +333,7 @@ def apply_multi(
 
     Raises:
       ValueError: out-of-range ids when ``adapter_ids`` is concrete (see the module docstring for
-        the traced case: NaN outputs for those examples), mismatched batch sizes.
+        the traced case: NaN / -1 outputs for those examples), mismatched batch sizes.
     """
     k = num_adapters(stacked)
     ids = _check_ids(adapter_ids, k, _batch_size(inputs))
@@ -351,6 +359,8 @@ def _apply_multi_impl(frozen, stacked, ids, inputs, dynamic_kw, *, model, method
                     f"apply_multi: output leaf '{_path_str(path)}' has shape {jnp.shape(y)} for one example;"
                     " every output must have the batch as its leading axis (for T5 generation with a KV cache"
                     " use boft.generate_multi)"
+                    + (f"; the array keyword argument(s) {sorted(dynamic_kw)} are passed whole to every example:"
+                       " per-example arrays (e.g. a (batch, ...) mask) go in *inputs" if dynamic_kw else "")
                 )
             return y[0]
 
@@ -359,9 +369,15 @@ def _apply_multi_impl(frozen, stacked, ids, inputs, dynamic_kw, *, model, method
     out = jax.vmap(one)(per, inputs)
 
     def poison(y):
-        if not jnp.issubdtype(y.dtype, jnp.inexact):
-            return y
-        return jnp.where(valid.reshape((-1,) + (1,) * (y.ndim - 1)), y, jnp.array(jnp.nan, y.dtype))
+        if jnp.issubdtype(y.dtype, jnp.inexact):
+            mark = jnp.nan
+        elif jnp.issubdtype(y.dtype, jnp.signedinteger):
+            mark = -1
+        elif jnp.issubdtype(y.dtype, jnp.unsignedinteger):
+            mark = jnp.iinfo(y.dtype).max
+        else:  # bool
+            mark = False
+        return jnp.where(valid.reshape((-1,) + (1,) * (y.ndim - 1)), y, jnp.array(mark, y.dtype))
 
     return jax.tree.map(poison, out)
 
@@ -388,7 +404,8 @@ def generate_multi(
     """Greedy decoding of a wrapped encoder-decoder (``boft_jax.models.t5.T5``), sequence ``j``
     with adapter ``adapter_ids[j]`` (or the base model for :data:`BASE`).
 
-    Same contract as ``T5.generate``: returns ``(batch, 1 + max_new_tokens)`` int32 tokens starting
+    Same contract as ``T5.generate`` (except that ``max_new_tokens`` must be at least 1; ``T5.generate``
+    also takes 0): returns ``(batch, 1 + max_new_tokens)`` int32 tokens starting
     with the decoder start token, padding after a row's EOS; the loop stops when every row is done.
     Row ``j`` equals greedy decoding of sequence ``j`` alone with ``combine(frozen, adapter)``.
 

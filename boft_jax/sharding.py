@@ -127,7 +127,9 @@ def frozen_sharding(frozen: Mapping, mesh: Mesh, *, min_size: int = 1024, strict
     (FSDP).  A leaf with at least ``min_size`` elements that no mesh axis of size > 1 can split,
     although one of its dimensions is at least that axis size, would be held whole by every device:
     with ``strict`` (the default) that is a ``ValueError`` naming those leaves, their shapes and the
-    axis sizes that would divide them; with ``strict=False`` they stay replicated.
+    axis sizes that would divide them; with ``strict=False`` they stay replicated.  So is, with
+    ``strict``, a ``model`` axis of size > 1 that splits none of those leaves (e.g. ``data=2,model=3``
+    for weights of even sizes: its devices would only repeat each other's work).
 
     Example:
       >>> import jax.numpy as jnp
@@ -143,11 +145,17 @@ def frozen_sharding(frozen: Mapping, mesh: Mesh, *, min_size: int = 1024, strict
         )
     axes = {k: v for k, v in mesh.shape.items() if v > 1}
     bad: list[str] = []
+    large: list[str] = []  # leaves of at least min_size elements
+    model_split = False  # whether the model axis splits any of them
 
     def one(path, leaf):
+        nonlocal model_split
         name = str(getattr(path[-1], "key", path[-1])) if path else ""
         shape = tuple(np.shape(leaf))
         spec = _spec_for(shape, mesh, name in ("kernel", "embedding"), min_size)
+        if int(np.prod(shape)) >= min_size:
+            large.append(f"{_path_str(path)} {shape}")
+            model_split = model_split or "model" in tuple(spec)
         splittable = any(n >= min(axes.values()) for n in shape) if axes else False  # not (), not (5,) on 8
         if splittable and int(np.prod(shape)) >= min_size and all(a is None for a in spec):
             divisors = sorted({q for n in shape for q in range(2, n + 1) if n % q == 0})
@@ -161,6 +169,14 @@ def frozen_sharding(frozen: Mapping, mesh: Mesh, *, min_size: int = 1024, strict
             f"mesh {dict(mesh.shape)} does not divide {len(bad)} frozen weight(s): no axis of them is"
             f" divisible by {' or '.join(f'{k}={v}' for k, v in axes.items())}, so every device would"
             f" hold them whole:\n  {listing}\nchoose mesh axis sizes that divide the weights' dimensions"
+        )
+    if strict and "model" in axes and large and not model_split:
+        # tensor parallelism that splits nothing: every model-axis device computes the same thing
+        raise ValueError(
+            f"mesh {dict(mesh.shape)}: the model axis (size {axes['model']}) splits none of the"
+            f" {len(large)} frozen weight(s) with >= {min_size} elements (no dimension of them is divisible"
+            f" by {axes['model']}), so its devices would all hold and compute the same: e.g."
+            f" {', '.join(large[:4])}; choose a model size that divides the weights' dimensions, or drop the axis"
         )
     return out
 

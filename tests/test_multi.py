@@ -230,6 +230,49 @@ def test_other_methods_kwargs_and_none_inputs():
         _close(p[j], model.apply(params, x[j : j + 1], method="project")[0])
 
 
+def test_invalid_ids_mark_integer_and_bool_outputs_and_numpy_scalars_are_static():
+    """Under jit an out-of-range id marks every output leaf: NaN, -1 for signed integers (e.g. a
+    predicted class), the dtype's maximum for unsigned, False for bool; valid rows are what each
+    adapter alone gives.  A NumPy scalar keyword argument is static like a Python one.  An array
+    keyword argument with a per-example axis gets an error that says where such arrays go."""
+
+    class Classifier(nn.Module):
+        @nn.compact
+        def __call__(self, x, *, deterministic: bool = True):
+            return nn.Dense(8, name="fc")(x)
+
+        def predict(self, x, *, deterministic: bool = True):
+            logits = self(x, deterministic=deterministic)
+            return {"cls": jnp.argmax(logits, -1), "u": jnp.argmax(logits, -1).astype(jnp.uint8),
+                    "pos": logits[..., 0] > 0, "logits": logits}
+
+    cfg = boft.BOFTConfig(block_size=4, n_factors=2)
+    model = boft.wrap(Classifier(), cfg)
+    x = jax.random.normal(jax.random.key(3), (4, 16))
+    frozen, template = boft.split(jax.jit(model.init)(jax.random.key(1), x)["params"])
+    adapters = [_random_adapter(template, 20 + i) for i in range(2)]
+    stacked = multi.stack(adapters)
+    run = jax.jit(lambda ids: multi.apply_multi(model, frozen, stacked, ids, x, method="predict"))
+    out = jax.tree.map(np.asarray, run(jnp.array([0, 7, 1, -3])))
+    assert out["cls"][1] == -1 and out["cls"][3] == -1 and out["u"][1] == 255 and not out["pos"][1]
+    assert np.isnan(out["logits"][[1, 3]]).all()
+    for j, i in ((0, 0), (2, 1)):
+        ref = model.apply({"params": boft.combine(frozen, adapters[i])}, x[j : j + 1], method="predict")
+        assert out["cls"][j] == int(ref["cls"][0]) and out["pos"][j] == bool(ref["pos"][0])
+        _close(out["logits"][j], ref["logits"][0])
+    ids = jnp.array([1, 0, 1, 0])
+    y_np = multi.apply_multi(model, frozen, stacked, ids, x, deterministic=np.bool_(True))
+    _close(y_np, multi.apply_multi(model, frozen, stacked, ids, x, deterministic=True), tol=0)
+
+    class WithExtra(nn.Module):
+        @nn.compact
+        def __call__(self, x, *, extra=None):
+            return nn.Dense(8, name="fc")(x) + extra
+
+    with pytest.raises(ValueError, match=r"keyword argument\(s\) \['extra'\] are passed whole to every example.*\*inputs"):
+        multi.apply_multi(boft.wrap(WithExtra(), cfg), frozen, stacked, ids, x, extra=jnp.zeros((4, 8)))
+
+
 # ---------------------------------------------------------------------------------------------
 # stack
 # ---------------------------------------------------------------------------------------------

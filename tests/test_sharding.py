@@ -52,3 +52,37 @@ def test_gather_to_host_gives_numpy():
     out = sh.gather_to_host(tree)
     assert isinstance(out["a"], np.ndarray) and out["a"].shape == (2, 3)
     np.testing.assert_array_equal(out["b"][0], np.ones(2))
+
+
+def test_a_model_axis_that_splits_no_weight_is_refused():
+    """``data=2,model=3`` over weights of even sizes: the data axis splits them, the model axis none
+    (its devices would repeat each other's work); refused with ``strict``, kept replicated without.
+    On 8 simulated devices, in a subprocess."""
+    import subprocess
+    import sys
+    import textwrap
+
+    from jobs import ROOT, job_env
+
+    code = textwrap.dedent("""
+        import jax, jax.numpy as jnp
+        from boft_jax import sharding as sh
+        frozen = {"a": {"kernel": jnp.zeros((64, 32))}, "b": {"kernel": jnp.zeros((32, 16))}}
+        mesh = sh.make_mesh("data=2,model=3", jax.devices()[:6])
+        try:
+            sh.frozen_sharding(frozen, mesh, min_size=256)
+            print("ACCEPTED")
+        except ValueError as e:
+            print("REFUSED", e)
+        specs = sh.frozen_sharding(frozen, mesh, min_size=256, strict=False)
+        print("LOOSE", tuple(specs["a"]["kernel"].spec), tuple(specs["b"]["kernel"].spec))
+        ok = sh.frozen_sharding(frozen, sh.make_mesh("data=2,model=4", jax.devices()), min_size=256)
+        print("SPLIT", tuple(ok["a"]["kernel"].spec), tuple(ok["b"]["kernel"].spec))
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=job_env(8, fast_compile=True),
+                       cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "REFUSED mesh {'data': 2, 'model': 3}: the model axis (size 3) splits none of the 2 frozen weight(s)" in r.stdout, r.stdout
+    assert "a/kernel (64, 32)" in r.stdout
+    assert "LOOSE ('data', None) ('data', None)" in r.stdout, r.stdout
+    assert "SPLIT ('data', 'model') ('data', 'model')" in r.stdout, r.stdout
