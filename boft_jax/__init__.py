@@ -1,7 +1,7 @@
 """boft_jax: Orthogonal Butterfly Finetuning (BOFT) and OFT for JAX/Flax.
 
 The math (:mod:`boft_jax.orthogonal`, :mod:`boft_jax.butterfly`) is pure JAX/numpy; the Flax
-transformation lives in :mod:`boft_jax.linen`.  See DESIGN.md for the exact definition.
+transformation lives in :mod:`boft_jax.linen`.  The exact definition: :mod:`boft_jax.butterfly` and :mod:`boft_jax.orthogonal`.
 """
 
 from boft_jax.butterfly import (

@@ -1,6 +1,6 @@
 """Butterfly permutations and the structured BOFT rotation ``x -> x M`` (never a d x d matrix).
 
-Notation (see DESIGN.md, section 2): ``d`` features, ``m`` butterfly factors, ``k`` blocks of size
+Notation: ``d`` features, ``m`` butterfly factors, ``k`` blocks of size
 ``b`` per factor (``d = k b``).  Factor ``i`` is ``F_i = P_i blockdiag(Q_i0, ..., Q_i(k-1)) P_i^T``
 with ``P_i[r, perm_i[r]] = 1`` and the rotation is ``M = F_{m-1} ... F_1 F_0``.
 

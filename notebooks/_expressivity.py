@@ -1,6 +1,6 @@
 """Experiment code behind ``butterfly_expressivity.ipynb`` (importable, so it can be tested).
 
-Three experiments on the BOFT rotation ``M = F_{m-1} ... F_1 F_0`` (see DESIGN.md, section 2):
+Three experiments on the BOFT rotation ``M = F_{m-1} ... F_1 F_0`` (see boft_jax.butterfly):
 
 1. **Sparsity / information flow** -- dense pictures of every factor ``F_i`` and of the cumulative
    products ``C_j = F_j ... F_0``, and the number of factors after which ``M`` is dense
@@ -186,7 +186,7 @@ def cumulative_products(blocks: jax.Array) -> np.ndarray:
 
 
 def permutation_matrix(perm: np.ndarray) -> np.ndarray:
-    """``P[r, perm[r]] = 1`` (DESIGN.md's convention)."""
+    """``P[r, perm[r]] = 1`` (boft_jax.butterfly's convention)."""
     d = len(perm)
     p = np.zeros((d, d))
     p[np.arange(d), perm] = 1.0

@@ -131,7 +131,7 @@ def test_block_num_that_does_not_fit_names_valid_block_nums():
 # ---------------------------------------------------------------------------------------------
 # Property: construct + fit exactly when the structure is valid, otherwise a useful ValueError
 # ---------------------------------------------------------------------------------------------
-# The butterfly rule, re-derived from the definition (DESIGN.md section 2) rather than taken from
+# The butterfly rule, re-derived from the definition (boft_jax.butterfly's docstring) rather than taken from
 # boft_jax: d features are cut into k blocks of b (so b | d).  For m > 1, factor i pairs half-blocks
 # (b / 2 features each, so b is even) inside chunks of b 2^i features, and the widest chunks (i = m-1)
 # must tile the features: b 2^(m-1) | d, i.e. 2^(m-1) | k (which for m > 1 makes k even).
