@@ -236,6 +236,8 @@ def test_mt5_checkpoint_finetunes_with_pretokenized_data(tmp_path):
     shutil.copytree(FIXTURES / "mt5", ckpt)
     cfg = json.loads((ckpt / "config.json").read_text())
     (ckpt / "config.json").write_text(json.dumps({**cfg, "eos_token_id": 1}))
+    gen = json.loads((ckpt / "generation_config.json").read_text())  # which generate reads first
+    (ckpt / "generation_config.json").write_text(json.dumps({**gen, "eos_token_id": 1}))
     out = tmp_path / "run"
     finetune.run(["--model", "t5", "--checkpoint", str(ckpt), "--data", str(tmp_path / "ids.jsonl"),
                   "--output", str(out), "--steps", "2", "--batch-size", "8", "--eval-every", "0", "--no-progress",

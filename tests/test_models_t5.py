@@ -250,6 +250,46 @@ def test_encoder_only_checkpoint_is_refused_by_name(tmp_path):
     assert "T5ForConditionalGeneration, MT5ForConditionalGeneration" in str(e.value)
 
 
+def test_generation_config_eos_ids_are_used_as_transformers_does(tmp_path):
+    """generation_config.json's eos_token_id (what transformers' generate uses) wins over
+    config.json's: a row stops at the extra EOS id; a pad / start id set only there is not taken, and
+    a warning says so."""
+    import json
+    import shutil
+
+    ref, eos = load("t5_gated").ref, load("t5_gated").module.config.eos_token_id
+    shutil.copytree(FIXTURES / "t5_gated", tmp_path / "g")
+    # a row whose first new token is not an EOS, and a later token of it that is neither EOS nor pad
+    j, row = next((j, [int(t) for t in r]) for j, r in enumerate(ref["generated"]) if r[1] != eos and any(
+        int(t) not in (0, eos) for t in r[2:]))
+    extra = next(t for t in row[2:] if t not in (0, eos))
+    cut = row.index(extra)
+    (tmp_path / "g" / "generation_config.json").write_text(json.dumps({"eos_token_id": [eos, extra], "pad_token_id": 0}))
+    module, params = t5.from_pretrained(tmp_path / "g")
+    assert set(module.config.eos_token_ids) == {eos, extra}
+    tokens = np.asarray(jax.jit(module.generate, static_argnames="max_new_tokens")(
+        params, ref["input_ids"], ref["attention_mask"], max_new_tokens=int(ref["max_new_tokens"])))
+    np.testing.assert_array_equal(tokens[j, : cut + 1], row[: cut + 1])
+    assert not tokens[j, cut + 1 :].any() and cut + 1 < tokens.shape[1]  # padding after the new EOS
+    (tmp_path / "g" / "generation_config.json").write_text(json.dumps({"decoder_start_token_id": 5}))
+    with pytest.warns(UserWarning, match=r"sets decoder_start_token_id 5 \(config.json: 0\)"):
+        module, _ = t5.from_pretrained(tmp_path / "g")
+    assert module.config.decoder_start_token_id == 0 and module.config.eos_token_ids == (eos,)
+
+
+def test_export_warns_when_transformers_4_would_scale_the_output_otherwise():
+    """transformers 4 scales the decoder output exactly when the head is tied; an untied scaled head
+    (t5.untie_head on an original T5) or a tied unscaled one loads right only in transformers >= 5."""
+    cfg = t5.T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cfg.to_hf_dict()  # tied and scaled: both versions agree
+        dataclasses.replace(cfg, tie_word_embeddings=False, scale_decoder_outputs=False).to_hf_dict()
+    for kw in (dict(tie_word_embeddings=False, scale_decoder_outputs=True), dict(scale_decoder_outputs=False)):
+        with pytest.warns(UserWarning, match="transformers 4 scales exactly when the head is tied.*sqrt\\(d_model\\) = 4"):
+            dataclasses.replace(cfg, **kw).to_hf_dict()
+
+
 def test_invalid_feed_forward_proj_is_an_error():
     with pytest.raises(ValueError, match="feed_forward_proj"):
         t5.T5Config(feed_forward_proj="relu-gated")

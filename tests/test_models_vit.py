@@ -122,6 +122,36 @@ def test_num_labels_gives_a_fresh_zero_head(loaded):
     np.testing.assert_array_equal(new["layernorm"]["scale"], params["layernorm"]["scale"])
 
 
+def test_num_labels_zero_loads_a_headless_model_that_round_trips(loaded, reference, tmp_path):
+    """num_labels=0: the final CLS features, which the checkpoint's own head maps to its logits;
+    saved with id2label {} (as transformers writes a headless config) and loaded back headless."""
+    from boft_jax.models import save_pretrained
+
+    module, params = vit.from_pretrained(FIXTURES / "vit", num_labels=0)
+    assert module.config.num_labels == 0 and "classifier" not in params
+    feats = jax.jit(module.apply)({"params": params}, reference["pixel_values"])
+    head = loaded[1]["classifier"]
+    assert_matches_reference(np.asarray(feats, np.float64) @ np.asarray(head["kernel"], np.float64) + np.asarray(head["bias"]),
+                             reference["logits"])
+    save_pretrained(tmp_path / "headless", module, params)
+    module2, params2 = vit.from_pretrained(tmp_path / "headless")
+    assert module2.config.num_labels == 0
+    np.testing.assert_array_equal(jax.jit(module2.apply)({"params": params2}, reference["pixel_values"]), feats)
+
+
+def test_unreadable_json_names_the_file(tmp_path):
+    import shutil
+
+    for i, (name, content, fragment) in enumerate((("config.json", "{not json", "config.json' is not readable JSON"),
+                                                   ("config.json", "[1, 2]", "config.json' holds a JSON list"),
+                                                   ("model.safetensors.index.json", "{}", "has no 'weight_map' object"))):
+        d = tmp_path / f"case{i}"
+        shutil.copytree(FIXTURES / "vit_sharded", d)
+        (d / name).write_text(content)
+        with pytest.raises(ValueError, match=re.escape(fragment)):
+            vit.from_pretrained(d)
+
+
 # ---- BOFT target presets ------------------------------------------------------------------
 
 

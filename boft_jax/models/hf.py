@@ -137,8 +137,19 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
         raise FileNotFoundError(
             f"{str(p)!r} has no {CONFIG_NAME}; found {sorted(x.name for x in p.iterdir())}"
         )
-    with open(cfg, encoding="utf-8") as f:
-        return json.load(f)
+    return _read_json_object(cfg, "a model's config.json")
+
+
+def _read_json_object(file: Path, what: str) -> dict[str, Any]:
+    """A JSON object from ``file``; a ``ValueError`` naming the file when it is not one."""
+    try:
+        with open(file, encoding="utf-8") as f:
+            obj = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{str(file)!r} is not readable JSON ({type(e).__name__}: {e})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{str(file)!r} holds a JSON {type(obj).__name__}, not the object {what} is")
+    return obj
 
 
 def model_type(path: str | os.PathLike) -> str:
@@ -194,8 +205,9 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     if single.is_file():
         return _load_safetensors(single)
     if index.is_file():
-        with open(index, encoding="utf-8") as f:
-            weight_map: dict[str, str] = json.load(f)["weight_map"]
+        weight_map = _read_json_object(index, "a safetensors index").get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ValueError(f"{str(index)!r} has no 'weight_map' object of tensor name -> shard file name")
         files = sorted(set(weight_map.values()))
         absent = [name for name in files if not (p / name).is_file()]
         if absent:

@@ -41,6 +41,7 @@ import os
 import re
 import warnings
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
@@ -166,6 +167,16 @@ class T5Config:
                     " MT5ForConditionalGeneration never scales the decoder output; use model_type='t5'"
                 )
             del d["scale_decoder_outputs"]
+        scaled = self.scale_decoder_outputs and self.model_type != "mt5"
+        if scaled != self.tie_word_embeddings:
+            warnings.warn(
+                f"this T5 config has tie_word_embeddings={self.tie_word_embeddings} but the decoder output is"
+                f" {'' if scaled else 'not '}scaled by d_model^-0.5: transformers >= 5 reads that from the"
+                " config and loads the export exactly; transformers 4 scales exactly when the head is tied, so"
+                f" it would load this export with logits off by a factor sqrt(d_model) = {self.d_model ** 0.5:.3g}"
+                " (greedy tokens unchanged; losses and probabilities wrong). Load it with transformers >= 5",
+                UserWarning, stacklevel=2,
+            )
         d.update(
             architectures=[MODEL_TYPES[self.model_type]],
             is_encoder_decoder=True,
@@ -868,7 +879,34 @@ def from_pretrained(
             f" (no decoder weights); this loader reads encoder-decoder checkpoints ({', '.join(MODEL_TYPES.values())})."
             " For an encoder alone, wrap your own linen encoder with boft.wrap"
         )
+    cfg_dict = _with_generation_eos(path, cfg_dict)
     state = hf.load_state_dict(path)
     config = resolve_tying(T5Config.from_hf_dict(cfg_dict), state)
     params = params_from_hf(config, state, scan_layers=scan_layers, source=f"{os.fspath(path)!r}")
     return T5(config, dtype=dtype, scan_layers=scan_layers), jax.tree.map(jnp.asarray, params)
+
+
+def _with_generation_eos(path, cfg_dict: dict) -> dict:
+    """``cfg_dict`` with the ``eos_token_id`` of the directory's ``generation_config.json``, which
+    transformers' ``generate`` uses over ``config.json``'s.  Its ``pad_token_id`` /
+    ``decoder_start_token_id`` are not taken (``config.json``'s also define the training inputs);
+    where they differ a warning says so (``generate`` / ``boft.generate_multi`` take them as
+    arguments).  Other generation settings (``min_length``, sampling, ...) are not applied:
+    :meth:`T5.generate` is plain greedy decoding.
+    """
+    file = Path(path) / "generation_config.json"
+    if not file.is_file():
+        return cfg_dict
+    gen = hf._read_json_object(file, "a generation config")
+    out = dict(cfg_dict)
+    if gen.get("eos_token_id") is not None:
+        out["eos_token_id"] = gen["eos_token_id"]
+    differ = [f"{k} {gen[k]} (config.json: {cfg_dict.get(k)})" for k in ("pad_token_id", "decoder_start_token_id")
+              if gen.get(k) is not None and gen[k] != cfg_dict.get(k)]
+    if differ:
+        warnings.warn(
+            f"{str(file)!r} sets {', '.join(differ)}; boft_jax uses config.json's for the model and"
+            " for generate (pass them to generate_multi, or edit config.json, to decode as transformers would)",
+            UserWarning, stacklevel=3,
+        )
+    return out

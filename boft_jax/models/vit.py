@@ -103,6 +103,8 @@ class ViTConfig:
         if id2label:
             labels = tuple(str(id2label[k]) for k in sorted(id2label, key=int))
             num_labels = len(labels)
+        elif id2label is not None:  # {}: no labels, as transformers reads it (a headless model)
+            labels, num_labels = None, 0
         else:
             labels, num_labels = None, int(d.get("num_labels", 2))
         kwargs = {f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d}
@@ -383,19 +385,26 @@ def from_pretrained(
       dtype: computation dtype; params keep the checkpoint's dtype.
       scan_layers: build the model with layers under ``nn.scan`` (stacked params).
       num_labels: if given and different from the checkpoint's head (or the checkpoint has no
-        head), the classifier gets a fresh zero-initialized ``(hidden, num_labels)`` head.
+        head), the classifier gets a fresh zero-initialized ``(hidden, num_labels)`` head; ``0``
+        drops the head (the model returns the final CLS features), as does a checkpoint whose
+        ``config.json`` has no labels (``id2label: {}``).
     """
     cfg_dict = hf.read_config(path)
     hf.check_model_type(path, cfg_dict, "vit")
     config = ViTConfig.from_hf_dict(cfg_dict)
     state = _normalize_prefix(hf.load_state_dict(path))
     has_head = "classifier.weight" in state
+    if num_labels is None and config.num_labels == 0:
+        num_labels = 0
     if num_labels is None and not has_head:
         raise ValueError(
             f"{os.fspath(path)!r} has no classifier head (a ViTModel checkpoint?); pass num_labels=N "
-            f"to add a fresh zero-initialized one"
+            f"to add a fresh zero-initialized one, or num_labels=0 for a model that returns the CLS features"
         )
-    if num_labels is not None and (not has_head or state["classifier.weight"].shape[0] != num_labels):
+    if num_labels == 0:  # headless: any head in the checkpoint is left out
+        state = {k: v for k, v in state.items() if not k.startswith("classifier.")}
+        config = dataclasses.replace(config, num_labels=0, id2label=None)
+    elif num_labels is not None and (not has_head or state["classifier.weight"].shape[0] != num_labels):
         state = {k: v for k, v in state.items() if not k.startswith("classifier.")}
         dt = state["vit.layernorm.weight"].dtype if "vit.layernorm.weight" in state else np.float32
         state["classifier.weight"] = np.zeros((num_labels, config.hidden_size), dt)
