@@ -729,7 +729,8 @@ def test_cli_tied_t5_head_through_orbax_and_back(name, peft_type, tmp_path, caps
 
 
 def test_cli_errors_are_reported(tmp_path, capsys):
-    assert main(["export-merged", "--adapter", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
+    (tmp_path / "empty").mkdir()
+    assert main(["export-merged", "--adapter", str(tmp_path / "empty"), "--out", str(tmp_path / "x")]) == 2
     assert "cannot tell the format" in capsys.readouterr().err
     bad = copy_fixture("vit_m1", tmp_path)
     edit_config(bad, base_model_name_or_path="google/vit-base-patch16-224")
@@ -756,8 +757,30 @@ def test_cli_never_overwrites_without_asking_and_reports_damaged_inputs(tmp_path
     for command in (["convert", "--from", "peft", *args], ["export-merged", "--adapter", str(ckpt)]):
         assert main([*command, "--out", str(taken)]) == 2
         assert "exists and is not empty" in capsys.readouterr().err and (taken / "keep.txt").exists()
-    assert main(["export-merged", "--adapter", str(ckpt), "--out", str(taken), "--overwrite"]) == 0
-    assert (taken / "model.safetensors").is_file()
+    # --overwrite replaces only a directory of the kind the command writes, never other files
+    assert main(["export-merged", "--adapter", str(ckpt), "--out", str(taken), "--overwrite"]) == 2
+    assert "holds other files (['keep.txt']), and this command writes a Hugging Face model directory" in capsys.readouterr().err
+    assert (taken / "keep.txt").exists()
+    peft_dir = copy_fixture("vit_m1", tmp_path / "peft_out")  # a PEFT adapter: transformers would also load it
+    assert main(["export-merged", "--adapter", str(ckpt), "--out", str(peft_dir), "--overwrite"]) == 2
+    assert "holds a PEFT adapter" in capsys.readouterr().err and not (peft_dir / "config.json").exists()
+    merged = tmp_path / "merged"
+    assert main(["export-merged", "--adapter", str(ckpt), "--out", str(merged), "--max-shard-bytes", "30000"]) == 0
+    assert main(["export-merged", "--adapter", str(ckpt), "--out", str(merged), "--overwrite"]) == 0
+    assert (merged / "model.safetensors").is_file() and not list(merged.glob("*.index.json"))  # replaced whole
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporaries left
+    # an output inside an input (or around it) is refused: replacing it could delete the input
+    assert main(["convert", "--from", "boft", "--adapter", str(ckpt), "--out", str(ckpt / "peft")]) == 2
+    assert "lies inside the --adapter" in capsys.readouterr().err
+    assert main(["convert", "--from", "peft", "--adapter", str(peft_dir), "--base", str(base_dir), "--out", str(tmp_path)]) == 2
+    assert "lies around the --adapter" in capsys.readouterr().err
+    for task in ("BOGUS", ""):
+        assert main(["convert", "--from", "boft", "--adapter", str(ckpt), "--out", str(tmp_path / "t"), "--task-type", task]) == 2
+        assert "--task-type" in capsys.readouterr().err and not (tmp_path / "t").exists()
+    assert main(["convert", "--from", "boft", "--adapter", str(ckpt), "--out", str(tmp_path / "t"), "--task-type", "seq_cls"]) == 0
+    assert json.loads((tmp_path / "t" / peft_io.ADAPTER_CONFIG_NAME).read_text())["task_type"] == "SEQ_CLS"
+    assert main(["export-merged", "--adapter", str(ckpt), "--out", ""]) == 2
+    assert "--out '': empty" in capsys.readouterr().err
     # bad values and paths: a clear error, exit 2, no traceback
     with pytest.raises(SystemExit) as e:
         main(["export-merged", "--adapter", str(ckpt), "--out", str(tmp_path / "m"), "--max-shard-bytes", "0"])
@@ -947,3 +970,28 @@ def test_adapted_new_head_with_no_base_weights_warns(tmp_path):
     with warnings.catch_warnings():  # the fixture itself (a trained base head): no such warning
         warnings.simplefilter("error")
         load_peft_adapter(PEFT / "vit_m1", *base("vit"))
+
+
+def test_failed_export_over_an_existing_model_leaves_it_whole(tmp_path, capsys, monkeypatch):
+    """export-merged --overwrite writes aside and swaps the directory in: a failure half-way (here a
+    full disk after the first shard) leaves the previous export as it was, with no temporaries."""
+    import boft_jax.models as models_mod
+
+    base_dir = tmp_path / "base"
+    shutil.copytree(FIXTURES / "vit", base_dir)
+    ckpt, merged = tmp_path / "orbax", tmp_path / "merged"
+    assert main(["convert", "--from", "peft", "--adapter", str(PEFT / "vit_m2_head"), "--base", str(base_dir), "--out", str(ckpt)]) == 0
+    assert main(["export-merged", "--adapter", str(ckpt), "--out", str(merged), "--max-shard-bytes", "30000"]) == 0
+    before = {p.name: p.read_bytes() for p in merged.iterdir()}
+    real = models_mod.save_pretrained
+
+    def full_disk(d, *args, **kwargs):
+        real(d, *args, **kwargs)
+        (Path(d) / "model.safetensors").write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(models_mod, "save_pretrained", full_disk)
+    assert main(["export-merged", "--adapter", str(ckpt), "--out", str(merged), "--overwrite"]) == 2
+    assert "No space left on device" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in merged.iterdir()} == before
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]

@@ -7,7 +7,10 @@
 The base model (a Hugging Face ViT or T5 directory) defaults to the one recorded with the adapter
 (``base_model_name_or_path`` in a PEFT ``adapter_config.json``, or the same key in the orbax
 checkpoint's metadata) when that is a local directory.  ``--out`` must be new or empty
-(``--overwrite`` replaces the files of an existing one) and is never the base or adapter directory.
+(``--overwrite`` replaces an existing one of the kind the command writes: an adapter checkpoint, a
+PEFT adapter, a model directory; anything else is refused), and is never the base or adapter
+directory, inside one, or around one.  A merged export is written aside and swapped in, so a
+failure half-way leaves the previous one whole.
 No torch is needed; nothing is unpickled.
 The functions behind the commands (:func:`load_any_adapter`, :func:`convert`,
 :func:`export_merged`) can be imported from ``boft_jax.interop.__main__``.
@@ -142,9 +145,56 @@ def load_any_adapter(
 
 
 def _not_an_input(out: str | os.PathLike, given: str | os.PathLike | None, flag: str) -> None:
-    """Never write into an input directory (the base model given or recorded, or the adapter)."""
-    if given is not None and Path(out).exists() and Path(given).exists() and Path(out).samefile(given):
+    """Never write into, over or around an input (the base model given or recorded, or the adapter):
+    ``out`` may be neither the input, nor inside it, nor contain it."""
+    if given is None or not Path(given).exists():
+        return
+    o, g = Path(out).resolve(), Path(given).resolve()
+    if o == g:
         raise ValueError(f"--out {os.fspath(out)!r} is the {flag} directory itself; write to another directory")
+    if g in o.parents or o in g.parents:
+        where = "inside" if g in o.parents else "around"
+        raise ValueError(
+            f"--out {os.fspath(out)!r} lies {where} the {flag} {os.fspath(given)!r}; replacing it could delete or"
+            " change that input: write to a directory apart from it"
+        )
+
+
+# What each command writes, and how to recognize a directory of each kind.
+_KINDS = {"boft": "a boft_jax adapter checkpoint", "peft": "a PEFT adapter", "hf": "a Hugging Face model directory"}
+
+
+def _dir_kind(d: Path) -> str | None:
+    """``"boft"`` / ``"peft"`` / ``"hf"`` for a directory holding that kind of output, else ``None``."""
+    if (d / "adapter").is_dir() and (d / "meta").exists():
+        return "boft"
+    if (d / peft_io.ADAPTER_CONFIG_NAME).is_file():
+        return "peft"
+    if (d / "config.json").is_file():
+        return "hf"
+    return None
+
+
+def _replace_dir(out: Path, write) -> None:
+    """``write(tmp)`` into a new sibling directory, then swap it in for ``out`` (two renames): a
+    failure while writing leaves ``out`` as it was (and no temporary directory behind)."""
+    import shutil
+    import uuid
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        write(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
 
 
 def convert(
@@ -199,7 +249,11 @@ def export_merged(
     wrapped, params, base_path, *_ = load_any_adapter(adapter, base=base, fmt=fmt)
     _not_an_input(out, base_path, "--base")
     merged = boft.merge(params, wrapped.config)
-    save_pretrained(out, wrapped.model, merged, max_shard_bytes=max_shard_bytes)
+    # written aside and swapped in: a failure half-way never leaves a mix of old and new shards
+    _replace_dir(Path(out), lambda d: save_pretrained(d, wrapped.model, merged, max_shard_bytes=max_shard_bytes))
+
+
+_TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")  # PEFT's
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -241,7 +295,8 @@ def _parser() -> argparse.ArgumentParser:
     conv.add_argument(
         "--task-type",
         default="auto",
-        help="--from boft: PEFT task_type (default auto: SEQ_2_SEQ_LM for T5, none for ViT; 'none' for none)",
+        help="--from boft: PEFT task_type, one of " + ", ".join(_TASK_TYPES) + " (any case; default auto:"
+        " SEQ_2_SEQ_LM for T5, none for ViT; 'none' for none)",
     )
     conv.add_argument(
         "--peft-type",
@@ -266,12 +321,16 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--max-shard-bytes", type=int, help="split the weights into shards of at most this size")
     for p in (conv, exp):
         p.add_argument("--overwrite", action="store_true",
-                       help="write into an existing, non-empty --out directory (its files are replaced)")
+                       help="replace an existing, non-empty --out of the kind this command writes (an adapter"
+                       " checkpoint, a PEFT adapter or a model directory); other directories are refused")
     return parser
 
 
-def _check_out(out: str, adapter: str, base: str | None, overwrite: bool) -> None:
-    """Refuse an output that would overwrite something without --overwrite, or ever the inputs."""
+def _check_out(out: str, adapter: str, base: str | None, overwrite: bool, writes: str) -> None:
+    """Refuse an output that would overwrite something without --overwrite, anything but the kind of
+    directory the command writes (``writes``, a key of ``_KINDS``) with it, or ever the inputs."""
+    if not out.strip():
+        raise ValueError("--out '': empty; give the output directory")
     target = Path(out).absolute()
     for parent in target.parents:
         if parent.exists() and not parent.is_dir():
@@ -280,11 +339,20 @@ def _check_out(out: str, adapter: str, base: str | None, overwrite: bool) -> Non
         raise ValueError(f"--out {out!r} exists and is not a directory")
     for flag, given in (("--adapter", adapter), ("--base", base)):
         _not_an_input(target, given, flag)
-    if target.is_dir() and any(target.iterdir()) and not overwrite:
-        raise ValueError(
-            f"--out {out!r} exists and is not empty ({len(list(target.iterdir()))} entries); pass --overwrite to"
-            " replace its files, or choose another directory"
-        )
+    if target.is_dir() and any(target.iterdir()):
+        if not overwrite:
+            raise ValueError(
+                f"--out {out!r} exists and is not empty ({len(list(target.iterdir()))} entries); pass --overwrite to"
+                " replace it, or choose another directory"
+            )
+        kind = _dir_kind(target)
+        if kind != writes:
+            found = sorted(p.name for p in target.iterdir())
+            raise ValueError(
+                f"--out {out!r} holds {_KINDS[kind] if kind else 'other files'} ({found[:6]}{' ...' if len(found) > 6 else ''}),"
+                f" and this command writes {_KINDS[writes]}: --overwrite replaces only a directory of that kind;"
+                " choose another --out"
+            )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -293,9 +361,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "export-merged" and args.max_shard_bytes is not None and args.max_shard_bytes < 1:
         parser.error(f"--max-shard-bytes must be a positive number of bytes, got {args.max_shard_bytes}")
     try:
-        _check_out(args.out, args.adapter, args.base, args.overwrite)
+        writes = "hf" if args.command == "export-merged" else ("boft" if args.src == "peft" else "peft")
+        _check_out(args.out, args.adapter, args.base, args.overwrite, writes)
         if args.command == "convert":
-            task_type = None if args.task_type.lower() == "none" else args.task_type
+            task_type = args.task_type.upper() if args.task_type.lower() not in ("auto", "none") else args.task_type.lower()
+            if task_type not in (*_TASK_TYPES, "auto", "none"):
+                raise ValueError(f"--task-type {args.task_type!r}: expected one of {', '.join(_TASK_TYPES)}, auto or none")
+            task_type = None if task_type == "none" else task_type
             convert(
                 args.adapter, args.out, src=args.src, base=args.base, base_model_name_or_path=args.base_name,
                 key_style=args.key_style, task_type=task_type, peft_type=args.peft_type,
