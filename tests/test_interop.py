@@ -995,3 +995,18 @@ def test_failed_export_over_an_existing_model_leaves_it_whole(tmp_path, capsys, 
     assert "No space left on device" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in merged.iterdir()} == before
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_export_carries_the_bases_generation_and_tokenizer_files(tmp_path, capsys):
+    base_dir = tmp_path / "base"
+    shutil.copytree(FIXTURES / "mt5", base_dir)  # holds a generation_config.json
+    (base_dir / "tokenizer_config.json").write_text('{"model_max_length": 512}')
+    (base_dir / "notes.txt").write_text("not a model file")
+    ckpt = tmp_path / "orbax"
+    assert main(["convert", "--from", "peft", "--adapter", str(PEFT / "mt5_oft_mixed"), "--base", str(base_dir),
+                 "--out", str(ckpt)]) == 0
+    assert main(["export-merged", "--adapter", str(ckpt), "--out", str(tmp_path / "m")]) == 0
+    for name in ("generation_config.json", "tokenizer_config.json"):
+        assert (tmp_path / "m" / name).read_bytes() == (base_dir / name).read_bytes()
+    assert not (tmp_path / "m" / "notes.txt").exists()
+    capsys.readouterr()

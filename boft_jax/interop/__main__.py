@@ -242,15 +242,38 @@ def export_merged(
     max_shard_bytes: int | None = None,
 ) -> None:
     """Fold the adapter into the base weights (``boft.merge``) and write a Hugging Face model
-    directory (config.json + model.safetensors) that plain transformers loads."""
+    directory (config.json + model.safetensors) that plain transformers loads, with the base's
+    generation, tokenizer and preprocessor files (:data:`_COMPANIONS`) copied alongside."""
     import boft_jax as boft
     from boft_jax.models import save_pretrained
 
     wrapped, params, base_path, *_ = load_any_adapter(adapter, base=base, fmt=fmt)
     _not_an_input(out, base_path, "--base")
     merged = boft.merge(params, wrapped.config)
+
+    def write(d: Path) -> None:
+        save_pretrained(d, wrapped.model, merged, max_shard_bytes=max_shard_bytes)
+        _copy_companions(Path(base_path), d)
+
     # written aside and swapped in: a failure half-way never leaves a mix of old and new shards
-    _replace_dir(Path(out), lambda d: save_pretrained(d, wrapped.model, merged, max_shard_bytes=max_shard_bytes))
+    _replace_dir(Path(out), write)
+
+
+# Files of a base model directory that describe how to use the model, not its weights: copied into a
+# merged export so that it generates, tokenizes and preprocesses as the base does.
+_COMPANIONS = ("generation_config.json", "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json",
+               "special_tokens_map.json", "added_tokens.json", "spiece.model", "sentencepiece.bpe.model",
+               "vocab.json", "vocab.txt", "merges.txt")
+
+
+def _copy_companions(base: Path, out: Path) -> list[str]:
+    """Copy the base's :data:`_COMPANIONS` that exist into ``out``; returns their names."""
+    import shutil
+
+    copied = [name for name in _COMPANIONS if (base / name).is_file()]
+    for name in copied:
+        shutil.copyfile(base / name, out / name)
+    return copied
 
 
 _TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")  # PEFT's
