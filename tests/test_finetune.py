@@ -64,7 +64,7 @@ FEW = ["--targets", "attention_qv"]
         (["--targets", ""], "--targets '': empty"),
         (["--exclude", ""], "--exclude '': empty"),
         (["--exclude", "layer_1"], "exclude pattern(s) ['layer_1'] remove none of the layers"),
-        (["--warmup", "30"], "--warmup 30: must be less than the 30 training steps"),
+        (["--warmup", "30"], "--warmup 30: warmup of 30 steps in a run of 30 steps: the warmup must be shorter"),
     ],
 )
 def test_bad_input_exits_2_with_a_clear_message_and_writes_nothing(tmp_path, capsys, extra, fragment):

@@ -38,6 +38,8 @@ from pathlib import Path
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 DEFAULT_OUTPUT = {"vit": "runs/vit-digits", "t5": "runs/t5-bytes"}
+# What a run keeps in --output (their presence means a run is there), besides summary.md and curves.png.
+RUN_ENTRIES = ("checkpoints", "adapter", "merged", "metrics.jsonl")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -186,7 +188,7 @@ def run(argv=None) -> dict:
     if out.exists() and not out.is_dir():
         _fail(f"--output {out}: exists and is not a directory")
     # What the job writes in --output (and what --overwrite removes): never where its inputs are.
-    written = [out / p for p in ("checkpoints", "adapter", "merged", "metrics.jsonl", "summary.md", "curves.png")]
+    written = [out / p for p in (*RUN_ENTRIES, "summary.md", "curves.png")]
     for flag, given in (("--checkpoint", ckpt_path), ("--data", Path(args.data) if args.data else None)):
         clash = [w for w in written if given is not None and _within(given, w)]
         if clash:
@@ -262,9 +264,11 @@ def run(argv=None) -> dict:
         _fail(f"--mesh {args.mesh or f'(default: data={jax.device_count()})'}: {e}")
 
     steps = task_lib.DEFAULT_STEPS if args.steps is None else args.steps
-    if args.warmup is not None and args.warmup >= steps:
-        _fail(f"--warmup {args.warmup}: must be less than the {steps} training steps (0: no warmup)")
-    previous = [p for p in ("checkpoints", "adapter", "merged", "metrics.jsonl") if (out / p).exists()]
+    try:
+        loop.resolve_warmup(steps, args.warmup)
+    except ValueError as e:
+        _fail(f"--warmup {args.warmup}: {e}")
+    previous = [p for p in RUN_ENTRIES if (out / p).exists()]
     if previous and not (args.resume or args.overwrite):
         _fail(
             f"--output {out} already holds a run ({', '.join(previous)}); pass --resume to continue it,"

@@ -63,14 +63,26 @@ class TrainOptions:
 
     @property
     def warmup(self) -> int:
-        """The warmup steps used: ``warmup_steps``, or by default 20 (``steps // 10`` for runs under
-        200 steps, so that a short run is not all warmup)."""
-        return min(20, self.steps // 10) if self.warmup_steps is None else self.warmup_steps
+        """The warmup steps used (:func:`resolve_warmup`)."""
+        return resolve_warmup(self.steps, self.warmup_steps)
 
     def identity(self) -> dict:
         """Everything a resumed run must share with the checkpoint's (not logging or saving cadence)."""
         own = {k: getattr(self, k) for k in ("steps", "batch_size", "learning_rate", "weight_decay", "clip_norm", "seed")}
         return {**own, "warmup_steps": self.warmup, **self.run_identity}
+
+
+def resolve_warmup(steps: int, warmup_steps: int | None) -> int:
+    """The warmup of a run of ``steps`` steps: ``warmup_steps``, or by default 20 (``steps // 10``
+    for runs under 200 steps, so that a short run is not all warmup).  ``ValueError`` unless
+    ``0 <= warmup < steps``: a warmup as long as the run never reaches the peak learning rate."""
+    warmup = min(20, steps // 10) if warmup_steps is None else warmup_steps
+    if not 0 <= warmup < steps:
+        raise ValueError(
+            f"warmup of {warmup} steps in a run of {steps} steps: the warmup must be shorter than the run"
+            " (0 <= warmup < steps; 0 means none), or the learning rate never reaches its peak"
+        )
+    return warmup
 
 
 class ResumeMismatch(ValueError):
@@ -111,11 +123,6 @@ def make_optimizer(opts: TrainOptions) -> optax.GradientTransformation:
     warmup would take the whole run (``warmup >= steps``): the rate would never reach its peak.
     """
     warmup = opts.warmup
-    if not 0 <= warmup < opts.steps:
-        raise ValueError(
-            f"warmup of {warmup} steps in a run of {opts.steps} steps: the warmup must be shorter than the run"
-            f" (0 <= warmup < steps; 0 means none), or the learning rate never reaches {opts.learning_rate:g}"
-        )
     if warmup == 0:
         schedule = optax.cosine_decay_schedule(opts.learning_rate, opts.steps)
     else:
@@ -359,4 +366,4 @@ def batched_eval(predict: Callable, split, batch_size: int) -> float:
     return correct / max(n, 1)
 
 
-__all__ = ["Task", "TrainOptions", "ResumeMismatch", "fit", "make_optimizer", "plot_curves", "summary_table", "fmt_params", "batched_eval"]
+__all__ = ["Task", "TrainOptions", "ResumeMismatch", "fit", "make_optimizer", "resolve_warmup", "plot_curves", "summary_table", "fmt_params", "batched_eval"]

@@ -166,35 +166,15 @@ _KINDS = {"boft": "a boft_jax adapter checkpoint", "peft": "a PEFT adapter", "hf
 
 def _dir_kind(d: Path) -> str | None:
     """``"boft"`` / ``"peft"`` / ``"hf"`` for a directory holding that kind of output, else ``None``."""
-    if (d / "adapter").is_dir() and (d / "meta").exists():
+    from boft_jax.checkpoint import _is_checkpoint_dir
+
+    if _is_checkpoint_dir(d):
         return "boft"
     if (d / peft_io.ADAPTER_CONFIG_NAME).is_file():
         return "peft"
     if (d / "config.json").is_file():
         return "hf"
     return None
-
-
-def _replace_dir(out: Path, write) -> None:
-    """``write(tmp)`` into a new sibling directory, then swap it in for ``out`` (two renames): a
-    failure while writing leaves ``out`` as it was (and no temporary directory behind)."""
-    import shutil
-    import uuid
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        write(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
 
 
 def convert(
@@ -256,7 +236,7 @@ def export_merged(
         _copy_companions(Path(base_path), d)
 
     # written aside and swapped in: a failure half-way never leaves a mix of old and new shards
-    _replace_dir(Path(out), write)
+    peft_io.replace_dir(Path(out), write)
 
 
 # Files of a base model directory that describe how to use the model, not its weights: copied into a
@@ -266,14 +246,13 @@ _COMPANIONS = ("generation_config.json", "preprocessor_config.json", "tokenizer.
                "vocab.json", "vocab.txt", "merges.txt")
 
 
-def _copy_companions(base: Path, out: Path) -> list[str]:
-    """Copy the base's :data:`_COMPANIONS` that exist into ``out``; returns their names."""
+def _copy_companions(base: Path, out: Path) -> None:
+    """Copy the base's :data:`_COMPANIONS` that exist into ``out``."""
     import shutil
 
-    copied = [name for name in _COMPANIONS if (base / name).is_file()]
-    for name in copied:
-        shutil.copyfile(base / name, out / name)
-    return copied
+    for name in _COMPANIONS:
+        if (base / name).is_file():
+            shutil.copyfile(base / name, out / name)
 
 
 _TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")  # PEFT's

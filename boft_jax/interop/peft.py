@@ -63,7 +63,7 @@ import uuid
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import jax
 import jax.numpy as jnp
@@ -1074,6 +1074,27 @@ def peft_state_dict(
     return tensors, fields
 
 
+def replace_dir(out: Path, write: Callable[[Path], None]) -> None:
+    """``write(tmp)`` into a new sibling directory ``tmp``, then put it in place of ``out`` (a rename,
+    or two when ``out`` exists, whose old content is then deleted): a failure while writing leaves
+    ``out`` as it was and no temporary directory behind."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    try:
+        write(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
 def save_peft_adapter(
     out_dir: str | os.PathLike,
     wrapped_module: BOFTModule,
@@ -1153,14 +1174,7 @@ def save_peft_adapter(
             f.write("\n")
 
     if not out.exists():
-        tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
-        tmp.mkdir()
-        try:
-            write_into(tmp)
-            os.replace(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        replace_dir(out, write_into)
         return
     if not out.is_dir():
         raise NotADirectoryError(f"{os.fspath(out)!r} exists and is not a directory")

@@ -401,14 +401,12 @@ def from_pretrained(
             f"{os.fspath(path)!r} has no classifier head (a ViTModel checkpoint?); pass num_labels=N "
             f"to add a fresh zero-initialized one, or num_labels=0 for a model that returns the CLS features"
         )
-    if num_labels == 0:  # headless: any head in the checkpoint is left out
+    if num_labels is not None and (not has_head or state["classifier.weight"].shape[0] != num_labels):
         state = {k: v for k, v in state.items() if not k.startswith("classifier.")}
-        config = dataclasses.replace(config, num_labels=0, id2label=None)
-    elif num_labels is not None and (not has_head or state["classifier.weight"].shape[0] != num_labels):
-        state = {k: v for k, v in state.items() if not k.startswith("classifier.")}
-        dt = state["vit.layernorm.weight"].dtype if "vit.layernorm.weight" in state else np.float32
-        state["classifier.weight"] = np.zeros((num_labels, config.hidden_size), dt)
-        state["classifier.bias"] = np.zeros((num_labels,), dt)
+        if num_labels:  # a fresh head; 0: headless
+            dt = state["vit.layernorm.weight"].dtype if "vit.layernorm.weight" in state else np.float32
+            state["classifier.weight"] = np.zeros((num_labels, config.hidden_size), dt)
+            state["classifier.bias"] = np.zeros((num_labels,), dt)
         config = dataclasses.replace(config, num_labels=num_labels, id2label=None)
     params = params_from_hf(config, state, scan_layers=scan_layers, source=f"{os.fspath(path)!r}")
     return ViT(config, dtype=dtype, scan_layers=scan_layers), jax.tree.map(jnp.asarray, params)
