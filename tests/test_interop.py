@@ -8,6 +8,7 @@ butterfly factors); no torch is needed here.
 import dataclasses
 import functools
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -406,6 +407,37 @@ def test_adapted_tied_t5_head_and_peft_copy_of_its_base_weight(tmp_path):
     with pytest.raises(ValueError, match=r"lm_head\.weight -> 'lm_head/kernel': PEFT's copy of this adapted layer's base"
                                          r" weight differs from the model's \(max \|diff\| 0\.5\)"):
         load_peft_adapter(bad, *base("t5_relu"))
+
+
+@pytest.mark.parametrize(
+    "name, field, value, want",
+    [
+        ("vit_oft_exact_r", "coft", "false", "true or false"),  # a string is not a JSON boolean (bool("false") is True)
+        ("vit_oft_exact_r", "block_share", 1, "true or false"),
+        ("vit_oft_neumann", "num_cayley_neumann_terms", 4.5, "an integer"),
+        ("vit_oft_exact_r", "module_dropout", "0.1", "a number"),
+        ("vit_oft_exact_r", "r", "4", "an integer"),
+        ("vit_m2_head", "boft_block_size", [4], "an integer"),
+        ("vit_m2_head", "boft_n_butterfly_factor", "2", "an integer"),
+        ("vit_m2_head", "boft_dropout", True, "a number"),
+    ],
+)
+def test_malformed_config_field_is_named(tmp_path, name, field, value, want):
+    path = copy_fixture(name, tmp_path)
+    edit_config(path, **{field: value})
+    with pytest.raises(ValueError, match=rf"adapter_config\.json field '{field}' is {re.escape(repr(value))}; expected {want}"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            load_peft_adapter(path, *base(str(reference(name)["base"])))
+
+
+def test_null_config_fields_read_as_peft_does(tmp_path):
+    """JSON null: falsy for PEFT's flags (``use_cayley_neumann: null`` is the exact map), absent numbers."""
+    exact = load_oft("vit_oft_exact_r")
+    model, params = load_oft("vit_oft_exact_r", tmp_path, use_cayley_neumann=None, coft=None, module_dropout=None)
+    assert model.config == exact[0].config
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(exact[1])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_oft_errors(tmp_path):

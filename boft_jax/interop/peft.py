@@ -182,6 +182,25 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> dict[str, Any]:
     return config
 
 
+def _cfg_field(cfg: Mapping[str, Any], key: str, default: Any, kind: type, where: str) -> Any:
+    """``cfg[key]`` (``default`` when absent or null) as ``kind`` (int, float or bool), or a
+    ``ValueError`` naming the field.  JSON booleans only for ``bool`` (``bool("false")`` is True);
+    integral numbers only for ``int``."""
+    v = cfg.get(key)
+    if v is None:  # a JSON null is falsy to PEFT (``if config.coft:``); an absent field is its default
+        return False if kind is bool and key in cfg else default
+    if kind is bool:
+        ok = isinstance(v, bool)
+    elif kind is int:
+        ok = isinstance(v, int) and not isinstance(v, bool) or isinstance(v, float) and v.is_integer()
+    else:
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+    if not ok:
+        want = {bool: "true or false", int: "an integer", float: "a number"}[kind]
+        raise ValueError(f"{where}: adapter_config.json field {key!r} is {v!r}; expected {want}")
+    return kind(v)
+
+
 def read_peft_adapter(adapter_dir: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """``(adapter_config, tensors)`` of a PEFT BOFT or OFT adapter directory, checked, nothing unpickled.
 
@@ -424,8 +443,8 @@ class _OftOptions:
                 UserWarning,
                 stacklevel=3,
             )
-        if cfg.get("use_cayley_neumann", True):
-            n = int(cfg.get("num_cayley_neumann_terms", 5))
+        if _cfg_field(cfg, "use_cayley_neumann", True, bool, where):
+            n = _cfg_field(cfg, "num_cayley_neumann_terms", 5, int, where)
             if n <= 1:
                 raise ValueError(
                     f"{where}: use_cayley_neumann with num_cayley_neumann_terms = {n}: PEFT then uses the"
@@ -442,11 +461,11 @@ class _OftOptions:
                     UserWarning,
                     stacklevel=3,
                 )
-        coft = bool(cfg.get("coft", False))
+        coft = _cfg_field(cfg, "coft", False, bool, where)
         return _OftOptions(
             neumann_terms=terms,
-            coft_eps=float(cfg.get("eps", 6e-5)) if coft else None,
-            block_share=bool(cfg.get("block_share", False)),
+            coft_eps=_cfg_field(cfg, "eps", 6e-5, float, where) if coft else None,
+            block_share=_cfg_field(cfg, "block_share", False, bool, where),
         )
 
     def layer(self, weight: np.ndarray, d_in: int, d_out: int, here: str):
@@ -765,10 +784,11 @@ def load_peft_adapter(
     m = ms[0]
     show = _stack_path if keymap.scan else (lambda p: p)  # a layer path as the model names it
     if oft:
-        cfg_bs, cfg_bn = int(peft_cfg.get("oft_block_size") or 0), int(peft_cfg.get("r") or 0)
+        cfg_bs, cfg_bn = _cfg_field(peft_cfg, "oft_block_size", 0, int, where), _cfg_field(peft_cfg, "r", 0, int, where)
         structure = _oft_structure(cfg_bs, cfg_bn, bs, ks, layers, where, show)
     else:
-        cfg_bs, cfg_bn = int(peft_cfg.get("boft_block_size") or 0), int(peft_cfg.get("boft_block_num") or 0)
+        cfg_bs = _cfg_field(peft_cfg, "boft_block_size", 0, int, where)
+        cfg_bn = _cfg_field(peft_cfg, "boft_block_num", 0, int, where)
         use_num = cfg_bn > 0 if (cfg_bs > 0) != (cfg_bn > 0) else len(bs) > 1
         if use_num:
             if len(ks) > 1 or (cfg_bn and ks[0] != cfg_bn):
@@ -782,7 +802,7 @@ def load_peft_adapter(
                     f"{where}: boft_block_size = {cfg_bs} in the config, but the tensors hold blocks of size {bs}"
                 )
             structure = {"block_size": bs[0]}
-        cfg_m = peft_cfg.get("boft_n_butterfly_factor", 1)
+        cfg_m = _cfg_field(peft_cfg, "boft_n_butterfly_factor", 1, int, where)
         if cfg_m != m:
             warnings.warn(
                 f"{where}: adapter_config.json says boft_n_butterfly_factor = {cfg_m}, but its boft_R tensors hold"
@@ -866,7 +886,7 @@ def load_peft_adapter(
             **structure,
             n_factors=m,
             targets=tuple(sorted({"^" + re.escape("/".join(show(p))) for p in adapted_paths})),
-            dropout=float(peft_cfg.get("module_dropout" if oft else "boft_dropout", 0.0) or 0.0),
+            dropout=_cfg_field(peft_cfg, "module_dropout" if oft else "boft_dropout", 0.0, float, where),
             bias=bias_mode,
             **(
                 {"cayley": "neumann", "neumann_terms": oft.neumann_terms}
