@@ -138,6 +138,22 @@ def _progress(total: int, initial: int, enabled: bool):
     return tqdm(total=total, initial=initial, desc="finetune", unit="step", dynamic_ncols=True)
 
 
+def _master_copy(tree):
+    """``tree`` with float leaves narrower than float32 (bf16 / f16 biases and saved modules of a
+    half-precision base) as float32: the optimizer updates these master copies, so steps smaller
+    than a bf16 ulp are not rounded away.  The model sees them cast back (:func:`_cast_like`)."""
+    def up(x):
+        dt = jnp.dtype(x.dtype)
+        return x.astype(jnp.float32) if jnp.issubdtype(dt, jnp.floating) and dt.itemsize < 4 else x
+
+    return jax.tree.map(up, tree)
+
+
+def _cast_like(tree, dtypes):
+    """``tree``'s leaves cast to ``dtypes`` (a tree of dtypes of the same structure)."""
+    return jax.tree.map(lambda x, d: x if x.dtype == d else x.astype(d), tree, dtypes)
+
+
 def _fresh_copy(tree):
     """New buffers for every array leaf (``device_put`` may alias a buffer into one of the shards)."""
     return jax.tree.map(lambda x: jnp.array(x, copy=True) if isinstance(x, (jax.Array, np.ndarray)) else x, tree)
@@ -182,6 +198,11 @@ def fit(task: Task, opts: TrainOptions, out_dir: Path, *, resume: bool = False) 
     Writes ``metrics.jsonl`` (one line per logged step / eval) and step checkpoints under
     ``out_dir/checkpoints`` (adapter, optimizer state, step, data position).  With ``resume`` the
     newest complete checkpoint is restored and training continues exactly where it stopped.
+
+    Mixed precision: adapter leaves narrower than float32 (the biases and saved modules of a bf16 /
+    f16 base) are trained as float32 masters, cast to their own dtypes for every forward pass, so
+    small updates accumulate instead of being rounded away.  Checkpoints hold the masters; the
+    returned ``"adapter"`` is cast back (what the model ran with), ``"master"`` is the float32 copy.
     """
     out_dir = Path(out_dir)
     mesh = opts.mesh if isinstance(opts.mesh, Mesh) else sh.make_mesh(opts.mesh or f"data={jax.device_count()}")
@@ -193,7 +214,9 @@ def fit(task: Task, opts: TrainOptions, out_dir: Path, *, resume: bool = False) 
     optimizer = make_optimizer(opts)
     # The step donates the adapter and optimizer state; copy them so that donation never deletes
     # arrays the caller still holds (e.g. modules_to_save leaves shared with the frozen tree).
-    adapter = jax.device_put(_fresh_copy(task.adapter), rep)
+    # The model runs with the adapter in its own dtypes; training updates float32 masters of them.
+    dtypes = jax.tree.map(lambda x: jnp.dtype(x.dtype), task.adapter)
+    adapter = jax.device_put(_fresh_copy(_master_copy(task.adapter)), rep)
     opt_state = jax.device_put(_fresh_copy(optimizer.init(adapter)), rep)
     model, loss_fn = task.model, task.loss_fn
     base_key = jax.random.key(opts.seed)
@@ -202,7 +225,7 @@ def fit(task: Task, opts: TrainOptions, out_dir: Path, *, resume: bool = False) 
         rng = jax.random.fold_in(base_key, step)
 
         def objective(a):
-            return loss_fn(model, boft.combine(frozen, a), inputs, labels, rng, True)
+            return loss_fn(model, boft.combine(frozen, _cast_like(a, dtypes)), inputs, labels, rng, True)
 
         (loss, acc), grads = jax.value_and_grad(objective, has_aux=True)(adapter)
         updates, opt_state = optimizer.update(grads, opt_state, adapter)
@@ -267,7 +290,7 @@ def fit(task: Task, opts: TrainOptions, out_dir: Path, *, resume: bool = False) 
                 if bar is not None:
                     bar.set_postfix(loss=f"{m['loss']:.4f}", acc=f"{m['accuracy']:.3f}", ex_s=f"{row['examples_per_s']:.0f}")
             if opts.eval_every and (done % opts.eval_every == 0) and done != opts.steps:
-                acc = task.evaluate(model, boft.combine(frozen, adapter), task.data.test)
+                acc = task.evaluate(model, boft.combine(frozen, _cast_like(adapter, dtypes)), task.data.test)
                 log({"step": done, "eval_accuracy": acc})
                 history.append({"step": done, "eval_accuracy": acc})
             ckpt.save(done, adapter, opt_state, {"step": done, "data_position": done * opts.batch_size,
@@ -284,7 +307,8 @@ def fit(task: Task, opts: TrainOptions, out_dir: Path, *, resume: bool = False) 
     losses = [r["loss"] for r in history if "loss" in r]
     return {
         "losses": losses,
-        "adapter": adapter,
+        "adapter": _cast_like(adapter, dtypes),  # what the model ran with (the masters are in the checkpoints)
+        "master": adapter,
         "opt_state": opt_state,
         "frozen": frozen,
         "history": history,
