@@ -383,7 +383,11 @@ class TrainCheckpointer:
         self._mngr = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=keep, save_interval_steps=1, enable_async_checkpointing=async_save, create=True
+                max_to_keep=keep,
+                save_interval_steps=1,
+                enable_async_checkpointing=async_save,
+                create=True,
+                cleanup_tmp_directories=True,  # a save that died mid-write leaves one; --keep must not miss it
             ),
         )
 

@@ -625,6 +625,8 @@ def test_interrupted_step_checkpoint_never_replaces_the_last_good_one(tmp_path):
     step, a, o, state = ck.restore_latest(adapter, opt_state)
     assert step == 10 and state["step"] == 10
     np.testing.assert_array_equal(a["l"]["kernel"]["skew"], adapter["l"]["kernel"]["skew"])
+    assert not partial.exists()  # the dead save's temporary directory is removed, not kept forever
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["10"]
     ck.close()
 
 
