@@ -352,20 +352,29 @@ def test_oft_layers_adjusted_differently_get_block_size_overrides(tmp_path, caps
         scanned, scanned_params = load_peft_adapter(PEFT / "mt5_oft_mixed", *base("mt5", scan_layers=True))
     assert_close(run(scanned, scanned_params, ref), ref["outputs"])
 
-    ckpt, back = tmp_path / "orbax", tmp_path / "peft"
+    ckpt, back, as_boft = tmp_path / "orbax", tmp_path / "peft", tmp_path / "as_boft"
+    src = copy_fixture("mt5_oft_mixed", tmp_path)  # a revision and a task type that "auto" would not give
+    edit_config(src, revision="v1.2", task_type="FEATURE_EXTRACTION")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        assert main(["convert", "--from", "peft", "--adapter", str(PEFT / "mt5_oft_mixed"), "--base", str(FIXTURES / "mt5"),
+        assert main(["convert", "--from", "peft", "--adapter", str(src), "--base", str(FIXTURES / "mt5"),
                      "--out", str(ckpt)]) == 0
     from boft_jax.checkpoint import load_adapter
 
     assert load_adapter(ckpt)[1] == cfg
-    assert main(["convert", "--from", "boft", "--adapter", str(ckpt), "--out", str(back), "--peft-type", "OFT"]) == 0
+    # no --peft-type / --task-type: the round trip gives back the PEFT adapter it started from
+    assert main(["convert", "--from", "boft", "--adapter", str(ckpt), "--out", str(back)]) == 0
     written, original = load_file(back / peft_io.ADAPTER_WEIGHTS_NAME), load_file(PEFT / "mt5_oft_mixed" / peft_io.ADAPTER_WEIGHTS_NAME)
     assert sorted(written) == sorted(original)
     for k in original:
         np.testing.assert_array_equal(written[k], original[k], err_msg=k)
-    assert json.loads((back / peft_io.ADAPTER_CONFIG_NAME).read_text())[("r")] == 3
+    back_cfg = json.loads((back / peft_io.ADAPTER_CONFIG_NAME).read_text())
+    assert (back_cfg["peft_type"], back_cfg["r"], back_cfg["task_type"], back_cfg["revision"]) == (
+        "OFT", 3, "FEATURE_EXTRACTION", "v1.2")
+    # an explicit choice wins over the record (BOFT has no Neumann map: refused, said why)
+    capsys.readouterr()
+    assert main(["convert", "--from", "boft", "--adapter", str(ckpt), "--out", str(as_boft), "--peft-type", "BOFT"]) == 2
+    assert "PEFT's BOFT only has the exact Cayley map" in capsys.readouterr().err
     # PEFT's BOFT has no adjustment: one boft_block_size or boft_block_num must fit every layer
     with pytest.raises(ValueError, match=r"PEFT's BOFT config holds one boft_block_size or boft_block_num for all layers; no single value"):
         save_peft_adapter(tmp_path / "boft", boft.wrap(model.model, dataclasses.replace(cfg, cayley="exact")), params)

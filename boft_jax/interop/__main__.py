@@ -186,10 +186,14 @@ def convert(
     base_model_name_or_path: str | None = None,
     key_style: str = "transformers5",
     task_type: str | None = "auto",
-    peft_type: str = "BOFT",
+    peft_type: str | None = None,
 ) -> None:
     """PEFT adapter (BOFT or OFT) -> orbax adapter checkpoint (``src="peft"``), or the reverse
-    (``src="boft"``, written as PEFT ``peft_type`` "BOFT" or "OFT")."""
+    (``src="boft"``, written as PEFT ``peft_type`` "BOFT" or "OFT").
+
+    A checkpoint converted from PEFT records that adapter's config: converted back, it keeps its
+    ``peft_type`` (unless ``peft_type`` is given; otherwise "BOFT"), its ``task_type`` (when
+    ``task_type="auto"``) and its ``revision``, so a round trip gives the same kind of adapter."""
     import boft_jax as boft
 
     wrapped, params, base_path, _, metadata = load_any_adapter(adapter, base=base, fmt=src)
@@ -207,9 +211,16 @@ def convert(
         }
         save_adapter(out, tree, wrapped.config, metadata=metadata)
     else:
+        recorded = metadata.get("peft_config") if metadata.get("converted_from") == "peft" else None
+        recorded = recorded if isinstance(recorded, dict) else {}
+        if peft_type is None:
+            peft_type = recorded.get("peft_type") if recorded.get("peft_type") in peft_io._PEFT_TYPES else "BOFT"
+        if task_type == "auto" and "task_type" in recorded:
+            task_type = recorded["task_type"]
+        revision = recorded.get("revision") if isinstance(recorded.get("revision"), str) else None
         peft_io.save_peft_adapter(
             out, wrapped, params, base_model_name_or_path=name, key_style=key_style, task_type=task_type,
-            peft_type=peft_type,
+            peft_type=peft_type, revision=revision,
         )
 
 
@@ -304,9 +315,10 @@ def _parser() -> argparse.ArgumentParser:
         "--peft-type",
         dest="peft_type",
         choices=("BOFT", "OFT"),
-        default="BOFT",
-        help="--from boft: write a PEFT BOFT adapter (default) or an OFT one (needs n_factors = 1 and every"
-        " output scale 1)",
+        default=None,
+        help="--from boft: write a PEFT BOFT adapter or an OFT one (needs n_factors = 1 and every output scale"
+        " 1). Default: the type the checkpoint was converted from (it records the PEFT config), else BOFT."
+        " --task-type auto and the revision likewise follow that record",
     )
 
     exp = sub.add_parser(
