@@ -31,6 +31,20 @@ _APPLY_MODES = ("auto", "input", "weight")
 _CAYLEY = ("exact", "neumann")
 
 
+
+def layer_label(path: str) -> str:
+    """How error messages name the layer at the '/'-joined module ``path``.
+
+    >>> layer_label("encoder/layer_0/query"), layer_label("")
+    ("layer 'encoder/layer_0/query'", "the root layer (the wrapped module itself, path '')")
+    """
+    return f"layer '{path}'" if path else "the root layer (the wrapped module itself, path '')"
+
+
+def paths_label(paths: Sequence[str]) -> str:
+    """A list of module paths for an error message, the root module's ``''`` spelled out."""
+    return "[" + ", ".join(repr(p) if p else "'' (the root module)" for p in paths) + "]"
+
 class LayerStructure(NamedTuple):
     """The resolved block structure of one layer (``d_in = n_blocks * block_size``)."""
 
@@ -242,7 +256,7 @@ class BOFTConfig:
             alt_m = max_factors(d_in, b)
             what = "block_size" if override is None else "its block_size_overrides entry, block_size"
             return (
-                f"layer '{path}' (d_in = {d_in}) does not fit {what} = {b}, n_factors = {m}: {err}."
+                f"{layer_label(path)} (d_in = {d_in}) does not fit {what} = {b}, n_factors = {m}: {err}."
                 f" Valid block_size for n_factors = {m}: {_short(valid_block_sizes(d_in, m))}"
                 + (f"; valid n_factors for block_size = {b}: 1..{alt_m}" if alt_m else "")
                 + ". Exclude the layer with BOFTConfig.exclude if it should not be adapted."
@@ -256,7 +270,7 @@ class BOFTConfig:
                 return None
         valid_k = [d_in // b for b in valid_block_sizes(d_in, m)][::-1]
         return (
-            f"layer '{path}' (d_in = {d_in}) does not fit block_num = {k}, n_factors = {m}: {err}."
+            f"{layer_label(path)} (d_in = {d_in}) does not fit block_num = {k}, n_factors = {m}: {err}."
             f" Valid block_num for n_factors = {m}: {_short(valid_k)}"
             ". Exclude the layer with BOFTConfig.exclude if it should not be adapted."
         )

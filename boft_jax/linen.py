@@ -49,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from boft_jax.butterfly import rotate, rotate_kernel
-from boft_jax.config import BOFTConfig
+from boft_jax.config import BOFTConfig, layer_label, paths_label
 from boft_jax import _ops
 from boft_jax.orthogonal import block_size_from_num_params, cayley
 
@@ -126,7 +126,7 @@ def _geometry(module: nn.Module, inputs: jax.Array, path: str) -> _Geometry:
         return _Geometry((inputs.ndim - 1,), (module.features,), inputs.shape[-1], module.features)
     if _canon(module.batch_dims):
         raise NotImplementedError(
-            f"layer '{path}': DenseGeneral with batch_dims={module.batch_dims} is not supported by BOFT;"
+            f"{layer_label(path)}: DenseGeneral with batch_dims={module.batch_dims} is not supported by BOFT;"
             " exclude it with BOFTConfig.exclude"
         )
     axis = tuple(sorted(a % inputs.ndim for a in _canon(module.axis)))  # as flax orders the kernel's axes
@@ -262,7 +262,7 @@ def _check_structure(path: str, skew_shape: tuple[int, ...], struct) -> None:
     want = (struct.n_factors, struct.n_blocks, struct.block_size * (struct.block_size - 1) // 2)
     if (m, k, p) != want:
         raise ValueError(
-            f"layer '{path}': its adapter params were made for n_factors={m}, {k} blocks of size"
+            f"{layer_label(path)}: its adapter params were made for n_factors={m}, {k} blocks of size"
             f" {block_size_from_num_params(p)} (skew {tuple(skew_shape)}), but the config asks for"
             f" n_factors={struct.n_factors}, {struct.n_blocks} blocks of size {struct.block_size} here (skew {want})."
             " Apply the params with the BOFTConfig they were made with."
@@ -274,21 +274,21 @@ def _check_held(path: str, held, kernel_shape: tuple[int, ...], want: tuple[int,
     ``kernel_shape``, skew ``want`` and scale ``(d_out,)``."""
     if not _is_node(held):
         raise ValueError(
-            f"layer '{path}' is targeted by BOFT but its 'kernel' param is a plain array: the params"
+            f"{layer_label(path)} is targeted by BOFT but its 'kernel' param is a plain array: the params"
             " hold no adapter for it. Build params with boft.combine(frozen, adapter), or init the"
             " wrapped model."
         )
     skew, scale, kernel = (tuple(jnp.shape(a)) for a in (held.skew, held.scale, held.kernel))
     if kernel != kernel_shape:
         raise ValueError(
-            f"layer '{path}': its kernel has shape {kernel}, but this call needs {kernel_shape} (the input's"
+            f"{layer_label(path)}: its kernel has shape {kernel}, but this call needs {kernel_shape} (the input's"
             " contracted axes, then the layer's features): the input does not fit the params"
         )
     if len(skew) == 3:
         _check_structure(path, skew, struct)
     if skew != want or scale != (d_out,):
         raise ValueError(
-            f"layer '{path}': params do not fit the call: skew {skew} (expected {want}), scale {scale}"
+            f"{layer_label(path)}: params do not fit the call: skew {skew} (expected {want}), scale {scale}"
             f" (expected {(d_out,)})"
         )
 
@@ -478,13 +478,13 @@ class BOFTModule(nn.Module):
             raise ValueError(
                 "BOFT targets match layer(s) whose class overrides __call__ without calling"
                 " nn.Dense/nn.DenseGeneral.__call__, so there is no stock Dense computation to adapt: "
-                + ", ".join(f"'{p}' ({c})" for p, c in skipped)
+                + ", ".join(f"{paths_label([p])[1:-1]} ({c})" for p, c in skipped)
                 + ". Exclude them (BOFTConfig.exclude) or let their __call__ use super().__call__."
             )
         if self.is_initializing() and not state.adapted:
             raise ValueError(
                 f"BOFT targets {self.config.targets} (exclude {self.config.exclude}) match none of the"
-                f" model's Dense/DenseGeneral layers: {state.seen or 'none were called'}"
+                f" model's Dense/DenseGeneral layers: {paths_label(state.seen) if state.seen else 'none were called'}"
             )
         if self.is_initializing() and self.config.exclude:
             met = sorted(set(state.seen) | {p for p, _ in state.overridden})
@@ -495,7 +495,7 @@ class BOFTModule(nn.Module):
                     f"BOFT exclude pattern(s) {idle} remove none of the layers the targets {self.config.targets}"
                     " select, so they would change nothing: a pattern matches a whole '/'-joined module path or"
                     " a trailing run of its components (e.g. 'layer_3/attention/query' or 'layer_3/.*'); the"
-                    f" targeted layers are {targeted[:12]}{' ...' if len(targeted) > 12 else ''}"
+                    f" targeted layers are {paths_label(targeted[:12])}{' ...' if len(targeted) > 12 else ''}"
                 )
         return out
 
@@ -717,12 +717,12 @@ def _check_adapter_fits(path: str, kernel, skew, scale) -> None:
         dtype = jnp.result_type(leaf)
         if not jnp.issubdtype(dtype, jnp.floating):
             raise TypeError(
-                f"layer '{path}': adapter {name} has dtype {dtype}; adapter params are real floating-point"
+                f"{layer_label(path)}: adapter {name} has dtype {dtype}; adapter params are real floating-point"
                 " arrays (float32 as boft.init_adapter makes them, or bfloat16 / float16 / float64)"
             )
     lead = jnp.ndim(skew) - 3
     if lead < 0 or jnp.ndim(scale) != lead + 1:
-        raise ValueError(f"layer '{path}': adapter skew {jnp.shape(skew)} / scale {jnp.shape(scale)} are malformed")
+        raise ValueError(f"{layer_label(path)}: adapter skew {jnp.shape(skew)} / scale {jnp.shape(scale)} are malformed")
     m, k, p = jnp.shape(skew)[lead:]
     b = block_size_from_num_params(p)
     d_in, d_out = k * b, jnp.shape(scale)[-1]
@@ -736,7 +736,7 @@ def _check_adapter_fits(path: str, kernel, skew, scale) -> None:
             else ""
         )
         raise ValueError(
-            f"layer '{path}': the adapter (m={m}, k={k}, b={b}: d_in={d_in}, d_out={d_out}) does not fit"
+            f"{layer_label(path)}: the adapter (m={m}, k={k}, b={b}: d_in={d_in}, d_out={d_out}) does not fit"
             f" the base kernel of shape {tuple(jnp.shape(kernel))}; it was made for a different base model.{stacked}"
         )
 

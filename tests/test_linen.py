@@ -601,6 +601,18 @@ def test_every_unfit_layer_is_listed_with_valid_choices():
     assert "Valid block_size" in msg
 
 
+
+def test_a_wrapped_bare_dense_is_named_as_the_root_layer_in_errors():
+    """A Dense wrapped directly has module path '': messages spell it out instead of "layer ''"."""
+    x = jnp.ones((2, 12))
+    with pytest.raises(ValueError, match=r"the root layer \(the wrapped module itself, path ''\) \(d_in = 12\)"
+                                         r" does not fit block_size = 5"):
+        boft.wrap(nn.Dense(12), boft.BOFTConfig(targets=".*", block_size=5)).init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match=r"match none of the model's Dense/DenseGeneral layers: \['' \(the root module\)\]"):
+        boft.wrap(nn.Dense(12), boft.BOFTConfig(targets="query", block_size=4)).init(jax.random.key(0), x)
+    params = boft.wrap(nn.Dense(12), boft.BOFTConfig(targets=".*", block_size=4)).init(jax.random.key(0), x)["params"]
+    assert boft.layer_paths(params) == [""]
+
 def test_bare_model_refuses_adapter_params():
     cfg = boft.BOFTConfig(block_size=4, targets="fc1")
     x = jnp.ones((1, 16))

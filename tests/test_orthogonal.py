@@ -261,3 +261,22 @@ def test_cayley_lowers_to_a_loop_on_cpu_and_unrolled_steps_on_cuda():
     # Large blocks (b = d_in for OFT with one block) keep the loop everywhere: bounded compile time.
     big = jnp.asarray(0.1 * np.random.default_rng(7).normal(size=(1, 65 * 64 // 2)), jnp.float32)
     assert loops(boft.cayley, big, ("cpu", "cuda")) == {"cpu": 1, "cuda": 1}
+
+
+@pytest.mark.parametrize("method", ["exact", "neumann"])
+def test_cayley_products_run_at_highest_precision_on_gpu(method):
+    """Every matrix product of the Cayley map (and of its gradient) asks for HIGHEST precision: on a
+    GPU, XLA's default for float32 products is TF32 (10 mantissa bits), which would make the
+    rotations orthogonal to ~1e-3 only.  Checked on the program lowered for CUDA (no GPU needed)."""
+    b = 20  # above small_matmul's broadcast limit, so products are dot_generals
+    packed = jnp.asarray(np.random.default_rng(7).normal(size=(3, 4, b * (b - 1) // 2)), jnp.float32)
+
+    def f(p):
+        return boft.cayley(p, b, method, neumann_terms=4)
+
+    for fn in (f, jax.grad(lambda p: jnp.sum(jnp.sin(f(p))))):
+        text = lowered_for(fn, (packed,), "cuda")
+        dots = [line for line in text.splitlines() if "stablehlo.dot_general" in line]
+        assert dots, "expected matrix products in the lowered program"
+        loose = [line.strip()[:160] for line in dots if "precision = [HIGHEST, HIGHEST]" not in line]
+        assert not loose, f"{len(loose)} of {len(dots)} products at default precision: {loose}"
