@@ -30,6 +30,7 @@ __all__ = [
     "replicated",
     "batch_sharding",
     "shard_frozen",
+    "unsplit_weights",
     "bytes_per_device",
     "maybe_initialize_distributed",
     "is_main_process",
@@ -111,6 +112,10 @@ def _spec_for(shape: tuple[int, ...], mesh: Mesh, is_kernel: bool, min_size: int
         free = [i for i in range(len(shape)) if spec[i] is None and shape[i] % data == 0]
         if free:
             spec[max(free, key=lambda i: shape[i])] = "data"
+        elif "model" in spec and shape[spec.index("model")] % (model * data) == 0:
+            # no other axis divisible by data: split the model-split axis over both (e.g. (7, 300) on
+            # data=2,model=2 -> 300 / 4 per device, instead of 300 / 2 repeated over data)
+            spec[spec.index("model")] = ("model", "data")
     return P(*spec)
 
 
@@ -124,7 +129,7 @@ def frozen_sharding(frozen: Mapping, mesh: Mesh, *, min_size: int = 1024, strict
     Leaves with fewer than ``min_size`` elements (norms, biases) are replicated.  Kernels are split
     along their last axis over ``model`` (if the mesh has it and it divides; otherwise along their
     largest axis that it divides), then along their largest remaining divisible axis over ``data``
-    (FSDP).  A leaf with at least ``min_size`` elements that no mesh axis of size > 1 can split,
+    (FSDP), or, if no other axis divides, the ``model`` axis over both (``("model", "data")``).  A leaf with at least ``min_size`` elements that no mesh axis of size > 1 can split,
     although one of its dimensions is at least that axis size, would be held whole by every device:
     with ``strict`` (the default) that is a ``ValueError`` naming those leaves, their shapes and the
     axis sizes that would divide them; with ``strict=False`` they stay replicated.  So is, with
@@ -155,7 +160,7 @@ def frozen_sharding(frozen: Mapping, mesh: Mesh, *, min_size: int = 1024, strict
         spec = _spec_for(shape, mesh, name in ("kernel", "embedding"), min_size)
         if int(np.prod(shape)) >= min_size:
             large.append(f"{_path_str(path)} {shape}")
-            model_split = model_split or "model" in tuple(spec)
+            model_split = model_split or any(a == "model" or (isinstance(a, tuple) and "model" in a) for a in spec)
         splittable = any(n >= min(axes.values()) for n in shape) if axes else False  # not (), not (5,) on 8
         if splittable and int(np.prod(shape)) >= min_size and all(a is None for a in spec):
             divisors = sorted({q for n in shape for q in range(2, n + 1) if n % q == 0})
@@ -168,7 +173,8 @@ def frozen_sharding(frozen: Mapping, mesh: Mesh, *, min_size: int = 1024, strict
         raise ValueError(
             f"mesh {dict(mesh.shape)} does not divide {len(bad)} frozen weight(s): no axis of them is"
             f" divisible by {' or '.join(f'{k}={v}' for k, v in axes.items())}, so every device would"
-            f" hold them whole:\n  {listing}\nchoose mesh axis sizes that divide the weights' dimensions"
+            f" hold them whole:\n  {listing}\nchoose mesh axis sizes that divide the weights' dimensions, or"
+            " strict=False to keep them whole on every device (plain data parallelism for them)"
         )
     if strict and "model" in axes and large and not model_split:
         # tensor parallelism that splits nothing: every model-axis device computes the same thing
@@ -178,6 +184,26 @@ def frozen_sharding(frozen: Mapping, mesh: Mesh, *, min_size: int = 1024, strict
             f" by {axes['model']}), so its devices would all hold and compute the same: e.g."
             f" {', '.join(large[:4])}; choose a model size that divides the weights' dimensions, or drop the axis"
         )
+    return out
+
+
+def unsplit_weights(frozen: Mapping, mesh: Mesh, *, min_size: int = 1024) -> list[tuple[str, int]]:
+    """``(path and shape, bytes)`` of the frozen leaves with at least ``min_size`` elements that
+    :func:`frozen_sharding` (``strict=False``) leaves whole on every device of a mesh of more than
+    one device: what ``strict=True`` would refuse, and what a data-parallel run then holds per device.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> unsplit_weights({"w": {"kernel": jnp.zeros((64, 64))}}, make_mesh("data=1"))
+      []
+    """
+    if mesh.devices.size <= 1:
+        return []
+    specs = frozen_sharding(frozen, mesh, min_size=min_size, strict=False)
+    out = []
+    for (path, leaf), spec in zip(jax.tree_util.tree_leaves_with_path(frozen), jax.tree.leaves(specs)):
+        if int(np.prod(np.shape(leaf))) >= min_size and all(a is None for a in tuple(spec.spec)):
+            out.append((f"{_path_str(path)} {tuple(np.shape(leaf))}", int(np.prod(np.shape(leaf))) * np.dtype(leaf.dtype).itemsize))
     return out
 
 

@@ -179,7 +179,30 @@ def test_mesh_that_does_not_divide_the_weights_exits_2_and_writes_nothing(tmp_pa
     assert r.returncode == 2, r.stderr[-2000:]
     assert r.stderr.startswith("error: --mesh data=5: mesh {'data': 5} does not divide"), r.stderr[-2000:]
     assert "encoder/layer_0/attention/query/kernel (96, 96) (axis sizes that divide it: 2, 3, 4," in r.stderr
+    assert "or pass --replicate-unsplit to keep them whole on every device" in r.stderr, r.stderr[-2000:]
     assert not out.exists()
+
+
+def test_replicate_unsplit_runs_on_any_device_count_and_matches_one_device(tmp_path):
+    """5 devices and weights of even sizes: no mesh of 5 splits them, so the job is refused (above)
+    unless --replicate-unsplit keeps them whole on every device; that run says so and trains as one
+    device does (the same losses)."""
+    job = [*SMALL[:-2], "--batch-size", "35", "--steps", "3", "--save-every", "3", *FEW]
+    losses = {}
+    for name, devices, extra in (("five", 5, ["--replicate-unsplit"]), ("one", 1, [])):
+        r = subprocess.run(
+            [sys.executable, "-m", "train.finetune", "--output", str(tmp_path / name), *job, *extra],
+            capture_output=True, text=True, env=_env(devices), cwd=ROOT, timeout=600,
+        )
+        assert r.returncode == 0, r.stderr[-2000:]
+        rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        losses[name] = [row["loss"] for row in rows if "loss" in row]
+        if devices == 5:
+            assert "note: --replicate-unsplit:" in r.stdout and "cannot split are held whole by every device" in r.stdout
+            assert "encoder/layer_0/attention/key/kernel (96, 96)" in r.stdout, r.stdout[:2000]
+            assert "mesh                        | data=5" in r.stdout
+    assert len(losses["one"]) >= 2  # the logged steps (first and last)
+    np.testing.assert_allclose(losses["five"], losses["one"], rtol=2e-5)
 
 
 def test_npz_and_image_folder_data_load_exactly(tmp_path):

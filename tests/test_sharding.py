@@ -2,6 +2,8 @@
 fake devices, the FSDP / tensor-parallel split and the refusal of meshes that cannot split the
 weights: tests/test_finetune.py, in a subprocess.)"""
 
+import re
+
 import jax
 import numpy as np
 import pytest
@@ -65,7 +67,7 @@ def test_a_model_axis_that_splits_no_weight_is_refused():
     from jobs import ROOT, job_env
 
     code = textwrap.dedent("""
-        import jax, jax.numpy as jnp
+        import jax, jax.numpy as jnp, numpy as np
         from boft_jax import sharding as sh
         frozen = {"a": {"kernel": jnp.zeros((64, 32))}, "b": {"kernel": jnp.zeros((32, 16))}}
         mesh = sh.make_mesh("data=2,model=3", jax.devices()[:6])
@@ -78,6 +80,17 @@ def test_a_model_axis_that_splits_no_weight_is_refused():
         print("LOOSE", tuple(specs["a"]["kernel"].spec), tuple(specs["b"]["kernel"].spec))
         ok = sh.frozen_sharding(frozen, sh.make_mesh("data=2,model=4", jax.devices()), min_size=256)
         print("SPLIT", tuple(ok["a"]["kernel"].spec), tuple(ok["b"]["kernel"].spec))
+        three = sh.make_mesh("data=3", jax.devices()[:3])
+        mixed = {"a": {"kernel": jnp.zeros((64, 32))}, "c": {"kernel": jnp.zeros((48, 10), jnp.bfloat16)}}
+        # (7, 300): only the output axis divides; data=2,model=2 splits it over both (a quarter per device)
+        tall = {"k": {"kernel": jnp.asarray(np.random.default_rng().normal(size=(7, 300)), jnp.float32)}}
+        both = sh.make_mesh("data=2,model=2", jax.devices()[:4])
+        placed = sh.shard_frozen(tall, both, min_size=256)
+        x = np.random.default_rng().normal(size=(6, 7)).astype(np.float32)
+        got = jax.jit(lambda p, x: x @ p["k"]["kernel"])(placed, x)
+        print("BOTH", tuple(placed["k"]["kernel"].sharding.spec), max(sh.bytes_per_device(placed).values()),
+              float(np.abs(np.asarray(got) - x @ np.asarray(tall["k"]["kernel"])).max()))
+        print("WHOLE", sh.unsplit_weights(mixed, three, min_size=256), sh.unsplit_weights(mixed, sh.make_mesh("data=2,model=4", jax.devices()), min_size=256))
     """)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=job_env(8, fast_compile=True),
                        cwd=ROOT, timeout=300)
@@ -86,3 +99,8 @@ def test_a_model_axis_that_splits_no_weight_is_refused():
     assert "a/kernel (64, 32)" in r.stdout
     assert "LOOSE ('data', None) ('data', None)" in r.stdout, r.stdout
     assert "SPLIT ('data', 'model') ('data', 'model')" in r.stdout, r.stdout
+    both = re.search(r"BOTH \(None, \('model', 'data'\)\) (\d+) (\S+)", r.stdout)
+    assert both, r.stdout
+    assert int(both.group(1)) == 7 * 300 * 4 // 4 and float(both.group(2)) < 1e-5
+    # what strict=False leaves whole on every device, with its bytes: (64, 32) has no axis divisible by 3
+    assert "WHOLE [('a/kernel (64, 32)', 8192)] []" in r.stdout, r.stdout

@@ -89,6 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
         " time for a 12-layer model); the adapter is then stacked per layer",
     )
     o.add_argument("--mesh", default=None, help="device mesh, e.g. 'data=2,model=4' (default: data=<all devices>)")
+    o.add_argument(
+        "--replicate-unsplit", action="store_true",
+        help="keep frozen weights that no mesh axis divides whole on every device (plain data parallelism"
+        " for them: more memory per device, same results) instead of refusing the mesh; e.g. 3 devices"
+        " and weights of even sizes",
+    )
     o.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. in logs)")
     o.add_argument(
         "--system-malloc", action="store_true",
@@ -259,9 +265,17 @@ def run(argv=None) -> dict:
         _fail(f"--batch-size {args.batch_size} exceeds the {len(data.train)} training examples")
     frozen, _ = boft.split(boft.combine(params, adapter), config)
     try:
-        sh.frozen_sharding(frozen, mesh)  # a mesh that cannot split the weights: say so now
+        sh.frozen_sharding(frozen, mesh, strict=not args.replicate_unsplit)  # a mesh that cannot split the weights: say so now
     except ValueError as e:
-        _fail(f"--mesh {args.mesh or f'(default: data={jax.device_count()})'}: {e}")
+        # the library's advice, in this command's terms
+        advice = str(e).replace("strict=False", "pass --replicate-unsplit")
+        _fail(f"--mesh {args.mesh or f'(default: data={jax.device_count()})'}: {advice}")
+    if args.replicate_unsplit and (whole := sh.unsplit_weights(frozen, mesh)):
+        mib = sum(n for _, n in whole) / 2**20
+        print(
+            f"note: --replicate-unsplit: {len(whole)} frozen weight(s) ({mib:.1f} MiB) that mesh {dict(mesh.shape)}"
+            f" cannot split are held whole by every device, e.g. {', '.join(p for p, _ in whole[:3])}"
+        )
 
     steps = task_lib.DEFAULT_STEPS if args.steps is None else args.steps
     try:
@@ -308,6 +322,7 @@ def run(argv=None) -> dict:
         keep=args.keep,
         seed=args.seed,
         mesh=mesh,
+        replicate_unsplit=args.replicate_unsplit,
         progress=not args.no_progress,
         run_identity={
             "model": kind,
@@ -325,7 +340,7 @@ def run(argv=None) -> dict:
     # Place the weights once, as training does (frozen sharded over the mesh, adapter replicated):
     # the evaluation before training then runs on the same placement as training and the final
     # evaluation (one compilation of the evaluation step, not two; no full copy on one device).
-    frozen = sh.shard_frozen(frozen, mesh)
+    frozen = sh.shard_frozen(frozen, mesh, strict=not args.replicate_unsplit)
     adapter = jax.device_put(adapter, sh.replicated(mesh))
     task = task_lib.make_task(model, frozen, adapter, data)
     n_base = boft.count_params(frozen)

@@ -56,6 +56,9 @@ class TrainOptions:
     keep: int = 3
     seed: int = 0
     mesh: str | Mesh | None = None  # spec like 'data=2,model=4', a Mesh, or None for data=<all devices>
+    # Frozen weights that no mesh axis divides: False refuses the mesh (sharding.frozen_sharding's
+    # strict check); True keeps them whole on every device (plain data parallelism for them).
+    replicate_unsplit: bool = False
     progress: bool = True
     # What else defines the run (model, data, adapter config, precision...): stored with every
     # checkpoint; --resume refuses a checkpoint whose run differs from this one in any entry.
@@ -210,7 +213,7 @@ def fit(task: Task, opts: TrainOptions, out_dir: Path, *, resume: bool = False) 
     if opts.batch_size % data_size:
         raise ValueError(f"batch size {opts.batch_size} is not divisible by the mesh's data axis ({data_size})")
     rep = sh.replicated(mesh)
-    frozen = sh.shard_frozen(task.frozen, mesh)
+    frozen = sh.shard_frozen(task.frozen, mesh, strict=not opts.replicate_unsplit)
     optimizer = make_optimizer(opts)
     # The step donates the adapter and optimizer state; copy them so that donation never deletes
     # arrays the caller still holds (e.g. modules_to_save leaves shared with the frozen tree).
