@@ -345,6 +345,7 @@ def _check_config_fits(path: Path, adapter, config: BOFTConfig) -> None:
 
 
 _SHAPES_KEY = "_adapter_shapes"
+_OPT_SHAPES_KEY = "_opt_state_shapes"  # the optimizer state's leaves: another optimizer is named, not "damaged"
 _SUMS_KEY = "_checksums"  # sha256 of every adapter and optimizer-state leaf: orbax does not detect damage
 
 
@@ -410,7 +411,9 @@ class TrainCheckpointer:
             args=ocp.args.Composite(
                 adapter=ocp.args.StandardSave(adapter_out),
                 opt_state=ocp.args.StandardSave(opt_out),
-                state=ocp.args.JsonSave({**state, _SHAPES_KEY: _shapes(adapter), _SUMS_KEY: sums}),
+                state=ocp.args.JsonSave(
+                    {**state, _SHAPES_KEY: _shapes(adapter), _OPT_SHAPES_KEY: _shapes(opt_state), _SUMS_KEY: sums}
+                ),
             ),
             force=True,
         )
@@ -443,6 +446,28 @@ class TrainCheckpointer:
                 f" Remove {step_dir} to resume from {self._fallback()}"
             ) from None
 
+    def latest_state(self) -> tuple[int, dict[str, Any]] | None:
+        """``(step, state)`` of the newest step, its JSON state alone (no arrays are read), or ``None``
+        when there is no step: what a resume can compare with its own options before restoring."""
+        step = self._mngr.latest_step()
+        if step is None:
+            return None
+        step_dir = self.directory / str(step)
+        if not (step_dir / "state").exists():
+            found = sorted(p.name for p in step_dir.iterdir()) if step_dir.is_dir() else []
+            raise IncompleteCheckpoint(
+                f"{step_dir} is the newest step directory but not a complete training checkpoint (missing"
+                f" ['state'], found {found}); remove it to resume from {self._fallback()}"
+            )
+        try:
+            stored = self._mngr.restore(step, args=ocp.args.Composite(state=ocp.args.JsonRestore()))["state"]
+        except Exception as e:
+            raise ValueError(
+                f"step {step} in {self.directory}: unreadable training state ({_brief(e)})."
+                f" Remove {step_dir} to resume from {self._fallback()}"
+            ) from None
+        return step, {k: v for k, v in stored.items() if k not in (_SHAPES_KEY, _OPT_SHAPES_KEY, _SUMS_KEY)}
+
     def _fallback(self) -> str:
         """Where a resume goes once the newest step is removed: "step N" or "the start"."""
         earlier = sorted(self.all_steps())[:-1]
@@ -458,6 +483,16 @@ class TrainCheckpointer:
             raise _StepError(
                 f"step {step} in {self.directory} holds another adapter: {len(diff)} leaves differ, e.g. "
                 + "; ".join(f"{k}: stored {got.get(k)}, expected {want.get(k)}" for k in diff[:3])
+            )
+        want_opt = _shapes(opt_state_like)
+        if _OPT_SHAPES_KEY in stored and stored[_OPT_SHAPES_KEY] != want_opt:
+            got = stored[_OPT_SHAPES_KEY]
+            diff = sorted(k for k in set(got) | set(want_opt) if got.get(k) != want_opt.get(k))
+            raise _StepError(
+                f"step {step} in {self.directory} holds the state of another optimizer (its files are intact):"
+                f" {len(got)} optimizer-state leaves stored, {len(want_opt)} expected, {len(diff)} differ, e.g. "
+                + "; ".join(f"{k}: stored {got.get(k, 'absent')}, expected {want_opt.get(k, 'absent')}" for k in diff[:3])
+                + ". Resume with the optimizer (and its options) the checkpoint was written with"
             )
         abstract = lambda t: jax.tree.map(ocp.utils.to_shape_dtype_struct, t)  # noqa: E731
         # zero-size leaves were stored as one-element placeholders (_without_empty); the like trees say where
@@ -485,7 +520,7 @@ class TrainCheckpointer:
                     " checksums stored when the step was written: its files are damaged. Remove"
                     f" {self.directory / str(step)} to resume from {self._fallback()}"
                 )
-        state = {k: v for k, v in r["state"].items() if k not in (_SHAPES_KEY, _SUMS_KEY)}
+        state = {k: v for k, v in r["state"].items() if k not in (_SHAPES_KEY, _OPT_SHAPES_KEY, _SUMS_KEY)}
         return step, r["adapter"], opt_state, state
 
     def wait(self) -> None:

@@ -233,6 +233,31 @@ def test_train_checkpoint_with_a_damaged_array_is_an_error_not_garbage(tmp_path)
     tc.close()
 
 
+
+def test_train_checkpoint_of_another_optimizer_is_named_not_called_damaged(tmp_path):
+    """A step written with AdamW, restored into SGD with momentum or plain Adam state: the files are
+    fine, so the error says the optimizer state differs (which leaves), not "damaged ... remove it"."""
+    import optax
+
+    rng = np.random.default_rng()
+    adapter = {"l": {"kernel": {"skew": jnp.asarray(rng.standard_normal((2, 8, 6)), jnp.float32),
+                                "scale": jnp.asarray(rng.standard_normal(32), jnp.float32)}}}
+    written = optax.adamw(1e-3)
+    tc = ck.TrainCheckpointer(tmp_path, save_every=1, async_save=False)
+    tc.save(3, adapter, written.init(adapter), {"step": 3, "seed": 1})
+    tc.close()
+    tc = ck.TrainCheckpointer(tmp_path, save_every=1, async_save=False)
+    assert tc.latest_state() == (3, {"step": 3, "seed": 1})  # the JSON state alone, no private keys
+    for other in (optax.sgd(1e-3, momentum=0.9), optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-3))):
+        with pytest.raises(ValueError, match=r"step 3 .* holds the state of another optimizer \(its files are intact\)"
+                                             r".*optimizer-state leaves stored.*Resume with the optimizer") as e:
+            tc.restore_latest(adapter, other.init(adapter))
+        assert "damaged" not in str(e.value)
+    step, _, opt_state, _ = tc.restore_latest(adapter, written.init(adapter))  # the same optimizer: fine
+    assert step == 3 and jax.tree.structure(opt_state) == jax.tree.structure(written.init(adapter))
+    tc.close()
+    assert ck.TrainCheckpointer(tmp_path / "none", save_every=1, async_save=False).latest_state() is None
+
 def test_block_size_one_layers_zero_size_skews_save_and_restore(tmp_path):
     """A layer with block size 1 (PEFT's OFT adjusts r to d_in on narrow layers) has a zero-size
     skew, which orbax cannot store; adapter and training checkpoints keep it (shape and dtype) next

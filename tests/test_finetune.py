@@ -335,16 +335,26 @@ def test_cli_options_reach_the_adapter_and_keep_and_resume_mismatch(tmp_path, ca
     before = {p.name: p.stat().st_mtime_ns for p in (out / "adapter").rglob("*")}
     assert finetune.main([*args, "--resume", "--seed", "5"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: --resume: the checkpoint was written with batch size 16 and seed 0"), err
+    assert err.startswith("error: --resume: the checkpoint at step 8 in"), err
+    assert "(1 difference(s)): seed: checkpoint 0, now 5." in err, err
     other = [*args, "--resume"]
     other[other.index("--block-num") + 1] = "4"  # other adapter shapes than the checkpoint's
     assert finetune.main(other) == 2
+    captured = capsys.readouterr()
+    assert "(1 difference(s)): boft.block_num: checkpoint 8, now 4." in captured.err, captured.err
+    assert "before finetuning" not in captured.out  # refused before any evaluation
+    # several differences at once: every one named (not only the first found)
+    several = [*args, "--resume", "--lr", "1e-2", "--seed", "3", "--dropout", "0.1"]
+    several[several.index("--block-num") + 1] = "4"
+    assert finetune.main(several) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: --resume: the checkpoint in") and "does not match this run's adapter" in err, err
+    for shown in ("4 difference(s)", "seed: checkpoint 0, now 3", "learning_rate: checkpoint 0.005, now 0.01",
+                  "boft.dropout: checkpoint 0.0, now 0.1", "boft.block_num: checkpoint 8, now 4"):
+        assert shown in err, (shown, err)
     # other training options (same adapter shapes): named, refused
     for flag, value, shown in (("--lr", "1e-2", "learning_rate: checkpoint 0.005, now 0.01"),
                                ("--steps", "12", "steps: checkpoint 8, now 12"),
-                               ("--cayley", "exact", '"cayley": "neumann"'),
+                               ("--cayley", "exact", 'boft.cayley: checkpoint "neumann", now "exact"'),
                                ("--precision", "float32", 'precision: checkpoint "bf16", now "float32"')):
         changed = [*args, "--resume", flag, value]
         if flag == "--cayley":
@@ -729,4 +739,4 @@ def test_scan_layers_job_matches_the_unrolled_job(tmp_path, capsys):
         np.testing.assert_allclose(merged_s[k], u, rtol=1e-4, atol=1e-5, err_msg=k)
     capsys.readouterr()
     assert finetune.main(["--output", str(tmp_path / "scanned"), *common, "--resume"]) == 2  # without the flag
-    assert "does not match this run's adapter" in capsys.readouterr().err
+    assert "scan_layers: checkpoint true, now null" in capsys.readouterr().err

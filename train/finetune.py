@@ -352,6 +352,11 @@ def run(argv=None) -> dict:
         f" {loop.fmt_params(n_train, n_base)}; devices: {jax.device_count()} {jax.devices()[0].platform};"
         f" host allocator: {allocator}"
     )
+    if args.resume:  # every difference from the checkpoint's run, before any evaluation or training
+        try:
+            loop.check_resume(out, opts)
+        except loop.ResumeMismatch as e:
+            _fail(str(e))
     t_start = time.time()
     acc_before = task.evaluate(model, boft.combine(frozen, adapter), data.test)
     print(f"held-out {task_lib.METRIC} before finetuning: {acc_before:.3f}")

@@ -92,12 +92,20 @@ class ResumeMismatch(ValueError):
     """``--resume`` found a checkpoint of another run (options, adapter shapes) or a damaged one."""
 
 
-def _identity_diff(stored: dict, current: dict) -> list[str]:
-    return [
-        f"{k}: checkpoint {json.dumps(stored[k])}, now {json.dumps(current.get(k))}"
-        for k in sorted(stored)
-        if stored[k] != json.loads(json.dumps(current.get(k)))  # compare as the JSON state stores them
-    ]
+def _identity_diff(stored: dict, current: dict, prefix: str = "") -> list[str]:
+    """Every entry where the checkpoint's run differs from this one, nested dicts (the BOFT config)
+    by field: ``["boft.dropout: checkpoint 0.0, now 0.1", "learning_rate: ..."]``."""
+    current = json.loads(json.dumps(current))  # compare as the JSON state stores them
+    out = []
+    for k in sorted(set(stored) | set(current), key=str):
+        a, b = stored.get(k), current.get(k)
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _identity_diff(a, b, f"{prefix}{k}.")
+        elif k in stored:  # an entry this run does not record is not a difference of options
+            out.append(f"{prefix}{k}: checkpoint {json.dumps(a)}, now {json.dumps(b)}")
+    return out
 
 
 class Terminated(KeyboardInterrupt):
@@ -165,34 +173,54 @@ def _fresh_copy(tree):
 def _restore_for_resume(ckpt: TrainCheckpointer, adapter, opt_state, opts: TrainOptions, identity: dict, out_dir: Path):
     """The newest checkpoint as ``(step, adapter, opt_state, state)`` (``None`` when there is none), or
     :class:`ResumeMismatch` when it is damaged or belongs to a run with other options."""
+    if check_resume(ckpt, opts, identity, out_dir) is None:
+        return None
     try:
-        restored = ckpt.restore_latest(adapter, opt_state)
+        return ckpt.restore_latest(adapter, opt_state)
     except IncompleteCheckpoint as e:
         raise ResumeMismatch(f"--resume: {e}") from None
-    except ValueError as e:  # orbax: shapes or tree structure differ from this run's adapter
-        raise ResumeMismatch(
-            f"--resume: the checkpoint in {out_dir / 'checkpoints'} does not match this run's adapter"
-            f" (another BOFT configuration or model?): {e}"
-        ) from None
-    if restored is None:
+    except ValueError as e:  # shapes or tree structure differ from this run's, or damaged files
+        raise ResumeMismatch(f"--resume: the checkpoint in {out_dir / 'checkpoints'} cannot be resumed here: {e}") from None
+
+
+def check_resume(ckpt: TrainCheckpointer | Path, opts: TrainOptions, identity: dict | None = None,
+                 out_dir: Path | None = None) -> int | None:
+    """The step a resume would start from (``None``: no checkpoint), after comparing the newest
+    checkpoint's recorded options with ``opts`` (no arrays are read, so a job can call it before
+    any work).  :class:`ResumeMismatch` lists *every* difference: batch size, seed, learning-rate
+    schedule, the run identity (model, data, each BOFT config field, precision...)."""
+    if not isinstance(ckpt, TrainCheckpointer):
+        out_dir = Path(ckpt)
+        if not (out_dir / "checkpoints").is_dir():
+            return None
+        ckpt = TrainCheckpointer(out_dir / "checkpoints", save_every=opts.save_every, keep=opts.keep)
+        try:
+            return check_resume(ckpt, opts, identity, out_dir)
+        finally:
+            ckpt.close()
+    identity = opts.identity() if identity is None else identity
+    try:
+        latest = ckpt.latest_state()
+    except IncompleteCheckpoint as e:
+        raise ResumeMismatch(f"--resume: {e}") from None
+    except ValueError as e:
+        raise ResumeMismatch(f"--resume: {e}") from None
+    if latest is None:
         return None
-    start, _, _, state = restored
-    if state.get("batch_size") != opts.batch_size or state.get("seed") != opts.seed:
-        raise ResumeMismatch(
-            f"--resume: the checkpoint was written with batch size {state.get('batch_size')} and seed"
-            f" {state.get('seed')}, not {opts.batch_size} and {opts.seed}; resuming would not continue"
-            " the same run"
-        )
-    diff = _identity_diff(state.get("run", {}), identity)
+    start, state = latest
+    diff = [f"{k}: checkpoint {json.dumps(state.get(k))}, now {json.dumps(v)}"
+            for k, v in (("batch_size", opts.batch_size), ("seed", opts.seed)) if state.get(k) != v]
+    diff += [d for d in _identity_diff(state.get("run", {}), identity)
+             if not d.startswith(("batch_size:", "seed:"))]  # said above already
     if diff:
         raise ResumeMismatch(
             f"--resume: the checkpoint at step {start} in {out_dir / 'checkpoints'} belongs to a run with other"
-            f" options, so resuming would not continue it: {'; '.join(diff)}. Use the same options, or start a"
-            " new run (another --output, or --overwrite)"
+            f" options, so resuming would not continue it ({len(diff)} difference(s)): {'; '.join(diff)}. Use the"
+            " same options, or start a new run (another --output, or --overwrite)"
         )
     if start > opts.steps:
         raise ResumeMismatch(f"--resume: the checkpoint is at step {start}, past --steps {opts.steps}")
-    return restored
+    return start
 
 
 def fit(task: Task, opts: TrainOptions, out_dir: Path, *, resume: bool = False) -> dict[str, Any]:
