@@ -32,6 +32,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import uuid
 import warnings
 from pathlib import Path
@@ -42,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from boft_jax.config import BOFTConfig
+from boft_jax.config import BOFTConfig, layer_label
 from boft_jax.orthogonal import block_size_from_num_params
 from boft_jax.sharding import gather_to_host, is_main_process
 
@@ -140,7 +141,7 @@ def save_adapter(
         if path.exists():
             stale += _olds(path, complete_only=False)
         for p in stale:
-            shutil.rmtree(p, ignore_errors=True)
+            _remove_or_warn(p)
     if multi:  # every process must see the recovered state before deciding anything
         from jax.experimental import multihost_utils
 
@@ -148,6 +149,12 @@ def save_adapter(
     if path.exists() and not overwrite:
         raise FileExistsError(f"adapter checkpoint {path} exists; pass overwrite=True to replace it")
     if main:
+        blocking = next((a for a in (path, *path.parents) if a.exists() and not a.is_dir()), None)
+        if blocking is not None:
+            raise NotADirectoryError(
+                f"cannot save an adapter checkpoint at {path}: {blocking} is a file; an adapter checkpoint"
+                " is a directory, so give a path whose existing parts are directories"
+            )
         path.parent.mkdir(parents=True, exist_ok=True)
     # Every process takes part in orbax's save (it synchronizes them) under one shared temporary
     # name; only process 0 renames.
@@ -168,13 +175,30 @@ def save_adapter(
             # the next save), never a half-deleted `.old-*` that recovery could take for a checkpoint.
             trash = path.with_name(f".{path.name}.trash-{uuid.uuid4().hex[:8]}")
             os.replace(old, trash)
-            shutil.rmtree(trash, ignore_errors=True)
+            _remove_or_warn(trash)
         else:
             os.replace(tmp, path)
     if multi:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(f"boft_jax.save_adapter:{tag:08x}")
+
+
+def _remove_or_warn(p: Path) -> None:
+    """Delete a replaced or stale checkpoint copy; one that cannot be deleted (permissions, a busy
+    file system) is left in place with a warning naming it, not silently (it holds disk space)."""
+    errors: list[str] = []
+    if sys.version_info >= (3, 12):
+        shutil.rmtree(p, onexc=lambda fn, name, exc: errors.append(f"{name}: {exc}"))
+    else:
+        shutil.rmtree(p, onerror=lambda fn, name, info: errors.append(f"{name}: {info[1]}"))
+    if p.exists():
+        warnings.warn(
+            f"could not delete {p}, a replaced or stale copy of an adapter checkpoint ({len(errors)} error(s),"
+            f" e.g. {errors[0] if errors else 'unknown'}); the new checkpoint is complete, but this copy stays"
+            " on disk until it is removed by hand or a later save can delete it",
+            stacklevel=3,
+        )
 
 
 def _checksums(tree) -> dict[str, str]:
@@ -315,7 +339,8 @@ def load_adapter(path: str | os.PathLike) -> tuple[dict, BOFTConfig, dict]:
 
 
 def _check_config_fits(path: Path, adapter, config: BOFTConfig) -> None:
-    """The stored config must describe the stored blocks (factor count, block size / count)."""
+    """The stored config must describe the stored blocks (factor count, block size / count) and
+    select every stored layer (targets / exclude)."""
     problems = []
 
     def walk(tree, where):
@@ -330,6 +355,9 @@ def _check_config_fits(path: Path, adapter, config: BOFTConfig) -> None:
                     fits = False
                 if not fits:
                     problems.append(f"{where}: blocks (m={m}, k={k}, b={b})")
+                elif not config.matches(layer):  # a model wrapped with this config would not adapt it
+                    problems.append(f"{layer_label(layer)} is not selected by its targets {config.targets}"
+                                    f" (exclude {config.exclude})")
                 return
             for key, v in tree.items():
                 walk(v, f"{where}/{key}" if where else str(key))

@@ -300,3 +300,41 @@ def test_block_size_one_layers_zero_size_skews_save_and_restore(tmp_path):
         for x, y in zip(jax.tree.leaves(want), jax.tree.leaves(have)):
             assert (x.shape, x.dtype) == (y.shape, y.dtype)
             np.testing.assert_array_equal(x, y)
+
+
+def test_a_replaced_checkpoint_that_cannot_be_deleted_is_named_and_a_file_in_the_path_is_refused(tmp_path, monkeypatch):
+    """Overwriting: the old copy is renamed, then deleted; when deletion fails (permissions, a busy
+    file system) the new checkpoint is still complete and a warning names the copy left on disk.
+    A path under a file is refused with a message naming the file, before anything is written."""
+    path = tmp_path / "ckpt"
+    ck.save_adapter(path, _adapter(1), CFG)
+
+    def failing_rmtree(p, *args, **kwargs):  # what rmtree does when the files are not ours to delete
+        handler = kwargs.get("onexc") or kwargs.get("onerror")
+        handler(os.unlink, str(p), PermissionError(13, "Permission denied") if "onexc" in kwargs
+                else (PermissionError, PermissionError(13, "Permission denied"), None))
+
+    monkeypatch.setattr(ck.shutil, "rmtree", failing_rmtree)
+    with pytest.warns(UserWarning, match=r"could not delete .*\.ckpt\.trash-.*Permission denied.*new checkpoint is complete"):
+        ck.save_adapter(path, _adapter(2), CFG, overwrite=True)
+    monkeypatch.undo()
+    np.testing.assert_array_equal(ck.load_adapter(path)[0]["l"]["bias"], _adapter(2)["l"]["bias"])
+    ck.save_adapter(path, _adapter(3), CFG, overwrite=True)  # the next save removes the leftover
+    assert _leftovers(tmp_path) == []
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(NotADirectoryError, match=r"afile is a file; an adapter checkpoint is a directory"):
+        ck.save_adapter(tmp_path / "afile" / "sub" / "ckpt", _adapter(1), CFG)
+    assert (tmp_path / "afile").read_text() == "x"
+
+
+
+def test_a_config_that_does_not_select_the_stored_layers_is_refused(tmp_path):
+    """save_adapter with a config whose targets miss a stored layer: a model wrapped with it would not
+    adapt that layer (the mismatch would surface only at apply time); refused, naming the layer."""
+    wrong = boft.BOFTConfig(block_size=4, n_factors=2, targets="nothing")
+    with pytest.raises(ValueError, match=r"does not describe its arrays: layer 'l' is not selected by its targets \('nothing',\)"):
+        ck.save_adapter(tmp_path / "a", _adapter(1), wrong)
+    excluded = boft.BOFTConfig(block_size=4, n_factors=2, targets=".*", exclude="l")
+    with pytest.raises(ValueError, match=r"layer 'l' is not selected"):
+        ck.save_adapter(tmp_path / "a", _adapter(1), excluded)
+    assert not (tmp_path / "a").exists()

@@ -233,6 +233,34 @@ def test_cpu_fallback_adapter_warns_and_uses_the_tensors():
     assert model.config.n_factors == 1
 
 
+
+def test_factor_count_that_contradicts_the_tensors_is_refused(tmp_path):
+    """A config saying 3 factors over boft_R tensors of 2: not PEFT's CPU fallback (that holds 1), and
+    PEFT itself cannot load it; refused, naming both counts."""
+    bad = copy_fixture("vit_m2_head", tmp_path)
+    edit_config(bad, boft_n_butterfly_factor=3)
+    with pytest.raises(ValueError, match=r"boft_n_butterfly_factor = 3, but its boft_R tensors hold 2 factors"):
+        load_peft_adapter(bad, *base("vit"))
+
+
+def test_adapter_tensors_with_nan_or_inf_are_refused(tmp_path):
+    """A diverged PEFT run's adapter (NaN / inf in boft_R or boft_s) would make every adapted output
+    NaN: refused, naming the tensors and how many entries are bad."""
+    bad = copy_fixture("vit_m2_head", tmp_path)
+
+    def poison(t):
+        key = sorted(k for k in t if k.endswith("boft_R"))[0]
+        r = t[key].copy()
+        r.reshape(-1)[np.random.default_rng().integers(r.size)] = np.nan
+        scale_key = sorted(k for k in t if k.endswith("boft_s"))[-1]
+        s = t[scale_key].copy()
+        s.reshape(-1)[:2] = np.inf
+        return {**t, key: r, scale_key: s}
+
+    edit_tensors(bad, poison)
+    with pytest.raises(ValueError, match=r"2 tensor\(s\) hold NaN or infinite values.*boft_R \(1 of .*boft_s \(2 of"):
+        load_peft_adapter(bad, *base("vit"))
+
 def test_v5_names_invert_the_models_aliases():
     """transformers-5 names (vit.HF_KEY_ALIASES_V5) invert vit.HF_KEY_ALIASES and are what transformers 5 uses."""
     keymap = peft_io._KeyMap(base("vit")[0])

@@ -245,7 +245,16 @@ def read_peft_adapter(adapter_dir: str | os.PathLike) -> tuple[dict[str, Any], d
         )
     from boft_jax.models.hf import _load_safetensors  # a damaged file is a ValueError naming it
 
-    return config, _load_safetensors(weights)
+    tensors = _load_safetensors(weights)
+    bad = [f"{k} ({int(np.size(v) - np.isfinite(v).sum())} of {np.size(v)})" for k, v in sorted(tensors.items())
+           if jnp.issubdtype(np.asarray(v).dtype, jnp.inexact) and not np.isfinite(v).all()]
+    if bad:
+        raise ValueError(
+            f"{str(weights)!r}: {len(bad)} tensor(s) hold NaN or infinite values, which would make every output"
+            f" of the adapted layers NaN: {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}. The training run"
+            " that wrote them diverged; use an earlier checkpoint of it"
+        )
+    return config, tensors
 
 
 def _strip_prefix(key: str) -> str:
@@ -803,6 +812,13 @@ def load_peft_adapter(
                 )
             structure = {"block_size": bs[0]}
         cfg_m = _cfg_field(peft_cfg, "boft_n_butterfly_factor", 1, int, where)
+        if cfg_m != m and m != 1:
+            raise ValueError(
+                f"{where}: adapter_config.json says boft_n_butterfly_factor = {cfg_m}, but its boft_R tensors hold"
+                f" {m} factors: neither PEFT (which would build {cfg_m} factor(s), or one without its CUDA extension)"
+                " nor boft_jax can tell which is meant; fix boft_n_butterfly_factor in the config to the tensors'"
+                f" {m}, or use the adapter the config belongs to"
+            )
         if cfg_m != m:
             warnings.warn(
                 f"{where}: adapter_config.json says boft_n_butterfly_factor = {cfg_m}, but its boft_R tensors hold"
