@@ -183,13 +183,30 @@ def test_all_mismatches_are_reported_together(tmp_path):
     assert "encoder.block.0.layer.0.SelfAttention.extra (shape (2,))" in message
 
 
-def test_untied_t5_without_lm_head_is_an_error(tmp_path):
+def test_untied_t5_without_lm_head_loads_tied_unscaled_as_transformers_5(tmp_path):
+    """tie_word_embeddings = false and no lm_head.weight: transformers 5 ties the head to the shared
+    embedding (no output scaling); boft_jax does the same, with a warning.  Reference: the same
+    checkpoint with an explicit untied head equal to the shared embedding."""
     def drop_head(state):
         del state["lm_head.weight"]
 
+    def shared_head(state):
+        state["lm_head.weight"] = state["shared.weight"].copy()
+
     path = copy_with_state(FIXTURES / "t5_gated", tmp_path / "h", drop_head, {"tie_word_embeddings": False})
-    with pytest.raises(ValueError, match=r"lm_head\.weight \(expected shape \(64, 32\)\)"):
-        t5.from_pretrained(path)
+    with pytest.warns(UserWarning, match="holds no lm_head.weight: the LM head is the shared embedding"):
+        module, params = t5.from_pretrained(path)
+    assert module.config.tie_word_embeddings and not module.config.scale_decoder_outputs and "lm_head" not in params
+    ref_module, ref_params = t5.from_pretrained(
+        copy_with_state(FIXTURES / "t5_gated", tmp_path / "r", shared_head, {"tie_word_embeddings": False})
+    )
+    assert not ref_module.config.tie_word_embeddings
+    rng = np.random.default_rng()
+    ids, dec = jnp.asarray(rng.integers(2, 64, (2, 5))), jnp.asarray(rng.integers(2, 64, (2, 4)))
+    mask = jnp.ones((2, 5), jnp.int32)
+    got = module.apply({"params": params}, ids, mask, dec)
+    want = ref_module.apply({"params": ref_params}, ids, mask, dec)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
 
 
 def test_nonexistent_path_is_a_clear_error(tmp_path):

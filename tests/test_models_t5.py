@@ -295,6 +295,57 @@ def test_invalid_feed_forward_proj_is_an_error():
         t5.T5Config(feed_forward_proj="relu-gated")
 
 
+
+def _np_gelu_tanh(x):
+    return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
+
+
+@pytest.mark.parametrize("file_keys,gated,act", [
+    ({"dense_act_fn": "silu"}, True, lambda x: x / (1 + np.exp(-x))),  # gated, but SiLU, not gated-gelu's gelu_new
+    ({"is_gated_act": False}, False, _np_gelu_tanh),  # one 'wi', gelu_new
+    ({}, True, _np_gelu_tanh),  # derived from feed_forward_proj alone
+])
+def test_dense_act_fn_and_is_gated_act_in_config_json_override_feed_forward_proj(file_keys, gated, act):
+    """transformers derives dense_act_fn / is_gated_act from feed_forward_proj and lets config.json's
+    own values override them; the MLP follows them (checked against the formula in float64), and
+    to_hf_dict writes them so that an export loads the same MLP."""
+    d = {"vocab_size": 40, "d_model": 8, "d_kv": 4, "d_ff": 12, "num_layers": 1, "num_heads": 2,
+         "feed_forward_proj": "gated-gelu", **file_keys}
+    cfg = t5.T5Config.from_hf_dict(d)
+    assert cfg.is_gated == gated
+    assert t5.T5Config.from_hf_dict(cfg.to_hf_dict()) == cfg
+    assert {k: cfg.to_hf_dict()[k] for k in ("dense_act_fn", "is_gated_act")} == {
+        "dense_act_fn": file_keys.get("dense_act_fn", "gelu_new"), "is_gated_act": gated}
+    rng = np.random.default_rng()
+    x = rng.normal(size=(3, 8))
+    mlp = t5.T5MLP(cfg)
+    params = jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape), jnp.float32),
+                          mlp.init(jax.random.key(0), jnp.zeros((1, 8)))["params"])
+    w = {k: np.asarray(v["kernel"], np.float64) for k, v in params.items()}
+    assert set(w) == ({"wi_0", "wi_1", "wo"} if gated else {"wi", "wo"})
+    h = act(x @ w["wi_0"]) * (x @ w["wi_1"]) if gated else act(x @ w["wi"])
+    got = mlp.apply({"params": params}, jnp.asarray(x, jnp.float32))
+    np.testing.assert_allclose(np.asarray(got, np.float64), h @ w["wo"], rtol=2e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="unsupported activation 'nope'"):
+        t5.T5Config.from_hf_dict({**d, "dense_act_fn": "nope"})
+    with pytest.raises(ValueError, match="is_gated_act must be true or false"):
+        t5.T5Config.from_hf_dict({**d, "is_gated_act": "yes"})
+
+
+def test_untied_config_without_lm_head_weights_loads_tied_unscaled_as_transformers_5():
+    """config.json with tie_word_embeddings = false (transformers-4 v1.1 configs) over a checkpoint with
+    no lm_head.weight: transformers 5 ties the head to the shared embedding without scaling; so does
+    boft_jax, with a warning saying so (transformers 4 would start from a random head)."""
+    cfg = t5.T5Config.from_hf_dict({"vocab_size": 40, "d_model": 8, "d_kv": 4, "d_ff": 12, "num_layers": 1,
+                                    "num_heads": 2, "tie_word_embeddings": False})
+    state = {"shared.weight": np.ones((40, 8), np.float32)}
+    with pytest.warns(UserWarning, match="holds no lm_head.weight: the LM head is the shared embedding, without"):
+        tied = t5.resolve_tying(cfg, state)
+    assert tied.tie_word_embeddings and not tied.scale_decoder_outputs
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a head of its own: untied, no warning
+        assert t5.resolve_tying(cfg, {**state, "lm_head.weight": np.zeros((40, 8), np.float32)}) == cfg
+
 # ---- BOFT target presets ------------------------------------------------------------------
 
 

@@ -93,6 +93,10 @@ class T5Config:
     dropout_rate: float = 0.1
     layer_norm_epsilon: float = 1e-6
     feed_forward_proj: str = "relu"
+    # transformers derives these two from feed_forward_proj, and a config.json that holds them
+    # overrides that (transformers 4 and 5 alike); None: derived here as transformers does
+    dense_act_fn: str | None = None
+    is_gated_act: bool | None = None
     tie_word_embeddings: bool = True
     scale_decoder_outputs: bool | None = None
     pad_token_id: int = 0
@@ -121,18 +125,27 @@ class T5Config:
                 f"feed_forward_proj {self.feed_forward_proj!r} is not 'ACT' or 'gated-ACT' "
                 f"(e.g. 'relu', 'gated-gelu')"
             )
-        hf.activation(self.activation)
+        if self.dense_act_fn is None:
+            # As transformers: "gated-gelu" means the tanh GELU (gelu_new); other names are literal.
+            derived = "gelu_new" if self.feed_forward_proj == "gated-gelu" else parts[-1]
+            object.__setattr__(self, "dense_act_fn", derived)
+        if self.is_gated_act is None:
+            object.__setattr__(self, "is_gated_act", parts[0] == "gated" and len(parts) == 2)
+        if not isinstance(self.is_gated_act, (bool, np.bool_)):
+            raise ValueError(f"T5Config.is_gated_act must be true or false, got {self.is_gated_act!r}")
+        if not isinstance(self.dense_act_fn, str):
+            raise ValueError(f"T5Config.dense_act_fn must be an activation name, got {self.dense_act_fn!r}")
+        hf.activation(self.dense_act_fn)
 
     @property
     def is_gated(self) -> bool:
-        return self.feed_forward_proj.startswith("gated-")
+        """Whether the MLP is gated (``wi_0``, ``wi_1``): ``is_gated_act``."""
+        return bool(self.is_gated_act)
 
     @property
     def activation(self) -> str:
-        # As transformers: "gated-gelu" means the tanh GELU (gelu_new); other names are literal.
-        if self.feed_forward_proj == "gated-gelu":
-            return "gelu_new"
-        return self.feed_forward_proj.split("-")[-1]
+        """The MLP's activation name: ``dense_act_fn``."""
+        return self.dense_act_fn
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
@@ -199,8 +212,10 @@ def relative_position_buckets(bidirectional: bool, num_buckets: int, max_distanc
     positions beyond ``h`` (``max_distance`` in a usual setting) share the last bucket, so clipping
     changes nothing.  Computed once in numpy with the float32 arithmetic of transformers'
     ``_relative_position_bucket`` (the log-spaced bucket edges fall exactly on integers for the
-    default 32/128 setting, so the rounding must match, and a table makes the result independent
-    of the backend's ``log``).
+    default 32/128 setting, so the rounding must match; the table makes the result independent of
+    the accelerator's ``log``, not of numpy's against torch's: they agreed on every setting with
+    ``max_distance`` above the exact range compared, and differ by one ulp in a few degenerate
+    settings, which warn below).
 
     When ``max_distance`` is not above the exact range (``max_exact = num_buckets // 2``, halved
     again when bidirectional), transformers' formula divides by ``log(max_distance / max_exact) <=
@@ -801,6 +816,17 @@ def resolve_tying(config: T5Config, state: Mapping[str, np.ndarray]) -> T5Config
     if config.tie_word_embeddings and "lm_head.weight" in state and "shared.weight" in state:
         if not np.array_equal(state["lm_head.weight"], state["shared.weight"]):
             return dataclasses.replace(config, tie_word_embeddings=False)
+    if not config.tie_word_embeddings and "lm_head.weight" not in state and "shared.weight" in state:
+        # transformers 5 always ties the head (a config's tie_word_embeddings = false only turns off
+        # the output scaling), so such a checkpoint loads there with the shared embedding as head
+        warnings.warn(
+            "config.json says tie_word_embeddings = false, but the checkpoint holds no lm_head.weight: the LM"
+            " head is the shared embedding, without the d_model^-0.5 scaling, as transformers 5 loads it"
+            " (transformers 4 would start from a random head instead)",
+            UserWarning,
+            stacklevel=3,
+        )
+        return dataclasses.replace(config, tie_word_embeddings=True)
     return config
 
 
