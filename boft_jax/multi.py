@@ -404,8 +404,7 @@ def generate_multi(
     """Greedy decoding of a wrapped encoder-decoder (``boft_jax.models.t5.T5``), sequence ``j``
     with adapter ``adapter_ids[j]`` (or the base model for :data:`BASE`).
 
-    Same contract as ``T5.generate`` (except that ``max_new_tokens`` must be at least 1; ``T5.generate``
-    also takes 0): returns ``(batch, 1 + max_new_tokens)`` int32 tokens starting
+    Same contract as ``T5.generate``: returns ``(batch, 1 + max_new_tokens)`` int32 tokens starting
     with the decoder start token, padding after a row's EOS; the loop stops when every row is done.
     Row ``j`` equals greedy decoding of sequence ``j`` alone with ``combine(frozen, adapter)``.
 
@@ -425,8 +424,8 @@ def generate_multi(
             "generate_multi needs a wrapped encoder-decoder with encode / init_cache / decode(cache=...)"
             f" methods (boft.wrap(boft_jax.models.t5.T5(...), config)), got {type(base).__name__}"
         )
-    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
     eos = cfg.eos_token_ids if eos_token_id is None else eos_token_id
     eos_ids = jnp.atleast_1d(jnp.asarray(eos, jnp.int32))
     pad = int(cfg.pad_token_id if pad_token_id is None else pad_token_id)
@@ -453,7 +452,7 @@ def _generate_multi_impl(frozen, stacked, ids, input_ids, attention_mask, eos_id
         ids1 = ids_j[None]
         mask1 = None if mask_j is None else mask_j[None]
         enc = model.apply(variables, ids1, mask1, method="encode")
-        cache = dict(model.apply(variables, enc, mask1, max_new_tokens, method="init_cache"))
+        cache = dict(model.apply(variables, enc, mask1, max(max_new_tokens, 1), method="init_cache"))
         cache.pop("index")  # the step index is shared by every sequence: kept out of the vmap
         return cache
 

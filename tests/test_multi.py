@@ -430,3 +430,13 @@ def test_t5_generate_multi_ids_and_recompiles():
     out = np.asarray(out)
     assert (out[2] == multi.INVALID_TOKEN).all()
     np.testing.assert_array_equal(np.delete(out, 2, 0), np.delete(np.asarray(outs[1]), 2, 0))
+    # max_new_tokens = 0, as T5.generate: the decoder start token alone, in every row
+    zero = multi.generate_multi(case.model, case.frozen, case.stacked, jnp.asarray(mixes[1]), case.input_ids, case.mask,
+                                max_new_tokens=0)
+    single = one(boft.combine(case.frozen, case.adapters[1]), case.input_ids[:1], case.mask[:1], max_new_tokens=0)
+    assert zero.shape == (5, 1) and single.shape == (1, 1)
+    np.testing.assert_array_equal(zero, np.full((5, 1), single[0, 0]))
+    for bad in (-1, 2.0, True):
+        with pytest.raises(ValueError, match=r"max_new_tokens must be an int >= 0"):
+            multi.generate_multi(case.model, case.frozen, case.stacked, jnp.asarray(mixes[1]), case.input_ids, case.mask,
+                                 max_new_tokens=bad)
