@@ -90,6 +90,12 @@ def test_generation_stops_when_every_row_has_ended(gated):
     )
     np.testing.assert_array_equal(tokens[:, :2], np.stack([np.zeros(3), first], axis=1))
     np.testing.assert_array_equal(tokens[:, 2:], 0)
+    # max_new_tokens = 0: the start token alone; a count that is not an int >= 0 is named
+    none = gated.generate(gated.params, ref["input_ids"], ref["attention_mask"], max_new_tokens=0)
+    np.testing.assert_array_equal(none, np.full((3, 1), gated.module.config.decoder_start_token_id))
+    for bad in (-1, 2.0, True):
+        with pytest.raises(ValueError, match=r"max_new_tokens must be an int >= 0"):
+            gated.generate(gated.params, ref["input_ids"], ref["attention_mask"], max_new_tokens=bad)
 
 
 def test_head_tying_and_scaling_follow_the_checkpoint(variant):

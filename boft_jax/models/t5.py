@@ -698,6 +698,8 @@ def generate(
     each row's EOS. Jit it with ``static_argnames="max_new_tokens"`` (and ``module`` static, e.g.
     via ``functools.partial``).
     """
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an int >= 0 (static under jax.jit), got {max_new_tokens!r}")
     cfg = _t5_config(module)
     eos = cfg.eos_token_ids if eos_token_id is None else eos_token_id
     pad = cfg.pad_token_id if pad_token_id is None else pad_token_id
