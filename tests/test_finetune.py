@@ -249,6 +249,32 @@ def test_npz_and_image_folder_data_load_exactly(tmp_path):
     both = np.concatenate([ds.train.inputs["pixel_values"], ds.test.inputs["pixel_values"]])
     got = {(np.round(x[..., 0] * 255).astype(np.uint8).tobytes(), int(y)) for x, y in zip(both, np.concatenate([ds.train.labels, ds.test.labels]))}
     assert got == {(p.tobytes(), i % 3) for i, p in enumerate(pix)}
+    # folders named after the model's classes (id2label) keep those ids; a partial match is refused
+    named = data_lib.load_image_folder(tmp_path / "imgs", (8, 8), 1, class_names=["x", "class_2", "class_0", "class_1"])
+    assert {(x.tobytes(), int(y)) for x, y in zip(named.train.inputs["pixel_values"], named.train.labels)} == {
+        (x.tobytes(), {0: 2, 1: 3, 2: 1}[int(y)]) for x, y in zip(ds.train.inputs["pixel_values"], ds.train.labels)}
+    with pytest.raises(ValueError, match=r"class folders \['class_0'\] are named after the model's classes"
+                                         r" \(id2label\) but \['class_1', 'class_2'\] are not"):
+        data_lib.load_image_folder(tmp_path / "imgs", (8, 8), 1, class_names=["class_0", "other"])
+    data_lib.load_image_folder(tmp_path / "imgs", (8, 8), 1, class_names=["cat", "dog", "emu"])  # none: sorted order
+    # labels an int32 cannot hold would wrap around: refused
+    np.savez(tmp_path / "huge.npz", images=imgs, labels=labels.astype(np.int64) + 2**32)
+    with pytest.raises(ValueError, match=r"labels must be class indices < 2\^31, found 429496"):
+        data_lib.load_npz(tmp_path / "huge.npz")
+    # 16-bit pixels would be clipped to 8 bits by Pillow's convert: refused, not saturated
+    Image.fromarray((rng.integers(0, 65535, (8, 8))).astype(np.uint16)).save(tmp_path / "imgs" / "class_1" / "deep.png")
+    with pytest.raises(ValueError, match=r"deep.png: 'I;16' image \(16/32-bit integer or float pixels\)"):
+        data_lib.load_image_folder(tmp_path / "imgs", (8, 8), 1)
+    (tmp_path / "imgs" / "class_1" / "deep.png").unlink()
+    # a decompression bomb (a header claiming 60000 x 60000 pixels) is a one-line error, not a traceback
+    bomb = bytearray((tmp_path / "imgs" / "class_1" / "1.png").read_bytes())
+    bomb[16:24] = (60000).to_bytes(4, "big") * 2  # IHDR width, height
+    import zlib
+    bomb[29:33] = zlib.crc32(bytes(bomb[12:29])).to_bytes(4, "big")
+    (tmp_path / "imgs" / "class_1" / "bomb.png").write_bytes(bytes(bomb))
+    with pytest.raises(ValueError, match="bomb.png: unreadable image .*DecompressionBombError"):
+        data_lib.load_image_folder(tmp_path / "imgs", (8, 8), 1)
+    (tmp_path / "imgs" / "class_1" / "bomb.png").unlink()
     (tmp_path / "imgs" / "class_0" / "broken.png").write_bytes(b"not a png")
     with pytest.raises(ValueError, match="broken.png: unreadable image"):
         data_lib.load_image_folder(tmp_path / "imgs", (8, 8), 1)

@@ -118,6 +118,21 @@ def test_loss_is_masked_to_labels_and_starts_at_the_base():
     np.testing.assert_allclose(loss, loss2, rtol=1e-5)
     np.testing.assert_allclose(acc, acc2, rtol=1e-6)
     assert np.isfinite(float(loss)) and 0 <= float(acc) <= 1
+    # teacher forcing starts with the checkpoint's decoder start token, as generation does
+    import dataclasses
+
+    import optax
+
+    other = boft.wrap(model.model.clone(config=dataclasses.replace(model.model.config, decoder_start_token_id=5)),
+                      model.config)
+    full = boft.combine(params, adapter)
+    got, _ = text_tasks.loss_fn(other, full, inputs, labels, jax.random.key(0), False)
+    dec = jnp.concatenate([jnp.full((labels.shape[0], 1), 5, labels.dtype), labels[:, :-1]], axis=1)
+    logits = other.apply({"params": full}, inputs["input_ids"], inputs["attention_mask"], dec).astype(jnp.float32)
+    mask = np.asarray(labels) != data_lib.PAD
+    ce = np.asarray(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
+    np.testing.assert_allclose(float(got), ce[mask].mean(), rtol=1e-5)
+    assert abs(float(got) - float(text_tasks.loss_fn(model, full, inputs, labels, jax.random.key(0), False)[0])) > 1e-4
 
 
 # ---------------------------------------------------------------------------------------------

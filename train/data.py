@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -132,6 +133,8 @@ def _image_split(path: Path, arrays: dict, images_key: str, labels_key: str, pre
                          f" {labels.ravel()[:3].tolist()}")
     if labels.min() < 0:
         raise ValueError(f"{where}: labels must be class indices >= 0, found {labels.min()}")
+    if labels.max() > np.iinfo(np.int32).max:  # int32 below: a larger index would wrap around
+        raise ValueError(f"{where}: labels must be class indices < 2^31, found {labels.max()}")
     pixels = prep(images) if images.dtype == np.uint8 else images.astype(np.float32)
     return Split({"pixel_values": pixels}, labels.astype(np.int32))
 
@@ -170,9 +173,15 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".ti
 
 
 def load_image_folder(path: str | Path, image_size: tuple[int, int], channels: int, *, prep: PixelPrep = PixelPrep(),
-                      test_fraction=0.2, seed=0):
+                      test_fraction=0.2, seed=0, class_names: Sequence[str] | None = None):
     """Images in ``path/<class name>/*`` (``IMAGE_SUFFIXES``), resized to ``image_size`` and
-    preprocessed by ``prep``; classes sorted by name get labels 0, 1, ...
+    preprocessed by ``prep``.
+
+    Labels: with ``class_names`` (the model's ``id2label``, index = label id) and every folder named
+    after one of them, each folder gets that class's id (a checkpoint that already knows the classes
+    keeps its head's meaning); a folder set that matches only some of the names is an error (which
+    id would the others get?).  Otherwise classes sorted by name get labels 0, 1, ... (said in a
+    printed note when ``class_names`` were given but match none).
 
     A class folder without images is an error (its label would go unused and shift the others);
     anything else that is not read (other files, nested folders, files next to the class folders,
@@ -185,17 +194,45 @@ def load_image_folder(path: str | Path, image_size: tuple[int, int], channels: i
     if not classes:
         raise ValueError(f"{path}: an image folder needs one sub-folder per class; found none")
     skipped = [p for p in sorted(path.iterdir()) if not (p.is_dir() and p.name in classes)]
+    ids = {name: i for i, name in enumerate(classes)}
+    if class_names:
+        known = {str(n): i for i, n in enumerate(class_names)}
+        matched = [c for c in classes if c in known]
+        if len(matched) == len(classes):
+            ids = {c: known[c] for c in classes}
+            print(f"note: {path}: class folders labelled by the model's class names (id2label): "
+                  + ", ".join(f"{c} -> {ids[c]}" for c in classes[:10]) + (", ..." if len(classes) > 10 else ""))
+        elif matched:
+            raise ValueError(
+                f"{path}: class folders {matched[:5]} are named after the model's classes (id2label) but"
+                f" {[c for c in classes if c not in known][:5]} are not; name every folder after one of"
+                f" {list(known)[:10]}{' ...' if len(known) > 10 else ''}, or none of them (then folders sorted by"
+                " name get labels 0, 1, ...)"
+            )
+        else:
+            print(f"note: {path}: no class folder is named after the model's classes (id2label"
+                  f" {list(known)[:5]}{' ...' if len(known) > 5 else ''}): folders sorted by name get labels"
+                  f" 0..{len(classes) - 1}: " + ", ".join(f"{c} -> {i}" for c, i in list(ids.items())[:10])
+                  + (", ..." if len(classes) > 10 else ""))
     images, labels, empty = [], [], []
-    for label, name in enumerate(classes):
+    for name in classes:
+        label = ids[name]
         count = 0
         for f in sorted((path / name).iterdir()):
             if not f.is_file() or f.suffix.lower() not in IMAGE_SUFFIXES or f.name.startswith("."):
                 skipped.append(f)
                 continue
             try:
-                img = Image.open(f).convert("L" if channels == 1 else "RGB").resize(image_size[::-1], resample=prep.resample)
-            except OSError as e:  # PIL.UnidentifiedImageError, truncated files
-                raise ValueError(f"{f}: unreadable image ({e})") from None
+                img = Image.open(f)
+                if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+                    # Pillow's convert() clips these to 0-255 instead of scaling them: refuse, do not saturate
+                    raise ValueError(
+                        f"{f}: {img.mode!r} image (16/32-bit integer or float pixels), which would be clipped to"
+                        " 8 bits; convert the data set to 8-bit images (or an .npz of float pixels in [0, 1])"
+                    )
+                img = img.convert("L" if channels == 1 else "RGB").resize(image_size[::-1], resample=prep.resample)
+            except (OSError, Image.DecompressionBombError) as e:  # UnidentifiedImageError, truncated, huge
+                raise ValueError(f"{f}: unreadable image ({type(e).__name__}: {e})") from None
             arr = prep(np.asarray(img, np.uint8))
             images.append(arr[..., None] if channels == 1 else arr)
             labels.append(label)

@@ -216,7 +216,9 @@ T5_CONFIG = t5_lib.T5Config(
 
 def seq2seq_loss(model, params, input_ids, attention_mask, labels, *, rng=None, train=False):
     """Teacher-forced cross entropy over the non-pad label positions, and token accuracy."""
-    dec_in = t5_lib.shift_right(labels, data_lib.PAD, data_lib.PAD)
+    # teacher forcing starts where generation starts: the checkpoint's decoder start token
+    start = t5_lib._t5_config(model).decoder_start_token_id
+    dec_in = t5_lib.shift_right(labels, start, data_lib.PAD)
     logits = model.apply(
         {"params": params}, input_ids, attention_mask, dec_in,
         deterministic=not train, rngs={"dropout": rng} if (train and rng is not None) else {},

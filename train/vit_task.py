@@ -32,7 +32,7 @@ def load_data(path, module, checkpoint=None) -> data_lib.Dataset:
 
         if not Path(path).is_dir():
             raise ValueError("not an .npz file or an image folder")
-        ds = data_lib.load_image_folder(path, cfg.image_size, cfg.num_channels, prep=prep)
+        ds = data_lib.load_image_folder(path, cfg.image_size, cfg.num_channels, prep=prep, class_names=cfg.id2label)
     return _checked(ds, cfg)
 
 
