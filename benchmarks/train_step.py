@@ -602,7 +602,9 @@ def add_build_args(p: argparse.ArgumentParser, only_default: str = "") -> None:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="smoke run: 1 layer, batch 1, 3 repeats, m=1,2")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: 1 layer, batch 1, 3 repeats, m=1,2 (replaces --layers/--batch/--repeats; its"
+                   " verdicts rest on 3 rounds, so they only show the script works)")
     add_build_args(p)
     p.add_argument("--repeats", type=int, default=9)
     add_malloc_flag(p)
