@@ -85,7 +85,10 @@ def max_factors(d: int, block_size: int) -> int:
 
     ``m = 1 + log2(d / b)`` when ``d / b`` is a power of two: then ``M`` can be fully dense.
     """
-    if block_size < 1 or d % block_size:
+    for v in (d, block_size):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            return 0  # not a structure at all (d = 0 would otherwise halve k = 0 forever)
+    if d % block_size:
         return 0
     if block_size % 2:
         return 1
@@ -324,12 +327,19 @@ def rotate(
     if d != k * b:
         raise ValueError(f"x has {d} features but the blocks cover k * b = {k} * {b} = {k * b}")
     _check(d, b, m)
+    _real_floats(x, "x", "rotate")
     dtype = jnp.result_type(x.dtype, blocks.dtype)
     blocks = blocks.astype(dtype)
     if m > 1 and use_span(d, b, m):
         y = span_rows(x.reshape(-1, d).astype(dtype), span_blocks(blocks), precision=precision)
         return y.reshape(x.shape).astype(x.dtype)
     return _rotate_factored(x.astype(dtype), blocks, precision).astype(x.dtype)
+
+
+def _real_floats(a: jax.Array, name: str, fn: str) -> None:
+    """Rotations of integer (truncated back) or complex values are refused, naming the argument."""
+    if not jnp.issubdtype(jnp.asarray(a).dtype, jnp.floating):
+        raise TypeError(f"{fn}: {name} must be real floating-point (e.g. float32), got dtype {jnp.asarray(a).dtype}")
 
 
 def _rotate_factored(x: jax.Array, blocks: jax.Array, precision) -> jax.Array:
@@ -369,6 +379,7 @@ def rotate_kernel(
             f"kernel of shape {kernel.shape} must have its first axis equal to k * b = {k * b}"
         )
     _check(k * b, b, m)
+    _real_floats(kernel, "kernel", "rotate_kernel")
     dtype = jnp.result_type(kernel.dtype, blocks.dtype)
     w = kernel.reshape(k * b, -1).astype(dtype)
     blocks = blocks.astype(dtype)

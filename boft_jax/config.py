@@ -174,7 +174,8 @@ class BOFTConfig:
         for name in ("block_size", "block_num", "n_factors", "neumann_terms"):
             object.__setattr__(self, name, _integer(getattr(self, name)))
             v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            optional = name in ("block_size", "block_num")  # exactly one of the two is given
+            if (v is not None or not optional) and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ValueError(f"BOFTConfig.{name} must be a positive integer, got {v!r}")
         if self.n_factors > 1:
             for name in ("block_size", "block_num"):

@@ -756,6 +756,12 @@ def _key_path(key_path) -> str:
 
 def _merge_node(node: BOFTKernel, config: BOFTConfig, inverse: bool = False, path: str = "?") -> jax.Array:
     _check_adapter_fits(path, node.kernel, node.skew, node.scale)
+    if inverse and not isinstance(node.scale, jax.core.Tracer) and not np.all(np.asarray(node.scale) != 0):
+        zeros = int(np.sum(np.asarray(node.scale) == 0))
+        raise ValueError(
+            f"unmerge: {layer_label(path)} has {zeros} zero entries in its scale s: K' = (M K) * s lost those"
+            " output columns of the base kernel, so they cannot be recovered from the merged params"
+        )
     _, k, p = jnp.shape(node.skew)[-3:]
     _check_structure(path, jnp.shape(node.skew), config.layer_structure(path, k * block_size_from_num_params(p)))
     return _merge_arrays(node.kernel, node.skew, node.scale, config, inverse)
@@ -797,6 +803,13 @@ def merge(params: Mapping, config: BOFTConfig) -> dict:
     """
     _check_config(config, "merge")
     _no_boxes(params, "merge", "params")
+    if not any(_is_node(l) for l in jax.tree.leaves(params, is_leaf=_is_node)):
+        warnings.warn(
+            "merge got params without BOFT adapter params (no adapted kernel): they are returned unchanged."
+            " To merge an adapter, pass the wrapped model's params (e.g. boft.combine(frozen, adapter))",
+            UserWarning,
+            stacklevel=2,
+        )
     return jax.tree_util.tree_map_with_path(
         lambda kp, v: _merge_node(v, config, path=_key_path(kp)) if _is_node(v) else v, params, is_leaf=_is_node
     )
@@ -808,7 +821,16 @@ def unmerge(merged: Mapping, adapter: Mapping, config: BOFTConfig) -> dict:
     Biases trained with the adapter cannot be un-trained; they are returned as they are in ``merged``.
     """
     _check_config(config, "unmerge")
-    node_tree = combine(merged, {**_kernel_only(adapter)})
+    kernels = _kernel_only(adapter) if isinstance(adapter, Mapping) else {}
+    if not kernels:
+        raise ValueError(
+            "unmerge needs the adapter (the second tree of boft.split(params, config), holding each adapted"
+            " layer's {'skew', 'scale'}), but the tree given holds no BOFT layer params"
+            + (" (it holds BOFTKernel nodes: the combined params, not the adapter; pass boft.split(params, config)[1])"
+               if isinstance(adapter, Mapping) and any(isinstance(l, BOFTKernel) for l in jax.tree.leaves(adapter, is_leaf=_is_node))
+               else "")
+        )
+    node_tree = combine(merged, {**kernels})
     return jax.tree_util.tree_map_with_path(
         lambda kp, v: _merge_node(v, config, inverse=True, path=_key_path(kp)) if _is_node(v) else v,
         node_tree,

@@ -363,9 +363,13 @@ def cayley(
       ``(..., b, b)`` blocks; ``Q = I`` at ``params = 0``.
     """
     params = jnp.asarray(params)
+    if jnp.issubdtype(params.dtype, jnp.complexfloating):
+        raise TypeError(f"cayley needs real params, got dtype {params.dtype} (the imaginary part would be dropped)")
     dtype = jnp.float64 if params.dtype == jnp.float64 else jnp.float32
     params = params.astype(dtype)
     b = _packed_block_size(params, block_size)
+    if method == "neumann" and (isinstance(neumann_terms, bool) or not isinstance(neumann_terms, (int, np.integer))):
+        raise ValueError(f"neumann_terms must be an integer >= 1, got {neumann_terms!r}")
     if method == "exact":
         return _cayley_exact(params, b)
     s = unpack_skew(params, b)

@@ -1072,3 +1072,45 @@ def test_training_gradient_lowered_for_cuda_has_no_device_loops(m):
     loops = {p: t.count("stablehlo.while") for p, t in text.items()}
     assert loops["cuda"] == 0 and loops["cpu"] >= 1, loops
     assert "custom_call" not in text["cuda"]
+
+
+def test_api_misuse_found_in_review_is_refused_by_name():
+    """A zero-width layer no longer hangs the structure check; unmerge given the combined params (or
+    nothing) or an adapter with a zero scale says why; merge of adapter-free params warns; rotations
+    of integer or complex values and malformed counts are refused by name."""
+    from boft_jax.butterfly import max_factors
+
+    assert max_factors(0, 2) == 0 and max_factors(-8, 2) == 0 and max_factors(8, 2) == 3
+    with pytest.raises(ValueError, match="d must be a positive integer, got 0"):
+        boft.butterfly_permutations(0, 2, 1)
+    cfg = boft.BOFTConfig(block_size=2, targets=".*")
+    model = boft.wrap(nn.Dense(4), cfg)
+    params = model.init(jax.random.key(0), jnp.ones((1, 4)))["params"]
+    rng = np.random.default_rng()
+    params = jax.tree.map(lambda a: a + 0.1 * jnp.asarray(rng.normal(size=a.shape), a.dtype), params)
+    frozen, adapter = boft.split(params, cfg)
+    merged = boft.merge(params, cfg)
+    with pytest.raises(ValueError, match=r"holds no BOFT layer params \(it holds BOFTKernel nodes: the combined params"):
+        boft.unmerge(merged, params, cfg)
+    with pytest.raises(ValueError, match="holds no BOFT layer params"):
+        boft.unmerge(merged, {}, cfg)
+    np.testing.assert_allclose(boft.unmerge(merged, adapter, cfg)["kernel"], frozen["kernel"], atol=1e-5)
+    zero = jax.tree.map(lambda a: a, adapter)
+    zero["kernel"]["scale"] = zero["kernel"]["scale"].at[1].set(0.0)
+    with pytest.raises(ValueError, match=r"unmerge: the root layer .* has 1 zero entries in its scale"):
+        boft.unmerge(boft.merge(boft.combine(frozen, zero), cfg), zero, cfg)
+    with pytest.warns(UserWarning, match="merge got params without BOFT adapter params"):
+        assert boft.merge(frozen, cfg) is not None
+    q = boft.cayley(jnp.asarray(rng.normal(size=(1, 3, 1)), jnp.float32), 2)
+    with pytest.raises(TypeError, match="rotate: x must be real floating-point"):
+        boft.rotate(jnp.arange(6), q)
+    with pytest.raises(TypeError, match="rotate_kernel: kernel must be real floating-point"):
+        boft.rotate_kernel(jnp.ones((6, 2), jnp.int32), q)
+    with pytest.raises(TypeError, match="cayley needs real params, got dtype complex64"):
+        boft.cayley(jnp.ones((2, 1)) * 1j, 2)
+    for terms in (True, 2.0):
+        with pytest.raises(ValueError, match="neumann_terms must be an integer >= 1"):
+            boft.cayley(jnp.ones((2, 1)), 2, "neumann", neumann_terms=terms)
+    for field in ("neumann_terms", "n_factors"):
+        with pytest.raises(ValueError, match=f"BOFTConfig.{field} must be a positive integer, got None"):
+            boft.BOFTConfig(block_size=4, **{field: None})
