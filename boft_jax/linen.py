@@ -627,6 +627,20 @@ def split(params: Mapping, config: BOFTConfig | None = None) -> tuple[dict, dict
       works on the bare model); trainable biases and saved modules keep their current values here
       too.  ``adapter``: only the trainable leaves, nested like the params:
       ``{..., layer: {"kernel": {"skew", "scale"}, "bias"?}, saved_module: {...all its params}}``.
+
+    Example (a 16 -> 8 Dense, blocks of 4: skew ``(m, k, b(b-1)/2) = (1, 4, 6)``, scale ``(d_out,)``):
+      >>> import jax, jax.numpy as jnp, flax.linen as nn
+      >>> cfg = BOFTConfig(block_size=4, targets="layers_0")
+      >>> model = wrap(nn.Sequential([nn.Dense(8)]), cfg)
+      >>> params = model.init(jax.random.key(0), jnp.ones((1, 16)))["params"]
+      >>> frozen, adapter = split(params, cfg)
+      >>> jax.tree.map(jnp.shape, adapter)
+      {'layers_0': {'kernel': {'scale': (8,), 'skew': (1, 4, 6)}}}
+      >>> frozen["layers_0"]["kernel"].shape, count_params(adapter)
+      ((16, 8), 32)
+      >>> node = combine(frozen, adapter)["layers_0"]["kernel"]  # a BOFTKernel(kernel, skew, scale)
+      >>> bool(jnp.array_equal(node.skew, adapter["layers_0"]["kernel"]["skew"]))
+      True
     """
     if config is not None and not isinstance(config, BOFTConfig):
         raise TypeError(f"split's config must be a BOFTConfig or None, got {type(config).__name__}")
@@ -668,7 +682,7 @@ def combine(frozen: Mapping, adapter: Mapping) -> dict:
     """Inverse of :func:`split`: put ``adapter`` leaves into ``frozen`` (checked against its shapes).
 
     Raises ``ValueError`` naming the path when the adapter names a layer the base does not have, or
-    when shapes disagree (an adapter made for a different base).
+    when shapes disagree (an adapter made for a different base).  Example: :func:`split`.
     """
     _no_boxes(frozen, "combine", "frozen")
     _no_boxes(adapter, "combine", "adapter")
@@ -800,6 +814,22 @@ def merge(params: Mapping, config: BOFTConfig) -> dict:
 
     Zero inference overhead: ``model.apply({"params": merge(params, config)}, x)`` equals the wrapped
     model's output (dropout off).  Works on stacked (``nn.scan``) params too.
+
+    Example (a trained adapter: skew and scale moved away from the identity):
+      >>> import jax, jax.numpy as jnp, flax.linen as nn
+      >>> cfg = BOFTConfig(block_size=4, n_factors=2, targets="layers_0")
+      >>> base = nn.Sequential([nn.Dense(8)])
+      >>> model, x = wrap(base, cfg), jax.random.normal(jax.random.key(1), (3, 16))
+      >>> frozen, adapter = split(model.init(jax.random.key(0), x)["params"], cfg)
+      >>> adapter = jax.tree.map(lambda a: a + 0.1, adapter)
+      >>> params = combine(frozen, adapter)
+      >>> merged = merge(params, cfg)            # plain params of the bare model
+      >>> y = model.apply({"params": params}, x)
+      >>> bool(jnp.allclose(base.apply({"params": merged}, x), y, atol=1e-5))
+      True
+      >>> recovered = unmerge(merged, adapter, cfg)   # the base params again
+      >>> bool(jnp.allclose(recovered["layers_0"]["kernel"], frozen["layers_0"]["kernel"], atol=1e-5))
+      True
     """
     _check_config(config, "merge")
     _no_boxes(params, "merge", "params")
@@ -819,16 +849,17 @@ def unmerge(merged: Mapping, adapter: Mapping, config: BOFTConfig) -> dict:
     """Recover the base params from merged params and the adapter: ``K = M^-1 (K' / s)``.
 
     Biases trained with the adapter cannot be un-trained; they are returned as they are in ``merged``.
+    A zero entry of a scale is an error (that output column of ``K`` is lost).  Example: :func:`merge`.
     """
     _check_config(config, "unmerge")
     kernels = _kernel_only(adapter) if isinstance(adapter, Mapping) else {}
     if not kernels:
+        combined = isinstance(adapter, Mapping) and any(_is_node(leaf) for leaf in jax.tree.leaves(adapter, is_leaf=_is_node))
         raise ValueError(
             "unmerge needs the adapter (the second tree of boft.split(params, config), holding each adapted"
             " layer's {'skew', 'scale'}), but the tree given holds no BOFT layer params"
-            + (" (it holds BOFTKernel nodes: the combined params, not the adapter; pass boft.split(params, config)[1])"
-               if isinstance(adapter, Mapping) and any(isinstance(l, BOFTKernel) for l in jax.tree.leaves(adapter, is_leaf=_is_node))
-               else "")
+            + (" (it holds BOFTKernel nodes: the combined params, not the adapter; pass"
+               " boft.split(params, config)[1])" if combined else "")
         )
     node_tree = combine(merged, {**kernels})
     return jax.tree_util.tree_map_with_path(
