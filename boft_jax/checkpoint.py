@@ -377,6 +377,11 @@ _OPT_SHAPES_KEY = "_opt_state_shapes"  # the optimizer state's leaves: another o
 _SUMS_KEY = "_checksums"  # sha256 of every adapter and optimizer-state leaf: orbax does not detect damage
 
 
+def _public(state: Mapping[str, Any]) -> dict[str, Any]:
+    """A step's JSON state without the entries the checkpointer adds (shapes, checksums)."""
+    return {k: v for k, v in state.items() if k not in (_SHAPES_KEY, _OPT_SHAPES_KEY, _SUMS_KEY)}
+
+
 def _shapes(tree) -> dict[str, list[int]]:
     """``{leaf path: shape}`` of a pytree, JSON-ready (the identity of an adapter's structure)."""
     return {jax.tree_util.keystr(p): list(np.shape(x)) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
@@ -456,14 +461,7 @@ class TrainCheckpointer:
         step = self._mngr.latest_step()
         if step is None:
             return None
-        step_dir = self.directory / str(step)
-        missing = [item for item in ("adapter", "opt_state", "state") if not (step_dir / item).exists()]
-        if missing:  # orbax commits a step by renaming a complete directory: this one came from elsewhere
-            found = sorted(p.name for p in step_dir.iterdir()) if step_dir.is_dir() else []
-            raise IncompleteCheckpoint(
-                f"{step_dir} is the newest step directory but not a complete training checkpoint (missing"
-                f" {missing}, found {found}); remove it to resume from {self._fallback()}"
-            )
+        step_dir = self._require(step, ("adapter", "opt_state", "state"))
         try:
             return self._restore(step, adapter_like, opt_state_like)
         except _StepError:
@@ -480,21 +478,30 @@ class TrainCheckpointer:
         step = self._mngr.latest_step()
         if step is None:
             return None
-        step_dir = self.directory / str(step)
-        if not (step_dir / "state").exists():
-            found = sorted(p.name for p in step_dir.iterdir()) if step_dir.is_dir() else []
-            raise IncompleteCheckpoint(
-                f"{step_dir} is the newest step directory but not a complete training checkpoint (missing"
-                f" ['state'], found {found}); remove it to resume from {self._fallback()}"
-            )
+        step_dir = self._require(step, ("state",))
         try:
-            stored = self._mngr.restore(step, args=ocp.args.Composite(state=ocp.args.JsonRestore()))["state"]
+            return step, _public(self._read_state(step))
         except Exception as e:
             raise ValueError(
                 f"step {step} in {self.directory}: unreadable training state ({_brief(e)})."
                 f" Remove {step_dir} to resume from {self._fallback()}"
             ) from None
-        return step, {k: v for k, v in stored.items() if k not in (_SHAPES_KEY, _OPT_SHAPES_KEY, _SUMS_KEY)}
+
+    def _require(self, step: int, items: tuple[str, ...]) -> Path:
+        """The step's directory; :class:`IncompleteCheckpoint` when one of ``items`` is missing."""
+        step_dir = self.directory / str(step)
+        missing = [item for item in items if not (step_dir / item).exists()]
+        if missing:  # orbax commits a step by renaming a complete directory: this one came from elsewhere
+            found = sorted(p.name for p in step_dir.iterdir()) if step_dir.is_dir() else []
+            raise IncompleteCheckpoint(
+                f"{step_dir} is the newest step directory but not a complete training checkpoint (missing"
+                f" {missing}, found {found}); remove it to resume from {self._fallback()}"
+            )
+        return step_dir
+
+    def _read_state(self, step: int) -> dict[str, Any]:
+        """The step's JSON state as stored (with the private shape and checksum entries)."""
+        return self._mngr.restore(step, args=ocp.args.Composite(state=ocp.args.JsonRestore()))["state"]
 
     def _fallback(self) -> str:
         """Where a resume goes once the newest step is removed: "step N" or "the start"."""
@@ -502,26 +509,25 @@ class TrainCheckpointer:
         return f"step {earlier[-1]}" if earlier else "the start"
 
     def _restore(self, step: int, adapter_like, opt_state_like):
-        # The adapter's shapes are in the JSON state: compare them before orbax restores arrays.
-        stored = self._mngr.restore(step, args=ocp.args.Composite(state=ocp.args.JsonRestore()))["state"]
-        want = _shapes(adapter_like)
-        if _SHAPES_KEY in stored and stored[_SHAPES_KEY] != want:
-            got = stored[_SHAPES_KEY]
-            diff = sorted(k for k in set(got) | set(want) if got.get(k) != want.get(k))
-            raise _StepError(
-                f"step {step} in {self.directory} holds another adapter: {len(diff)} leaves differ, e.g. "
-                + "; ".join(f"{k}: stored {got.get(k)}, expected {want.get(k)}" for k in diff[:3])
-            )
-        want_opt = _shapes(opt_state_like)
-        if _OPT_SHAPES_KEY in stored and stored[_OPT_SHAPES_KEY] != want_opt:
-            got = stored[_OPT_SHAPES_KEY]
-            diff = sorted(k for k in set(got) | set(want_opt) if got.get(k) != want_opt.get(k))
-            raise _StepError(
-                f"step {step} in {self.directory} holds the state of another optimizer (its files are intact):"
-                f" {len(got)} optimizer-state leaves stored, {len(want_opt)} expected, {len(diff)} differ, e.g. "
-                + "; ".join(f"{k}: stored {got.get(k, 'absent')}, expected {want_opt.get(k, 'absent')}" for k in diff[:3])
-                + ". Resume with the optimizer (and its options) the checkpoint was written with"
-            )
+        # The adapter's and optimizer state's shapes are in the JSON state: compare them before orbax
+        # restores arrays (a mismatch is another run's checkpoint, not a damaged one).
+        stored = self._read_state(step)
+        where = f"step {step} in {self.directory}"
+        for key, like, what, leaves, advice in (
+            (_SHAPES_KEY, adapter_like, "another adapter", "adapter", ""),
+            (_OPT_SHAPES_KEY, opt_state_like, "the state of another optimizer (its files are intact)", "optimizer-state",
+             ". Resume with the optimizer (and its options) the checkpoint was written with"),
+        ):
+            want = _shapes(like)
+            if key in stored and stored[key] != want:
+                got = stored[key]
+                diff = sorted(k for k in set(got) | set(want) if got.get(k) != want.get(k))
+                raise _StepError(
+                    f"{where} holds {what}: {len(got)} {leaves} leaves stored, {len(want)} expected, {len(diff)} differ,"
+                    " e.g. "
+                    + "; ".join(f"{k}: stored {got.get(k, 'absent')}, expected {want.get(k, 'absent')}" for k in diff[:3])
+                    + advice
+                )
         abstract = lambda t: jax.tree.map(ocp.utils.to_shape_dtype_struct, t)  # noqa: E731
         # zero-size leaves were stored as one-element placeholders (_without_empty); the like trees say where
         one = lambda dtype: jnp.zeros((1,), dtype)  # noqa: E731
@@ -548,8 +554,7 @@ class TrainCheckpointer:
                     " checksums stored when the step was written: its files are damaged. Remove"
                     f" {self.directory / str(step)} to resume from {self._fallback()}"
                 )
-        state = {k: v for k, v in r["state"].items() if k not in (_SHAPES_KEY, _OPT_SHAPES_KEY, _SUMS_KEY)}
-        return step, r["adapter"], opt_state, state
+        return step, r["adapter"], opt_state, _public(r["state"])
 
     def wait(self) -> None:
         self._mngr.wait_until_finished()

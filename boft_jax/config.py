@@ -31,7 +31,6 @@ _APPLY_MODES = ("auto", "input", "weight")
 _CAYLEY = ("exact", "neumann")
 
 
-
 def layer_label(path: str) -> str:
     """How error messages name the layer at the '/'-joined module ``path``.
 
@@ -41,9 +40,15 @@ def layer_label(path: str) -> str:
     return f"layer '{path}'" if path else "the root layer (the wrapped module itself, path '')"
 
 
+def path_repr(path: str) -> str:
+    """One module path in an error message's list: ``'a/b'``, the root module's ``''`` spelled out."""
+    return repr(path) if path else "'' (the root module)"
+
+
 def paths_label(paths: Sequence[str]) -> str:
-    """A list of module paths for an error message, the root module's ``''`` spelled out."""
-    return "[" + ", ".join(repr(p) if p else "'' (the root module)" for p in paths) + "]"
+    """A list of module paths for an error message (:func:`path_repr` each)."""
+    return "[" + ", ".join(map(path_repr, paths)) + "]"
+
 
 class LayerStructure(NamedTuple):
     """The resolved block structure of one layer (``d_in = n_blocks * block_size``)."""

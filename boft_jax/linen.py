@@ -49,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from boft_jax.butterfly import rotate, rotate_kernel
-from boft_jax.config import BOFTConfig, layer_label, paths_label
+from boft_jax.config import BOFTConfig, layer_label, path_repr, paths_label
 from boft_jax import _ops
 from boft_jax.orthogonal import block_size_from_num_params, cayley
 
@@ -478,7 +478,7 @@ class BOFTModule(nn.Module):
             raise ValueError(
                 "BOFT targets match layer(s) whose class overrides __call__ without calling"
                 " nn.Dense/nn.DenseGeneral.__call__, so there is no stock Dense computation to adapt: "
-                + ", ".join(f"{paths_label([p])[1:-1]} ({c})" for p, c in skipped)
+                + ", ".join(f"{path_repr(p)} ({c})" for p, c in skipped)
                 + ". Exclude them (BOFTConfig.exclude) or let their __call__ use super().__call__."
             )
         if self.is_initializing() and not state.adapted:

@@ -424,8 +424,9 @@ def generate_multi(
             "generate_multi needs a wrapped encoder-decoder with encode / init_cache / decode(cache=...)"
             f" methods (boft.wrap(boft_jax.models.t5.T5(...), config)), got {type(base).__name__}"
         )
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    from boft_jax.models.t5 import check_max_new_tokens  # lazily: `import boft_jax` does not load the model zoo
+
+    check_max_new_tokens(max_new_tokens)
     eos = cfg.eos_token_ids if eos_token_id is None else eos_token_id
     eos_ids = jnp.atleast_1d(jnp.asarray(eos, jnp.int32))
     pad = int(cfg.pad_token_id if pad_token_id is None else pad_token_id)

@@ -368,18 +368,16 @@ def cayley(
     dtype = jnp.float64 if params.dtype == jnp.float64 else jnp.float32
     params = params.astype(dtype)
     b = _packed_block_size(params, block_size)
-    if method == "neumann" and (isinstance(neumann_terms, bool) or not isinstance(neumann_terms, (int, np.integer))):
-        raise ValueError(f"neumann_terms must be an integer >= 1, got {neumann_terms!r}")
     if method == "exact":
         return _cayley_exact(params, b)
     s = unpack_skew(params, b)
     eye = jnp.eye(b, dtype=dtype)
     if method == "neumann":
-        if int(neumann_terms) != neumann_terms or neumann_terms < 1:
+        if isinstance(neumann_terms, bool) or not isinstance(neumann_terms, (int, np.integer)) or neumann_terms < 1:
             raise ValueError(f"neumann_terms must be an integer >= 1, got {neumann_terms!r}")
         # sum_{j<n} (-S)^j by Horner's rule: T <- I - S T, n-1 times.
         series = jnp.broadcast_to(eye, s.shape)
-        for _ in range(int(neumann_terms) - 1):
+        for _ in range(neumann_terms - 1):
             series = eye - jnp.matmul(s, series, precision=_HIGHEST)
         return jnp.matmul(eye - s, series, precision=_HIGHEST)
     raise ValueError(f"cayley method must be 'exact' or 'neumann', got {method!r}")

@@ -119,6 +119,11 @@ def _spec_for(shape: tuple[int, ...], mesh: Mesh, is_kernel: bool, min_size: int
     return P(*spec)
 
 
+def _mesh_axes(spec) -> set[str]:
+    """The mesh axes a PartitionSpec uses (entries are None, an axis name, or a tuple of names)."""
+    return {a for entry in spec if entry is not None for a in ((entry,) if isinstance(entry, str) else entry)}
+
+
 def _path_str(path) -> str:
     return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
 
@@ -129,8 +134,9 @@ def frozen_sharding(frozen: Mapping, mesh: Mesh, *, min_size: int = 1024, strict
     Leaves with fewer than ``min_size`` elements (norms, biases) are replicated.  Kernels are split
     along their last axis over ``model`` (if the mesh has it and it divides; otherwise along their
     largest axis that it divides), then along their largest remaining divisible axis over ``data``
-    (FSDP), or, if no other axis divides, the ``model`` axis over both (``("model", "data")``).  A leaf with at least ``min_size`` elements that no mesh axis of size > 1 can split,
-    although one of its dimensions is at least that axis size, would be held whole by every device:
+    (FSDP), or, if no other axis divides, the ``model`` axis over both (``("model", "data")``).  A
+    leaf with at least ``min_size`` elements that no mesh axis of size > 1 can split, although one
+    of its dimensions is at least that axis size, would be held whole by every device:
     with ``strict`` (the default) that is a ``ValueError`` naming those leaves, their shapes and the
     axis sizes that would divide them; with ``strict=False`` they stay replicated.  So is, with
     ``strict``, a ``model`` axis of size > 1 that splits none of those leaves (e.g. ``data=2,model=3``
@@ -160,9 +166,9 @@ def frozen_sharding(frozen: Mapping, mesh: Mesh, *, min_size: int = 1024, strict
         spec = _spec_for(shape, mesh, name in ("kernel", "embedding"), min_size)
         if int(np.prod(shape)) >= min_size:
             large.append(f"{_path_str(path)} {shape}")
-            model_split = model_split or any(a == "model" or (isinstance(a, tuple) and "model" in a) for a in spec)
+            model_split = model_split or "model" in _mesh_axes(spec)
         splittable = any(n >= min(axes.values()) for n in shape) if axes else False  # not (), not (5,) on 8
-        if splittable and int(np.prod(shape)) >= min_size and all(a is None for a in spec):
+        if splittable and int(np.prod(shape)) >= min_size and not _mesh_axes(spec):
             divisors = sorted({q for n in shape for q in range(2, n + 1) if n % q == 0})
             bad.append(f"{_path_str(path)} {shape} (axis sizes that divide it: {_short(divisors)})")
         return NamedSharding(mesh, spec)
@@ -202,8 +208,9 @@ def unsplit_weights(frozen: Mapping, mesh: Mesh, *, min_size: int = 1024) -> lis
     specs = frozen_sharding(frozen, mesh, min_size=min_size, strict=False)
     out = []
     for (path, leaf), spec in zip(jax.tree_util.tree_leaves_with_path(frozen), jax.tree.leaves(specs)):
-        if int(np.prod(np.shape(leaf))) >= min_size and all(a is None for a in tuple(spec.spec)):
-            out.append((f"{_path_str(path)} {tuple(np.shape(leaf))}", int(np.prod(np.shape(leaf))) * np.dtype(leaf.dtype).itemsize))
+        size = int(np.prod(np.shape(leaf)))
+        if size >= min_size and not _mesh_axes(spec.spec):
+            out.append((f"{_path_str(path)} {tuple(np.shape(leaf))}", size * np.dtype(leaf.dtype).itemsize))
     return out
 
 

@@ -265,7 +265,8 @@ def run(argv=None) -> dict:
         _fail(f"--batch-size {args.batch_size} exceeds the {len(data.train)} training examples")
     frozen, _ = boft.split(boft.combine(params, adapter), config)
     try:
-        sh.frozen_sharding(frozen, mesh, strict=not args.replicate_unsplit)  # a mesh that cannot split the weights: say so now
+        # a mesh that cannot split the weights: say so now
+        sh.frozen_sharding(frozen, mesh, strict=not args.replicate_unsplit)
     except ValueError as e:
         # the library's advice, in this command's terms
         advice = str(e).replace("strict=False", "pass --replicate-unsplit")

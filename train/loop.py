@@ -170,48 +170,44 @@ def _fresh_copy(tree):
     return jax.tree.map(lambda x: jnp.array(x, copy=True) if isinstance(x, (jax.Array, np.ndarray)) else x, tree)
 
 
-def _restore_for_resume(ckpt: TrainCheckpointer, adapter, opt_state, opts: TrainOptions, identity: dict, out_dir: Path):
+def _restore_for_resume(ckpt: TrainCheckpointer, adapter, opt_state, opts: TrainOptions, out_dir: Path):
     """The newest checkpoint as ``(step, adapter, opt_state, state)`` (``None`` when there is none), or
     :class:`ResumeMismatch` when it is damaged or belongs to a run with other options."""
-    if check_resume(ckpt, opts, identity, out_dir) is None:
+    if _compare_with_checkpoint(ckpt, opts, out_dir) is None:
         return None
     try:
         return ckpt.restore_latest(adapter, opt_state)
-    except IncompleteCheckpoint as e:
-        raise ResumeMismatch(f"--resume: {e}") from None
-    except ValueError as e:  # shapes or tree structure differ from this run's, or damaged files
+    except ValueError as e:  # incomplete, shapes or tree structure differ from this run's, or damaged files
         raise ResumeMismatch(f"--resume: the checkpoint in {out_dir / 'checkpoints'} cannot be resumed here: {e}") from None
 
 
-def check_resume(ckpt: TrainCheckpointer | Path, opts: TrainOptions, identity: dict | None = None,
-                 out_dir: Path | None = None) -> int | None:
-    """The step a resume would start from (``None``: no checkpoint), after comparing the newest
-    checkpoint's recorded options with ``opts`` (no arrays are read, so a job can call it before
-    any work).  :class:`ResumeMismatch` lists *every* difference: batch size, seed, learning-rate
-    schedule, the run identity (model, data, each BOFT config field, precision...)."""
-    if not isinstance(ckpt, TrainCheckpointer):
-        out_dir = Path(ckpt)
-        if not (out_dir / "checkpoints").is_dir():
-            return None
-        ckpt = TrainCheckpointer(out_dir / "checkpoints", save_every=opts.save_every, keep=opts.keep)
-        try:
-            return check_resume(ckpt, opts, identity, out_dir)
-        finally:
-            ckpt.close()
-    identity = opts.identity() if identity is None else identity
+def check_resume(out_dir: Path, opts: TrainOptions) -> int | None:
+    """The step a resume of the run in ``out_dir`` would start from (``None``: no checkpoint), after
+    comparing the newest checkpoint's recorded options with ``opts``; no arrays are read, so a job
+    can call it before any work.  :class:`ResumeMismatch` lists *every* difference: batch size,
+    seed, learning-rate schedule, the run identity (model, data, each BOFT config field...)."""
+    out_dir = Path(out_dir)
+    if not (out_dir / "checkpoints").is_dir():
+        return None
+    ckpt = TrainCheckpointer(out_dir / "checkpoints", save_every=opts.save_every, keep=opts.keep)
+    try:
+        return _compare_with_checkpoint(ckpt, opts, out_dir)
+    finally:
+        ckpt.close()
+
+
+def _compare_with_checkpoint(ckpt: TrainCheckpointer, opts: TrainOptions, out_dir: Path) -> int | None:
+    """:func:`check_resume` on an open checkpointer."""
     try:
         latest = ckpt.latest_state()
-    except IncompleteCheckpoint as e:
-        raise ResumeMismatch(f"--resume: {e}") from None
-    except ValueError as e:
+    except ValueError as e:  # IncompleteCheckpoint too
         raise ResumeMismatch(f"--resume: {e}") from None
     if latest is None:
         return None
     start, state = latest
-    diff = [f"{k}: checkpoint {json.dumps(state.get(k))}, now {json.dumps(v)}"
-            for k, v in (("batch_size", opts.batch_size), ("seed", opts.seed)) if state.get(k) != v]
-    diff += [d for d in _identity_diff(state.get("run", {}), identity)
-             if not d.startswith(("batch_size:", "seed:"))]  # said above already
+    # batch size and seed are also top-level state entries (the data position depends on them)
+    recorded = {"batch_size": state.get("batch_size"), "seed": state.get("seed"), **state.get("run", {})}
+    diff = _identity_diff(recorded, opts.identity())
     if diff:
         raise ResumeMismatch(
             f"--resume: the checkpoint at step {start} in {out_dir / 'checkpoints'} belongs to a run with other"
@@ -270,7 +266,7 @@ def fit(task: Task, opts: TrainOptions, out_dir: Path, *, resume: bool = False) 
     identity = opts.identity()
     if resume:
         try:
-            restored = _restore_for_resume(ckpt, adapter, opt_state, opts, identity, out_dir)
+            restored = _restore_for_resume(ckpt, adapter, opt_state, opts, out_dir)
         except ResumeMismatch:
             ckpt.close()
             raise

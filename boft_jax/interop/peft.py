@@ -812,14 +812,14 @@ def load_peft_adapter(
                 )
             structure = {"block_size": bs[0]}
         cfg_m = _cfg_field(peft_cfg, "boft_n_butterfly_factor", 1, int, where)
-        if cfg_m != m and m != 1:
+        if cfg_m != m and m > 1:
             raise ValueError(
                 f"{where}: adapter_config.json says boft_n_butterfly_factor = {cfg_m}, but its boft_R tensors hold"
                 f" {m} factors: neither PEFT (which would build {cfg_m} factor(s), or one without its CUDA extension)"
                 " nor boft_jax can tell which is meant; fix boft_n_butterfly_factor in the config to the tensors'"
                 f" {m}, or use the adapter the config belongs to"
             )
-        if cfg_m != m:
+        elif cfg_m != m:  # one factor stored: PEFT's CPU fallback
             warnings.warn(
                 f"{where}: adapter_config.json says boft_n_butterfly_factor = {cfg_m}, but its boft_R tensors hold"
                 f" {m} factor(s) (PEFT without its CUDA extension trains ONE factor whatever the config says);"

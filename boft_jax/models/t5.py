@@ -677,6 +677,12 @@ def _t5_config(module: nn.Module) -> T5Config:
     return cfg
 
 
+def check_max_new_tokens(max_new_tokens) -> None:
+    """``ValueError`` unless ``max_new_tokens`` is an int >= 0 (the generated length, static under jit)."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an int >= 0 (static under jax.jit), got {max_new_tokens!r}")
+
+
 def generate(
     module: nn.Module,
     params: Mapping[str, Any],
@@ -698,8 +704,7 @@ def generate(
     each row's EOS. Jit it with ``static_argnames="max_new_tokens"`` (and ``module`` static, e.g.
     via ``functools.partial``).
     """
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be an int >= 0 (static under jax.jit), got {max_new_tokens!r}")
+    check_max_new_tokens(max_new_tokens)
     cfg = _t5_config(module)
     eos = cfg.eos_token_ids if eos_token_id is None else eos_token_id
     pad = cfg.pad_token_id if pad_token_id is None else pad_token_id
