@@ -236,6 +236,29 @@ def test_pretokenized_jsonl_equals_the_text_form_and_serves_any_vocabulary(tmp_p
     (tmp_path / "neg.jsonl").write_text('{"source_ids": [5, -1], "target_ids": [4]}\n' * 3)
     with pytest.raises(ValueError, match=":1: .*non-negative integers"):
         text_tasks.load_data(str(tmp_path / "neg.jsonl"), module)
+    # trailing pad ids (a tokenizer's max_length padding) are dropped: the same data as unpadded
+    padded = [{"source_ids": r["source_ids"] + [data_lib.PAD] * int(rng.integers(0, 5)),
+               "target_ids": r["target_ids"] + [data_lib.EOS] + [data_lib.PAD] * int(rng.integers(1, 5))}
+              for r in ids]
+    (tmp_path / "padded.jsonl").write_text("\n".join(map(json.dumps, padded)))
+    c = text_tasks.load_data(str(tmp_path / "padded.jsonl"), module)
+    for x, y in ((b.train, c.train), (b.test, c.test)):
+        np.testing.assert_array_equal(x.inputs["input_ids"], y.inputs["input_ids"])
+        np.testing.assert_array_equal(x.labels, y.labels)
+    # a pad id inside a sequence, or EOS inside a target, is refused with the line and position
+    bad_rows = {"mid_pad_src": ({"source_ids": [5, 0, 6], "target_ids": [4]}, "source_ids has the pad id 0 at position 1"),
+                "mid_pad_tgt": ({"source_ids": [5], "target_ids": [4, 0, 7, 1, 0]}, "target_ids has the pad id 0 at position 1"),
+                "mid_eos_tgt": ({"source_ids": [5], "target_ids": [4, 1, 7]}, "target_ids has EOS \\(1\\) at position 1")}
+    for name, (row, msg) in bad_rows.items():
+        lines = [json.dumps(r) for r in ids[:4]]
+        lines.insert(2, json.dumps(row))
+        (tmp_path / f"{name}.jsonl").write_text("\n".join(lines))
+        with pytest.raises(ValueError, match=f"{name}.jsonl:3: {msg}"):
+            text_tasks.load_data(str(tmp_path / f"{name}.jsonl"), module)
+    # EOS inside a source is the user's business (kept as given)
+    (tmp_path / "eos_src.jsonl").write_text("\n".join([json.dumps({"source_ids": [5, 1, 6], "target_ids": [4]})] * 3))
+    d = text_tasks.load_data(str(tmp_path / "eos_src.jsonl"), module)
+    np.testing.assert_array_equal(d.train.inputs["input_ids"][0, :4], [5, 1, 6, 1])
     # long examples are cut with EOS kept last
     row = data_lib.ids_row(rng.integers(3, 50, size=20).tolist(), 8)
     assert row.shape == (8,) and row[-1] == data_lib.EOS and (row[:-1] != data_lib.PAD).all()

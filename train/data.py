@@ -303,7 +303,10 @@ def load_jsonl(path: str | Path, src_len: int, tgt_len: int, *, test_fraction=0.
 
     - text: ``{"source": "...", "target": "..."}``, encoded byte-level (:func:`encode_text`);
     - pre-tokenized: ``{"source_ids": [...], "target_ids": [...]}``, token ids of the model's own
-      tokenizer (T5 convention: pad 0, EOS 1; EOS is appended when missing).
+      tokenizer (T5 convention: pad 0, EOS 1; EOS is appended when missing).  Trailing pad ids (a
+      tokenizer's ``padding="max_length"``) are dropped; a pad id before a sequence's last token, or
+      an EOS before a target's last token, is an error (the attention mask and the loss skip pad
+      ids, and generation stops at the first EOS, so such a line would not train what it says).
     Longer examples are cut to ``src_len`` / ``tgt_len``.
     """
     path = Path(path)
@@ -320,6 +323,7 @@ def load_jsonl(path: str | Path, src_len: int, tgt_len: int, *, test_fraction=0.
                         isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 2**31 for i in [*src, *tgt]
                     ):
                         raise TypeError("source_ids / target_ids must be lists of non-negative integers below 2^31")
+                    src, tgt = _clean_ids(src, "source_ids"), _clean_ids(tgt, "target_ids")
                     kinds.add("ids")
                     rows.append((ids_row(src, src_len), ids_row(tgt, tgt_len)))
                     cut += _with_eos(src) > src_len or _with_eos(tgt) > tgt_len
@@ -329,6 +333,8 @@ def load_jsonl(path: str | Path, src_len: int, tgt_len: int, *, test_fraction=0.
                     kinds.add("text")
                     rows.append((encode_text(row["source"], src_len), encode_text(row["target"], tgt_len)))
                     cut += len(row["source"].encode("utf-8")) + 1 > src_len or len(row["target"].encode("utf-8")) + 1 > tgt_len
+            except _BadIds as e:
+                raise ValueError(f"{path}:{n}: {e}") from None
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise ValueError(
                     f"{path}:{n}: each line must be a JSON object with 'source' and 'target' (text) or"
@@ -346,6 +352,31 @@ def load_jsonl(path: str | Path, src_len: int, tgt_len: int, *, test_fraction=0.
               " tokens (EOS included) and are cut to that length")
     note = f", {cut} cut to {src_len}/{tgt_len} tokens" if cut else ""
     return Dataset(full.take(tr), full.take(te), f"{path} ({len(rows)} pairs, {form}{note})", kind=kinds.pop())
+
+
+class _BadIds(ValueError):
+    """A pre-tokenized line whose ids are well typed but cannot mean what they say."""
+
+
+def _clean_ids(ids: list, field: str) -> list:
+    """``ids`` without trailing pad ids; pad inside (or EOS inside a target) -> :class:`_BadIds`."""
+    end = len(ids)
+    while end and ids[end - 1] == PAD:
+        end -= 1
+    ids = ids[:end]
+    if PAD in ids:
+        raise _BadIds(
+            f"{field} has the pad id {PAD} at position {ids.index(PAD)}, before its last token {ids[-1]} (position"
+            f" {end - 1}); pad ids are masked out of the attention and the loss, so they may only trail the"
+            " sequence (padding): remove them or use the tokenizer's ids for the text they stand for"
+        )
+    if field == "target_ids" and EOS in ids[:-1]:
+        raise _BadIds(
+            f"target_ids has EOS ({EOS}) at position {ids.index(EOS)}, before its last token (position"
+            f" {end - 1}); the model would learn to go on after the end of the sequence, which generation"
+            " never reaches: end each target at its first EOS"
+        )
+    return ids
 
 
 def _with_eos(ids: list) -> int:
