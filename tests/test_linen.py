@@ -563,6 +563,60 @@ def test_targets_that_match_nothing_list_the_layers():
     assert "match none" in str(e.value) and "fc1" in str(e.value) and "head" in str(e.value)
 
 
+class _SeqInside(nn.Module):
+    """A setup-made nn.Sequential (its layers are dataclass fields, bound before the wrapper shares scope)."""
+
+    def setup(self):
+        self.seq = nn.Sequential([nn.Dense(16), nn.relu, nn.Dense(8)])
+        self.head = nn.Dense(4)
+
+    def __call__(self, x):
+        return self.head(self.seq(x))
+
+
+class _ScanBlock(nn.Module):
+    @nn.compact
+    def __call__(self, h, _):
+        return nn.Dense(16)(h), None
+
+
+class _ScanEncoder(nn.Module):
+    @nn.compact
+    def __call__(self, h):
+        scan = nn.scan(_ScanBlock, variable_axes={"params": 0}, split_rngs={"params": True}, length=2)
+        return scan(name="layers")(h, None)[0]
+
+
+class _DeepScan(nn.Module):
+    """Dense inside nn.scan inside nn.remat: the lifted scopes' paths start below the root."""
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.remat(_ScanEncoder)(name="encoder")(x)
+
+
+def test_targets_match_the_params_paths_of_sequential_and_scanned_layers():
+    """The path a target regex sees is where the layer's params live: nn.Sequential's layers (bound
+    before the wrapper's share_scope; flax keeps their stale ``model/...`` path) included, and
+    anchored patterns work.  Errors list the same paths."""
+    x = jax.random.normal(jax.random.key(1), (3, 16))
+    cases = [
+        (nn.Sequential([nn.Dense(16), nn.relu, nn.Dense(8)]), "^layers_0$", ["layers_0"], ["layers_0", "layers_2"]),
+        (_SeqInside(), "^seq/layers_2$|^head$", ["head", "seq/layers_2"], ["seq/layers_0", "seq/layers_2", "head"]),
+        (_DeepScan(), "^encoder/layers/Dense_0$", ["encoder/layers/Dense_0"], ["encoder/layers/Dense_0"]),
+    ]
+    for base, targets, adapted, every in cases:
+        model = boft.wrap(base, boft.BOFTConfig(block_size=4, n_factors=2, targets=targets))
+        params = model.init(jax.random.key(0), x)["params"]
+        assert sorted(boft.layer_paths(params)) == adapted
+        frozen, adapter = boft.split(params)
+        assert jax.tree.structure(frozen) == jax.tree.structure(base.init(jax.random.key(0), x)["params"])
+        np.testing.assert_allclose(model.apply({"params": params}, x), base.apply({"params": frozen}, x), rtol=1e-5, atol=1e-5)
+        with pytest.raises(ValueError) as e:
+            boft.wrap(base, boft.BOFTConfig(block_size=4, targets="^nothing$")).init(jax.random.key(0), x)
+        assert all(repr(p) in str(e.value) for p in every) and "model/" not in str(e.value), str(e.value)
+
+
 def test_exclude_patterns_that_remove_nothing_are_refused():
     """An exclude pattern that removes no targeted layer is a slip (e.g. 'layer_3' for a path
     'layer_3/attention/query'): said so at init, naming the pattern and the targeted layers."""
