@@ -271,7 +271,7 @@ class FitResult:
     d: int
     params: int
     errors: np.ndarray  # (seeds,) final ||M - Q||_F
-    curves: np.ndarray  # (seeds, steps) ||M - Q||_F during training
+    curves: np.ndarray  # (seeds, steps) ||M - Q||_F after each step: curves[:, -1] == errors
     orthogonality: float  # max over seeds of ||M^T M - I||_F of the fitted M
     oft_optimum: np.ndarray | None  # (seeds,) closed-form optimum when m == 1, else None
     seconds: float  # wall time of the fit, compile included
@@ -312,7 +312,9 @@ def _fit_fn(d: int, m: int, b: int, steps: int, lr: float):
         (params, _), losses = jax.lax.scan(step, (params, opt.init(params)), None, length=steps)
         loss, rot = error_sq(params, target)
         ortho = jnp.linalg.norm(jnp.matmul(rot.T, rot, precision=jax.lax.Precision.HIGHEST) - jnp.eye(d))
-        return jnp.sqrt(loss), jnp.sqrt(jnp.maximum(losses, 0.0)), ortho
+        # losses[j] is the error before update j + 1; the curve holds the error after updates 1 .. steps
+        after = jnp.concatenate([losses[1:], loss[None]])
+        return jnp.sqrt(loss), jnp.sqrt(jnp.maximum(after, 0.0)), ortho
 
     return jax.jit(jax.vmap(run))
 

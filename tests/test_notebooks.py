@@ -140,3 +140,27 @@ def test_oft_optimal_error(ex):
     flip = np.eye(d)
     flip[0, 0] = -1.0
     assert ex.oft_optimal_error(flip, b) == pytest.approx(2.0)
+
+
+def test_fit_curves_hold_the_error_after_each_step(ex):
+    """``curves[:, j]`` is ||M - Q||_F after j + 1 Adam steps (the notebook reads ``curves[:, c - 1]``
+    as "after c steps"): the last entry is the final error, the first one a single step taken here
+    with optax directly, in float64 numpy for the distance."""
+    import jax.numpy as jnp
+    import optax
+
+    import boft_jax as boft
+
+    d, b, m, steps, lr = 16, 4, 2, 5, 0.05
+    targets = np.stack([ex.haar_orthogonal(d, seed=s) for s in (11, 12)])
+    fit = ex.fit_boft(targets, m, b, steps=steps, lr=lr)
+    assert fit.curves.shape == (2, steps)
+    np.testing.assert_allclose(fit.curves[:, -1], fit.errors, rtol=1e-6)
+    opt = optax.adam(optax.cosine_decay_schedule(lr, steps, alpha=0.01))
+    for i, target in enumerate(targets):
+        params = jnp.zeros((m, d // b, boft.num_skew_params(b)), jnp.float32)
+        loss = lambda p: jnp.sum((boft.rotation_matrix(boft.cayley(p, block_size=b)) - target) ** 2)
+        updates, _ = opt.update(jax.grad(loss)(params), opt.init(params), params)
+        rot = np.asarray(boft.rotation_matrix(boft.cayley(optax.apply_updates(params, updates), block_size=b)), np.float64)
+        np.testing.assert_allclose(fit.curves[i, 0], np.linalg.norm(rot - target), rtol=1e-4)
+        assert abs(fit.curves[i, 0] - np.linalg.norm(np.eye(d) - target)) > 1e-3  # not the error at M = I
