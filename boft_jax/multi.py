@@ -97,6 +97,23 @@ def stack(adapters: Sequence[Mapping]) -> dict:
       ValueError: naming the first adapter index that differs from adapter 0 and the leaf path
         (``'encoder/layer_0/attention/query/kernel/skew'``) that is missing, extra, or of another
         shape (both shapes given) or dtype.
+
+    Example (:func:`num_adapters` reads ``K`` back, :func:`unstack` undoes the stacking):
+      >>> import jax, jax.numpy as jnp, flax.linen as nn
+      >>> import boft_jax as boft
+      >>> cfg = boft.BOFTConfig(block_size=4, n_factors=2, targets="layers_0")
+      >>> model = boft.wrap(nn.Sequential([nn.Dense(8)]), cfg)
+      >>> frozen, adapter = boft.split(model.init(jax.random.key(0), jnp.ones((1, 16)))["params"], cfg)
+      >>> adapters = [jax.tree.map(lambda a: a + 0.1 * i, adapter) for i in (1, 2, 3)]  # as if trained
+      >>> stacked = stack(adapters)
+      >>> jax.tree.map(jnp.shape, stacked)
+      {'layers_0': {'kernel': {'scale': (3, 8), 'skew': (3, 2, 4, 6)}}}
+      >>> num_adapters(stacked)
+      3
+      >>> back = unstack(stacked)
+      >>> all(bool(jnp.array_equal(b, a)) for i in range(3)
+      ...     for b, a in zip(jax.tree.leaves(back[i]), jax.tree.leaves(adapters[i])))
+      True
     """
     if isinstance(adapters, Mapping) or not isinstance(adapters, Sequence):
         raise TypeError(f"boft.stack expects a sequence of adapter trees, got {type(adapters).__name__}")
@@ -162,6 +179,23 @@ def identity_adapter(frozen: Mapping, adapter: Mapping) -> dict:
     scale (``M = I``, ``s = 1``); every other leaf (trainable biases, ``modules_to_save`` modules)
     takes its value from ``frozen`` at the same path (so ``combine(frozen, identity_adapter(...))``
     is the base model).  ``adapter`` is a single (unstacked) adapter; only its structure is used.
+
+    Example (with ``bias="all"`` the adapter also holds the Dense bias, a non-BOFT leaf):
+      >>> import jax, jax.numpy as jnp, flax.linen as nn
+      >>> import boft_jax as boft
+      >>> cfg = boft.BOFTConfig(block_size=4, targets="layers_0", bias="all")
+      >>> base = nn.Sequential([nn.Dense(8)])
+      >>> model, x = boft.wrap(base, cfg), jax.random.normal(jax.random.key(1), (2, 16))
+      >>> frozen, adapter = boft.split(model.init(jax.random.key(0), x)["params"], cfg)
+      >>> trained = jax.tree.map(lambda a: a + 0.1, adapter)   # stands in for a trained adapter
+      >>> ident = identity_adapter(frozen, trained)
+      >>> jax.tree.map(jnp.shape, ident)
+      {'layers_0': {'bias': (8,), 'kernel': {'scale': (8,), 'skew': (1, 4, 6)}}}
+      >>> bool(jnp.array_equal(ident["layers_0"]["bias"], frozen["layers_0"]["bias"]))  # not trained's
+      True
+      >>> y = model.apply({"params": boft.combine(frozen, ident)}, x)
+      >>> bool(jnp.allclose(y, base.apply({"params": frozen}, x), atol=1e-6))
+      True
     """
     return _identity_like(frozen, adapter, lead=0)
 
@@ -334,6 +368,30 @@ def apply_multi(
     Raises:
       ValueError: out-of-range ids when ``adapter_ids`` is concrete (see the module docstring for
         the traced case: NaN / -1 outputs for those examples), mismatched batch sizes.
+
+    Example (three adapters and the base model in one batch of four):
+      >>> import jax, jax.numpy as jnp, flax.linen as nn
+      >>> import boft_jax as boft
+      >>> cfg = boft.BOFTConfig(block_size=4, n_factors=2, targets="layers_0")
+      >>> base = nn.Sequential([nn.Dense(8)])
+      >>> model, x = boft.wrap(base, cfg), jax.random.normal(jax.random.key(1), (4, 16))
+      >>> frozen, adapter = boft.split(model.init(jax.random.key(0), x)["params"], cfg)
+      >>> adapters = [jax.tree.map(lambda a: a + 0.1 * i, adapter) for i in (1, 2, 3)]  # as if trained
+      >>> ids = jnp.array([2, 0, boft.BASE, 1])
+      >>> y = apply_multi(model, frozen, stack(adapters), ids, x)
+      >>> y.shape
+      (4, 8)
+
+      Example ``j`` is what the single-adapter model gives for ``x[j]`` alone; ``BASE`` is the
+      bare base model:
+
+      >>> alone = lambda i, j: model.apply({"params": boft.combine(frozen, adapters[i])}, x[j:j + 1])[0]
+      >>> all(bool(jnp.allclose(y[j], alone(i, j), atol=1e-5)) for j, i in [(0, 2), (1, 0), (3, 1)])
+      True
+      >>> bool(jnp.allclose(y[2], base.apply({"params": frozen}, x[2:3])[0], atol=1e-5))
+      True
+      >>> bool(jnp.allclose(y[0], y[1]))   # different adapters, different outputs
+      False
     """
     k = num_adapters(stacked)
     ids = _check_ids(adapter_ids, k, _batch_size(inputs))
@@ -416,6 +474,35 @@ def generate_multi(
 
     Rows whose id is out of range (possible only under ``jax.jit``; eager calls raise) are all
     :data:`INVALID_TOKEN` (``-1``) and do not keep the loop running.
+
+    Example (a tiny random T5; row ``j`` equals ``t5.generate`` of sequence ``j`` alone):
+      >>> import functools, jax, jax.numpy as jnp, numpy as np
+      >>> import boft_jax as boft
+      >>> from boft_jax.models import t5
+      >>> base = t5.T5(t5.T5Config(vocab_size=32, d_model=8, d_kv=4, d_ff=16, num_layers=1, num_heads=2))
+      >>> cfg = boft.BOFTConfig(block_size=4, targets=t5.TARGET_PRESETS["attention_qv"])
+      >>> model = boft.wrap(base, cfg)
+      >>> ids = jnp.array([[5, 6, 7, 8, 1], [9, 10, 1, 0, 0], [3, 4, 11, 1, 0]])  # 1: EOS, 0: padding
+      >>> mask = (ids != 0).astype(jnp.int32)
+      >>> rng = np.random.default_rng(0)               # random weights stand in for t5.from_pretrained's
+      >>> frozen = jax.tree.map(lambda s: rng.standard_normal(s.shape, np.float32),
+      ...                       jax.eval_shape(base.init, jax.random.key(0), ids, mask, ids)["params"])
+      >>> adapter = boft.init_adapter(model, frozen, ids, mask, ids)
+      >>> adapters = [jax.tree.map(lambda a: a + 0.2 * i, adapter) for i in (1, 2)]  # as if trained
+      >>> out = generate_multi(model, frozen, stack(adapters), jnp.array([1, boft.BASE, 0]), ids, mask,
+      ...                      max_new_tokens=4)
+      >>> out.shape, out.dtype
+      ((3, 5), dtype('int32'))
+
+      Each row is the single-adapter generation of that sequence alone; the ``BASE`` row is the
+      base model's (the :func:`identity_adapter`'s):
+
+      >>> one = jax.jit(functools.partial(t5.generate, model), static_argnames="max_new_tokens")
+      >>> alone = lambda a, j: one(boft.combine(frozen, a), ids[j:j + 1], mask[j:j + 1], max_new_tokens=4)[0]
+      >>> bool((out[0] == alone(adapters[1], 0)).all() and (out[2] == alone(adapters[0], 2)).all())
+      True
+      >>> bool((out[1] == alone(identity_adapter(frozen, adapters[0]), 1)).all())
+      True
     """
     base = getattr(model, "model", None)
     cfg = getattr(base, "config", None)

@@ -208,6 +208,31 @@ def read_peft_adapter(adapter_dir: str | os.PathLike) -> tuple[dict[str, Any], d
       FileNotFoundError: missing files; only a pickled ``adapter_model.bin`` is present.
       ValueError: ``peft_type`` is neither ``"BOFT"`` nor ``"OFT"``; an OFT adapter in the format of
         PEFT < 0.14 (no ``oft_block_size``); ``fan_in_fan_out`` is set.
+
+    Example (an adapter written by :func:`save_peft_adapter` for a tiny random ViT):
+      >>> import os, tempfile, jax, jax.numpy as jnp, numpy as np
+      >>> import boft_jax as boft
+      >>> from boft_jax.models import vit
+      >>> from boft_jax.interop import read_peft_adapter, save_peft_adapter
+      >>> base = vit.ViT(vit.ViTConfig(image_size=8, patch_size=4, hidden_size=8, num_hidden_layers=1,
+      ...                              num_attention_heads=2, intermediate_size=16, num_labels=3))
+      >>> cfg = boft.BOFTConfig(block_size=4, n_factors=2, targets=vit.TARGET_PRESETS["attention_qv"])
+      >>> model, x = boft.wrap(base, cfg), jax.random.normal(jax.random.key(1), (2, 8, 8, 3))
+      >>> rng = np.random.default_rng(0)            # random weights stand in for vit.from_pretrained's
+      >>> frozen = jax.tree.map(lambda s: rng.standard_normal(s.shape, np.float32),
+      ...                       jax.eval_shape(base.init, jax.random.key(0), x)["params"])
+      >>> adapter = jax.tree.map(lambda a: a + 0.1, boft.init_adapter(model, frozen, x))  # as if trained
+      >>> params = boft.combine(frozen, adapter)
+      >>> with tempfile.TemporaryDirectory() as d:
+      ...     save_peft_adapter(d, model, params)
+      ...     peft_config, tensors = read_peft_adapter(d)
+      >>> peft_config["peft_type"], peft_config["boft_block_size"], peft_config["boft_n_butterfly_factor"]
+      ('BOFT', 4, 2)
+      >>> {k: v.shape for k, v in sorted(tensors.items())}  # boft_R: (m, k, b, b); boft_s: (d_out, 1)
+      {'base_model.model.vit.layers.0.attention.q_proj.boft_R': (2, 2, 4, 4),
+       'base_model.model.vit.layers.0.attention.q_proj.boft_s': (8, 1),
+       'base_model.model.vit.layers.0.attention.v_proj.boft_R': (2, 2, 4, 4),
+       'base_model.model.vit.layers.0.attention.v_proj.boft_s': (8, 1)}
     """
     p = _adapter_dir(adapter_dir)
     cfg_file, weights = p / ADAPTER_CONFIG_NAME, p / ADAPTER_WEIGHTS_NAME
@@ -646,6 +671,33 @@ def load_peft_adapter(
       UserWarning when ``boft_n_butterfly_factor`` in the config differs from the tensors' factor
       count (PEFT without its CUDA extension trains one factor whatever the config says), when
       T5's ``shared`` copy is left out (above), and for the OFT cases above.
+
+    Example (a round trip through :func:`save_peft_adapter` on a tiny random ViT):
+      >>> import os, tempfile, jax, jax.numpy as jnp, numpy as np
+      >>> import boft_jax as boft
+      >>> from boft_jax.models import vit
+      >>> from boft_jax.interop import load_peft_adapter, save_peft_adapter
+      >>> base = vit.ViT(vit.ViTConfig(image_size=8, patch_size=4, hidden_size=8, num_hidden_layers=1,
+      ...                              num_attention_heads=2, intermediate_size=16, num_labels=3))
+      >>> cfg = boft.BOFTConfig(block_size=4, n_factors=2, targets=vit.TARGET_PRESETS["attention_qv"])
+      >>> model, x = boft.wrap(base, cfg), jax.random.normal(jax.random.key(1), (2, 8, 8, 3))
+      >>> rng = np.random.default_rng(0)            # random weights stand in for vit.from_pretrained's
+      >>> frozen = jax.tree.map(lambda s: rng.standard_normal(s.shape, np.float32),
+      ...                       jax.eval_shape(base.init, jax.random.key(0), x)["params"])
+      >>> adapter = jax.tree.map(lambda a: a + 0.1, boft.init_adapter(model, frozen, x))  # as if trained
+      >>> params = boft.combine(frozen, adapter)
+      >>> with tempfile.TemporaryDirectory() as d:
+      ...     save_peft_adapter(d, model, params)
+      ...     loaded, loaded_params = load_peft_adapter(d, base, frozen)
+      >>> loaded.config.block_size, loaded.config.n_factors, loaded.config.targets
+      (4, 2, ('^encoder/layer_0/attention/query', '^encoder/layer_0/attention/value'))
+      >>> y = loaded.apply({"params": loaded_params}, x)
+      >>> y.shape
+      (2, 3)
+      >>> bool(jnp.allclose(y, model.apply({"params": params}, x), atol=1e-6))
+      True
+      >>> bool(jnp.allclose(y, base.apply({"params": frozen}, x), atol=1e-3))  # the adapter is applied
+      False
     """
     peft_cfg, tensors = read_peft_adapter(adapter_dir)
     peft_type = peft_cfg["peft_type"]
@@ -1172,6 +1224,36 @@ def save_peft_adapter(
       ValueError: what PEFT cannot represent: the Neumann map for BOFT; for OFT more than one
         factor, a scale other than 1, fewer than 3 Neumann terms.
       TypeError: ``wrapped_module`` is not a ``boft.wrap`` model.
+
+    Example (a tiny random ViT; :func:`load_peft_adapter` reads it back to the same outputs):
+      >>> import os, tempfile, jax, jax.numpy as jnp, numpy as np
+      >>> import boft_jax as boft
+      >>> from boft_jax.models import vit
+      >>> from boft_jax.interop import read_peft_adapter, save_peft_adapter
+      >>> base = vit.ViT(vit.ViTConfig(image_size=8, patch_size=4, hidden_size=8, num_hidden_layers=1,
+      ...                              num_attention_heads=2, intermediate_size=16, num_labels=3))
+      >>> cfg = boft.BOFTConfig(block_size=4, n_factors=2, targets=vit.TARGET_PRESETS["attention_qv"])
+      >>> model, x = boft.wrap(base, cfg), jax.random.normal(jax.random.key(1), (2, 8, 8, 3))
+      >>> rng = np.random.default_rng(0)            # random weights stand in for vit.from_pretrained's
+      >>> frozen = jax.tree.map(lambda s: rng.standard_normal(s.shape, np.float32),
+      ...                       jax.eval_shape(base.init, jax.random.key(0), x)["params"])
+      >>> adapter = jax.tree.map(lambda a: a + 0.1, boft.init_adapter(model, frozen, x))  # as if trained
+      >>> params = boft.combine(frozen, adapter)
+      >>> with tempfile.TemporaryDirectory() as d:
+      ...     out = os.path.join(d, "my_adapter")                 # created
+      ...     save_peft_adapter(out, model, params, base_model_name_or_path="google/vit-base-patch16-224")
+      ...     files = sorted(os.listdir(out))
+      ...     peft_config = read_peft_adapter(out)[0]
+      ...     save_peft_adapter(out, model, params, key_style="transformers4")   # replaced in place
+      ...     v4_targets = read_peft_adapter(out)[0]["target_modules"]
+      >>> files
+      ['adapter_config.json', 'adapter_model.safetensors']
+      >>> peft_config["peft_type"], peft_config["base_model_name_or_path"]
+      ('BOFT', 'google/vit-base-patch16-224')
+      >>> peft_config["target_modules"]
+      ['vit.layers.0.attention.q_proj', 'vit.layers.0.attention.v_proj']
+      >>> v4_targets
+      ['vit.encoder.layer.0.attention.attention.query', 'vit.encoder.layer.0.attention.attention.value']
     """
     from safetensors.numpy import save_file
 

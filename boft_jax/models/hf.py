@@ -96,7 +96,20 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 
 
 def activation(name: str) -> Callable[[jax.Array], jax.Array]:
-    """The JAX function for a Hugging Face activation name, or a ValueError naming the valid ones."""
+    """The JAX function for a Hugging Face activation name, or a ValueError naming the valid ones.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> activation("relu")(jnp.array([-1.0, 2.0])).tolist()
+      [0.0, 2.0]
+      >>> x = jax.random.normal(jax.random.key(0), (5,))
+      >>> bool(jnp.allclose(activation("gelu_new")(x), jax.nn.gelu(x, approximate=True)))
+      True
+      >>> activation("prelu")
+      Traceback (most recent call last):
+      ...
+      ValueError: unsupported activation 'prelu'; supported: ['gelu', 'gelu_10', ...]
+    """
     try:
         return ACTIVATIONS[name]
     except KeyError:
@@ -130,7 +143,22 @@ def _model_dir(path: str | os.PathLike) -> Path:
 
 
 def read_config(path: str | os.PathLike) -> dict[str, Any]:
-    """``config.json`` of a model directory as a dict (FileNotFoundError naming what is missing)."""
+    """``config.json`` of a model directory as a dict (FileNotFoundError naming what is missing).
+
+    Example (a tiny random ViT written by :func:`save_pretrained`):
+      >>> import os, tempfile, jax, jax.numpy as jnp, numpy as np
+      >>> from boft_jax.models import vit
+      >>> config = vit.ViTConfig(image_size=8, patch_size=4, hidden_size=8, num_hidden_layers=2,
+      ...                        num_attention_heads=2, intermediate_size=16, num_labels=2, id2label=("cat", "dog"))
+      >>> shapes = jax.eval_shape(vit.ViT(config).init, jax.random.key(0), jnp.zeros((1, 8, 8, 3)))["params"]
+      >>> rng = np.random.default_rng(0)
+      >>> params = jax.tree.map(lambda s: rng.standard_normal(s.shape, np.float32), shapes)  # as if trained
+      >>> with tempfile.TemporaryDirectory() as d:
+      ...     save_pretrained(d, config, params)
+      ...     cfg = read_config(d)
+      >>> cfg["model_type"], cfg["architectures"], cfg["hidden_size"], cfg["id2label"]
+      ('vit', ['ViTForImageClassification'], 8, {'0': 'cat', '1': 'dog'})
+    """
     p = _model_dir(path)
     cfg = p / CONFIG_NAME
     if not cfg.is_file():
@@ -153,7 +181,23 @@ def _read_json_object(file: Path, what: str) -> dict[str, Any]:
 
 
 def model_type(path: str | os.PathLike) -> str:
-    """``model_type`` from ``config.json``, checked against the supported ones."""
+    """``model_type`` from ``config.json``, checked against the supported ones.
+
+    Example:
+      >>> import json, tempfile
+      >>> def config_dir(d, **config):
+      ...     (Path(d) / "config.json").write_text(json.dumps(config))
+      ...     return d
+      >>> with tempfile.TemporaryDirectory() as d:
+      ...     mt = model_type(config_dir(d, model_type="mt5"))
+      >>> mt, MODEL_FAMILIES[mt]          # mT5 loads with boft_jax.models.t5
+      ('mt5', 't5')
+      >>> with tempfile.TemporaryDirectory() as d:
+      ...     model_type(config_dir(d, model_type="bert"))
+      Traceback (most recent call last):
+      ...
+      ValueError: '...': config.json has model_type='bert'; supported model types: ['vit', 't5', 'mt5']
+    """
     cfg = read_config(path)
     mt = cfg.get("model_type")
     if mt not in SUPPORTED_MODEL_TYPES:
@@ -165,6 +209,16 @@ def model_type(path: str | os.PathLike) -> str:
 
 
 def check_model_type(path: str | os.PathLike, config: Mapping[str, Any], expected: str | tuple[str, ...]) -> None:
+    """A ``ValueError`` unless ``config["model_type"]`` is ``expected`` (one name or a tuple of them);
+    ``path`` is only named in the message.
+
+    Example:
+      >>> check_model_type("ckpt", {"model_type": "mt5"}, ("t5", "mt5"))   # passes, returns None
+      >>> check_model_type("ckpt", {"model_type": "vit"}, ("t5", "mt5"))
+      Traceback (most recent call last):
+      ...
+      ValueError: 'ckpt': config.json has model_type='vit', but this loader reads 't5' or 'mt5' models; ...
+    """
     mt = config.get("model_type")
     expected = (expected,) if isinstance(expected, str) else tuple(expected)
     if mt not in expected:
@@ -179,7 +233,21 @@ def check_model_type(path: str | os.PathLike, config: Mapping[str, Any], expecte
 @contextlib.contextmanager
 def safetensors_errors(file: str | os.PathLike):
     """Reading ``file`` inside this block: any failure of the safetensors library (truncated, a
-    damaged header, not safetensors, bad dtypes) becomes a ``ValueError`` naming the file."""
+    damaged header, not safetensors, bad dtypes) becomes a ``ValueError`` naming the file.
+
+    Example:
+      >>> import os, tempfile
+      >>> from safetensors.numpy import load_file
+      >>> with tempfile.TemporaryDirectory() as d:
+      ...     bad = os.path.join(d, "model.safetensors")
+      ...     with open(bad, "wb") as f:
+      ...         _ = f.write(b"not a safetensors file")
+      ...     with safetensors_errors(bad):
+      ...         load_file(bad)
+      Traceback (most recent call last):
+      ...
+      ValueError: '.../model.safetensors' is not a readable safetensors file: ...
+    """
     try:
         yield
     except Exception as e:  # SafetensorError and whatever else the reader raises
@@ -199,6 +267,23 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     Reads ``model.safetensors``, else the sharded ``model.safetensors.index.json``, else the legacy
     ``flax_model.msgpack`` (converted with ``state_dict_from_flax_legacy``). Arrays keep their
     stored dtype.
+
+    Example (a tiny random ViT written by :func:`save_pretrained`; Linear weights are ``(out, in)``):
+      >>> import os, tempfile, jax, jax.numpy as jnp, numpy as np
+      >>> from boft_jax.models import vit
+      >>> config = vit.ViTConfig(image_size=8, patch_size=4, hidden_size=8, num_hidden_layers=2,
+      ...                        num_attention_heads=2, intermediate_size=16, num_labels=2, id2label=("cat", "dog"))
+      >>> shapes = jax.eval_shape(vit.ViT(config).init, jax.random.key(0), jnp.zeros((1, 8, 8, 3)))["params"]
+      >>> rng = np.random.default_rng(0)
+      >>> params = jax.tree.map(lambda s: rng.standard_normal(s.shape, np.float32), shapes)  # as if trained
+      >>> with tempfile.TemporaryDirectory() as d:
+      ...     save_pretrained(d, config, params)
+      ...     state = load_state_dict(d)
+      >>> weight = state["vit.encoder.layer.0.intermediate.dense.weight"]
+      >>> weight.shape, weight.dtype, params["encoder"]["layer_0"]["mlp"]["fc1"]["kernel"].shape
+      ((16, 8), dtype('float32'), (8, 16))
+      >>> bool(np.array_equal(weight, params["encoder"]["layer_0"]["mlp"]["fc1"]["kernel"].T))
+      True
     """
     p = _model_dir(path)
     single, index, msgpack = p / SAFETENSORS_NAME, p / SAFETENSORS_INDEX_NAME, p / FLAX_MSGPACK_NAME
@@ -257,6 +342,15 @@ def state_dict_from_flax_legacy(tree: Mapping[str, Any]) -> dict[str, np.ndarray
     ``kernel`` (Dense ``(in, out)``, Conv ``(kh, kw, in, out)``), ``scale`` (LayerNorm),
     ``embedding`` (Embed), and ``weight`` for T5's layer norm. A top-level ``{"params": ...}``
     wrapper is accepted.
+
+    Example:
+      >>> import numpy as np
+      >>> tree = {"vit": {"encoder": {"layer": {"0": {"output": {"dense": {"kernel": np.zeros((16, 8)),
+      ...                                                             "bias": np.zeros(8)}}}}},
+      ...                 "layernorm": {"scale": np.ones(8), "bias": np.zeros(8)}}}
+      >>> {k: v.shape for k, v in state_dict_from_flax_legacy({"params": tree}).items()}
+      {'vit.encoder.layer.0.output.dense.weight': (8, 16), 'vit.encoder.layer.0.output.dense.bias': (8,),
+       'vit.layernorm.weight': (8,), 'vit.layernorm.bias': (8,)}
     """
     if set(tree) == {"params"}:
         tree = tree["params"]
@@ -292,13 +386,34 @@ def _kernel_from_torch(weight: np.ndarray) -> np.ndarray:
 
 
 def to_torch_layout(path: Path_, value: np.ndarray) -> np.ndarray:
-    """Our leaf at ``path`` in the layout of the torch tensor it corresponds to."""
+    """Our leaf at ``path`` in the layout of the torch tensor it corresponds to.
+
+    Example (Dense ``(in, out)`` -> Linear ``(out, in)``; Conv ``(kh, kw, in, out)`` -> Conv2d
+    ``(out, in, kh, kw)``; leaves other than ``kernel`` unchanged):
+      >>> import numpy as np
+      >>> to_torch_layout(("mlp", "fc1", "kernel"), np.zeros((8, 16))).shape
+      (16, 8)
+      >>> to_torch_layout(("patch_embeddings", "kernel"), np.zeros((4, 4, 3, 8))).shape
+      (8, 3, 4, 4)
+      >>> to_torch_layout(("mlp", "fc1", "bias"), np.zeros(16)).shape
+      (16,)
+    """
     value = np.asarray(value)
     return _kernel_to_torch(value, "/".join(path)) if path[-1] == "kernel" else value
 
 
 def from_torch_layout(path: Path_, value: np.ndarray) -> np.ndarray:
-    """A torch tensor in the layout of our leaf at ``path`` (inverse of ``to_torch_layout``)."""
+    """A torch tensor in the layout of our leaf at ``path`` (inverse of ``to_torch_layout``).
+
+    Example:
+      >>> import jax, numpy as np
+      >>> conv = np.asarray(jax.random.normal(jax.random.key(0), (4, 4, 3, 8)))   # (kh, kw, in, out)
+      >>> torch_weight = to_torch_layout(("patch_embeddings", "kernel"), conv)
+      >>> torch_weight.shape, from_torch_layout(("patch_embeddings", "kernel"), torch_weight).shape
+      ((8, 3, 4, 4), (4, 4, 3, 8))
+      >>> bool(np.array_equal(from_torch_layout(("patch_embeddings", "kernel"), torch_weight), conv))
+      True
+    """
     return _kernel_from_torch(value) if path[-1] == "kernel" else value
 
 
@@ -336,7 +451,14 @@ def _unflatten(flat: Mapping[Path_, Any]) -> dict[str, Any]:
 
 
 def flatten_params(params: Mapping[str, Any]) -> dict[Path_, Any]:
-    """``{path_tuple: leaf}`` of a params tree (a top-level ``{"params": ...}`` is unwrapped)."""
+    """``{path_tuple: leaf}`` of a params tree (a top-level ``{"params": ...}`` is unwrapped).
+
+    Example:
+      >>> import numpy as np
+      >>> tree = {"params": {"dense": {"kernel": np.zeros((4, 3)), "bias": np.zeros(3)}, "scale": np.ones(())}}
+      >>> {path: leaf.shape for path, leaf in flatten_params(tree).items()}
+      {('dense', 'kernel'): (4, 3), ('dense', 'bias'): (3,), ('scale',): ()}
+    """
     if set(params) == {"params"}:
         params = params["params"]
     return _flatten(params)
@@ -346,6 +468,17 @@ def stack_layers(params: Mapping[str, Any]) -> dict[str, Any]:
     """``.../layer_{i}/...`` subtrees -> one ``.../layers/...`` subtree, layer axis first.
 
     This is the param layout of models built with ``scan_layers=True``.
+
+    Example (:func:`unstack_layers` undoes it):
+      >>> import numpy as np
+      >>> params = {"encoder": {"layer_0": {"w": np.zeros((2, 3))}, "layer_1": {"w": np.ones((2, 3))}},
+      ...           "head": {"w": np.ones(3)}}
+      >>> stacked = stack_layers(params)
+      >>> stacked["encoder"]["layers"]["w"].shape, stacked["head"]["w"].shape
+      ((2, 2, 3), (3,))
+      >>> back = unstack_layers(stacked)
+      >>> sorted(back["encoder"]), bool(np.array_equal(back["encoder"]["layer_1"]["w"], np.ones((2, 3))))
+      (['layer_0', 'layer_1'], True)
     """
     groups: dict[tuple[Path_, Path_], dict[int, Any]] = {}
     flat: dict[Path_, Any] = {}
@@ -365,7 +498,17 @@ def stack_layers(params: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def unstack_layers(params: Mapping[str, Any]) -> dict[str, Any]:
-    """Inverse of ``stack_layers``: ``.../layers/...`` (layer axis first) -> ``.../layer_{i}/...``."""
+    """Inverse of ``stack_layers``: ``.../layers/...`` (layer axis first) -> ``.../layer_{i}/...``.
+
+    Example:
+      >>> import numpy as np
+      >>> stacked = {"encoder": {"layers": {"w": np.arange(6).reshape(3, 2)}}}   # 3 layers
+      >>> {name: sub["w"].tolist() for name, sub in unstack_layers(stacked)["encoder"].items()}
+      {'layer_0': [0, 1], 'layer_1': [2, 3], 'layer_2': [4, 5]}
+      >>> again = stack_layers(unstack_layers(stacked))
+      >>> bool(np.array_equal(again["encoder"]["layers"]["w"], stacked["encoder"]["layers"]["w"]))
+      True
+    """
     flat: dict[Path_, Any] = {}
     for path, value in flatten_params(params).items():
         if "layers" not in path:
@@ -411,6 +554,31 @@ def params_from_state_dict(
     Raises:
       ValueError listing every missing key (with its expected shape), unexpected key, and
       mis-shaped key (with both shapes).
+
+    Example (the state dict of a tiny random ViT, from :func:`state_dict_from_params`):
+      >>> import jax, jax.numpy as jnp, numpy as np
+      >>> from boft_jax.models import vit
+      >>> config = vit.ViTConfig(image_size=8, patch_size=4, hidden_size=8, num_hidden_layers=2,
+      ...                        num_attention_heads=2, intermediate_size=16, num_labels=2, id2label=("cat", "dog"))
+      >>> shapes = jax.eval_shape(vit.ViT(config).init, jax.random.key(0), jnp.zeros((1, 8, 8, 3)))["params"]
+      >>> rng = np.random.default_rng(0)
+      >>> params = jax.tree.map(lambda s: rng.standard_normal(s.shape, np.float32), shapes)  # as if trained
+      >>> state = state_dict_from_params(params, vit.param_shapes(config), vit.hf_torch_key)
+      >>> back = params_from_state_dict(state, vit.param_shapes(config), vit.hf_torch_key)
+      >>> back["encoder"]["layer_0"]["mlp"]["fc1"]["kernel"].shape   # Linear (16, 8) -> Dense (8, 16)
+      (8, 16)
+      >>> all(bool(np.array_equal(a, b)) for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params)))
+      True
+      >>> del state["classifier.bias"]
+      >>> state["vit.extra.weight"] = np.zeros(3)
+      >>> params_from_state_dict(state, vit.param_shapes(config), vit.hf_torch_key, source="my checkpoint")
+      Traceback (most recent call last):
+      ...
+      ValueError: my checkpoint does not match the model:
+        missing keys (1):
+          classifier.bias (expected shape (2,))
+        unexpected keys (1):
+          vit.extra.weight (shape (3,))
     """
     canonical: dict[str, np.ndarray] = {}
     for key, value in state.items():
@@ -457,6 +625,20 @@ def state_dict_from_params(
 
     Raises ValueError if ``params`` has leaves the model does not (e.g. adapter params: merge
     them first), lacks some, or has other shapes.
+
+    Example (a tiny random ViT):
+      >>> import jax, jax.numpy as jnp, numpy as np
+      >>> from boft_jax.models import vit
+      >>> config = vit.ViTConfig(image_size=8, patch_size=4, hidden_size=8, num_hidden_layers=2,
+      ...                        num_attention_heads=2, intermediate_size=16, num_labels=2, id2label=("cat", "dog"))
+      >>> shapes = jax.eval_shape(vit.ViT(config).init, jax.random.key(0), jnp.zeros((1, 8, 8, 3)))["params"]
+      >>> rng = np.random.default_rng(0)
+      >>> params = jax.tree.map(lambda s: rng.standard_normal(s.shape, np.float32), shapes)  # as if trained
+      >>> state = state_dict_from_params(params, vit.param_shapes(config), vit.hf_torch_key)
+      >>> len(state), state["vit.embeddings.patch_embeddings.projection.weight"].shape   # Conv2d (out, in, kh, kw)
+      (40, (8, 3, 4, 4))
+      >>> type(state["classifier.weight"]).__name__, state["classifier.weight"].shape
+      ('ndarray', (2, 8))
     """
     flat = flatten_params(params)
     not_arrays = sorted(
@@ -493,7 +675,13 @@ def state_dict_from_params(
 
 
 def param_shapes(module: Any, *init_args: Any) -> dict[Path_, tuple[int, ...]]:
-    """``{path: shape}`` of ``module.init(key, *init_args)["params"]``, traced, never run."""
+    """``{path: shape}`` of ``module.init(key, *init_args)["params"]``, traced, never run.
+
+    Example (shape structs are enough as inputs):
+      >>> import jax, jax.numpy as jnp, flax.linen as nn
+      >>> param_shapes(nn.Dense(3), jax.ShapeDtypeStruct((1, 4), jnp.float32))
+      {('bias',): (3,), ('kernel',): (4, 3)}
+    """
     variables = jax.eval_shape(lambda *args: module.init(jax.random.key(0), *args), *init_args)
     return {path: tuple(leaf.shape) for path, leaf in flatten_params(variables["params"]).items()}
 
@@ -517,6 +705,24 @@ def _atomic_write(target: Path, write: Callable[[str], None]) -> None:
 
 
 def write_json(target: Path, data: Any) -> None:
+    """Write ``data`` as indented JSON with sorted keys to ``target``, atomically (a temporary file
+    in the same directory, then ``os.replace``).
+
+    Example:
+      >>> import os, tempfile
+      >>> with tempfile.TemporaryDirectory() as d:
+      ...     write_json(Path(d) / "config.json", {"model_type": "vit", "hidden_size": 8})
+      ...     text = (Path(d) / "config.json").read_text()
+      ...     files = os.listdir(d)                       # no temporary file left behind
+      >>> print(text, end="")
+      {
+        "hidden_size": 8,
+        "model_type": "vit"
+      }
+      >>> files
+      ['config.json']
+    """
+
     def write(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(data, f, indent=2, sort_keys=True)
@@ -533,6 +739,23 @@ def save_state_dict(
     Files are written atomically. Weight files of the other layout left in ``path`` by an
     earlier save (``model.safetensors`` vs. ``model.safetensors.index.json`` + shards) are removed
     so they cannot shadow the new ones. Returns the names of the files written.
+
+    Example (:func:`load_state_dict` reads either layout back):
+      >>> import os, tempfile, numpy as np
+      >>> state = {f"layer.{i}.weight": np.full((16, 16), i, np.float32) for i in range(3)}   # 1 KiB each
+      >>> with tempfile.TemporaryDirectory() as d:
+      ...     one = save_state_dict(d, state)
+      ...     sharded = save_state_dict(d, state, max_shard_bytes=2048)   # replaces model.safetensors
+      ...     files = sorted(os.listdir(d))
+      ...     back = load_state_dict(d)
+      >>> one
+      ['model.safetensors']
+      >>> sharded
+      ['model-00001-of-00002.safetensors', 'model-00002-of-00002.safetensors', 'model.safetensors.index.json']
+      >>> files == sorted(sharded)
+      True
+      >>> all(bool(np.array_equal(back[k], v)) for k, v in state.items())
+      True
     """
     from safetensors.numpy import save_file
 
@@ -599,6 +822,25 @@ def from_pretrained(path: str | os.PathLike, **kwargs: Any):
     """Load a Hugging Face model directory: ``(module, params)``, dispatching on ``model_type``.
 
     Keyword arguments go to ``vit.from_pretrained`` or ``t5.from_pretrained``.
+
+    Example (a tiny random ViT written by :func:`save_pretrained`, loaded with stacked layers):
+      >>> import os, tempfile, jax, jax.numpy as jnp, numpy as np
+      >>> from boft_jax.models import vit
+      >>> config = vit.ViTConfig(image_size=8, patch_size=4, hidden_size=8, num_hidden_layers=2,
+      ...                        num_attention_heads=2, intermediate_size=16, num_labels=2, id2label=("cat", "dog"))
+      >>> shapes = jax.eval_shape(vit.ViT(config).init, jax.random.key(0), jnp.zeros((1, 8, 8, 3)))["params"]
+      >>> rng = np.random.default_rng(0)
+      >>> params = jax.tree.map(lambda s: rng.standard_normal(s.shape, np.float32), shapes)  # as if trained
+      >>> with tempfile.TemporaryDirectory() as d:
+      ...     save_pretrained(d, config, params)
+      ...     module, loaded = from_pretrained(d, scan_layers=True)
+      >>> type(module).__name__, module.scan_layers, module.config == config
+      ('ViT', True, True)
+      >>> loaded["encoder"]["layers"]["mlp"]["fc1"]["kernel"].shape   # (layers, in, out)
+      (2, 8, 16)
+      >>> bool(jnp.array_equal(loaded["encoder"]["layers"]["mlp"]["fc1"]["kernel"][1],
+      ...                      params["encoder"]["layer_1"]["mlp"]["fc1"]["kernel"]))
+      True
     """
     return _library(model_type(path)).from_pretrained(path, **kwargs)
 
@@ -619,6 +861,30 @@ def save_pretrained(
         merged into the base weights first (``boft.merge``).
       max_shard_bytes: if given, split the weights into shards of at most this size with a
         ``model.safetensors.index.json``, as transformers does.
+
+    Example (a tiny random ViT; :func:`from_pretrained` loads it back exactly):
+      >>> import os, tempfile, jax, jax.numpy as jnp, numpy as np
+      >>> from boft_jax.models import vit
+      >>> config = vit.ViTConfig(image_size=8, patch_size=4, hidden_size=8, num_hidden_layers=2,
+      ...                        num_attention_heads=2, intermediate_size=16, num_labels=2, id2label=("cat", "dog"))
+      >>> shapes = jax.eval_shape(vit.ViT(config).init, jax.random.key(0), jnp.zeros((1, 8, 8, 3)))["params"]
+      >>> rng = np.random.default_rng(0)
+      >>> params = jax.tree.map(lambda s: rng.standard_normal(s.shape, np.float32), shapes)  # as if trained
+      >>> with tempfile.TemporaryDirectory() as d:
+      ...     save_pretrained(d, config, params)              # the module, vit.ViT(config), works too
+      ...     files = sorted(os.listdir(d))
+      ...     module, loaded = from_pretrained(d)
+      >>> files
+      ['config.json', 'model.safetensors']
+      >>> module.config == config
+      True
+      >>> all(bool(jnp.array_equal(a, b)) for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(params)))
+      True
+      >>> with tempfile.TemporaryDirectory() as d:
+      ...     save_pretrained(d, config, params, max_shard_bytes=4096)
+      ...     files = sorted(os.listdir(d))
+      >>> files
+      ['config.json', 'model-00001-of-...safetensors', ..., 'model.safetensors.index.json']
     """
     lib = _library_for(module_or_config)
     config = getattr(module_or_config, "config", module_or_config)
