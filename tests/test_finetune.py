@@ -168,6 +168,21 @@ def test_unreadable_checkpoint_or_data_file_exits_2_with_a_clear_message(tmp_pat
     err = capsys.readouterr().err
     assert "not an .npz archive" in err and "pickle" not in err, err
     assert not out.exists()
+    # the suffix's case does not matter; a missing path and a non-.npz file are told apart
+    from boft_jax.models import vit
+    from train import vit_task
+
+    module, _ = vit.from_pretrained(VIT_BASE)
+    rng = np.random.default_rng()
+    np.savez(tmp_path / "ok.npz", images=rng.random((20, 8, 8, 1)).astype(np.float32), labels=rng.integers(0, 10, 20))
+    shutil.copy(tmp_path / "ok.npz", tmp_path / "OK.NPZ")
+    a, b = (vit_task.load_data(str(tmp_path / n), module, VIT_BASE) for n in ("ok.npz", "OK.NPZ"))
+    np.testing.assert_array_equal(a.train.inputs["pixel_values"], b.train.inputs["pixel_values"])
+    with pytest.raises(ValueError, match="no such file or folder"):
+        vit_task.load_data(str(tmp_path / "missing.npz"), module, VIT_BASE)
+    (tmp_path / "data.csv").write_text("1,2\n")
+    with pytest.raises(ValueError, match=r"without the .npz suffix \(.csv\)"):
+        vit_task.load_data(str(tmp_path / "data.csv"), module, VIT_BASE)
 
 
 def test_mesh_that_does_not_divide_the_weights_exits_2_and_writes_nothing(tmp_path):
@@ -240,6 +255,16 @@ def test_npz_and_image_folder_data_load_exactly(tmp_path):
     np.savez(tmp_path / "bad.npz", pictures=imgs)
     with pytest.raises(ValueError, match="needs arrays 'images'"):
         data_lib.load_npz(tmp_path / "bad.npz")
+    # arrays outside the layout used (a user's own test set next to images/labels, both layouts,
+    # unknown names) are an error naming them, never dropped
+    split4 = {"train_images": imgs, "train_labels": labels, "test_images": imgs[:5], "test_labels": labels[:5]}
+    for extra, unused in (({"images": imgs, "labels": labels, "test_images": imgs[:5], "test_labels": labels[:5]},
+                           "['test_images', 'test_labels']"),
+                          ({**split4, "images": imgs, "labels": labels}, "['images', 'labels']"),
+                          ({"images": imgs, "labels": labels, "val_images": imgs[:5]}, "['val_images']")):
+        np.savez(tmp_path / "extra.npz", **extra)
+        with pytest.raises(ValueError, match=re.escape(f"would not use, {unused}")):
+            data_lib.load_npz(tmp_path / "extra.npz")
     # an image folder: one sub-folder per class, lossless PNGs, labels by sorted class name
     pix = rng.integers(0, 256, size=(12, 8, 8), dtype=np.uint8)
     for i, p in enumerate(pix):
@@ -413,6 +438,46 @@ def test_existing_run_is_not_overwritten_without_consent(tmp_path, capsys):
     assert finetune.main(["--output", str(out), *SMALL]) == 2
     assert "--resume" in capsys.readouterr().err
     assert (out / "adapter" / "keep.txt").read_text() == "x"
+    for name in ("summary.md", "curves.png"):  # the job writes these too: a user's own file is kept
+        own = tmp_path / name
+        own.mkdir()
+        (own / name).write_text("my notes")
+        assert finetune.main(["--output", str(own), *SMALL]) == 2
+        assert f"already holds a run ({name})" in capsys.readouterr().err
+        assert (own / name).read_text() == "my notes"
+
+
+def test_a_diverging_run_exits_1_and_writes_no_adapter(tmp_path, capsys):
+    """--lr 1e30 makes step 2 non-finite: exit status 1 with the step named, no adapter, merged
+    model or summary written, and a metrics log of finite values that is valid JSON."""
+    out = tmp_path / "run"
+    args = ["--output", str(out), *SMALL, *FEW, "--steps", "12", "--save-every", "1", "--lr", "1e30", "--warmup", "0"]
+    assert finetune.main(args) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: training diverged at step 2: loss nan") and "step 1, in" in err, err
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "metrics.jsonl"]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1] and np.isfinite(rows[0]["loss"])
+
+
+def test_output_inside_an_input_is_refused(tmp_path, capsys):
+    """An --output inside the --data image folder would add a class to it (the run's curves.png);
+    inside --checkpoint, stray files: refused before anything is written."""
+    import shutil
+
+    from train.make_base import VIT_BASE
+
+    folder = tmp_path / "images"
+    for c in ("5", "6"):
+        (folder / c).mkdir(parents=True)
+    ckpt = tmp_path / "base"
+    shutil.copytree(VIT_BASE, ckpt)
+    for flag, given in (("--data", folder), ("--checkpoint", ckpt)):
+        out = given / "run"
+        assert finetune.main(["--output", str(out), *SMALL, flag, str(given)]) == 2
+        err = capsys.readouterr().err
+        assert f"--output {out} lies inside {flag} {given}" in err, err
+        assert not out.exists()
 
 
 def test_inputs_inside_what_the_job_writes_are_refused(tmp_path, capsys):

@@ -62,3 +62,46 @@ def test_bf16_biases_and_saved_modules_train_through_float32_masters(tmp_path):
     assert (np.asarray(res["adapter"]["fc1"]["bias"], np.float32) != start).any()
     # skew / scale were float32 to begin with and stay so
     assert res["adapter"]["fc1"]["kernel"]["skew"].dtype == jnp.float32
+
+
+def test_a_non_finite_step_stops_the_run_and_nothing_non_finite_is_saved(tmp_path):
+    """One example with a huge (finite) input makes step 7's loss or gradient non-finite: fit raises
+    Diverged naming the step, that step's update is not applied, the step checkpoints and the log
+    hold only finite values (and are valid JSON), and the newest checkpoint is the one before it."""
+    import json
+
+    rng = np.random.default_rng()
+    module = TinyClassifier()
+    x = rng.normal(size=(160, 8)).astype(np.float32)  # 10 batches: the 9 steps stay in the first epoch
+    labels = rng.integers(0, 3, size=160).astype(np.int32)
+    params = jax.tree.map(lambda a: a.astype(jnp.float32), module.init(jax.random.key(3), x[:1])["params"])
+    cfg = boft.BOFTConfig(block_size=4, targets="fc1")
+    model = boft.wrap(module, cfg)
+    adapter = boft.init_adapter(model, params, x[:1])
+    frozen, _ = boft.split(boft.combine(params, adapter), cfg)
+    opts = loop.TrainOptions(steps=9, batch_size=16, learning_rate=1e-3, warmup_steps=0, eval_every=0,
+                             save_every=3, progress=False, mesh="data=1", seed=5)
+    bad_step = 7  # 1-based: the batch of loop step 6
+    poisoned = x.copy()
+    poisoned[int(loop.batch_indices(160, 16, opts.seed, bad_step - 1)[0])] = 3e38
+    split = Split(inputs={"x": poisoned}, labels=labels)
+    task = loop.Task("tiny", model, frozen, adapter, Dataset(split, split, "poisoned"), _loss, lambda *a: 0.0)
+    try:
+        loop.fit(task, opts, tmp_path / "run")
+    except loop.Diverged as e:
+        msg = str(e)
+    else:
+        raise AssertionError("fit did not stop at the non-finite step")
+    assert f"diverged at step {bad_step}" in msg and "not applied" in msg and "step 6" in msg, msg
+    ckpt = boft.checkpoint.TrainCheckpointer(tmp_path / "run" / "checkpoints")
+    assert ckpt.all_steps() == [3, 6]
+    state = ckpt.restore_latest(adapter, loop.make_optimizer(opts).init(adapter))
+    ckpt.close()
+    assert all(np.isfinite(np.asarray(a)).all() for a in jax.tree.leaves(state))
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1] and all(np.isfinite(r["loss"]) for r in rows)
+    # the same data without the poisoned example trains to the end
+    clean = Split(inputs={"x": x}, labels=labels)
+    task = loop.Task("tiny", model, frozen, adapter, Dataset(clean, clean, "clean"), _loss, lambda *a: 0.0)
+    res = loop.fit(task, opts, tmp_path / "clean")
+    assert len(res["losses"]) == 2 and all(np.isfinite(res["losses"]))

@@ -153,13 +153,21 @@ def load_npz(path: str | Path, *, prep: PixelPrep = PixelPrep(), test_fraction: 
             arrays = {k: z[k] for k in names if k in keys}
     except Exception as e:  # BadZipFile, bad CRC, zlib errors, object arrays (pickles), truncation
         raise ValueError(f"{path}: unreadable .npz archive ({type(e).__name__}: {e})") from None
-    if {"train_images", "train_labels", "test_images", "test_labels"} <= keys:
+    split_layout = {"train_images", "train_labels", "test_images", "test_labels"}
+    layout = split_layout if split_layout <= keys else {"images", "labels"} if {"images", "labels"} <= keys else None
+    if layout is not None and keys - layout:  # a user's own test set (or anything else) is never dropped quietly
+        raise ValueError(
+            f"{path}: holds arrays this loader would not use, {sorted(keys - layout)}, besides {sorted(layout)};"
+            " give exactly one layout: 'images' and 'labels' (split 80/20 here), or 'train_images',"
+            " 'train_labels', 'test_images' and 'test_labels' (your own held-out set)"
+        )
+    if layout == split_layout:
         return Dataset(
             _image_split(path, arrays, "train_images", "train_labels", prep),
             _image_split(path, arrays, "test_images", "test_labels", prep),
             f"{path}",
         )
-    if {"images", "labels"} <= keys:
+    if layout is not None:
         full = _image_split(path, arrays, "images", "labels", prep)
         tr, te = _train_test(len(full), test_fraction, seed)
         return Dataset(full.take(tr), full.take(te), f"{path} ({1 - test_fraction:.0%}/{test_fraction:.0%} split)")

@@ -38,8 +38,8 @@ from pathlib import Path
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 DEFAULT_OUTPUT = {"vit": "runs/vit-digits", "t5": "runs/t5-bytes"}
-# What a run keeps in --output (their presence means a run is there), besides summary.md and curves.png.
-RUN_ENTRIES = ("checkpoints", "adapter", "merged", "metrics.jsonl")
+# What a run keeps in --output: their presence means a run is there (--resume or --overwrite needed).
+RUN_ENTRIES = ("checkpoints", "adapter", "merged", "metrics.jsonl", "summary.md", "curves.png")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -194,12 +194,16 @@ def run(argv=None) -> dict:
     if out.exists() and not out.is_dir():
         _fail(f"--output {out}: exists and is not a directory")
     # What the job writes in --output (and what --overwrite removes): never where its inputs are.
-    written = [out / p for p in (*RUN_ENTRIES, "summary.md", "curves.png")]
+    written = [out / p for p in RUN_ENTRIES]
     for flag, given in (("--checkpoint", ckpt_path), ("--data", Path(args.data) if args.data else None)):
         clash = [w for w in written if given is not None and _within(given, w)]
         if clash:
             _fail(f"{flag} {given} lies in {clash[0]}, which this job writes (or replaces) in --output {out};"
                   " copy it elsewhere first, or choose another --output")
+        if given is not None and given.exists() and _within(out, given):
+            _fail(f"--output {out} lies inside {flag} {given}: the job's files would become part of its input"
+                  " (an image folder would gain a class, a model directory stray files); choose an --output"
+                  " outside it")
     if args.resume and (out / "checkpoints").exists() and not (out / "checkpoints").is_dir():
         _fail(f"--resume: {out / 'checkpoints'} is a file, not the step-checkpoint directory;"
               " remove it, or pass --overwrite instead of --resume to replace the run")
@@ -384,7 +388,8 @@ def run(argv=None) -> dict:
     merged = sh.gather_to_host(boft.merge(final_params, config))
     if main:
         save_pretrained(out / "merged", module, merged)
-        loop.plot_curves(out / "metrics.jsonl", out / "curves.png", f"BOFT(m={config.n_factors}) finetuning: {data.description}")
+        loop.plot_curves(out / "metrics.jsonl", out / "curves.png", f"BOFT(m={config.n_factors}) finetuning: {data.description}",
+                         metric=task.metric, train_metric=task.train_metric)
     wall = time.time() - t_start
     table = loop.summary_table(
         [
@@ -443,6 +448,9 @@ def main(argv=None) -> int:
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except loop.Diverged as e:  # no adapter or merged model is written for a diverged run
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt as e:
         term = isinstance(e, loop.Terminated)
         what = "terminated (SIGTERM)" if term else "interrupted"

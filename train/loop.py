@@ -41,6 +41,8 @@ class Task:
     loss_fn: LossFn
     evaluate: EvalFn
     extra: dict = field(default_factory=dict)
+    metric: str = "accuracy"  # what ``evaluate`` measures (logged as eval_accuracy, named in output)
+    train_metric: str = "accuracy"  # what ``loss_fn``'s second output measures (logged as accuracy)
 
 
 @dataclass
@@ -106,6 +108,19 @@ def _identity_diff(stored: dict, current: dict, prefix: str = "") -> list[str]:
         elif k in stored:  # an entry this run does not record is not a difference of options
             out.append(f"{prefix}{k}: checkpoint {json.dumps(a)}, now {json.dumps(b)}")
     return out
+
+
+class Diverged(RuntimeError):
+    """A training step gave a non-finite loss or gradient (raised by :func:`fit`).
+
+    The step's update was not applied (the jitted step keeps the adapter and optimizer state it
+    was given when the loss or the gradient norm is not finite), so every step checkpoint holds
+    finite values; no checkpoint is written for the step that diverged."""
+
+
+def _finite_json(row: dict) -> dict:
+    """``row`` with non-finite floats as ``null`` (``json.dumps`` would write ``NaN``, which is not JSON)."""
+    return {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in row.items()}
 
 
 class Terminated(KeyboardInterrupt):
@@ -255,9 +270,14 @@ def fit(task: Task, opts: TrainOptions, out_dir: Path, *, resume: bool = False) 
             return loss_fn(model, boft.combine(frozen, _cast_like(a, dtypes)), inputs, labels, rng, True)
 
         (loss, acc), grads = jax.value_and_grad(objective, has_aux=True)(adapter)
-        updates, opt_state = optimizer.update(grads, opt_state, adapter)
-        adapter = optax.apply_updates(adapter, updates)
-        return adapter, opt_state, {"loss": loss, "accuracy": acc, "grad_norm": _global_norm(grads)}
+        grad_norm = _global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, new_opt_state = optimizer.update(grads, opt_state, adapter)
+        new_adapter = optax.apply_updates(adapter, updates)
+        # a non-finite step changes nothing: fit stops with Diverged when it reads the flag
+        keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+        adapter, opt_state = jax.tree.map(keep, (new_adapter, new_opt_state), (adapter, opt_state))
+        return adapter, opt_state, {"loss": loss, "accuracy": acc, "grad_norm": grad_norm, "finite": finite}
 
     step_jit = jax.jit(step_fn, out_shardings=(rep, rep, rep), donate_argnums=(0, 1))
 
@@ -291,7 +311,25 @@ def fit(task: Task, opts: TrainOptions, out_dir: Path, *, resume: bool = False) 
     def log(row):
         if main:
             with open(metrics_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+                f.write(json.dumps(_finite_json(row)) + "\n")
+
+    def say(line: str) -> None:  # one line on the console, above the progress bar when there is one
+        if main:
+            (bar.write if bar is not None else print)(line)
+
+    def check_finite(done: int, m: dict) -> None:
+        if bool(m["finite"]):
+            return
+        ckpt.wait()  # a save still being written counts (it holds finite values)
+        newest = ckpt.latest_step()
+        kept = (f"the newest step checkpoint (step {newest}, in {out_dir / 'checkpoints'}) holds the adapter"
+                f" before it" if newest is not None else "no step checkpoint was written")
+        raise Diverged(
+            f"training diverged at step {done}: loss {float(m['loss']):.4g}, gradient norm"
+            f" {float(m['grad_norm']):.4g} (not finite). That step's update was not applied and nothing"
+            f" was saved after it; {kept}. Lower the learning rate ({opts.learning_rate:g}), check the"
+            " data for extreme values, or (for a bf16 run) train in float32"
+        )
 
     bsh = lambda x: jax.device_put(x, sh.batch_sharding(mesh, x.ndim))  # noqa: E731
     train_split = task.data.train
@@ -299,6 +337,7 @@ def fit(task: Task, opts: TrainOptions, out_dir: Path, *, resume: bool = False) 
     t0, last, last_done = time.time(), time.time(), start
     history = []
     step = start
+    pending = None  # the previous step's (step, metrics), its finiteness not yet read
     try:
         for step in range(start, opts.steps):
             idx = batch_indices(len(train_split), opts.batch_size, opts.seed, step)
@@ -306,8 +345,17 @@ def fit(task: Task, opts: TrainOptions, out_dir: Path, *, resume: bool = False) 
             inputs = {k: bsh(v) for k, v in batch.inputs.items()}
             adapter, opt_state, m = step_jit(adapter, opt_state, frozen, inputs, bsh(batch.labels), jnp.int32(step))
             done = step + 1
-            if done % 10 == 0 or done == opts.steps or done == 1:
-                m = {k: float(v) for k, v in m.items()}
+            if pending is not None:  # read one step late, so the host never waits on the step it just queued
+                check_finite(*pending)
+            pending = (done, m)
+            logged = done % 10 == 0 or done == opts.steps or done == 1
+            evaluated = bool(opts.eval_every) and done % opts.eval_every == 0 and done != opts.steps
+            saving = done % opts.save_every == 0 or done == opts.steps or STOP.is_set()
+            if logged or evaluated or saving:  # nothing of a diverged step is logged, evaluated or saved
+                check_finite(done, m)
+                pending = None
+            if logged:
+                m = {k: float(v) for k, v in m.items() if k != "finite"}
                 now = time.time()
                 # examples per second since the previous row (the first row of a run includes compiling)
                 row = {"step": done, **m, "examples_per_s": opts.batch_size * (done - last_done) / max(now - last, 1e-9)}
@@ -315,11 +363,18 @@ def fit(task: Task, opts: TrainOptions, out_dir: Path, *, resume: bool = False) 
                 log(row)
                 history.append(row)
                 if bar is not None:
-                    bar.set_postfix(loss=f"{m['loss']:.4f}", acc=f"{m['accuracy']:.3f}", ex_s=f"{row['examples_per_s']:.0f}")
-            if opts.eval_every and (done % opts.eval_every == 0) and done != opts.steps:
+                    post = {"loss": f"{m['loss']:.4f}", "acc": f"{m['accuracy']:.3f}"}
+                    if done > start + 1:  # the first row's rate includes compiling
+                        post["ex_s"] = f"{row['examples_per_s']:.0f}"
+                    bar.set_postfix(post)
+                else:
+                    say(f"step {done}/{opts.steps}: loss {m['loss']:.4f}, batch {task.train_metric} {m['accuracy']:.3f},"
+                        f" gradient norm {m['grad_norm']:.3g}")
+            if evaluated:
                 acc = task.evaluate(model, boft.combine(frozen, _cast_like(adapter, dtypes)), task.data.test)
                 log({"step": done, "eval_accuracy": acc})
                 history.append({"step": done, "eval_accuracy": acc})
+                say(f"step {done}/{opts.steps}: held-out {task.metric} {acc:.3f}")
             ckpt.save(done, adapter, opt_state, {"step": done, "data_position": done * opts.batch_size,
                                                  "batch_size": opts.batch_size, "seed": opts.seed, "run": identity},
                       force=done == opts.steps or STOP.is_set())  # a stop request saves the step it stops at
@@ -369,8 +424,10 @@ def _metrics_until(path: Path, step: int) -> list[dict]:
     return rows
 
 
-def plot_curves(metrics_path: Path, out_png: Path, title: str) -> None:
-    """Training loss, training accuracy and eval accuracy against step, as a PNG."""
+def plot_curves(metrics_path: Path, out_png: Path, title: str, *, metric: str = "accuracy",
+                train_metric: str = "accuracy") -> None:
+    """Training loss, the batch metric (``train_metric``, the log's ``accuracy``) and the held-out
+    ``metric`` (the log's ``eval_accuracy``) against step, as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -382,10 +439,11 @@ def plot_curves(metrics_path: Path, out_png: Path, title: str) -> None:
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.4), dpi=100)
     a1.plot([r["step"] for r in train], [r["loss"] for r in train], color="C0")
     a1.set_xlabel("step"), a1.set_ylabel("training loss"), a1.set_yscale("log"), a1.grid(alpha=0.3)
-    a2.plot([r["step"] for r in train], [r["accuracy"] for r in train], color="C1", label="train (batch)")
+    a2.plot([r["step"] for r in train], [r["accuracy"] for r in train], color="C1", label=f"train batch {train_metric}")
     if evals:
-        a2.plot([r["step"] for r in evals], [r["eval_accuracy"] for r in evals], "o-", color="C2", label="held-out")
-    a2.set_xlabel("step"), a2.set_ylabel("accuracy"), a2.set_ylim(0, 1.02), a2.grid(alpha=0.3), a2.legend()
+        a2.plot([r["step"] for r in evals], [r["eval_accuracy"] for r in evals], "o-", color="C2", label=f"held-out {metric}")
+    ylabel = metric if metric == train_metric else f"{train_metric} / {metric}"
+    a2.set_xlabel("step"), a2.set_ylabel(ylabel), a2.set_ylim(0, 1.02), a2.grid(alpha=0.3), a2.legend()
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(out_png)
@@ -417,4 +475,4 @@ def batched_eval(predict: Callable, split, batch_size: int) -> float:
     return correct / max(n, 1)
 
 
-__all__ = ["Task", "TrainOptions", "ResumeMismatch", "fit", "make_optimizer", "resolve_warmup", "plot_curves", "summary_table", "fmt_params", "batched_eval"]
+__all__ = ["Task", "TrainOptions", "ResumeMismatch", "Diverged", "fit", "make_optimizer", "resolve_warmup", "plot_curves", "summary_table", "fmt_params", "batched_eval"]

@@ -191,7 +191,7 @@ def make_task(model, frozen, adapter, ds: data_lib.Dataset) -> Task:
             split, min(EVAL_BATCH, len(split)),
         )
 
-    return Task("t5", model, frozen, adapter, ds, loss_fn, evaluate)
+    return Task("t5", model, frozen, adapter, ds, loss_fn, evaluate, metric=METRIC, train_metric="token accuracy")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -25,11 +25,16 @@ def load_data(path, module, checkpoint=None) -> data_lib.Dataset:
     if path is None:
         return _checked(data_lib.digits(data_lib.FINETUNE_CLASSES), cfg)
     prep = data_lib.pixel_prep(checkpoint, cfg.num_channels)
-    if str(path).endswith(".npz"):
+    from pathlib import Path
+
+    if not Path(path).exists():
+        raise ValueError("no such file or folder (expected an .npz file or an image folder)")
+    if Path(path).is_file():
+        if Path(path).suffix.lower() != ".npz":
+            raise ValueError(f"a file without the .npz suffix ({Path(path).suffix or 'none'}); expected an .npz"
+                             " file (np.savez) or an image folder")
         ds = data_lib.load_npz(path, prep=prep)
     else:
-        from pathlib import Path
-
         if not Path(path).is_dir():
             raise ValueError("not an .npz file or an image folder")
         ds = data_lib.load_image_folder(path, cfg.image_size, cfg.num_channels, prep=prep, class_names=cfg.id2label)
@@ -69,4 +74,4 @@ def make_task(model, frozen, adapter, ds: data_lib.Dataset) -> Task:
     def evaluate(model_, params, split) -> float:
         return batched_eval(lambda inp, lab: correct(params, inp["pixel_values"], lab), split, EVAL_BATCH)
 
-    return Task("vit", model, frozen, adapter, ds, loss_fn, evaluate)
+    return Task("vit", model, frozen, adapter, ds, loss_fn, evaluate, metric=METRIC)
