@@ -460,6 +460,36 @@ def test_a_diverging_run_exits_1_and_writes_no_adapter(tmp_path, capsys):
     assert [r["step"] for r in rows] == [1] and np.isfinite(rows[0]["loss"])
 
 
+def test_resume_knows_the_data_and_the_base_by_content_not_by_path(tmp_path, capsys, monkeypatch):
+    """The same .npz given by another path, or a copy of the base model elsewhere, resumes; the
+    same path with other examples, or a base whose files changed, is refused by name."""
+    import shutil
+
+    from train.make_base import VIT_BASE
+
+    rng = np.random.default_rng()
+    (tmp_path / "d").mkdir()
+    np.savez(tmp_path / "d" / "data.npz", images=rng.random((48, 8, 8, 1)).astype(np.float32),
+             labels=rng.integers(5, 10, 48))
+    monkeypatch.chdir(tmp_path)
+    base = ["--output", "run", *SMALL, *FEW, "--steps", "4", "--save-every", "2", "--batch-size", "8"]
+    assert finetune.main([*base, "--data", "d/data.npz"]) == 0
+    copy = tmp_path / "base copy"
+    shutil.copytree(VIT_BASE, copy)
+    capsys.readouterr()
+    assert finetune.main([*base, "--resume", "--data", str(tmp_path / "d" / "data.npz"), "--checkpoint", str(copy)]) == 0
+    assert "resumed from step 4" in capsys.readouterr().out
+    np.savez(tmp_path / "d" / "data.npz", images=rng.random((48, 8, 8, 1)).astype(np.float32),
+             labels=rng.integers(5, 10, 48))
+    assert finetune.main([*base, "--resume", "--data", "d/data.npz"]) == 2
+    err = capsys.readouterr().err
+    assert "(1 difference(s)): data.sha256:" in err and "other files or examples" in err, err
+    (copy / "config.json").write_text((copy / "config.json").read_text() + "\n")
+    assert finetune.main([*base, "--resume", "--data", "d/data.npz", "--checkpoint", str(copy)]) == 2
+    err = capsys.readouterr().err
+    assert "(2 difference(s)): checkpoint.sha256:" in err and "data.sha256:" in err, err
+
+
 def test_output_inside_an_input_is_refused(tmp_path, capsys):
     """An --output inside the --data image folder would add a class to it (the run's curves.png);
     inside --checkpoint, stray files: refused before anything is written."""

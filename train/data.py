@@ -18,6 +18,7 @@ sees exactly the batches an uninterrupted one would.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,6 +96,29 @@ class Dataset:
     test: Split
     description: str
     kind: str = ""  # for JSONL text data: "text" (byte-level encoded) or "ids" (pre-tokenized)
+
+
+def fingerprint(ds: Dataset) -> str:
+    """SHA-256 of the examples as loaded (both splits' arrays, names, dtypes and shapes): the same
+    data gives the same value whatever path it was read from; other data, another value."""
+    h = hashlib.sha256()
+    for name, split in (("train", ds.train), ("test", ds.test)):
+        for key, a in sorted({**split.inputs, "<labels>": split.labels}.items()):
+            a = np.ascontiguousarray(a)
+            h.update(f"{name}/{key}:{a.dtype.str}:{a.shape};".encode())
+            h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def fingerprint_files(directory: str | Path) -> str:
+    """SHA-256 of a model directory's files (names and contents, hidden files and sub-folders aside)."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in Path(directory).iterdir() if p.is_file() and not p.name.startswith(".")):
+        h.update(f"{f.name}:{f.stat().st_size};".encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 24), b""):
+                h.update(chunk)
+    return h.hexdigest()
 
 
 def _train_test(n: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -315,6 +315,8 @@ def run(argv=None) -> dict:
         multihost_utils.sync_global_devices("boft_jax.finetune: output directory ready")
 
     # ---- train --------------------------------------------------------------------------------
+    from train import data as data_lib
+
     opts = loop.TrainOptions(
         steps=steps,
         batch_size=args.batch_size,
@@ -331,9 +333,9 @@ def run(argv=None) -> dict:
         progress=not args.no_progress,
         run_identity={
             "model": kind,
-            "checkpoint": str(ckpt_path.absolute()),
-            "data": data.description,
-            "data_sizes": [len(data.train), len(data.test)],
+            # by content: the same files / examples resume from any path; changed ones are refused
+            "checkpoint": {"sha256": data_lib.fingerprint_files(ckpt_path)},
+            "data": {"sha256": data_lib.fingerprint(data), "train": len(data.train), "test": len(data.test)},
             "precision": args.precision,
             # the adapter's tree (stacked or per layer) differs; only recorded when on, so runs
             # started before the option existed still resume

@@ -106,7 +106,8 @@ def _identity_diff(stored: dict, current: dict, prefix: str = "") -> list[str]:
         if isinstance(a, dict) and isinstance(b, dict):
             out += _identity_diff(a, b, f"{prefix}{k}.")
         elif k in stored:  # an entry this run does not record is not a difference of options
-            out.append(f"{prefix}{k}: checkpoint {json.dumps(a)}, now {json.dumps(b)}")
+            what = " (content hash: other files or examples than the checkpoint's run's)" if k == "sha256" else ""
+            out.append(f"{prefix}{k}: checkpoint {json.dumps(a)}, now {json.dumps(b)}{what}")
     return out
 
 
