@@ -264,6 +264,30 @@ def test_pretokenized_jsonl_equals_the_text_form_and_serves_any_vocabulary(tmp_p
     assert row.shape == (8,) and row[-1] == data_lib.EOS and (row[:-1] != data_lib.PAD).all()
 
 
+def test_jsonl_lines_that_cannot_mean_one_thing_are_refused_with_their_line(tmp_path, capsys):
+    """Invalid UTF-8, a lone surrogate escape, a key given twice, keys of both forms on one line:
+    an error naming the file and line (and the byte or key); keys the loader does not read: a note."""
+    module, _ = base()
+    good = [json.dumps({"source": f"s{i}", "target": f"t{i}"}) for i in range(30)]
+    cases = {
+        "latin1": (b'{"source": "caf\xe9", "target": "x"}', ":7: not valid UTF-8 \\(byte 0xe9 at byte 15"),
+        "surrogate": (b'{"source": "\\ud800", "target": "x"}', ":7: 'source' holds a lone surrogate"),
+        "twice": (b'{"source": "a", "source": "b", "target": "c"}', ":7: the key 'source' appears twice"),
+        "both": (b'{"source": "a", "target": "b", "target_ids": [5]}', ":7: holds keys of both forms"),
+    }
+    for name, (line, msg) in cases.items():
+        path = tmp_path / f"{name}.jsonl"
+        path.write_bytes(b"\n".join([g.encode() for g in good[:6]] + [line] + [g.encode() for g in good[6:]]))
+        with pytest.raises(ValueError, match=f"{name}.jsonl{msg}"):
+            data_lib.load_jsonl(path, 64, 32)
+    extra = [json.dumps({"source": f"s{i}", "target": f"t{i}", **({"id": i} if i > 2 else {})}) for i in range(30)]
+    (tmp_path / "extra.jsonl").write_text("\n".join(extra))
+    capsys.readouterr()
+    ds = data_lib.load_jsonl(tmp_path / "extra.jsonl", 64, 32)
+    assert len(ds.train) + len(ds.test) == 30
+    assert "keys not used for training: 'id' (first on line 4)" in capsys.readouterr().out
+
+
 def test_mt5_checkpoint_finetunes_with_pretokenized_data(tmp_path):
     """--model t5 takes an mT5 directory (model_type "mt5"); the merged export stays an mT5."""
     rng = np.random.default_rng()

@@ -342,13 +342,28 @@ def load_jsonl(path: str | Path, src_len: int, tgt_len: int, *, test_fraction=0.
     Longer examples are cut to ``src_len`` / ``tgt_len``.
     """
     path = Path(path)
-    rows, kinds, cut = [], set(), 0
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    rows, kinds, cut, unused = [], set(), 0, {}
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(
+                    f"{path}:{n}: not valid UTF-8 (byte {raw[e.start]:#04x} at byte {e.start} of the line: {e.reason});"
+                    " JSONL is UTF-8: save the file as UTF-8"
+                ) from None
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                row = json.loads(line, object_pairs_hook=_unique_keys)
+                if isinstance(row, dict) and ({"source_ids", "target_ids"} & row.keys()) and ({"source", "target"} & row.keys()):
+                    raise _BadIds(
+                        f"holds keys of both forms, {sorted(row.keys() & {'source', 'target', 'source_ids', 'target_ids'})};"
+                        " give 'source' and 'target' (text) or 'source_ids' and 'target_ids' (token ids)"
+                    )
+                if isinstance(row, dict):
+                    for k in row.keys() - {"source", "target", "source_ids", "target_ids"}:
+                        unused.setdefault(k, n)
                 if isinstance(row, dict) and "source_ids" in row:
                     src, tgt = row["source_ids"], row["target_ids"]
                     if not (isinstance(src, list) and isinstance(tgt, list)) or not all(
@@ -362,6 +377,14 @@ def load_jsonl(path: str | Path, src_len: int, tgt_len: int, *, test_fraction=0.
                 else:
                     if not (isinstance(row["source"], str) and isinstance(row["target"], str)):
                         raise TypeError("'source' and 'target' must be strings")
+                    for key in ("source", "target"):
+                        try:
+                            row[key].encode("utf-8")
+                        except UnicodeEncodeError as e:
+                            raise _BadIds(
+                                f"'{key}' holds a lone surrogate {row[key][e.start]!r} at character {e.start} (a"
+                                " \\ud800-\\udfff escape without its pair), which is no text UTF-8 can encode"
+                            ) from None
                     kinds.add("text")
                     rows.append((encode_text(row["source"], src_len), encode_text(row["target"], tgt_len)))
                     cut += len(row["source"].encode("utf-8")) + 1 > src_len or len(row["target"].encode("utf-8")) + 1 > tgt_len
@@ -374,6 +397,9 @@ def load_jsonl(path: str | Path, src_len: int, tgt_len: int, *, test_fraction=0.
                 ) from None
     if len(kinds) > 1:
         raise ValueError(f"{path}: mixes text lines and pre-tokenized lines; use one form")
+    if unused:
+        print(f"note: {path}: keys not used for training: "
+              + ", ".join(f"{k!r} (first on line {n})" for k, n in sorted(unused.items(), key=lambda kv: kv[1])))
     if len(rows) < 2:
         raise ValueError(f"{path}: needs at least 2 source/target pairs, found {len(rows)}")
     full = id_split(np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows]))
@@ -384,6 +410,16 @@ def load_jsonl(path: str | Path, src_len: int, tgt_len: int, *, test_fraction=0.
               " tokens (EOS included) and are cut to that length")
     note = f", {cut} cut to {src_len}/{tgt_len} tokens" if cut else ""
     return Dataset(full.take(tr), full.take(te), f"{path} ({len(rows)} pairs, {form}{note})", kind=kinds.pop())
+
+
+def _unique_keys(pairs: list) -> dict:
+    """``json.loads`` object hook: a key given twice in one object is an error (JSON keeps the last)."""
+    seen = {}
+    for k, v in pairs:
+        if k in seen:
+            raise _BadIds(f"the key {k!r} appears twice in one object (JSON would keep the last silently)")
+        seen[k] = v
+    return seen
 
 
 class _BadIds(ValueError):
