@@ -576,6 +576,9 @@ def test_help_lists_the_options():
     assert r.returncode == 0
     for opt in ("--model", "--checkpoint", "--data", "--block-size", "--factors", "--targets", "--mesh", "--resume", "--precision"):
         assert opt in r.stdout
+    # every option says what it does
+    undocumented = [a.option_strings for a in finetune.build_parser()._actions if not (a.help or "").strip()]
+    assert not undocumented, undocumented
 
 
 # ---------------------------------------------------------------------------------------------

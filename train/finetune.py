@@ -51,7 +51,14 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("model and data")
     g.add_argument("--model", choices=["vit", "t5"], default="vit", help="model family (default: vit)")
     g.add_argument("--checkpoint", help="Hugging Face model directory (default: the bundled base)")
-    g.add_argument("--data", help="ViT: .npz file or image folder; T5: JSONL of source/target pairs (default: bundled task)")
+    g.add_argument(
+        "--data",
+        help="ViT: an .npz file with arrays 'images' (N,H,W,C) and 'labels' (N,) (split 80/20 here) or"
+        " 'train_images', 'train_labels', 'test_images', 'test_labels'; or an image folder with one sub-folder"
+        " of images per class. T5: a JSONL file of {\"source\": ..., \"target\": ...} lines (byte-level"
+        " models) or {\"source_ids\": [...], \"target_ids\": [...]} (token ids of the checkpoint's own"
+        " tokenizer). Default: the bundled task (digits 5-9; byte-level string tasks)",
+    )
     g.add_argument("--output", help="output directory (default: runs/vit-digits or runs/t5-bytes)")
     g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output")
     g.add_argument("--overwrite", action="store_true", help="replace a previous run in --output")
@@ -64,25 +71,32 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--modules-to-save", default=None,
                    help="regex of modules trained in full (default: ViT 'classifier', T5 none; '' for none)")
     b.add_argument("--dropout", type=float, default=0.25, help="multiplicative dropout p (default 0.25: regularizes the small default task)")
-    b.add_argument("--bias", choices=["none", "boft_only", "all"], default="none")
-    b.add_argument("--mode", choices=["auto", "input", "weight"], default="auto")
-    b.add_argument("--cayley", choices=["exact", "neumann"], default="exact")
+    b.add_argument("--bias", choices=["none", "boft_only", "all"], default="none",
+                   help="which biases train: none (default), those of adapted layers, or every bias")
+    b.add_argument("--mode", choices=["auto", "input", "weight"], default="auto",
+                   help="how the rotation is applied, same results: rotate the activations (input), the kernel"
+                   " once per step (weight), or the cheaper of the two per layer (auto, default)")
+    b.add_argument("--cayley", choices=["exact", "neumann"], default="exact",
+                   help="the Cayley map: exact linear solve (default) or its Neumann series (--neumann-terms)")
     b.add_argument("--neumann-terms", type=int, default=None, help="series terms for --cayley neumann (default 5)")
     b.add_argument("--list-presets", action="store_true", help="print the target presets and exit")
     o = p.add_argument_group("optimization")
     o.add_argument("--steps", type=int, default=None, help="training steps (default: ViT 300, T5 600)")
-    o.add_argument("--batch-size", type=int, default=64)
+    o.add_argument("--batch-size", type=int, default=64, help="examples per step (default 64)")
     o.add_argument("--lr", type=float, default=None, help="peak learning rate (default: ViT 5e-3, T5 3e-3)")
-    o.add_argument("--weight-decay", type=float, default=0.0)
+    o.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay of the adapter (default 0)")
     o.add_argument("--warmup", type=int, default=None,
                    help="linear warmup steps before the cosine decay, fewer than --steps (default: 20, or steps/10"
                    " for runs under 200 steps; 0: none, the run starts at the peak learning rate)")
-    o.add_argument("--clip", type=float, default=1.0, help="global gradient-norm clip")
-    o.add_argument("--eval-every", type=int, default=100, help="evaluate every N steps (0: only before and after)")
-    o.add_argument("--save-every", type=int, default=100)
-    o.add_argument("--keep", type=int, default=3, help="step checkpoints to keep")
-    o.add_argument("--seed", type=int, default=0)
-    o.add_argument("--precision", choices=["float32", "bf16"], default="float32", help="computation dtype")
+    o.add_argument("--clip", type=float, default=1.0, help="global gradient-norm clip (default 1.0)")
+    o.add_argument("--eval-every", type=int, default=100,
+                   help="evaluate on the held-out split every N steps (default 100; 0: only before and after)")
+    o.add_argument("--save-every", type=int, default=100,
+                   help="write a step checkpoint (adapter, optimizer state, data position) every N steps (default 100)")
+    o.add_argument("--keep", type=int, default=3, help="step checkpoints to keep (default 3)")
+    o.add_argument("--seed", type=int, default=0, help="seed of the batch order and of dropout (default 0)")
+    o.add_argument("--precision", choices=["float32", "bf16"], default="float32",
+                   help="computation dtype of the base model (default float32; the rotations are always float32)")
     o.add_argument(
         "--scan-layers", action="store_true",
         help="run the encoder/decoder layers under nn.scan: one compiled layer body (about 3x less compile"
@@ -95,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
         " for them: more memory per device, same results) instead of refusing the mesh; e.g. 3 devices"
         " and weights of even sizes",
     )
-    o.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. in logs)")
+    o.add_argument("--no-progress", action="store_true",
+                   help="no progress bar; print the logged steps (every 10) as lines instead (e.g. in logs)")
     o.add_argument(
         "--system-malloc", action="store_true",
         help="leave glibc's allocator as it is (default when no accelerator plugin is installed:"
