@@ -14,7 +14,10 @@ what ``model.apply({"params": boft.combine(frozen, adapter_{ids[j]})}, x[j:j+1])
 How it works.  The per-example adapter is gathered by id (a few KB to MB: the adapter, never the
 frozen weights) and ``jax.vmap`` maps one example at a time through the wrapped model, with the
 batch axis of 1 restored inside.  The frozen params are closed over (``in_axes=None``), so there is
-one copy of them, and every Dense still runs one matmul over all examples' tokens.  The adapter is
+one copy of them, and every Dense still runs one matmul over all examples' tokens.  Exception:
+modules trained in full (``modules_to_save``, e.g. a new classifier head or T5's ``lm_head``) are
+part of the adapter, so their weights are gathered per example too (``batch`` copies of each, and
+one matmul per example there); keep such modules small or the batches of many adapters modest.  The adapter is
 applied on the **input side** (``x -> x M``, then ``* s``): the wrapped model is re-wrapped with
 ``mode="input"`` whatever its config says.  The weight side would build one rotated copy of every
 adapted kernel per example; the input side costs ``2 m b d_in`` FLOPs per token (about
@@ -22,7 +25,10 @@ adapted kernel per example; the input side costs ``2 m b d_in`` FLOPs per token 
 
 Ids are data: any mix of ids, including :data:`BASE`, runs the same compiled program.
 :func:`apply_multi` and :func:`generate_multi` jit themselves (keyed on the module, ``method``
-and the non-array keyword arguments) and can also be called inside your own ``jax.jit``.
+and the non-array keyword arguments) and can also be called inside your own ``jax.jit``.  A
+module or keyword argument that cannot be hashed (e.g. ``nn.Sequential``, whose layers are a list)
+cannot key a compilation cache: :func:`apply_multi` then runs op by op and warns; call it inside
+your own ``jax.jit`` (with the model closed over) to compile it.
 
 Id rules:
   * ``0 <= id < K`` (``K`` adapters in ``stacked``): that adapter.
@@ -41,12 +47,14 @@ Id rules:
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax.core import unfreeze
 
 from boft_jax.linen import BOFTModule, combine, wrap
 
@@ -117,7 +125,7 @@ def stack(adapters: Sequence[Mapping]) -> dict:
     """
     if isinstance(adapters, Mapping) or not isinstance(adapters, Sequence):
         raise TypeError(f"boft.stack expects a sequence of adapter trees, got {type(adapters).__name__}")
-    adapters = list(adapters)
+    adapters = [unfreeze(a) for a in adapters]  # FrozenDicts too; the result is plain dicts
     if not adapters:
         raise ValueError("boft.stack needs at least one adapter")
     ref = _leaves_by_path(adapters[0])
@@ -314,11 +322,17 @@ def _split_kwargs(kwargs: dict) -> tuple[tuple, dict]:
     for name, v in kwargs.items():
         if isinstance(v, np.generic):  # a NumPy scalar (np.bool_(True), np.int32(3)): static, as a Python value
             static.append((name, v.item()))
+        elif _is_array(v) and jnp.ndim(v) == 0 and v.dtype == bool and not _tracing(v):
+            static.append((name, bool(v)))  # a concrete 0-d flag (np.array(True)): as a Python bool
         elif any(_is_array(leaf) for leaf in jax.tree.leaves(v)):
             dynamic[name] = v
         else:
             static.append((name, v))
     return tuple(sorted(static, key=lambda kv: kv[0])), dynamic
+
+
+def _tracing(x) -> bool:
+    return isinstance(x, jax.core.Tracer)
 
 
 def _hashable(*xs) -> bool:
@@ -393,11 +407,19 @@ def apply_multi(
       >>> bool(jnp.allclose(y[0], y[1]))   # different adapters, different outputs
       False
     """
+    frozen, stacked = unfreeze(frozen), unfreeze(stacked)
     k = num_adapters(stacked)
     ids = _check_ids(adapter_ids, k, _batch_size(inputs))
     static_kw, dynamic_kw = _split_kwargs(kwargs)
     if _hashable(model, method, static_kw):
         return _apply_multi_jit(frozen, stacked, ids, inputs, dynamic_kw, model=model, method=method, static_kw=static_kw)
+    if not _tracing(ids):
+        warnings.warn(
+            f"apply_multi: the model ({type(model.model).__name__}), method or a keyword argument cannot be hashed,"
+            " so no compiled program can be cached for it and the call runs op by op (much slower); call"
+            " apply_multi inside your own jax.jit, with the model closed over",
+            stacklevel=2,
+        )
     return _apply_multi_impl(frozen, stacked, ids, inputs, dynamic_kw, model=model, method=method, static_kw=static_kw)
 
 
@@ -522,6 +544,7 @@ def generate_multi(
         raise ValueError(f"input_ids must be (batch, length), got shape {jnp.shape(input_ids)}")
     if attention_mask is not None and jnp.shape(attention_mask) != jnp.shape(input_ids):
         raise ValueError(f"attention_mask {jnp.shape(attention_mask)} does not match input_ids {jnp.shape(input_ids)}")
+    frozen, stacked = unfreeze(frozen), unfreeze(stacked)
     k = num_adapters(stacked)
     ids = _check_ids(adapter_ids, k, jnp.shape(input_ids)[0])
     return _generate_multi_jit(

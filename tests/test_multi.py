@@ -273,6 +273,39 @@ def test_invalid_ids_mark_integer_and_bool_outputs_and_numpy_scalars_are_static(
         multi.apply_multi(boft.wrap(WithExtra(), cfg), frozen, stacked, ids, x, extra=jnp.zeros((4, 8)))
 
 
+def test_frozendict_adapters_0d_flags_and_unhashable_models():
+    """FrozenDict adapter / frozen trees serve like dicts; a concrete 0-d bool array flag is static
+    like ``True``; a model that cannot be hashed (nn.Sequential: a list of layers) gives the same
+    rows with a warning that it runs uncompiled."""
+    from flax.core import freeze
+
+    class Classifier(nn.Module):
+        @nn.compact
+        def __call__(self, x, *, deterministic: bool = True):
+            return nn.Dense(8, name="fc")(x)
+
+    cfg = boft.BOFTConfig(block_size=4, n_factors=2)
+    model = boft.wrap(Classifier(), cfg)
+    x = jax.random.normal(jax.random.key(3), (4, 16))
+    frozen, template = boft.split(jax.jit(model.init)(jax.random.key(1), x)["params"])
+    adapters = [_random_adapter(template, 30 + i) for i in range(2)]
+    ids = jnp.array([1, multi.BASE, 0, 1])
+    want = multi.apply_multi(model, frozen, multi.stack(adapters), ids, x)
+    for i, j in ((1, 0), (0, 2)):
+        _close(want[j], model.apply({"params": boft.combine(frozen, adapters[i])}, x[j : j + 1])[0])
+    stacked = multi.stack([freeze(a) for a in adapters])
+    assert type(stacked) is dict
+    _close(multi.apply_multi(model, freeze(frozen), freeze(stacked), ids, x), want, tol=0)
+    for flag in (np.array(True), jnp.array(True)):
+        _close(multi.apply_multi(model, frozen, stacked, ids, x, deterministic=flag), want, tol=0)
+    seq = boft.wrap(nn.Sequential([nn.Dense(8, name="fc")]), cfg)
+    seq_frozen = {"layers_0": frozen["fc"]}
+    seq_stacked = {"layers_0": stacked["fc"]}
+    with pytest.warns(UserWarning, match="cannot be hashed.*runs op by op.*jax.jit"):
+        got = multi.apply_multi(seq, seq_frozen, seq_stacked, ids, x)
+    _close(got, want)
+
+
 # ---------------------------------------------------------------------------------------------
 # stack
 # ---------------------------------------------------------------------------------------------
