@@ -378,6 +378,25 @@ class _CallState:
 _STOCK_CALLS = (inspect.unwrap(nn.Dense.__call__), inspect.unwrap(nn.DenseGeneral.__call__))
 
 
+def _refresh_paths(module: nn.Module) -> None:
+    """Give the scopes that ``nn.share_scope`` re-parented the path where their variables live.
+
+    Submodules bound before the share (dataclass-field children such as ``nn.Sequential``'s
+    layers) keep the ``path`` recorded when they were made (``model/layers_0``, for variables at
+    ``layers_0``); flax names the scopes of lifted transforms (``nn.scan``, ``nn.remat``, ...) after
+    that path, so the stale prefix would reach layers inside them too.
+    """
+    for child in module._state.children.values():
+        scope = getattr(child, "scope", None) if isinstance(child, nn.Module) else None
+        if scope is None or scope.parent is None or not isinstance(scope.name, str):
+            continue
+        path = (*scope.parent.path, scope.name)
+        if tuple(scope.path) != path:
+            scope.path = path
+            scope.debug_path = (*scope.parent.debug_path, scope.name)
+        _refresh_paths(child)
+
+
 def _variables_path(scope) -> tuple[str, ...]:
     """Where ``scope``'s variables live: its parents' names, not the ``path`` recorded at creation.
 
@@ -410,6 +429,12 @@ def _intercept(state: _CallState, next_fun, args, kwargs, context):
         state.saved_and_targeted.append(path)
         return next_fun(*args, **kwargs)
     inputs = args[0] if args else kwargs["inputs"]
+    if isinstance(module, nn.DenseGeneral) and _canon(module.batch_dims):
+        state.unfit.append(
+            f"{layer_label(path)}: DenseGeneral with batch_dims={module.batch_dims} (one kernel per batch entry) is"
+            " not supported by BOFT; exclude it with BOFTConfig.exclude"
+        )
+        return next_fun(*args, **kwargs)
     geo = _geometry(module, jnp.asarray(inputs), path)
     err = state.config.fit_error(path, geo.d_in)
     if err is not None:
@@ -437,6 +462,7 @@ class BOFTModule(nn.Module):
 
     def setup(self):
         nn.share_scope(self, self.model)
+        _refresh_paths(self.model)
 
     def __call__(self, *args, boft_deterministic: bool | None = None, **kwargs):
         return self._run("__call__", args, kwargs, boft_deterministic)
@@ -482,10 +508,11 @@ class BOFTModule(nn.Module):
                 f" {self.config.targets}) and inside modules_to_save {self.config.modules_to_save}, which trains them"
                 " in full; exclude them from the targets (BOFTConfig.exclude) or from modules_to_save"
             )
-        if state.unfit:
+        unfit = list(dict.fromkeys(state.unfit))  # a layer called twice (shared, or traced twice by nn.scan) once
+        if unfit:
             raise ValueError(
-                f"{len(state.unfit)} targeted layer(s) do not fit the BOFT block structure:\n  "
-                + "\n  ".join(state.unfit)
+                f"{len(unfit)} targeted layer(s) do not fit the BOFT block structure:\n  "
+                + "\n  ".join(unfit)
             )
         skipped = sorted({(p, c) for p, c in state.overridden if self.config.matches(p) and p not in state.adapted})
         if skipped:
@@ -498,7 +525,7 @@ class BOFTModule(nn.Module):
         if self.is_initializing() and not state.adapted:
             raise ValueError(
                 f"BOFT targets {self.config.targets} (exclude {self.config.exclude}) match none of the"
-                f" model's Dense/DenseGeneral layers: {paths_label(state.seen) if state.seen else 'none were called'}"
+                f" model's Dense/DenseGeneral layers: {paths_label(list(dict.fromkeys(state.seen))) if state.seen else 'none were called'}"
             )
         if self.is_initializing() and self.config.exclude:
             met = sorted(set(state.seen) | {p for p, _ in state.overridden})
@@ -581,7 +608,11 @@ def wrap(model: nn.Module, config: BOFTConfig) -> BOFTModule:
       ``nn.Sequential``'s) plus identity adapters (``M = I``, ``s = 1``), so the wrapped model starts
       exactly at the base model whose params it holds.  For pretrained weights use
       :func:`init_adapter` and :func:`combine`.  A subclass of ``nn.Dense`` with its own ``__call__``
-      is adapted where that calls ``super().__call__``; one that never does is refused.
+      is adapted where that calls ``super().__call__``; one that never does is refused.  An
+      ``nn.jit`` module made before wrapping (a field of the model, or the model itself) is refused:
+      flax reuses its trace whatever the interceptor.  ``nn.map_variables`` functions in the model
+      see the adapter leaves (``skew``, ``scale``) of adapted kernels too: a dtype cast is harmless,
+      a transformation of every leaf changes the adapter as well.
 
     Example:
       >>> import jax, jax.numpy as jnp, flax.linen as nn
@@ -607,7 +638,43 @@ def wrap(model: nn.Module, config: BOFTConfig) -> BOFTModule:
             "boft.wrap: this model is already wrapped (a BOFTModule); wrap the base model once, with one"
             " BOFTConfig (several adapters on one base: boft_jax.multi)"
         )
+    jitted = _lifted_jit_instances(model)
+    if jitted:
+        raise ValueError(
+            f"boft.wrap: {', '.join(jitted)} {'is an nn.jit module' if len(jitted) == 1 else 'are nn.jit modules'}"
+            " made before wrapping (an attribute of the model, or the model itself). flax reuses the trace of such"
+            " a module across calls whatever interceptor is active, so its layers would go unadapted, or run"
+            " another BOFTConfig's adapter. Create nn.jit modules inside setup() or @nn.compact (those are"
+            " traced anew), or leave out nn.jit and jax.jit the whole step"
+        )
     return BOFTModule(model=model, config=config)
+
+
+def _is_lifted_jit(module: nn.Module) -> bool:
+    """Whether ``module`` is an instance of a class made by ``nn.jit`` (flax names it ``Jit<Class>``)."""
+    cls = type(module)
+    return cls.__module__ == nn.jit.__module__ and cls.__name__.startswith("Jit")
+
+
+def _lifted_jit_instances(module: nn.Module, where: str = "", seen: set | None = None) -> list[str]:
+    """Where ``nn.jit`` modules sit among ``module`` and its Module-valued dataclass fields (recursively)."""
+    seen = set() if seen is None else seen
+    if id(module) in seen:
+        return []
+    seen.add(id(module))
+    found = [f"the model's field {where}" if where else "the model itself"] if _is_lifted_jit(module) else []
+    for field in dataclasses.fields(module):
+        if field.name in ("parent", "name"):
+            continue
+        value = getattr(module, field.name, None)
+        items = value.items() if isinstance(value, Mapping) else enumerate(value) if isinstance(value, (list, tuple)) else None
+        if isinstance(value, nn.Module):
+            found += _lifted_jit_instances(value, f"{where}.{field.name}".lstrip("."), seen)
+        elif items is not None:
+            for key, item in items:
+                if isinstance(item, nn.Module):
+                    found += _lifted_jit_instances(item, f"{where}.{field.name}[{key!r}]".lstrip("."), seen)
+    return found
 
 
 # ---------------------------------------------------------------------------------------------
@@ -752,7 +819,15 @@ def _check_adapter_fits(path: str, kernel, skew, scale) -> None:
     if lead < 0 or jnp.ndim(scale) != lead + 1:
         raise ValueError(f"{layer_label(path)}: adapter skew {jnp.shape(skew)} / scale {jnp.shape(scale)} are malformed")
     m, k, p = jnp.shape(skew)[lead:]
-    b = block_size_from_num_params(p)
+    try:
+        b = block_size_from_num_params(p)
+    except ValueError:
+        raise ValueError(
+            f"{layer_label(path)}: adapter skew {jnp.shape(skew)} does not end in (m, k, b(b-1)/2): its last axis"
+            f" ({p}) is no b(b-1)/2 (0, 1, 3, 6, 10, ...)."
+            + (" Stacked layers (nn.scan / nn.vmap) must keep the layer axis first (variable_axes={'params': 0})."
+               if lead else "")
+        ) from None
     d_in, d_out = k * b, jnp.shape(scale)[-1]
     kshape = jnp.shape(kernel)[lead:]
     ok = jnp.shape(kernel)[:lead] == jnp.shape(skew)[:lead] and _split_point(kshape, d_in, d_out) is not None

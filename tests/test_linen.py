@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 
 import flax.linen as nn
 import jax
@@ -615,6 +616,90 @@ def test_targets_match_the_params_paths_of_sequential_and_scanned_layers():
         with pytest.raises(ValueError) as e:
             boft.wrap(base, boft.BOFTConfig(block_size=4, targets="^nothing$")).init(jax.random.key(0), x)
         assert all(repr(p) in str(e.value) for p in every) and "model/" not in str(e.value), str(e.value)
+
+
+class _RemBlock(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(16, name="fc")(x)
+
+
+def test_layers_inside_lifted_transforms_of_field_children_match_their_params_path():
+    """Field children (nn.Sequential's layers, nn.RNN's cell) are bound before the wrapper shares its
+    scope; layers inside their lifted transforms (nn.scan, nn.remat) match at the params path too,
+    anchored targets and block_size_overrides included, and merge accepts the wrapped model's params."""
+    x = jax.random.normal(jax.random.key(1), (3, 16))
+    for first in (_ScanEncoder(), nn.remat(_RemBlock)()):
+        base = nn.Sequential([first, nn.Dense(8)])
+        cfg = boft.BOFTConfig(block_size=2, targets=("^layers_0/.*", "^layers_1$"), block_size_overrides={"^layers_0/.*": 4})
+        model = boft.wrap(base, cfg)
+        params = model.init(jax.random.key(0), x)["params"]
+        paths = boft.layer_paths(params)
+        assert len(paths) == 2 and paths[0].startswith("layers_0/") and paths[1] == "layers_1", paths
+        assert boft.split(params)[1]["layers_1"]["kernel"]["skew"].shape[-1] == 1  # b = 2
+        skew0 = jax.tree.leaves(boft.split(params)[1]["layers_0"])[1]
+        assert skew0.shape[-1] == 6, skew0.shape  # the override's b = 4
+        frozen, adapter = boft.split(params)
+        adapter = jax.tree.map(lambda a: a + 0.1 * jax.random.normal(jax.random.key(2), a.shape), adapter)
+        params = boft.combine(frozen, adapter)
+        np.testing.assert_allclose(model.apply({"params": params}, x), base.apply({"params": boft.merge(params, cfg)}, x),
+                                   rtol=2e-5, atol=2e-5)
+    rnn = nn.RNN(nn.LSTMCell(8))
+    xs = jax.random.normal(jax.random.key(3), (2, 5, 8))
+    params = boft.wrap(rnn, boft.BOFTConfig(block_size=4, targets="^cell/i.$")).init(jax.random.key(0), xs)["params"]
+    assert boft.layer_paths(params) == ["cell/if", "cell/ig", "cell/ii", "cell/io"]
+    with pytest.raises(ValueError) as e:  # each layer listed once, although nn.scan traces the cell twice
+        boft.wrap(rnn, boft.BOFTConfig(block_size=4, targets="^nothing$")).init(jax.random.key(0), xs)
+    listed = str(e.value).split("layers: ")[1]
+    assert listed.count("'cell/ii'") == 1 and "model/" not in listed, listed
+
+
+def test_nn_jit_modules_made_before_wrapping_are_refused():
+    """flax reuses an nn.jit module's trace whatever interceptor is active: as a field (or the model
+    itself) its layers would go unadapted or run another config; made inside compact it is traced
+    anew and works."""
+    x = jax.random.normal(jax.random.key(1), (3, 16))
+    cfg = boft.BOFTConfig(block_size=4)
+    for base, where in ((nn.Sequential([nn.jit(_RemBlock)(), nn.Dense(8)]), "the model's field layers[0]"),
+                        (nn.jit(_RemBlock)(), "the model itself")):
+        with pytest.raises(ValueError, match=re.escape(f"boft.wrap: {where} is an nn.jit module made before wrapping")):
+            boft.wrap(base, cfg)
+
+    class Inner(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.jit(_RemBlock)(name="blk")(x)
+
+    base = Inner()
+    base.init(jax.random.key(0), x)  # a trace of the bare model first
+    for cayley in ("exact", "neumann"):
+        c = boft.BOFTConfig(block_size=4, cayley=cayley)
+        model = boft.wrap(base, c)
+        params = model.init(jax.random.key(0), x)["params"]
+        assert boft.layer_paths(params) == ["blk/fc"]
+        frozen, adapter = boft.split(params)
+        params = boft.combine(frozen, jax.tree.map(lambda a: a + 0.2, adapter))
+        np.testing.assert_allclose(model.apply({"params": params}, x), base.apply({"params": boft.merge(params, c)}, x),
+                                   rtol=2e-5, atol=2e-5)
+
+
+def test_every_unadaptable_layer_is_listed_once():
+    """A shared layer called twice is listed once; a DenseGeneral with batch_dims joins the list of
+    layers that cannot be adapted instead of hiding the others."""
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            d = nn.Dense(6, name="d")
+            h = d(d(x[..., :6]))
+            bd = nn.DenseGeneral(6, batch_dims=(0,), axis=-1, name="bd")(x[..., :6])
+            return nn.Dense(4, name="u")(jnp.concatenate([h, bd, x[..., :5]], -1))
+
+    with pytest.raises(ValueError) as e:
+        boft.wrap(Net(), boft.BOFTConfig(block_size=4)).init(jax.random.key(0), jnp.ones((3, 16)))
+    msg = str(e.value)
+    assert msg.startswith("3 targeted layer(s)") and msg.count("layer 'd' ") == 1, msg
+    assert "layer 'bd': DenseGeneral with batch_dims=(0,)" in msg and "layer 'u' (d_in = 17)" in msg, msg
 
 
 def test_exclude_patterns_that_remove_nothing_are_refused():
