@@ -3,7 +3,9 @@
 With no arguments it finetunes the bundled base ViT (pretrained on digits 0-4) to digits 5-9 with
 BOFT on the attention projections, on CPU in a few minutes, and writes to ``runs/vit-digits``:
 
-  metrics.jsonl          one line per 10 steps and per evaluation
+  metrics.jsonl          one line per 10 steps (loss, accuracy = the batch's accuracy, token accuracy
+                         for T5, grad_norm) and per evaluation (eval_accuracy = held-out accuracy,
+                         exact match of greedy generation for T5)
   curves.png             training loss / accuracy and held-out accuracy
   summary.md             the summary table printed at the end
   adapter/               the trained adapter (orbax) with its BOFTConfig
