@@ -28,6 +28,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import glob
 import hashlib
 import json
 import os
@@ -47,7 +48,7 @@ from boft_jax.config import BOFTConfig, layer_label
 from boft_jax.orthogonal import block_size_from_num_params
 from boft_jax.sharding import gather_to_host, is_main_process
 
-__all__ = ["save_adapter", "load_adapter", "config_to_dict", "config_from_dict", "TrainCheckpointer", "IncompleteCheckpoint"]
+__all__ = ["save_adapter", "load_adapter", "config_to_dict", "config_from_dict", "TrainCheckpointer", "IncompleteCheckpoint", "check_storable_path"]
 
 
 class IncompleteCheckpoint(ValueError):
@@ -97,6 +98,7 @@ def save_adapter(
     path = Path(path).absolute()
     if path.is_symlink():  # write into the checkpoint the link points to, keep the link
         path = path.resolve()
+    check_storable_path(path)
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"{path} exists and is not a directory (an adapter checkpoint is a directory)")
     if path.is_dir() and not _is_checkpoint_dir(path) and any(path.iterdir()):
@@ -137,7 +139,7 @@ def save_adapter(
         _recover(path)
         # left by a crash before the first rename (tmp), while deleting a replaced checkpoint (trash),
         # or by an older version of this function that deleted `.old-*` in place
-        stale = [*path.parent.glob(f".{path.name}.tmp-*"), *path.parent.glob(f".{path.name}.trash-*")]
+        stale = _siblings(path, "tmp") + _siblings(path, "trash")
         if path.exists():
             stale += _olds(path, complete_only=False)
         for p in stale:
@@ -263,10 +265,30 @@ def _is_checkpoint_dir(path: Path) -> bool:
     return (path / "adapter").is_dir() and (path / "meta").exists()
 
 
+def check_storable_path(path: Path) -> None:
+    """Refuse a directory that orbax-checkpoint (tensorstore) writes but cannot read back: one whose
+    absolute path holds a backslash or a ``[...]`` pair (measured with orbax 0.11 / tensorstore:
+    the save succeeds, every later read fails as if the arrays were missing)."""
+    text = os.fspath(path)
+    if "\\" in text or ("[" in text and "]" in text[text.index("["):]):
+        raise ValueError(
+            f"{text!r}: orbax-checkpoint cannot read back a checkpoint whose path contains a backslash or"
+            " brackets '[...]' (the arrays would be written but not found again); choose a directory path"
+            " without them"
+        )
+
+
+def _siblings(path: Path, kind: str) -> list[Path]:
+    """The leftovers ``.<name>.<kind>-<id>`` of saves of ``path`` (its name taken literally: a name
+    with glob characters such as ``run[1]`` must not match another checkpoint's leftovers)."""
+    prefix = f".{path.name}.{kind}-"
+    return [p for p in path.parent.glob(f"{glob.escape(prefix)}*") if p.name.startswith(prefix)]
+
+
 def _olds(path: Path, complete_only: bool = True) -> list[Path]:
     """Checkpoints moved aside by a replacement (oldest first); by default only complete ones (with
     both entries), so that a directory an older version left half-deleted is never taken for one."""
-    olds = sorted(path.parent.glob(f".{path.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    olds = sorted(_siblings(path, "old"), key=lambda p: p.stat().st_mtime)
     if complete_only:
         olds = [p for p in olds if _is_checkpoint_dir(p)]
     return olds
@@ -306,6 +328,7 @@ def load_adapter(path: str | os.PathLike) -> tuple[dict, BOFTConfig, dict]:
         )
     if not source.is_dir():
         raise FileNotFoundError(f"no adapter checkpoint directory at {path}")
+    check_storable_path(source.resolve())
     if not (source / "meta").exists() or not (source / "adapter").exists():
         raise ValueError(
             f"{path} is not a boft_jax adapter checkpoint (expected 'adapter' and 'meta' entries, found"
@@ -375,16 +398,24 @@ def _check_config_fits(path: Path, adapter, config: BOFTConfig) -> None:
 _SHAPES_KEY = "_adapter_shapes"
 _OPT_SHAPES_KEY = "_opt_state_shapes"  # the optimizer state's leaves: another optimizer is named, not "damaged"
 _SUMS_KEY = "_checksums"  # sha256 of every adapter and optimizer-state leaf: orbax does not detect damage
+# leaf dtypes: restoring into other dtypes (orbax casts) is named as such, not as damaged files
+_DTYPES_KEY, _OPT_DTYPES_KEY = "_adapter_dtypes", "_opt_state_dtypes"
+_PRIVATE_KEYS = (_SHAPES_KEY, _OPT_SHAPES_KEY, _SUMS_KEY, _DTYPES_KEY, _OPT_DTYPES_KEY)
 
 
 def _public(state: Mapping[str, Any]) -> dict[str, Any]:
     """A step's JSON state without the entries the checkpointer adds (shapes, checksums)."""
-    return {k: v for k, v in state.items() if k not in (_SHAPES_KEY, _OPT_SHAPES_KEY, _SUMS_KEY)}
+    return {k: v for k, v in state.items() if k not in _PRIVATE_KEYS}
 
 
 def _shapes(tree) -> dict[str, list[int]]:
     """``{leaf path: shape}`` of a pytree, JSON-ready (the identity of an adapter's structure)."""
     return {jax.tree_util.keystr(p): list(np.shape(x)) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _dtypes(tree) -> dict[str, str]:
+    """``{leaf path: dtype name}`` of a pytree, JSON-ready."""
+    return {jax.tree_util.keystr(p): jnp.result_type(x).name for p, x in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 class _StepError(ValueError):
@@ -413,6 +444,7 @@ class TrainCheckpointer:
         if save_every < 1 or keep < 1:
             raise ValueError(f"save_every and keep must be >= 1, got {save_every}, {keep}")
         self.directory = Path(directory).absolute()
+        check_storable_path(self.directory)
         self.save_every = save_every
         self._mngr = ocp.CheckpointManager(
             self.directory,
@@ -445,7 +477,8 @@ class TrainCheckpointer:
                 adapter=ocp.args.StandardSave(adapter_out),
                 opt_state=ocp.args.StandardSave(opt_out),
                 state=ocp.args.JsonSave(
-                    {**state, _SHAPES_KEY: _shapes(adapter), _OPT_SHAPES_KEY: _shapes(opt_state), _SUMS_KEY: sums}
+                    {**state, _SHAPES_KEY: _shapes(adapter), _OPT_SHAPES_KEY: _shapes(opt_state), _SUMS_KEY: sums,
+                     _DTYPES_KEY: _dtypes(adapter), _OPT_DTYPES_KEY: _dtypes(opt_state)}
                 ),
             ),
             force=True,
@@ -513,12 +546,15 @@ class TrainCheckpointer:
         # restores arrays (a mismatch is another run's checkpoint, not a damaged one).
         stored = self._read_state(step)
         where = f"step {step} in {self.directory}"
-        for key, like, what, leaves, advice in (
-            (_SHAPES_KEY, adapter_like, "another adapter", "adapter", ""),
-            (_OPT_SHAPES_KEY, opt_state_like, "the state of another optimizer (its files are intact)", "optimizer-state",
-             ". Resume with the optimizer (and its options) the checkpoint was written with"),
+        for key, want, what, leaves, advice in (
+            (_SHAPES_KEY, _shapes(adapter_like), "another adapter", "adapter", ""),
+            (_OPT_SHAPES_KEY, _shapes(opt_state_like), "the state of another optimizer (its files are intact)",
+             "optimizer-state", ". Resume with the optimizer (and its options) the checkpoint was written with"),
+            (_DTYPES_KEY, _dtypes(adapter_like), "adapter leaves of other dtypes (its files are intact)", "adapter",
+             ". Restore into arrays of the stored dtypes (e.g. the same precision), then cast"),
+            (_OPT_DTYPES_KEY, _dtypes(opt_state_like), "optimizer-state leaves of other dtypes (its files are intact)",
+             "optimizer-state", ". Restore into arrays of the stored dtypes (e.g. the same precision), then cast"),
         ):
-            want = _shapes(like)
             if key in stored and stored[key] != want:
                 got = stored[key]
                 diff = sorted(k for k in set(got) | set(want) if got.get(k) != want.get(k))

@@ -343,3 +343,60 @@ def test_a_config_that_does_not_select_the_stored_layers_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"layer 'l' is not selected"):
         ck.save_adapter(tmp_path / "a", _adapter(1), excluded)
     assert not (tmp_path / "a").exists()
+
+
+def test_train_checkpoint_restored_into_other_dtypes_is_named_not_called_damaged(tmp_path):
+    """A bf16 adapter step restored into float32 like-trees: the files are fine (orbax would cast and
+    the checksums then differ), so the error names the dtypes, not "damaged ... remove it"."""
+    import optax
+
+    rng = np.random.default_rng()
+    adapter = {"l": {"kernel": {"skew": jnp.asarray(rng.standard_normal((2, 8, 6)), jnp.bfloat16),
+                                "scale": jnp.asarray(rng.standard_normal(32), jnp.bfloat16)}}}
+    opt = optax.adam(1e-3)
+    tc = ck.TrainCheckpointer(tmp_path, save_every=1, async_save=False)
+    tc.save(2, adapter, opt.init(adapter), {"step": 2})
+    as_f32 = jax.tree.map(lambda a: a.astype(jnp.float32), adapter)
+    with pytest.raises(ValueError, match=r"holds adapter leaves of other dtypes \(its files are intact\).*stored bfloat16,"
+                                         r" expected float32") as e:
+        tc.restore_latest(as_f32, opt.init(adapter))
+    assert "damaged" not in str(e.value)
+    step, restored, _, _ = tc.restore_latest(adapter, opt.init(adapter))
+    assert step == 2 and restored["l"]["kernel"]["skew"].dtype == jnp.bfloat16
+    tc.close()
+
+
+def test_names_with_glob_characters_recover_only_their_own_leftovers(tmp_path, monkeypatch):
+    """Leftovers are matched by the literal name: 'exp?' never takes exp1's last good copy (a glob
+    would, and the next save of 'exp?' deleted it)."""
+    real_replace = os.replace
+    exp1 = tmp_path / "exp1"
+    ck.save_adapter(exp1, _adapter(1), CFG)
+
+    def dying_replace(src, dst):
+        if ".tmp-" in str(src) and str(dst) == str(exp1):
+            raise KeyboardInterrupt("killed between the renames")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", dying_replace)
+    with pytest.raises(KeyboardInterrupt):
+        ck.save_adapter(exp1, _adapter(2), CFG)
+    monkeypatch.setattr(os, "replace", real_replace)
+    with pytest.raises(FileNotFoundError):
+        ck.load_adapter(tmp_path / "exp?")
+    ck.save_adapter(tmp_path / "exp?", _adapter(3), CFG)
+    np.testing.assert_array_equal(ck.load_adapter(tmp_path / "exp?")[0]["l"]["bias"], _adapter(3)["l"]["bias"])
+    with pytest.warns(UserWarning, match="interrupted"):  # exp1's last good copy is still there
+        np.testing.assert_array_equal(ck.load_adapter(exp1)[0]["l"]["bias"], _adapter(1)["l"]["bias"])
+
+
+def test_paths_orbax_cannot_read_back_are_refused_before_writing(tmp_path):
+    for bad in (tmp_path / "run[1]", tmp_path / "sub[x]" / "a", tmp_path / "a\\b"):
+        with pytest.raises(ValueError, match="cannot read back a checkpoint whose path contains"):
+            ck.save_adapter(bad, _adapter(1), CFG)
+        assert not bad.exists()
+        with pytest.raises(ValueError, match="cannot read back"):
+            ck.TrainCheckpointer(bad, save_every=1)
+    for ok in (tmp_path / "a[", tmp_path / "b]", tmp_path / "c{d}"):  # an unpaired bracket, braces: fine
+        ck.save_adapter(ok, _adapter(1), CFG)
+        np.testing.assert_array_equal(ck.load_adapter(ok)[0]["l"]["bias"], _adapter(1)["l"]["bias"])

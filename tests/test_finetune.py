@@ -65,6 +65,7 @@ FEW = ["--targets", "attention_qv"]
         (["--exclude", ""], "--exclude '': empty"),
         (["--exclude", "layer_1"], "exclude pattern(s) ['layer_1'] remove none of the layers"),
         (["--warmup", "30"], "--warmup 30: warmup of 30 steps in a run of 30 steps: the warmup must be shorter"),
+        (["--output", "/nonexistent/runs[1]/x"], "cannot read back a checkpoint whose path contains"),
     ],
 )
 def test_bad_input_exits_2_with_a_clear_message_and_writes_nothing(tmp_path, capsys, extra, fragment):

@@ -210,6 +210,12 @@ def run(argv=None) -> dict:
     out = Path(args.output or DEFAULT_OUTPUT[kind])
     if out.exists() and not out.is_dir():
         _fail(f"--output {out}: exists and is not a directory")
+    from boft_jax.checkpoint import check_storable_path
+
+    try:
+        check_storable_path(out.absolute())
+    except ValueError as e:
+        _fail(f"--output {out}: {e}")
     # What the job writes in --output (and what --overwrite removes): never where its inputs are.
     written = [out / p for p in RUN_ENTRIES]
     for flag, given in (("--checkpoint", ckpt_path), ("--data", Path(args.data) if args.data else None)):
