@@ -8,6 +8,7 @@ butterfly factors); no torch is needed here.
 import dataclasses
 import functools
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -707,9 +708,70 @@ def test_save_into_existing_directory_replaces_files(tmp_path):
     (out / "README.md").write_text("keep me")
     (out / "adapter_model.bin").write_bytes(b"stale pickle")
     (out / peft_io.ADAPTER_CONFIG_NAME).write_text("{}")
+    (out / "tokenizer").mkdir()
+    (out / "tokenizer" / "vocab.txt").write_text("a b c")
     save_peft_adapter(out, model, params)
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", peft_io.ADAPTER_CONFIG_NAME, peft_io.ADAPTER_WEIGHTS_NAME]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", peft_io.ADAPTER_CONFIG_NAME, peft_io.ADAPTER_WEIGHTS_NAME,
+                                                     "tokenizer"]
+    assert (out / "README.md").read_text() == "keep me" and (out / "tokenizer" / "vocab.txt").read_text() == "a b c"
     assert json.loads((out / peft_io.ADAPTER_CONFIG_NAME).read_text())["peft_type"] == "BOFT"
+
+
+@pytest.mark.parametrize("edit", [{"target_modules": ["q_proj"]}, {"target_modules": r".*\.q_proj"},
+                                  {"layers_to_transform": [5], "layers_pattern": "layers"},
+                                  {"exclude_modules": ["v_proj"]}])
+def test_tensors_of_modules_the_config_does_not_select_are_named(edit, tmp_path):
+    """A hand-edited adapter_config.json that no longer selects some modules whose tensors the file
+    holds: PEFT would skip those layers; boft_jax loads them and warns, naming them (nothing silent)."""
+    src = PEFT / "vit_m1"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the consistent original: no such warning
+        load_peft_adapter(src, *vit.from_pretrained(FIXTURES / "vit"))
+    shutil.copytree(src, tmp_path / "a")
+    cfg = json.loads((src / peft_io.ADAPTER_CONFIG_NAME).read_text())
+    (tmp_path / "a" / peft_io.ADAPTER_CONFIG_NAME).write_text(json.dumps({**cfg, **edit}))
+    with pytest.warns(UserWarning, match=r"does not select \d+ module\(s\) whose BOFT tensors the file holds.*PEFT leaves"):
+        load_peft_adapter(tmp_path / "a", *vit.from_pretrained(FIXTURES / "vit"))
+
+
+def test_an_interrupted_save_over_an_adapter_leaves_the_old_one_whole(tmp_path, monkeypatch):
+    """Weights and config change together: a save that dies while writing, or between the two renames
+    of its directory swap, leaves the previous adapter loadable (never new weights with an old
+    config); in the second case the error of a read names where the old one is."""
+    model, params, _ = ours("ours_vit")
+    out = tmp_path / "a"
+    save_peft_adapter(out, model, params)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    moved = jax.tree.map(lambda a: a + 0.05, params)
+    import safetensors.numpy as stn
+
+    real_save_file = stn.save_file
+
+    def dying_save_file(tensors, path, **kw):
+        real_save_file(tensors, path, **kw)
+        raise KeyboardInterrupt("killed after the weights")
+
+    monkeypatch.setattr(stn, "save_file", dying_save_file)
+    with pytest.raises(KeyboardInterrupt):
+        save_peft_adapter(out, model, moved)
+    monkeypatch.setattr(stn, "save_file", real_save_file)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]  # no temporary left behind
+    real_replace = os.replace
+
+    def dying_replace(src, dst):
+        if ".tmp-" in str(src):
+            raise KeyboardInterrupt("killed between the renames")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", dying_replace)
+    with pytest.raises(KeyboardInterrupt):
+        save_peft_adapter(out, model, moved)
+    monkeypatch.setattr(os, "replace", real_replace)
+    old = [p for p in tmp_path.iterdir() if p.name.startswith(".a.old-")]
+    assert not out.exists() and len(old) == 1 and {p.name: p.read_bytes() for p in old[0].iterdir()} == before
+    with pytest.raises(FileNotFoundError, match=f"the previous adapter is in {re.escape(str(old[0]))}; rename it back"):
+        peft_io.read_peft_adapter(out)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -54,6 +54,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import os
 import re
@@ -161,9 +162,13 @@ class _KeyMap:
 def _adapter_dir(adapter_dir: str | os.PathLike) -> Path:
     p = Path(adapter_dir)
     if not p.is_dir():
+        prefix = f".{p.name}.old-"
+        olds = [q for q in p.parent.glob(f"{glob.escape(prefix)}*") if q.name.startswith(prefix) and q.is_dir()]
+        hint = (f" A save_peft_adapter that replaced it was interrupted: the previous adapter is in {olds[0]};"
+                " rename it back" if olds and not p.exists() else "")
         raise FileNotFoundError(
             f"{os.fspath(adapter_dir)!r} is not a directory; expected a PEFT adapter directory with"
-            f" {ADAPTER_CONFIG_NAME} and {ADAPTER_WEIGHTS_NAME}"
+            f" {ADAPTER_CONFIG_NAME} and {ADAPTER_WEIGHTS_NAME}.{hint}"
         )
     return p
 
@@ -621,6 +626,41 @@ def _version_tuple(version: str) -> tuple[int, ...]:
     return tuple(out)
 
 
+def _peft_selects(cfg: Mapping[str, Any], name: str) -> bool:
+    """Whether PEFT (0.21) would put an adapter on the module ``name`` given ``adapter_config.json``'s
+    ``target_modules`` / ``exclude_modules`` / ``layers_to_transform`` / ``layers_pattern``, as its
+    ``check_target_module_exists`` decides.  ``True`` when the config leaves it to PEFT's defaults
+    (``target_modules`` absent or ``"all-linear"``), which this check does not model."""
+    exclude = cfg.get("exclude_modules")
+    if isinstance(exclude, str) and re.fullmatch(exclude, name):
+        return False
+    if isinstance(exclude, (list, tuple)) and (name in exclude or any(name.endswith(f".{e}") for e in exclude)):
+        return False
+    targets = cfg.get("target_modules")
+    if targets is None or targets == "all-linear":
+        return True
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    if name in targets:
+        return True
+    if not any(name.endswith(f".{t}") for t in targets):
+        return False
+    layers = cfg.get("layers_to_transform")
+    if layers is None or (isinstance(layers, list) and not layers):
+        return True
+    patterns = cfg.get("layers_pattern")
+    if not patterns:
+        m = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
+    else:
+        m = None
+        for pattern in [patterns] if isinstance(patterns, str) else patterns:
+            if m := re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", name):
+                break
+    if m is None:
+        return False
+    return int(m.group("idx")) == layers if isinstance(layers, int) else int(m.group("idx")) in layers
+
+
 def load_peft_adapter(
     adapter_dir: str | os.PathLike, module: Any, params: Mapping[str, Any]
 ) -> tuple[BOFTModule, dict]:
@@ -743,6 +783,17 @@ def load_peft_adapter(
             raise ValueError(f"{where}: {raw} and another entry for {key} hold different values")
         plain[key] = np.asarray(value)
 
+    unselected = [mod for mod in sorted(found) if not _peft_selects(peft_cfg, mod)]
+    if unselected:
+        warnings.warn(
+            f"{where}: adapter_config.json does not select {len(unselected)} module(s) whose {peft_type} tensors the"
+            f" file holds, e.g. {unselected[:4]} (target_modules {peft_cfg.get('target_modules')!r},"
+            f" layers_to_transform {peft_cfg.get('layers_to_transform')!r}, exclude_modules"
+            f" {peft_cfg.get('exclude_modules')!r}); PEFT leaves those layers unadapted and ignores their tensors,"
+            " boft_jax loads them as the file holds them, so the two differ there. Fix the config or the file",
+            UserWarning,
+            stacklevel=2,
+        )
     mts_names = peft_cfg.get("modules_to_save") or []
     if isinstance(mts_names, str):
         mts_names = [mts_names]
@@ -1162,6 +1213,23 @@ def peft_state_dict(
     return tensors, fields
 
 
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """``src`` (a file, link or folder) at ``dst``: hard links for files where the file system allows."""
+    if src.is_symlink():
+        os.symlink(os.readlink(src), dst)
+    elif src.is_dir():
+        shutil.copytree(src, dst, symlinks=True, copy_function=_link_file)
+    else:
+        _link_file(src, dst)
+
+
+def _link_file(src, dst) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
 def replace_dir(out: Path, write: Callable[[Path], None]) -> None:
     """``write(tmp)`` into a new sibling directory ``tmp``, then put it in place of ``out`` (a rename,
     or two when ``out`` exists, whose old content is then deleted): a failure while writing leaves
@@ -1197,9 +1265,9 @@ def save_peft_adapter(
     """Write a PEFT BOFT (or OFT) adapter directory that PEFT loads to the same outputs.
 
     Args:
-      out_dir: directory, created if needed.  A new directory appears complete or not at all (it is
-        written under a temporary name and renamed); in an existing one each file is replaced
-        atomically, the weights first and ``adapter_config.json`` last.
+      out_dir: directory, created if needed.  It is written complete under a temporary name and
+        renamed into place, so it holds the old adapter or the new one, never a mix (an existing
+        directory's other files are carried over, hard-linked where possible).
       wrapped_module: ``boft.wrap(base, config)`` with a ViT / T5 base from ``boft_jax.models``.
       params: its params (with adapter), e.g. from :func:`load_peft_adapter` or training.
       base_model_name_or_path: recorded in ``adapter_config.json`` (PEFT's ``AutoPeftModel`` loads
@@ -1291,15 +1359,17 @@ def save_peft_adapter(
             json.dump(config, f, indent=2, sort_keys=True)
             f.write("\n")
 
-    if not out.exists():
-        replace_dir(out, write_into)
-        return
-    if not out.is_dir():
+    if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"{os.fspath(out)!r} exists and is not a directory")
-    with tempfile.TemporaryDirectory(dir=out, prefix=".boft_tmp-") as tmp:
-        write_into(Path(tmp))
-        os.replace(Path(tmp) / ADAPTER_WEIGHTS_NAME, out / ADAPTER_WEIGHTS_NAME)
-        os.replace(Path(tmp) / ADAPTER_CONFIG_NAME, out / ADAPTER_CONFIG_NAME)
-    for name in _PICKLE_NAMES:
-        if (out / name).is_file():
-            (out / name).unlink()
+
+    def write_with_the_rest(d: Path) -> None:
+        # the directory's other files (a README, the tokenizer...) come along, as hard links where possible;
+        # pickled weights do not (they could shadow the new ones)
+        if out.exists():
+            for entry in out.iterdir():
+                if entry.name not in (ADAPTER_WEIGHTS_NAME, ADAPTER_CONFIG_NAME, *_PICKLE_NAMES):
+                    _link_or_copy(entry, d / entry.name)
+        write_into(d)
+
+    # a complete new directory swapped in: the weights and the config change together, or not at all
+    replace_dir(out, write_with_the_rest)
