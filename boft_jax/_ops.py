@@ -47,7 +47,7 @@ import jax.numpy as jnp
 
 from boft_jax.butterfly import rotate, rotate_kernel, span, span_blocks, span_cols, span_rows, use_span
 
-__all__ = ["span", "use_span", "span_blocks", "rotation_operand", "rotate_rows", "rotate_kernel_any", "boft_dense"]
+__all__ = ["span", "use_span", "span_blocks", "rotation_operand", "rotate_rows", "rotate_kernel_any", "boft_dense", "scaled"]
 
 _EW_MAX_SPAN = 16  # elementwise token products up to this block size, batched matmuls above
 _BLOCK_GRAD_MIN_SPAN = 16  # block gradients on at least 16-wide blocks (see _block_grad)
@@ -203,15 +203,23 @@ def boft_dense(x: jax.Array, kernel: jax.Array, R: jax.Array, scale: jax.Array, 
     return _boft_dense_fwd(x, kernel, R, scale, precision)[0]
 
 
+def scaled(y: jax.Array, scale: jax.Array) -> jax.Array:
+    """``y * s`` in at least float32, rounded once to ``y``'s dtype: a bf16 / f16 layer then keeps
+    the learned scale's own precision (``s = 1.003`` does not round to 1) and, under autodiff, its
+    gradient is reduced over tokens in float32."""
+    acc = jnp.promote_types(jnp.float32, y.dtype)
+    return (y.astype(acc) * scale.astype(acc)).astype(y.dtype)
+
+
 def _boft_dense_fwd(x, kernel, R, scale, precision):
     w = rotate_kernel_any(kernel, R, precision).astype(kernel.dtype)
     z = jax.lax.dot_general(x, w, (((1,), (0,)), ((), ())), precision=precision)
-    return z * scale.astype(z.dtype), (x, kernel, R, scale, z)
+    return scaled(z, scale), (x, kernel, R, scale, z)
 
 
 def _boft_dense_bwd(precision, res, dy):
     x, kernel, B, scale, z = res
-    dz = dy * scale.astype(dy.dtype)
+    dz = scaled(dy, scale)
     acc = jnp.promote_types(jnp.float32, dy.dtype)
     ds = jnp.sum(dy.astype(acc) * z.astype(acc), axis=0).astype(scale.dtype)
     u = jax.lax.dot_general(dz, kernel.astype(dz.dtype), (((1,), (1,)), ((), ())), precision=precision)

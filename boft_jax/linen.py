@@ -252,7 +252,7 @@ def _adapted_dense_jit(x2, k2, skew, scale, drop_key, method, neumann_terms, p_d
         return _ops.boft_dense(x2, k2, B, scale, precision)
     rotated = _ops.rotate_rows(x2, B, precision).astype(x2.dtype)
     y2 = jax.lax.dot_general(rotated, k2, (((1,), (0,)), ((), ())), precision=precision)
-    return y2 * scale.astype(y2.dtype)
+    return _ops.scaled(y2, scale)
 
 
 def _check_structure(path: str, skew_shape: tuple[int, ...], struct) -> None:
@@ -355,7 +355,7 @@ def _adapted_call(
             rotated = _ops.rotate_rows(x2, B, module.precision).astype(x2.dtype).reshape(moved.shape)
             rotated = jnp.moveaxis(rotated, tail, geo.axis)
             y = dot_general(rotated, kernel, (contract, ((), ())), precision=module.precision)
-            y = y * scale.reshape(geo.features).astype(y.dtype)
+            y = _ops.scaled(y, scale.reshape(geo.features))
     if bias is not None:
         y = y + jnp.reshape(bias, (1,) * (y.ndim - len(geo.features)) + geo.features)
     return y
@@ -882,14 +882,15 @@ def _merge_arrays(kernel, skew_, scale_, config: BOFTConfig, inverse: bool) -> j
         d_in, d_out = k * b, scale.shape[0]
         flat = kernel.reshape(d_in, d_out)
         blocks = _blocks(skew, config)
-        if not inverse:  # K' = (M K) * s
-            out = rotate_kernel(flat, blocks) * scale.astype(blocks.dtype)
+        if not inverse:  # K' = (M K) * s, float32 products at full precision (no TF32 on GPUs)
+            out = rotate_kernel(flat, blocks, precision=jax.lax.Precision.HIGHEST) * scale.astype(blocks.dtype)
         else:
             # K = M^-1 (K' / s).  M^-1 = F_0^-1 ... F_{m-1}^-1 and (M^-1)^T is a butterfly product with
             # blocks Q^-T, so M^-1 K = (K^T (M^-1)^T)^T = rotate(K^T, Q^-T)^T.  Inverting the small
             # blocks (rather than using M^T) keeps this exact for the only-nearly-orthogonal Neumann map.
             inv_t = jnp.swapaxes(jnp.linalg.inv(blocks), -1, -2)
-            out = rotate((flat.astype(blocks.dtype) / scale.astype(blocks.dtype)).T, inv_t).T
+            out = rotate((flat.astype(blocks.dtype) / scale.astype(blocks.dtype)).T, inv_t,
+                         precision=jax.lax.Precision.HIGHEST).T
         return out.astype(kernel.dtype).reshape(kernel.shape)
 
     fn = one

@@ -172,8 +172,11 @@ def solve_identity_plus_skew(skew: jax.Array, rhs: jax.Array, *, refine: int = 1
     about ``|S|``, so the first solve loses about ``|S|`` more digits than a pivoted LU; one
     refinement step recovers them.  The Cayley map, computed this way (:func:`cayley`), is within
     ``eps (1 + ||S||_2)`` of the exact blocks in float32, about as accurate as LAPACK's pivoted
-    ``getrf``/``getrs`` (tests; 1-3e-5 at skew entries ~100).  Trained BOFT blocks have entries
-    far below 1.
+    ``getrf``/``getrs``, for skew entries up to about 100 (tests; 1-3e-5 there).  Beyond, the
+    growth outruns one refinement step: measured 4e-5 at entries ~1e3 (b = 8; 2-5e-2 for odd
+    ``b``), 1e-2 at ~3e3 and no longer orthogonal at ~1e4, where a pivoted float32 LAPACK solve
+    stays near 1e-5.  Trained BOFT blocks have entries far below 1; compute in float64 (x64) if
+    yours do not.
 
     Why not ``jnp.linalg.solve``: on XLA:CPU (jax 0.10) it lowers to LAPACK custom calls (plus a
     pivot loop) per call site, and programs with many call sites (a transformer with BOFT on every
@@ -221,7 +224,7 @@ def _cayley_exact(packed: jax.Array, block_size: int) -> jax.Array:
 
 @_cayley_exact.defjvp
 def _cayley_exact_jvp(block_size, primals, tangents):
-    """``dQ = -1/2 P dS P`` with ``P = Q + I``, through ``lax.custom_linear_solve``.
+    """``dQ = -1/2 P dS P`` with ``P = Q + I = 2 (I + S)^(-1)``, through ``lax.custom_linear_solve``.
 
     ``Q = 2 (I + S)^(-1) - I``, so ``dQ = -2 A^(-1) dS A^(-1)`` with ``A = I + S`` and
     ``A^(-1) = P / 2``: two small products instead of differentiating through the elimination.
@@ -234,10 +237,15 @@ def _cayley_exact_jvp(block_size, primals, tangents):
     order, Hessians and Hessian-vector products against autodiff of a float64 solve).
     """
     (packed,), (dpacked,) = primals, tangents
-    q = _cayley_exact(packed, block_size)
-    eye = jnp.eye(block_size, dtype=q.dtype)
-    p = q + eye
-    a = eye + unpack_skew(packed, block_size)
+    s = unpack_skew(packed, block_size)
+    eye = jnp.eye(block_size, dtype=s.dtype)
+    inverse = _invert_identity_plus_skew(s)
+    q = _refined(s, eye - s, 2.0 * inverse - eye, inverse)  # what _cayley_exact gives
+    # P = 2 (I + S)^(-1) from the refined inverse, not Q + I: for large skews Q is close to -I and
+    # Q + I would cancel (relative gradient error 1.2e-3 at skew entries ~100; 2-5e-4 this way, where
+    # the elimination's own growth is the limit)
+    p = 2.0 * _refined(s, eye, inverse, inverse)
+    a = eye + s
     pt = jnp.swapaxes(p, -1, -2)
     dq = jax.lax.custom_linear_solve(
         lambda y: -0.5 * small_matmul(small_matmul(a, y), a),

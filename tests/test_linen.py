@@ -1253,3 +1253,32 @@ def test_api_misuse_found_in_review_is_refused_by_name():
     for field in ("neumann_terms", "n_factors"):
         with pytest.raises(ValueError, match=f"BOFTConfig.{field} must be a positive integer, got None"):
             boft.BOFTConfig(block_size=4, **{field: None})
+
+
+@pytest.mark.parametrize("mode", ["input", "weight"])
+def test_bf16_layers_apply_the_scale_in_float32_and_reduce_its_gradient_in_float32(mode):
+    """A bf16 layer (f32 params) multiplies by s in float32 and rounds once: s = 1.003 changes the
+    output (rounded to bf16 first, it was exactly 1); the scale's gradient over 8192 tokens is within
+    a fraction of a bf16 ulp of the float64 value in both modes (the input side reduced it in bf16)."""
+    rng = np.random.default_rng()
+    d, t = 16, 8192
+    base = nn.Dense(d, dtype=jnp.bfloat16, use_bias=False)
+    cfg = boft.BOFTConfig(block_size=4, n_factors=2, mode=mode)
+    model = boft.wrap(base, cfg)
+    x = jnp.asarray(rng.standard_normal((t, d)), jnp.bfloat16)
+    frozen, adapter = boft.split(model.init(jax.random.key(0), x)["params"])
+    skew = jnp.asarray(0.1 * rng.standard_normal(adapter["kernel"]["skew"].shape), jnp.float32)
+    scale = jnp.full((d,), 1.003, jnp.float32)
+    params = boft.combine(frozen, {"kernel": {"skew": skew, "scale": scale}})
+    unscaled = boft.combine(frozen, {"kernel": {"skew": skew, "scale": jnp.ones_like(scale)}})
+    y = np.asarray(model.apply({"params": params}, x), np.float64)
+    y1 = np.asarray(model.apply({"params": unscaled}, x), np.float64)
+    assert np.mean(np.abs(y - y1) > 0) > 0.3  # s is applied (before: y == y1 everywhere)
+    g = rng.standard_normal((t, d))
+    loss = lambda a: jnp.sum(model.apply({"params": boft.combine(frozen, a)}, x).astype(jnp.float32) * g)  # noqa: E731
+    ds = np.asarray(jax.grad(loss)({"kernel": {"skew": skew, "scale": scale}})["kernel"]["scale"], np.float64)
+    # float64 reference: z = (x M) K from the same bf16 inputs and kernel, ds_j = sum_t g_tj z_tj
+    m = np.asarray(boft.rotation_matrix(boft.cayley(skew, block_size=4)), np.float64)
+    z = np.asarray(x, np.float64) @ m @ np.asarray(frozen["kernel"], np.float64)
+    want = np.sum(g * z, axis=0)
+    assert np.abs(ds - want).max() / np.abs(want).max() < 4e-3, np.abs(ds - want).max() / np.abs(want).max()
