@@ -203,12 +203,30 @@ def boft_dense(x: jax.Array, kernel: jax.Array, R: jax.Array, scale: jax.Array, 
     return _boft_dense_fwd(x, kernel, R, scale, precision)[0]
 
 
+@jax.custom_vjp
 def scaled(y: jax.Array, scale: jax.Array) -> jax.Array:
-    """``y * s`` in at least float32, rounded once to ``y``'s dtype: a bf16 / f16 layer then keeps
-    the learned scale's own precision (``s = 1.003`` does not round to 1) and, under autodiff, its
-    gradient is reduced over tokens in float32."""
+    """``y * s`` (``s`` over ``y``'s trailing axes) in at least float32, rounded once to ``y``'s
+    dtype: a bf16 / f16 layer keeps the learned scale's own precision (``s = 1.003`` does not round
+    to 1).  Backward: ``dy * s`` and ``ds = sum dy * y`` reduced in float32, with ``y`` kept in its
+    own dtype (autodiff of the float32 product would keep a float32 copy of it)."""
+    return _scaled_fwd(y, scale)[0]
+
+
+def _scaled_fwd(y, scale):
     acc = jnp.promote_types(jnp.float32, y.dtype)
-    return (y.astype(acc) * scale.astype(acc)).astype(y.dtype)
+    return (y.astype(acc) * scale.astype(acc)).astype(y.dtype), (y, scale)
+
+
+def _scaled_bwd(res, g):
+    y, scale = res
+    acc = jnp.promote_types(jnp.float32, jnp.result_type(y.dtype, g.dtype))
+    dy = (g.astype(acc) * scale.astype(acc)).astype(y.dtype)
+    lead = tuple(range(y.ndim - scale.ndim))
+    ds = jnp.sum(g.astype(acc) * y.astype(acc), axis=lead).astype(scale.dtype)
+    return dy, ds
+
+
+scaled.defvjp(_scaled_fwd, _scaled_bwd)
 
 
 def _boft_dense_fwd(x, kernel, R, scale, precision):
@@ -219,7 +237,7 @@ def _boft_dense_fwd(x, kernel, R, scale, precision):
 
 def _boft_dense_bwd(precision, res, dy):
     x, kernel, B, scale, z = res
-    dz = scaled(dy, scale)
+    dz = _scaled_fwd(dy, scale)[0]
     acc = jnp.promote_types(jnp.float32, dy.dtype)
     ds = jnp.sum(dy.astype(acc) * z.astype(acc), axis=0).astype(scale.dtype)
     u = jax.lax.dot_general(dz, kernel.astype(dz.dtype), (((1,), (1,)), ((), ())), precision=precision)

@@ -32,6 +32,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import uuid
@@ -267,10 +268,12 @@ def _is_checkpoint_dir(path: Path) -> bool:
 
 def check_storable_path(path: Path) -> None:
     """Refuse a directory that orbax-checkpoint (tensorstore) writes but cannot read back: one whose
-    absolute path holds a backslash or a ``[...]`` pair (measured with orbax 0.11 / tensorstore:
-    the save succeeds, every later read fails as if the arrays were missing)."""
+    absolute path holds a backslash (on POSIX) or a name with a non-empty ``[...]`` pair (measured
+    with orbax 0.11 / tensorstore: the save succeeds, every later read fails as if the arrays were
+    missing; ``a[``, ``b]``, ``[]`` and brackets in different names are fine)."""
     text = os.fspath(path)
-    if "\\" in text or ("[" in text and "]" in text[text.index("["):]):
+    bracketed = any(re.search(r"\[[^\]]+\]", part) for part in Path(path).parts)  # a pair inside one name
+    if (os.sep != "\\" and "\\" in text) or bracketed:
         raise ValueError(
             f"{text!r}: orbax-checkpoint cannot read back a checkpoint whose path contains a backslash or"
             " brackets '[...]' (the arrays would be written but not found again); choose a directory path"

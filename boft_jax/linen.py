@@ -651,9 +651,9 @@ def wrap(model: nn.Module, config: BOFTConfig) -> BOFTModule:
 
 
 def _is_lifted_jit(module: nn.Module) -> bool:
-    """Whether ``module`` is an instance of a class made by ``nn.jit`` (flax names it ``Jit<Class>``)."""
-    cls = type(module)
-    return cls.__module__ == nn.jit.__module__ and cls.__name__.startswith("Jit")
+    """Whether ``module``'s class was made by ``nn.jit`` (flax names it ``Jit<Class>``), also under
+    another lifted transform (``nn.remat(nn.jit(Block))``)."""
+    return any(c.__module__ == nn.jit.__module__ and c.__name__.startswith("Jit") for c in type(module).__mro__)
 
 
 def _lifted_jit_instances(module: nn.Module, where: str = "", seen: set | None = None) -> list[str]:

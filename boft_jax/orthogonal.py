@@ -242,8 +242,9 @@ def _cayley_exact_jvp(block_size, primals, tangents):
     inverse = _invert_identity_plus_skew(s)
     q = _refined(s, eye - s, 2.0 * inverse - eye, inverse)  # what _cayley_exact gives
     # P = 2 (I + S)^(-1) from the refined inverse, not Q + I: for large skews Q is close to -I and
-    # Q + I would cancel (relative gradient error 1.2e-3 at skew entries ~100; 2-5e-4 this way, where
-    # the elimination's own growth is the limit)
+    # Q + I would cancel (median relative gradient error at skew entries ~100: 5.7e-5 that way,
+    # 1.2e-5 this way, 1.5e-3 with the unrefined inverse).  Costs two small products: value_and_grad
+    # of 1536 blocks of 8 x 8 took 2.6-2.7 ms against 2.3 ms (CPU), once per step, not per token.
     p = 2.0 * _refined(s, eye, inverse, inverse)
     a = eye + s
     pt = jnp.swapaxes(p, -1, -2)

@@ -397,6 +397,6 @@ def test_paths_orbax_cannot_read_back_are_refused_before_writing(tmp_path):
         assert not bad.exists()
         with pytest.raises(ValueError, match="cannot read back"):
             ck.TrainCheckpointer(bad, save_every=1)
-    for ok in (tmp_path / "a[", tmp_path / "b]", tmp_path / "c{d}"):  # an unpaired bracket, braces: fine
+    for ok in (tmp_path / "a[", tmp_path / "b]", tmp_path / "c{d}", tmp_path / "e[]", tmp_path / "f[" / "g]"):  # fine
         ck.save_adapter(ok, _adapter(1), CFG)
         np.testing.assert_array_equal(ck.load_adapter(ok)[0]["l"]["bias"], _adapter(1)["l"]["bias"])

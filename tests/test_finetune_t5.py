@@ -280,6 +280,16 @@ def test_jsonl_lines_that_cannot_mean_one_thing_are_refused_with_their_line(tmp_
         path.write_bytes(b"\n".join([g.encode() for g in good[:6]] + [line] + [g.encode() for g in good[6:]]))
         with pytest.raises(ValueError, match=f"{name}.jsonl{msg}"):
             data_lib.load_jsonl(path, 64, 32)
+    # a byte-order mark and \r or \r\n line ends read as the plain file does
+    plain = "\n".join(good).encode()
+    (tmp_path / "plain.jsonl").write_bytes(plain)
+    ref = data_lib.load_jsonl(tmp_path / "plain.jsonl", 64, 32)
+    for name, raw in (("bom", b"\xef\xbb\xbf" + plain), ("cr", plain.replace(b"\n", b"\r")),
+                      ("crlf", plain.replace(b"\n", b"\r\n") + b"\r\n")):
+        (tmp_path / f"{name}.jsonl").write_bytes(raw)
+        got = data_lib.load_jsonl(tmp_path / f"{name}.jsonl", 64, 32)
+        np.testing.assert_array_equal(got.train.inputs["input_ids"], ref.train.inputs["input_ids"])
+        np.testing.assert_array_equal(got.test.labels, ref.test.labels)
     extra = [json.dumps({"source": f"s{i}", "target": f"t{i}", **({"id": i} if i > 2 else {})}) for i in range(30)]
     (tmp_path / "extra.jsonl").write_text("\n".join(extra))
     capsys.readouterr()

@@ -715,6 +715,11 @@ def test_save_into_existing_directory_replaces_files(tmp_path):
                                                      "tokenizer"]
     assert (out / "README.md").read_text() == "keep me" and (out / "tokenizer" / "vocab.txt").read_text() == "a b c"
     assert json.loads((out / peft_io.ADAPTER_CONFIG_NAME).read_text())["peft_type"] == "BOFT"
+    # a symlink to the adapter directory: written through, the link kept
+    (tmp_path / "link").symlink_to(out)
+    save_peft_adapter(tmp_path / "link", model, jax.tree.map(lambda a: a + 0.01, params))
+    assert (tmp_path / "link").is_symlink() and (out / "README.md").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "link"]
 
 
 @pytest.mark.parametrize("edit", [{"target_modules": ["q_proj"]}, {"target_modules": r".*\.q_proj"},

@@ -661,7 +661,8 @@ def test_nn_jit_modules_made_before_wrapping_are_refused():
     x = jax.random.normal(jax.random.key(1), (3, 16))
     cfg = boft.BOFTConfig(block_size=4)
     for base, where in ((nn.Sequential([nn.jit(_RemBlock)(), nn.Dense(8)]), "the model's field layers[0]"),
-                        (nn.jit(_RemBlock)(), "the model itself")):
+                        (nn.jit(_RemBlock)(), "the model itself"),
+                        (nn.Sequential([nn.remat(nn.jit(_RemBlock))()]), "the model's field layers[0]")):
         with pytest.raises(ValueError, match=re.escape(f"boft.wrap: {where} is an nn.jit module made before wrapping")):
             boft.wrap(base, cfg)
 
@@ -1260,7 +1261,7 @@ def test_bf16_layers_apply_the_scale_in_float32_and_reduce_its_gradient_in_float
     """A bf16 layer (f32 params) multiplies by s in float32 and rounds once: s = 1.003 changes the
     output (rounded to bf16 first, it was exactly 1); the scale's gradient over 8192 tokens is within
     a fraction of a bf16 ulp of the float64 value in both modes (the input side reduced it in bf16)."""
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(20261202)
     d, t = 16, 8192
     base = nn.Dense(d, dtype=jnp.bfloat16, use_bias=False)
     cfg = boft.BOFTConfig(block_size=4, n_factors=2, mode=mode)
@@ -1277,8 +1278,9 @@ def test_bf16_layers_apply_the_scale_in_float32_and_reduce_its_gradient_in_float
     g = rng.standard_normal((t, d))
     loss = lambda a: jnp.sum(model.apply({"params": boft.combine(frozen, a)}, x).astype(jnp.float32) * g)  # noqa: E731
     ds = np.asarray(jax.grad(loss)({"kernel": {"skew": skew, "scale": scale}})["kernel"]["scale"], np.float64)
-    # float64 reference: z = (x M) K from the same bf16 inputs and kernel, ds_j = sum_t g_tj z_tj
-    m = np.asarray(boft.rotation_matrix(boft.cayley(skew, block_size=4)), np.float64)
-    z = np.asarray(x, np.float64) @ m @ np.asarray(frozen["kernel"], np.float64)
-    want = np.sum(g * z, axis=0)
-    assert np.abs(ds - want).max() / np.abs(want).max() < 4e-3, np.abs(ds - want).max() / np.abs(want).max()
+    # float64 reference from the layer's own bf16 pre-scale output z (y1, at s = 1): ds_j = sum_t g_tj z_tj,
+    # so what remains is the reduction's error (a bf16 reduction gave 1.3e-2 here)
+    g_bf16 = np.asarray(jnp.asarray(g, jnp.bfloat16), np.float64)  # the cotangent of a bf16 output is bf16
+    want = np.sum(g_bf16 * y1, axis=0)
+    err = np.abs(ds - want).max() / np.abs(want).max()
+    assert err < 1e-4, err

@@ -105,3 +105,17 @@ def test_a_non_finite_step_stops_the_run_and_nothing_non_finite_is_saved(tmp_pat
     task = loop.Task("tiny", model, frozen, adapter, Dataset(clean, clean, "clean"), _loss, lambda *a: 0.0)
     res = loop.fit(task, opts, tmp_path / "clean")
     assert len(res["losses"]) == 2 and all(np.isfinite(res["losses"]))
+
+
+def test_runs_recorded_by_path_before_content_hashes_still_resume():
+    """Checkpoints written before the data and base were identified by content recorded their paths
+    (and data sizes): those entries are not compared; every other option still is."""
+    stored = {"checkpoint": "/old/base", "data": "digits (80%/20% split)", "data_sizes": [672, 224], "seed": 0,
+              "boft": {"block_size": 4, "n_factors": 2}}
+    now = {"checkpoint": {"sha256": "ab" * 32}, "data": {"sha256": "cd" * 32, "train": 672, "test": 224}, "seed": 0,
+           "boft": {"block_size": 4, "n_factors": 2}}
+    assert loop._identity_diff(stored, now) == []
+    diff = loop._identity_diff(stored, {**now, "seed": 3, "boft": {"block_size": 8, "n_factors": 2}})
+    assert diff == ["boft.block_size: checkpoint 4, now 8", "seed: checkpoint 0, now 3"]
+    # content hashes on both sides are compared
+    assert loop._identity_diff({**now, "data": {**now["data"], "sha256": "ef" * 32}}, now)[0].startswith("data.sha256:")

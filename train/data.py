@@ -106,18 +106,34 @@ def fingerprint(ds: Dataset) -> str:
         for key, a in sorted({**split.inputs, "<labels>": split.labels}.items()):
             a = np.ascontiguousarray(a)
             h.update(f"{name}/{key}:{a.dtype.str}:{a.shape};".encode())
-            h.update(a.tobytes())
+            h.update(memoryview(a).cast("B"))  # no copy of the data
     return h.hexdigest()
 
 
+MODEL_FILE_SUFFIXES = (".json", ".safetensors", ".msgpack")  # what boft_jax.models reads from a directory
+_SAMPLE = 1 << 24  # bytes hashed at each end of a weights file over _FULL_HASH_MAX
+_FULL_HASH_MAX = 1 << 30
+
+
 def fingerprint_files(directory: str | Path) -> str:
-    """SHA-256 of a model directory's files (names and contents, hidden files and sub-folders aside)."""
+    """SHA-256 of the files a model directory is loaded from (``config.json``, ``*.safetensors`` or
+    ``flax_model.msgpack``, index files): names, sizes and contents.  Files over 1 GiB contribute
+    their first and last 16 MiB (with their size), so that a start of a large model's job costs
+    well under a second; other files (``pytorch_model.bin``, a README) are not read."""
     h = hashlib.sha256()
-    for f in sorted(p for p in Path(directory).iterdir() if p.is_file() and not p.name.startswith(".")):
-        h.update(f"{f.name}:{f.stat().st_size};".encode())
+    files = sorted(p for p in Path(directory).iterdir()
+                   if p.is_file() and not p.name.startswith(".") and p.suffix in MODEL_FILE_SUFFIXES)
+    for f in files:
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size};".encode())
         with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 24), b""):
-                h.update(chunk)
+            if size <= _FULL_HASH_MAX:
+                for chunk in iter(lambda: fh.read(_SAMPLE), b""):
+                    h.update(chunk)
+            else:
+                h.update(fh.read(_SAMPLE))
+                fh.seek(size - _SAMPLE)
+                h.update(fh.read(_SAMPLE))
     return h.hexdigest()
 
 
@@ -344,57 +360,60 @@ def load_jsonl(path: str | Path, src_len: int, tgt_len: int, *, test_fraction=0.
     path = Path(path)
     rows, kinds, cut, unused = [], set(), 0, {}
     with open(path, "rb") as f:
-        for n, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise ValueError(
-                    f"{path}:{n}: not valid UTF-8 (byte {raw[e.start]:#04x} at byte {e.start} of the line: {e.reason});"
-                    " JSONL is UTF-8: save the file as UTF-8"
-                ) from None
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line, object_pairs_hook=_unique_keys)
-                if isinstance(row, dict) and ({"source_ids", "target_ids"} & row.keys()) and ({"source", "target"} & row.keys()):
-                    raise _BadIds(
-                        f"holds keys of both forms, {sorted(row.keys() & {'source', 'target', 'source_ids', 'target_ids'})};"
-                        " give 'source' and 'target' (text) or 'source_ids' and 'target_ids' (token ids)"
-                    )
-                if isinstance(row, dict):
-                    for k in row.keys() - {"source", "target", "source_ids", "target_ids"}:
-                        unused.setdefault(k, n)
-                if isinstance(row, dict) and "source_ids" in row:
-                    src, tgt = row["source_ids"], row["target_ids"]
-                    if not (isinstance(src, list) and isinstance(tgt, list)) or not all(
-                        isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 2**31 for i in [*src, *tgt]
-                    ):
-                        raise TypeError("source_ids / target_ids must be lists of non-negative integers below 2^31")
-                    src, tgt = _clean_ids(src, "source_ids"), _clean_ids(tgt, "target_ids")
-                    kinds.add("ids")
-                    rows.append((ids_row(src, src_len), ids_row(tgt, tgt_len)))
-                    cut += _with_eos(src) > src_len or _with_eos(tgt) > tgt_len
-                else:
-                    if not (isinstance(row["source"], str) and isinstance(row["target"], str)):
-                        raise TypeError("'source' and 'target' must be strings")
-                    for key in ("source", "target"):
-                        try:
-                            row[key].encode("utf-8")
-                        except UnicodeEncodeError as e:
-                            raise _BadIds(
-                                f"'{key}' holds a lone surrogate {row[key][e.start]!r} at character {e.start} (a"
-                                " \\ud800-\\udfff escape without its pair), which is no text UTF-8 can encode"
-                            ) from None
-                    kinds.add("text")
-                    rows.append((encode_text(row["source"], src_len), encode_text(row["target"], tgt_len)))
-                    cut += len(row["source"].encode("utf-8")) + 1 > src_len or len(row["target"].encode("utf-8")) + 1 > tgt_len
-            except _BadIds as e:
-                raise ValueError(f"{path}:{n}: {e}") from None
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ValueError(
-                    f"{path}:{n}: each line must be a JSON object with 'source' and 'target' (text) or"
-                    f" 'source_ids' and 'target_ids' (token ids) ({type(e).__name__}: {e})"
-                ) from None
+        data = f.read()
+    if data.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark (some editors write one): not part of the JSON
+        data = data[3:]
+    for n, raw in enumerate(data.splitlines(), 1):  # \n, \r\n and \r line ends
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(
+                f"{path}:{n}: not valid UTF-8 (byte {raw[e.start]:#04x} at byte {e.start} of the line: {e.reason});"
+                " JSONL is UTF-8: save the file as UTF-8"
+            ) from None
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line, object_pairs_hook=_unique_keys)
+            if isinstance(row, dict) and ({"source_ids", "target_ids"} & row.keys()) and ({"source", "target"} & row.keys()):
+                raise _BadIds(
+                    f"holds keys of both forms, {sorted(row.keys() & {'source', 'target', 'source_ids', 'target_ids'})};"
+                    " give 'source' and 'target' (text) or 'source_ids' and 'target_ids' (token ids)"
+                )
+            if isinstance(row, dict):
+                for k in row.keys() - {"source", "target", "source_ids", "target_ids"}:
+                    unused.setdefault(k, n)
+            if isinstance(row, dict) and "source_ids" in row:
+                src, tgt = row["source_ids"], row["target_ids"]
+                if not (isinstance(src, list) and isinstance(tgt, list)) or not all(
+                    isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 2**31 for i in [*src, *tgt]
+                ):
+                    raise TypeError("source_ids / target_ids must be lists of non-negative integers below 2^31")
+                src, tgt = _clean_ids(src, "source_ids"), _clean_ids(tgt, "target_ids")
+                kinds.add("ids")
+                rows.append((ids_row(src, src_len), ids_row(tgt, tgt_len)))
+                cut += _with_eos(src) > src_len or _with_eos(tgt) > tgt_len
+            else:
+                if not (isinstance(row["source"], str) and isinstance(row["target"], str)):
+                    raise TypeError("'source' and 'target' must be strings")
+                for key in ("source", "target"):
+                    try:
+                        row[key].encode("utf-8")
+                    except UnicodeEncodeError as e:
+                        raise _BadIds(
+                            f"'{key}' holds a lone surrogate {row[key][e.start]!r} at character {e.start} (a"
+                            " \\ud800-\\udfff escape without its pair), which is no text UTF-8 can encode"
+                        ) from None
+                kinds.add("text")
+                rows.append((encode_text(row["source"], src_len), encode_text(row["target"], tgt_len)))
+                cut += len(row["source"].encode("utf-8")) + 1 > src_len or len(row["target"].encode("utf-8")) + 1 > tgt_len
+        except _BadIds as e:
+            raise ValueError(f"{path}:{n}: {e}") from None
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(
+                f"{path}:{n}: each line must be a JSON object with 'source' and 'target' (text) or"
+                f" 'source_ids' and 'target_ids' (token ids) ({type(e).__name__}: {e})"
+            ) from None
     if len(kinds) > 1:
         raise ValueError(f"{path}: mixes text lines and pre-tokenized lines; use one form")
     if unused:

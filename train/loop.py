@@ -101,11 +101,13 @@ def _identity_diff(stored: dict, current: dict, prefix: str = "") -> list[str]:
     out = []
     for k in sorted(set(stored) | set(current), key=str):
         a, b = stored.get(k), current.get(k)
-        if a == b:
-            continue
+        if a == b or k not in current or k not in stored:
+            continue  # an entry only one of the runs records (an older or newer job) is not compared
+        if isinstance(a, str) and isinstance(b, dict) and "sha256" in b:
+            continue  # recorded by path by jobs before 2026-12-02 (now by content): nothing to compare
         if isinstance(a, dict) and isinstance(b, dict):
             out += _identity_diff(a, b, f"{prefix}{k}.")
-        elif k in stored:  # an entry this run does not record is not a difference of options
+        else:
             what = " (content hash: other files or examples than the checkpoint's run's)" if k == "sha256" else ""
             out.append(f"{prefix}{k}: checkpoint {json.dumps(a)}, now {json.dumps(b)}{what}")
     return out
@@ -351,7 +353,8 @@ def fit(task: Task, opts: TrainOptions, out_dir: Path, *, resume: bool = False) 
             pending = (done, m)
             logged = done % 10 == 0 or done == opts.steps or done == 1
             evaluated = bool(opts.eval_every) and done % opts.eval_every == 0 and done != opts.steps
-            saving = done % opts.save_every == 0 or done == opts.steps or STOP.is_set()
+            stop = STOP.is_set()  # read once: a step is saved only after its finiteness was checked
+            saving = done % opts.save_every == 0 or done == opts.steps or stop
             if logged or evaluated or saving:  # nothing of a diverged step is logged, evaluated or saved
                 check_finite(done, m)
                 pending = None
@@ -365,7 +368,7 @@ def fit(task: Task, opts: TrainOptions, out_dir: Path, *, resume: bool = False) 
                 history.append(row)
                 if bar is not None:
                     post = {"loss": f"{m['loss']:.4f}", "acc": f"{m['accuracy']:.3f}"}
-                    if done > start + 1:  # the first row's rate includes compiling
+                    if len(history) > 1:  # the run's first row's rate includes compiling
                         post["ex_s"] = f"{row['examples_per_s']:.0f}"
                     bar.set_postfix(post)
                 else:
@@ -378,10 +381,10 @@ def fit(task: Task, opts: TrainOptions, out_dir: Path, *, resume: bool = False) 
                 say(f"step {done}/{opts.steps}: held-out {task.metric} {acc:.3f}")
             ckpt.save(done, adapter, opt_state, {"step": done, "data_position": done * opts.batch_size,
                                                  "batch_size": opts.batch_size, "seed": opts.seed, "run": identity},
-                      force=done == opts.steps or STOP.is_set())  # a stop request saves the step it stops at
+                      force=done == opts.steps or stop)  # a stop request saves the step it stops at
             if bar is not None:
                 bar.update(1)
-            if STOP.is_set() and done < opts.steps:
+            if stop and done < opts.steps:
                 raise Terminated()
     finally:
         if bar is not None:

@@ -163,8 +163,9 @@ def _adapter_dir(adapter_dir: str | os.PathLike) -> Path:
     p = Path(adapter_dir)
     if not p.is_dir():
         prefix = f".{p.name}.old-"
-        olds = [q for q in p.parent.glob(f"{glob.escape(prefix)}*") if q.name.startswith(prefix) and q.is_dir()]
-        hint = (f" A save_peft_adapter that replaced it was interrupted: the previous adapter is in {olds[0]};"
+        olds = sorted((q for q in p.parent.glob(f"{glob.escape(prefix)}*") if q.name.startswith(prefix) and q.is_dir()),
+                      key=lambda q: q.stat().st_mtime)
+        hint = (f" A save_peft_adapter that replaced it was interrupted: the previous adapter is in {olds[-1]};"
                 " rename it back" if olds and not p.exists() else "")
         raise FileNotFoundError(
             f"{os.fspath(adapter_dir)!r} is not a directory; expected a PEFT adapter directory with"
@@ -636,8 +637,11 @@ def _peft_selects(cfg: Mapping[str, Any], name: str) -> bool:
         return False
     if isinstance(exclude, (list, tuple)) and (name in exclude or any(name.endswith(f".{e}") for e in exclude)):
         return False
+    saved = cfg.get("modules_to_save") or []
+    if any(re.match(rf"(^|.*\.){m}($|\..*)", name) for m in ([saved] if isinstance(saved, str) else saved)):
+        return False  # PEFT never adapts a module it trains in full
     targets = cfg.get("target_modules")
-    if targets is None or targets == "all-linear":
+    if targets is None or (isinstance(targets, str) and targets.lower() == "all-linear"):
         return True
     if isinstance(targets, str):
         return re.fullmatch(targets, name) is not None
@@ -1230,6 +1234,10 @@ def _link_file(src, dst) -> None:
         shutil.copy2(src, dst)
 
 
+class _CannotMove(OSError):
+    """:func:`replace_dir` could not rename the existing directory aside (nothing was changed)."""
+
+
 def replace_dir(out: Path, write: Callable[[Path], None]) -> None:
     """``write(tmp)`` into a new sibling directory ``tmp``, then put it in place of ``out`` (a rename,
     or two when ``out`` exists, whose old content is then deleted): a failure while writing leaves
@@ -1244,11 +1252,24 @@ def replace_dir(out: Path, write: Callable[[Path], None]) -> None:
         raise
     if out.exists():
         old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(out, old)
-        os.replace(tmp, out)
+        try:
+            os.replace(out, old)
+        except OSError as e:  # a mount point, a parent without write permission...
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise _CannotMove(os.fspath(out)) from e
+        try:
+            os.replace(tmp, out)
+        except OSError:
+            os.replace(old, out)  # put the old one back
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         shutil.rmtree(old, ignore_errors=True)
     else:
-        os.replace(tmp, out)
+        try:
+            os.replace(tmp, out)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
 
 def save_peft_adapter(
@@ -1359,6 +1380,8 @@ def save_peft_adapter(
             json.dump(config, f, indent=2, sort_keys=True)
             f.write("\n")
 
+    if out.is_symlink():  # write where the link points, keep the link
+        out = out.resolve()
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"{os.fspath(out)!r} exists and is not a directory")
 
@@ -1372,4 +1395,15 @@ def save_peft_adapter(
         write_into(d)
 
     # a complete new directory swapped in: the weights and the config change together, or not at all
-    replace_dir(out, write_with_the_rest)
+    try:
+        replace_dir(out, write_with_the_rest)
+    except _CannotMove as e:  # e.g. a mount point: replace the two files in place, weights first
+        warnings.warn(f"{os.fspath(out)!r} cannot be renamed ({e.__cause__}); its two adapter files are replaced"
+                      " one after the other instead (not as one step)", UserWarning, stacklevel=2)
+        with tempfile.TemporaryDirectory(dir=out, prefix=".boft_tmp-") as tmp:
+            write_into(Path(tmp))
+            os.replace(Path(tmp) / ADAPTER_WEIGHTS_NAME, out / ADAPTER_WEIGHTS_NAME)
+            os.replace(Path(tmp) / ADAPTER_CONFIG_NAME, out / ADAPTER_CONFIG_NAME)
+        for name in _PICKLE_NAMES:
+            if (out / name).is_file():
+                (out / name).unlink()
