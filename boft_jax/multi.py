@@ -20,8 +20,9 @@ part of the adapter, so their weights are gathered per example too (``batch`` co
 one matmul per example there); keep such modules small or the batches of many adapters modest.  The adapter is
 applied on the **input side** (``x -> x M``, then ``* s``): the wrapped model is re-wrapped with
 ``mode="input"`` whatever its config says.  The weight side would build one rotated copy of every
-adapted kernel per example; the input side costs ``2 m b d_in`` FLOPs per token (about
-``m b / d_out`` of the layer's own matmul, 2% for ViT-B with ``m = 2, b = 8``) and no kernel copies.
+adapted kernel per example; the input side costs ``2 S d_in`` FLOPs per token, ``S = b 2^(m-1)``
+(``2 m b d_in`` for ``m <= 2``; about ``S / d_out`` of the layer's own matmul, 2% for ViT-B with
+``m = 2, b = 8``) and no kernel copies.
 
 Ids are data: any mix of ids, including :data:`BASE`, runs the same compiled program.
 :func:`apply_multi` and :func:`generate_multi` jit themselves (keyed on the module, ``method``

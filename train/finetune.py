@@ -1,7 +1,7 @@
 """BOFT finetuning: the main job.
 
 With no arguments it finetunes the bundled base ViT (pretrained on digits 0-4) to digits 5-9 with
-BOFT on the attention projections, on CPU in a few minutes, and writes to ``runs/vit-digits``:
+BOFT on the attention projections, on CPU in about a minute, and writes to ``runs/vit-digits``:
 
   metrics.jsonl          one line per 10 steps (loss, accuracy = the batch's accuracy, token accuracy
                          for T5, grad_norm) and per evaluation (eval_accuracy = held-out accuracy,

@@ -1,5 +1,5 @@
 """Flax models that load Hugging Face checkpoints: ``vit`` (ViTForImageClassification) and
-``t5`` (T5ForConditionalGeneration: T5, T5 v1.1, FLAN-T5).
+``t5`` (T5ForConditionalGeneration: T5, T5 v1.1, FLAN-T5, mT5).
 
     from boft_jax import models
     module, params = models.from_pretrained("path/to/hf_dir")   # dispatches on model_type
