@@ -281,6 +281,16 @@ def test_generation_config_eos_ids_are_used_as_transformers_does(tmp_path):
     with pytest.warns(UserWarning, match=r"sets decoder_start_token_id 5 \(config.json: 0\)"):
         module, _ = t5.from_pretrained(tmp_path / "g")
     assert module.config.decoder_start_token_id == 0 and module.config.eos_token_ids == (eos,)
+    # settings that change transformers' output and that greedy generate does not apply: named
+    (tmp_path / "g" / "generation_config.json").write_text(json.dumps(
+        {"eos_token_id": eos, "num_beams": 4, "no_repeat_ngram_size": 3, "max_length": 64, "do_sample": False}))
+    with pytest.warns(UserWarning, match=r"sets \{'num_beams': 4, 'no_repeat_ngram_size': 3\}: transformers' generate"):
+        t5.from_pretrained(tmp_path / "g")
+    (tmp_path / "g" / "generation_config.json").write_text(json.dumps(
+        {"eos_token_id": eos, "num_beams": 1, "max_length": 64, "transformers_version": "5.24.0"}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # only neutral settings: no warning
+        t5.from_pretrained(tmp_path / "g")
 
 
 def test_export_warns_when_transformers_4_would_scale_the_output_otherwise():

@@ -101,8 +101,10 @@ def _identity_diff(stored: dict, current: dict, prefix: str = "") -> list[str]:
     out = []
     for k in sorted(set(stored) | set(current), key=str):
         a, b = stored.get(k), current.get(k)
-        if a == b or k not in current or k not in stored:
-            continue  # an entry only one of the runs records (an older or newer job) is not compared
+        if k == "data_sizes" and k not in current and isinstance(current.get("data"), dict):
+            b = [current["data"].get("train"), current["data"].get("test")]  # recorded so before 2026-12-02
+        if a == b or k not in stored:
+            continue  # an entry this run records and the checkpoint's does not (a newer option) is not compared
         if isinstance(a, str) and isinstance(b, dict) and "sha256" in b:
             continue  # recorded by path by jobs before 2026-12-02 (now by content): nothing to compare
         if isinstance(a, dict) and isinstance(b, dict):

@@ -924,8 +924,9 @@ def _with_generation_eos(path, cfg_dict: dict) -> dict:
     transformers' ``generate`` uses over ``config.json``'s.  Its ``pad_token_id`` /
     ``decoder_start_token_id`` are not taken (``config.json``'s also define the training inputs);
     where they differ a warning says so (``generate`` / ``boft.generate_multi`` take them as
-    arguments).  Other generation settings (``min_length``, sampling, ...) are not applied:
-    :meth:`T5.generate` is plain greedy decoding.
+    arguments).  Other generation settings (``min_length``, beams, sampling, ...) are not applied:
+    :meth:`T5.generate` is plain greedy decoding; a file setting one that changes transformers'
+    output (:data:`_GREEDY_CHANGING`) gets a warning naming it.
     """
     file = Path(path) / "generation_config.json"
     if not file.is_file():
@@ -942,4 +943,24 @@ def _with_generation_eos(path, cfg_dict: dict) -> dict:
             " for generate (pass them to generate_multi, or edit config.json, to decode as transformers would)",
             UserWarning, stacklevel=3,
         )
+    ignored = {k: v for k, v in gen.items() if k in _GREEDY_CHANGING and v != _GREEDY_CHANGING[k]}
+    if ignored:
+        warnings.warn(
+            f"{str(file)!r} sets {ignored}: transformers' generate applies these, boft_jax's generate (plain"
+            " greedy decoding, length from its max_new_tokens argument) does not, so their outputs can differ",
+            UserWarning, stacklevel=3,
+        )
     return out
+
+
+# generation_config.json settings that change what transformers' generate returns, with the value
+# that leaves greedy decoding as boft_jax's generate does it (max_length / max_new_tokens: the
+# caller's max_new_tokens sets the length; sampling knobs matter only with do_sample)
+_GREEDY_CHANGING = {
+    "num_beams": 1, "do_sample": False, "no_repeat_ngram_size": 0, "encoder_no_repeat_ngram_size": 0,
+    "repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0, "min_length": 0, "min_new_tokens": None,
+    "forced_eos_token_id": None, "forced_bos_token_id": None, "suppress_tokens": None,
+    "begin_suppress_tokens": None, "bad_words_ids": None, "sequence_bias": None, "force_words_ids": None,
+    "constraints": None, "exponential_decay_length_penalty": None, "renormalize_logits": False,
+    "num_beam_groups": 1, "penalty_alpha": None, "dola_layers": None,
+}
