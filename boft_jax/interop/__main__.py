@@ -5,8 +5,9 @@
     python -m boft_jax.interop export-merged --adapter DIR --out HF_DIR [--base HF_DIR]
 
 The base model (a Hugging Face ViT or T5 directory) defaults to the one recorded with the adapter
-(``base_model_name_or_path`` in a PEFT ``adapter_config.json``, or the same key in the orbax
-checkpoint's metadata) when that is a local directory.  ``--out`` must be new or empty
+(``base_model_name_or_path`` in a PEFT ``adapter_config.json``; in an orbax checkpoint's metadata
+that key, or ``base_path`` / ``base_checkpoint`` as ``train.finetune`` records them) when that is a
+local directory, so ``export-merged --adapter runs/vit-digits/adapter --out m`` needs no ``--base``.  ``--out`` must be new or empty
 (``--overwrite`` replaces an existing one of the kind the command writes: an adapter checkpoint, a
 PEFT adapter, a model directory; anything else is refused), and is never the base or adapter
 directory, inside one, or around one.  A merged export is written aside and swapped in, so a
