@@ -209,21 +209,28 @@ def scaled(y: jax.Array, scale: jax.Array) -> jax.Array:
     dtype: a bf16 / f16 layer keeps the learned scale's own precision (``s = 1.003`` does not round
     to 1).  Backward: ``dy * s`` and ``ds = sum dy * y`` reduced in float32, with ``y`` kept in its
     own dtype (autodiff of the float32 product would keep a float32 copy of it)."""
-    return _scaled_fwd(y, scale)[0]
+    return _times(y, scale)
+
+
+def _times(y: jax.Array, scale: jax.Array) -> jax.Array:
+    acc = jnp.promote_types(jnp.float32, y.dtype)
+    return (y.astype(acc) * scale.astype(acc)).astype(y.dtype)
+
+
+def _scale_grad(g: jax.Array, y: jax.Array, scale: jax.Array) -> jax.Array:
+    """``ds = sum over the leading axes of g * y``, accumulated in at least float32."""
+    acc = jnp.promote_types(jnp.float32, jnp.result_type(y.dtype, g.dtype))
+    lead = tuple(range(y.ndim - scale.ndim))
+    return jnp.sum(g.astype(acc) * y.astype(acc), axis=lead).astype(scale.dtype)
 
 
 def _scaled_fwd(y, scale):
-    acc = jnp.promote_types(jnp.float32, y.dtype)
-    return (y.astype(acc) * scale.astype(acc)).astype(y.dtype), (y, scale)
+    return _times(y, scale), (y, scale)
 
 
 def _scaled_bwd(res, g):
     y, scale = res
-    acc = jnp.promote_types(jnp.float32, jnp.result_type(y.dtype, g.dtype))
-    dy = (g.astype(acc) * scale.astype(acc)).astype(y.dtype)
-    lead = tuple(range(y.ndim - scale.ndim))
-    ds = jnp.sum(g.astype(acc) * y.astype(acc), axis=lead).astype(scale.dtype)
-    return dy, ds
+    return _times(g, scale).astype(y.dtype), _scale_grad(g, y, scale)
 
 
 scaled.defvjp(_scaled_fwd, _scaled_bwd)
@@ -237,9 +244,8 @@ def _boft_dense_fwd(x, kernel, R, scale, precision):
 
 def _boft_dense_bwd(precision, res, dy):
     x, kernel, B, scale, z = res
-    dz = _scaled_fwd(dy, scale)[0]
-    acc = jnp.promote_types(jnp.float32, dy.dtype)
-    ds = jnp.sum(dy.astype(acc) * z.astype(acc), axis=0).astype(scale.dtype)
+    dz = _times(dy, scale)
+    ds = _scale_grad(dy, z, scale)
     u = jax.lax.dot_general(dz, kernel.astype(dz.dtype), (((1,), (1,)), ((), ())), precision=precision)
     gw = jax.lax.dot_general(x, dz.astype(x.dtype), (((0,), (0,)), ((), ())), precision=precision)
     if B.ndim == 4:  # factor form: the structured autodiff of rotate / rotate_kernel

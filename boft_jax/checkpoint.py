@@ -140,7 +140,7 @@ def save_adapter(
         _recover(path)
         # left by a crash before the first rename (tmp), while deleting a replaced checkpoint (trash),
         # or by an older version of this function that deleted `.old-*` in place
-        stale = _siblings(path, "tmp") + _siblings(path, "trash")
+        stale = sibling_leftovers(path, "tmp") + sibling_leftovers(path, "trash")
         if path.exists():
             stale += _olds(path, complete_only=False)
         for p in stale:
@@ -281,7 +281,7 @@ def check_storable_path(path: Path) -> None:
         )
 
 
-def _siblings(path: Path, kind: str) -> list[Path]:
+def sibling_leftovers(path: Path, kind: str) -> list[Path]:
     """The leftovers ``.<name>.<kind>-<id>`` of saves of ``path`` (its name taken literally: a name
     with glob characters such as ``run[1]`` must not match another checkpoint's leftovers)."""
     prefix = f".{path.name}.{kind}-"
@@ -291,7 +291,7 @@ def _siblings(path: Path, kind: str) -> list[Path]:
 def _olds(path: Path, complete_only: bool = True) -> list[Path]:
     """Checkpoints moved aside by a replacement (oldest first); by default only complete ones (with
     both entries), so that a directory an older version left half-deleted is never taken for one."""
-    olds = sorted(_siblings(path, "old"), key=lambda p: p.stat().st_mtime)
+    olds = sorted(sibling_leftovers(path, "old"), key=lambda p: p.stat().st_mtime)
     if complete_only:
         olds = [p for p in olds if _is_checkpoint_dir(p)]
     return olds

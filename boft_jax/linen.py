@@ -397,25 +397,11 @@ def _refresh_paths(module: nn.Module) -> None:
         _refresh_paths(child)
 
 
-def _variables_path(scope) -> tuple[str, ...]:
-    """Where ``scope``'s variables live: its parents' names, not the ``path`` recorded at creation.
-
-    They differ for submodules bound before :class:`BOFTModule`'s ``nn.share_scope`` moved the
-    wrapped model's scope (dataclass-field children such as ``nn.Sequential``'s layers): flax
-    re-parents them but keeps the old ``path`` (``model/layers_0`` for params at ``layers_0``).  A
-    scope without a parent (the root, or the inside of a lifted transform such as ``nn.scan``)
-    keeps its recorded path, which is complete there.
-    """
-    if scope.parent is None:
-        return tuple(scope.path)
-    return _variables_path(scope.parent) + (scope.name,)
-
-
 def _intercept(state: _CallState, next_fun, args, kwargs, context):
     module = context.module
     if context.method_name != "__call__" or not isinstance(module, (nn.Dense, nn.DenseGeneral)):
         return next_fun(*args, **kwargs)
-    path = "/".join(_variables_path(module.scope))
+    path = "/".join(module.path)  # the params path (see _refresh_paths)
     if getattr(context.orig_method, "func", None) not in _STOCK_CALLS:
         # A subclass with its own __call__: run its code; the stock Dense.__call__ it calls through
         # super() is what gets adapted (a matched layer that never gets there is an error below).

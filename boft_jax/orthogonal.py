@@ -217,8 +217,12 @@ def _cayley_exact(packed: jax.Array, block_size: int) -> jax.Array:
     per layer 1.2-1.5x less construction time (BENCHMARKS.md, train_step).
     """
     s = unpack_skew(packed, block_size)
-    eye = jnp.eye(block_size, dtype=s.dtype)
-    inverse = _invert_identity_plus_skew(s)
+    return _cayley_from(s, _invert_identity_plus_skew(s))
+
+
+def _cayley_from(s: jax.Array, inverse: jax.Array) -> jax.Array:
+    """``Q = 2 (I + S)^(-1) - I`` from the eliminated inverse, refined once (:func:`_refined`)."""
+    eye = jnp.eye(s.shape[-1], dtype=s.dtype)
     return _refined(s, eye - s, 2.0 * inverse - eye, inverse)
 
 
@@ -240,7 +244,7 @@ def _cayley_exact_jvp(block_size, primals, tangents):
     s = unpack_skew(packed, block_size)
     eye = jnp.eye(block_size, dtype=s.dtype)
     inverse = _invert_identity_plus_skew(s)
-    q = _refined(s, eye - s, 2.0 * inverse - eye, inverse)  # what _cayley_exact gives
+    q = _cayley_from(s, inverse)  # what _cayley_exact gives
     # P = 2 (I + S)^(-1) from the refined inverse, not Q + I: for large skews Q is close to -I and
     # Q + I would cancel (median relative gradient error at skew entries ~100: 5.7e-5 that way,
     # 1.2e-5 this way, 1.5e-3 with the unrefined inverse).  Costs two small products: value_and_grad

@@ -29,6 +29,22 @@ def _adapter(seed=0, dtype=jnp.float32):
     }
 
 
+def _save_killed_between_renames(monkeypatch, path, adapter):
+    """``save_adapter(path, adapter)`` dying after the old checkpoint moved aside, before the new one
+    is renamed into place (as a kill -9 there would)."""
+    real_replace = os.replace
+
+    def dying_replace(src, dst):
+        if ".tmp-" in str(src) and str(dst) == str(path):
+            raise KeyboardInterrupt("killed between the renames")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", dying_replace)
+    with pytest.raises(KeyboardInterrupt):
+        ck.save_adapter(path, adapter, CFG)
+    monkeypatch.setattr(os, "replace", real_replace)
+
+
 def _leftovers(tmp_path):
     return sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("."))
 
@@ -156,7 +172,7 @@ def test_two_crashes_in_a_row_keep_the_last_good_checkpoint(tmp_path, monkeypatc
 
     path = tmp_path / "a"
     ck.save_adapter(path, _adapter(1), CFG)
-    real_rmtree, real_replace = shutil.rmtree, os.replace
+    real_rmtree = shutil.rmtree
 
     def dying_rmtree(p, *args, **kwargs):  # deletes the contents, dies before the directory itself
         if ".a." in str(p) and not str(p).startswith(str(tmp_path / ".a.tmp-")):
@@ -172,15 +188,7 @@ def test_two_crashes_in_a_row_keep_the_last_good_checkpoint(tmp_path, monkeypatc
     monkeypatch.setattr(shutil, "rmtree", real_rmtree)
     assert _leftovers(tmp_path) and all(".trash-" in n for n in _leftovers(tmp_path))  # never a half `.old-`
 
-    def dying_replace(src, dst):
-        if ".tmp-" in str(src) and str(dst) == str(path):
-            raise KeyboardInterrupt("killed between the renames")
-        return real_replace(src, dst)
-
-    monkeypatch.setattr(os, "replace", dying_replace)
-    with pytest.raises(KeyboardInterrupt):
-        ck.save_adapter(path, _adapter(3), CFG)
-    monkeypatch.setattr(os, "replace", real_replace)
+    _save_killed_between_renames(monkeypatch, path, _adapter(3))
     assert not path.exists()
     with pytest.warns(UserWarning, match="interrupted"):
         np.testing.assert_array_equal(ck.load_adapter(path)[0]["l"]["bias"], _adapter(2)["l"]["bias"])
@@ -369,19 +377,9 @@ def test_train_checkpoint_restored_into_other_dtypes_is_named_not_called_damaged
 def test_names_with_glob_characters_recover_only_their_own_leftovers(tmp_path, monkeypatch):
     """Leftovers are matched by the literal name: 'exp?' never takes exp1's last good copy (a glob
     would, and the next save of 'exp?' deleted it)."""
-    real_replace = os.replace
     exp1 = tmp_path / "exp1"
     ck.save_adapter(exp1, _adapter(1), CFG)
-
-    def dying_replace(src, dst):
-        if ".tmp-" in str(src) and str(dst) == str(exp1):
-            raise KeyboardInterrupt("killed between the renames")
-        return real_replace(src, dst)
-
-    monkeypatch.setattr(os, "replace", dying_replace)
-    with pytest.raises(KeyboardInterrupt):
-        ck.save_adapter(exp1, _adapter(2), CFG)
-    monkeypatch.setattr(os, "replace", real_replace)
+    _save_killed_between_renames(monkeypatch, exp1, _adapter(2))
     with pytest.raises(FileNotFoundError):
         ck.load_adapter(tmp_path / "exp?")
     ck.save_adapter(tmp_path / "exp?", _adapter(3), CFG)

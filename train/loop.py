@@ -332,8 +332,9 @@ def fit(task: Task, opts: TrainOptions, out_dir: Path, *, resume: bool = False) 
         raise Diverged(
             f"training diverged at step {done}: loss {float(m['loss']):.4g}, gradient norm"
             f" {float(m['grad_norm']):.4g} (not finite). That step's update was not applied and nothing"
-            f" was saved after it; {kept}. Lower the learning rate ({opts.learning_rate:g}), check the"
-            " data for extreme values, or (for a bf16 run) train in float32"
+            f" was saved after it; {kept}. A resume keeps the run's options, so start a new run with a lower"
+            f" learning rate than {opts.learning_rate:g}, data checked for extreme values, or (for a bf16 run)"
+            " float32"
         )
 
     bsh = lambda x: jax.device_put(x, sh.batch_sharding(mesh, x.ndim))  # noqa: E731

@@ -54,7 +54,6 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-import glob
 import json
 import os
 import re
@@ -70,6 +69,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from boft_jax.checkpoint import sibling_leftovers
 from boft_jax.config import BOFTConfig
 from boft_jax.linen import BOFTModule, combine, split, wrap
 from boft_jax.models import hf, t5, vit
@@ -162,9 +162,7 @@ class _KeyMap:
 def _adapter_dir(adapter_dir: str | os.PathLike) -> Path:
     p = Path(adapter_dir)
     if not p.is_dir():
-        prefix = f".{p.name}.old-"
-        olds = sorted((q for q in p.parent.glob(f"{glob.escape(prefix)}*") if q.name.startswith(prefix) and q.is_dir()),
-                      key=lambda q: q.stat().st_mtime)
+        olds = sorted((q for q in sibling_leftovers(p, "old") if q.is_dir()), key=lambda q: q.stat().st_mtime)
         hint = (f" A save_peft_adapter that replaced it was interrupted: the previous adapter is in {olds[-1]};"
                 " rename it back" if olds and not p.exists() else "")
         raise FileNotFoundError(
