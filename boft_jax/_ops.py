@@ -47,7 +47,7 @@ import jax.numpy as jnp
 
 from boft_jax.butterfly import rotate, rotate_kernel, span, span_blocks, span_cols, span_rows, use_span
 
-__all__ = ["span", "use_span", "span_blocks", "rotation_operand", "rotate_rows", "rotate_kernel_any", "boft_dense", "scaled"]
+__all__ = ["span", "use_span", "span_blocks", "rotation_operand", "rotate_rows", "rotate_kernel_any", "boft_dense", "scaled", "scaled_dot"]
 
 _EW_MAX_SPAN = 16  # elementwise token products up to this block size, batched matmuls above
 _BLOCK_GRAD_MIN_SPAN = 16  # block gradients on at least 16-wide blocks (see _block_grad)
@@ -193,7 +193,8 @@ def boft_dense(x: jax.Array, kernel: jax.Array, R: jax.Array, scale: jax.Array, 
     """``(x @ (M K)) * s`` for ``x (T, d_in)``, ``K (d_in, d_out)``, ``s (d_out,)``; ``R`` from
     :func:`rotation_operand` (span blocks ``(G, S, S)`` or factor blocks ``(m, k, b, b)``).
 
-    Forward: ``W = M K`` (cast to ``K``'s dtype), ``z = x W``, ``y = z * s`` (``x``'s dtype).
+    Forward: ``W = M K`` (cast to ``K``'s dtype), ``y = (x W) * s`` (as :func:`scaled_dot`: one
+    rounding to the promoted dtype of ``x`` and ``K``).
     Backward (exact): ``u = (dy s) K^T``, ``dx = u M^T``, ``dR`` from ``<u, x M>`` (span form:
     ``dB_g = x_g^T u_g``; factor form: the autodiff of :func:`boft_jax.rotate` with cotangent
     ``u``), ``ds = sum_t dy z``, ``dK = M^T x^T (dy s)`` (dropped by XLA when the kernel is frozen).
@@ -236,10 +237,49 @@ def _scaled_bwd(res, g):
 scaled.defvjp(_scaled_fwd, _scaled_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def scaled_dot(a: jax.Array, kernel: jax.Array, scale: jax.Array, precision=None) -> jax.Array:
+    """``(a @ K) * s`` for ``a (T, d)``, ``K (d, n)``, ``s (n,)``: the product accumulated and
+    scaled in at least float32 and rounded once to the operands' (promoted) dtype.
+
+    In bf16 / f16 a plain ``a @ K`` would round to bf16 first and ``* s`` round again: a learned
+    ``s = 1.003`` then moves an output only where 0.3% exceeds half a bf16 unit, so the outputs are
+    biased.  Backward as for the frozen layer times ``s``: ``da = (dy s) K^T``, ``dK = a^T (dy s)``
+    (dropped by XLA for a frozen kernel), ``ds = sum_t dy z`` with ``z = a @ K`` kept in the
+    operands' dtype.
+    """
+    return _scaled_dot_fwd(a, kernel, scale, precision)[0]
+
+
+def _dot_then_scale(a, kernel, scale, precision) -> tuple[jax.Array, jax.Array]:
+    """``(y, z)``: ``y = (a K) s`` rounded once, and ``z = a K`` rounded, both in the operands' dtype."""
+    dtype = jnp.result_type(a.dtype, kernel.dtype)
+    acc = jnp.promote_types(jnp.float32, dtype)
+    z = jax.lax.dot_general(a.astype(dtype), kernel.astype(dtype), (((1,), (0,)), ((), ())), precision=precision,
+                            preferred_element_type=acc)
+    return (z * scale.astype(acc)).astype(dtype), z.astype(dtype)
+
+
+def _scaled_dot_fwd(a, kernel, scale, precision):
+    y, z = _dot_then_scale(a, kernel, scale, precision)
+    return y, (a, kernel, scale, z)
+
+
+def _scaled_dot_bwd(precision, res, g):
+    a, kernel, scale, z = res
+    dz = _times(g, scale).astype(z.dtype)
+    da = jax.lax.dot_general(dz, kernel.astype(dz.dtype), (((1,), (1,)), ((), ())), precision=precision)
+    dk = jax.lax.dot_general(a.astype(dz.dtype), dz, (((0,), (0,)), ((), ())), precision=precision)
+    return da.astype(a.dtype), dk.astype(kernel.dtype), _scale_grad(g, z, scale)
+
+
+scaled_dot.defvjp(_scaled_dot_fwd, _scaled_dot_bwd)
+
+
 def _boft_dense_fwd(x, kernel, R, scale, precision):
     w = rotate_kernel_any(kernel, R, precision).astype(kernel.dtype)
-    z = jax.lax.dot_general(x, w, (((1,), (0,)), ((), ())), precision=precision)
-    return scaled(z, scale), (x, kernel, R, scale, z)
+    y, z = _dot_then_scale(x, w, scale, precision)
+    return y, (x, kernel, R, scale, z)
 
 
 def _boft_dense_bwd(precision, res, dy):

@@ -251,8 +251,7 @@ def _adapted_dense_jit(x2, k2, skew, scale, drop_key, method, neumann_terms, p_d
     if mode == "weight":
         return _ops.boft_dense(x2, k2, B, scale, precision)
     rotated = _ops.rotate_rows(x2, B, precision).astype(x2.dtype)
-    y2 = jax.lax.dot_general(rotated, k2, (((1,), (0,)), ((), ())), precision=precision)
-    return _ops.scaled(y2, scale)
+    return _ops.scaled_dot(rotated, k2, scale, precision)
 
 
 def _check_structure(path: str, skew_shape: tuple[int, ...], struct) -> None:

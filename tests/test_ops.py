@@ -127,6 +127,38 @@ def test_float32_and_bfloat16_inputs():
     assert g.dtype == jnp.bfloat16
 
 
+def _units(v: np.ndarray, dtype) -> np.ndarray:
+    """The spacing of ``dtype`` numbers at each ``|v|`` (subnormals included)."""
+    fi = jnp.finfo(dtype)
+    tiny = float(fi.smallest_subnormal)
+    return np.maximum(2.0 ** (np.floor(np.log2(np.maximum(np.abs(v), tiny))) - fi.nmant), tiny)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_low_precision_product_and_scale_are_rounded_once(dtype):
+    """In bf16 / f16, ``(a K) s`` (input side) and ``(x (M K)) s`` (weight side) are within half a
+    unit of the float64 product of the same low-precision operands: the scale is applied to the
+    float32 product, not to a product already rounded to bf16 (rounding twice misses by up to a
+    whole unit, and biases the outputs when ``s`` is within a few units of 1)."""
+    rng = np.random.default_rng()
+    t, d, n, b, m = 384, 64, 48, 8, 2
+    a = jnp.asarray(rng.standard_normal((t, d)), dtype)
+    kernel = jnp.asarray(rng.standard_normal((d, n)) / 8, dtype)
+    scale = jnp.asarray(1 + 0.004 * rng.standard_normal(n), jnp.float32)
+    skew = jnp.asarray(0.3 * rng.standard_normal((m, d // b, b * (b - 1) // 2)), jnp.float32)
+    B = _ops.span_blocks(boft.cayley(skew))
+    w = _ops.rotate_kernel_any(kernel, B).astype(dtype)  # what the weight side multiplies by
+    f64 = lambda v: np.asarray(v, np.float64)  # noqa: E731
+    for y, k in [(_ops.scaled_dot(a, kernel, scale), kernel), (_ops.boft_dense(a, kernel, B, scale), w)]:
+        assert y.dtype == dtype
+        ref = (f64(a) @ f64(k)) * f64(scale)
+        # the float32 accumulation's worst case (d terms, unit roundoff 2^-24) on top of one rounding
+        accumulation = d * 2.0**-24 * (np.abs(f64(a)) @ np.abs(f64(k))) * np.abs(f64(scale))
+        err = (np.abs(f64(y) - ref) - accumulation) / _units(ref, dtype)
+        assert err.max() <= 0.5, err.max()
+        assert np.mean(np.abs(f64(y) - ref) / _units(ref, dtype) > 0.5) < 0.01  # (twice: about 1 in 4)
+
+
 @pytest.mark.parametrize("d,n,b,m", [(64, 48, 8, 1), (64, 48, 4, 5)])
 def test_frozen_kernel_costs_no_weight_gradient(d, n, b, m):
     """With the kernel not differentiated, the compiled backward has no d_in x d_out matmul."""
