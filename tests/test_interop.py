@@ -207,6 +207,46 @@ def test_dropout_one_loads_as_peft_accepts_it(tmp_path):
     assert cfg.modules_to_save == ("^lm_head",) and len(cfg.targets) == 2 * 7 + 2 * (4 + 4 + 3)
 
 
+def test_nested_modules_to_save_are_refused(tmp_path):
+    """PEFT selects modules_to_save by plain string suffix: "embeddings" also selects
+    vit.embeddings.patch_embeddings, and PEFT then wraps a copy inside a copy and saves tensors its
+    forward never read.  Such a file is refused, naming both modules; a full name selects one."""
+    rng = np.random.default_rng()
+    keys = {k: v for k, v in load_file(FIXTURES / "vit" / "model.safetensors").items() if k.startswith("vit.embeddings.")}
+    perturbed = {f"base_model.model.{k}": (v + 0.1 * rng.standard_normal(v.shape)).astype(v.dtype) for k, v in keys.items()}
+    module, frozen = base("vit")
+    for names, nested in [(["embeddings"], True), (["vit.embeddings"], False)]:
+        path = tmp_path / names[0]
+        shutil.copytree(PEFT / "vit_m2_head", path)
+        edit_config(path, modules_to_save=names)
+        edit_tensors(path, lambda t: {**{k: v for k, v in t.items() if ".classifier." not in k}, **perturbed})
+        if nested:
+            with pytest.raises(ValueError, match=r"(?s)nested in each other:\n.*vit\.embeddings contains"
+                               r" vit\.embeddings\.patch_embeddings.*full name"):
+                load_peft_adapter(path, module, frozen)
+            continue
+        model, params = load_peft_adapter(path, module, frozen)
+        want = perturbed["base_model.model.vit.embeddings.cls_token"]
+        np.testing.assert_array_equal(np.asarray(params["embeddings"]["cls_token"]).ravel(), want.ravel())
+        assert model.config.modules_to_save == ("^embeddings",)
+
+
+def test_t5_per_stack_embedding_copies_are_refused(tmp_path):
+    """PEFT's modules_to_save=["embed_tokens"] on T5 trains one copy of the shared embedding per stack;
+    boft_jax's T5 has one embedding, so the file is refused with that reason (not 'another base model')."""
+    path = copy_fixture("t5_relu_m2", tmp_path)
+    shared = load_file(FIXTURES / "t5_relu" / "model.safetensors")["shared.weight"]
+    rng = np.random.default_rng()
+    copies = {f"base_model.model.{s}.embed_tokens.modules_to_save.default.weight":
+              (shared + 0.1 * rng.standard_normal(shared.shape)).astype(shared.dtype) for s in ("encoder", "decoder")}
+    edit_config(path, modules_to_save=["embed_tokens"])
+    edit_tensors(path, lambda t: {**t, **copies})
+    module, frozen = base("t5_relu")
+    with pytest.raises(ValueError, match=r"(?s)per-stack token embeddings \(decoder\.embed_tokens\.weight,"
+                       r" encoder\.embed_tokens\.weight.*cannot represent.*Retrain without 'embed_tokens'"):
+        load_peft_adapter(path, module, frozen)
+
+
 def test_trained_biases_and_saved_modules_are_loaded():
     module, frozen = base("vit")
     _, params = load("vit_m2_head")

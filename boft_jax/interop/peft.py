@@ -367,6 +367,15 @@ def _t5_saved_modules(
       tied head, which the untied copy reproduces.
     """
     plain = dict(plain)
+    stacks = sorted(k for k in plain if re.fullmatch(r"(encoder|decoder)\.embed_tokens\.weight", k))
+    if stacks:
+        raise ValueError(
+            f"{where}: holds PEFT's modules_to_save copies of T5's per-stack token embeddings ({', '.join(stacks)};"
+            f" modules_to_save {mts_names}). PEFT trains a separate copy of the shared embedding for each of"
+            " encoder.embed_tokens and decoder.embed_tokens (the tied head keeps the original), which boft_jax's T5"
+            " cannot represent: its encoder, decoder and tied head read one 'shared' embedding. Retrain without"
+            " 'embed_tokens' in modules_to_save (or finetune the embedding in full outside PEFT)."
+        )
     if "shared" in mts_names and "shared.weight" in plain:
         value = plain.pop("shared.weight")
         mts_names = [n for n in mts_names if n != "shared"]
@@ -625,6 +634,21 @@ def _version_tuple(version: str) -> tuple[int, ...]:
     return tuple(out)
 
 
+def _peft_saves(module_name: str, mts_names: list[str]) -> bool:
+    """Whether PEFT (0.21, ``_set_trainable``) puts the module ``module_name`` in modules_to_save: its
+    name ends with one of the entries, as a plain string (``"embeddings"`` also selects
+    ``"vit.embeddings.patch_embeddings"``)."""
+    return any(module_name.endswith(e) for e in mts_names)
+
+
+def _peft_nested_saved_modules(plain: Mapping[str, Any], mts_names: list[str]) -> list[tuple[str, str]]:
+    """``(outer, inner)`` module names, both selected by :func:`_peft_saves`, ``inner`` inside ``outer``,
+    among the modules that own the parameter keys ``plain`` (outermost selected module first)."""
+    modules = sorted({".".join(k.split(".")[:i]) for k in plain for i in range(1, len(k.split(".")))})
+    selected = [m for m in modules if _peft_saves(m, mts_names)]
+    return sorted({(o, i) for o in selected for i in selected if i.startswith(o + ".")})
+
+
 def _peft_selects(cfg: Mapping[str, Any], name: str) -> bool:
     """Whether PEFT (0.21) would put an adapter on the module ``name`` given ``adapter_config.json``'s
     ``target_modules`` / ``exclude_modules`` / ``layers_to_transform`` / ``layers_pattern``, as its
@@ -803,6 +827,17 @@ def load_peft_adapter(
         module, params, keymap, plain, mts_names = _t5_saved_modules(
             module, params, keymap, plain, mts_names, where, set(found)
         )
+    nested = _peft_nested_saved_modules(plain, mts_names)
+    if nested:
+        raise ValueError(
+            f"{where}: modules_to_save {mts_names} selects modules nested in each other:"
+            f"{_fmt([f'{outer} contains {inner}' for outer, inner in nested])}\n"
+            "  PEFT selects every module whose name ends with an entry (a plain string suffix) and wraps each of"
+            " them, one copy inside the other; its forward pass uses the outer copy, but its saved file holds one"
+            " tensor per name, and some of them come from the inner copy, which that forward pass never reads"
+            " (PEFT cannot reload such an adapter either). The file does not say what PEFT computed. Retrain with"
+            " modules_to_save entries that select no module inside another (e.g. the full name 'vit.embeddings')."
+        )
     missing, differing = _check_base_copies(base_copies, keymap, params)
     unknown += missing
 
@@ -857,11 +892,7 @@ def load_peft_adapter(
         extra[path] = converted
         parts = key.split(".")
         owner = next(
-            (
-                ".".join(parts[:i])
-                for i in range(1, len(parts))
-                if any(".".join(parts[:i]) == e or ".".join(parts[:i]).endswith("." + e) for e in mts_names)
-            ),
+            (".".join(parts[:i]) for i in range(1, len(parts)) if _peft_saves(".".join(parts[:i]), mts_names)),
             None,
         )
         if owner is not None:
