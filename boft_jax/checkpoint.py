@@ -365,12 +365,17 @@ def load_adapter(path: str | os.PathLike) -> tuple[dict, BOFTConfig, dict]:
 
 
 def _check_config_fits(path: Path, adapter, config: BOFTConfig) -> None:
-    """The stored config must describe the stored blocks (factor count, block size / count) and
-    select every stored layer (targets / exclude)."""
+    """The stored config must describe the stored blocks (factor count, block size / count), select
+    every stored layer (targets / exclude), and train every other stored leaf (a ``bias`` by
+    ``config.bias``, anything else by ``modules_to_save``): what ``boft.split(params, config)`` keeps,
+    so that a resumed run or a re-save does not drop trained leaves."""
     problems = []
+    untrained = []
 
     def walk(tree, where):
         if isinstance(tree, Mapping):
+            if where and config.saves_module(where):
+                return  # the whole module trains
             if set(tree) == {"skew", "scale"}:
                 shape = np.shape(tree["skew"])
                 m, k, b = shape[-3], shape[-2], block_size_from_num_params(shape[-1])
@@ -385,9 +390,13 @@ def _check_config_fits(path: Path, adapter, config: BOFTConfig) -> None:
                     problems.append(f"{layer_label(layer)} is not selected by its targets {config.targets}"
                                     f" (exclude {config.exclude})")
                 return
+            adapted = isinstance(tree.get("kernel"), Mapping) and set(tree["kernel"]) == {"skew", "scale"}
             for key, v in tree.items():
-                walk(v, f"{where}/{key}" if where else str(key))
-
+                here = f"{where}/{key}" if where else str(key)
+                if isinstance(v, Mapping):
+                    walk(v, here)
+                elif not (key == "bias" and (config.bias == "all" or (config.bias == "boft_only" and adapted))):
+                    untrained.append(here)
     walk(adapter, "")
     if problems:
         raise ValueError(
@@ -395,6 +404,14 @@ def _check_config_fits(path: Path, adapter, config: BOFTConfig) -> None:
             f" block_num={config.block_num}"
             + (f", block_size_overrides={list(config.block_size_overrides)}" if config.block_size_overrides else "")
             + f") does not describe its arrays: {'; '.join(problems[:4])}"
+        )
+    if untrained:
+        raise ValueError(
+            f"{path}: the adapter holds {len(untrained)} leaf/leaves its config does not train, e.g."
+            f" {untrained[:4]} (config bias={config.bias!r}, modules_to_save={list(config.modules_to_save)});"
+            " boft.split(params, config) would drop them, so a resumed run or a re-save would lose them."
+            " Use the config the adapter was trained with: bias='boft_only' trains the biases of adapted"
+            " layers, bias='all' every bias, modules_to_save (regexes on module paths) whole modules."
         )
 
 

@@ -413,14 +413,14 @@ def _intercept(state: _CallState, next_fun, args, kwargs, context):
         # trained in full as (part of) a saved module: BOFT params there would be dropped by split()
         state.saved_and_targeted.append(path)
         return next_fun(*args, **kwargs)
-    inputs = args[0] if args else kwargs["inputs"]
+    inputs = jnp.asarray(args[0] if args else kwargs["inputs"])  # nn.Dense also takes lists / numpy arrays
     if isinstance(module, nn.DenseGeneral) and _canon(module.batch_dims):
         state.unfit.append(
             f"{layer_label(path)}: DenseGeneral with batch_dims={module.batch_dims} (one kernel per batch entry) is"
             " not supported by BOFT; exclude it with BOFTConfig.exclude"
         )
         return next_fun(*args, **kwargs)
-    geo = _geometry(module, jnp.asarray(inputs), path)
+    geo = _geometry(module, inputs, path)
     err = state.config.fit_error(path, geo.d_in)
     if err is not None:
         state.unfit.append(err)
@@ -510,7 +510,9 @@ class BOFTModule(nn.Module):
         if self.is_initializing() and not state.adapted:
             raise ValueError(
                 f"BOFT targets {self.config.targets} (exclude {self.config.exclude}) match none of the"
-                f" model's Dense/DenseGeneral layers: {paths_label(list(dict.fromkeys(state.seen))) if state.seen else 'none were called'}"
+                f" model's Dense/DenseGeneral layers: {paths_label(list(dict.fromkeys(state.seen))) if state.seen else 'none were called'}."
+                " A pattern is a regex that must match a whole '/'-joined module path or a trailing run of its"
+                " components (e.g. 'query', 'attention/query', 'fc.*' or 'layer_3/.*'), not a part of a name"
             )
         if self.is_initializing() and self.config.exclude:
             met = sorted(set(state.seen) | {p for p, _ in state.overridden})
@@ -844,6 +846,12 @@ def _key_path(key_path) -> str:
 
 def _merge_node(node: BOFTKernel, config: BOFTConfig, inverse: bool = False, path: str = "?") -> jax.Array:
     _check_adapter_fits(path, node.kernel, node.skew, node.scale)
+    if not config.matches(path):
+        raise ValueError(
+            f"{'unmerge' if inverse else 'merge'}: {layer_label(path)} holds an adapter, but the config's targets"
+            f" {config.targets} (exclude {config.exclude}) do not select it, so a model wrapped with this config"
+            " would refuse these params. Pass the BOFTConfig the adapter was made with."
+        )
     if inverse and not isinstance(node.scale, jax.core.Tracer) and not np.all(np.asarray(node.scale) != 0):
         zeros = int(np.sum(np.asarray(node.scale) == 0))
         raise ValueError(

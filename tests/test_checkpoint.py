@@ -2,6 +2,7 @@
 configs that do not describe their arrays.  (Crash safety of the training checkpoints and of a
 replacement interrupted between its renames: tests/test_finetune.py.)"""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -14,7 +15,7 @@ import pytest
 import boft_jax as boft
 from boft_jax import checkpoint as ck
 
-CFG = boft.BOFTConfig(block_size=4, n_factors=2, targets="l")
+CFG = boft.BOFTConfig(block_size=4, n_factors=2, targets="l", bias="boft_only")  # _adapter trains l's bias
 # orbax's reader threads, stopped by a damaged file, report "Event loop is closed" later, during
 # garbage collection; the load itself has raised our ValueError by then
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
@@ -60,6 +61,25 @@ def test_round_trip_is_exact_with_checksums_and_metadata(tmp_path, dtype):
         np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
     stored = json.loads((tmp_path / "a" / "meta" / "metadata").read_text())
     assert set(stored["checksums"]) == {"['l']['bias']", "['l']['kernel']['scale']", "['l']['kernel']['skew']"}
+
+
+def test_leaves_the_config_does_not_train_are_refused(tmp_path):
+    """A bias the config's bias mode does not train, or a module outside modules_to_save, would be
+    dropped by boft.split(params, config) on resume: saving such a pair is an error naming them."""
+    rng = np.random.default_rng()
+    head = {"kernel": jnp.asarray(rng.standard_normal((16, 3)), jnp.float32),
+            "bias": jnp.asarray(rng.standard_normal(3), jnp.float32)}
+    adapter = {**_adapter(), "head": head}
+    for cfg, named in [(dataclasses.replace(CFG, bias="none"), r"\['head/bias', 'head/kernel', 'l/bias'\]"),
+                       (CFG, r"\['head/bias', 'head/kernel'\]"),
+                       (dataclasses.replace(CFG, bias="all", modules_to_save="other"), r"\['head/kernel'\]")]:
+        with pytest.raises(ValueError, match=rf"leaf/leaves its config does not train, e.g. {named}.*bias="):
+            ck.save_adapter(tmp_path / "refused", adapter, cfg)
+        assert not (tmp_path / "refused").exists()
+    ck.save_adapter(tmp_path / "a", adapter, dataclasses.replace(CFG, modules_to_save="head"))
+    got, cfg, _ = ck.load_adapter(tmp_path / "a")
+    np.testing.assert_array_equal(got["head"]["kernel"], head["kernel"])
+    assert cfg.saves_module("head") and cfg.bias == "boft_only"
 
 
 def test_a_damaged_array_file_is_an_error_not_garbage(tmp_path):

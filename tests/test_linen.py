@@ -1126,6 +1126,41 @@ def test_merge_and_unmerge_refuse_a_config_with_another_block_structure():
                 call()
 
 
+def test_merge_and_unmerge_refuse_a_config_that_does_not_select_the_adapted_layers():
+    """merge / unmerge agree with the wrapped model: params holding an adapter on a layer the config
+    does not target are an error naming the layer (they were folded in silently)."""
+    cfg = boft.BOFTConfig(block_size=4, targets="fc.*")
+    x = jax.random.normal(jax.random.key(12), (3, 32))
+    model, frozen, adapter = _setup(MLP(), cfg, x)
+    adapter = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.key(13), a.shape), adapter)
+    params = boft.combine(frozen, adapter)
+    merged = boft.merge(params, cfg)
+    for other in (dataclasses.replace(cfg, targets="fc1"), dataclasses.replace(cfg, exclude="fc2")):
+        with pytest.raises(TypeError):  # the wrapped model refuses the pair ...
+            boft.wrap(MLP(), other).apply({"params": params}, x)
+        for call, name in ((lambda: boft.merge(params, other), "merge"),
+                           (lambda: boft.unmerge(merged, adapter, other), "unmerge")):
+            with pytest.raises(ValueError, match=rf"{name}: layer 'fc2' holds an adapter, but the config's targets"):
+                call()  # ... and so do merge and unmerge
+
+
+def test_list_inputs_work_as_for_the_bare_model():
+    cfg = boft.BOFTConfig(block_size=4, targets="fc.*")
+    rows = np.random.default_rng().standard_normal((2, 32)).tolist()
+    model, frozen, adapter = _setup(MLP(), cfg, jnp.asarray(rows))
+    adapter = jax.tree.map(lambda a: a + 0.05, adapter)
+    params = boft.combine(frozen, adapter)
+    y = model.apply({"params": params}, rows)
+    np.testing.assert_allclose(y, model.apply({"params": params}, jnp.asarray(rows)), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(y, MLP().apply({"params": boft.merge(params, cfg)}, rows), rtol=1e-4, atol=1e-5)
+
+
+def test_targets_matching_nothing_explain_the_matching_rule():
+    with pytest.raises(ValueError, match=r"match none of .*\['fc1', 'fc2', 'head'\].*trailing run of its components"
+                                         r" \(e\.g\. 'query', 'attention/query', 'fc\.\*'"):
+        boft.wrap(MLP(), boft.BOFTConfig(block_size=4, targets="fc")).init(jax.random.key(0), jnp.ones((1, 16)))
+
+
 def test_unclear_setups_get_errors_that_say_what_is_wrong():
     class Layer(nn.Module):
         @nn.compact
