@@ -539,7 +539,7 @@ def generate_multi(
     check_max_new_tokens(max_new_tokens)
     eos = cfg.eos_token_ids if eos_token_id is None else eos_token_id
     eos_ids = jnp.atleast_1d(jnp.asarray(eos, jnp.int32))
-    pad = int(cfg.pad_token_id if pad_token_id is None else pad_token_id)
+    pad = int(cfg.generation_pad_id if pad_token_id is None else pad_token_id)
     start = int(cfg.decoder_start_token_id if decoder_start_token_id is None else decoder_start_token_id)
     if jnp.ndim(input_ids) != 2:
         raise ValueError(f"input_ids must be (batch, length), got shape {jnp.shape(input_ids)}")

@@ -425,7 +425,8 @@ def test_activation_names_match_their_published_formulas():
 def test_mt5_config_never_scales_the_decoder_output():
     """transformers' MT5ForConditionalGeneration never scales, even when a config.json of
     model_type "mt5" (edited or converted) says scale_decoder_outputs = true."""
-    base = dict(vocab_size=40, d_model=8, d_kv=4, d_ff=16, num_layers=1, num_heads=2, feed_forward_proj="gated-gelu")
+    base = dict(vocab_size=40, d_model=8, d_kv=4, d_ff=16, num_layers=1, num_heads=2, feed_forward_proj="gated-gelu",
+                decoder_start_token_id=0)
     for extra in ({}, {"scale_decoder_outputs": True}, {"tie_word_embeddings": True, "scale_decoder_outputs": True}):
         assert t5.T5Config.from_hf_dict({**base, "model_type": "mt5", **extra}).scale_decoder_outputs is False
     assert t5.T5Config.from_hf_dict({**base, "model_type": "t5", "scale_decoder_outputs": True}).scale_decoder_outputs

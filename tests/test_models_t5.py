@@ -254,6 +254,11 @@ def test_encoder_only_checkpoint_is_refused_by_name(tmp_path):
     with pytest.raises(ValueError, match=r"architectures=\['T5EncoderModel'\], an encoder-only checkpoint") as e:
         t5.from_pretrained(tmp_path / "enc")
     assert "T5ForConditionalGeneration, MT5ForConditionalGeneration" in str(e.value)
+    for head in ("T5ForSequenceClassification", "MT5ForQuestionAnswering", "T5ForTokenClassification"):
+        cfg["architectures"] = [head]
+        (tmp_path / "enc" / "config.json").write_text(json.dumps(cfg))
+        with pytest.raises(ValueError, match=rf"architectures=\['{head}'\]: a T5 with a task head"):
+            t5.from_pretrained(tmp_path / "enc")
 
 
 def test_generation_config_eos_ids_are_used_as_transformers_does(tmp_path):
@@ -293,6 +298,47 @@ def test_generation_config_eos_ids_are_used_as_transformers_does(tmp_path):
         t5.from_pretrained(tmp_path / "g")
 
 
+def test_null_eos_and_pad_ids_are_kept_as_transformers_reads_them(tmp_path):
+    """config.json's "eos_token_id": null means no EOS (transformers then generates the full length)
+    and "pad_token_id": null makes generate pad with the EOS id; both were read as the defaults 1 / 0.
+    A config without decoder_start_token_id warns (transformers refuses it)."""
+    import json
+    import shutil
+
+    ref, eos = load("t5_gated").ref, load("t5_gated").module.config.eos_token_id
+    n = int(ref["max_new_tokens"])
+    d = tmp_path / "g"
+    shutil.copytree(FIXTURES / "t5_gated", d)
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "generation_config.json").unlink()
+    (d / "config.json").write_text(json.dumps({**cfg, "eos_token_id": None, "pad_token_id": None}))
+    module, params = t5.from_pretrained(d)
+    assert module.config.eos_token_id is None and module.config.pad_token_id is None
+    assert module.config.to_hf_dict()["eos_token_id"] is None and module.config.to_hf_dict()["pad_token_id"] is None
+    tokens = np.asarray(module.generate(params, ref["input_ids"], ref["attention_mask"], max_new_tokens=n))
+    # reference: greedy argmax of the full teacher-forced forward pass, step by step, never stopping
+    dec = np.zeros((tokens.shape[0], 1), np.int32)
+    for _ in range(n):
+        logits = module.apply({"params": params}, ref["input_ids"], ref["attention_mask"], jnp.asarray(dec))
+        dec = np.concatenate([dec, np.argmax(np.asarray(logits[:, -1]), -1)[:, None].astype(np.int32)], axis=1)
+    np.testing.assert_array_equal(tokens, dec)
+    ended = [r for r in ref["generated"] if eos in list(r)[1:-1]]
+    assert ended and any(set(list(t)[list(t).index(eos) + 1:]) != {0} for t in tokens if eos in list(t)[1:-1])
+    # pad null, eos set: rows that ended are filled with the EOS id (transformers' fallback)
+    (d / "config.json").write_text(json.dumps({**cfg, "pad_token_id": None}))
+    module, params = t5.from_pretrained(d)
+    tokens = np.asarray(module.generate(params, ref["input_ids"], ref["attention_mask"], max_new_tokens=n))
+    for got, want in zip(tokens, ref["generated"]):
+        want = list(want)
+        cut = want.index(eos) + 1 if eos in want[1:] else len(want)
+        np.testing.assert_array_equal(got[:cut], want[:cut])
+        assert set(got[cut:]) <= {eos}
+    (d / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if k != "decoder_start_token_id"}))
+    with pytest.warns(UserWarning, match=r"sets no decoder_start_token_id; boft_jax starts decoding with 0"):
+        module, _ = t5.from_pretrained(d)
+    assert module.config.decoder_start_token_id == 0
+
+
 def test_export_warns_when_transformers_4_would_scale_the_output_otherwise():
     """transformers 4 scales the decoder output exactly when the head is tied; an untied scaled head
     (t5.untie_head on an original T5) or a tied unscaled one loads right only in transformers >= 5."""
@@ -326,7 +372,7 @@ def test_dense_act_fn_and_is_gated_act_in_config_json_override_feed_forward_proj
     own values override them; the MLP follows them (checked against the formula in float64), and
     to_hf_dict writes them so that an export loads the same MLP."""
     d = {"vocab_size": 40, "d_model": 8, "d_kv": 4, "d_ff": 12, "num_layers": 1, "num_heads": 2,
-         "feed_forward_proj": "gated-gelu", **file_keys}
+         "feed_forward_proj": "gated-gelu", "decoder_start_token_id": 0, **file_keys}
     cfg = t5.T5Config.from_hf_dict(d)
     assert cfg.is_gated == gated
     assert t5.T5Config.from_hf_dict(cfg.to_hf_dict()) == cfg
@@ -353,7 +399,7 @@ def test_untied_config_without_lm_head_weights_loads_tied_unscaled_as_transforme
     no lm_head.weight: transformers 5 ties the head to the shared embedding without scaling; so does
     boft_jax, with a warning saying so (transformers 4 would start from a random head)."""
     cfg = t5.T5Config.from_hf_dict({"vocab_size": 40, "d_model": 8, "d_kv": 4, "d_ff": 12, "num_layers": 1,
-                                    "num_heads": 2, "tie_word_embeddings": False})
+                                    "num_heads": 2, "tie_word_embeddings": False, "decoder_start_token_id": 0})
     state = {"shared.weight": np.ones((40, 8), np.float32)}
     with pytest.warns(UserWarning, match="holds no lm_head.weight: the LM head is the shared embedding, without"):
         tied = t5.resolve_tying(cfg, state)

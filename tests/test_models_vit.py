@@ -107,6 +107,39 @@ def test_bfloat16_compute_keeps_params_and_stays_close(loaded, reference):
     np.testing.assert_allclose(np.asarray(out, np.float32), reference["logits"], atol=0.1)
 
 
+def test_layer_norms_stay_accurate_when_hidden_states_share_a_large_offset(loaded, reference):
+    """LayerNorm's variance as transformers computes it, mean((x - mean)^2): with every hidden state
+    shifted by 300, the float32 logits stay within 1e-3 of the float64 ones (E[x^2] - E[x]^2, flax's
+    fast variance, was 1.6e-2 off, found by review against transformers)."""
+    module, params = loaded
+    shift = 300.0 + np.random.default_rng().standard_normal()
+    params = jax.tree_util.tree_map_with_path(
+        lambda kp, v: v + shift if "position_embeddings" in jax.tree_util.keystr(kp) else v, params)
+    x = reference["pixel_values"]
+    y32 = np.asarray(jax.jit(module.apply)({"params": params}, x), np.float64)
+    with jax.enable_x64(True):
+        f64 = jax.tree.map(lambda v: jnp.asarray(v, jnp.float64), params)
+        y64 = np.asarray(jax.jit(module.clone(dtype=jnp.float64).apply)({"params": f64}, jnp.asarray(x, jnp.float64)))
+    assert_matches_reference(y32, y64, tol=1e-3)
+
+
+def test_problem_type_is_kept_for_transformers(tmp_path):
+    """config.json's problem_type decides transformers' loss (e.g. MSE for "regression" rather than
+    the BCE it infers from float labels): read, written back by save_pretrained, validated."""
+    module, params = vit.from_pretrained(FIXTURES / "vit")
+    cfg = dataclasses.replace(module.config, problem_type="regression")
+    from boft_jax.models import save_pretrained
+
+    save_pretrained(tmp_path / "r", vit.ViT(cfg), params)
+    import json
+
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["problem_type"] == "regression"
+    again, _ = vit.from_pretrained(tmp_path / "r")
+    assert again.config == cfg
+    with pytest.raises(ValueError, match=r"problem_type must be one of \[None, 'regression'"):
+        dataclasses.replace(cfg, problem_type="ranking")
+
+
 def test_wrong_image_size_is_an_error(loaded):
     module, params = loaded
     with pytest.raises(ValueError, match=r"expected \(batch, 16, 16, 3\)"):

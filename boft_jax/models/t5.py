@@ -99,8 +99,8 @@ class T5Config:
     is_gated_act: bool | None = None
     tie_word_embeddings: bool = True
     scale_decoder_outputs: bool | None = None
-    pad_token_id: int = 0
-    eos_token_id: int | tuple[int, ...] = 1
+    pad_token_id: int | None = 0  # None: config.json's null (generate then pads with the first EOS id, as transformers)
+    eos_token_id: int | tuple[int, ...] | None = 1  # None: config.json's null, decoding never stops at a token
     decoder_start_token_id: int = 0
     model_type: str = "t5"
 
@@ -149,8 +149,17 @@ class T5Config:
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
+        """The EOS ids as a tuple (empty when ``eos_token_id`` is None)."""
         e = self.eos_token_id
-        return e if isinstance(e, tuple) else (int(e),)
+        return () if e is None else e if isinstance(e, tuple) else (int(e),)
+
+    @property
+    def generation_pad_id(self) -> int:
+        """What generate writes after a row's EOS: ``pad_token_id``, or where that is None the first
+        EOS id (as transformers' generate does), or 0 when there is neither."""
+        if self.pad_token_id is not None:
+            return int(self.pad_token_id)
+        return self.eos_token_ids[0] if self.eos_token_ids else 0
 
     @classmethod
     def from_hf_dict(cls, d: Mapping[str, Any]) -> "T5Config":
@@ -161,7 +170,18 @@ class T5Config:
         weights (see ``from_pretrained``).
         """
         kwargs = {f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d and d[f.name] is not None}
-        kwargs.setdefault("decoder_start_token_id", d.get("pad_token_id", 0) or 0)
+        for key in ("pad_token_id", "eos_token_id"):  # an explicit null is kept: transformers reads it as "none"
+            if key in d and d[key] is None:
+                kwargs[key] = None
+        if "decoder_start_token_id" not in kwargs:
+            start = kwargs.get("pad_token_id", 0) if kwargs.get("pad_token_id", 0) is not None else 0
+            warnings.warn(
+                f"this T5 config.json sets no decoder_start_token_id; boft_jax starts decoding with {start}"
+                " (pad_token_id, T5's convention), while transformers refuses to generate or to shift labels"
+                " without one. Add decoder_start_token_id to config.json to make the choice explicit",
+                UserWarning, stacklevel=2,
+            )
+            kwargs["decoder_start_token_id"] = start
         if kwargs.get("model_type") == "mt5":
             # transformers' MT5 never scales the decoder output, whatever the file says: transformers
             # 5 forces tie_word_embeddings = true in its config, and its model never reads a
@@ -707,7 +727,7 @@ def generate(
     check_max_new_tokens(max_new_tokens)
     cfg = _t5_config(module)
     eos = cfg.eos_token_ids if eos_token_id is None else eos_token_id
-    pad = cfg.pad_token_id if pad_token_id is None else pad_token_id
+    pad = cfg.generation_pad_id if pad_token_id is None else pad_token_id
     start = cfg.decoder_start_token_id if decoder_start_token_id is None else decoder_start_token_id
     variables = {"params": params}
     B = input_ids.shape[0]
@@ -892,6 +912,9 @@ def params_from_hf(
     return hf.stack_layers(params) if scan_layers else params
 
 
+_OTHER_HEADS = ("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering")
+
+
 def from_pretrained(
     path: str | os.PathLike, *, dtype: Dtype = jnp.float32, scan_layers: bool = False
 ) -> tuple[T5, dict[str, Any]]:
@@ -911,6 +934,13 @@ def from_pretrained(
             f"{os.fspath(path)!r}: config.json has architectures={encoder_only}, an encoder-only checkpoint"
             f" (no decoder weights); this loader reads encoder-decoder checkpoints ({', '.join(MODEL_TYPES.values())})."
             " For an encoder alone, wrap your own linen encoder with boft.wrap"
+        )
+    heads = [a for a in cfg_dict.get("architectures") or [] if str(a).endswith(_OTHER_HEADS)]
+    if heads:
+        raise ValueError(
+            f"{os.fspath(path)!r}: config.json has architectures={heads}: a T5 with a task head"
+            " (classification / question answering) that this loader does not build; it reads"
+            f" {', '.join(MODEL_TYPES.values())} (and T5Model) checkpoints"
         )
     cfg_dict = _with_generation_eos(path, cfg_dict)
     state = hf.load_state_dict(path)

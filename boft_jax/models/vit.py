@@ -58,6 +58,9 @@ def _pair(x: Any) -> tuple[int, int]:
     return (int(x[0]), int(x[1])) if isinstance(x, (list, tuple)) else (int(x), int(x))
 
 
+_PROBLEM_TYPES = (None, "regression", "single_label_classification", "multi_label_classification")
+
+
 @dataclasses.dataclass(frozen=True)
 class ViTConfig:
     """The fields of Hugging Face's ``ViTConfig`` that define ``ViTForImageClassification``."""
@@ -76,8 +79,13 @@ class ViTConfig:
     qkv_bias: bool = True
     num_labels: int = 2
     id2label: tuple[str, ...] | None = None  # class names, index = label id
+    # transformers' loss for the head (None: inferred from num_labels and the label dtype); kept so
+    # that save_pretrained writes it back (the logits do not depend on it)
+    problem_type: str | None = None
 
     def __post_init__(self):
+        if self.problem_type not in _PROBLEM_TYPES:
+            raise ValueError(f"ViTConfig.problem_type must be one of {list(_PROBLEM_TYPES)}, got {self.problem_type!r}")
         object.__setattr__(self, "image_size", _pair(self.image_size))
         object.__setattr__(self, "patch_size", _pair(self.patch_size))
         if self.id2label is not None:
@@ -172,7 +180,7 @@ class ViTLayer(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool = True) -> tuple[jax.Array, None]:
         cfg = self.config
-        ln = lambda name: nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=self.dtype, name=name)
+        ln = lambda name: nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=self.dtype, use_fast_variance=False, name=name)
         drop = nn.Dropout(cfg.hidden_dropout_prob)
         h = ViTAttention(cfg, self.dtype, name="attention")(ln("layernorm_before")(x), deterministic)
         x = x + drop(h, deterministic=deterministic)
@@ -260,7 +268,7 @@ class ViT(nn.Module):
             )
         x = ViTEmbeddings(cfg, self.dtype, name="embeddings")(pixel_values, deterministic)
         x = ViTEncoder(cfg, self.dtype, self.scan_layers, name="encoder")(x, deterministic)
-        x = nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=self.dtype, name="layernorm")(x)
+        x = nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=self.dtype, use_fast_variance=False, name="layernorm")(x)
         if cfg.num_labels == 0:
             return x[:, 0]
         return nn.Dense(cfg.num_labels, dtype=self.dtype, name="classifier")(x[:, 0])
