@@ -420,7 +420,16 @@ _OPT_SHAPES_KEY = "_opt_state_shapes"  # the optimizer state's leaves: another o
 _SUMS_KEY = "_checksums"  # sha256 of every adapter and optimizer-state leaf: orbax does not detect damage
 # leaf dtypes: restoring into other dtypes (orbax casts) is named as such, not as damaged files
 _DTYPES_KEY, _OPT_DTYPES_KEY = "_adapter_dtypes", "_opt_state_dtypes"
-_PRIVATE_KEYS = (_SHAPES_KEY, _OPT_SHAPES_KEY, _SUMS_KEY, _DTYPES_KEY, _OPT_DTYPES_KEY)
+# the optimizer state's tree structure with its state classes (adam and adabelief states have the same
+# leaves; adamw's differs from adam's only by leafless entries)
+_OPT_TREE_KEY = "_opt_state_tree"
+_STATE_SUM_KEY = "_state_sha256"  # sha256 of the JSON state itself (without this entry): a damaged value is named
+_PRIVATE_KEYS = (_SHAPES_KEY, _OPT_SHAPES_KEY, _SUMS_KEY, _DTYPES_KEY, _OPT_DTYPES_KEY, _OPT_TREE_KEY, _STATE_SUM_KEY)
+
+
+def _state_sum(state: Mapping[str, Any]) -> str:
+    body = {k: v for k, v in state.items() if k != _STATE_SUM_KEY}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, allow_nan=True).encode()).hexdigest()
 
 
 def _public(state: Mapping[str, Any]) -> dict[str, Any]:
@@ -431,6 +440,11 @@ def _public(state: Mapping[str, Any]) -> dict[str, Any]:
 def _shapes(tree) -> dict[str, list[int]]:
     """``{leaf path: shape}`` of a pytree, JSON-ready (the identity of an adapter's structure)."""
     return {jax.tree_util.keystr(p): list(np.shape(x)) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _tree_repr(tree) -> str:
+    """The pytree structure with its node classes (e.g. ``ScaleByAdamState``), JSON-ready."""
+    return str(jax.tree.structure(tree))
 
 
 def _dtypes(tree) -> dict[str, str]:
@@ -489,17 +503,28 @@ class TrainCheckpointer:
             return False
         if step in self._mngr.all_steps():
             return False
+        private = sorted(k for k in state if k.startswith("_"))
+        if private:
+            raise ValueError(f"TrainCheckpointer.save: state keys starting with '_' are reserved, got {private}")
+        try:  # here, not in the background thread that writes it
+            json.dumps(dict(state), allow_nan=True)
+        except (TypeError, ValueError) as e:
+            raise TypeError(
+                f"TrainCheckpointer.save: the state must be JSON data (str, int, float, bool, None, lists, dicts"
+                f" with str keys; e.g. int(x) for a numpy or JAX scalar): {e}"
+            ) from None
         sums = {"adapter": _leaf_checksums(adapter), "opt_state": _leaf_checksums(opt_state)}
         (adapter_out, _), (opt_out, _) = _without_empty(adapter), _without_empty(opt_state)
+        full = {**state, _SHAPES_KEY: _shapes(adapter), _OPT_SHAPES_KEY: _shapes(opt_state), _SUMS_KEY: sums,
+                _DTYPES_KEY: _dtypes(adapter), _OPT_DTYPES_KEY: _dtypes(opt_state),
+                _OPT_TREE_KEY: _tree_repr(opt_state)}
+        full[_STATE_SUM_KEY] = _state_sum(full)
         self._mngr.save(
             step,
             args=ocp.args.Composite(
                 adapter=ocp.args.StandardSave(adapter_out),
                 opt_state=ocp.args.StandardSave(opt_out),
-                state=ocp.args.JsonSave(
-                    {**state, _SHAPES_KEY: _shapes(adapter), _OPT_SHAPES_KEY: _shapes(opt_state), _SUMS_KEY: sums,
-                     _DTYPES_KEY: _dtypes(adapter), _OPT_DTYPES_KEY: _dtypes(opt_state)}
-                ),
+                state=ocp.args.JsonSave(full),
             ),
             force=True,
         )
@@ -553,8 +578,18 @@ class TrainCheckpointer:
         return step_dir
 
     def _read_state(self, step: int) -> dict[str, Any]:
-        """The step's JSON state as stored (with the private shape and checksum entries)."""
-        return self._mngr.restore(step, args=ocp.args.Composite(state=ocp.args.JsonRestore()))["state"]
+        """The step's JSON state as stored (with the private shape and checksum entries), checked against
+        its own checksum (steps written before it existed have none, and no other private entry either)."""
+        state = self._mngr.restore(step, args=ocp.args.Composite(state=ocp.args.JsonRestore()))["state"]
+        where = f"step {step} in {self.directory}"
+        unknown = sorted(k for k in state if k.startswith("_") and k not in _PRIVATE_KEYS)
+        if unknown:
+            raise _StepError(f"{where}: its JSON state has unknown entries {unknown}: the file is damaged."
+                             f" Remove {self.directory / str(step)} to resume from {self._fallback()}")
+        if _STATE_SUM_KEY in state and state[_STATE_SUM_KEY] != _state_sum(state):
+            raise _StepError(f"{where}: its JSON state does not match the checksum stored with it: the file is"
+                             f" damaged. Remove {self.directory / str(step)} to resume from {self._fallback()}")
+        return state
 
     def _fallback(self) -> str:
         """Where a resume goes once the newest step is removed: "step N" or "the start"."""
@@ -574,7 +609,11 @@ class TrainCheckpointer:
              ". Restore into arrays of the stored dtypes (e.g. the same precision), then cast"),
             (_OPT_DTYPES_KEY, _dtypes(opt_state_like), "optimizer-state leaves of other dtypes (its files are intact)",
              "optimizer-state", ". Restore into arrays of the stored dtypes (e.g. the same precision), then cast"),
+            (_OPT_TREE_KEY, _tree_repr(opt_state_like), "the state of another optimizer (its files are intact)",
+             "optimizer-state", ". Resume with the optimizer (and its options) the checkpoint was written with"),
         ):
+            if key in stored and stored[key] != want and isinstance(want, str):  # the optimizer's tree structure
+                raise _StepError(f"{where} holds {what}: stored state {stored[key]}, expected {want}{advice}")
             if key in stored and stored[key] != want:
                 got = stored[key]
                 diff = sorted(k for k in set(got) | set(want) if got.get(k) != want.get(k))
