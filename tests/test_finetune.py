@@ -446,6 +446,22 @@ def test_existing_run_is_not_overwritten_without_consent(tmp_path, capsys):
         assert finetune.main(["--output", str(own), *SMALL]) == 2
         assert f"already holds a run ({name})" in capsys.readouterr().err
         assert (own / name).read_text() == "my notes"
+    # --resume over a finished run's outputs with no step checkpoint would restart and replace them
+    assert finetune.main(["--output", str(out), *SMALL, "--resume"]) == 2
+    assert "holds a finished run's outputs (adapter) but no step checkpoint" in capsys.readouterr().err
+    assert (out / "adapter" / "keep.txt").read_text() == "x"
+
+
+def test_too_little_or_empty_npz_data_exits_2_with_the_reason(tmp_path, capsys):
+    rng = np.random.default_rng()
+    np.savez(tmp_path / "one.npz", images=rng.random((1, 8, 8, 1)).astype(np.float32), labels=np.array([3]))
+    np.savez(tmp_path / "empty.npz")
+    for name, said in (("one.npz", "too few examples for a train/held-out split: 0 train and 1 held-out"),
+                       ("empty.npz", "an .npz archive with no arrays")):
+        assert finetune.main(["--output", str(tmp_path / "run"), *SMALL, "--data", str(tmp_path / name)]) == 2
+        err = capsys.readouterr().err
+        assert said in err and "Traceback" not in err, err
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_diverging_run_exits_1_and_writes_no_adapter(tmp_path, capsys):
@@ -864,4 +880,6 @@ def test_scan_layers_job_matches_the_unrolled_job(tmp_path, capsys):
         np.testing.assert_allclose(merged_s[k], u, rtol=1e-4, atol=1e-5, err_msg=k)
     capsys.readouterr()
     assert finetune.main(["--output", str(tmp_path / "scanned"), *common, "--resume"]) == 2  # without the flag
-    assert "scan_layers: checkpoint true, now null" in capsys.readouterr().err
+    assert "scan_layers: checkpoint true, now false" in capsys.readouterr().err
+    assert finetune.main(["--output", str(tmp_path / "unrolled"), *common, "--resume", "--scan-layers"]) == 2  # added
+    assert "scan_layers: checkpoint false, now true" in capsys.readouterr().err

@@ -184,6 +184,8 @@ def load_npz(path: str | Path, *, prep: PixelPrep = PixelPrep(), test_fraction: 
     path = Path(path)
     with open(path, "rb") as f:
         magic = f.read(4)
+    if magic == b"PK\x05\x06":  # a zip with nothing in it: np.savez() with no arrays
+        raise ValueError(f"{path}: an .npz archive with no arrays; expected 'images' and 'labels' (or train_/test_ pairs)")
     if magic != b"PK\x03\x04":  # np.load would otherwise try (and refuse) to unpickle it
         raise ValueError(f"{path}: not an .npz archive (np.savez writes one; this file starts with {magic!r})")
     names = ("train_images", "train_labels", "test_images", "test_labels", "images", "labels")

@@ -230,6 +230,13 @@ def run(argv=None) -> dict:
     if args.resume and (out / "checkpoints").exists() and not (out / "checkpoints").is_dir():
         _fail(f"--resume: {out / 'checkpoints'} is a file, not the step-checkpoint directory;"
               " remove it, or pass --overwrite instead of --resume to replace the run")
+    if args.resume:
+        steps_there = (out / "checkpoints").is_dir() and any(p.name.isdigit() for p in (out / "checkpoints").iterdir())
+        finished = [p for p in ("adapter", "merged", "summary.md") if (out / p).exists()]
+        if finished and not steps_there:
+            _fail(f"--resume: --output {out} holds a finished run's outputs ({', '.join(finished)}) but no step"
+                  " checkpoint to continue from, so a resume would start from step 0 and replace them. Pass"
+                  " --overwrite to replace the run, or choose another --output")
     if not ckpt_path.is_dir():
         _fail(f"--checkpoint {ckpt_path}: not a directory (expected a Hugging Face model directory with config.json)")
     try:

@@ -103,6 +103,11 @@ def _identity_diff(stored: dict, current: dict, prefix: str = "") -> list[str]:
         a, b = stored.get(k), current.get(k)
         if k == "data_sizes" and k not in current and isinstance(current.get("data"), dict):
             b = [current["data"].get("train"), current["data"].get("test")]  # recorded so before 2026-12-02
+        if k == "scan_layers" and not prefix:  # recorded only when on (runs before the option have none)
+            a, b = bool(a), bool(b)
+            if a != b:
+                out.append(f"scan_layers: checkpoint {json.dumps(a)}, now {json.dumps(b)}")
+            continue
         if a == b or k not in stored:
             continue  # an entry this run records and the checkpoint's does not (a newer option) is not compared
         if isinstance(a, str) and isinstance(b, dict) and "sha256" in b:

@@ -44,6 +44,10 @@ def load_data(path, module, checkpoint=None) -> data_lib.Dataset:
 def _checked(ds: data_lib.Dataset, cfg) -> data_lib.Dataset:
     """``ds`` after checking its image shapes and labels against the model's config."""
     want = (*cfg.image_size, cfg.num_channels)
+    sizes = {name: len(split.labels) for name, split in (("train", ds.train), ("test", ds.test))}
+    if min(sizes.values()) == 0:
+        raise ValueError(f"too few examples for a train/held-out split: {sizes['train']} train and {sizes['test']}"
+                         " held-out examples (both must be at least 1; a single set is split 80/20)")
     for name, split in (("train", ds.train), ("test", ds.test)):
         got = split.inputs["pixel_values"].shape[1:]
         if tuple(got) != want:
