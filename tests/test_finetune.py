@@ -452,6 +452,25 @@ def test_existing_run_is_not_overwritten_without_consent(tmp_path, capsys):
     assert (out / "adapter" / "keep.txt").read_text() == "x"
 
 
+def test_a_second_job_on_the_same_output_is_refused_while_the_first_runs(tmp_path, capsys):
+    """Two jobs writing one --output would interleave their metrics and share checkpoints: while
+    another process holds the job lock on it, a job exits 2 and writes nothing."""
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen(  # what a running job holds: an exclusive flock on the --output directory
+        [sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDONLY);"
+         " fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(120)", str(out)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert finetune.main(["--output", str(out), *SMALL]) == 2
+        assert "another job is writing to it now" in capsys.readouterr().err
+        assert list(out.iterdir()) == []
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_too_little_or_empty_npz_data_exits_2_with_the_reason(tmp_path, capsys):
     rng = np.random.default_rng()
     np.savez(tmp_path / "one.npz", images=rng.random((1, 8, 8, 1)).astype(np.float32), labels=np.array([3]))

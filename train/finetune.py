@@ -44,6 +44,32 @@ DEFAULT_OUTPUT = {"vit": "runs/vit-digits", "t5": "runs/t5-bytes"}
 RUN_ENTRIES = ("checkpoints", "adapter", "merged", "metrics.jsonl", "summary.md", "curves.png")
 
 
+_LOCK: list[int] = []  # the open --output directory this process holds a lock on
+
+
+def _lock_output(out: Path) -> None:
+    """Hold an exclusive lock on ``out`` (created if needed) for the rest of the process, or exit 2
+    naming the other job: two jobs writing one --output would interleave their metrics and mix their
+    checkpoints.  A later job in the same process (tests, notebooks) releases the previous lock."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        return
+    while _LOCK:
+        os.close(_LOCK.pop())
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd = os.open(out, os.O_RDONLY)
+    except OSError as e:
+        _fail(f"--output {out}: cannot write there ({e.strerror or e})")
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        _fail(f"--output {out}: another job is writing to it now; wait for it to finish, or choose another --output")
+    _LOCK.append(fd)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m train.finetune",
@@ -323,6 +349,14 @@ def run(argv=None) -> dict:
             f"--output {out} already holds a run ({', '.join(previous)}); pass --resume to continue it,"
             " --overwrite to replace it, or choose another --output"
         )
+    if main:
+        _lock_output(out)
+        previous = [p for p in RUN_ENTRIES if (out / p).exists()]  # again: a job that just finished may have written
+        if previous and not (args.resume or args.overwrite):
+            _fail(
+                f"--output {out} already holds a run ({', '.join(previous)}); pass --resume to continue it,"
+                " --overwrite to replace it, or choose another --output"
+            )
     if args.overwrite and not args.resume and main:
         import shutil
 

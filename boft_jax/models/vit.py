@@ -133,6 +133,8 @@ class ViTConfig:
             initializer_range=0.02,
         )
         d.pop("num_labels")  # transformers derives it from id2label
+        if d["problem_type"] is None:
+            del d["problem_type"]  # transformers' default: inferred from the labels
         return d
 
 
