@@ -471,6 +471,26 @@ def test_a_second_job_on_the_same_output_is_refused_while_the_first_runs(tmp_pat
         holder.wait()
 
 
+def test_merged_model_keeps_the_checkpoints_preprocessing(tmp_path):
+    """merged/ is a model directory to use in place of the base: the base's preprocessor_config.json
+    (how uint8 images become inputs) comes along; without it the same data would be read differently."""
+    import shutil
+
+    from train import data as data_lib
+    from train.make_base import VIT_BASE
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(VIT_BASE, ckpt)
+    rng = np.random.default_rng()
+    (ckpt / "preprocessor_config.json").write_text(json.dumps(
+        {"do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+         "image_mean": rng.uniform(0.2, 0.8, 1).tolist(), "image_std": rng.uniform(0.2, 0.8, 1).tolist()}))
+    out = tmp_path / "run"
+    assert finetune.main(["--output", str(out), *SMALL, *FEW, "--checkpoint", str(ckpt)]) == 0
+    assert (out / "merged" / "preprocessor_config.json").read_bytes() == (ckpt / "preprocessor_config.json").read_bytes()
+    assert data_lib.pixel_prep(out / "merged", 1) == data_lib.pixel_prep(ckpt, 1)
+
+
 def test_too_little_or_empty_npz_data_exits_2_with_the_reason(tmp_path, capsys):
     rng = np.random.default_rng()
     np.savez(tmp_path / "one.npz", images=rng.random((1, 8, 8, 1)).astype(np.float32), labels=np.array([3]))

@@ -9,7 +9,8 @@ BOFT on the attention projections, on CPU in about a minute, and writes to ``run
   curves.png             training loss / accuracy and held-out accuracy
   summary.md             the summary table printed at the end
   adapter/               the trained adapter (orbax) with its BOFTConfig
-  merged/                the merged model as a Hugging Face directory (plain transformers loads it)
+  merged/                the merged model as a Hugging Face directory (plain transformers loads it; the
+                         base's preprocessor / tokenizer / generation config files are copied along)
   checkpoints/           step checkpoints (adapter, optimizer state, step, data position)
 
 Examples::
@@ -44,6 +45,9 @@ DEFAULT_OUTPUT = {"vit": "runs/vit-digits", "t5": "runs/t5-bytes"}
 RUN_ENTRIES = ("checkpoints", "adapter", "merged", "metrics.jsonl", "summary.md", "curves.png")
 
 
+# files of a Hugging Face model directory besides its config and weights, copied into merged/
+_SIDE_FILES = ("preprocessor_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+               "spiece.model", "added_tokens.json", "generation_config.json")
 _LOCK: list[int] = []  # the open --output directory this process holds a lock on
 
 
@@ -454,6 +458,11 @@ def run(argv=None) -> dict:
     merged = sh.gather_to_host(boft.merge(final_params, config))
     if main:
         save_pretrained(out / "merged", module, merged)
+        import shutil
+
+        for name in _SIDE_FILES:  # how inputs are prepared and decoded: the merged model needs them as the base did
+            if (ckpt_path / name).is_file() and not (out / "merged" / name).exists():
+                shutil.copyfile(ckpt_path / name, out / "merged" / name)
         loop.plot_curves(out / "metrics.jsonl", out / "curves.png", f"BOFT(m={config.n_factors}) finetuning: {data.description}",
                          metric=task.metric, train_metric=task.train_metric)
     wall = time.time() - t_start
