@@ -120,6 +120,6 @@ def test_runs_recorded_by_path_before_content_hashes_still_resume():
     other_sizes = {**now, "data": {**now["data"], "train": 600}}
     assert loop._identity_diff(stored, other_sizes) == ["data_sizes: checkpoint [672, 224], now [600, 224]"]
     # an entry the checkpoint records and this run does not (an option on then, off now) is a difference
-    assert loop._identity_diff({**stored, "scan_layers": True}, now) == ["scan_layers: checkpoint true, now null"]
+    assert loop._identity_diff({**stored, "scan_layers": True}, now) == ["scan_layers: checkpoint true, now false"]
     # content hashes on both sides are compared
     assert loop._identity_diff({**now, "data": {**now["data"], "sha256": "ef" * 32}}, now)[0].startswith("data.sha256:")
