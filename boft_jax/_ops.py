@@ -265,12 +265,21 @@ def _scaled_dot_fwd(a, kernel, scale, precision):
     return y, (a, kernel, scale, z)
 
 
+def _frozen_layer_grads(dy, x, kernel, z, scale, precision) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The backward pass of ``y = (x K) * s`` with ``z = x K``: ``(u, gw, ds)`` with ``u = (dy s) K^T``
+    (the input's cotangent), ``gw = x^T (dy s)`` (the kernel's; XLA drops it for a frozen kernel) and
+    ``ds = sum_t dy z``.  :func:`scaled_dot` returns them as they are; :func:`boft_dense` carries
+    ``u`` and ``gw`` through ``M``."""
+    dz = _times(dy, scale)
+    u = jax.lax.dot_general(dz, kernel.astype(dz.dtype), (((1,), (1,)), ((), ())), precision=precision)
+    gw = jax.lax.dot_general(x, dz.astype(x.dtype), (((0,), (0,)), ((), ())), precision=precision)
+    return u, gw, _scale_grad(dy, z, scale)
+
+
 def _scaled_dot_bwd(precision, res, g):
     a, kernel, scale, z = res
-    dz = _times(g, scale).astype(z.dtype)
-    da = jax.lax.dot_general(dz, kernel.astype(dz.dtype), (((1,), (1,)), ((), ())), precision=precision)
-    dk = jax.lax.dot_general(a.astype(dz.dtype), dz, (((0,), (0,)), ((), ())), precision=precision)
-    return da.astype(a.dtype), dk.astype(kernel.dtype), _scale_grad(g, z, scale)
+    da, dk, ds = _frozen_layer_grads(g, a, kernel, z, scale, precision)
+    return da.astype(a.dtype), dk.astype(kernel.dtype), ds
 
 
 scaled_dot.defvjp(_scaled_dot_fwd, _scaled_dot_bwd)
@@ -284,10 +293,7 @@ def _boft_dense_fwd(x, kernel, R, scale, precision):
 
 def _boft_dense_bwd(precision, res, dy):
     x, kernel, B, scale, z = res
-    dz = _times(dy, scale)
-    ds = _scale_grad(dy, z, scale)
-    u = jax.lax.dot_general(dz, kernel.astype(dz.dtype), (((1,), (1,)), ((), ())), precision=precision)
-    gw = jax.lax.dot_general(x, dz.astype(x.dtype), (((0,), (0,)), ((), ())), precision=precision)
+    u, gw, ds = _frozen_layer_grads(dy, x, kernel, z, scale, precision)
     if B.ndim == 4:  # factor form: the structured autodiff of rotate / rotate_kernel
         dtype = jnp.result_type(x.dtype, B.dtype)
         _, pull = jax.vjp(lambda x, B: rotate(x, B, precision=precision), x.astype(dtype), B)

@@ -395,7 +395,7 @@ def _check_config_fits(path: Path, adapter, config: BOFTConfig) -> None:
                 here = f"{where}/{key}" if where else str(key)
                 if isinstance(v, Mapping):
                     walk(v, here)
-                elif not (key == "bias" and (config.bias == "all" or (config.bias == "boft_only" and adapted))):
+                elif not (key == "bias" and config.trains_bias(adapted)):
                     untrained.append(here)
     walk(adapter, "")
     if problems:
@@ -609,11 +609,7 @@ class TrainCheckpointer:
              ". Restore into arrays of the stored dtypes (e.g. the same precision), then cast"),
             (_OPT_DTYPES_KEY, _dtypes(opt_state_like), "optimizer-state leaves of other dtypes (its files are intact)",
              "optimizer-state", ". Restore into arrays of the stored dtypes (e.g. the same precision), then cast"),
-            (_OPT_TREE_KEY, _tree_repr(opt_state_like), "the state of another optimizer (its files are intact)",
-             "optimizer-state", ". Resume with the optimizer (and its options) the checkpoint was written with"),
         ):
-            if key in stored and stored[key] != want and isinstance(want, str):  # the optimizer's tree structure
-                raise _StepError(f"{where} holds {what}: stored state {stored[key]}, expected {want}{advice}")
             if key in stored and stored[key] != want:
                 got = stored[key]
                 diff = sorted(k for k in set(got) | set(want) if got.get(k) != want.get(k))
@@ -623,6 +619,11 @@ class TrainCheckpointer:
                     + "; ".join(f"{k}: stored {got.get(k, 'absent')}, expected {want.get(k, 'absent')}" for k in diff[:3])
                     + advice
                 )
+        tree = _tree_repr(opt_state_like)  # same leaves, other state classes (adam / adabelief, adam / adamw)
+        if _OPT_TREE_KEY in stored and stored[_OPT_TREE_KEY] != tree:
+            raise _StepError(f"{where} holds the state of another optimizer (its files are intact): stored"
+                             f" {stored[_OPT_TREE_KEY]}, expected {tree}. Resume with the optimizer (and its"
+                             " options) the checkpoint was written with")
         abstract = lambda t: jax.tree.map(ocp.utils.to_shape_dtype_struct, t)  # noqa: E731
         # zero-size leaves were stored as one-element placeholders (_without_empty); the like trees say where
         one = lambda dtype: jnp.zeros((1,), dtype)  # noqa: E731

@@ -224,6 +224,11 @@ class BOFTConfig:
         targeted = self.targeted(paths)
         return [e for e in self.exclude if not any(_path_matches(e, p) for p in targeted)]
 
+    def trains_bias(self, adapted: bool) -> bool:
+        """Whether a layer's ``bias`` trains: every bias for ``bias="all"``, those of adapted layers for
+        ``"boft_only"``, none for ``"none"`` (:func:`boft_jax.split` and the checkpoint checks)."""
+        return self.bias == "all" or (self.bias == "boft_only" and adapted)
+
     def saves_module(self, path: str) -> bool:
         """Whether the module at ``path`` is in ``modules_to_save`` (all its params train)."""
         return any(_path_matches(p, path) for p in self.modules_to_save)

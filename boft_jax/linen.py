@@ -254,6 +254,11 @@ def _adapted_dense_jit(x2, k2, skew, scale, drop_key, method, neumann_terms, p_d
     return _ops.scaled_dot(rotated, k2, scale, precision)
 
 
+# how BOFTConfig's targets / exclude patterns select layers, for the errors that depend on it
+_PATTERN_RULE = ("A pattern is a regex that must match a whole '/'-joined module path or a trailing run of its"
+                 " components (e.g. 'query', 'attention/query', 'fc.*' or 'layer_3/.*'), not a part of a name")
+
+
 def _check_structure(path: str, skew_shape: tuple[int, ...], struct) -> None:
     """The block structure of an adapter's skew ``(..., m, k, b(b-1)/2)`` (leading stacked axes
     allowed) is the one the config gives the layer (``struct``, a :class:`LayerStructure`)."""
@@ -511,8 +516,7 @@ class BOFTModule(nn.Module):
             raise ValueError(
                 f"BOFT targets {self.config.targets} (exclude {self.config.exclude}) match none of the"
                 f" model's Dense/DenseGeneral layers: {paths_label(list(dict.fromkeys(state.seen))) if state.seen else 'none were called'}."
-                " A pattern is a regex that must match a whole '/'-joined module path or a trailing run of its"
-                " components (e.g. 'query', 'attention/query', 'fc.*' or 'layer_3/.*'), not a part of a name"
+                f" {_PATTERN_RULE}"
             )
         if self.is_initializing() and self.config.exclude:
             met = sorted(set(state.seen) | {p for p, _ in state.overridden})
@@ -521,9 +525,7 @@ class BOFTModule(nn.Module):
                 targeted = self.config.targeted(met)
                 raise ValueError(
                     f"BOFT exclude pattern(s) {idle} remove none of the layers the targets {self.config.targets}"
-                    " select, so they would change nothing: a pattern matches a whole '/'-joined module path or"
-                    " a trailing run of its components (e.g. 'layer_3/attention/query' or 'layer_3/.*'); the"
-                    f" targeted layers are {paths_label(targeted[:12])}{' ...' if len(targeted) > 12 else ''}"
+                    f" select, so they would change nothing. {_PATTERN_RULE}; the targeted layers are {paths_label(targeted[:12])}{' ...' if len(targeted) > 12 else ''}"
                 )
         return out
 
@@ -713,7 +715,6 @@ def split(params: Mapping, config: BOFTConfig | None = None) -> tuple[dict, dict
     if config is not None and not isinstance(config, BOFTConfig):
         raise TypeError(f"split's config must be a BOFTConfig or None, got {type(config).__name__}")
     _no_boxes(params, "split", "params")
-    bias_mode = config.bias if config is not None else "none"
 
     def frozen_of(tree):
         return {k: v.kernel if _is_node(v) else frozen_of(v) if isinstance(v, Mapping) else v for k, v in tree.items()}
@@ -730,7 +731,7 @@ def split(params: Mapping, config: BOFTConfig | None = None) -> tuple[dict, dict
                 sub = adapter_of(v, path + (k,))
                 if sub:
                     out[k] = sub
-            elif k == "bias" and (bias_mode == "all" or (bias_mode == "boft_only" and adapted)):
+            elif k == "bias" and config is not None and config.trains_bias(adapted):
                 out[k] = v
         return out
 

@@ -32,6 +32,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -49,6 +50,16 @@ RUN_ENTRIES = ("checkpoints", "adapter", "merged", "metrics.jsonl", "summary.md"
 _SIDE_FILES = ("preprocessor_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                "spiece.model", "added_tokens.json", "generation_config.json")
 _LOCK: list[int] = []  # the open --output directory this process holds a lock on
+
+
+def _refuse_a_previous_run(out: Path) -> None:
+    """Exit 2 when ``out`` holds a run's outputs (the caller has neither --resume nor --overwrite)."""
+    previous = [p for p in RUN_ENTRIES if (out / p).exists()]
+    if previous:
+        _fail(
+            f"--output {out} already holds a run ({', '.join(previous)}); pass --resume to continue it,"
+            " --overwrite to replace it, or choose another --output"
+        )
 
 
 def _lock_output(out: Path) -> None:
@@ -347,23 +358,13 @@ def run(argv=None) -> dict:
         loop.resolve_warmup(steps, args.warmup)
     except ValueError as e:
         _fail(f"--warmup {args.warmup}: {e}")
-    previous = [p for p in RUN_ENTRIES if (out / p).exists()]
-    if previous and not (args.resume or args.overwrite):
-        _fail(
-            f"--output {out} already holds a run ({', '.join(previous)}); pass --resume to continue it,"
-            " --overwrite to replace it, or choose another --output"
-        )
+    if not (args.resume or args.overwrite):
+        _refuse_a_previous_run(out)
     if main:
         _lock_output(out)
-        previous = [p for p in RUN_ENTRIES if (out / p).exists()]  # again: a job that just finished may have written
-        if previous and not (args.resume or args.overwrite):
-            _fail(
-                f"--output {out} already holds a run ({', '.join(previous)}); pass --resume to continue it,"
-                " --overwrite to replace it, or choose another --output"
-            )
+        if not (args.resume or args.overwrite):
+            _refuse_a_previous_run(out)  # again, under the lock: a job that just finished may have written
     if args.overwrite and not args.resume and main:
-        import shutil
-
         for q in written:  # the previous run's outputs, its summary and curves too
             if q.is_dir() and not q.is_symlink():
                 shutil.rmtree(q)
@@ -405,9 +406,9 @@ def run(argv=None) -> dict:
             "checkpoint": {"sha256": data_lib.fingerprint_files(ckpt_path)},
             "data": {"sha256": data_lib.fingerprint(data), "train": len(data.train), "test": len(data.test)},
             "precision": args.precision,
-            # the adapter's tree (stacked or per layer) differs; only recorded when on, so runs
-            # started before the option existed still resume
-            **({"scan_layers": True} if args.scan_layers else {}),
+            # the adapter's tree (stacked or per layer) differs; runs started before the option existed
+            # have no entry, read as false (loop.ABSENT_MEANS)
+            "scan_layers": bool(args.scan_layers),
             # the adapter's definition; "mode" only changes how it is computed, not the result
             "boft": {k: v for k, v in config_to_dict(config).items() if k != "mode"},
         },
@@ -458,8 +459,6 @@ def run(argv=None) -> dict:
     merged = sh.gather_to_host(boft.merge(final_params, config))
     if main:
         save_pretrained(out / "merged", module, merged)
-        import shutil
-
         for name in _SIDE_FILES:  # how inputs are prepared and decoded: the merged model needs them as the base did
             if (ckpt_path / name).is_file() and not (out / "merged" / name).exists():
                 shutil.copyfile(ckpt_path / name, out / "merged" / name)

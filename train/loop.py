@@ -94,20 +94,21 @@ class ResumeMismatch(ValueError):
     """``--resume`` found a checkpoint of another run (options, adapter shapes) or a damaged one."""
 
 
+# run-identity entries that runs from before the option existed do not hold, and the value that meant
+ABSENT_MEANS = {"scan_layers": False}
+
+
 def _identity_diff(stored: dict, current: dict, prefix: str = "") -> list[str]:
     """Every entry where the checkpoint's run differs from this one, nested dicts (the BOFT config)
     by field: ``["boft.dropout: checkpoint 0.0, now 0.1", "learning_rate: ..."]``."""
     current = json.loads(json.dumps(current))  # compare as the JSON state stores them
+    if not prefix:  # options older runs did not record: the value they had then
+        stored, current = {**ABSENT_MEANS, **stored}, {**ABSENT_MEANS, **current}
     out = []
     for k in sorted(set(stored) | set(current), key=str):
         a, b = stored.get(k), current.get(k)
         if k == "data_sizes" and k not in current and isinstance(current.get("data"), dict):
             b = [current["data"].get("train"), current["data"].get("test")]  # recorded so before 2026-12-02
-        if k == "scan_layers" and not prefix:  # recorded only when on (runs before the option have none)
-            a, b = bool(a), bool(b)
-            if a != b:
-                out.append(f"scan_layers: checkpoint {json.dumps(a)}, now {json.dumps(b)}")
-            continue
         if a == b or k not in stored:
             continue  # an entry this run records and the checkpoint's does not (a newer option) is not compared
         if isinstance(a, str) and isinstance(b, dict) and "sha256" in b:

@@ -174,7 +174,8 @@ class T5Config:
             if key in d and d[key] is None:
                 kwargs[key] = None
         if "decoder_start_token_id" not in kwargs:
-            start = kwargs.get("pad_token_id", 0) if kwargs.get("pad_token_id", 0) is not None else 0
+            pad = kwargs.get("pad_token_id", 0)
+            start = 0 if pad is None else pad
             warnings.warn(
                 f"this T5 config.json sets no decoder_start_token_id; boft_jax starts decoding with {start}"
                 " (pad_token_id, T5's convention), while transformers refuses to generate or to shift labels"
