@@ -104,20 +104,40 @@ def test_sigterm_and_ctrl_c_end_with_a_resume_hint_not_a_traceback(monkeypatch, 
         os.kill(os.getpid(), signal.SIGTERM)
         raise AssertionError("the second SIGTERM was not turned into an exception")
 
+    def killed_twice_while_writing(argv):  # ... but not inside a checkpoint write: right after it
+        with loop._checkpoint_write():
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert loop.NOW.is_set()
+        raise AssertionError("the second SIGTERM was not raised after the checkpoint write")
+
     before = signal.getsignal(signal.SIGTERM)
-    for run in (killed, killed_twice):
+    for run in (killed, killed_twice, killed_twice_while_writing):
         monkeypatch.setattr(finetune, "run", run)
         assert finetune.main([]) == 143
-        assert "terminated (SIGTERM)" in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert "terminated (SIGTERM)" in err
+        assert ("as soon as the checkpoint being written is complete" in err) == (run is killed_twice_while_writing)
         assert signal.getsignal(signal.SIGTERM) == before  # the handler is removed again
-        assert not loop.STOP.is_set()
+        assert not loop.STOP.is_set() and not loop.NOW.is_set() and not loop.writing_checkpoint()
 
     def interrupted(argv):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(finetune, "run", interrupted)
-    assert finetune.main([]) == 130
-    assert "interrupted: step checkpoints saved so far are complete; rerun the same command with --resume" in capsys.readouterr().err
+    def ctrl_c_while_writing(argv):  # Ctrl-C inside a checkpoint write is raised right after it
+        with loop._checkpoint_write():
+            os.kill(os.getpid(), signal.SIGINT)
+            assert loop.NOW.is_set()
+        raise AssertionError("Ctrl-C was not raised after the checkpoint write")
+
+    before_int = signal.getsignal(signal.SIGINT)
+    for run in (interrupted, ctrl_c_while_writing):
+        monkeypatch.setattr(finetune, "run", run)
+        assert finetune.main([]) == 130
+        err = capsys.readouterr().err
+        assert "interrupted: step checkpoints saved so far are complete; rerun the same command with --resume" in err
+        assert ("Ctrl-C: stopping as soon as the checkpoint" in err) == (run is ctrl_c_while_writing)
+        assert signal.getsignal(signal.SIGINT) == before_int and not loop.NOW.is_set()
 
 
 @pytest.mark.slow
@@ -147,6 +167,36 @@ def test_sigterm_during_training_stops_after_the_step_and_resumes(tmp_path, monk
     monkeypatch.setattr(loop, "batch_indices", real)
     assert finetune.main([*args, "--resume"]) == 0
     assert (tmp_path / "run" / "adapter").is_dir()
+
+
+@pytest.mark.slow
+def test_a_second_sigterm_during_a_checkpoint_save_waits_for_it(tmp_path, monkeypatch, capsys, caplog):
+    """Two SIGTERMs while step 2's checkpoint is being written: the write completes (no
+    half-written step directory, no logged failure of orbax's background threads), then exit 143;
+    --resume continues from step 2."""
+    import signal
+
+    from boft_jax.checkpoint import TrainCheckpointer
+    from train import loop
+
+    real_save = TrainCheckpointer.save
+
+    def save(self, step, *a, **k):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_save(self, step, *a, **k)
+
+    monkeypatch.setattr(TrainCheckpointer, "save", save)
+    args = ["--output", str(tmp_path / "run"), *SMALL, *FEW, "--steps", "4", "--save-every", "1"]
+    assert finetune.main(args) == 143
+    err = capsys.readouterr().err
+    assert "stopping as soon as the checkpoint being written is complete" in err and "Traceback" not in err, err
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["1", "2"]
+    monkeypatch.setattr(TrainCheckpointer, "save", real_save)
+    assert finetune.main([*args, "--resume"]) == 0
+    assert "resumed from step 2" in capsys.readouterr().out
 
 
 def test_unreadable_checkpoint_or_data_file_exits_2_with_a_clear_message(tmp_path, capsys):
@@ -513,7 +563,8 @@ def test_a_diverging_run_exits_1_and_writes_no_adapter(tmp_path, capsys):
     assert err.startswith("error: training diverged at step 2: loss nan") and "step 1, in" in err, err
     assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "metrics.jsonl"]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1] and np.isfinite(rows[0]["loss"])
+    assert [r["step"] for r in rows] == [0, 1] and np.isfinite(rows[1]["loss"])
+    assert rows[0]["before"] and rows[0]["eval_accuracy"] >= 0  # the evaluation before training
 
 
 def test_resume_knows_the_data_and_the_base_by_content_not_by_path(tmp_path, capsys, monkeypatch):
@@ -654,7 +705,13 @@ def test_default_vit_job_end_to_end(tmp_path):
     for f in ("metrics.jsonl", "curves.png", "summary.md", "adapter", "merged/config.json", "merged/model.safetensors"):
         assert (out / f).exists(), f
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
-    assert any("eval_accuracy" in r for r in rows) and rows[0]["loss"] > rows[-2]["loss"]
+    train_rows = [r for r in rows if "loss" in r]
+    assert train_rows[0]["loss"] > train_rows[-1]["loss"]
+    # held-out accuracy before training (step 0), during (every --eval-every steps) and after (final)
+    evals = [r for r in rows if "eval_accuracy" in r]
+    assert evals[0]["step"] == 0 and evals[0]["before"] and evals[-1]["final"] and len(evals) >= 3
+    # (the summary table that job_summary reads rounds to 3 decimals)
+    assert abs(evals[0]["eval_accuracy"] - res["acc_before"]) <= 5e-4 and abs(evals[-1]["eval_accuracy"] - res["acc_after"]) <= 5e-4
     # the saved adapter reproduces the run; the merged HF directory equals the wrapped model
     adapter, config, meta = load_adapter(out / "adapter")
     module, base = from_pretrained(meta["base_checkpoint"])

@@ -6,6 +6,7 @@ evaluation; :func:`fit` does the rest.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
@@ -136,10 +137,50 @@ def _finite_json(row: dict) -> dict:
 
 class Terminated(KeyboardInterrupt):
     """A stop request (SIGTERM): raised by :func:`fit` between two steps, after the step's
-    checkpoint, or by ``train.finetune``'s handler at once on a second SIGTERM."""
+    checkpoint, or by ``train.finetune``'s handler at once on a second SIGTERM (once the
+    checkpoint being written, if any, is complete: see :func:`stop_now`)."""
 
 
 STOP = threading.Event()  # set by a signal handler (train.finetune); checked after every step
+NOW = threading.Event()  # a "stop now" that came while a checkpoint was being written
+_now_raises: type[KeyboardInterrupt] = KeyboardInterrupt  # what NOW raises: Terminated, or Ctrl-C's
+_writing = 0  # depth of the checkpoint calls (save / wait / close) running on this thread
+
+
+@contextlib.contextmanager
+def _checkpoint_write():
+    """Marks orbax calls that an exception raised by a signal handler must not cut short.
+
+    Raising inside orbax's save or wait leaves a half-written ``.orbax-checkpoint-tmp`` step
+    directory and logs its background threads' failures; so :func:`stop_now` only records the
+    request while such a call runs, and it is raised here, when the call has returned.
+    """
+    global _writing
+    _writing += 1
+    try:
+        yield
+    finally:
+        _writing -= 1
+    if not _writing and NOW.is_set():
+        raise _now_raises()
+
+
+def writing_checkpoint() -> bool:
+    """Whether a checkpoint call (save / wait / close) is running: a :func:`stop_now` then waits for it."""
+    return _writing > 0
+
+
+def stop_now(exc: type[KeyboardInterrupt] = Terminated) -> None:
+    """Stop at once (a second SIGTERM, or Ctrl-C with ``KeyboardInterrupt``): raises ``exc``, or,
+    while a checkpoint is being written, marks the request so that ``exc`` is raised as soon as
+    that write is complete."""
+    global _now_raises
+    if _writing:
+        if not NOW.is_set():
+            _now_raises = exc
+        NOW.set()
+        return
+    raise exc()
 
 
 def request_stop() -> None:
@@ -245,12 +286,16 @@ def _compare_with_checkpoint(ckpt: TrainCheckpointer, opts: TrainOptions, out_di
     return start
 
 
-def fit(task: Task, opts: TrainOptions, out_dir: Path, *, resume: bool = False) -> dict[str, Any]:
+def fit(task: Task, opts: TrainOptions, out_dir: Path, *, resume: bool = False,
+        eval_before: float | None = None) -> dict[str, Any]:
     """Train ``task.adapter`` for ``opts.steps`` steps; returns the final state and metrics.
 
     Writes ``metrics.jsonl`` (one line per logged step / eval) and step checkpoints under
     ``out_dir/checkpoints`` (adapter, optimizer state, step, data position).  With ``resume`` the
     newest complete checkpoint is restored and training continues exactly where it stopped.
+    ``eval_before`` (the held-out metric of the untrained adapter, if the caller measured it) is
+    logged as the step-0 row ``{"step": 0, "eval_accuracy": ..., "before": true}`` of a run that
+    starts at step 0 (a resumed run keeps the row its first part wrote).
 
     Mixed precision: adapter leaves narrower than float32 (the biases and saved modules of a bf16 /
     f16 base) are trained as float32 masters, cast to their own dtypes for every forward pass, so
@@ -324,6 +369,9 @@ def fit(task: Task, opts: TrainOptions, out_dir: Path, *, resume: bool = False) 
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(_finite_json(row)) + "\n")
 
+    if start == 0 and eval_before is not None:
+        log({"step": 0, "eval_accuracy": float(eval_before), "before": True})
+
     def say(line: str) -> None:  # one line on the console, above the progress bar when there is one
         if main:
             (bar.write if bar is not None else print)(line)
@@ -331,7 +379,8 @@ def fit(task: Task, opts: TrainOptions, out_dir: Path, *, resume: bool = False) 
     def check_finite(done: int, m: dict) -> None:
         if bool(m["finite"]):
             return
-        ckpt.wait()  # a save still being written counts (it holds finite values)
+        with _checkpoint_write():
+            ckpt.wait()  # a save still being written counts (it holds finite values)
         newest = ckpt.latest_step()
         kept = (f"the newest step checkpoint (step {newest}, in {out_dir / 'checkpoints'}) holds the adapter"
                 f" before it" if newest is not None else "no step checkpoint was written")
@@ -388,9 +437,10 @@ def fit(task: Task, opts: TrainOptions, out_dir: Path, *, resume: bool = False) 
                 log({"step": done, "eval_accuracy": acc})
                 history.append({"step": done, "eval_accuracy": acc})
                 say(f"step {done}/{opts.steps}: held-out {task.metric} {acc:.3f}")
-            ckpt.save(done, adapter, opt_state, {"step": done, "data_position": done * opts.batch_size,
-                                                 "batch_size": opts.batch_size, "seed": opts.seed, "run": identity},
-                      force=done == opts.steps or stop)  # a stop request saves the step it stops at
+            with _checkpoint_write():
+                ckpt.save(done, adapter, opt_state, {"step": done, "data_position": done * opts.batch_size,
+                                                     "batch_size": opts.batch_size, "seed": opts.seed, "run": identity},
+                          force=done == opts.steps or stop)  # a stop request saves the step it stops at
             if bar is not None:
                 bar.update(1)
             if stop and done < opts.steps:
@@ -398,7 +448,8 @@ def fit(task: Task, opts: TrainOptions, out_dir: Path, *, resume: bool = False) 
     finally:
         if bar is not None:
             bar.close()
-        ckpt.close()
+        with _checkpoint_write():  # finishes a save still in the background, even when stopping now
+            ckpt.close()
     losses = [r["loss"] for r in history if "loss" in r]
     return {
         "losses": losses,
