@@ -573,8 +573,10 @@ class BOFTModule(nn.Module):
             attr = getattr(type(model), name, None) if model is not None else None
             if name.startswith("_") or not callable(attr):
                 raise
-            if getattr(attr, "nowrap", False):  # an @nn.nowrap helper: the model's own, callable unbound
-                return getattr(model, name)
+            if getattr(attr, "nowrap", False):  # an @nn.nowrap helper, callable unbound
+                if getattr(attr, "boft_binds_wrapper", False):  # it runs the model by name: run the adapted one
+                    return types.MethodType(attr, self)
+                return getattr(model, name)  # the model's own (it would run the bare model on these params)
 
             def method(module, *args, **kwargs):
                 return module._run(name, args, kwargs, kwargs.pop("boft_deterministic", None))

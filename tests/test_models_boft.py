@@ -110,7 +110,11 @@ def test_boft_t5_with_scanned_layers_starts_at_the_base_model_trains_and_merges(
     # Greedy decoding through the wrapper (adapter applied on the fly) == on the merged weights.
     ids, mask = ref["input_ids"], ref["attention_mask"]
     generate = lambda module, params: jax.jit(functools.partial(t5.generate, module, max_new_tokens=6))(params, ids, mask)
-    np.testing.assert_array_equal(generate(model, boft.combine(pretrained, adapter)), generate(base, merged))
+    tokens = generate(model, boft.combine(pretrained, adapter))
+    np.testing.assert_array_equal(tokens, generate(base, merged))
+    # ... and so does the wrapper's own generate method (bound to the wrapper, not to the bare T5)
+    method = jax.jit(model.generate, static_argnames="max_new_tokens")
+    np.testing.assert_array_equal(method(boft.combine(pretrained, adapter), ids, mask, max_new_tokens=6), tokens)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -452,3 +452,29 @@ def test_target_presets_select_exactly_the_intended_dense_layers(ff, tied, scan_
     assert set(t5.TARGET_PRESETS) == set(expected)
     for name, pattern in t5.TARGET_PRESETS.items():
         assert select(pattern, paths) == expected[name], name
+
+
+def test_config_json_with_transformers_alias_names_loads_the_same_model(tmp_path):
+    """transformers' T5Config reads hidden_size / num_attention_heads / num_hidden_layers / head_dim
+    as d_model / num_heads / num_layers / d_kv (its attribute_map): a config.json written with the
+    aliases loads the same model (the reference logits), and one that gives both names different
+    values is refused naming both."""
+    import json
+    import shutil
+
+    ref = load("t5_gated")
+    shutil.copytree(FIXTURES / "t5_gated", tmp_path / "alias")
+    cfg = json.loads((tmp_path / "alias" / "config.json").read_text())
+    for alias, name in (("hidden_size", "d_model"), ("num_attention_heads", "num_heads"),
+                        ("num_hidden_layers", "num_layers"), ("head_dim", "d_kv")):
+        cfg[alias] = cfg.pop(name)
+    (tmp_path / "alias" / "config.json").write_text(json.dumps(cfg))
+    module, params = t5.from_pretrained(tmp_path / "alias")
+    assert module.config == ref.module.config
+    r = ref.ref
+    logits = jax.jit(module.apply)({"params": params}, r["input_ids"], r["attention_mask"], r["decoder_input_ids"])
+    assert_matches_reference(logits, r["logits"])
+    with pytest.raises(ValueError, match=r"sets both d_kv = 4 and its alias head_dim = 8"):
+        t5.T5Config.from_hf_dict({**cfg, "d_kv": 4, "head_dim": 8})
+    # both names, agreeing: the same config as the aliases alone
+    assert t5.T5Config.from_hf_dict({**cfg, "d_kv": cfg["head_dim"]}) == t5.T5Config.from_hf_dict(cfg)

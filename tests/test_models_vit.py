@@ -219,3 +219,59 @@ def test_target_presets_select_exactly_the_intended_dense_layers(scan_layers):
     assert set(vit.TARGET_PRESETS) == set(expected)
     for name, pattern in vit.TARGET_PRESETS.items():
         assert select(pattern, paths) == expected[name], name
+
+
+@pytest.mark.parametrize("name", ["vit_uneven_heads", "vit_head_dim"])
+def test_heads_that_do_not_tile_hidden_size_match_transformers(name, tmp_path):
+    """transformers >= 5: head_dim = config.json's head_dim or hidden_size // heads, and query /
+    key / value map hidden_size -> heads * head_dim (hidden 20 with 3 heads: 18; hidden 16 with 2
+    heads of head_dim 12: 24).  Logits equal transformers'; save_pretrained writes head_dim back
+    only where the checkpoint had it; BOFT on those layers merges exactly."""
+    import json
+
+    import boft_jax as boft
+    from boft_jax.models import save_pretrained
+
+    ref = np.load(FIXTURES / "vit_heads_reference.npz", allow_pickle=False)
+    module, params = vit.from_pretrained(FIXTURES / name)
+    cfg = module.config
+    inner = cfg.num_attention_heads * cfg.attention_head_dim
+    assert inner != cfg.hidden_size and (cfg.head_dim is not None) == (name == "vit_head_dim")
+    layer = params["encoder"]["layer_0"]["attention"]
+    assert layer["query"]["kernel"].shape == (cfg.hidden_size, inner)
+    assert layer["out"]["kernel"].shape == (inner, cfg.hidden_size)
+    logits = module.apply({"params": params}, ref["pixel_values"])
+    assert_matches_reference(logits, ref[name])
+    save_pretrained(tmp_path / "again", module, params)
+    written = json.loads((tmp_path / "again" / "config.json").read_text())
+    assert written.get("head_dim") == cfg.head_dim and ("head_dim" in written) == (cfg.head_dim is not None)
+    again, params2 = vit.from_pretrained(tmp_path / "again")
+    assert again.config == cfg
+    np.testing.assert_array_equal(again.apply({"params": params2}, ref["pixel_values"]), logits)
+    # BOFT with two blocks per layer (b = d_in / 2 on query/key/value and on out): merged == wrapped
+    config = boft.BOFTConfig(block_num=2, n_factors=1, targets=vit.TARGET_PRESETS["attention"])
+    wrapped = boft.wrap(module, config)
+    adapter = boft.init_adapter(wrapped, params, ref["pixel_values"])
+    rng = np.random.default_rng()
+    adapter = jax.tree.map(lambda a: jnp.asarray(a + 0.2 * rng.standard_normal(a.shape), a.dtype), adapter)
+    tuned = boft.combine(params, adapter)
+    out = wrapped.apply({"params": tuned}, ref["pixel_values"])
+    merged = module.apply({"params": boft.merge(tuned, config)}, ref["pixel_values"])
+    assert_matches_reference(merged, out, tol=2e-5)
+    assert np.abs(np.asarray(out) - np.asarray(logits)).max() > 1e-3  # the adapter changed the outputs
+
+
+def test_checkpoints_of_other_vit_architectures_are_refused_by_name(tmp_path):
+    """A ViTForMaskedImageModeling (or any other ViT head) directory is refused naming its
+    architecture before any weight is read, not with advice to add a classifier."""
+    import json
+    import shutil
+
+    shutil.copytree(FIXTURES / "vit", tmp_path / "mim")
+    cfg = json.loads((tmp_path / "mim" / "config.json").read_text())
+    cfg["architectures"] = ["ViTForMaskedImageModeling"]
+    (tmp_path / "mim" / "config.json").write_text(json.dumps(cfg))
+    (tmp_path / "mim" / "model.safetensors").write_bytes(b"not read")
+    with pytest.raises(ValueError, match=r"architectures=\['ViTForMaskedImageModeling'\]; boft_jax's ViT loads"
+                                         r" ViTForImageClassification and ViTModel checkpoints"):
+        vit.from_pretrained(tmp_path / "mim")

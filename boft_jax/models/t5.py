@@ -69,6 +69,11 @@ TARGET_PRESETS: dict[str, str] = {
 MODEL_TYPES = {"t5": "T5ForConditionalGeneration", "mt5": "MT5ForConditionalGeneration"}  # model_type -> class
 
 
+# config.json keys that transformers' T5Config reads as other names (its attribute_map)
+_HF_ALIASES = {"hidden_size": "d_model", "num_attention_heads": "num_heads", "num_hidden_layers": "num_layers",
+               "head_dim": "d_kv"}
+
+
 @dataclasses.dataclass(frozen=True)
 class T5Config:
     """The fields of Hugging Face's ``T5Config`` that define ``T5ForConditionalGeneration``.
@@ -169,6 +174,15 @@ class T5Config:
         scaling as ``scale_decoder_outputs``; whether the head is tied is then decided by the
         weights (see ``from_pretrained``).
         """
+        d = dict(d)
+        for alias, name in _HF_ALIASES.items():  # transformers' T5Config.attribute_map
+            if alias in d and d[alias] is not None:
+                if name in d and d[name] is not None and d[name] != d[alias]:
+                    raise ValueError(
+                        f"this T5 config.json sets both {name} = {d[name]!r} and its alias {alias} = {d[alias]!r};"
+                        " transformers reads them as one setting: keep one of them"
+                    )
+                d[name] = d[alias]
         kwargs = {f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d and d[f.name] is not None}
         for key in ("pad_token_id", "eos_token_id"):  # an explicit null is kept: transformers reads it as "none"
             if key in d and d[key] is None:
@@ -667,7 +681,8 @@ class T5(nn.Module):
     ) -> jax.Array:
         """Greedy decoding with the KV cache, as transformers' greedy ``generate``.
 
-        Call on the unbound module: ``module.generate(params, ...)``; jit it with
+        Call on the unbound module: ``module.generate(params, ...)``, or on ``boft.wrap(module, cfg)``
+        with the adapted params (it then decodes with the adapter applied); jit it with
         ``static_argnames="max_new_tokens"``. Shapes are fixed: the result is
         ``(B, 1 + max_new_tokens)`` int32, starting with the decoder start token; once a row has
         produced EOS the rest of the row is padding, and the loop stops early when every row has.
@@ -684,6 +699,10 @@ class T5(nn.Module):
             pad_token_id=pad_token_id,
             decoder_start_token_id=decoder_start_token_id,
         )
+
+    # On boft.wrap(t5) the wrapper binds this helper to itself: wrapped.generate(params, ...) decodes
+    # with the adapter (generate() runs encode / decode through the wrapper by name).
+    generate.boft_binds_wrapper = True
 
 
 def _t5_config(module: nn.Module) -> T5Config:

@@ -77,6 +77,9 @@ class ViTConfig:
     patch_size: tuple[int, int] = (16, 16)
     num_channels: int = 3
     qkv_bias: bool = True
+    # width of one attention head; None: hidden_size // num_attention_heads (transformers >= 5 reads
+    # a head_dim key; query/key/value then map hidden_size -> heads * head_dim, out maps it back)
+    head_dim: int | None = None
     num_labels: int = 2
     id2label: tuple[str, ...] | None = None  # class names, index = label id
     # transformers' loss for the head (None: inferred from num_labels and the label dtype); kept so
@@ -92,12 +95,21 @@ class ViTConfig:
             object.__setattr__(self, "id2label", tuple(self.id2label))
             if len(self.id2label) != self.num_labels:
                 raise ValueError(f"id2label has {len(self.id2label)} names for {self.num_labels} labels")
-        if self.hidden_size % self.num_attention_heads:
+        if self.num_attention_heads < 1 or self.attention_head_dim < 1:
             raise ValueError(
-                f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads "
-                f"{self.num_attention_heads}"
+                f"ViTConfig: num_attention_heads {self.num_attention_heads} with head_dim {self.head_dim} and"
+                f" hidden_size {self.hidden_size} gives heads of width {self.attention_head_dim}; give at least"
+                " one head of width >= 1 (head_dim None means hidden_size // num_attention_heads)"
             )
         hf.activation(self.hidden_act)  # validates the name
+
+    @property
+    def attention_head_dim(self) -> int:
+        """The width of one head: ``head_dim``, or ``hidden_size // num_attention_heads`` (as
+        transformers >= 5; transformers 4 refuses a hidden_size that heads do not divide)."""
+        if self.head_dim is not None:
+            return int(self.head_dim)
+        return self.hidden_size // max(self.num_attention_heads, 1)
 
     @property
     def num_patches(self) -> int:
@@ -135,6 +147,8 @@ class ViTConfig:
         d.pop("num_labels")  # transformers derives it from id2label
         if d["problem_type"] is None:
             del d["problem_type"]  # transformers' default: inferred from the labels
+        if d["head_dim"] is None:
+            del d["head_dim"]  # transformers' default: hidden_size // num_attention_heads
         return d
 
 
@@ -148,12 +162,12 @@ class ViTAttention(nn.Module):
     def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
         """x: (batch, tokens, hidden) -> (batch, tokens, hidden)."""
         cfg = self.config
-        heads = cfg.num_attention_heads
-        head_dim = cfg.hidden_size // heads
+        heads, head_dim = cfg.num_attention_heads, cfg.attention_head_dim
+        inner = heads * head_dim  # hidden_size unless head_dim says otherwise
         split = lambda y: y.reshape(*y.shape[:-1], heads, head_dim)
-        q = split(nn.Dense(cfg.hidden_size, use_bias=cfg.qkv_bias, dtype=self.dtype, name="query")(x))
-        k = split(nn.Dense(cfg.hidden_size, use_bias=cfg.qkv_bias, dtype=self.dtype, name="key")(x))
-        v = split(nn.Dense(cfg.hidden_size, use_bias=cfg.qkv_bias, dtype=self.dtype, name="value")(x))
+        q = split(nn.Dense(inner, use_bias=cfg.qkv_bias, dtype=self.dtype, name="query")(x))
+        k = split(nn.Dense(inner, use_bias=cfg.qkv_bias, dtype=self.dtype, name="key")(x))
+        v = split(nn.Dense(inner, use_bias=cfg.qkv_bias, dtype=self.dtype, name="value")(x))
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) * (head_dim**-0.5)
         probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(self.dtype)
         probs = nn.Dropout(cfg.attention_probs_dropout_prob)(probs, deterministic=deterministic)
@@ -380,6 +394,9 @@ def params_from_hf(
     return hf.stack_layers(params) if scan_layers else params
 
 
+_LOADABLE = ("ViTForImageClassification", "ViTModel")
+
+
 def from_pretrained(
     path: str | os.PathLike,
     *,
@@ -401,6 +418,13 @@ def from_pretrained(
     """
     cfg_dict = hf.read_config(path)
     hf.check_model_type(path, cfg_dict, "vit")
+    other = [a for a in cfg_dict.get("architectures") or [] if a not in _LOADABLE]
+    if other and len(other) == len(cfg_dict["architectures"]):
+        raise ValueError(
+            f"{os.fspath(path)!r}: config.json has architectures={other}; boft_jax's ViT loads"
+            f" {' and '.join(_LOADABLE)} checkpoints (the encoder and an image classifier), not the heads"
+            " or decoders of other ViT variants"
+        )
     config = ViTConfig.from_hf_dict(cfg_dict)
     state = _normalize_prefix(hf.load_state_dict(path))
     has_head = "classifier.weight" in state
