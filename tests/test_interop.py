@@ -267,6 +267,21 @@ def test_trained_biases_and_saved_modules_are_loaded():
     )
 
 
+def test_saved_tensors_rounded_to_a_half_precision_base_are_named_in_a_warning():
+    """A bf16 base keeps its dtype, so PEFT's float32 biases and saved modules are rounded to bf16:
+    a warning names each rounded tensor (and how to avoid it); a float32 base loads them silently."""
+    module, frozen = base("vit")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing to say for a float32 base
+        load_peft_adapter(PEFT / "vit_m2_head", module, frozen)
+    half = jax.tree.map(lambda a: a.astype(jnp.bfloat16), frozen)
+    with pytest.warns(UserWarning, match=r"rounded to the base's:") as caught:
+        _, params = load_peft_adapter(PEFT / "vit_m2_head", module, half)
+    msg = str(caught[0].message)
+    assert "classifier/kernel (float32 -> bfloat16)" in msg and "encoder/layer_1/mlp/fc2/bias (float32 -> bfloat16)" in msg
+    assert params["classifier"]["kernel"].dtype == jnp.bfloat16
+
+
 def test_cpu_fallback_adapter_warns_and_uses_the_tensors():
     module, params = base("vit")
     with pytest.warns(UserWarning, match=r"boft_n_butterfly_factor = 2.*hold 1 factor.*n_factors = 1"):

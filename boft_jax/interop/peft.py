@@ -1069,8 +1069,19 @@ def load_peft_adapter(
             UserWarning,
             stacklevel=2,
         )
+    rounded = []
     for p, v in extra.items():
         flat[p] = v.astype(base_flat[p].dtype) if p in base_flat else v
+        if p in base_flat and not np.array_equal(np.asarray(flat[p], np.float64), np.asarray(v, np.float64)):
+            rounded.append(f"{'/'.join(p)} ({np.dtype(v.dtype).name} -> {np.dtype(flat[p].dtype).name})")
+    if rounded:  # the base's dtype is kept (as for every other param); say what that rounded
+        warnings.warn(
+            f"{where}: {len(rounded)} trained bias / saved-module tensor(s) are stored in a wider dtype than the"
+            f" base params here and were rounded to the base's:{_fmt(rounded)}\nOutputs then differ from PEFT's by that rounding; load the base"
+            " in float32 (cast its params) to keep them exactly",
+            UserWarning,
+            stacklevel=2,
+        )
     if keymap.scan:
         _check_stackable(flat, keymap.shapes, "adapter entries")
         adapter = hf.stack_layers(_unflatten(flat))
