@@ -979,3 +979,48 @@ def test_scan_layers_job_matches_the_unrolled_job(tmp_path, capsys):
     assert "scan_layers: checkpoint true, now false" in capsys.readouterr().err
     assert finetune.main(["--output", str(tmp_path / "unrolled"), *common, "--resume", "--scan-layers"]) == 2  # added
     assert "scan_layers: checkpoint false, now true" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_num_labels_gives_a_headless_checkpoint_a_fresh_trained_head(tmp_path, capsys):
+    """A ViTModel checkpoint (no classifier) is refused with the option that fixes it; --num-labels N
+    adds a zero head of N classes that trains in full (the held-out accuracy rises from chance), the
+    merged model has that head, and a resume with another --num-labels is refused."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    from boft_jax.models import vit
+    from train.make_base import VIT_BASE
+
+    ckpt = tmp_path / "headless"
+    shutil.copytree(VIT_BASE, ckpt)
+    state = {k: v for k, v in load_file(ckpt / "model.safetensors").items() if not k.startswith("classifier.")}
+    save_file(state, str(ckpt / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg.update(architectures=["ViTModel"])
+    for k in ("id2label", "label2id"):
+        cfg.pop(k, None)
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "run"
+    job = ["--output", str(out), "--checkpoint", str(ckpt), *SMALL, *FEW]
+    assert finetune.main(job) == 2
+    err = capsys.readouterr().err
+    assert "has no classifier head" in err and "--num-labels N" in err, err
+    assert finetune.main([*job, "--num-labels", "10", "--modules-to-save", ""]) == 2
+    assert "the classifier head is all zeros (a fresh head from --num-labels)" in capsys.readouterr().err
+    assert finetune.main(["--model", "t5", "--output", str(tmp_path / "t5"), "--num-labels", "3"]) == 2
+    assert "--num-labels 3: only for --model vit" in capsys.readouterr().err
+    res = finetune.run([*job, "--num-labels", "10"])
+    assert res["acc_after"] > res["acc_before"] + 0.3  # the fresh head learned the new classes
+    module, params = vit.from_pretrained(out / "merged")
+    assert module.config.num_labels == 10 and np.any(np.asarray(params["classifier"]["kernel"]))
+    assert finetune.main([*job, "--num-labels", "12", "--resume"]) == 2
+    assert "num_labels: checkpoint 10, now 12" in capsys.readouterr().err
+
+
+def test_t5_data_that_is_a_directory_is_named_so(tmp_path, capsys):
+    (tmp_path / "data").mkdir()
+    assert finetune.main(["--model", "t5", "--output", str(tmp_path / "run"), "--data", str(tmp_path / "data")]) == 2
+    err = capsys.readouterr().err
+    assert f"--data {tmp_path / 'data'}: a directory (expected a JSONL file" in err, err

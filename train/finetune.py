@@ -95,6 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", choices=["vit", "t5"], default="vit", help="model family (default: vit)")
     g.add_argument("--checkpoint", help="Hugging Face model directory (default: the bundled base)")
     g.add_argument(
+        "--num-labels", type=int, default=None,
+        help="ViT: give the model a fresh zero-initialized classifier of N classes (for a ViTModel checkpoint"
+        " without a head, or one whose head has another number of classes); it trains in full with the"
+        " default --modules-to-save. Default: the checkpoint's head",
+    )
+    g.add_argument(
         "--data",
         help="ViT: an .npz file with arrays 'images' (N,H,W,C) and 'labels' (N,) (split 80/20 here) or"
         " 'train_images', 'train_labels', 'test_images', 'test_labels'; or an image folder with one sub-folder"
@@ -201,6 +207,9 @@ def _check_options(args) -> None:
     positive_int("block-size", args.block_size)
     positive_int("block-num", args.block_num)
     positive_int("neumann-terms", args.neumann_terms)
+    positive_int("num-labels", args.num_labels)
+    need(args.num_labels is None or args.model == "vit", f"--num-labels {args.num_labels}: only for --model vit"
+         " (a classifier head); T5 predicts tokens")
     need(0 <= args.seed < 2**32, f"--seed {args.seed}: must be an integer in [0, 2^32)")
     if args.lr is not None:
         need(math.isfinite(args.lr) and args.lr > 0, f"--lr {args.lr}: must be a finite number > 0")
@@ -290,7 +299,8 @@ def run(argv=None) -> dict:
         _fail(f"--checkpoint {ckpt_path} holds a '{mtype}' model but --model is '{kind}'")
     dtype = jnp.bfloat16 if args.precision == "bf16" else jnp.float32
     try:
-        module, params = family.from_pretrained(ckpt_path, dtype=dtype, scan_layers=args.scan_layers)
+        head = {"num_labels": args.num_labels} if args.num_labels is not None else {}
+        module, params = family.from_pretrained(ckpt_path, dtype=dtype, scan_layers=args.scan_layers, **head)
     except (ValueError, OSError, TypeError) as e:  # TypeError: a config.json field of the wrong type
         _fail(f"--checkpoint {ckpt_path}: {e}")
 
@@ -317,6 +327,11 @@ def run(argv=None) -> dict:
         )
     except (ValueError, TypeError) as e:
         _fail(f"BOFT options: {e}")
+    if kind == "vit" and "classifier" in params and not jnp.any(params["classifier"]["kernel"]):
+        if not config.saves_module("classifier"):
+            _fail(f"the classifier head is all zeros (a fresh head{' from --num-labels' if args.num_labels else ''}) but"
+                  f" --modules-to-save {args.modules_to_save!r} does not train it: a zero head gives every class the"
+                  " same score whatever the adapter does. Keep 'classifier' in --modules-to-save (the default)")
 
     if kind == "vit":
         from train import vit_task as task_lib
@@ -325,7 +340,7 @@ def run(argv=None) -> dict:
     try:
         data = task_lib.load_data(args.data, module, checkpoint=ckpt_path)
     except (OSError, ValueError) as e:
-        _fail(f"--data {args.data}: {e}")
+        _fail(f"--data {args.data}: {e}" if args.data is not None else f"the bundled data: {e}")
 
     model = boft.wrap(module, config)
     try:
@@ -411,6 +426,7 @@ def run(argv=None) -> dict:
             # the adapter's tree (stacked or per layer) differs; runs started before the option existed
             # have no entry, read as false (loop.ABSENT_MEANS)
             "scan_layers": bool(args.scan_layers),
+            "num_labels": args.num_labels,  # a fresh head of this size (None: the checkpoint's head)
             # the adapter's definition; "mode" only changes how it is computed, not the result
             "boft": {k: v for k, v in config_to_dict(config).items() if k != "mode"},
         },

@@ -145,7 +145,8 @@ def load_data(path, module, checkpoint=None) -> data_lib.Dataset:
         return bundled()
     p = Path(path)
     if not p.is_file():
-        raise ValueError('no such file (expected a JSONL file of {"source": ..., "target": ...} lines)')
+        what = "a directory" if p.is_dir() else "no such file"
+        raise ValueError(f'{what} (expected a JSONL file of {{"source": ..., "target": ...}} lines)')
     ds = data_lib.load_jsonl(p, MAX_SRC_LEN, MAX_TGT_LEN)
     if ds.kind == "ids":
         if cfg.pad_token_id != data_lib.PAD or data_lib.EOS not in cfg.eos_token_ids:

@@ -54,7 +54,8 @@ def _checked(ds: data_lib.Dataset, cfg) -> data_lib.Dataset:
             raise ValueError(f"{name} images have shape {tuple(got)} but the model expects (H, W, C) = {want}")
         bad = split.labels[(split.labels < 0) | (split.labels >= cfg.num_labels)]
         if bad.size:
-            raise ValueError(f"{name} labels {sorted(set(bad.tolist()))[:5]} are outside the model's {cfg.num_labels} classes")
+            raise ValueError(f"{name} labels {sorted(set(bad.tolist()))[:5]} are outside the model's {cfg.num_labels} classes"
+                             " (--num-labels N gives the model a fresh classifier of N classes)")
     return ds
 
 

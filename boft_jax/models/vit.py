@@ -432,7 +432,7 @@ def from_pretrained(
         num_labels = 0
     if num_labels is None and not has_head:
         raise ValueError(
-            f"{os.fspath(path)!r} has no classifier head (a ViTModel checkpoint?); pass num_labels=N "
+            f"{os.fspath(path)!r} has no classifier head (a ViTModel checkpoint?); pass num_labels=N (train.finetune: --num-labels N) "
             f"to add a fresh zero-initialized one, or num_labels=0 for a model that returns the CLS features"
         )
     if num_labels is not None and (not has_head or state["classifier.weight"].shape[0] != num_labels):
