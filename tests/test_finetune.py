@@ -656,7 +656,7 @@ def test_learning_rate_follows_the_warmup_cosine_formula(steps, warmup, used):
     lr = float(np.random.default_rng().uniform(1e-3, 1e-1))
     opts = loop.TrainOptions(steps=steps, learning_rate=lr, warmup_steps=warmup, weight_decay=0.0)
     assert opts.warmup == used and opts.identity()["warmup_steps"] == used
-    g = {"w": jnp.asarray(np.random.default_rng().standard_normal(6) + 3.0, jnp.float32)}  # all positive
+    g = {"w": jnp.asarray(np.abs(np.random.default_rng().standard_normal(6)) + 0.5, jnp.float32)}  # all positive
     opt = loop.make_optimizer(opts)
     state = opt.init(g)
     got = []
