@@ -108,7 +108,7 @@ def test_sigterm_and_ctrl_c_end_with_a_resume_hint_not_a_traceback(monkeypatch, 
         with loop._checkpoint_write():
             os.kill(os.getpid(), signal.SIGTERM)
             os.kill(os.getpid(), signal.SIGTERM)
-            assert loop.NOW.is_set()
+            assert loop.stop_pending()
         raise AssertionError("the second SIGTERM was not raised after the checkpoint write")
 
     before = signal.getsignal(signal.SIGTERM)
@@ -119,7 +119,7 @@ def test_sigterm_and_ctrl_c_end_with_a_resume_hint_not_a_traceback(monkeypatch, 
         assert "terminated (SIGTERM)" in err
         assert ("as soon as the checkpoint being written is complete" in err) == (run is killed_twice_while_writing)
         assert signal.getsignal(signal.SIGTERM) == before  # the handler is removed again
-        assert not loop.STOP.is_set() and not loop.NOW.is_set() and not loop.writing_checkpoint()
+        assert not loop.STOP.is_set() and not loop.stop_pending() and not loop.writing_checkpoint()
 
     def interrupted(argv):
         raise KeyboardInterrupt
@@ -127,7 +127,7 @@ def test_sigterm_and_ctrl_c_end_with_a_resume_hint_not_a_traceback(monkeypatch, 
     def ctrl_c_while_writing(argv):  # Ctrl-C inside a checkpoint write is raised right after it
         with loop._checkpoint_write():
             os.kill(os.getpid(), signal.SIGINT)
-            assert loop.NOW.is_set()
+            assert loop.stop_pending()
         raise AssertionError("Ctrl-C was not raised after the checkpoint write")
 
     before_int = signal.getsignal(signal.SIGINT)
@@ -137,7 +137,7 @@ def test_sigterm_and_ctrl_c_end_with_a_resume_hint_not_a_traceback(monkeypatch, 
         err = capsys.readouterr().err
         assert "interrupted: step checkpoints saved so far are complete; rerun the same command with --resume" in err
         assert ("Ctrl-C: stopping as soon as the checkpoint" in err) == (run is ctrl_c_while_writing)
-        assert signal.getsignal(signal.SIGINT) == before_int and not loop.NOW.is_set()
+        assert signal.getsignal(signal.SIGINT) == before_int and not loop.stop_pending()
 
 
 @pytest.mark.slow

@@ -238,6 +238,7 @@ def run(argv=None) -> dict:
     from boft_jax import sharding as sh
     from boft_jax.checkpoint import config_to_dict, save_adapter
     from boft_jax.models import hf, save_pretrained
+    from boft_jax.models.vit import MissingHead
     from train import loop
 
     allocator = boft.host_memory.configure(args.system_malloc)
@@ -302,7 +303,8 @@ def run(argv=None) -> dict:
         head = {"num_labels": args.num_labels} if args.num_labels is not None else {}
         module, params = family.from_pretrained(ckpt_path, dtype=dtype, scan_layers=args.scan_layers, **head)
     except (ValueError, OSError, TypeError) as e:  # TypeError: a config.json field of the wrong type
-        _fail(f"--checkpoint {ckpt_path}: {e}")
+        hint = " (here: --num-labels N)" if isinstance(e, MissingHead) else ""
+        _fail(f"--checkpoint {ckpt_path}: {e}{hint}")
 
     targets = args.targets or "attention"
     targets = family.TARGET_PRESETS.get(targets, targets)
@@ -518,8 +520,7 @@ def main(argv=None) -> int:
 
     from train import loop
 
-    loop.STOP.clear()
-    loop.NOW.clear()
+    loop.clear_stop()
 
     def on_sigterm(signum, frame):
         # The first SIGTERM asks the training loop to stop after its current step (and that step's
@@ -569,8 +570,7 @@ def main(argv=None) -> int:
             if previous_int is signal.default_int_handler:
                 signal.signal(signal.SIGINT, previous_int)
         stopped = loop.STOP.is_set()
-        loop.STOP.clear()
-        loop.NOW.clear()
+        loop.clear_stop()
     if stopped:  # SIGTERM after the last step: the job finished anyway
         print("SIGTERM came after the last training step: the job finished", file=sys.stderr)
     return 0

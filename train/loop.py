@@ -142,8 +142,7 @@ class Terminated(KeyboardInterrupt):
 
 
 STOP = threading.Event()  # set by a signal handler (train.finetune); checked after every step
-NOW = threading.Event()  # a "stop now" that came while a checkpoint was being written
-_now_raises: type[KeyboardInterrupt] = KeyboardInterrupt  # what NOW raises: Terminated, or Ctrl-C's
+_pending: type[KeyboardInterrupt] | None = None  # a "stop now" that came while a checkpoint was being written
 _writing = 0  # depth of the checkpoint calls (save / wait / close) running on this thread
 
 
@@ -155,14 +154,15 @@ def _checkpoint_write():
     directory and logs its background threads' failures; so :func:`stop_now` only records the
     request while such a call runs, and it is raised here, when the call has returned.
     """
-    global _writing
+    global _writing, _pending
     _writing += 1
     try:
         yield
     finally:
         _writing -= 1
-    if not _writing and NOW.is_set():
-        raise _now_raises()
+    if not _writing and _pending is not None:
+        exc, _pending = _pending, None
+        raise exc()
 
 
 def writing_checkpoint() -> bool:
@@ -170,17 +170,26 @@ def writing_checkpoint() -> bool:
     return _writing > 0
 
 
+def stop_pending() -> bool:
+    """Whether a :func:`stop_now` is waiting for the checkpoint being written."""
+    return _pending is not None
+
+
 def stop_now(exc: type[KeyboardInterrupt] = Terminated) -> None:
     """Stop at once (a second SIGTERM, or Ctrl-C with ``KeyboardInterrupt``): raises ``exc``, or,
-    while a checkpoint is being written, marks the request so that ``exc`` is raised as soon as
-    that write is complete."""
-    global _now_raises
-    if _writing:
-        if not NOW.is_set():
-            _now_raises = exc
-        NOW.set()
-        return
-    raise exc()
+    while a checkpoint is being written, records it (the first request wins) so that it is raised
+    as soon as that write is complete."""
+    global _pending
+    if not _writing:
+        raise exc()
+    _pending = _pending or exc
+
+
+def clear_stop() -> None:
+    """Forget every stop request (:func:`request_stop` and a pending :func:`stop_now`)."""
+    global _pending
+    STOP.clear()
+    _pending = None
 
 
 def request_stop() -> None:

@@ -1077,8 +1077,8 @@ def load_peft_adapter(
     if rounded:  # the base's dtype is kept (as for every other param); say what that rounded
         warnings.warn(
             f"{where}: {len(rounded)} trained bias / saved-module tensor(s) are stored in a wider dtype than the"
-            f" base params here and were rounded to the base's:{_fmt(rounded)}\nOutputs then differ from PEFT's by that rounding; load the base"
-            " in float32 (cast its params) to keep them exactly",
+            f" base params here and were rounded to the base's:{_fmt(rounded)}\nOutputs then differ from PEFT's by"
+            " that rounding; load the base in float32 (cast its params) to keep them exactly",
             UserWarning,
             stacklevel=2,
         )

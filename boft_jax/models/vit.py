@@ -397,6 +397,10 @@ def params_from_hf(
 _LOADABLE = ("ViTForImageClassification", "ViTModel")
 
 
+class MissingHead(ValueError):
+    """:func:`from_pretrained` of a checkpoint without a classifier, given no ``num_labels``."""
+
+
 def from_pretrained(
     path: str | os.PathLike,
     *,
@@ -418,10 +422,10 @@ def from_pretrained(
     """
     cfg_dict = hf.read_config(path)
     hf.check_model_type(path, cfg_dict, "vit")
-    other = [a for a in cfg_dict.get("architectures") or [] if a not in _LOADABLE]
-    if other and len(other) == len(cfg_dict["architectures"]):
+    archs = cfg_dict.get("architectures") or []
+    if archs and not set(archs) & set(_LOADABLE):
         raise ValueError(
-            f"{os.fspath(path)!r}: config.json has architectures={other}; boft_jax's ViT loads"
+            f"{os.fspath(path)!r}: config.json has architectures={archs}; boft_jax's ViT loads"
             f" {' and '.join(_LOADABLE)} checkpoints (the encoder and an image classifier), not the heads"
             " or decoders of other ViT variants"
         )
@@ -431,8 +435,8 @@ def from_pretrained(
     if num_labels is None and config.num_labels == 0:
         num_labels = 0
     if num_labels is None and not has_head:
-        raise ValueError(
-            f"{os.fspath(path)!r} has no classifier head (a ViTModel checkpoint?); pass num_labels=N (train.finetune: --num-labels N) "
+        raise MissingHead(
+            f"{os.fspath(path)!r} has no classifier head (a ViTModel checkpoint?); pass num_labels=N "
             f"to add a fresh zero-initialized one, or num_labels=0 for a model that returns the CLS features"
         )
     if num_labels is not None and (not has_head or state["classifier.weight"].shape[0] != num_labels):
