@@ -270,6 +270,7 @@ class BOFTConfig:
                 f"{layer_label(path)} (d_in = {d_in}) does not fit {what} = {b}, n_factors = {m}: {err}."
                 f" Valid block_size for n_factors = {m}: {_short(valid_block_sizes(d_in, m))}"
                 + (f"; valid n_factors for block_size = {b}: 1..{alt_m}" if alt_m else "")
+                + _fewer_factors_hint(d_in, m)
                 + ". Exclude the layer with BOFTConfig.exclude if it should not be adapted."
             )
         k = self.block_num
@@ -283,8 +284,19 @@ class BOFTConfig:
         return (
             f"{layer_label(path)} (d_in = {d_in}) does not fit block_num = {k}, n_factors = {m}: {err}."
             f" Valid block_num for n_factors = {m}: {_short(valid_k)}"
-            ". Exclude the layer with BOFTConfig.exclude if it should not be adapted."
+            + _fewer_factors_hint(d_in, m, by_size=False)
+            + ". Exclude the layer with BOFTConfig.exclude if it should not be adapted."
         )
+
+
+def _fewer_factors_hint(d_in: int, m: int, by_size: bool = True) -> str:
+    """When no block structure at all fits ``d_in`` with ``m`` factors: the most factors that fit, and how."""
+    if valid_block_sizes(d_in, m):
+        return ""
+    fit = next(f for f in range(m - 1, 0, -1) if valid_block_sizes(d_in, f))  # m = 1 always fits (b = 1)
+    sizes = valid_block_sizes(d_in, fit)
+    ways = f"block_size {_short(sizes)}" if by_size else f"block_num {_short([d_in // b for b in sizes][::-1])}"
+    return f". No block structure fits d_in = {d_in} with {m} factors; at most n_factors = {fit} does, with {ways}"
 
 
 def _as_overrides(value) -> tuple[tuple[str, int], ...]:

@@ -326,6 +326,15 @@ def _adapted_call(
     kernel, skew, scale = node.kernel, node.skew, node.scale
     bias = module.param("bias", _init_bias(module, geo), geo.features, module.param_dtype) if module.use_bias else None
 
+    if dropout and not module.has_rng("dropout"):
+        # The wrapper was given a 'dropout' rng, but a lifted transform between it and this layer
+        # (nn.scan / nn.vmap without 'dropout' in split_rngs) does not pass it down.
+        raise ValueError(
+            f"{layer_label(path)}: BOFT dropout (config.dropout={config.dropout}) needs the 'dropout' rng here,"
+            " but although the wrapped call was given one, this layer cannot see it: a lifted transform around it"
+            " (nn.scan, nn.vmap, ...) does not pass it on. Add 'dropout' to that transform's split_rngs,"
+            " e.g. nn.scan(..., split_rngs={'params': True, 'dropout': True}), or set config.dropout=0."
+        )
     drop_key = module.make_rng("dropout") if dropout else None
     inputs, kernel, bias = module.promote_dtype(inputs, kernel, bias, dtype=module.dtype)
     custom_dot = module.dot_general_cls is not None or module.dot_general is not None
@@ -401,6 +410,25 @@ def _refresh_paths(module: nn.Module) -> None:
         _refresh_paths(child)
 
 
+def _unfit_error(unfit: list[str]) -> ValueError:
+    unfit = list(dict.fromkeys(unfit))  # a layer called twice (shared, or traced twice by nn.scan) once
+    return ValueError(f"{len(unfit)} targeted layer(s) do not fit the BOFT block structure:\n  " + "\n  ".join(unfit))
+
+
+def _holds_adapter(module: nn.Module) -> bool:
+    return module.has_variable("params", "kernel") and _is_node(nn.meta.unbox(module.get_variable("params", "kernel")))
+
+
+def _check_no_adapter(module: nn.Module, path: str, why: str) -> None:
+    """A layer the wrapper runs plain (``why``) must not hold adapter params (they would be ignored)."""
+    if _holds_adapter(module):
+        raise TypeError(
+            f"{layer_label(path)} holds BOFT adapter params, but this wrapper runs it as a plain layer: {why}."
+            " Apply the params with the BOFTConfig they were made with (boft.layer_paths(params) lists the"
+            " layers that hold adapters), or fold the adapter in first with boft.merge(params, config)."
+        )
+
+
 def _intercept(state: _CallState, next_fun, args, kwargs, context):
     module = context.module
     if context.method_name != "__call__" or not isinstance(module, (nn.Dense, nn.DenseGeneral)):
@@ -413,10 +441,12 @@ def _intercept(state: _CallState, next_fun, args, kwargs, context):
         return next_fun(*args, **kwargs)
     state.seen.append(path)
     if not state.config.matches(path):
+        _check_no_adapter(module, path, "the config's targets / exclude do not select it")
         return next_fun(*args, **kwargs)
     if state.config.saved_ancestor(path) is not None:
         # trained in full as (part of) a saved module: BOFT params there would be dropped by split()
         state.saved_and_targeted.append(path)
+        _check_no_adapter(module, path, "it lies in one of the config's modules_to_save")
         return next_fun(*args, **kwargs)
     inputs = jnp.asarray(args[0] if args else kwargs["inputs"])  # nn.Dense also takes lists / numpy arrays
     if isinstance(module, nn.DenseGeneral) and _canon(module.batch_dims):
@@ -429,6 +459,8 @@ def _intercept(state: _CallState, next_fun, args, kwargs, context):
     err = state.config.fit_error(path, geo.d_in)
     if err is not None:
         state.unfit.append(err)
+        if _holds_adapter(module):
+            raise _unfit_error(state.unfit)  # it holds an adapter, so it cannot run plain: stop here
         return next_fun(*args, **kwargs)  # keep tracing so that every unfit layer gets listed
     state.adapted.append(path)
     return _adapted_call(module, inputs, path=path, config=state.config, dropout=state.dropout)
@@ -498,12 +530,8 @@ class BOFTModule(nn.Module):
                 f" {self.config.targets}) and inside modules_to_save {self.config.modules_to_save}, which trains them"
                 " in full; exclude them from the targets (BOFTConfig.exclude) or from modules_to_save"
             )
-        unfit = list(dict.fromkeys(state.unfit))  # a layer called twice (shared, or traced twice by nn.scan) once
-        if unfit:
-            raise ValueError(
-                f"{len(unfit)} targeted layer(s) do not fit the BOFT block structure:\n  "
-                + "\n  ".join(unfit)
-            )
+        if state.unfit:
+            raise _unfit_error(state.unfit)
         skipped = sorted({(p, c) for p, c in state.overridden if self.config.matches(p) and p not in state.adapted})
         if skipped:
             raise ValueError(

@@ -248,6 +248,16 @@ def test_property_config_fits_exactly_the_valid_structures(structure):
     else:
         _assert_alternatives(msg, f"Valid block_num for n_factors = {m}: ",
                              [k for k in range(1, d + 1) if d % k == 0 and _valid(d, d // k, m)])
+    # When no structure at all fits d with m factors, the most factors that do fit are named, with their sizes.
+    if not any(_valid(d, bb, m) for bb in range(1, d + 1)):
+        fit = max(mm for mm in range(1, m) if any(_valid(d, bb, mm) for bb in range(1, d + 1)))
+        assert f"at most n_factors = {fit} does, with " in msg
+        field_values = [bb for bb in range(1, d + 1) if _valid(d, bb, fit)]
+        if not by_size:
+            field_values = sorted(d // bb for bb in field_values)
+        _assert_alternatives(msg, f"at most n_factors = {fit} does, with {field} ", field_values)
+    else:
+        assert "No block structure fits" not in msg
 
 
 def test_saved_ancestor_finds_the_enclosing_saved_module():
