@@ -78,8 +78,8 @@ class BOFTKernel:
     Attributes:
       kernel: the frozen base kernel, in the base layer's layout (``(d_in, d_out)`` for Dense;
         contracted axes first, then feature axes, for DenseGeneral).
-      skew: ``(m, k, b(b-1)/2)`` packed skew-symmetric parameters (float32).
-      scale: ``(d_out,)`` output scale ``s`` (float32).
+      skew: ``(m, k, b(b-1)/2)`` packed skew-symmetric parameters (float32; float64 in a float64 model).
+      scale: ``(d_out,)`` output scale ``s`` (float32; float64 in a float64 model).
     Any of them may carry extra leading axes (e.g. the layer axis of ``nn.scan``).
     """
 
@@ -297,6 +297,13 @@ def _check_held(path: str, held, kernel_shape: tuple[int, ...], want: tuple[int,
         )
 
 
+def adapter_dtype_for(param_dtype) -> np.dtype:
+    """The dtype of a new adapter's skew and scale for a layer with ``param_dtype``: float32, or float64
+    for a float64 layer (with ``jax_enable_x64``), so that the rotation is never less precise than the
+    model.  A bf16 / f16 layer still gets float32 adapter params (its rotation math runs in float32)."""
+    return jax.dtypes.canonicalize_dtype(jnp.promote_types(jnp.float32, param_dtype))
+
+
 def _adapted_call(
     module: nn.Module,
     inputs: jax.Array,
@@ -313,10 +320,11 @@ def _adapted_call(
     init_kernel = _init_kernel(module, geo, kernel_shape)
 
     def init_node(rng, shape, dtype):
+        adapter_dtype = adapter_dtype_for(dtype)
         return BOFTKernel(
             kernel=init_kernel(rng, shape, dtype),
-            skew=jnp.zeros(skew_shape, jnp.float32),
-            scale=jnp.ones((geo.d_out,), jnp.float32),
+            skew=jnp.zeros(skew_shape, adapter_dtype),
+            scale=jnp.ones((geo.d_out,), adapter_dtype),
         )
 
     if module.has_variable("params", "kernel"):  # before flax's own check, which calls the skew "kernel"
@@ -836,6 +844,15 @@ def _check_adapter_fits(path: str, kernel, skew, scale) -> None:
     lead = jnp.ndim(skew) - 3
     if lead < 0 or jnp.ndim(scale) != lead + 1:
         raise ValueError(f"{layer_label(path)}: adapter skew {jnp.shape(skew)} / scale {jnp.shape(scale)} are malformed")
+    leads = {name: tuple(jnp.shape(a)[:lead]) for name, a in (("kernel", kernel), ("skew", skew), ("scale", scale))}
+    if lead and len(set(leads.values())) > 1:
+        raise ValueError(
+            f"{layer_label(path)}: its stacked params disagree on their leading (layer) axes: kernel"
+            f" {tuple(jnp.shape(kernel))}, adapter skew {tuple(jnp.shape(skew))} (expected (layers..., m, k, b(b-1)/2)),"
+            f" scale {tuple(jnp.shape(scale))} (expected (layers..., d_out)). Stacked layers (nn.scan / nn.vmap) must"
+            " keep the layer axis first (variable_axes={'params': 0}); an adapter made for another base would not"
+            " share the base's stacked axes either."
+        )
     m, k, p = jnp.shape(skew)[lead:]
     try:
         b = block_size_from_num_params(p)
@@ -906,14 +923,16 @@ def _merge_arrays(kernel, skew_, scale_, config: BOFTConfig, inverse: bool) -> j
         d_in, d_out = k * b, scale.shape[0]
         flat = kernel.reshape(d_in, d_out)
         blocks = _blocks(skew, config)
-        if not inverse:  # K' = (M K) * s, float32 products at full precision (no TF32 on GPUs)
-            out = rotate_kernel(flat, blocks, precision=jax.lax.Precision.HIGHEST) * scale.astype(blocks.dtype)
+        if not inverse:  # K' = (M K) * s, float32 products at full precision (no TF32 on GPUs), rounded once
+            acc = jnp.result_type(flat.dtype, blocks.dtype)  # a bf16 / f16 kernel: M K not rounded before * s
+            out = rotate_kernel(flat.astype(acc), blocks, precision=jax.lax.Precision.HIGHEST) * scale.astype(acc)
         else:
             # K = M^-1 (K' / s).  M^-1 = F_0^-1 ... F_{m-1}^-1 and (M^-1)^T is a butterfly product with
             # blocks Q^-T, so M^-1 K = (K^T (M^-1)^T)^T = rotate(K^T, Q^-T)^T.  Inverting the small
             # blocks (rather than using M^T) keeps this exact for the only-nearly-orthogonal Neumann map.
             inv_t = jnp.swapaxes(jnp.linalg.inv(blocks), -1, -2)
-            out = rotate((flat.astype(blocks.dtype) / scale.astype(blocks.dtype)).T, inv_t,
+            acc = jnp.result_type(flat.dtype, blocks.dtype)
+            out = rotate((flat.astype(acc) / scale.astype(acc)).T, inv_t,
                          precision=jax.lax.Precision.HIGHEST).T
         return out.astype(kernel.dtype).reshape(kernel.shape)
 

@@ -14,7 +14,7 @@ import optax
 import pytest
 
 import boft_jax as boft
-from reference import all_eqns, dense_layer, lowered_for, np_cayley_from_packed, np_neumann_from_packed
+from reference import all_eqns, dense_layer, dense_rotation, lowered_for, np_cayley_from_packed, np_neumann_from_packed
 
 MODES = ["input", "weight", "auto"]
 
@@ -234,6 +234,44 @@ def test_bf16_params_rotation_in_float32(mode):
     scale = float(jnp.abs(y32).max())
     np.testing.assert_allclose(np.asarray(y, np.float32), y32, atol=0.05 * scale)
     np.testing.assert_allclose(np.asarray(y_merged, np.float32), y32, atol=0.05 * scale)
+
+
+def test_merge_of_a_bf16_kernel_rounds_once():
+    """K' = (M K) * s is computed in float32 and rounded to bf16 once: it is the correctly rounded
+    float64 value (rounding M K to bf16 before the scale left 26% of the entries one unit off)."""
+    cfg = boft.BOFTConfig(block_size=8, n_factors=2)
+    base = nn.Dense(256, param_dtype=jnp.bfloat16, dtype=jnp.bfloat16)
+    model, frozen, adapter = _setup(base, cfg, jnp.ones((2, 64), jnp.bfloat16))
+    adapter = _perturb(adapter, 11)
+    merged = np.asarray(boft.merge(boft.combine(frozen, adapter), cfg)["kernel"].astype(jnp.float32), np.float64)
+    skew, scale = (np.asarray(adapter["kernel"][k], np.float64) for k in ("skew", "scale"))
+    M = dense_rotation(np_cayley_from_packed(skew, 8))
+    exact = M @ np.asarray(frozen["kernel"].astype(jnp.float32), np.float64) * scale
+    rounded = np.asarray(jnp.asarray(exact, jnp.float32).astype(jnp.bfloat16).astype(jnp.float32), np.float64)
+    assert np.abs(scale - 1).max() > 0.1  # a scale that moves the rounding
+    assert np.mean(merged != rounded) < 0.005, np.mean(merged != rounded)  # (f64 -> f32 -> bf16 may differ rarely)
+    np.testing.assert_allclose(merged, exact, rtol=2.0**-8, atol=1e-6 * np.abs(exact).max())  # half a bf16 unit
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_float64_model_gets_a_float64_adapter_and_float64_accuracy(mode):
+    cfg = boft.BOFTConfig(block_size=8, n_factors=2, mode=mode)
+    with jax.enable_x64(True):
+        base = nn.Dense(24, param_dtype=jnp.float64, dtype=jnp.float64)
+        x = jax.random.normal(jax.random.key(3), (5, 32), jnp.float64)
+        model, frozen, adapter = _setup(base, cfg, x)
+        assert {str(a.dtype) for a in jax.tree.leaves(adapter)} == {"float64"}
+        assert {str(a.dtype) for a in jax.tree.leaves(boft.init_adapter(model, frozen, x))} == {"float64"}
+        adapter = _perturb(adapter, 12)
+        params = boft.combine(frozen, adapter)
+        y = model.apply({"params": params}, x)
+        blocks = np_cayley_from_packed(np.asarray(adapter["kernel"]["skew"]), 8)
+        want = dense_layer(x, frozen["kernel"], blocks, adapter["kernel"]["scale"], frozen["bias"])
+        assert y.dtype == jnp.float64
+        np.testing.assert_allclose(y, want, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(base.apply({"params": boft.merge(params, cfg)}, x), want, rtol=1e-12, atol=1e-12)
+        unmerged = boft.unmerge(boft.merge(params, cfg), adapter, cfg)
+        np.testing.assert_allclose(unmerged["kernel"], frozen["kernel"], rtol=1e-12, atol=1e-12)
 
 
 def test_merge_then_unmerge_returns_the_base():
@@ -788,6 +826,22 @@ def test_bare_model_refuses_adapter_params():
         MLP().apply({"params": params}, x)
     MLP().apply({"params": boft.split(params)[0]}, x)  # frozen part is fine
     MLP().apply({"params": boft.merge(params, cfg)}, x)  # so is the merged model
+
+
+def test_a_layer_axis_that_is_not_first_is_named_not_misread():
+    class AxisOne(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x, _ = nn.scan(ScanLayer, variable_axes={"params": 1}, split_rngs={"params": True}, length=3)(name="layers")(x, None)
+            return x
+
+    cfg = boft.BOFTConfig(block_size=4, n_factors=2)
+    x = jax.random.normal(jax.random.key(4), (2, 32))
+    params = boft.wrap(AxisOne(), cfg).init(jax.random.key(0), x)["params"]
+    for call in (lambda: boft.combine(*boft.split(params, cfg)), lambda: boft.merge(params, cfg)):
+        with pytest.raises(ValueError, match=r"layer 'layers/inp': its stacked params disagree on their leading \(layer\) axes:"
+                                             r" kernel \(32, 3, 32\), adapter skew \(2, 3, 8, 6\).*'params': 0"):
+            call()
 
 
 def test_a_wrapper_that_would_run_an_adapted_layer_plain_names_it():

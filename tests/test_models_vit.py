@@ -172,6 +172,21 @@ def test_num_labels_zero_loads_a_headless_model_that_round_trips(loaded, referen
     np.testing.assert_array_equal(jax.jit(module2.apply)({"params": params2}, reference["pixel_values"]), feats)
 
 
+def test_a_pooler_in_the_checkpoint_is_left_out_with_a_warning(loaded):
+    """A ViTModel checkpoint with a pooler (bare names, no "vit." prefix): the pooler is not loaded,
+    and the warning says so; everything else loads as without it."""
+    module, params = loaded
+    state = {k[len("vit."):] if k.startswith("vit.") else k: v
+             for k, v in vit.hf_state_dict(module.config, params).items() if not k.startswith("classifier.")}
+    rng = np.random.default_rng(5)
+    d = module.config.hidden_size
+    pooler = {"pooler.dense.weight": rng.standard_normal((d, d), np.float32), "pooler.dense.bias": rng.standard_normal(d, np.float32)}
+    with pytest.warns(UserWarning, match=r"its pooler \(vit\.pooler\.dense\.bias, vit\.pooler\.dense\.weight; ViTModel's pooler_output\) is not loaded"):
+        got = vit.params_from_hf(dataclasses.replace(module.config, num_labels=0, id2label=()), {**state, **pooler})
+    want = {k: v for k, v in params.items() if k != "classifier"}
+    jax.tree.map(np.testing.assert_array_equal, got, jax.tree.map(np.asarray, want))
+
+
 def test_unreadable_json_names_the_file(tmp_path):
     import shutil
 

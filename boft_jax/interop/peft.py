@@ -139,6 +139,12 @@ class _KeyMap:
                 return self.to_path[k]
         return None
 
+    def unused(self, key: str) -> bool:
+        """Whether ``key`` is a known module that our model leaves out (the ViT pooler; T5's copies)."""
+        ignore = [re.compile(p) for p in getattr(self.lib, "HF_IGNORED_KEYS", ())]
+        candidates = [key] + (["vit." + key] if self.kind == "vit" and not key.startswith(("vit.", "classifier.")) else [])
+        return any(p.fullmatch(k) for k in candidates for p in ignore)
+
     def key(self, path: Path_, style: KeyStyle) -> str:
         """The Hugging Face param key of our unrolled param ``path``."""
         k = self.lib.hf_torch_key(path)
@@ -418,6 +424,14 @@ def _check_base_copies(
                 f" model's ({diff}), so it was made for another base model"
             )
     return missing, differing
+
+
+def _left_out(module: str, kind: str) -> str:
+    """The problem of an adapter entry for a module that the base checkpoint has but our model leaves out."""
+    what = ("the ViT pooler of a ViTModel checkpoint, which ViTForImageClassification does not use and boft_jax's"
+            " ViT does not have" if kind == "vit" else "a module boft_jax's T5 does not have (transformers ignores it too)")
+    return (f"{module}: the adapter trains {what}; boft_jax cannot load an adapter on it (retrain without"
+            " it, or drop its tensors if the output you use does not read it)")
 
 
 def _boft_layer(entry: Mapping[str, np.ndarray], d_in: int, d_out: int, here: str):
@@ -848,7 +862,10 @@ def load_peft_adapter(
         path = keymap.path(mod + ".weight")
         if path is None or path[-1] != "kernel":
             name, value = sorted(entry.items())[0]
-            unknown.append(f"{mod} ({name} {tuple(value.shape)})")
+            if path is None and keymap.unused(mod + ".weight"):
+                unfit.append(_left_out(mod, keymap.kind))
+            else:
+                unknown.append(f"{mod} ({name} {tuple(value.shape)})")
             continue
         kshape = keymap.shapes[path]
         mpath = path[:-1]
@@ -879,7 +896,10 @@ def load_peft_adapter(
     for key, value in sorted(plain.items()):
         path = keymap.path(key)
         if path is None:
-            unknown.append(f"{key} (shape {tuple(value.shape)})")
+            if keymap.unused(key):
+                misshaped.append(_left_out(key.rsplit(".", 1)[0], keymap.kind))
+            else:
+                unknown.append(f"{key} (shape {tuple(value.shape)})")
             continue
         converted = hf.from_torch_layout(path, value)
         if tuple(converted.shape) != tuple(keymap.shapes[path]):

@@ -31,6 +31,7 @@ import dataclasses
 import functools
 import os
 import re
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -382,9 +383,24 @@ def hf_state_dict(config: ViTConfig, params: Mapping[str, Any]) -> dict[str, np.
 def params_from_hf(
     config: ViTConfig, state: Mapping[str, np.ndarray], *, scan_layers: bool = False, source: str = "checkpoint"
 ) -> dict[str, Any]:
-    """A transformers state dict (4.x or 5.x names) -> our params tree (numpy arrays)."""
+    """A transformers state dict (4.x or 5.x names) -> our params tree (numpy arrays).
+
+    A ViTModel checkpoint's pooler (``vit.pooler.dense``, behind its ``pooler_output``) is not
+    loaded, with a warning: this ViT ends, as ViTForImageClassification does, with the final
+    LayerNorm, whose CLS row the classifier reads.
+    """
+    state = _normalize_prefix(state)
+    pooler = sorted(k for k in state if re.fullmatch(HF_IGNORED_KEYS[0], k))
+    if pooler:
+        warnings.warn(
+            f"ViT {source}: its pooler ({', '.join(pooler)}; ViTModel's pooler_output) is not loaded: boft_jax's"
+            " ViT, like ViTForImageClassification, ends with the final LayerNorm, whose CLS row its classifier"
+            " reads (a model with num_labels=0 returns that row, not pooler_output)",
+            UserWarning,
+            stacklevel=2,
+        )
     params = hf.params_from_state_dict(
-        _normalize_prefix(state),
+        state,
         param_shapes(config),
         hf_torch_key,
         aliases=HF_KEY_ALIASES,
