@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import hashlib
+import importlib.metadata
 import json
 import os
 import re
@@ -424,7 +425,17 @@ _DTYPES_KEY, _OPT_DTYPES_KEY = "_adapter_dtypes", "_opt_state_dtypes"
 # leaves; adamw's differs from adam's only by leafless entries)
 _OPT_TREE_KEY = "_opt_state_tree"
 _STATE_SUM_KEY = "_state_sha256"  # sha256 of the JSON state itself (without this entry): a damaged value is named
-_PRIVATE_KEYS = (_SHAPES_KEY, _OPT_SHAPES_KEY, _SUMS_KEY, _DTYPES_KEY, _OPT_DTYPES_KEY, _OPT_TREE_KEY, _STATE_SUM_KEY)
+# the optax version that wrote the state: a state class renamed by another optax is said to be possibly that
+_OPTAX_KEY = "_optax_version"
+_PRIVATE_KEYS = (_SHAPES_KEY, _OPT_SHAPES_KEY, _SUMS_KEY, _DTYPES_KEY, _OPT_DTYPES_KEY, _OPT_TREE_KEY, _STATE_SUM_KEY,
+                 _OPTAX_KEY)
+
+
+def _optax_version() -> str | None:
+    try:
+        return importlib.metadata.version("optax")
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def _state_sum(state: Mapping[str, Any]) -> str:
@@ -517,7 +528,7 @@ class TrainCheckpointer:
         (adapter_out, _), (opt_out, _) = _without_empty(adapter), _without_empty(opt_state)
         full = {**state, _SHAPES_KEY: _shapes(adapter), _OPT_SHAPES_KEY: _shapes(opt_state), _SUMS_KEY: sums,
                 _DTYPES_KEY: _dtypes(adapter), _OPT_DTYPES_KEY: _dtypes(opt_state),
-                _OPT_TREE_KEY: _tree_repr(opt_state)}
+                _OPT_TREE_KEY: _tree_repr(opt_state), _OPTAX_KEY: _optax_version()}
         full[_STATE_SUM_KEY] = _state_sum(full)
         self._mngr.save(
             step,
@@ -621,9 +632,17 @@ class TrainCheckpointer:
                 )
         tree = _tree_repr(opt_state_like)  # same leaves, other state classes (adam / adabelief, adam / adamw)
         if _OPT_TREE_KEY in stored and stored[_OPT_TREE_KEY] != tree:
+            written, now = stored.get(_OPTAX_KEY), _optax_version()
+            other_optax = (
+                f" It was written with optax {written} and this is optax {now}: if the optimizer is the same, its"
+                f" state classes may differ between those versions; resume with optax {written}"
+                f" (pip install optax=={written})."
+                if written is not None and written != now
+                else ""
+            )
             raise _StepError(f"{where} holds the state of another optimizer (its files are intact): stored"
                              f" {stored[_OPT_TREE_KEY]}, expected {tree}. Resume with the optimizer (and its"
-                             " options) the checkpoint was written with")
+                             f" options) the checkpoint was written with.{other_optax}")
         abstract = lambda t: jax.tree.map(ocp.utils.to_shape_dtype_struct, t)  # noqa: E731
         # zero-size leaves were stored as one-element placeholders (_without_empty); the like trees say where
         one = lambda dtype: jnp.zeros((1,), dtype)  # noqa: E731

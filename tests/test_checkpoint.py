@@ -306,8 +306,9 @@ def test_train_checkpoint_optimizer_class_and_json_state_are_checked(tmp_path):
     tc.close()
     assert not list(tmp_path.glob("2*"))
     tc = ck.TrainCheckpointer(tmp_path, save_every=1, async_save=False)
-    with pytest.raises(ValueError, match=r"another optimizer .*ScaleByBeliefState"):
+    with pytest.raises(ValueError, match=r"another optimizer .*ScaleByBeliefState") as e:
         tc.restore_latest(adapter, optax.adabelief(1e-3).init(adapter))
+    assert "written with optax" not in str(e.value)  # same optax: no version hint
     assert tc.restore_latest(adapter, optax.adam(1e-3).init(adapter))[3] == {"step": 1, "data_position": 128}
     tc.close()
     file = tmp_path / "1" / "state" / "metadata"
@@ -321,6 +322,25 @@ def test_train_checkpoint_optimizer_class_and_json_state_are_checked(tmp_path):
         with pytest.raises(ValueError, match=r"step 1 .*damaged"):
             tc.latest_state()
         tc.close()
+
+
+def test_an_optimizer_state_from_another_optax_version_is_said_to_be_possibly_that(tmp_path, monkeypatch):
+    import optax
+
+    rng = np.random.default_rng()
+    adapter = {"l": {"kernel": {"skew": jnp.asarray(rng.standard_normal((2, 8, 6)), jnp.float32),
+                                "scale": jnp.asarray(rng.standard_normal(32), jnp.float32)}}}
+    monkeypatch.setattr(ck, "_optax_version", lambda: "0.0.1")  # as if written by another optax
+    tc = ck.TrainCheckpointer(tmp_path, save_every=1, async_save=False)
+    tc.save(1, adapter, optax.adam(1e-3).init(adapter), {"step": 1})
+    tc.close()
+    monkeypatch.undo()
+    tc = ck.TrainCheckpointer(tmp_path, save_every=1, async_save=False)
+    with pytest.raises(ValueError, match=r"another optimizer .*written with optax 0\.0\.1 and this is optax"
+                                         r" \S+: .*pip install optax==0\.0\.1"):
+        tc.restore_latest(adapter, optax.adabelief(1e-3).init(adapter))
+    assert tc.restore_latest(adapter, optax.adam(1e-3).init(adapter))[3] == {"step": 1}  # same classes: fine
+    tc.close()
 
 
 def test_block_size_one_layers_zero_size_skews_save_and_restore(tmp_path):
