@@ -534,13 +534,11 @@ def generate_multi(
             "generate_multi needs a wrapped encoder-decoder with encode / init_cache / decode(cache=...)"
             f" methods (boft.wrap(boft_jax.models.t5.T5(...), config)), got {type(base).__name__}"
         )
-    from boft_jax.models.t5 import check_max_new_tokens  # lazily: `import boft_jax` does not load the model zoo
+    from boft_jax.models.t5 import check_max_new_tokens, generation_ids  # lazily: `import boft_jax` does not load the model zoo
 
     check_max_new_tokens(max_new_tokens)
-    eos = cfg.eos_token_ids if eos_token_id is None else eos_token_id
-    eos_ids = jnp.atleast_1d(jnp.asarray(eos, jnp.int32))
-    pad = int(cfg.generation_pad_id if pad_token_id is None else pad_token_id)
-    start = int(cfg.decoder_start_token_id if decoder_start_token_id is None else decoder_start_token_id)
+    eos_ids, pad, start = generation_ids(cfg, eos_token_id, pad_token_id, decoder_start_token_id)
+    pad, start = int(pad), int(start)  # static arguments of the compiled loop
     if jnp.ndim(input_ids) != 2:
         raise ValueError(f"input_ids must be (batch, length), got shape {jnp.shape(input_ids)}")
     if attention_mask is not None and jnp.shape(attention_mask) != jnp.shape(input_ids):

@@ -723,6 +723,17 @@ def check_max_new_tokens(max_new_tokens) -> None:
         raise ValueError(f"max_new_tokens must be an int >= 0 (static under jax.jit), got {max_new_tokens!r}")
 
 
+def generation_ids(
+    cfg: T5Config, eos_token_id=None, pad_token_id: int | None = None, decoder_start_token_id: int | None = None
+) -> tuple[jax.Array, Any, Any]:
+    """``(eos_ids (n,) int32, pad, start)`` for greedy decoding: the arguments given, else the config's
+    (``eos_token_ids``, ``generation_pad_id``, ``decoder_start_token_id``)."""
+    eos = cfg.eos_token_ids if eos_token_id is None else eos_token_id
+    pad = cfg.generation_pad_id if pad_token_id is None else pad_token_id
+    start = cfg.decoder_start_token_id if decoder_start_token_id is None else decoder_start_token_id
+    return jnp.atleast_1d(jnp.asarray(eos, jnp.int32)), pad, start
+
+
 def generate(
     module: nn.Module,
     params: Mapping[str, Any],
@@ -745,16 +756,12 @@ def generate(
     via ``functools.partial``).
     """
     check_max_new_tokens(max_new_tokens)
-    cfg = _t5_config(module)
-    eos = cfg.eos_token_ids if eos_token_id is None else eos_token_id
-    pad = cfg.generation_pad_id if pad_token_id is None else pad_token_id
-    start = cfg.decoder_start_token_id if decoder_start_token_id is None else decoder_start_token_id
+    eos_ids, pad, start = generation_ids(_t5_config(module), eos_token_id, pad_token_id, decoder_start_token_id)
     variables = {"params": params}
     B = input_ids.shape[0]
     enc = module.apply(variables, input_ids, attention_mask, method="encode")
     cache = module.apply(variables, enc, attention_mask, max(max_new_tokens, 1), method="init_cache")
     tokens = jnp.full((B, max_new_tokens + 1), pad, jnp.int32).at[:, 0].set(start)
-    eos_ids = jnp.atleast_1d(jnp.asarray(eos, jnp.int32))
 
     def cond(state):
         i, _, _, done = state
