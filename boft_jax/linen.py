@@ -39,6 +39,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import re
 import types
 import warnings
 from typing import Any, Callable, Mapping
@@ -785,6 +786,22 @@ def split(params: Mapping, config: BOFTConfig | None = None) -> tuple[dict, dict
     return frozen_of(params), adapter
 
 
+def _layer_layout_hint(key: str, base: Mapping) -> str:
+    """Where ``key`` is missing from ``base`` because one tree has stacked (nn.scan) layers and the other
+    unrolled ones (``layers`` vs ``layer_0``, ``layer_1``, ..., as :func:`boft_jax.models.hf.stack_layers`
+    names them): say so."""
+    key = str(key)
+    m = re.fullmatch(r"(.+)_\d+", key)
+    if key.endswith("s") and any(re.fullmatch(re.escape(key[:-1]) + r"_\d+", str(k)) for k in base):
+        which = "the adapter's layers are stacked (made on an nn.scan / scan_layers=True model) and the base's are not"
+    elif m and f"{m.group(1)}s" in base:
+        which = "the adapter's layers are unrolled and the base's are stacked (nn.scan / scan_layers=True)"
+    else:
+        return ""
+    return (f": {which}. Build the base with the adapter's layout (e.g. from_pretrained(..., scan_layers=True)"
+            " for a stacked adapter), or convert the adapter with boft_jax.models.hf.stack_layers / unstack_layers")
+
+
 def combine(frozen: Mapping, adapter: Mapping) -> dict:
     """Inverse of :func:`split`: put ``adapter`` leaves into ``frozen`` (checked against its shapes).
 
@@ -803,7 +820,7 @@ def combine(frozen: Mapping, adapter: Mapping) -> dict:
             if k not in f:
                 raise ValueError(
                     f"adapter entry '{'/'.join(here)}' has no counterpart in the base params"
-                    f" (base keys there: {sorted(f)})"
+                    f" (base keys there: {sorted(f)}){_layer_layout_hint(k, f)}"
                 )
             if _is_node(f[k]):
                 raise ValueError(

@@ -76,6 +76,23 @@ def test_bad_input_exits_2_with_a_clear_message_and_writes_nothing(tmp_path, cap
     assert not out.exists()
 
 
+def test_the_command_line_ignores_a_sigterm_that_comes_after_the_job_is_over(tmp_path, capsys):
+    """python -m train.finetune calls main(exiting=True): once main returns, SIGTERM is ignored for the
+    rest of the interpreter's shutdown (a finished job must exit 0, not 143); an in-process caller gets
+    its own handler back."""
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        assert finetune.main(["--output", str(tmp_path / "a"), *SMALL, "--keep", "0"]) == 2
+        assert signal.getsignal(signal.SIGTERM) is before
+        assert finetune.main(["--output", str(tmp_path / "b"), *SMALL, "--keep", "0"], exiting=True) == 2
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    capsys.readouterr()
+
+
 def test_overwrite_keeps_the_previous_run_when_an_option_is_bad(tmp_path, capsys):
     out = tmp_path / "run"
     (out / "checkpoints").mkdir(parents=True)
@@ -714,7 +731,8 @@ def test_default_vit_job_end_to_end(tmp_path):
     assert abs(evals[0]["eval_accuracy"] - res["acc_before"]) <= 5e-4 and abs(evals[-1]["eval_accuracy"] - res["acc_after"]) <= 5e-4
     # the saved adapter reproduces the run; the merged HF directory equals the wrapped model
     adapter, config, meta = load_adapter(out / "adapter")
-    module, base = from_pretrained(meta["base_checkpoint"])
+    module, base = from_pretrained(meta["base_checkpoint"], scan_layers=meta["scan_layers"])
+    assert meta["scan_layers"] is False  # recorded: a --scan-layers adapter needs a stacked base
     merged_module, merged = from_pretrained(out / "merged")
     x = digits(FINETUNE_CLASSES).test.inputs["pixel_values"][:32]
     wrapped = boft.wrap(module, config).apply({"params": boft.combine(base, adapter)}, x)
@@ -960,6 +978,8 @@ def test_scan_layers_job_matches_the_unrolled_job(tmp_path, capsys):
 
     skew_u = skews(load_adapter(tmp_path / "unrolled" / "adapter")[0])
     skew_s = skews(load_adapter(tmp_path / "scanned" / "adapter")[0])
+    # the adapter records its layout (loading it needs a base with the same one)
+    assert [load_adapter(tmp_path / d / "adapter")[2]["scan_layers"] for d in ("unrolled", "scanned")] == [False, True]
     n_layers = len({re.search(r"layer_\d+", k).group() for k in skew_u})
     assert all(s.ndim == 3 for s in skew_u.values())  # (m, k, b(b-1)/2) per layer
     assert n_layers > 1 and skew_s and not any("layer_" in k for k in skew_s), skew_s.keys()

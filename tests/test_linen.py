@@ -859,6 +859,29 @@ def test_a_wrapper_that_would_run_an_adapted_layer_plain_names_it():
         boft.wrap(MLP(), boft.BOFTConfig(block_size=5, targets="fc.*")).apply(params, x)
 
 
+def test_combining_stacked_and_unrolled_layers_says_so():
+    from boft_jax.models import hf
+
+    class Unrolled(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            for i in range(3):
+                x = nn.Dense(16, name=f"layer_{i}")(x)
+            return x
+
+    cfg = boft.BOFTConfig(block_size=4)
+    x = jax.random.normal(jax.random.key(2), (2, 16))
+    frozen, adapter = boft.split(boft.wrap(Unrolled(), cfg).init(jax.random.key(0), x)["params"], cfg)
+    with pytest.raises(ValueError, match=r"entry 'layers' has no counterpart .*: the adapter's layers are stacked"
+                                         r" .*scan_layers=True.*stack_layers / unstack_layers"):
+        boft.combine(frozen, hf.stack_layers(adapter))
+    with pytest.raises(ValueError, match=r"entry 'layer_0' has no counterpart .*: the adapter's layers are unrolled"
+                                         r" and the base's are stacked"):
+        boft.combine(hf.stack_layers(frozen), adapter)
+    stacked = boft.combine(hf.stack_layers(frozen), hf.stack_layers(adapter))  # the same layout: fine
+    assert stacked["layers"]["kernel"].skew.shape[0] == 3
+
+
 def test_adapter_for_a_different_base_is_rejected():
     cfg = boft.BOFTConfig(block_size=4, targets="fc1")
     _, _, adapter = _setup(MLP(), cfg, jnp.ones((1, 16)))

@@ -133,7 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--steps", type=int, default=None, help="training steps (default: ViT 300, T5 600)")
     o.add_argument("--batch-size", type=int, default=64, help="examples per step (default 64)")
     o.add_argument("--lr", type=float, default=None, help="peak learning rate (default: ViT 5e-3, T5 3e-3)")
-    o.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay of the adapter (default 0)")
+    o.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay of every trained leaf (default 0): it pulls the skew parameters toward"
+                   " the identity rotation, but the output scales (which start at 1) toward 0, as PEFT's"
+                   " boft_s under a Trainer")
     o.add_argument("--warmup", type=int, default=None,
                    help="linear warmup steps before the cosine decay, fewer than --steps (default: 20, or steps/10"
                    " for runs under 200 steps; 0: none, the run starts at the peak learning rate)")
@@ -474,7 +476,7 @@ def run(argv=None) -> dict:
         adapter_host,
         config,
         metadata={"base_checkpoint": str(ckpt_path), "base_path": str(ckpt_path.absolute()), "model": kind,
-                  "steps": opts.steps, task_lib.METRIC: acc_after},
+                  "scan_layers": bool(args.scan_layers), "steps": opts.steps, task_lib.METRIC: acc_after},
     )
     merged = sh.gather_to_host(boft.merge(final_params, config))
     if main:
@@ -515,7 +517,10 @@ def run(argv=None) -> dict:
     }
 
 
-def main(argv=None) -> int:
+def main(argv=None, *, exiting: bool = False) -> int:
+    """The job; returns its exit status.  ``exiting=True`` (the command line): the process exits right
+    after, so SIGTERM is then ignored instead of given back to its previous handler; a SIGTERM during
+    the interpreter's (slow, with JAX loaded) shutdown would otherwise turn a finished job into exit 143."""
     import signal
 
     from train import loop
@@ -566,7 +571,7 @@ def main(argv=None) -> int:
         return 143 if term else 130
     finally:
         if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN if exiting else previous)
             if previous_int is signal.default_int_handler:
                 signal.signal(signal.SIGINT, previous_int)
         stopped = loop.STOP.is_set()
@@ -578,4 +583,4 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    sys.exit(main())
+    sys.exit(main(exiting=True))
