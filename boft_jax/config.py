@@ -280,7 +280,7 @@ class BOFTConfig:
             err = structure_error(d_in, d_in // k, m)
             if err is None:
                 return None
-        valid_k = [d_in // b for b in valid_block_sizes(d_in, m)][::-1]
+        valid_k = _valid_block_nums(d_in, m)
         return (
             f"{layer_label(path)} (d_in = {d_in}) does not fit block_num = {k}, n_factors = {m}: {err}."
             f" Valid block_num for n_factors = {m}: {_short(valid_k)}"
@@ -289,13 +289,18 @@ class BOFTConfig:
         )
 
 
+def _valid_block_nums(d_in: int, m: int) -> list[int]:
+    """All block numbers ``k`` that fit ``d_in`` features with ``m`` factors, ascending."""
+    return [d_in // b for b in valid_block_sizes(d_in, m)][::-1]
+
+
 def _fewer_factors_hint(d_in: int, m: int, by_size: bool = True) -> str:
     """When no block structure at all fits ``d_in`` with ``m`` factors: the most factors that fit, and how."""
     if valid_block_sizes(d_in, m):
         return ""
     fit = next(f for f in range(m - 1, 0, -1) if valid_block_sizes(d_in, f))  # m = 1 always fits (b = 1)
     sizes = valid_block_sizes(d_in, fit)
-    ways = f"block_size {_short(sizes)}" if by_size else f"block_num {_short([d_in // b for b in sizes][::-1])}"
+    ways = f"block_size {_short(sizes)}" if by_size else f"block_num {_short(_valid_block_nums(d_in, fit))}"
     return f". No block structure fits d_in = {d_in} with {m} factors; at most n_factors = {fit} does, with {ways}"
 
 

@@ -298,7 +298,7 @@ def _check_held(path: str, held, kernel_shape: tuple[int, ...], want: tuple[int,
         )
 
 
-def adapter_dtype_for(param_dtype) -> np.dtype:
+def _adapter_dtype(param_dtype) -> np.dtype:
     """The dtype of a new adapter's skew and scale for a layer with ``param_dtype``: float32, or float64
     for a float64 layer (with ``jax_enable_x64``), so that the rotation is never less precise than the
     model.  A bf16 / f16 layer still gets float32 adapter params (its rotation math runs in float32)."""
@@ -321,7 +321,7 @@ def _adapted_call(
     init_kernel = _init_kernel(module, geo, kernel_shape)
 
     def init_node(rng, shape, dtype):
-        adapter_dtype = adapter_dtype_for(dtype)
+        adapter_dtype = _adapter_dtype(dtype)
         return BOFTKernel(
             kernel=init_kernel(rng, shape, dtype),
             skew=jnp.zeros(skew_shape, adapter_dtype),
@@ -861,8 +861,7 @@ def _check_adapter_fits(path: str, kernel, skew, scale) -> None:
     lead = jnp.ndim(skew) - 3
     if lead < 0 or jnp.ndim(scale) != lead + 1:
         raise ValueError(f"{layer_label(path)}: adapter skew {jnp.shape(skew)} / scale {jnp.shape(scale)} are malformed")
-    leads = {name: tuple(jnp.shape(a)[:lead]) for name, a in (("kernel", kernel), ("skew", skew), ("scale", scale))}
-    if lead and len(set(leads.values())) > 1:
+    if lead and len({tuple(jnp.shape(a)[:lead]) for a in (kernel, skew, scale)}) > 1:
         raise ValueError(
             f"{layer_label(path)}: its stacked params disagree on their leading (layer) axes: kernel"
             f" {tuple(jnp.shape(kernel))}, adapter skew {tuple(jnp.shape(skew))} (expected (layers..., m, k, b(b-1)/2)),"
@@ -882,8 +881,7 @@ def _check_adapter_fits(path: str, kernel, skew, scale) -> None:
         ) from None
     d_in, d_out = k * b, jnp.shape(scale)[-1]
     kshape = jnp.shape(kernel)[lead:]
-    ok = jnp.shape(kernel)[:lead] == jnp.shape(skew)[:lead] and _split_point(kshape, d_in, d_out) is not None
-    if not ok:
+    if _split_point(kshape, d_in, d_out) is None:  # (the stacked axes agree: checked above)
         stacked = (
             f" Stacked layers (nn.scan / nn.vmap) must keep the layer axis first (variable_axes={{'params': 0}});"
             f" here the adapter's stacked axes are {tuple(jnp.shape(skew)[:lead])}."
@@ -940,15 +938,16 @@ def _merge_arrays(kernel, skew_, scale_, config: BOFTConfig, inverse: bool) -> j
         d_in, d_out = k * b, scale.shape[0]
         flat = kernel.reshape(d_in, d_out)
         blocks = _blocks(skew, config)
-        if not inverse:  # K' = (M K) * s, float32 products at full precision (no TF32 on GPUs), rounded once
-            acc = jnp.result_type(flat.dtype, blocks.dtype)  # a bf16 / f16 kernel: M K not rounded before * s
+        # products in the wider of the kernel's and the rotation's dtypes, rounded to the kernel's once
+        # (a bf16 / f16 kernel: M K is not rounded before * s)
+        acc = jnp.result_type(flat.dtype, blocks.dtype)
+        if not inverse:  # K' = (M K) * s, float32 products at full precision (no TF32 on GPUs)
             out = rotate_kernel(flat.astype(acc), blocks, precision=jax.lax.Precision.HIGHEST) * scale.astype(acc)
         else:
             # K = M^-1 (K' / s).  M^-1 = F_0^-1 ... F_{m-1}^-1 and (M^-1)^T is a butterfly product with
             # blocks Q^-T, so M^-1 K = (K^T (M^-1)^T)^T = rotate(K^T, Q^-T)^T.  Inverting the small
             # blocks (rather than using M^T) keeps this exact for the only-nearly-orthogonal Neumann map.
             inv_t = jnp.swapaxes(jnp.linalg.inv(blocks), -1, -2)
-            acc = jnp.result_type(flat.dtype, blocks.dtype)
             out = rotate((flat.astype(acc) / scale.astype(acc)).T, inv_t,
                          precision=jax.lax.Precision.HIGHEST).T
         return out.astype(kernel.dtype).reshape(kernel.shape)

@@ -133,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--steps", type=int, default=None, help="training steps (default: ViT 300, T5 600)")
     o.add_argument("--batch-size", type=int, default=64, help="examples per step (default 64)")
     o.add_argument("--lr", type=float, default=None, help="peak learning rate (default: ViT 5e-3, T5 3e-3)")
-    o.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay of every trained leaf (default 0): it pulls the skew parameters toward"
+    o.add_argument("--weight-decay", type=float, default=0.0,
+                   help="AdamW weight decay of every trained leaf (default 0): it pulls the skew parameters toward"
                    " the identity rotation, but the output scales (which start at 1) toward 0, as PEFT's"
                    " boft_s under a Trainer")
     o.add_argument("--warmup", type=int, default=None,

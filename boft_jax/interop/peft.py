@@ -126,24 +126,26 @@ class _KeyMap:
         self.to_path: dict[str, Path_] = {self.lib.hf_torch_key(p): p for p in self.shapes}
         self.aliases = tuple(getattr(self.lib, "HF_KEY_ALIASES", ()))  # transformers 5 -> 4 names
         self.aliases_v5 = tuple(getattr(self.lib, "HF_KEY_ALIASES_V5", ()))  # transformers 4 -> 5 names
+        # known modules of the checkpoints that our model leaves out (the ViT pooler)
+        self.left_out_keys = [re.compile(p) for p in getattr(self.lib, "HF_LEFT_OUT_KEYS", ())]
+
+    def _candidates(self, key: str) -> list[str]:
+        if self.kind == "vit" and not key.startswith(("vit.", "classifier.")):
+            return [key, "vit." + key]  # an adapter made on a bare ViTModel
+        return [key]
 
     def path(self, key: str) -> Path_ | None:
         """Our param path for a Hugging Face param key (transformers 4 or 5 names), or None."""
-        candidates = [key]
-        if self.kind == "vit" and not key.startswith(("vit.", "classifier.")):
-            candidates.append("vit." + key)  # an adapter made on a bare ViTModel
-        for k in candidates:
+        for k in self._candidates(key):
             for pattern, repl in self.aliases:
                 k = re.sub(pattern, repl, k)
             if k in self.to_path:
                 return self.to_path[k]
         return None
 
-    def unused(self, key: str) -> bool:
-        """Whether ``key`` is a known module that our model leaves out (the ViT pooler; T5's copies)."""
-        ignore = [re.compile(p) for p in getattr(self.lib, "HF_IGNORED_KEYS", ())]
-        candidates = [key] + (["vit." + key] if self.kind == "vit" and not key.startswith(("vit.", "classifier.")) else [])
-        return any(p.fullmatch(k) for k in candidates for p in ignore)
+    def left_out(self, key: str) -> bool:
+        """Whether ``key`` belongs to a known module that our model leaves out (the ViT pooler)."""
+        return any(p.fullmatch(k) for k in self._candidates(key) for p in self.left_out_keys)
 
     def key(self, path: Path_, style: KeyStyle) -> str:
         """The Hugging Face param key of our unrolled param ``path``."""
@@ -426,12 +428,12 @@ def _check_base_copies(
     return missing, differing
 
 
-def _left_out(module: str, kind: str) -> str:
-    """The problem of an adapter entry for a module that the base checkpoint has but our model leaves out."""
-    what = ("the ViT pooler of a ViTModel checkpoint, which ViTForImageClassification does not use and boft_jax's"
-            " ViT does not have" if kind == "vit" else "a module boft_jax's T5 does not have (transformers ignores it too)")
-    return (f"{module}: the adapter trains {what}; boft_jax cannot load an adapter on it (retrain without"
-            " it, or drop its tensors if the output you use does not read it)")
+def _left_out(module: str) -> str:
+    """The problem of an adapter entry for a module that the base checkpoint has but our model leaves
+    out (``HF_LEFT_OUT_KEYS``: the ViT pooler)."""
+    return (f"{module}: the adapter trains the ViT pooler of a ViTModel checkpoint, which ViTForImageClassification"
+            " does not use and boft_jax's ViT does not have; boft_jax cannot load an adapter on it (retrain"
+            " without it, or drop its tensors if the output you use does not read it)")
 
 
 def _boft_layer(entry: Mapping[str, np.ndarray], d_in: int, d_out: int, here: str):
@@ -862,8 +864,8 @@ def load_peft_adapter(
         path = keymap.path(mod + ".weight")
         if path is None or path[-1] != "kernel":
             name, value = sorted(entry.items())[0]
-            if path is None and keymap.unused(mod + ".weight"):
-                unfit.append(_left_out(mod, keymap.kind))
+            if path is None and keymap.left_out(mod + ".weight"):
+                unfit.append(_left_out(mod))
             else:
                 unknown.append(f"{mod} ({name} {tuple(value.shape)})")
             continue
@@ -896,8 +898,8 @@ def load_peft_adapter(
     for key, value in sorted(plain.items()):
         path = keymap.path(key)
         if path is None:
-            if keymap.unused(key):
-                misshaped.append(_left_out(key.rsplit(".", 1)[0], keymap.kind))
+            if keymap.left_out(key):
+                misshaped.append(_left_out(key.rsplit(".", 1)[0]))
             else:
                 unknown.append(f"{key} (shape {tuple(value.shape)})")
             continue

@@ -319,8 +319,10 @@ HF_KEY_ALIASES_V5: tuple[tuple[str, str], ...] = (
     (r"^vit\.encoder\.layer\.(\d+)\.output\.dense\.", r"vit.layers.\1.mlp.fc2."),
     (r"^vit\.encoder\.layer\.(\d+)\.", r"vit.layers.\1."),
 )
-# The pooler of a ViTModel checkpoint is not part of ViTForImageClassification.
-HF_IGNORED_KEYS: tuple[str, ...] = (r"vit\.pooler\..*",)
+# The pooler of a ViTModel checkpoint is not part of ViTForImageClassification: a known module this
+# ViT leaves out (loading it warns; a PEFT adapter on it is refused as such).
+HF_LEFT_OUT_KEYS: tuple[str, ...] = (r"vit\.pooler\..*",)
+HF_IGNORED_KEYS: tuple[str, ...] = HF_LEFT_OUT_KEYS
 
 _LEAF = {"kernel": "weight", "bias": "bias", "scale": "weight"}
 _LAYER_MODULES = {
@@ -390,7 +392,7 @@ def params_from_hf(
     LayerNorm, whose CLS row the classifier reads.
     """
     state = _normalize_prefix(state)
-    pooler = sorted(k for k in state if re.fullmatch(HF_IGNORED_KEYS[0], k))
+    pooler = sorted(k for k in state if any(re.fullmatch(p, k) for p in HF_LEFT_OUT_KEYS))
     if pooler:
         warnings.warn(
             f"ViT {source}: its pooler ({', '.join(pooler)}; ViTModel's pooler_output) is not loaded: boft_jax's"
