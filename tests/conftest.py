@@ -75,6 +75,15 @@ def pytest_configure(config):
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
 
 
+def pytest_collection_modifyitems(config, items):
+    """Run the slow end-to-end tests first (a stable sort: otherwise in collection order).
+
+    With ``-n 2`` each worker takes the next test as it finishes one; long tests at the end of
+    the order leave the other worker idle for their length (30-60 s each), long tests first fill
+    the time with the many short ones instead.  Every test is independent of the order."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 def pytest_unconfigure(config):
     if _xla_cache is not None:
         import shutil

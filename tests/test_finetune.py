@@ -266,6 +266,7 @@ def test_mesh_that_does_not_divide_the_weights_exits_2_and_writes_nothing(tmp_pa
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_replicate_unsplit_runs_on_any_device_count_and_matches_one_device(tmp_path):
     """5 devices and weights of even sizes: no mesh of 5 splits them, so the job is refused (above)
     unless --replicate-unsplit keeps them whole on every device; that run says so and trains as one
