@@ -407,6 +407,14 @@ def test_oft_block_share_and_coft(tmp_path):
         edit_config(bigger, coft=False)  # without the projection they are other rotations
         model, params = load_peft_adapter(bigger, *base("vit"))
     assert np.abs(np.asarray(run(model, params, ref)) - ref["outputs"]).max() > 1e-2
+    # a config whose r the tensors contradict: the warning says how shared blocks are counted
+    with pytest.warns(UserWarning) as record:  # (with the block_share and coft notes above)
+        model, params = load_oft("vit_oft_share_coft", tmp_path / "r3", oft_block_size=0, r=3)
+    assert any(re.search(r"r = 3, but its oft_R tensors hold block counts \[4\] \(block_share: a layer stores one block"
+                         r" of size b and uses it d_in / b times\).*using the tensors: block_size = 8", str(w.message))
+               for w in record), [str(w.message) for w in record]
+    assert model.config.block_size == 8
+    assert_close(run(model, params, ref), ref["outputs"])
 
 
 def test_oft_block_size_adjusted_by_peft_warns_and_uses_the_tensors():

@@ -558,7 +558,9 @@ class _OftOptions:
         return None, (np.ascontiguousarray(w[None]), np.ones((d_out,), np.float32))
 
 
-def _oft_structure(cfg_bs: int, cfg_bn: int, bs: list[int], ks: list[int], layers: Mapping, where: str, show) -> dict:
+def _oft_structure(
+    cfg_bs: int, cfg_bn: int, bs: list[int], ks: list[int], layers: Mapping, where: str, show, block_share: bool = False
+) -> dict:
     """``{"block_size": b}`` or ``{"block_num": r}`` for a PEFT OFT adapter, plus
     ``block_size_overrides`` where no single value describes every layer.
 
@@ -593,8 +595,9 @@ def _oft_structure(cfg_bs: int, cfg_bn: int, bs: list[int], ks: list[int], layer
     )
     warnings.warn(
         f"{where}: adapter_config.json says {name} = {value}, but its oft_R tensors hold"
-        f" {'blocks of size' if field == 'block_size' else 'block counts'} {have} (PEFT adjusts a value that does not"
-        f" divide a layer's width); using the tensors: {using}",
+        f" {'blocks of size' if field == 'block_size' else 'block counts'} {have}"
+        f"{' (block_share: a layer stores one block of size b and uses it d_in / b times)' if block_share else ''}"
+        f" (PEFT adjusts a value that does not divide a layer's width); using the tensors: {using}",
         UserWarning,
         stacklevel=3,
     )
@@ -952,7 +955,7 @@ def load_peft_adapter(
     show = _stack_path if keymap.scan else (lambda p: p)  # a layer path as the model names it
     if oft:
         cfg_bs, cfg_bn = _cfg_field(peft_cfg, "oft_block_size", 0, int, where), _cfg_field(peft_cfg, "r", 0, int, where)
-        structure = _oft_structure(cfg_bs, cfg_bn, bs, ks, layers, where, show)
+        structure = _oft_structure(cfg_bs, cfg_bn, bs, ks, layers, where, show, _cfg_field(peft_cfg, "block_share", False, bool, where))
     else:
         cfg_bs = _cfg_field(peft_cfg, "boft_block_size", 0, int, where)
         cfg_bn = _cfg_field(peft_cfg, "boft_block_num", 0, int, where)
