@@ -430,3 +430,29 @@ def test_mt5_config_never_scales_the_decoder_output():
     for extra in ({}, {"scale_decoder_outputs": True}, {"tie_word_embeddings": True, "scale_decoder_outputs": True}):
         assert t5.T5Config.from_hf_dict({**base, "model_type": "mt5", **extra}).scale_decoder_outputs is False
     assert t5.T5Config.from_hf_dict({**base, "model_type": "t5", "scale_decoder_outputs": True}).scale_decoder_outputs
+
+
+def test_written_files_get_the_mode_open_would_give(tmp_path):
+    """safetensors' save_file and tempfile.mkstemp make 0o600 files: a merged model or a PEFT
+    adapter would be readable only by its writer.  Every file gets 0o666 less the umask."""
+    import stat
+
+    from boft_jax import BOFTConfig, combine, init_adapter, wrap
+    from boft_jax.interop import peft as peft_io
+
+    old = os.umask(0o022)
+    try:
+        module, params = vit.from_pretrained(FIXTURES / "vit")
+        models.save_pretrained(tmp_path / "one", module, params)
+        models.save_pretrained(tmp_path / "sharded", module, params, max_shard_bytes=30_000)
+        model = wrap(module, BOFTConfig(block_size=4, n_factors=2, targets=".*query"))
+        c = module.config
+        size = c.image_size if isinstance(c.image_size, tuple) else (c.image_size, c.image_size)
+        adapter = init_adapter(model, params, np.zeros((1, *size, c.num_channels), np.float32))
+        peft_io.save_peft_adapter(tmp_path / "peft", model, combine(params, adapter))
+        files = [f for f in tmp_path.rglob("*") if f.is_file()]
+        assert len(files) >= 6
+        modes = {str(f.relative_to(tmp_path)): oct(stat.S_IMODE(f.stat().st_mode)) for f in files}
+        assert modes == dict.fromkeys(modes, "0o644")
+    finally:
+        os.umask(old)

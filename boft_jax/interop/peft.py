@@ -1409,8 +1409,6 @@ def save_peft_adapter(
       >>> v4_targets
       ['vit.encoder.layer.0.attention.attention.query', 'vit.encoder.layer.0.attention.attention.value']
     """
-    from safetensors.numpy import save_file
-
     tensors, fields = peft_state_dict(wrapped_module, params, key_style=key_style, peft_type=peft_type)
     kind = _model_kind(wrapped_module.model)
     if kind == "t5" and "shared" in (fields.get("modules_to_save") or []):
@@ -1439,8 +1437,7 @@ def save_peft_adapter(
     out.parent.mkdir(parents=True, exist_ok=True)
 
     def write_into(d: Path) -> None:
-        contiguous = {k: np.ascontiguousarray(v) for k, v in tensors.items()}  # safetensors ignores strides
-        save_file(contiguous, os.fspath(d / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
+        hf.save_safetensors(tensors, d / ADAPTER_WEIGHTS_NAME, metadata={"format": "pt"})
         with open(d / ADAPTER_CONFIG_NAME, "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2, sort_keys=True)
             f.write("\n")

@@ -35,7 +35,8 @@ import json
 import math
 import os
 import re
-import tempfile
+import stat
+import uuid
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -692,9 +693,18 @@ def param_shapes(module: Any, *init_args: Any) -> dict[Path_, tuple[int, ...]]:
 
 
 def _atomic_write(target: Path, write: Callable[[str], None]) -> None:
-    """Write ``target`` through a temp file in its directory and ``os.replace``."""
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
+    """Write ``target`` through a temp file in its directory and ``os.replace``.
+
+    The temp file is created with mode ``0o666`` less the umask, as ``open`` would create
+    ``target`` (``tempfile.mkstemp`` makes ``0o600`` files: a model directory only its writer
+    could read)."""
+    while True:
+        tmp = str(target.parent / f".{target.name}.{uuid.uuid4().hex[:12]}.tmp")
+        try:
+            os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+            break
+        except FileExistsError:  # pragma: no cover - a 48-bit random name taken
+            continue
     try:
         write(tmp)
         os.replace(tmp, target)
@@ -702,6 +712,19 @@ def _atomic_write(target: Path, write: Callable[[str], None]) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def save_safetensors(tensors: Mapping[str, np.ndarray], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+    """``safetensors.numpy.save_file`` (arrays made contiguous: it ignores strides) with the file
+    mode a plain ``open`` gives: a new file gets ``0o666`` less the umask, an existing one keeps its
+    mode (``save_file`` itself makes ``0o600`` files, which only their writer can read)."""
+    from safetensors.numpy import save_file
+
+    path = os.fspath(path)
+    os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o666))
+    mode = stat.S_IMODE(os.stat(path).st_mode)
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, path, metadata)
+    os.chmod(path, mode)
 
 
 def write_json(target: Path, data: Any) -> None:
@@ -757,8 +780,6 @@ def save_state_dict(
       >>> all(bool(np.array_equal(back[k], v)) for k, v in state.items())
       True
     """
-    from safetensors.numpy import save_file
-
     p = Path(path)
     p.mkdir(parents=True, exist_ok=True)
     metadata = {"format": "pt"}  # transformers refuses safetensors files without it
@@ -774,7 +795,7 @@ def save_state_dict(
         size += nbytes
 
     def write_shard(names: list[str]) -> Callable[[str], None]:
-        return lambda tmp: save_file({k: np.ascontiguousarray(state[k]) for k in names}, tmp, metadata)
+        return lambda tmp: save_safetensors({k: state[k] for k in names}, tmp, metadata)
 
     if len(shards) == 1:
         written = [SAFETENSORS_NAME]
