@@ -997,8 +997,11 @@ def merge(params: Mapping, config: BOFTConfig) -> dict:
 def unmerge(merged: Mapping, adapter: Mapping, config: BOFTConfig) -> dict:
     """Recover the base params from merged params and the adapter: ``K = M^-1 (K' / s)``.
 
-    Biases trained with the adapter cannot be un-trained; they are returned as they are in ``merged``.
-    A zero entry of a scale is an error (that output column of ``K`` is lost).  Example: :func:`merge`.
+    Only the rotated kernels are recovered.  What else the adapter trained (biases,
+    ``modules_to_save`` such as a new classifier head) holds its trained values in ``merged`` and
+    cannot be un-trained: it is returned as it is in ``merged``, with a warning naming it (take
+    those entries from the base params you trained from).  A zero entry of a scale is an error
+    (that output column of ``K`` is lost).  Example: :func:`merge`.
     """
     _check_config(config, "unmerge")
     kernels = _kernel_only(adapter) if isinstance(adapter, Mapping) else {}
@@ -1009,6 +1012,16 @@ def unmerge(merged: Mapping, adapter: Mapping, config: BOFTConfig) -> dict:
             " layer's {'skew', 'scale'}), but the tree given holds no BOFT layer params"
             + (" (it holds BOFTKernel nodes: the combined params, not the adapter; pass"
                " boft.split(params, config)[1])" if combined else "")
+        )
+    trained = _trained_besides_kernels(adapter)
+    if trained:
+        warnings.warn(
+            f"boft.unmerge: the adapter also trained {len(trained)} entr{'y' if len(trained) == 1 else 'ies'} that"
+            f" are not rotated kernels ({', '.join(trained[:5])}{', ...' if len(trained) > 5 else ''}; biases or"
+            " modules_to_save): merged params hold their trained values, which are returned as they are, not the"
+            " base's; take them from the base params you trained from",
+            UserWarning,
+            stacklevel=2,
         )
     node_tree = combine(merged, {**kernels})
     return jax.tree_util.tree_map_with_path(
@@ -1033,6 +1046,17 @@ def _kernel_only(adapter: Mapping) -> dict:
                 sub = _kernel_only(v)
                 if sub:
                     out[k] = sub
+    return out
+
+
+def _trained_besides_kernels(adapter: Mapping, prefix: str = "") -> list[str]:
+    """'/'-joined paths of an adapter's leaves outside its ``{'skew', 'scale'}`` layer params."""
+    out = []
+    for k, v in adapter.items():
+        if isinstance(v, Mapping) and set(v) != {"skew", "scale"}:
+            out += _trained_besides_kernels(v, f"{prefix}{k}/")
+        elif not isinstance(v, Mapping):
+            out.append(f"{prefix}{k}")
     return out
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
+import warnings
 
 import flax.linen as nn
 import jax
@@ -281,9 +282,27 @@ def test_merge_then_unmerge_returns_the_base():
         merged = boft.merge(boft.combine(frozen, adapter), cfg)
         changed = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), merged, frozen)
         assert max(jax.tree.leaves(changed)) > 1e-2
-        recovered = boft.unmerge(merged, adapter, cfg)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # nothing but rotated kernels trained: no warning
+            recovered = boft.unmerge(merged, adapter, cfg)
         err = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), recovered, frozen)
         assert max(jax.tree.leaves(err)) < 1e-5
+
+
+def test_unmerge_names_what_it_cannot_untrain():
+    """A trained bias or modules_to_save layer is in the merged params with its trained values; unmerge
+    returns them as they are (the base's are gone) and says which they are."""
+    x = jax.random.normal(jax.random.key(2), (4, 16))
+    cfg = boft.BOFTConfig(block_size=4, targets="fc1", bias="boft_only", modules_to_save="fc2")
+    model, frozen, adapter = _setup(MLP(), cfg, x)
+    merged = boft.merge(boft.combine(frozen, adapter), cfg)
+    with pytest.warns(UserWarning, match=r"unmerge: the adapter also trained 3 entries that are not rotated kernels"
+                      r" \(fc1/bias, fc2/bias, fc2/kernel; .*take them from the base params"):
+        recovered = boft.unmerge(merged, adapter, cfg)
+    np.testing.assert_allclose(recovered["fc1"]["kernel"], frozen["fc1"]["kernel"], atol=1e-5)
+    for name in ("bias", "kernel"):
+        np.testing.assert_array_equal(recovered["fc2"][name], adapter["fc2"][name])
+    np.testing.assert_array_equal(recovered["fc1"]["bias"], adapter["fc1"]["bias"])
 
 
 # ---------------------------------------------------------------------------------------------
