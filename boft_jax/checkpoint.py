@@ -254,6 +254,34 @@ def _leaf_checksums(tree) -> list[str]:
     return list(_checksums(gather_to_host(tree)).values())
 
 
+def _quiet_abandoned_reads() -> None:
+    """After a failed orbax restore (already reported as one clear error), drop the echoes of its
+    other reads: tensorstore reads still in flight fail later, as "Exception ignored in: <coroutine
+    ... _read_array_index_and_device_put>" or "RuntimeError: Event loop is closed" (a read finishing
+    after orbax closed its event loop), printed one traceback each (hundreds of lines) through
+    ``sys.unraisablehook``, often at interpreter exit.  Only those are dropped; any other unraisable
+    exception still reaches the hook that was installed before."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_boft_quiet", False):
+        return
+
+    def hook(unraisable):
+        exc, frames = unraisable.exc_value, []
+        tb = unraisable.exc_traceback
+        while tb is not None:
+            frames.append((tb.tb_frame.f_code.co_filename, tb.tb_frame.f_code.co_name))
+            tb = tb.tb_next
+        echo = any("orbax" in f and "serialization" in f for f, _ in frames) or (
+            isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+            and any(name == "call_soon_threadsafe" for _, name in frames)
+        )
+        if not echo:
+            previous(unraisable)
+
+    hook._boft_quiet = True
+    sys.unraisablehook = hook
+
+
 def _brief(e: Exception, limit: int = 300) -> str:
     """``'Type: first line of the message'``, cut at ``limit`` characters (tensorstore's errors
     append a many-line dump of the store's spec)."""
@@ -343,6 +371,7 @@ def load_adapter(path: str | os.PathLike) -> tuple[dict, BOFTConfig, dict]:
             both = ckptr.restore(source, ocp.args.Composite(adapter=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
         restored, meta = both["adapter"], both["meta"]
     except Exception as e:  # orbax / tensorstore: ValueError, OSError, KeyError, or a bare Exception (a truncated file)
+        _quiet_abandoned_reads()
         raise ValueError(f"{path}: damaged or incomplete adapter checkpoint ({_brief(e)})") from None
     if not isinstance(meta, Mapping) or meta.get("format") != _FORMAT:
         got = meta.get("format") if isinstance(meta, Mapping) else type(meta).__name__
@@ -556,6 +585,7 @@ class TrainCheckpointer:
         except _StepError:
             raise
         except Exception as e:  # orbax / tensorstore on bad files: ValueError, OSError, KeyError, or a bare Exception (a truncated file)
+            _quiet_abandoned_reads()
             raise ValueError(
                 f"step {step} in {self.directory}: damaged or incomplete training checkpoint ({_brief(e)})."
                 f" Remove {step_dir} to resume from {self._fallback()}"

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import shutil
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -222,7 +223,8 @@ def test_two_crashes_in_a_row_keep_the_last_good_checkpoint(tmp_path, monkeypatc
     assert _leftovers(tmp_path) == []  # trash, temporaries and stale `.old-` all gone
 
 
-def test_train_checkpoint_with_a_damaged_array_is_an_error_not_garbage(tmp_path):
+def test_train_checkpoint_with_a_damaged_array_is_an_error_not_garbage(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "unraisablehook", sys.__unraisablehook__)
     import optax
 
     rng = np.random.default_rng(5)  # arrays large enough to be stored as they are (not inlined)
@@ -255,6 +257,7 @@ def test_train_checkpoint_with_a_damaged_array_is_an_error_not_garbage(tmp_path)
     with pytest.raises(ValueError, match=r"step 2 .*damaged or incomplete.*step 1"):  # orbax raises a bare Exception
         tc.restore_latest(adapter, opt_state)
     tc.close()
+    assert getattr(sys.unraisablehook, "_boft_quiet", False)  # its late reads' echoes are dropped (test below)
     (tmp_path / "2" / "state" / "metadata").write_bytes(b"\x94 not json")  # a damaged JSON entry
     tc = ck.TrainCheckpointer(tmp_path, save_every=1, async_save=False)
     with pytest.raises(ValueError, match=r"step 2 .*damaged or incomplete"):
@@ -474,3 +477,38 @@ def test_paths_orbax_cannot_read_back_are_refused_before_writing(tmp_path):
     for ok in (tmp_path / "a[", tmp_path / "b]", tmp_path / "c{d}", tmp_path / "e[]", tmp_path / "f[" / "g]"):  # fine
         ck.save_adapter(ok, _adapter(1), CFG)
         np.testing.assert_array_equal(ck.load_adapter(ok)[0]["l"]["bias"], _adapter(1)["l"]["bias"])
+
+
+def test_a_failed_restore_drops_only_the_echoes_of_its_abandoned_reads(monkeypatch):
+    """After a failed orbax restore (one clear error), tensorstore reads still in flight fail later and
+    print one traceback each through sys.unraisablehook ("Event loop is closed", orbax coroutines never
+    awaited): hundreds of lines after the error.  The hook installed then drops those, and only those."""
+    import types
+
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: seen.append(u.exc_value))
+    ck._quiet_abandoned_reads()
+    ck._quiet_abandoned_reads()  # installed once
+
+    def call_soon_threadsafe():  # where a late read meets orbax's closed event loop
+        raise RuntimeError("Event loop is closed")
+
+    def unraisable(fn):
+        try:
+            fn()
+        except Exception as e:
+            return types.SimpleNamespace(exc_type=type(e), exc_value=e, exc_traceback=e.__traceback__,
+                                         err_msg=None, object=None)
+
+    def other():
+        raise RuntimeError("Event loop is closed")  # not from a late callback: kept
+
+    def unrelated():
+        raise ValueError("something else")
+
+    ns = {}  # a read of orbax's serialization module that failed after the restore gave up
+    exec(compile("def read():\n    raise Exception('Encountered error while reading array index: ()')\n",
+                 "/site-packages/orbax/checkpoint/_src/serialization/serialization.py", "exec"), ns)
+    for fn in (call_soon_threadsafe, ns["read"], other, unrelated):
+        sys.unraisablehook(unraisable(fn))
+    assert [str(e) for e in seen] == ["Event loop is closed", "something else"]
