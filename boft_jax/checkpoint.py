@@ -442,6 +442,9 @@ def _check_config_fits(path: Path, adapter, config: BOFTConfig) -> None:
             " boft.split(params, config) would drop them, so a resumed run or a re-save would lose them."
             " Use the config the adapter was trained with: bias='boft_only' trains the biases of adapted"
             " layers, bias='all' every bias, modules_to_save (regexes on module paths) whole modules."
+            + (" If the tree is the model's whole params (frozen weights included), save the adapter alone:"
+               " boft.split(params, config)[1]." if any(p.rsplit("/", 1)[-1] in ("kernel", "embedding") for p in untrained)
+               else "")
         )
 
 

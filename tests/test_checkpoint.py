@@ -74,9 +74,14 @@ def test_leaves_the_config_does_not_train_are_refused(tmp_path):
     for cfg, named in [(dataclasses.replace(CFG, bias="none"), r"\['head/bias', 'head/kernel', 'l/bias'\]"),
                        (CFG, r"\['head/bias', 'head/kernel'\]"),
                        (dataclasses.replace(CFG, bias="all", modules_to_save="other"), r"\['head/kernel'\]")]:
-        with pytest.raises(ValueError, match=rf"leaf/leaves its config does not train, e.g. {named}.*bias="):
+        with pytest.raises(ValueError, match=rf"leaf/leaves its config does not train, e.g. {named}.*bias=") as e:
             ck.save_adapter(tmp_path / "refused", adapter, cfg)
         assert not (tmp_path / "refused").exists()
+        # a kernel among them: the tree may be the whole params, and the fix is to save the adapter alone
+        assert "save the adapter alone: boft.split(params, config)[1]" in str(e.value)
+    with pytest.raises(ValueError, match=r"e.g. \['l/bias'\]") as e:  # only a bias: not the whole params
+        ck.save_adapter(tmp_path / "refused", _adapter(), dataclasses.replace(CFG, bias="none"))
+    assert "boft.split(params, config)[1]" not in str(e.value)
     ck.save_adapter(tmp_path / "a", adapter, dataclasses.replace(CFG, modules_to_save="head"))
     got, cfg, _ = ck.load_adapter(tmp_path / "a")
     np.testing.assert_array_equal(got["head"]["kernel"], head["kernel"])
