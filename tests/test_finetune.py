@@ -434,7 +434,10 @@ def test_cli_options_reach_the_adapter_and_keep_and_resume_mismatch(tmp_path, ca
     args = ["--output", str(out), "--steps", "8", "--save-every", "2", "--keep", "2", "--eval-every", "0", "--no-progress",
             "--batch-size", "16", "--precision", "bf16", "--cayley", "neumann", "--neumann-terms", "3", "--mode", "input",
             "--block-num", "8", "--bias", "boft_only", "--factors", "1", "--dropout", "0", *FEW]
-    res = finetune.run(args)
+    res = finetune.run([*args, "--resume"])  # nothing to resume: said at once, before the first evaluation
+    printed = capsys.readouterr().out
+    notice = printed.find(f"--resume: no checkpoint in {out / 'checkpoints'}: a new run from step 0 (is --output")
+    assert 0 <= notice < printed.index("before finetuning"), printed
     adapter, config, _ = load_adapter(out / "adapter")
     assert (config.block_num, config.block_size, config.n_factors) == (8, None, 1)
     assert (config.cayley, config.neumann_terms, config.mode, config.bias) == ("neumann", 3, "input", "boft_only")

@@ -451,16 +451,20 @@ def run(argv=None) -> dict:
         f" {loop.fmt_params(n_train, n_base)}; devices: {jax.device_count()} {jax.devices()[0].platform};"
         f" host allocator: {allocator}"
     )
-    if args.resume:  # every difference from the checkpoint's run, before any evaluation or training
+    resume = args.resume
+    if resume:  # every difference from the checkpoint's run, before any evaluation or training
         try:
-            loop.check_resume(out, opts)
+            resume = loop.check_resume(out, opts) is not None
         except loop.ResumeMismatch as e:
             _fail(str(e))
+        if not resume:  # said before the evaluation and the training, not after
+            print(f"--resume: no checkpoint in {out / 'checkpoints'}: a new run from step 0 (is --output {out} the run"
+                  " to continue?)")
     t_start = time.time()
     acc_before = task.evaluate(model, boft.combine(frozen, adapter), data.test)
     print(f"held-out {task_lib.METRIC} before finetuning: {acc_before:.3f}")
     try:
-        result = loop.fit(task, opts, out, resume=args.resume, eval_before=acc_before)
+        result = loop.fit(task, opts, out, resume=resume, eval_before=acc_before)
     except loop.ResumeMismatch as e:
         _fail(str(e))
     adapter = result["adapter"]
