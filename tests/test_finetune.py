@@ -438,6 +438,9 @@ def test_cli_options_reach_the_adapter_and_keep_and_resume_mismatch(tmp_path, ca
     printed = capsys.readouterr().out
     notice = printed.find(f"--resume: no checkpoint in {out / 'checkpoints'}: a new run from step 0 (is --output")
     assert 0 <= notice < printed.index("before finetuning"), printed
+    # the summary says how it trained (these options differ from the defaults)
+    assert "| training                    | cayley=neumann (3 terms), mode=input, dropout=0, bias=boft_only, bf16," in (
+        (out / "summary.md").read_text())
     adapter, config, _ = load_adapter(out / "adapter")
     assert (config.block_num, config.block_size, config.n_factors) == (8, None, 1)
     assert (config.cayley, config.neumann_terms, config.mode, config.bias) == ("neumann", 3, "input", "boft_only")

@@ -498,6 +498,10 @@ def run(argv=None) -> dict:
             ("task", data.description),
             ("BOFT", f"m={config.n_factors}, b={config.block_size or '-'}, k={config.block_num or '-'},"
                      f" targets={args.targets or 'attention'}" + (f", exclude={args.exclude}" if args.exclude else "")),
+            ("training", f"cayley={config.cayley}"
+                         + (f" ({config.neumann_terms} terms)" if config.cayley == "neumann" else "")
+                         + f", mode={config.mode}, dropout={config.dropout:g}, bias={config.bias},"
+                           f" {args.precision}, lr={opts.learning_rate:g}"),
             ("trainable params", loop.fmt_params(n_train, n_base)),
             (f"held-out {task_lib.METRIC} before", f"{acc_before:.3f}"),
             (f"held-out {task_lib.METRIC} after", f"{acc_after:.3f}"),
@@ -505,7 +509,7 @@ def run(argv=None) -> dict:
             ("train time", f"{result['train_seconds']:.1f} s"),
             ("wall time (eval+train+save)", f"{wall:.1f} s"),
             ("mesh", ", ".join(f"{k}={v}" for k, v in result["mesh"].items())),
-            ("outputs", f"{out}/{{adapter,merged,curves.png,metrics.jsonl}}"),
+            ("outputs", f"{out}/{{adapter,merged,curves.png,metrics.jsonl,summary.md,checkpoints}}"),
         ]
     )
     if main:
