@@ -498,6 +498,7 @@ def test_cli_options_reach_the_adapter_and_keep_and_resume_mismatch(tmp_path, ca
         f.write('{"step": 8, "loss": 0.1')
     assert finetune.main([*args, "--resume"]) == 0
     assert (out / "metrics.jsonl").read_text() == rows
+    assert "| 0 x batch 16 (resumed at step 8 of 8) |" in (out / "summary.md").read_text()
     assert sum('"final": true' in line for line in rows.splitlines()) == 1
     # a foreign step directory newer than the last checkpoint: named, not a traceback
     (out / "checkpoints" / "500").mkdir()

@@ -469,6 +469,7 @@ def fit(task: Task, opts: TrainOptions, out_dir: Path, *, resume: bool = False,
         "history": history,
         "train_seconds": time.time() - t0,
         "steps_run": opts.steps - start,
+        "start_step": start,  # > 0: resumed from a step checkpoint
         "mesh": dict(mesh.shape),
     }
 
