@@ -931,6 +931,14 @@ def test_cli_errors_are_reported(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["export-merged", "--adapter", str(tmp_path / "empty"), "--out", str(tmp_path / "x")]) == 2
     assert "cannot tell the format" in capsys.readouterr().err
+    # the other format than --from says: named, with the option that reads it
+    assert main(["convert", "--from", "boft", "--adapter", str(PEFT / "vit_m1"), "--out", str(tmp_path / "z")]) == 2
+    assert "is a PEFT adapter directory, not a boft_jax (orbax) adapter checkpoint: use --from peft" in capsys.readouterr().err
+    assert main(["convert", "--from", "peft", "--adapter", str(PEFT / "vit_m1"), "--out", str(tmp_path / "orbax")]) == 0
+    capsys.readouterr()
+    assert main(["convert", "--from", "peft", "--adapter", str(tmp_path / "orbax"), "--out", str(tmp_path / "z")]) == 2
+    assert "is a boft_jax (orbax) adapter checkpoint, not a PEFT adapter directory: use --from boft" in capsys.readouterr().err
+    assert not (tmp_path / "z").exists()
     bad = copy_fixture("vit_m1", tmp_path)
     edit_config(bad, base_model_name_or_path="google/vit-base-patch16-224")
     assert main(["convert", "--from", "peft", "--adapter", str(bad), "--out", str(tmp_path / "y")]) == 2

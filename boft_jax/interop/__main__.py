@@ -122,9 +122,18 @@ def load_any_adapter(
 
     if not Path(adapter).exists():
         raise FileNotFoundError(f"adapter {os.fspath(adapter)!r} does not exist")
-    fmt = _detect_format(adapter) if fmt == "auto" else fmt
-    if fmt not in _FORMATS:
+    if fmt not in (*_FORMATS, "auto"):
         raise ValueError(f"adapter format must be one of {_FORMATS} or 'auto', got {fmt!r}")
+    try:
+        found = _detect_format(adapter)
+    except ValueError:
+        if fmt == "auto":
+            raise
+        found = fmt  # neither format's files: the loader of the format asked for names what is missing
+    if fmt not in ("auto", found):
+        kinds = {"peft": "a PEFT adapter directory", "boft": "a boft_jax (orbax) adapter checkpoint"}
+        raise ValueError(f"adapter {os.fspath(adapter)!r} is {kinds[found]}, not {kinds[fmt]}: use --from {found}")
+    fmt = found
     base = _resolve_base(base, adapter, fmt)
     if fmt == "peft":
         module, params = _load_base(base, _num_labels_hint(adapter, fmt), scan_layers)
