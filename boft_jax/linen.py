@@ -1080,6 +1080,36 @@ def layer_paths(params: Mapping) -> list[str]:
     return out
 
 
+def _check_example_shapes(shapes: Mapping, frozen: Mapping) -> None:
+    """The params that the example inputs give the model must have ``frozen``'s shapes: a wrong input
+    width shows up as a kernel of another shape, named here as such (not as an adapter made for
+    another base model, which is what :func:`combine` would say)."""
+    wrong = []
+
+    def walk(a, b, path):
+        for k, v in a.items():
+            if not isinstance(b, Mapping) or k not in b:
+                continue
+            here = (*path, str(k))
+            w = b[k]
+            if _is_node(v):
+                v = v.kernel
+            if _is_node(w):
+                w = w.kernel
+            if isinstance(v, Mapping):
+                walk(v, w, here)
+            elif hasattr(v, "shape") and hasattr(w, "shape") and tuple(v.shape) != tuple(jnp.shape(w)):
+                wrong.append(f"{'/'.join(here)}: {tuple(v.shape)} from the example inputs, {tuple(jnp.shape(w))} in frozen")
+
+    walk(shapes, frozen, ())
+    if wrong:
+        raise ValueError(
+            f"boft.init_adapter: the example inputs give the model params of other shapes than the pretrained ones"
+            f" ({len(wrong)}): {'; '.join(wrong[:4])}{'; ...' if len(wrong) > 4 else ''}. Pass example inputs of the"
+            " shapes the base model takes (e.g. its input width), or the params of the model being wrapped."
+        )
+
+
 def init_adapter(model: BOFTModule, frozen: Mapping, *args, **kwargs) -> dict:
     """The identity adapter (``M = I``, ``s = 1``) for pretrained ``frozen`` params.
 
@@ -1112,6 +1142,7 @@ def init_adapter(model: BOFTModule, frozen: Mapping, *args, **kwargs) -> dict:
                     out[k] = sub
         return out
 
+    _check_example_shapes(shapes, frozen)
     params = combine(frozen, identity(shapes))
     adapter = split(params, model.config)[1]
     cfg = model.config

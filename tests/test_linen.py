@@ -815,6 +815,18 @@ def test_a_layer_both_targeted_and_in_modules_to_save_is_refused():
         boft.init_adapter(none_saved, boft.split(params)[0], jnp.ones((1, 16)))
 
 
+def test_init_adapter_names_example_inputs_of_the_wrong_shape():
+    """An example input of another width than the base takes: named as such, not as an adapter made
+    for another base model."""
+    model = boft.wrap(MLP(), boft.BOFTConfig(block_size=4))
+    frozen = MLP().init(jax.random.key(0), jnp.ones((2, 16)))["params"]
+    with pytest.raises(ValueError, match=r"init_adapter: the example inputs give the model params of other shapes than"
+                       r" the pretrained ones \(1\): fc1/kernel: \(12, 48\) from the example inputs, \(16, 48\) in frozen"):
+        boft.init_adapter(model, frozen, jnp.ones((2, 12)))
+    adapter = boft.init_adapter(model, frozen, jnp.ones((5, 16)))  # other batch sizes are fine
+    assert set(adapter) == {"fc1", "fc2", "head"} and set(adapter["fc1"]["kernel"]) == {"skew", "scale"}
+
+
 def test_every_unfit_layer_is_listed_with_valid_choices():
     model = boft.wrap(MLP(), boft.BOFTConfig(block_size=32, n_factors=2))
     with pytest.raises(ValueError) as e:
