@@ -723,7 +723,7 @@ def save_safetensors(tensors: Mapping[str, np.ndarray], path: str | os.PathLike,
     path = os.fspath(path)
     os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o666))
     mode = stat.S_IMODE(os.stat(path).st_mode)
-    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, path, metadata)
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, path, metadata=metadata)
     os.chmod(path, mode)
 
 
