@@ -36,6 +36,7 @@ import os
 import re
 import shutil
 import sys
+import traceback
 import uuid
 import warnings
 from pathlib import Path
@@ -266,14 +267,10 @@ def _quiet_abandoned_reads() -> None:
         return
 
     def hook(unraisable):
-        exc, frames = unraisable.exc_value, []
-        tb = unraisable.exc_traceback
-        while tb is not None:
-            frames.append((tb.tb_frame.f_code.co_filename, tb.tb_frame.f_code.co_name))
-            tb = tb.tb_next
-        echo = any("orbax" in f and "serialization" in f for f, _ in frames) or (
+        exc, frames = unraisable.exc_value, traceback.extract_tb(unraisable.exc_traceback)
+        echo = any("orbax" in f.filename and "serialization" in f.filename for f in frames) or (
             isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
-            and any(name == "call_soon_threadsafe" for _, name in frames)
+            and any(f.name == "call_soon_threadsafe" for f in frames)
         )
         if not echo:
             previous(unraisable)

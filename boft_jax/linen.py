@@ -1013,7 +1013,9 @@ def unmerge(merged: Mapping, adapter: Mapping, config: BOFTConfig) -> dict:
             + (" (it holds BOFTKernel nodes: the combined params, not the adapter; pass"
                " boft.split(params, config)[1])" if combined else "")
         )
-    trained = _trained_besides_kernels(adapter)
+    in_kernels = {jax.tree_util.keystr(kp) for kp, _ in jax.tree_util.tree_leaves_with_path(kernels)}
+    trained = [_key_path(kp + ("",)) for kp, _ in jax.tree_util.tree_leaves_with_path(adapter)
+               if jax.tree_util.keystr(kp) not in in_kernels]
     if trained:
         warnings.warn(
             f"boft.unmerge: the adapter also trained {len(trained)} entr{'y' if len(trained) == 1 else 'ies'} that"
@@ -1049,17 +1051,6 @@ def _kernel_only(adapter: Mapping) -> dict:
     return out
 
 
-def _trained_besides_kernels(adapter: Mapping, prefix: str = "") -> list[str]:
-    """'/'-joined paths of an adapter's leaves outside its ``{'skew', 'scale'}`` layer params."""
-    out = []
-    for k, v in adapter.items():
-        if isinstance(v, Mapping) and set(v) != {"skew", "scale"}:
-            out += _trained_besides_kernels(v, f"{prefix}{k}/")
-        elif not isinstance(v, Mapping):
-            out.append(f"{prefix}{k}")
-    return out
-
-
 def count_params(tree) -> int:
     """Total number of scalars in a pytree (e.g. an adapter from :func:`split`)."""
     return int(sum(np.prod(jnp.shape(x)) for x in jax.tree.leaves(tree)))
@@ -1084,24 +1075,13 @@ def _check_example_shapes(shapes: Mapping, frozen: Mapping) -> None:
     """The params that the example inputs give the model must have ``frozen``'s shapes: a wrong input
     width shows up as a kernel of another shape, named here as such (not as an adapter made for
     another base model, which is what :func:`combine` would say)."""
-    wrong = []
 
-    def walk(a, b, path):
-        for k, v in a.items():
-            if not isinstance(b, Mapping) or k not in b:
-                continue
-            here = (*path, str(k))
-            w = b[k]
-            if _is_node(v):
-                v = v.kernel
-            if _is_node(w):
-                w = w.kernel
-            if isinstance(v, Mapping):
-                walk(v, w, here)
-            elif hasattr(v, "shape") and hasattr(w, "shape") and tuple(v.shape) != tuple(jnp.shape(w)):
-                wrong.append(f"{'/'.join(here)}: {tuple(v.shape)} from the example inputs, {tuple(jnp.shape(w))} in frozen")
+    def flat(tree):
+        leaves = jax.tree_util.tree_leaves_with_path(tree, is_leaf=_is_node)
+        return {_key_path(kp + ("",)): tuple(jnp.shape(v.kernel if _is_node(v) else v)) for kp, v in leaves}
 
-    walk(shapes, frozen, ())
+    got, want = flat(shapes), flat(frozen)
+    wrong = [f"{p}: {got[p]} from the example inputs, {want[p]} in frozen" for p in got if p in want and got[p] != want[p]]
     if wrong:
         raise ValueError(
             f"boft.init_adapter: the example inputs give the model params of other shapes than the pretrained ones"

@@ -31,12 +31,18 @@ from boft_jax.interop import peft as peft_io
 _FORMATS = ("peft", "boft")
 
 
-def _detect_format(adapter: str | os.PathLike) -> str:
+def _detect_format(adapter: str | os.PathLike, asked: str = "auto") -> str:
+    """The format of ``adapter`` by its files.  ``asked`` (a format, or "auto"): another format's files
+    are an error naming the option that reads them; neither format's files leave ``asked`` to its
+    loader (which names what is missing), or are an error for "auto"."""
     p = Path(adapter)
-    if (p / peft_io.ADAPTER_CONFIG_NAME).is_file():
-        return "peft"
-    if (p / "meta").exists() and (p / "adapter").exists():
-        return "boft"
+    found = ("peft" if (p / peft_io.ADAPTER_CONFIG_NAME).is_file()
+             else "boft" if (p / "meta").exists() and (p / "adapter").exists() else None)
+    if found is not None and asked not in ("auto", found):
+        kinds = {"peft": "a PEFT adapter directory", "boft": "a boft_jax (orbax) adapter checkpoint"}
+        raise ValueError(f"adapter {os.fspath(adapter)!r} is {kinds[found]}, not {kinds[asked]}: use --from {found}")
+    if found is not None or asked != "auto":
+        return found or asked
     found = sorted(x.name for x in p.iterdir()) if p.is_dir() else "not a directory"
     raise ValueError(
         f"cannot tell the format of adapter {os.fspath(adapter)!r}: neither a PEFT adapter"
@@ -124,16 +130,7 @@ def load_any_adapter(
         raise FileNotFoundError(f"adapter {os.fspath(adapter)!r} does not exist")
     if fmt not in (*_FORMATS, "auto"):
         raise ValueError(f"adapter format must be one of {_FORMATS} or 'auto', got {fmt!r}")
-    try:
-        found = _detect_format(adapter)
-    except ValueError:
-        if fmt == "auto":
-            raise
-        found = fmt  # neither format's files: the loader of the format asked for names what is missing
-    if fmt not in ("auto", found):
-        kinds = {"peft": "a PEFT adapter directory", "boft": "a boft_jax (orbax) adapter checkpoint"}
-        raise ValueError(f"adapter {os.fspath(adapter)!r} is {kinds[found]}, not {kinds[fmt]}: use --from {found}")
-    fmt = found
+    fmt = _detect_format(adapter, fmt)
     base = _resolve_base(base, adapter, fmt)
     if fmt == "peft":
         module, params = _load_base(base, _num_labels_hint(adapter, fmt), scan_layers)

@@ -955,7 +955,7 @@ def load_peft_adapter(
     show = _stack_path if keymap.scan else (lambda p: p)  # a layer path as the model names it
     if oft:
         cfg_bs, cfg_bn = _cfg_field(peft_cfg, "oft_block_size", 0, int, where), _cfg_field(peft_cfg, "r", 0, int, where)
-        structure = _oft_structure(cfg_bs, cfg_bn, bs, ks, layers, where, show, _cfg_field(peft_cfg, "block_share", False, bool, where))
+        structure = _oft_structure(cfg_bs, cfg_bn, bs, ks, layers, where, show, oft.block_share)
     else:
         cfg_bs = _cfg_field(peft_cfg, "boft_block_size", 0, int, where)
         cfg_bn = _cfg_field(peft_cfg, "boft_block_num", 0, int, where)

@@ -698,13 +698,8 @@ def _atomic_write(target: Path, write: Callable[[str], None]) -> None:
     The temp file is created with mode ``0o666`` less the umask, as ``open`` would create
     ``target`` (``tempfile.mkstemp`` makes ``0o600`` files: a model directory only its writer
     could read)."""
-    while True:
-        tmp = str(target.parent / f".{target.name}.{uuid.uuid4().hex[:12]}.tmp")
-        try:
-            os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
-            break
-        except FileExistsError:  # pragma: no cover - a 48-bit random name taken
-            continue
+    tmp = str(target.parent / f".{target.name}.{uuid.uuid4().hex[:12]}.tmp")
+    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
     try:
         write(tmp)
         os.replace(tmp, target)
