@@ -131,6 +131,7 @@ def save_adapter(
     stored, empties = _without_empty(host)
     if empties:
         meta["empty_leaves"] = empties
+    meta[_META_SUM_KEY] = _meta_sum(meta)
     _check_config_fits(path, host, config)
     try:  # checked before anything is written: orbax would fail half-way and leave a temporary dir
         json.dumps(meta, allow_nan=False)
@@ -187,6 +188,18 @@ def save_adapter(
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(f"boft_jax.save_adapter:{tag:08x}")
+
+
+# sha256 of what describes the arrays in the meta entry (format, config, array checksums, empty
+# leaves): a damaged or edited config is named as such at load, not read as another adapter.  The
+# user's ``metadata`` stays outside it (free-form notes).
+_META_SUM_KEY = "meta_sha256"
+_META_SUMMED = ("format", "config", "checksums", "empty_leaves")
+
+
+def _meta_sum(meta: Mapping[str, Any]) -> str:
+    body = {k: meta[k] for k in _META_SUMMED if k in meta}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 def _remove_or_warn(p: Path) -> None:
@@ -338,8 +351,9 @@ def _recover(path: Path) -> None:
 def load_adapter(path: str | os.PathLike) -> tuple[dict, BOFTConfig, dict]:
     """Read a checkpoint written by :func:`save_adapter`: ``(adapter, config, metadata)``.
 
-    Every array is checked against the checksum stored when it was written, and the config
-    against the arrays' shapes, so a damaged file is an error naming it, never silent garbage.
+    Every array is checked against the checksum stored when it was written, the config and those
+    checksums against their own, and the config against the arrays' shapes, so a damaged file is an
+    error naming it, never silent garbage.
     If a previous :func:`save_adapter` crashed between moving the old checkpoint aside and moving
     the new one in, the old one (the last good checkpoint) is read where it lies, with a warning
     (the next :func:`save_adapter` to this path puts it back); reading never moves anything, so it
@@ -373,6 +387,12 @@ def load_adapter(path: str | os.PathLike) -> tuple[dict, BOFTConfig, dict]:
     if not isinstance(meta, Mapping) or meta.get("format") != _FORMAT:
         got = meta.get("format") if isinstance(meta, Mapping) else type(meta).__name__
         raise ValueError(f"{path}: unsupported adapter format {got!r} (expected {_FORMAT!r})")
+    if _META_SUM_KEY in meta and meta[_META_SUM_KEY] != _meta_sum(meta):  # checkpoints written before it have none
+        raise ValueError(
+            f"{path}: its meta entry (the config and the arrays' checksums) does not match the checksum stored"
+            " with it: the file is damaged or was edited after saving. Restore it from a copy, or save the"
+            " adapter again with boft_jax.checkpoint.save_adapter"
+        )
     if not isinstance(meta.get("config"), Mapping) or not isinstance(meta.get("metadata", {}), Mapping):
         raise ValueError(f"{path}: its meta entry has no config object (or a metadata that is not an object)")
     restored = _with_empty(restored, meta.get("empty_leaves") or {})

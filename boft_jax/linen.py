@@ -730,6 +730,8 @@ def split(params: Mapping, config: BOFTConfig | None = None) -> tuple[dict, dict
       config: the :class:`BOFTConfig`; decides which biases train (``config.bias``: ``"none"``,
         ``"boft_only"`` = biases of adapted layers, ``"all"`` = every ``bias`` param) and which
         modules train in full (``config.modules_to_save``).  Without it only the BOFT leaves train.
+        With it, every adapted layer must be one the config selects, with its block structure
+        (``ValueError`` otherwise, as :func:`merge` would raise).
 
     Returns:
       ``frozen``: the base model's params in its own layout (``model.apply({"params": frozen})``
@@ -765,6 +767,8 @@ def split(params: Mapping, config: BOFTConfig | None = None) -> tuple[dict, dict
         adapted = _is_node(tree.get("kernel"))
         for k, v in tree.items():
             if _is_node(v):
+                if config is not None:  # as merge and save_adapter would: refuse a config that does not describe it
+                    _check_node_config(v, config, "/".join(path), "split")
                 out[k] = {"skew": v.skew, "scale": v.scale}
             elif isinstance(v, Mapping):
                 sub = adapter_of(v, path + (k,))
@@ -907,22 +911,28 @@ def _key_path(key_path) -> str:
     return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in key_path[:-1])
 
 
-def _merge_node(node: BOFTKernel, config: BOFTConfig, inverse: bool = False, path: str = "?") -> jax.Array:
+def _check_node_config(node: BOFTKernel, config: BOFTConfig, path: str, fn: str) -> None:
+    """The adapter node at ``path`` is one that ``config`` describes: the layer is selected by its
+    targets and its skew has the config's block structure there (what a wrapped model would check)."""
     _check_adapter_fits(path, node.kernel, node.skew, node.scale)
     if not config.matches(path):
         raise ValueError(
-            f"{'unmerge' if inverse else 'merge'}: {layer_label(path)} holds an adapter, but the config's targets"
+            f"{fn}: {layer_label(path)} holds an adapter, but the config's targets"
             f" {config.targets} (exclude {config.exclude}) do not select it, so a model wrapped with this config"
             " would refuse these params. Pass the BOFTConfig the adapter was made with."
         )
+    _, k, p = jnp.shape(node.skew)[-3:]
+    _check_structure(path, jnp.shape(node.skew), config.layer_structure(path, k * block_size_from_num_params(p)))
+
+
+def _merge_node(node: BOFTKernel, config: BOFTConfig, inverse: bool = False, path: str = "?") -> jax.Array:
+    _check_node_config(node, config, path, "unmerge" if inverse else "merge")
     if inverse and not isinstance(node.scale, jax.core.Tracer) and not np.all(np.asarray(node.scale) != 0):
         zeros = int(np.sum(np.asarray(node.scale) == 0))
         raise ValueError(
             f"unmerge: {layer_label(path)} has {zeros} zero entries in its scale s: K' = (M K) * s lost those"
             " output columns of the base kernel, so they cannot be recovered from the merged params"
         )
-    _, k, p = jnp.shape(node.skew)[-3:]
-    _check_structure(path, jnp.shape(node.skew), config.layer_structure(path, k * block_size_from_num_params(p)))
     return _merge_arrays(node.kernel, node.skew, node.scale, config, inverse)
 
 

@@ -132,10 +132,20 @@ def test_empty_or_non_numeric_adapters_and_unfitting_configs_are_refused(tmp_pat
     with pytest.raises(ValueError, match=r"n_factors=1.*does not describe its arrays: l/kernel: blocks \(m=2, k=4, b=4\)"):
         ck.save_adapter(tmp_path / "a", _adapter(), boft.BOFTConfig(block_size=4, n_factors=1, targets="l"))
     assert not (tmp_path / "a").exists() and _leftovers(tmp_path) == []
-    # a config edited on disk after saving: the load says so
-    ck.save_adapter(tmp_path / "a", _adapter(), CFG)
+    # a config edited (or damaged) on disk after saving: the load says so, by its checksum ...
+    ck.save_adapter(tmp_path / "a", _adapter(), CFG, metadata={"note": "x"})
     meta_file = tmp_path / "a" / "meta" / "metadata"
     meta = json.loads(meta_file.read_text())
+    for field, value in (("cayley", "neumann"), ("neumann_terms", meta["config"]["neumann_terms"] + 1),
+                         ("block_size", 8)):
+        edited = {**meta, "config": {**meta["config"], field: value}}
+        meta_file.write_text(json.dumps(edited))
+        with pytest.raises(ValueError, match=r"its meta entry \(the config and the arrays' checksums\) does not match"):
+            ck.load_adapter(tmp_path / "a")
+    meta_file.write_text(json.dumps({**meta, "metadata": {"note": "edited"}}))  # free-form notes are not summed
+    assert ck.load_adapter(tmp_path / "a")[2] == {"note": "edited"}
+    # ... and without one (a checkpoint written before it existed), by the arrays' shapes
+    meta.pop("meta_sha256")
     meta["config"]["block_size"] = 8
     meta_file.write_text(json.dumps(meta))
     with pytest.raises(ValueError, match=r"block_size=8.*does not describe its arrays"):

@@ -1261,23 +1261,26 @@ def test_boxed_dense_general_initializers_stay_boxed_and_wrap():
     _assert_unboxed_params_adapt_and_merge(model, Attn(), base, cfg, x, seed=4)
 
 
-def test_merge_and_unmerge_refuse_a_config_with_another_block_structure():
+def test_merge_unmerge_and_split_refuse_a_config_with_another_block_structure():
     cfg = boft.BOFTConfig(block_size=4, n_factors=2, targets="fc1")
     x = jax.random.normal(jax.random.key(10), (3, 32))
     model, frozen, adapter = _setup(MLP(), cfg, x)
     params = boft.combine(frozen, adapter)
-    merged = boft.merge(params, boft.BOFTConfig(block_num=8, n_factors=2, targets="fc1"))  # the same b = 4
+    same_b = boft.BOFTConfig(block_num=8, n_factors=2, targets="fc1")  # the same b = 4
+    merged = boft.merge(params, same_b)
     np.testing.assert_array_equal(merged["fc1"]["kernel"], boft.merge(params, cfg)["fc1"]["kernel"])
+    assert jax.tree.map(np.shape, boft.split(params, same_b)) == jax.tree.map(np.shape, (frozen, adapter))
     for other, said in ((dataclasses.replace(cfg, n_factors=1), "n_factors=1, 8 blocks of size 4"),
                         (dataclasses.replace(cfg, block_size=2), "n_factors=2, 16 blocks of size 2")):
-        for call in (lambda: boft.merge(params, other), lambda: boft.unmerge(merged, adapter, other)):
+        for call in (lambda: boft.merge(params, other), lambda: boft.unmerge(merged, adapter, other),
+                     lambda: boft.split(params, other)):
             with pytest.raises(ValueError, match=rf"layer 'fc1': its adapter params were made for n_factors=2, 8 blocks"
                                                  rf" of size 4 .* asks for {said}"):
                 call()
 
 
-def test_merge_and_unmerge_refuse_a_config_that_does_not_select_the_adapted_layers():
-    """merge / unmerge agree with the wrapped model: params holding an adapter on a layer the config
+def test_merge_unmerge_and_split_refuse_a_config_that_does_not_select_the_adapted_layers():
+    """merge / unmerge / split agree with the wrapped model: params holding an adapter on a layer the config
     does not target are an error naming the layer (they were folded in silently)."""
     cfg = boft.BOFTConfig(block_size=4, targets="fc.*")
     x = jax.random.normal(jax.random.key(12), (3, 32))
@@ -1289,9 +1292,10 @@ def test_merge_and_unmerge_refuse_a_config_that_does_not_select_the_adapted_laye
         with pytest.raises(TypeError):  # the wrapped model refuses the pair ...
             boft.wrap(MLP(), other).apply({"params": params}, x)
         for call, name in ((lambda: boft.merge(params, other), "merge"),
-                           (lambda: boft.unmerge(merged, adapter, other), "unmerge")):
+                           (lambda: boft.unmerge(merged, adapter, other), "unmerge"),
+                           (lambda: boft.split(params, other), "split")):
             with pytest.raises(ValueError, match=rf"{name}: layer 'fc2' holds an adapter, but the config's targets"):
-                call()  # ... and so do merge and unmerge
+                call()  # ... and so do merge, unmerge and split
 
 
 def test_list_inputs_work_as_for_the_bare_model():

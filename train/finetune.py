@@ -250,6 +250,9 @@ def run(argv=None) -> dict:
     except ValueError as e:
         _fail(f"multi-process set-up: {e}")
     main = sh.is_main_process()
+    # Progress lines go to the console of process 0 only (every process of a multi-process job runs
+    # this same code); errors (_fail) are printed by every process, to stderr.
+    info = print if main else (lambda *a, **k: None)
     kind = args.model
     family = __import__(f"boft_jax.models.{kind}", fromlist=["TARGET_PRESETS"])
     if args.list_presets:
@@ -370,7 +373,7 @@ def run(argv=None) -> dict:
         _fail(f"--mesh {args.mesh or f'(default: data={jax.device_count()})'}: {advice}")
     if args.replicate_unsplit and (whole := sh.unsplit_weights(frozen, mesh)):
         mib = sum(n for _, n in whole) / 2**20
-        print(
+        info(
             f"note: --replicate-unsplit: {len(whole)} frozen weight(s) ({mib:.1f} MiB) that mesh {dict(mesh.shape)}"
             f" cannot split are held whole by every device, e.g. {', '.join(p for p, _ in whole[:3])}"
         )
@@ -444,7 +447,7 @@ def run(argv=None) -> dict:
     task = task_lib.make_task(model, frozen, adapter, data)
     n_base = boft.count_params(frozen)
     n_train = boft.count_params(adapter)
-    print(
+    info(
         f"{kind}: {ckpt_path} | data: {data.description} ({len(data.train)} train / {len(data.test)} held-out)\n"
         f"BOFT: b={config.block_size or '-'} k={config.block_num or '-'} m={config.n_factors} on"
         f" {len(boft.layer_paths(boft.combine(frozen, adapter)))} layers ({targets}); trainable"
@@ -458,11 +461,11 @@ def run(argv=None) -> dict:
         except loop.ResumeMismatch as e:
             _fail(str(e))
         if not resume:  # said before the evaluation and the training, not after
-            print(f"--resume: no checkpoint in {out / 'checkpoints'}: a new run from step 0 (is --output {out} the run"
-                  " to continue?)")
+            info(f"--resume: no checkpoint in {out / 'checkpoints'}: a new run from step 0 (is --output {out} the run"
+                 " to continue?)")
     t_start = time.time()
     acc_before = task.evaluate(model, boft.combine(frozen, adapter), data.test)
-    print(f"held-out {task_lib.METRIC} before finetuning: {acc_before:.3f}")
+    info(f"held-out {task_lib.METRIC} before finetuning: {acc_before:.3f}")
     try:
         result = loop.fit(task, opts, out, resume=resume, eval_before=acc_before)
     except loop.ResumeMismatch as e:

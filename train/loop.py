@@ -349,6 +349,7 @@ def fit(task: Task, opts: TrainOptions, out_dir: Path, *, resume: bool = False,
     ckpt = TrainCheckpointer(out_dir / "checkpoints", save_every=opts.save_every, keep=opts.keep)
     start = 0
     identity = opts.identity()
+    main = sh.is_main_process()  # in a multi-process job only process 0 writes logs and prints progress
     if resume:
         try:
             restored = _restore_for_resume(ckpt, adapter, opt_state, opts, out_dir)
@@ -356,15 +357,16 @@ def fit(task: Task, opts: TrainOptions, out_dir: Path, *, resume: bool = False,
             ckpt.close()
             raise
         if restored is None:
-            print(f"--resume: no checkpoint in {out_dir / 'checkpoints'}; starting from step 0")
+            if main:
+                print(f"--resume: no checkpoint in {out_dir / 'checkpoints'}; starting from step 0")
         else:
             start, adapter, opt_state, state = restored
             adapter = jax.device_put(_fresh_copy(adapter), rep)
             opt_state = jax.device_put(_fresh_copy(opt_state), rep)
-            print(f"resumed from step {start} (data position {state.get('data_position')})")
+            if main:
+                print(f"resumed from step {start} (data position {state.get('data_position')})")
 
     metrics_path = out_dir / "metrics.jsonl"
-    main = sh.is_main_process()  # in a multi-process job only process 0 writes logs
     if main and start == 0 and metrics_path.exists():
         metrics_path.unlink()
     elif main and start > 0 and metrics_path.exists():  # drop lines logged after the checkpoint we resume from
