@@ -36,6 +36,7 @@ Optax recipe (gradients and optimizer state only for the adapter)::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import inspect
@@ -50,7 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from boft_jax.butterfly import rotate, rotate_kernel
-from boft_jax.config import BOFTConfig, layer_label, path_repr, paths_label
+from boft_jax.config import BOFTConfig, _path_matches, layer_label, path_repr, paths_label
 from boft_jax import _ops
 from boft_jax.orthogonal import block_size_from_num_params, cayley
 
@@ -305,6 +306,22 @@ def _adapter_dtype(param_dtype) -> np.dtype:
     return jax.dtypes.canonicalize_dtype(jnp.promote_types(jnp.float32, param_dtype))
 
 
+@contextlib.contextmanager
+def _no_forward_mode(path: str):
+    """JAX's bare "can't apply forward-mode autodiff (jvp) to a custom_vjp function", said in BOFT's terms."""
+    try:
+        yield
+    except TypeError as e:
+        if "forward-mode autodiff" not in str(e):
+            raise
+        raise TypeError(
+            f"{layer_label(path)}: forward-mode differentiation (jax.jvp, jax.jacfwd, jax.linearize) through a BOFT"
+            " adapted layer is not supported: its structured backward pass is a jax.custom_vjp rule. Use reverse"
+            " mode (jax.grad, jax.vjp, jax.jacrev; a Hessian-vector product as jax.jvp of jax.grad), or differentiate"
+            " the merged model (boft.merge(params, config)) in forward mode"
+        ) from e
+
+
 def _adapted_call(
     module: nn.Module,
     inputs: jax.Array,
@@ -359,7 +376,8 @@ def _adapted_call(
     k2 = kernel.reshape(geo.d_in, geo.d_out)
 
     if not custom_dot:
-        y2 = _adapted_dense(x2, k2, skew, scale, drop_key, config=config, mode=mode, precision=module.precision)
+        with _no_forward_mode(path):
+            y2 = _adapted_dense(x2, k2, skew, scale, drop_key, config=config, mode=mode, precision=module.precision)
         y = y2.reshape(*lead, *geo.features)
     else:
         # A user-supplied dot_general (e.g. quantized): keep it, differentiate through it.
@@ -377,7 +395,8 @@ def _adapted_call(
             rotated = _ops.rotate_rows(x2, B, module.precision).astype(x2.dtype).reshape(moved.shape)
             rotated = jnp.moveaxis(rotated, tail, geo.axis)
             y = dot_general(rotated, kernel, (contract, ((), ())), precision=module.precision)
-            y = _ops.scaled(y, scale.reshape(geo.features))
+            with _no_forward_mode(path):
+                y = _ops.scaled(y, scale.reshape(geo.features))
     if bias is not None:
         y = y + jnp.reshape(bias, (1,) * (y.ndim - len(geo.features)) + geo.features)
     return y
@@ -395,6 +414,7 @@ class _CallState:
     unfit: list = dataclasses.field(default_factory=list)
     overridden: list = dataclasses.field(default_factory=list)  # (path, class) of Dense subclasses' own __call__
     saved_and_targeted: list = dataclasses.field(default_factory=list)  # layers both targeted and in modules_to_save
+    others: dict = dataclasses.field(default_factory=dict)  # {path: class name} of other modules called (not Dense)
 
 
 _STOCK_CALLS = (inspect.unwrap(nn.Dense.__call__), inspect.unwrap(nn.DenseGeneral.__call__))
@@ -441,6 +461,8 @@ def _check_no_adapter(module: nn.Module, path: str, why: str) -> None:
 def _intercept(state: _CallState, next_fun, args, kwargs, context):
     module = context.module
     if context.method_name != "__call__" or not isinstance(module, (nn.Dense, nn.DenseGeneral)):
+        if context.method_name == "__call__" and module.scope is not None and module.path:
+            state.others.setdefault("/".join(module.path), type(module).__name__)
         return next_fun(*args, **kwargs)
     path = "/".join(module.path)  # the params path (see _refresh_paths)
     if getattr(context.orig_method, "func", None) not in _STOCK_CALLS:
@@ -475,17 +497,43 @@ def _intercept(state: _CallState, next_fun, args, kwargs, context):
     return _adapted_call(module, inputs, path=path, config=state.config, dropout=state.dropout)
 
 
+def _warn_idle_targets(config: BOFTConfig, dense: set[str], others: Mapping[str, str]) -> None:
+    """Warn (at init) about ``targets`` patterns that select none of the Dense layers called, when
+    others do (none at all is an error): a misspelt pattern, or one naming a module BOFT does not
+    adapt (``nn.Conv``, ``nn.Einsum``, ...), would otherwise train fewer layers than asked for."""
+    idle = [t for t in config.targets if not any(_path_matches(t, p) for p in dense)]
+    if not idle:
+        return
+    notes = []
+    for t in idle:
+        hit = sorted(p for p in others if _path_matches(t, p) and p not in dense)
+        if hit:
+            notes.append(f"{t!r} matches {', '.join(f'{path_repr(p)} ({others[p]})' for p in hit[:4])}"
+                         f"{' ...' if len(hit) > 4 else ''}, which BOFT does not adapt: only nn.Dense / nn.DenseGeneral")
+    warnings.warn(
+        f"BOFT target pattern(s) {idle} select none of the model's Dense/DenseGeneral layers (the other"
+        f" targets do), so they adapt nothing{': ' + '; '.join(notes) if notes else ''}. {_PATTERN_RULE}."
+        f" The Dense layers are {paths_label(sorted(dense)[:12])}{' ...' if len(dense) > 12 else ''}",
+        UserWarning,
+        stacklevel=4,
+    )
+
+
 class BOFTModule(nn.Module):
     """``model`` with BOFT adapters on its targeted Dense/DenseGeneral layers (see :func:`wrap`).
 
     Shares ``model``'s scope, so its params are ``model``'s params with :class:`BOFTKernel` nodes
-    at adapted layers.  Every public method of ``model`` is available (``method="encode"``).
+    at adapted layers.  Every public method of ``model`` is available (``method="encode"``), and so
+    are its dataclass fields, except ``config``, which is the wrapper's :class:`BOFTConfig` (the base
+    model's own is ``wrapped.model.config``).
 
     Dropout (``config.dropout > 0``) is active when a ``'dropout'`` rng is given and the call is
     not deterministic: the wrapper reads the base method's ``deterministic`` (or ``train``)
     argument as the method binds it (keyword, position or default) and, when that is absent or
     ``None``, the base module's ``deterministic`` (or ``train``) field, so adapter dropout follows
-    the base model's own; ``boft_deterministic=True/False`` overrides it.
+    the base model's own; ``boft_deterministic=True/False`` overrides it.  A call that passes
+    ``deterministic=False`` / ``train=True`` / ``boft_deterministic=False`` without a
+    ``'dropout'`` rng is a ``ValueError`` (as flax's ``nn.Dropout`` makes it).
     """
 
     model: nn.Module
@@ -499,36 +547,48 @@ class BOFTModule(nn.Module):
         return self._run("__call__", args, kwargs, boft_deterministic)
 
     @nn.nowrap
-    def _deterministic(self, method: str, args, kwargs) -> bool:
-        """The call's ``deterministic`` (or ``not train``) argument as the base method binds it:
-        by keyword, by position, or its default.  When that is absent or ``None`` (flax's
-        ``nn.merge_param`` idiom), the wrapped module's own ``deterministic`` (or ``train``) field;
-        ``False`` when there is neither (pass ``boft_deterministic`` to say it explicitly)."""
-        values = dict(kwargs)
+    def _deterministic(self, method: str, args, kwargs) -> tuple[bool, bool]:
+        """``(deterministic, explicit)``: the call's ``deterministic`` (or ``not train``) argument
+        as the base method binds it: by keyword, by position, or its default.  When that is absent
+        or ``None`` (flax's ``nn.merge_param`` idiom), the wrapped module's own ``deterministic``
+        (or ``train``) field; ``False`` when there is neither (pass ``boft_deterministic`` to say it
+        explicitly).  ``explicit``: the value was passed in this call (not a default or a field)."""
+        values, given = dict(kwargs), dict(kwargs)
         try:
             sig = inspect.signature(getattr(type(self.model), method))
             bound = sig.bind(self.model, *args, **kwargs)
         except (TypeError, ValueError):  # no signature / a call the method will reject itself
             bound = None
         if bound is not None:
+            given = dict(bound.arguments)
             bound.apply_defaults()
             values = dict(bound.arguments)
             for name, param in sig.parameters.items():
                 if param.kind is inspect.Parameter.VAR_KEYWORD:
                     values.update(values.pop(name, {}))
-        if values.get("deterministic") is not None:
-            return bool(values["deterministic"])
-        if values.get("train") is not None:
-            return not bool(values["train"])
+                    given.update(given.pop(name, {}))
+        for name, deterministic_if in (("deterministic", True), ("train", False)):
+            if values.get(name) is not None:
+                return bool(values[name]) == deterministic_if, given.get(name) is not None
         for name, deterministic_if in (("deterministic", True), ("train", False)):
             field = getattr(self.model, name, None)
             if isinstance(field, (bool, np.bool_)):
-                return bool(field) == deterministic_if
-        return False
+                return bool(field) == deterministic_if, False
+        return False, False
 
     def _run(self, method: str, args, kwargs, deterministic: bool | None = None):
+        explicit = deterministic is not None
         if deterministic is None:
-            deterministic = self._deterministic(method, args, kwargs)
+            deterministic, explicit = self._deterministic(method, args, kwargs)
+        if (self.config.dropout > 0 and not deterministic and explicit and not self.has_rng("dropout")
+                and not self.is_initializing()):  # (init: identity blocks, dropout changes nothing)
+            # a call that says it trains, without the rng its dropout needs (as flax's nn.Dropout refuses it)
+            raise ValueError(
+                f"BOFT dropout (config.dropout={self.config.dropout}) is on in this call (it is not deterministic),"
+                " but no 'dropout' rng was given, so the adapter would silently train without it. Pass"
+                " rngs={'dropout': key} to apply, or make the call deterministic (deterministic=True,"
+                " train=False, or boft_deterministic=True)"
+            )
         dropout = self.config.dropout > 0 and not deterministic and self.has_rng("dropout")
         state = _CallState(self.config, dropout)
         with nn.intercept_methods(functools.partial(_intercept, state)):
@@ -555,6 +615,8 @@ class BOFTModule(nn.Module):
                 f" model's Dense/DenseGeneral layers: {paths_label(list(dict.fromkeys(state.seen))) if state.seen else 'none were called'}."
                 f" {_PATTERN_RULE}"
             )
+        if self.is_initializing():
+            _warn_idle_targets(self.config, set(state.seen) | {p for p, _ in state.overridden}, state.others)
         if self.is_initializing() and self.config.exclude:
             met = sorted(set(state.seen) | {p for p, _ in state.overridden})
             idle = self.config.idle_excludes(met)
@@ -605,11 +667,23 @@ class BOFTModule(nn.Module):
     def __getattr__(self, name: str):
         try:
             return super().__getattr__(name)
-        except AttributeError:
+        except AttributeError as e:
             model = self.__dict__.get("model")
-            attr = getattr(type(model), name, None) if model is not None else None
-            if name.startswith("_") or not callable(attr):
+            if model is None or name.startswith("_"):
                 raise
+            fields = getattr(type(model), "__dataclass_fields__", {})
+            if name in fields and name not in ("parent", "name"):  # read a base model's field (width, ...)
+                value = getattr(model, name)
+                if not isinstance(value, nn.Module):
+                    return value
+            attr = getattr(type(model), name, None)
+            if not callable(attr):
+                raise AttributeError(
+                    f"the BOFT wrapper of {type(model).__name__} has no attribute {name!r}: it forwards the base"
+                    " model's methods (run with the adapters) and its dataclass fields, not its submodules. Run a"
+                    " submodule through a method of the base model (apply(variables, x, method='encode')); read"
+                    f" anything else from the base model itself, wrapped.model.{name}"
+                ) from e
             if getattr(attr, "nowrap", False):  # an @nn.nowrap helper, callable unbound
                 if getattr(attr, "boft_binds_wrapper", False):  # it runs the model by name: run the adapted one
                     return types.MethodType(attr, self)
@@ -865,7 +939,14 @@ def _check_adapter_fits(path: str, kernel, skew, scale) -> None:
     lead = jnp.ndim(skew) - 3
     if lead < 0 or jnp.ndim(scale) != lead + 1:
         raise ValueError(f"{layer_label(path)}: adapter skew {jnp.shape(skew)} / scale {jnp.shape(scale)} are malformed")
-    if lead and len({tuple(jnp.shape(a)[:lead]) for a in (kernel, skew, scale)}) > 1:
+    k_lead, s_lead, c_lead = (tuple(jnp.shape(a)[:lead]) for a in (kernel, skew, scale))
+    if lead and s_lead == c_lead and k_lead != s_lead and sorted(k_lead) != sorted(s_lead):
+        raise ValueError(
+            f"{layer_label(path)}: the adapter holds {s_lead} stacked layers (leading axes of skew"
+            f" {tuple(jnp.shape(skew))} and scale {tuple(jnp.shape(scale))}), the base kernel {tuple(jnp.shape(kernel))}"
+            f" {k_lead}: the adapter was made for a base with another number of stacked (nn.scan / nn.vmap) layers"
+        )
+    if lead and len({k_lead, s_lead, c_lead}) > 1:
         raise ValueError(
             f"{layer_label(path)}: its stacked params disagree on their leading (layer) axes: kernel"
             f" {tuple(jnp.shape(kernel))}, adapter skew {tuple(jnp.shape(skew))} (expected (layers..., m, k, b(b-1)/2)),"

@@ -146,6 +146,15 @@ def test_deep_butterfly_equals_definition_with_gradients_float64(mode):
         g, g_ref = jax.grad(loss, argnums=(0, 1))(adapter, x), jax.grad(loss_ref, argnums=(0, 1))(adapter, x)
         for got, want in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
             np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-10)
+        # second order: Hessian-vector products (forward mode of the reverse pass) match the definition's
+        v = _perturb(jax.tree.map(jnp.zeros_like, adapter), 9)
+        hvp, hvp_ref = (jax.jvp(jax.grad(f), (adapter, ), (v,))[1] for f in (lambda a: loss(a, x), lambda a: loss_ref(a, x)))
+        for got, want in zip(jax.tree.leaves(hvp), jax.tree.leaves(hvp_ref)):
+            np.testing.assert_allclose(got, want, rtol=1e-8, atol=1e-9)
+        # forward mode of the layer itself: refused in BOFT's terms, naming the layer
+        with pytest.raises(TypeError, match=r"layer 'proj': forward-mode differentiation \(jax.jvp, jax.jacfwd,"
+                                            r" jax.linearize\) through a BOFT adapted layer is not supported"):
+            jax.jvp(lambda x: loss(adapter, x), (x,), (x,))
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -439,6 +448,14 @@ def test_dropout_follows_the_base_methods_flag_by_keyword_position_or_default():
     np.testing.assert_array_equal(model.apply(params, x, True, rngs=rngs), eval_out)
     np.testing.assert_array_equal(model.apply(params, x, rngs=rngs), eval_out)
     np.testing.assert_array_equal(model.apply(params, x, True, rngs=rngs, boft_deterministic=False), train_out)
+    # a call that says it trains but gives no 'dropout' rng: an error (as flax's nn.Dropout), not dropout off
+    for call in (lambda: model.apply(params, x, False), lambda: model.apply(params, x, deterministic=False),
+                 lambda: model.apply(params, x, True, boft_deterministic=False)):
+        with pytest.raises(ValueError, match=r"BOFT dropout \(config.dropout=0.5\) is on in this call .* no 'dropout'"
+                                             r" rng was given.* Pass rngs=\{'dropout': key\}"):
+            call()
+    np.testing.assert_array_equal(model.apply(params, x), eval_out)  # the default (True) needs none
+    boft.wrap(PreLNBlock(), cfg).init(jax.random.key(0), x, False)  # nor does init (identity blocks)
 
     cfg = boft.BOFTConfig(block_size=4, dropout=0.5, targets="fc")
     x = jax.random.normal(jax.random.key(7), (4, 16))
@@ -634,8 +651,13 @@ def test_other_methods_are_forwarded():
     assert list(ours["intermediates"]) == ["enc"]
     # @nn.nowrap helpers work on the unbound wrapper, as on the unbound base model
     np.testing.assert_array_equal(model.dummy_input(3), EncDec().dummy_input(3))
-    with pytest.raises(AttributeError):
+    with pytest.raises(AttributeError, match=r"the BOFT wrapper of EncDec has no attribute 'no_such_method'"):
         model.no_such_method
+    # the base model's dataclass fields read through; submodules do not (run them through a method)
+    assert boft.wrap(Proj(features=24), cfg).features == 24
+    with pytest.raises(AttributeError, match=r"has no attribute 'enc': it forwards the base model's methods .* not its"
+                                             r" submodules\. Run a submodule through a method of the base model"):
+        model.enc
 
 
 # ---------------------------------------------------------------------------------------------
@@ -873,6 +895,25 @@ def test_a_layer_axis_that_is_not_first_is_named_not_misread():
         with pytest.raises(ValueError, match=r"layer 'layers/inp': its stacked params disagree on their leading \(layer\) axes:"
                                              r" kernel \(32, 3, 32\), adapter skew \(2, 3, 8, 6\).*'params': 0"):
             call()
+
+
+def test_an_adapter_for_another_number_of_stacked_layers_says_so():
+    class Stack(nn.Module):
+        length: int
+
+        @nn.compact
+        def __call__(self, x):
+            layers = nn.scan(ScanLayer, variable_axes={"params": 0}, split_rngs={"params": True}, length=self.length)
+            return layers(name="layers")(x, None)[0]
+
+    cfg = boft.BOFTConfig(block_size=4, targets="inp")
+    x = jax.random.normal(jax.random.key(5), (2, 32))
+    _, adapter3 = boft.split(boft.wrap(Stack(3), cfg).init(jax.random.key(0), x)["params"], cfg)
+    frozen2, _ = boft.split(boft.wrap(Stack(2), cfg).init(jax.random.key(1), x)["params"], cfg)
+    with pytest.raises(ValueError, match=r"layer 'layers/inp': the adapter holds \(3,\) stacked layers .* the base kernel"
+                                         r" \(2, 32, 32\) \(2,\): the adapter was made for a base with another number of"
+                                         r" stacked"):
+        boft.combine(frozen2, adapter3)
 
 
 def test_a_wrapper_that_would_run_an_adapted_layer_plain_names_it():
@@ -1313,6 +1354,32 @@ def test_targets_matching_nothing_explain_the_matching_rule():
     with pytest.raises(ValueError, match=r"match none of .*\['fc1', 'fc2', 'head'\].*trailing run of its components"
                                          r" \(e\.g\. 'query', 'attention/query', 'fc\.\*'"):
         boft.wrap(MLP(), boft.BOFTConfig(block_size=4, targets="fc")).init(jax.random.key(0), jnp.ones((1, 16)))
+
+
+def test_a_target_pattern_that_selects_no_dense_layer_is_warned_about_at_init():
+    """A misspelt pattern next to a good one, or one naming a module BOFT does not adapt (a conv),
+    would train fewer layers than asked for: init warns, naming it (none matching at all is an error)."""
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.Conv(8, (3,), name="conv")(x)
+            return nn.Dense(8, name="value")(nn.Dense(8, name="query")(x))
+
+    x = jax.random.normal(jax.random.key(3), (2, 5, 8))
+    for targets, said in ((("query", "vaule"), r"\['vaule'\] select none of the model's Dense/DenseGeneral layers"
+                                               r" \(the other targets do\), so they adapt nothing\. A pattern"),
+                          (("query", "value", "conv"), r"\['conv'\] select none .* 'conv' matches 'conv' \(Conv\), which"
+                                                       r" BOFT does not adapt: only nn\.Dense / nn\.DenseGeneral")):
+        model = boft.wrap(Net(), boft.BOFTConfig(block_size=4, targets=targets))
+        with pytest.warns(UserWarning, match=said + r".* The Dense layers are \['query', 'value'\]"):
+            params = model.init(jax.random.key(0), x)["params"]
+        assert boft.layer_paths(params) == [t for t in ("query", "value") if t in targets]
+        with warnings.catch_warnings():  # applying the params warns no more
+            warnings.simplefilter("error")
+            model.apply({"params": params}, x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        boft.wrap(Net(), boft.BOFTConfig(block_size=4, targets=("query", "value"))).init(jax.random.key(0), x)
 
 
 def test_unclear_setups_get_errors_that_say_what_is_wrong():
