@@ -235,6 +235,7 @@ def test_unreadable_checkpoint_or_data_file_exits_2_with_a_clear_message(tmp_pat
     assert finetune.main(["--output", str(out), *SMALL, "--data", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "not an .npz archive" in err and "pickle" not in err, err
+    assert err.count(str(bad)) == 1, err  # the path once: "--data X: ...", not "--data X: X: ..."
     assert not out.exists()
     # the suffix's case does not matter; a missing path and a non-.npz file are told apart
     from boft_jax.models import vit
@@ -289,7 +290,7 @@ def test_replicate_unsplit_runs_on_any_device_count_and_matches_one_device(tmp_p
     np.testing.assert_allclose(losses["five"], losses["one"], rtol=2e-5)
 
 
-def test_npz_and_image_folder_data_load_exactly(tmp_path):
+def test_npz_and_image_folder_data_load_exactly(tmp_path, capsys):
     from PIL import Image
 
     from train import data as data_lib
@@ -339,7 +340,9 @@ def test_npz_and_image_folder_data_load_exactly(tmp_path):
     for i, p in enumerate(pix):
         (tmp_path / "imgs" / f"class_{i % 3}").mkdir(parents=True, exist_ok=True)
         Image.fromarray(p, mode="L").save(tmp_path / "imgs" / f"class_{i % 3}" / f"{i}.png")
+    capsys.readouterr()
     ds = data_lib.load_image_folder(tmp_path / "imgs", (8, 8), 1)
+    assert "class folders sorted by name get labels 0..2: class_0 -> 0, class_1 -> 1, class_2 -> 2" in capsys.readouterr().out
     both = np.concatenate([ds.train.inputs["pixel_values"], ds.test.inputs["pixel_values"]])
     got = {(np.round(x[..., 0] * 255).astype(np.uint8).tobytes(), int(y)) for x, y in zip(both, np.concatenate([ds.train.labels, ds.test.labels]))}
     assert got == {(p.tobytes(), i % 3) for i, p in enumerate(pix)}
@@ -350,7 +353,9 @@ def test_npz_and_image_folder_data_load_exactly(tmp_path):
     with pytest.raises(ValueError, match=r"class folders \['class_0'\] are named after the model's classes"
                                          r" \(id2label\) but \['class_1', 'class_2'\] are not"):
         data_lib.load_image_folder(tmp_path / "imgs", (8, 8), 1, class_names=["class_0", "other"])
-    data_lib.load_image_folder(tmp_path / "imgs", (8, 8), 1, class_names=["cat", "dog", "emu"])  # none: sorted order
+    none = data_lib.load_image_folder(tmp_path / "imgs", (8, 8), 1, class_names=["cat", "dog", "emu"])  # sorted order
+    assert none.class_names == ds.class_names == {0: "class_0", 1: "class_1", 2: "class_2"}
+    assert named.class_names == {1: "class_2", 2: "class_0", 3: "class_1"}
     # labels an int32 cannot hold would wrap around: refused
     np.savez(tmp_path / "huge.npz", images=imgs, labels=labels.astype(np.int64) + 2**32)
     with pytest.raises(ValueError, match=r"labels must be class indices < 2\^31, found 429496"):
@@ -544,6 +549,29 @@ def test_a_second_job_on_the_same_output_is_refused_while_the_first_runs(tmp_pat
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_file_system_without_locks_is_named_not_taken_for_another_job(tmp_path, capsys, monkeypatch):
+    """flock fails with ENOLCK on NFS without its lock service (Lustre without -o flock: EINVAL): that
+    is not a held lock; the job says it cannot guard the --output and goes on."""
+    import errno
+    import fcntl
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    finetune._lock_output(tmp_path / "run")
+    err = capsys.readouterr().err
+    assert f"note: --output {tmp_path / 'run'}: its file system does not support file locks (No locks available)" in err
+    assert "another job" not in err and (tmp_path / "run").is_dir()
+
+    def held(fd, op):
+        raise BlockingIOError(errno.EWOULDBLOCK, os.strerror(errno.EWOULDBLOCK))
+
+    monkeypatch.setattr(fcntl, "flock", held)
+    with pytest.raises(finetune.UsageError, match="another job is writing to it now"):
+        finetune._lock_output(tmp_path / "run")
 
 
 def test_merged_model_keeps_the_checkpoints_preprocessing(tmp_path):
@@ -1054,3 +1082,33 @@ def test_t5_data_that_is_a_directory_is_named_so(tmp_path, capsys):
     assert finetune.main(["--model", "t5", "--output", str(tmp_path / "run"), "--data", str(tmp_path / "data")]) == 2
     err = capsys.readouterr().err
     assert f"--data {tmp_path / 'data'}: a directory (expected a JSONL file" in err, err
+
+
+@pytest.mark.slow
+def test_an_image_folders_class_names_name_the_trained_models_classes(tmp_path, capsys):
+    """Folders that are not the base's class names get ids by sorted name (a printed note says which),
+    and the merged model's id2label / label2id and the adapter's metadata carry those names (the
+    base's names for ids no folder took)."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    from boft_jax.checkpoint import load_adapter
+    from train.make_base import VIT_BASE
+
+    digits = load_digits()
+    folders = {5: "five", 6: "six", 7: "seven"}
+    for d, name in folders.items():
+        (tmp_path / "imgs" / name).mkdir(parents=True)
+        for j, img in enumerate(digits.images[digits.target == d][:30]):
+            Image.fromarray((img * 255 / 16).astype(np.uint8), mode="L").save(tmp_path / "imgs" / name / f"{j}.png")
+    out = tmp_path / "run"
+    finetune.run(["--output", str(out), "--data", str(tmp_path / "imgs"), "--steps", "2", "--eval-every", "0",
+                  "--no-progress", "--batch-size", "16", *FEW])
+    assert ("no class folder is named after the model's classes (id2label ['0', '1', '2', '3', '4'] ...): folders"
+            " sorted by name get labels 0..2: five -> 0, seven -> 1, six -> 2") in capsys.readouterr().out
+    base_names = [v for _, v in sorted(json.loads((VIT_BASE / "config.json").read_text())["id2label"].items(), key=lambda kv: int(kv[0]))]
+    merged = json.loads((out / "merged" / "config.json").read_text())
+    want = ["five", "seven", "six", *base_names[3:]]
+    assert [merged["id2label"][str(i)] for i in range(len(want))] == want and len(merged["id2label"]) == len(want)
+    assert merged["label2id"] == {n: i for i, n in enumerate(want)}
+    assert load_adapter(out / "adapter")[2]["class_names"] == {"0": "five", "1": "seven", "2": "six"}

@@ -22,7 +22,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -96,6 +96,8 @@ class Dataset:
     test: Split
     description: str
     kind: str = ""  # for JSONL text data: "text" (byte-level encoded) or "ids" (pre-tokenized)
+    # {label id: class name} where the data names its classes (an image folder's sub-folders)
+    class_names: dict[int, str] | None = None
 
 
 def fingerprint(ds: Dataset) -> str:
@@ -230,8 +232,9 @@ def load_image_folder(path: str | Path, image_size: tuple[int, int], channels: i
     Labels: with ``class_names`` (the model's ``id2label``, index = label id) and every folder named
     after one of them, each folder gets that class's id (a checkpoint that already knows the classes
     keeps its head's meaning); a folder set that matches only some of the names is an error (which
-    id would the others get?).  Otherwise classes sorted by name get labels 0, 1, ... (said in a
-    printed note when ``class_names`` were given but match none).
+    id would the others get?).  Otherwise classes sorted by name get labels 0, 1, ... .  Either way
+    a printed note gives the mapping, and the returned ``Dataset.class_names`` holds it (``{id:
+    folder name}``), for the trained model's ``id2label``.
 
     A class folder without images is an error (its label would go unused and shift the others);
     anything else that is not read (other files, nested folders, files next to the class folders,
@@ -250,8 +253,7 @@ def load_image_folder(path: str | Path, image_size: tuple[int, int], channels: i
         matched = [c for c in classes if c in known]
         if len(matched) == len(classes):
             ids = {c: known[c] for c in classes}
-            print(f"note: {path}: class folders labelled by the model's class names (id2label): "
-                  + ", ".join(f"{c} -> {ids[c]}" for c in classes[:10]) + (", ..." if len(classes) > 10 else ""))
+            print(f"note: {path}: class folders labelled by the model's class names (id2label): " + _mapping(ids))
         elif matched:
             raise ValueError(
                 f"{path}: class folders {matched[:5]} are named after the model's classes (id2label) but"
@@ -262,8 +264,9 @@ def load_image_folder(path: str | Path, image_size: tuple[int, int], channels: i
         else:
             print(f"note: {path}: no class folder is named after the model's classes (id2label"
                   f" {list(known)[:5]}{' ...' if len(known) > 5 else ''}): folders sorted by name get labels"
-                  f" 0..{len(classes) - 1}: " + ", ".join(f"{c} -> {i}" for c, i in list(ids.items())[:10])
-                  + (", ..." if len(classes) > 10 else ""))
+                  f" 0..{len(classes) - 1}: " + _mapping(ids))
+    else:
+        print(f"note: {path}: class folders sorted by name get labels 0..{len(classes) - 1}: " + _mapping(ids))
     images, labels, empty = [], [], []
     for name in classes:
         label = ids[name]
@@ -301,7 +304,14 @@ def load_image_folder(path: str | Path, image_size: tuple[int, int], channels: i
               f"{', ...' if len(skipped) > 5 else ''}")
     full = Split({"pixel_values": np.stack(images)}, np.asarray(labels, np.int32))
     tr, te = _train_test(len(full), test_fraction, seed)
-    return Dataset(full.take(tr), full.take(te), f"image folder {path} ({len(classes)} classes)")
+    return Dataset(full.take(tr), full.take(te), f"image folder {path} ({len(classes)} classes)",
+                   class_names={i: c for c, i in ids.items()})
+
+
+def _mapping(ids: Mapping[str, int], limit: int = 10) -> str:
+    """``'a -> 0, b -> 1, ...'`` for a note (the first ``limit`` classes; ids in label order)."""
+    items = sorted(ids.items(), key=lambda kv: kv[1])
+    return ", ".join(f"{c} -> {i}" for c, i in items[:limit]) + (", ..." if len(items) > limit else "")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -348,7 +358,8 @@ def ids_row(ids, length: int) -> np.ndarray:
     return np.asarray(ids + [PAD] * (length - len(ids)), np.int32)
 
 
-def load_jsonl(path: str | Path, src_len: int, tgt_len: int, *, test_fraction=0.2, seed=0) -> Dataset:
+def load_jsonl(path: str | Path, src_len: int, tgt_len: int, *, test_fraction=0.2, seed=0,
+               vocab_size: int | None = None) -> Dataset:
     """Source/target pairs, one JSON object per line, in either form (not mixed):
 
     - text: ``{"source": "...", "target": "..."}``, encoded byte-level (:func:`encode_text`);
@@ -357,7 +368,8 @@ def load_jsonl(path: str | Path, src_len: int, tgt_len: int, *, test_fraction=0.
       tokenizer's ``padding="max_length"``) are dropped; a pad id before a sequence's last token, or
       an EOS before a target's last token, is an error (the attention mask and the loss skip pad
       ids, and generation stops at the first EOS, so such a line would not train what it says).
-    Longer examples are cut to ``src_len`` / ``tgt_len``.
+    Longer examples are cut to ``src_len`` / ``tgt_len``.  With ``vocab_size``, a token id at or
+    above it is an error naming the line.
     """
     path = Path(path)
     rows, kinds, cut, unused = [], set(), 0, {}
@@ -391,6 +403,11 @@ def load_jsonl(path: str | Path, src_len: int, tgt_len: int, *, test_fraction=0.
                     isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 2**31 for i in [*src, *tgt]
                 ):
                     raise TypeError("source_ids / target_ids must be lists of non-negative integers below 2^31")
+                for key, ids in (("source_ids", src), ("target_ids", tgt)):
+                    big = [(j, i) for j, i in enumerate(ids) if vocab_size is not None and i >= vocab_size]
+                    if big:
+                        raise _BadIds(f"'{key}' holds token id {big[0][1]} (at position {big[0][0]}), outside the"
+                                      f" checkpoint's vocabulary (vocab_size={vocab_size}, ids 0..{vocab_size - 1})")
                 src, tgt = _clean_ids(src, "source_ids"), _clean_ids(tgt, "target_ids")
                 kinds.add("ids")
                 rows.append((ids_row(src, src_len), ids_row(tgt, tgt_len)))

@@ -79,9 +79,15 @@ def _lock_output(out: Path) -> None:
         _fail(f"--output {out}: cannot write there ({e.strerror or e})")
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except BlockingIOError:  # EWOULDBLOCK / EAGAIN: the lock is held
         os.close(fd)
         _fail(f"--output {out}: another job is writing to it now; wait for it to finish, or choose another --output")
+    except OSError as e:  # ENOLCK, EOPNOTSUPP, ...: a file system without locks (NFS without its lock service, ...)
+        os.close(fd)
+        print(f"note: --output {out}: its file system does not support file locks ({e.strerror or e}), so this job"
+              " cannot guard against a second job writing the same --output at the same time; make sure none does",
+              file=sys.stderr)
+        return
     _LOCK.append(fd)
 
 
@@ -96,9 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--checkpoint", help="Hugging Face model directory (default: the bundled base)")
     g.add_argument(
         "--num-labels", type=int, default=None,
-        help="ViT: give the model a fresh zero-initialized classifier of N classes (for a ViTModel checkpoint"
-        " without a head, or one whose head has another number of classes); it trains in full with the"
-        " default --modules-to-save. Default: the checkpoint's head",
+        help="ViT: a classifier of N classes: a fresh zero-initialized one for a ViTModel checkpoint without"
+        " a head, or one whose head has another number of classes; a head of N classes already there is"
+        " kept (a note says so). It trains in full with the default --modules-to-save. Default: the"
+        " checkpoint's head",
     )
     g.add_argument(
         "--data",
@@ -312,6 +319,9 @@ def run(argv=None) -> dict:
         hint = " (here: --num-labels N)" if isinstance(e, MissingHead) else ""
         _fail(f"--checkpoint {ckpt_path}: {e}{hint}")
 
+    if kind == "vit" and args.num_labels and "classifier" in params and jnp.any(params["classifier"]["kernel"]):
+        info(f"note: --num-labels {args.num_labels}: the checkpoint's classifier already has {args.num_labels}"
+             " classes; it is kept with its trained weights (and class names), not replaced by a fresh one")
     targets = args.targets or "attention"
     targets = family.TARGET_PRESETS.get(targets, targets)
     if args.modules_to_save is not None:
@@ -348,7 +358,11 @@ def run(argv=None) -> dict:
     try:
         data = task_lib.load_data(args.data, module, checkpoint=ckpt_path)
     except (OSError, ValueError) as e:
-        _fail(f"--data {args.data}: {e}" if args.data is not None else f"the bundled data: {e}")
+        if args.data is None:
+            _fail(f"the bundled data: {e}")
+        said = str(e)  # the loaders' own messages start with the path (and a line number: "d.jsonl:3: ...")
+        named = any(said.startswith(f"{p}:") for p in (args.data, Path(args.data)))
+        _fail(f"--data {said}" if named else f"--data {args.data}: {said}")
 
     model = boft.wrap(module, config)
     try:
@@ -478,13 +492,20 @@ def run(argv=None) -> dict:
             f.write(json.dumps({"step": opts.steps, "eval_accuracy": acc_after, "final": True}) + "\n")
 
     # ---- outputs ------------------------------------------------------------------------------
+    extra = {}
+    if kind == "vit" and data.class_names:  # an image folder's class names name the merged model's classes
+        names = list(module.config.id2label or (f"LABEL_{i}" for i in range(module.config.num_labels)))
+        for i, name in data.class_names.items():
+            names[i] = name
+        module = module.clone(config=dataclasses.replace(module.config, id2label=tuple(names)))
+        extra["class_names"] = {str(i): n for i, n in sorted(data.class_names.items())}
     adapter_host = sh.gather_to_host(adapter)
     save_adapter(
         out / "adapter",
         adapter_host,
         config,
         metadata={"base_checkpoint": str(ckpt_path), "base_path": str(ckpt_path.absolute()), "model": kind,
-                  "scan_layers": bool(args.scan_layers), "steps": opts.steps, task_lib.METRIC: acc_after},
+                  "scan_layers": bool(args.scan_layers), "steps": opts.steps, task_lib.METRIC: acc_after, **extra},
     )
     merged = sh.gather_to_host(boft.merge(final_params, config))
     if main:

@@ -147,7 +147,7 @@ def load_data(path, module, checkpoint=None) -> data_lib.Dataset:
     if not p.is_file():
         what = "a directory" if p.is_dir() else "no such file"
         raise ValueError(f'{what} (expected a JSONL file of {{"source": ..., "target": ...}} lines)')
-    ds = data_lib.load_jsonl(p, MAX_SRC_LEN, MAX_TGT_LEN)
+    ds = data_lib.load_jsonl(p, MAX_SRC_LEN, MAX_TGT_LEN, vocab_size=cfg.vocab_size)
     if ds.kind == "ids":
         if cfg.pad_token_id != data_lib.PAD or data_lib.EOS not in cfg.eos_token_ids:
             raise ValueError(
@@ -155,9 +155,6 @@ def load_data(path, module, checkpoint=None) -> data_lib.Dataset:
                 f" (every T5 tokenizer's convention), but the checkpoint has pad_token_id={cfg.pad_token_id},"
                 f" eos_token_id={cfg.eos_token_id}"
             )
-        top = max(int(x.max()) for sp in (ds.train, ds.test) for x in (sp.inputs["input_ids"], sp.labels) if x.size)
-        if top >= cfg.vocab_size:
-            raise ValueError(f"{p}: token id {top} is outside the checkpoint's vocabulary (vocab_size={cfg.vocab_size})")
     elif not byte_level:
         raise ValueError(
             f"{p} holds text, which is encoded byte-level (UTF-8 bytes + 3, pad 0, EOS 1,"
