@@ -1075,6 +1075,10 @@ def test_num_labels_gives_a_headless_checkpoint_a_fresh_trained_head(tmp_path, c
     assert module.config.num_labels == 10 and np.any(np.asarray(params["classifier"]["kernel"]))
     assert finetune.main([*job, "--num-labels", "12", "--resume"]) == 2
     assert "num_labels: checkpoint 10, now 12" in capsys.readouterr().err
+    # the bundled base already has a head of 10 classes: --num-labels 10 keeps it, and says so
+    assert finetune.main(["--output", str(tmp_path / "kept"), "--num-labels", "10", "--data", str(tmp_path / "none.npz")]) == 2
+    assert ("note: --num-labels 10: the checkpoint's classifier already has 10 classes; it is kept with its trained"
+            " weights") in capsys.readouterr().out
 
 
 def test_t5_data_that_is_a_directory_is_named_so(tmp_path, capsys):
