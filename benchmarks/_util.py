@@ -204,8 +204,9 @@ class MemoryStats:
 
     @property
     def peak(self) -> int:
-        """What the call allocates beyond its arguments: temporaries + outputs."""
-        return self.temp + self.output
+        """What the call allocates beyond its arguments: temporaries + outputs, less the outputs
+        written into donated argument buffers (aliased)."""
+        return self.temp + self.output - self.alias
 
 
 def compiled_memory(f: Callable, *args) -> MemoryStats | None:

@@ -104,3 +104,28 @@ def test_collectives_counts_ops_and_result_bytes_in_hlo_text():
         c, b = want.get(op, (0, 0))
         want[op] = (c + 1, b + sum(n for _, n in results))
     assert col.collectives("\n".join(lines)) == want
+
+
+def test_rounds_rotate_the_order_of_the_candidates(monkeypatch):
+    """No candidate always runs right after the same one (e.g. after the slow PEFT port)."""
+    order = []
+    cands = [ts.Candidate(name=n, step=lambda n=n: order.append(n) or 0.0, state=(), static=(), n_adapter=1)
+             for n in "abc"]
+    monkeypatch.setattr(ts, "_memory", lambda c: {})
+    ts.measure(cands, repeats=4, warmup=0, log=lambda *a: None)
+    assert ["".join(order[i:i + 3]) for i in range(0, 12, 3)] == ["abc", "bca", "cab", "abc"]
+    assert all(len(c.times) == 4 for c in cands)
+
+
+def test_memory_peak_leaves_out_donated_outputs_written_into_their_arguments():
+    """A donated step's new state reuses its argument buffers: XLA counts it as output and alias."""
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.asarray(np.random.default_rng().standard_normal((256, 256)), jnp.float32)
+    step = jax.jit(lambda a, b: (a * 2.0, jnp.tanh(a @ b)), donate_argnums=0)
+    c = ts.Candidate(name="c", step=step, state=(x,), static=(x + 1,), n_adapter=1)
+    mem = ts._memory(c)  # (XLA:CPU gives a memory analysis)
+    assert mem["alias"] == x.nbytes and mem["args"] == 2 * x.nbytes
+    assert mem["peak"] == mem["temp"] + mem["out"] - x.nbytes
+    assert mem["footprint"] == mem["args"] + mem["peak"]
