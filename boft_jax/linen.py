@@ -439,9 +439,19 @@ def _refresh_paths(module: nn.Module) -> None:
         _refresh_paths(child)
 
 
-def _unfit_error(unfit: list[str]) -> ValueError:
+def _unfit_error(unfit: list[tuple[str, str]]) -> ValueError:
+    """``unfit``: ``(path, message)`` of every targeted layer that does not fit, each message starting
+    with the layer's label.  Layers with the same reason (same width, same config) share one line
+    that names them all."""
     unfit = list(dict.fromkeys(unfit))  # a layer called twice (shared, or traced twice by nn.scan) once
-    return ValueError(f"{len(unfit)} targeted layer(s) do not fit the BOFT block structure:\n  " + "\n  ".join(unfit))
+    by_reason: dict[str, list[str]] = {}
+    for path, msg in unfit:
+        label = layer_label(path)
+        reason = msg[len(label):] if msg.startswith(label) else f": {msg}"
+        by_reason.setdefault(reason, []).append(path)
+    lines = [f"{layer_label(paths[0])}{reason}" if len(paths) == 1
+             else f"{len(paths)} layers {', '.join(map(path_repr, paths))}{reason}" for reason, paths in by_reason.items()]
+    return ValueError(f"{len(unfit)} targeted layer(s) do not fit the BOFT block structure:\n  " + "\n  ".join(lines))
 
 
 def _holds_adapter(module: nn.Module) -> bool:
@@ -481,15 +491,15 @@ def _intercept(state: _CallState, next_fun, args, kwargs, context):
         return next_fun(*args, **kwargs)
     inputs = jnp.asarray(args[0] if args else kwargs["inputs"])  # nn.Dense also takes lists / numpy arrays
     if isinstance(module, nn.DenseGeneral) and _canon(module.batch_dims):
-        state.unfit.append(
+        state.unfit.append((path,
             f"{layer_label(path)}: DenseGeneral with batch_dims={module.batch_dims} (one kernel per batch entry) is"
             " not supported by BOFT; exclude it with BOFTConfig.exclude"
-        )
+        ))
         return next_fun(*args, **kwargs)
     geo = _geometry(module, inputs, path)
     err = state.config.fit_error(path, geo.d_in)
     if err is not None:
-        state.unfit.append(err)
+        state.unfit.append((path, err))
         if _holds_adapter(module):
             raise _unfit_error(state.unfit)  # it holds an adapter, so it cannot run plain: stop here
         return next_fun(*args, **kwargs)  # keep tracing so that every unfit layer gets listed

@@ -857,6 +857,14 @@ def test_every_unfit_layer_is_listed_with_valid_choices():
     assert "3 targeted layer(s)" in msg  # fc1 (16), fc2 (48) and head (32) all fail b = 32, m = 2
     assert "'fc1' (d_in = 16)" in msg and "'fc2' (d_in = 48)" in msg and "'head' (d_in = 32)" in msg
     assert "Valid block_size" in msg
+    # layers failing for the same reason (same width) share one line that names every one of them
+    stack = boft.wrap(nn.Sequential([nn.Dense(16), nn.Dense(12), nn.Dense(8)]), boft.BOFTConfig(block_size=5))
+    with pytest.raises(ValueError) as e:
+        stack.init(jax.random.key(0), jnp.ones((1, 16)))
+    lines = str(e.value).splitlines()
+    assert lines[0] == "3 targeted layer(s) do not fit the BOFT block structure:", lines
+    assert lines[1].startswith("  2 layers 'layers_0', 'layers_1' (d_in = 16) does not fit block_size = 5"), lines
+    assert lines[2].startswith("  layer 'layers_2' (d_in = 12) does not fit block_size = 5") and len(lines) == 3, lines
 
 
 
