@@ -521,6 +521,11 @@ def test_adapted_tied_t5_head_and_peft_copy_of_its_base_weight(tmp_path):
         ("vit_m2_head", "boft_block_size", [4], "an integer"),
         ("vit_m2_head", "boft_n_butterfly_factor", "2", "an integer"),
         ("vit_m2_head", "boft_dropout", True, "a number"),
+        ("vit_m2_head", "fan_in_fan_out", "false", "true or false"),
+        ("vit_m2_head", "target_modules", 5, r"a string \(a regex\) or a list of module names"),
+        ("vit_m2_head", "exclude_modules", ["q_proj", 3], r"a string \(a regex\) or a list of module names"),
+        ("vit_m2_head", "layers_to_transform", "1", "an integer or a list of integers"),
+        ("vit_m2_head", "modules_to_save", 7, "a list of module names"),
     ],
 )
 def test_malformed_config_field_is_named(tmp_path, name, field, value, want):
@@ -802,6 +807,38 @@ def test_tensors_of_modules_the_config_does_not_select_are_named(edit, tmp_path)
         load_peft_adapter(tmp_path / "a", *vit.from_pretrained(FIXTURES / "vit"))
 
 
+@pytest.mark.parametrize("init_weights, said", [(True, r"at the identity \(init_weights true\), so the outputs agree"),
+                                                (False, r"at random \(init_weights false\), so its outputs differ")])
+def test_modules_the_config_selects_without_tensors_are_named(init_weights, said, tmp_path):
+    """The reverse of the test above: a file missing some selected layers' tensors (PEFT warns of
+    missing adapter keys); boft_jax leaves those layers unadapted and says so."""
+    bad = copy_fixture("vit_m1", tmp_path)
+    edit_config(bad, init_weights=init_weights)
+    edit_tensors(bad, lambda t: {k: v for k, v in t.items() if "layers.1.attention.v_proj" not in k})
+    with pytest.warns(UserWarning, match=r"adapter_config\.json selects 1 module\(s\) for which the file holds no BOFT"
+                                         r" tensors, e.g. \['vit\.layers\.1\.attention\.v_proj'\]: boft_jax leaves them"
+                                         r" unadapted\. .*" + said):
+        model, params = load_peft_adapter(bad, *vit.from_pretrained(FIXTURES / "vit"))
+    assert boft.layer_paths(params) == ["encoder/layer_0/attention/query", "encoder/layer_0/attention/value",
+                                        "encoder/layer_1/attention/query"]
+
+
+def test_config_fields_peft_does_not_know_are_warned_about_and_size_with_num_refused(tmp_path):
+    """PEFT ignores unknown fields with a warning (one from a newer PEFT might change the adapter), and
+    refuses a config with both a block size and a block count."""
+    odd = copy_fixture("vit_m1", tmp_path / "a")
+    edit_config(odd, use_dora=True, foo_bar=3)
+    with pytest.warns(UserWarning, match=r"adapter_config\.json has field\(s\) \['foo_bar', 'use_dora'\] that PEFT"
+                                         r" 0\.21's BOFTConfig does not have; boft_jax ignores them"):
+        load_peft_adapter(odd, *vit.from_pretrained(FIXTURES / "vit"))
+    for name, size, num in (("vit_m1", "boft_block_size", "boft_block_num"), ("vit_oft_exact_r", "oft_block_size", "r")):
+        both = copy_fixture(name, tmp_path / "b")
+        cfg = json.loads((both / peft_io.ADAPTER_CONFIG_NAME).read_text())
+        edit_config(both, **{size: cfg[size] or 4, num: cfg[num] or 4})
+        with pytest.raises(ValueError, match=rf"sets both {size} = 4 and {num} = 4; PEFT refuses a config with both"):
+            load_peft_adapter(both, *vit.from_pretrained(FIXTURES / "vit"))
+
+
 def test_an_interrupted_save_over_an_adapter_leaves_the_old_one_whole(tmp_path, monkeypatch):
     """Weights and config change together: a save that dies while writing, or between the two renames
     of its directory swap, leaves the previous adapter loadable (never new weights with an old
@@ -939,6 +976,9 @@ def test_cli_errors_are_reported(tmp_path, capsys):
     assert main(["convert", "--from", "peft", "--adapter", str(tmp_path / "orbax"), "--out", str(tmp_path / "z")]) == 2
     assert "is a boft_jax (orbax) adapter checkpoint, not a PEFT adapter directory: use --from boft" in capsys.readouterr().err
     assert not (tmp_path / "z").exists()
+    # export-merged's option is --format
+    assert main(["export-merged", "--format", "peft", "--adapter", str(tmp_path / "orbax"), "--out", str(tmp_path / "z")]) == 2
+    assert "not a PEFT adapter directory: use --format boft" in capsys.readouterr().err
     bad = copy_fixture("vit_m1", tmp_path)
     edit_config(bad, base_model_name_or_path="google/vit-base-patch16-224")
     assert main(["convert", "--from", "peft", "--adapter", str(bad), "--out", str(tmp_path / "y")]) == 2

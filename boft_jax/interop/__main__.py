@@ -31,16 +31,16 @@ from boft_jax.interop import peft as peft_io
 _FORMATS = ("peft", "boft")
 
 
-def _detect_format(adapter: str | os.PathLike, asked: str = "auto") -> str:
+def _detect_format(adapter: str | os.PathLike, asked: str = "auto", flag: str = "--from") -> str:
     """The format of ``adapter`` by its files.  ``asked`` (a format, or "auto"): another format's files
-    are an error naming the option that reads them; neither format's files leave ``asked`` to its
+    are an error naming the option (``flag``) that reads them; neither format's files leave ``asked`` to its
     loader (which names what is missing), or are an error for "auto"."""
     p = Path(adapter)
     found = ("peft" if (p / peft_io.ADAPTER_CONFIG_NAME).is_file()
              else "boft" if (p / "meta").exists() and (p / "adapter").exists() else None)
     if found is not None and asked not in ("auto", found):
         kinds = {"peft": "a PEFT adapter directory", "boft": "a boft_jax (orbax) adapter checkpoint"}
-        raise ValueError(f"adapter {os.fspath(adapter)!r} is {kinds[found]}, not {kinds[asked]}: use --from {found}")
+        raise ValueError(f"adapter {os.fspath(adapter)!r} is {kinds[found]}, not {kinds[asked]}: use {flag} {found}")
     if found is not None or asked != "auto":
         return found or asked
     found = sorted(x.name for x in p.iterdir()) if p.is_dir() else "not a directory"
@@ -121,7 +121,8 @@ def _load_base(base: str, num_labels: int | None, scan_layers: bool):
 
 
 def load_any_adapter(
-    adapter: str | os.PathLike, *, base: str | None = None, fmt: str = "auto", scan_layers: bool = False
+    adapter: str | os.PathLike, *, base: str | None = None, fmt: str = "auto", scan_layers: bool = False,
+    flag: str = "--from",
 ):
     """``(wrapped_module, params, base_path, fmt, metadata)`` for a PEFT or orbax adapter + its base."""
     import boft_jax as boft
@@ -130,7 +131,7 @@ def load_any_adapter(
         raise FileNotFoundError(f"adapter {os.fspath(adapter)!r} does not exist")
     if fmt not in (*_FORMATS, "auto"):
         raise ValueError(f"adapter format must be one of {_FORMATS} or 'auto', got {fmt!r}")
-    fmt = _detect_format(adapter, fmt)
+    fmt = _detect_format(adapter, fmt, flag)
     base = _resolve_base(base, adapter, fmt)
     if fmt == "peft":
         module, params = _load_base(base, _num_labels_hint(adapter, fmt), scan_layers)
@@ -245,7 +246,7 @@ def export_merged(
     import boft_jax as boft
     from boft_jax.models import save_pretrained
 
-    wrapped, params, base_path, *_ = load_any_adapter(adapter, base=base, fmt=fmt)
+    wrapped, params, base_path, *_ = load_any_adapter(adapter, base=base, fmt=fmt, flag="--format")
     _not_an_input(out, base_path, "--base")
     merged = boft.merge(params, wrapped.config)
 

@@ -213,6 +213,56 @@ def _cfg_field(cfg: Mapping[str, Any], key: str, default: Any, kind: type, where
     return kind(v)
 
 
+# The fields of PEFT's (0.21) BOFTConfig / OFTConfig, those of its PeftConfig base included.
+_PEFT_COMMON_FIELDS = frozenset({
+    "auto_mapping", "base_model_name_or_path", "bias", "exclude_modules", "fan_in_fan_out", "inference_mode",
+    "init_weights", "layers_pattern", "layers_to_transform", "modules_to_save", "peft_type", "peft_version",
+    "revision", "target_modules", "task_type",
+})
+_PEFT_FIELDS = {
+    "BOFT": _PEFT_COMMON_FIELDS | {"boft_block_num", "boft_block_size", "boft_dropout", "boft_n_butterfly_factor"},
+    "OFT": _PEFT_COMMON_FIELDS | {"block_share", "coft", "eps", "module_dropout", "num_cayley_neumann_terms",
+                                  "oft_block_size", "r", "use_cayley_neumann"},
+}
+
+
+def _check_config_fields(config: Mapping[str, Any], peft_type: str, where: str) -> None:
+    """The module-selecting fields have the JSON types PEFT reads (an error naming the field
+    otherwise); fields PEFT's config does not have are warned about (PEFT ignores them too, with a
+    warning; one from a newer PEFT might change what the adapter computes)."""
+    def names(v, allow_int=False):  # None, a string, or a list of strings (ints for layer indices)
+        item = (int,) if allow_int else (str,)
+        return v is None or (not allow_int and isinstance(v, str)) or (
+            isinstance(v, list) and all(isinstance(x, item) and not isinstance(x, bool) for x in v))
+
+    checks = {
+        "target_modules": ("a string (a regex) or a list of module names", names),
+        "exclude_modules": ("a string (a regex) or a list of module names", names),
+        "modules_to_save": ("a list of module names", names),
+        "layers_pattern": ("a string or a list of strings", names),
+        "layers_to_transform": ("an integer or a list of integers", lambda v: v is None or (
+            isinstance(v, int) and not isinstance(v, bool)) or names(v, allow_int=True)),
+    }
+    for key, (want, ok) in checks.items():
+        if key in config and not ok(config[key]):
+            raise ValueError(f"{where}: adapter_config.json field {key!r} is {config[key]!r}; expected {want} (or null)")
+    size, num = ("boft_block_size", "boft_block_num") if peft_type == "BOFT" else ("oft_block_size", "r")
+    if _cfg_field(config, size, 0, int, where) and _cfg_field(config, num, 0, int, where):
+        raise ValueError(
+            f"{where}: adapter_config.json sets both {size} = {config[size]} and {num} = {config[num]}; PEFT"
+            " refuses a config with both (one of them must be 0). Set the one the adapter was trained with"
+        )
+    unknown = sorted(set(config) - _PEFT_FIELDS[peft_type])
+    if unknown:
+        warnings.warn(
+            f"{where}: adapter_config.json has field(s) {unknown} that PEFT 0.21's {peft_type}Config does not have;"
+            " boft_jax ignores them (as PEFT does, with a warning). If they come from a newer PEFT and change what"
+            " the adapter computes, the loaded adapter may differ from PEFT's",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
 def read_peft_adapter(adapter_dir: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """``(adapter_config, tensors)`` of a PEFT BOFT or OFT adapter directory, checked, nothing unpickled.
 
@@ -259,12 +309,14 @@ def read_peft_adapter(adapter_dir: str | os.PathLike) -> tuple[dict[str, Any], d
             f"{str(cfg_file)!r} has peft_type {peft_type!r}; load_peft_adapter reads only BOFT and OFT adapters"
             " (peft_type 'BOFT' or 'OFT')"
         )
+    where = f"PEFT {peft_type} adapter {str(p)!r}"
+    _check_config_fields(config, peft_type, where)
     if peft_type == "OFT" and "oft_block_size" not in config:
         raise ValueError(
             f"{str(cfg_file)!r} is an OFT adapter in the format of PEFT < 0.14 (no 'oft_block_size'), whose"
             " parameters mean something else; PEFT >= 0.14 refuses it too. Retrain it with PEFT >= 0.14."
         )
-    if config.get("fan_in_fan_out"):
+    if _cfg_field(config, "fan_in_fan_out", False, bool, where):
         raise ValueError(
             f"{str(cfg_file)!r} has fan_in_fan_out = true (weights stored (fan_in, fan_out), e.g. GPT-2's"
             " Conv1D); only PEFT Linear layers with fan_in_fan_out = false are supported"
@@ -668,6 +720,28 @@ def _peft_nested_saved_modules(plain: Mapping[str, Any], mts_names: list[str]) -
     return sorted({(o, i) for o in selected for i in selected if i.startswith(o + ".")})
 
 
+def _selected_without_tensors(cfg: Mapping[str, Any], keymap: _KeyMap, found: Mapping[str, Any]) -> list[str]:
+    """Linear modules of the model that ``cfg`` selects (as PEFT would) but ``found`` holds no tensors
+    for, named as the file names its modules (transformers 4 or 5 names, with or without ``vit.``).
+    Empty when the config leaves the targets to PEFT's defaults or the file names no known module."""
+    targets = cfg.get("target_modules")
+    if not found or targets is None or (isinstance(targets, str) and targets.lower() == "all-linear"):
+        return []
+    dense = [p[:-1] for p, shape in keymap.shapes.items() if p[-1] == "kernel" and len(shape) == 2]
+
+    def styles(module_path):
+        names = [keymap.module_name(module_path, s) for s in ("transformers4", "transformers5")]
+        return names + [n.removeprefix("vit.") for n in names]
+
+    # the naming the file uses: the one that spells its adapted modules
+    have = set(found)
+    counts = [sum(styles(p)[i] in have for p in dense) for i in range(4)]
+    style = int(np.argmax(counts))
+    if counts[style] == 0:
+        return []
+    return [styles(p)[style] for p in dense if styles(p)[style] not in have and _peft_selects(cfg, styles(p)[style])]
+
+
 def _peft_selects(cfg: Mapping[str, Any], name: str) -> bool:
     """Whether PEFT (0.21) would put an adapter on the module ``name`` given ``adapter_config.json``'s
     ``target_modules`` / ``exclude_modules`` / ``layers_to_transform`` / ``layers_pattern``, as its
@@ -836,6 +910,19 @@ def load_peft_adapter(
             f" layers_to_transform {peft_cfg.get('layers_to_transform')!r}, exclude_modules"
             f" {peft_cfg.get('exclude_modules')!r}); PEFT leaves those layers unadapted and ignores their tensors,"
             " boft_jax loads them as the file holds them, so the two differ there. Fix the config or the file",
+            UserWarning,
+            stacklevel=2,
+        )
+    absent = _selected_without_tensors(peft_cfg, keymap, found)
+    if absent:
+        init = peft_cfg.get("init_weights", True)
+        warnings.warn(
+            f"{where}: adapter_config.json selects {len(absent)} module(s) for which the file holds no"
+            f" {peft_type} tensors, e.g. {absent[:4]}: boft_jax leaves them unadapted. PEFT warns of missing"
+            " adapter keys and starts them as a fresh adapter would, "
+            + ("at the identity (init_weights true), so the outputs agree" if init is True else
+               f"at random (init_weights {json.dumps(init)}), so its outputs differ from boft_jax's there")
+            + ". The file may be incomplete: check it, or fix target_modules",
             UserWarning,
             stacklevel=2,
         )
@@ -1058,12 +1145,13 @@ def load_peft_adapter(
             f"{where}: modules {['/'.join(p) for p in overlap]} are both adapted and in modules_to_save"
         )
 
+    dropout = _cfg_field(peft_cfg, "module_dropout" if oft else "boft_dropout", 0.0, float, where)  # (names itself)
     try:
         config = BOFTConfig(
             **structure,
             n_factors=m,
             targets=tuple(sorted({"^" + re.escape("/".join(show(p))) for p in adapted_paths})),
-            dropout=_cfg_field(peft_cfg, "module_dropout" if oft else "boft_dropout", 0.0, float, where),
+            dropout=dropout,
             bias=bias_mode,
             **(
                 {"cayley": "neumann", "neumann_terms": oft.neumann_terms}
