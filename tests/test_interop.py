@@ -823,6 +823,14 @@ def test_modules_the_config_selects_without_tensors_are_named(init_weights, said
                                         "encoder/layer_1/attention/query"]
 
 
+def test_a_saved_head_for_another_number_of_classes_names_both_layouts_and_num_labels():
+    n = base("vit")[0].config.num_labels
+    with pytest.raises(ValueError, match=rf"classifier\.weight -> 'classifier/kernel': shape \({n}, (\d+)\) \(as the"
+                                         rf" model lays it out, \(\1, {n}\)\) does not fit the model's \(\1, {n + 2}\)"
+                                         r" \(load the base with a matching num_labels\)"):
+        load_peft_adapter(PEFT / "vit_m2_head", *base("vit", num_labels=n + 2))
+
+
 def test_config_fields_peft_does_not_know_are_warned_about_and_size_with_num_refused(tmp_path):
     """PEFT ignores unknown fields with a warning (one from a newer PEFT might change the adapter), and
     refuses a config with both a block size and a block count."""

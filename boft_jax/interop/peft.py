@@ -995,10 +995,13 @@ def load_peft_adapter(
             continue
         converted = hf.from_torch_layout(path, value)
         if tuple(converted.shape) != tuple(keymap.shapes[path]):
+            want = tuple(keymap.shapes[path])
+            labels_differ = path[0] == "classifier" and converted.shape[-1:] != want[-1:]
             misshaped.append(
-                f"{key} -> '{'/'.join(path)}': shape {tuple(value.shape)} does not fit the model's"
-                f" {tuple(keymap.shapes[path])}"
-                + (" (load the base with a matching num_labels)" if path[0] == "classifier" else "")
+                f"{key} -> '{'/'.join(path)}': shape {tuple(value.shape)}"
+                + (f" (as the model lays it out, {tuple(converted.shape)})" if converted.shape != value.shape else "")
+                + f" does not fit the model's {want}"
+                + (" (load the base with a matching num_labels)" if labels_differ else "")
             )
             continue
         extra[path] = converted
