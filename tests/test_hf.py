@@ -430,6 +430,23 @@ def test_mt5_config_never_scales_the_decoder_output():
     for extra in ({}, {"scale_decoder_outputs": True}, {"tie_word_embeddings": True, "scale_decoder_outputs": True}):
         assert t5.T5Config.from_hf_dict({**base, "model_type": "mt5", **extra}).scale_decoder_outputs is False
     assert t5.T5Config.from_hf_dict({**base, "model_type": "t5", "scale_decoder_outputs": True}).scale_decoder_outputs
+    # an explicit null: transformers 5 keeps None, which its T5 reads as "do not scale" (a review measured
+    # logits sqrt(d_model) apart when boft_jax took the tied default); an absent key keeps that default
+    for tie in (True, False):
+        cfg = {**base, "model_type": "t5", "tie_word_embeddings": tie}
+        assert t5.T5Config.from_hf_dict({**cfg, "scale_decoder_outputs": None}).scale_decoder_outputs is False
+        assert t5.T5Config.from_hf_dict(cfg).scale_decoder_outputs is tie
+
+
+def test_a_null_vit_config_field_is_named():
+    from boft_jax.models import vit
+
+    good = vit.ViTConfig(image_size=8, patch_size=4, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=16, num_labels=3).to_hf_dict()
+    assert vit.ViTConfig.from_hf_dict(good).layer_norm_eps == good["layer_norm_eps"]
+    with pytest.raises(ValueError, match=r"this ViT config.json sets 'layer_norm_eps', 'qkv_bias' to null; give a value"):
+        vit.ViTConfig.from_hf_dict({**good, "layer_norm_eps": None, "qkv_bias": None})
+    assert vit.ViTConfig.from_hf_dict({**good, "head_dim": None}).head_dim is None  # a field whose default is null
 
 
 def test_written_files_get_the_mode_open_would_give(tmp_path):

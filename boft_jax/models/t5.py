@@ -187,6 +187,8 @@ class T5Config:
         for key in ("pad_token_id", "eos_token_id"):  # an explicit null is kept: transformers reads it as "none"
             if key in d and d[key] is None:
                 kwargs[key] = None
+        if "scale_decoder_outputs" in d and d["scale_decoder_outputs"] is None:
+            kwargs["scale_decoder_outputs"] = False  # transformers keeps the null, which its model reads as false
         if "decoder_start_token_id" not in kwargs:
             pad = kwargs.get("pad_token_id", 0)
             start = 0 if pad is None else pad
