@@ -436,6 +436,8 @@ def test_mt5_config_never_scales_the_decoder_output():
         cfg = {**base, "model_type": "t5", "tie_word_embeddings": tie}
         assert t5.T5Config.from_hf_dict({**cfg, "scale_decoder_outputs": None}).scale_decoder_outputs is False
         assert t5.T5Config.from_hf_dict(cfg).scale_decoder_outputs is tie
+    with pytest.raises(ValueError, match=r"this T5 config.json sets 'layer_norm_epsilon', 'tie_word_embeddings' to null"):
+        t5.T5Config.from_hf_dict({**base, "layer_norm_epsilon": None, "tie_word_embeddings": None})
 
 
 def test_a_null_vit_config_field_is_named():
