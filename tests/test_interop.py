@@ -1162,7 +1162,11 @@ def test_blocks_that_do_not_fit_their_layer(tmp_path):
 
     edit_tensors(bad, move)
     with pytest.raises(ValueError, match=r"vit\.layers\.0\.mlp\.fc2 -> 'encoder/layer_0/mlp/fc2'.*k \* b = 8 \* 4 = 32.*d_in = 64"):
-        load_peft_adapter(bad, *base("vit"))
+        with pytest.warns(UserWarning) as said:  # (the config no longer describes the file either way)
+            load_peft_adapter(bad, *base("vit"))
+    messages = " | ".join(str(w.message) for w in said)  # fc2's tensors unselected, q_proj's missing
+    assert "does not select 1 module(s) whose BOFT tensors" in messages, messages
+    assert "selects 1 module(s) for which the file holds no BOFT tensors, e.g. ['vit.layers.0.attention.q_proj']" in messages
 
 
 def test_butterfly_structure_that_does_not_fit(tmp_path):
@@ -1195,9 +1199,12 @@ def test_scan_layers_needs_every_layer_adapted(tmp_path):
     bad = copy_fixture("vit_m1", tmp_path)
     edit_tensors(bad, lambda t: {k: v for k, v in t.items() if "layers.1." not in k})
     module, params = base("vit")
-    load_peft_adapter(bad, module, params)  # fine unrolled
+    missing = r"selects 2 module\(s\) for which the file holds no BOFT tensors, e.g. \['vit\.layers\.1\.attention\.q_proj'"
+    with pytest.warns(UserWarning, match=missing):
+        load_peft_adapter(bad, module, params)  # fine unrolled (layer 1 unadapted, said)
     with pytest.raises(ValueError, match=r"scan_layers=True(?s:.*)layer_\*/attention/query.*layers \[0\] of 2"):
-        load_peft_adapter(bad, *base("vit", scan_layers=True))
+        with pytest.warns(UserWarning, match=missing):
+            load_peft_adapter(bad, *base("vit", scan_layers=True))
 
 
 def test_save_refuses_what_peft_cannot_represent(tmp_path):
