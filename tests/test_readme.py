@@ -88,7 +88,7 @@ def test_recipe_trains_only_the_adapter_and_merge_keeps_its_outputs(recipe):
     assert boft.count_params(mu) == boft.count_params(adapter) < boft.count_params(ns["frozen"]) // 4
     losses = []
     for _ in range(40):
-        adapter, opt_state, loss = ns["step"](adapter, opt_state, x, y)
+        adapter, opt_state, loss = ns["step"](adapter, opt_state, ns["frozen"], x, y)
         losses.append(float(loss))
     assert np.all(np.isfinite(losses)) and losses[-1] < 0.5 * losses[0], losses[::10]
     # The merge line of the block, on the trained adapter: the plain model gives the wrapped outputs.
