@@ -197,9 +197,13 @@ _META_SUM_KEY = "meta_sha256"
 _META_SUMMED = ("format", "config", "checksums", "empty_leaves")
 
 
+def _json_sha256(obj: Any) -> str:
+    """sha256 of ``obj`` as canonical JSON (sorted keys): the checksum of a stored JSON entry."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, allow_nan=True).encode()).hexdigest()
+
+
 def _meta_sum(meta: Mapping[str, Any]) -> str:
-    body = {k: meta[k] for k in _META_SUMMED if k in meta}
-    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+    return _json_sha256({k: meta[k] for k in _META_SUMMED if k in meta})
 
 
 def _remove_or_warn(p: Path) -> None:
@@ -488,8 +492,7 @@ def _optax_version() -> str | None:
 
 
 def _state_sum(state: Mapping[str, Any]) -> str:
-    body = {k: v for k, v in state.items() if k != _STATE_SUM_KEY}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, allow_nan=True).encode()).hexdigest()
+    return _json_sha256({k: v for k, v in state.items() if k != _STATE_SUM_KEY})
 
 
 def _public(state: Mapping[str, Any]) -> dict[str, Any]:

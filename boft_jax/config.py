@@ -219,6 +219,10 @@ class BOFTConfig:
         """The ``paths`` that ``targets`` selects, before ``exclude`` removes any."""
         return [p for p in paths if any(_path_matches(t, p) for t in self.targets)]
 
+    def idle_targets(self, paths) -> list[str]:
+        """The ``targets`` patterns that select none of ``paths``."""
+        return [t for t in self.targets if not any(_path_matches(t, p) for p in paths)]
+
     def idle_excludes(self, paths) -> list[str]:
         """The ``exclude`` patterns that remove none of the targeted layers among ``paths``."""
         targeted = self.targeted(paths)

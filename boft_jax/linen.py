@@ -511,7 +511,7 @@ def _warn_idle_targets(config: BOFTConfig, dense: set[str], others: Mapping[str,
     """Warn (at init) about ``targets`` patterns that select none of the Dense layers called, when
     others do (none at all is an error): a misspelt pattern, or one naming a module BOFT does not
     adapt (``nn.Conv``, ``nn.Einsum``, ...), would otherwise train fewer layers than asked for."""
-    idle = [t for t in config.targets if not any(_path_matches(t, p) for p in dense)]
+    idle = config.idle_targets(dense)
     if not idle:
         return
     notes = []

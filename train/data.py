@@ -403,10 +403,10 @@ def load_jsonl(path: str | Path, src_len: int, tgt_len: int, *, test_fraction=0.
                     isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 2**31 for i in [*src, *tgt]
                 ):
                     raise TypeError("source_ids / target_ids must be lists of non-negative integers below 2^31")
-                for key, ids in (("source_ids", src), ("target_ids", tgt)):
-                    big = [(j, i) for j, i in enumerate(ids) if vocab_size is not None and i >= vocab_size]
-                    if big:
-                        raise _BadIds(f"'{key}' holds token id {big[0][1]} (at position {big[0][0]}), outside the"
+                for key, ids in (("source_ids", src), ("target_ids", tgt)) if vocab_size is not None else ():
+                    big = next(((j, i) for j, i in enumerate(ids) if i >= vocab_size), None)
+                    if big is not None:
+                        raise _BadIds(f"'{key}' holds token id {big[1]} (at position {big[0]}), outside the"
                                       f" checkpoint's vocabulary (vocab_size={vocab_size}, ids 0..{vocab_size - 1})")
                 src, tgt = _clean_ids(src, "source_ids"), _clean_ids(tgt, "target_ids")
                 kinds.add("ids")

@@ -319,7 +319,8 @@ def run(argv=None) -> dict:
         hint = " (here: --num-labels N)" if isinstance(e, MissingHead) else ""
         _fail(f"--checkpoint {ckpt_path}: {e}{hint}")
 
-    if kind == "vit" and args.num_labels and "classifier" in params and jnp.any(params["classifier"]["kernel"]):
+    trained_head = kind == "vit" and "classifier" in params and bool(jnp.any(params["classifier"]["kernel"]))
+    if args.num_labels and trained_head:
         info(f"note: --num-labels {args.num_labels}: the checkpoint's classifier already has {args.num_labels}"
              " classes; it is kept with its trained weights (and class names), not replaced by a fresh one")
     targets = args.targets or "attention"
@@ -345,7 +346,7 @@ def run(argv=None) -> dict:
         )
     except (ValueError, TypeError) as e:
         _fail(f"BOFT options: {e}")
-    if kind == "vit" and "classifier" in params and not jnp.any(params["classifier"]["kernel"]):
+    if kind == "vit" and "classifier" in params and not trained_head:
         if not config.saves_module("classifier"):
             _fail(f"the classifier head is all zeros (a fresh head{' from --num-labels' if args.num_labels else ''}) but"
                   f" --modules-to-save {args.modules_to_save!r} does not train it: a zero head gives every class the"
@@ -494,7 +495,7 @@ def run(argv=None) -> dict:
     # ---- outputs ------------------------------------------------------------------------------
     extra = {}
     if kind == "vit" and data.class_names:  # an image folder's class names name the merged model's classes
-        names = list(module.config.id2label or (f"LABEL_{i}" for i in range(module.config.num_labels)))
+        names = list(module.config.label_names)
         for i, name in data.class_names.items():
             names[i] = name
         module = module.clone(config=dataclasses.replace(module.config, id2label=tuple(names)))

@@ -230,21 +230,24 @@ def _check_config_fields(config: Mapping[str, Any], peft_type: str, where: str) 
     """The module-selecting fields have the JSON types PEFT reads (an error naming the field
     otherwise); fields PEFT's config does not have are warned about (PEFT ignores them too, with a
     warning; one from a newer PEFT might change what the adapter computes)."""
-    def names(v, allow_int=False):  # None, a string, or a list of strings (ints for layer indices)
-        item = (int,) if allow_int else (str,)
-        return v is None or (not allow_int and isinstance(v, str)) or (
-            isinstance(v, list) and all(isinstance(x, item) and not isinstance(x, bool) for x in v))
+    def one_or_list(v, is_item):  # an item, or a list of items
+        return is_item(v) or (isinstance(v, list) and all(map(is_item, v)))
+
+    def strings(v):
+        return one_or_list(v, lambda x: isinstance(x, str))
+
+    def ints(v):
+        return one_or_list(v, lambda x: isinstance(x, int) and not isinstance(x, bool))
 
     checks = {
-        "target_modules": ("a string (a regex) or a list of module names", names),
-        "exclude_modules": ("a string (a regex) or a list of module names", names),
-        "modules_to_save": ("a list of module names", names),
-        "layers_pattern": ("a string or a list of strings", names),
-        "layers_to_transform": ("an integer or a list of integers", lambda v: v is None or (
-            isinstance(v, int) and not isinstance(v, bool)) or names(v, allow_int=True)),
+        "target_modules": ("a string (a regex) or a list of module names", strings),
+        "exclude_modules": ("a string (a regex) or a list of module names", strings),
+        "modules_to_save": ("a list of module names", strings),
+        "layers_pattern": ("a string or a list of strings", strings),
+        "layers_to_transform": ("an integer or a list of integers", ints),
     }
     for key, (want, ok) in checks.items():
-        if key in config and not ok(config[key]):
+        if config.get(key) is not None and not ok(config[key]):
             raise ValueError(f"{where}: adapter_config.json field {key!r} is {config[key]!r}; expected {want} (or null)")
     size, num = ("boft_block_size", "boft_block_num") if peft_type == "BOFT" else ("oft_block_size", "r")
     if _cfg_field(config, size, 0, int, where) and _cfg_field(config, num, 0, int, where):
@@ -727,19 +730,19 @@ def _selected_without_tensors(cfg: Mapping[str, Any], keymap: _KeyMap, found: Ma
     targets = cfg.get("target_modules")
     if not found or targets is None or (isinstance(targets, str) and targets.lower() == "all-linear"):
         return []
-    dense = [p[:-1] for p, shape in keymap.shapes.items() if p[-1] == "kernel" and len(shape) == 2]
-
-    def styles(module_path):
-        names = [keymap.module_name(module_path, s) for s in ("transformers4", "transformers5")]
-        return names + [n.removeprefix("vit.") for n in names]
-
-    # the naming the file uses: the one that spells its adapted modules
+    # every 2-D (Linear) kernel's module name in each naming: transformers 4 / 5, with / without "vit."
+    styles = []
+    for p, shape in keymap.shapes.items():
+        if p[-1] == "kernel" and len(shape) == 2:
+            names = [keymap.module_name(p[:-1], s) for s in ("transformers4", "transformers5")]
+            styles.append(names + [n.removeprefix("vit.") for n in names])
     have = set(found)
-    counts = [sum(styles(p)[i] in have for p in dense) for i in range(4)]
+    # the naming the file uses: the one that spells its adapted modules
+    counts = [sum(names[i] in have for names in styles) for i in range(4)]
     style = int(np.argmax(counts))
     if counts[style] == 0:
         return []
-    return [styles(p)[style] for p in dense if styles(p)[style] not in have and _peft_selects(cfg, styles(p)[style])]
+    return [n for n in (names[style] for names in styles) if n not in have and _peft_selects(cfg, n)]
 
 
 def _peft_selects(cfg: Mapping[str, Any], name: str) -> bool:

@@ -113,6 +113,11 @@ class ViTConfig:
         return self.hidden_size // max(self.num_attention_heads, 1)
 
     @property
+    def label_names(self) -> tuple[str, ...]:
+        """``id2label``, or transformers' default names ``LABEL_0, LABEL_1, ...`` without one."""
+        return self.id2label or tuple(f"LABEL_{i}" for i in range(self.num_labels))
+
+    @property
     def num_patches(self) -> int:
         (h, w), (ph, pw) = self.image_size, self.patch_size
         return (h // ph) * (w // pw)
@@ -139,7 +144,7 @@ class ViTConfig:
     def to_hf_dict(self) -> dict[str, Any]:
         """A ``config.json`` dict that transformers' ``ViTForImageClassification`` loads."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        labels = self.id2label or tuple(f"LABEL_{i}" for i in range(self.num_labels))
+        labels = self.label_names
         d.update(
             model_type="vit",
             architectures=["ViTForImageClassification"],
