@@ -15,6 +15,7 @@ import dataclasses
 import functools
 import numbers
 import re
+import warnings
 from collections.abc import Mapping
 from typing import Literal, NamedTuple, Sequence
 
@@ -29,6 +30,7 @@ ApplyMode = Literal["auto", "input", "weight"]
 _BIAS_MODES = ("none", "boft_only", "all")
 _APPLY_MODES = ("auto", "input", "weight")
 _CAYLEY = ("exact", "neumann")
+_DEFAULT_NEUMANN_TERMS = 5
 
 
 def layer_label(path: str) -> str:
@@ -133,7 +135,7 @@ class BOFTConfig:
         ``2 S d_in d_out`` FLOPs, likewise),
         ``"auto"`` picks the cheaper one per layer and call from the number of tokens.
       cayley: ``"exact"`` or ``"neumann"`` (see :func:`boft_jax.cayley`).
-      neumann_terms: series terms for ``cayley="neumann"``.
+      neumann_terms: series terms for ``cayley="neumann"`` (a warning if set with ``cayley="exact"``).
       modules_to_save: regexes (same matching rule) of modules whose params all train in full,
         e.g. a new classifier head (PEFT's ``modules_to_save``).  :func:`boft_jax.split` puts
         them in the adapter tree; they are checkpointed with it.
@@ -158,7 +160,7 @@ class BOFTConfig:
     bias: BiasMode = "none"
     mode: ApplyMode = "auto"
     cayley: Literal["exact", "neumann"] = "exact"
-    neumann_terms: int = 5
+    neumann_terms: int = _DEFAULT_NEUMANN_TERMS
     modules_to_save: str | Sequence[str] | None = None
     block_size_overrides: Mapping[str, int] | Sequence[tuple[str, int]] | None = None
 
@@ -207,6 +209,12 @@ class BOFTConfig:
             raise ValueError(f"BOFTConfig.mode must be one of {_APPLY_MODES}, got {self.mode!r}")
         if self.cayley not in _CAYLEY:
             raise ValueError(f"BOFTConfig.cayley must be one of {_CAYLEY}, got {self.cayley!r}")
+        if self.cayley == "exact" and self.neumann_terms != _DEFAULT_NEUMANN_TERMS:
+            warnings.warn(
+                f"BOFTConfig.neumann_terms = {self.neumann_terms} has no effect with cayley='exact' (the exact"
+                " Cayley map has no series); pass cayley='neumann' to use that many terms",
+                stacklevel=3,
+            )
 
     # ----------------------------------------------------------------------------------------
     def matches(self, path: str) -> bool:

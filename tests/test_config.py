@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -55,14 +56,26 @@ def test_numpy_scalars_are_accepted_as_python_numbers():
     plain Python numbers (hashable, equal to the same config written with Python literals)."""
     rng = np.random.default_rng()
     b, m, p = int(rng.choice([2, 4, 8])), int(rng.integers(1, 4)), float(rng.uniform(0, 0.9))
-    cfg = boft.BOFTConfig(block_size=np.int64(b), n_factors=np.int32(m), dropout=np.float32(p), neumann_terms=np.uint8(3),
-                          block_size_overrides={"fc2": np.int16(2 * b)})
-    plain = boft.BOFTConfig(block_size=b, n_factors=m, dropout=float(np.float32(p)), neumann_terms=3,
-                            block_size_overrides={"fc2": 2 * b})
+    cfg = boft.BOFTConfig(block_size=np.int64(b), n_factors=np.int32(m), dropout=np.float32(p), cayley="neumann",
+                          neumann_terms=np.uint8(3), block_size_overrides={"fc2": np.int16(2 * b)})
+    plain = boft.BOFTConfig(block_size=b, n_factors=m, dropout=float(np.float32(p)), cayley="neumann",
+                            neumann_terms=3, block_size_overrides={"fc2": 2 * b})
     assert cfg == plain and hash(cfg) == hash(plain)
     assert all(type(v) is int for v in (cfg.block_size, cfg.n_factors, cfg.neumann_terms, cfg.block_size_overrides[0][1]))
     assert type(cfg.dropout) is float
     assert boft.BOFTConfig(block_num=np.int64(4)).block_num == 4
+
+
+def test_neumann_terms_without_the_neumann_map_warns():
+    """``neumann_terms`` only sets the series of ``cayley="neumann"``; with the exact map it would be
+    silently ignored, so a non-default value warns (the default, and the neumann map, do not)."""
+    terms = int(np.random.default_rng().integers(1, 5))  # never the default 5
+    with pytest.warns(UserWarning, match=f"neumann_terms = {terms} has no effect with cayley='exact'"):
+        boft.BOFTConfig(block_size=4, neumann_terms=terms)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        boft.BOFTConfig(block_size=4, cayley="neumann", neumann_terms=terms)
+        boft.BOFTConfig(block_size=4, cayley="exact")
 
 
 def test_leading_global_regex_flags_apply_to_the_whole_pattern():
