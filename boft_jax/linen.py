@@ -668,11 +668,13 @@ class BOFTModule(nn.Module):
 
     @nn.nowrap
     def init_with_output(self, rngs, *args, method=None, **kwargs):
-        return super().init_with_output(rngs, *args, method=self._method_name(method), **self._capture(kwargs))
+        out, variables = super().init_with_output(rngs, *args, method=self._method_name(method), **self._capture(kwargs))
+        _check_new_nodes(variables)
+        return out, variables
 
     @nn.nowrap
     def init(self, rngs, *args, method=None, **kwargs):
-        return super().init(rngs, *args, method=self._method_name(method), **self._capture(kwargs))
+        return _check_new_nodes(super().init(rngs, *args, method=self._method_name(method), **self._capture(kwargs)))
 
     def __getattr__(self, name: str):
         try:
@@ -1000,6 +1002,24 @@ def _split_point(kshape, d_in: int, d_out: int) -> int | None:
 def _key_path(key_path) -> str:
     """'a/b' of the layer owning a ``kernel`` node, from a jax tree key path."""
     return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in key_path[:-1])
+
+
+def _check_new_nodes(variables):
+    """At init: every adapter node's stacked axes agree with its kernel's, so that :func:`split`,
+    :func:`merge` and the checkpoints can read it (an ``nn.scan`` / ``nn.vmap`` with the layer axis
+    elsewhere than first is refused here, not after training).  Returns ``variables``."""
+
+    def walk(tree, path):
+        for k, v in tree.items():
+            if _is_node(v):  # (partitioning boxes, which init keeps, are looked through)
+                _check_adapter_fits("/".join(path), *(nn.unbox(a) for a in (v.kernel, v.skew, v.scale)))
+            elif isinstance(v, Mapping):
+                walk(v, path + (k,))
+
+    params = variables.get("params") if isinstance(variables, Mapping) else None
+    if isinstance(params, Mapping):
+        walk(params, ())
+    return variables
 
 
 def _check_node_config(node: BOFTKernel, config: BOFTConfig, path: str, fn: str) -> None:

@@ -129,3 +129,13 @@ def test_memory_peak_leaves_out_donated_outputs_written_into_their_arguments():
     assert mem["alias"] == x.nbytes and mem["args"] == 2 * x.nbytes
     assert mem["peak"] == mem["temp"] + mem["out"] - x.nbytes
     assert mem["footprint"] == mem["args"] + mem["peak"]
+
+
+@pytest.mark.parametrize("b, d", [(8, 128), (4, 96)])
+def test_two_level_probe_products_equal_the_dense_rotation(b, d):
+    """benchmarks/two_level.py times m = 4 as two 2b-wide levels; its products must be x M, x M^T
+    and M K of the butterfly's float64 dense M (fresh random rotations each run)."""
+    from benchmarks import two_level
+
+    seed = int(np.random.default_rng().integers(2**31))
+    assert two_level.check(d, b=b, tokens=5, seed=seed) < 1e-5
