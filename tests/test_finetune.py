@@ -847,6 +847,51 @@ def test_sharded_training_matches_single_device_and_splits_the_weights(tmp_path)
         assert res[name]["max_bytes"] < 0.2 * total, (name, res[name]["max_bytes"] / total)
 
 
+JOB_PLACEMENT_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import jax
+    from train import finetune, loop
+
+    class Measured(Exception):
+        pass
+
+    def measure(task, opts, out, **kw):  # the job's state when training starts
+        per_dev = {}
+        for a in jax.live_arrays():
+            for shard in a.addressable_shards:
+                per_dev[shard.device.id] = per_dev.get(shard.device.id, 0) + shard.data.nbytes
+        big = {tuple(l.shape) for l in jax.tree.leaves(task.frozen) if l.size >= 1024}
+        whole = [tuple(a.shape) for a in jax.live_arrays() if tuple(a.shape) in big and len(a.sharding.device_set) == 1]
+        total = sum(l.nbytes for l in jax.tree.leaves(task.frozen))
+        print("RESULT" + json.dumps({"per_dev": per_dev, "whole": whole, "total": total}))
+        raise Measured
+
+    loop.fit = measure
+    try:
+        finetune.run(["--steps", "1", "--batch-size", "16", "--mesh", "data=8", "--output", sys.argv[1],
+                      "--no-progress", "--eval-every", "0"])
+    except Measured:
+        pass
+    """
+)
+
+
+@pytest.mark.slow
+def test_the_job_holds_no_whole_copy_of_the_frozen_model_on_a_device(tmp_path):
+    """With --mesh data=8 the frozen weights are FSDP-split when training starts, and no device also
+    keeps the whole model as loaded (the loader's arrays on the default device did, for the whole run)."""
+    r = subprocess.run([sys.executable, "-c", JOB_PLACEMENT_SCRIPT, str(tmp_path / "run")], capture_output=True, text=True,
+                       env=_env(8, fast_compile=True), cwd=ROOT, timeout=600)
+    assert r.returncode == 0 and "RESULT" in r.stdout, r.stdout[-2000:] + r.stderr[-3000:]
+    res = json.loads(r.stdout.split("RESULT", 1)[1])
+    assert res["whole"] == [], res["whole"]
+    per_dev = res["per_dev"]
+    assert len(per_dev) == 8
+    # every live array on a device: its 1/8 of the base, the replicated adapter, norms and biases
+    assert max(per_dev.values()) < 0.25 * res["total"], (per_dev, res["total"])
+
+
 def _free_port() -> int:
     import socket
 

@@ -258,6 +258,10 @@ def test_save_pretrained_round_trips_exactly(tmp_path, name, scan_layers):
     again, again_params = models.from_pretrained(tmp_path, scan_layers=scan_layers)
     assert again == module
     assert_trees_equal(again_params, params)
+    # host=True: the same values as host numpy arrays (on no device), to be placed onto a sharding
+    _, on_host = models.from_pretrained(tmp_path, scan_layers=scan_layers, host=True)
+    assert all(type(leaf) is np.ndarray for leaf in jax.tree.leaves(on_host))
+    assert_trees_equal(on_host, params)
     # The same keys and tensors as transformers itself wrote.
     ours, theirs = hf.load_state_dict(tmp_path), hf.load_state_dict(FIXTURES / name)
     assert sorted(ours) == sorted(theirs)

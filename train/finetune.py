@@ -314,7 +314,9 @@ def run(argv=None) -> dict:
     dtype = jnp.bfloat16 if args.precision == "bf16" else jnp.float32
     try:
         head = {"num_labels": args.num_labels} if args.num_labels is not None else {}
-        module, params = family.from_pretrained(ckpt_path, dtype=dtype, scan_layers=args.scan_layers, **head)
+        # host arrays: the frozen weights go straight to their sharding below, so no device ever
+        # holds the whole model (with the default device's copy kept, FSDP would save nothing there)
+        module, params = family.from_pretrained(ckpt_path, dtype=dtype, scan_layers=args.scan_layers, host=True, **head)
     except (ValueError, OSError, TypeError) as e:  # TypeError: a config.json field of the wrong type
         hint = " (here: --num-labels N)" if isinstance(e, MissingHead) else ""
         _fail(f"--checkpoint {ckpt_path}: {e}{hint}")
@@ -379,6 +381,7 @@ def run(argv=None) -> dict:
     if args.batch_size > len(data.train):
         _fail(f"--batch-size {args.batch_size} exceeds the {len(data.train)} training examples")
     frozen, _ = boft.split(boft.combine(params, adapter), config)
+    del params  # (frozen holds the base weights from here on)
     try:
         # a mesh that cannot split the weights: say so now
         sh.frozen_sharding(frozen, mesh, strict=not args.replicate_unsplit)

@@ -950,7 +950,7 @@ _OTHER_HEADS = ("ForSequenceClassification", "ForTokenClassification", "ForQuest
 
 
 def from_pretrained(
-    path: str | os.PathLike, *, dtype: Dtype = jnp.float32, scan_layers: bool = False
+    path: str | os.PathLike, *, dtype: Dtype = jnp.float32, scan_layers: bool = False, host: bool = False
 ) -> tuple[T5, dict[str, Any]]:
     """Load a Hugging Face T5 / T5 v1.1 / FLAN-T5 / mT5 directory as ``(module, params)``.
 
@@ -959,6 +959,9 @@ def from_pretrained(
         legacy ``flax_model.msgpack``).
       dtype: computation dtype; params keep the checkpoint's dtype.
       scan_layers: build the stacks with layers under ``nn.scan`` (stacked params).
+      host: return the params as host numpy arrays instead of device arrays, to place them
+        straight onto a sharding (``boft_jax.sharding.shard_frozen``) so that no device ever holds
+        the whole model; by default they are on the default device.
     """
     cfg_dict = hf.read_config(path)
     hf.check_model_type(path, cfg_dict, tuple(MODEL_TYPES))
@@ -980,7 +983,7 @@ def from_pretrained(
     state = hf.load_state_dict(path)
     config = resolve_tying(T5Config.from_hf_dict(cfg_dict), state)
     params = params_from_hf(config, state, scan_layers=scan_layers, source=f"{os.fspath(path)!r}")
-    return T5(config, dtype=dtype, scan_layers=scan_layers), jax.tree.map(jnp.asarray, params)
+    return T5(config, dtype=dtype, scan_layers=scan_layers), jax.tree.map(np.asarray if host else jnp.asarray, params)
 
 
 def _with_generation_eos(path, cfg_dict: dict) -> dict:

@@ -434,6 +434,7 @@ def from_pretrained(
     dtype: Dtype = jnp.float32,
     scan_layers: bool = False,
     num_labels: int | None = None,
+    host: bool = False,
 ) -> tuple[ViT, dict[str, Any]]:
     """Load a Hugging Face ViT directory as ``(module, params)``.
 
@@ -446,6 +447,9 @@ def from_pretrained(
         head), the classifier gets a fresh zero-initialized ``(hidden, num_labels)`` head; ``0``
         drops the head (the model returns the final CLS features), as does a checkpoint whose
         ``config.json`` has no labels (``id2label: {}``).
+      host: return the params as host numpy arrays instead of device arrays, to place them
+        straight onto a sharding (``boft_jax.sharding.shard_frozen``) so that no device ever holds
+        the whole model; by default they are on the default device.
     """
     cfg_dict = hf.read_config(path)
     hf.check_model_type(path, cfg_dict, "vit")
@@ -474,4 +478,4 @@ def from_pretrained(
             state["classifier.bias"] = np.zeros((num_labels,), dt)
         config = dataclasses.replace(config, num_labels=num_labels, id2label=None)
     params = params_from_hf(config, state, scan_layers=scan_layers, source=f"{os.fspath(path)!r}")
-    return ViT(config, dtype=dtype, scan_layers=scan_layers), jax.tree.map(jnp.asarray, params)
+    return ViT(config, dtype=dtype, scan_layers=scan_layers), jax.tree.map(np.asarray if host else jnp.asarray, params)
