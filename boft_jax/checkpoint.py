@@ -273,8 +273,8 @@ def _leaf_checksums(tree) -> list[str]:
 
 
 def _quiet_abandoned_reads() -> None:
-    """After a failed orbax restore (already reported as one clear error), drop the echoes of its
-    other reads: tensorstore reads still in flight fail later, as "Exception ignored in: <coroutine
+    """Installed before every orbax restore: when one fails (reported as one clear error), drop the
+    echoes of its other reads: tensorstore reads still in flight fail later, as "Exception ignored in: <coroutine
     ... _read_array_index_and_device_put>" or "RuntimeError: Event loop is closed" (a read finishing
     after orbax closed its event loop), printed one traceback each (hundreds of lines) through
     ``sys.unraisablehook``, often at interpreter exit.  Only those are dropped; any other unraisable
@@ -381,6 +381,7 @@ def load_adapter(path: str | os.PathLike) -> tuple[dict, BOFTConfig, dict]:
             f"{path} is not a boft_jax adapter checkpoint (expected 'adapter' and 'meta' entries, found"
             f" {sorted(os.listdir(source))})"
         )
+    _quiet_abandoned_reads()  # before the restore: a failing read can echo while it is still running
     try:
         with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
             both = ckptr.restore(source, ocp.args.Composite(adapter=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
@@ -524,7 +525,8 @@ class TrainCheckpointer:
 
     Args:
       directory: where step directories are written.
-      save_every: save when ``step % save_every == 0`` (and whenever ``force=True``).
+      save_every: save when ``step % save_every == 0`` (and with ``force=True``, unless the step is
+        saved already).
       keep: how many recent steps to keep.
       async_save: write in a background thread (call :meth:`wait` or :meth:`close` before exit).
 
@@ -538,9 +540,15 @@ class TrainCheckpointer:
     """
 
     def __init__(self, directory: str | os.PathLike, *, save_every: int = 100, keep: int = 3, async_save: bool = True):
-        if save_every < 1 or keep < 1:
-            raise ValueError(f"save_every and keep must be >= 1, got {save_every}, {keep}")
+        for name, v in (("save_every", save_every), ("keep", keep)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+                raise ValueError(f"TrainCheckpointer: {name} must be an integer >= 1, got {v!r}")
         self.directory = Path(directory).absolute()
+        if self.directory.exists() and not self.directory.is_dir():
+            raise ValueError(
+                f"TrainCheckpointer: {self.directory} is a file, not a directory; give a directory for the step"
+                " checkpoints (an existing one, or a path that does not exist yet)"
+            )
         check_storable_path(self.directory)
         self.save_every = save_every
         self._mngr = ocp.CheckpointManager(
@@ -561,7 +569,13 @@ class TrainCheckpointer:
         return list(self._mngr.all_steps())
 
     def save(self, step: int, adapter, opt_state, state: Mapping[str, Any], *, force: bool = False) -> bool:
-        """Save if ``step`` is due (or ``force``); returns whether a save was started."""
+        """Save if ``step`` is due (or ``force``); returns whether a save was started.
+
+        A step that is already saved is not written again, also with ``force`` (returns ``False``):
+        a step's checkpoint is never replaced in place.
+        """
+        if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
+            raise ValueError(f"TrainCheckpointer.save: step must be an integer >= 0, got {step!r}")
         if not force and step % self.save_every:
             return False
         if step in self._mngr.all_steps():
@@ -603,6 +617,7 @@ class TrainCheckpointer:
         if step is None:
             return None
         step_dir = self._require(step, ("adapter", "opt_state", "state"))
+        _quiet_abandoned_reads()  # before the restore: a failing read can echo while it is still running
         try:
             return self._restore(step, adapter_like, opt_state_like)
         except _StepError:

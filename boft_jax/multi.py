@@ -362,6 +362,9 @@ def apply_multi(
       model: the wrapped module, ``boft.wrap(base, config)`` (run in ``mode="input"``; see the
         module docstring).
       frozen: the base params (base layout), shared by every example; never copied per example.
+        :data:`BASE` rows run exactly these, so pass the original base params there (e.g. from
+        ``from_pretrained``): the ``frozen`` half of :func:`boft.split` of trained params holds the
+        trained biases and ``modules_to_save`` modules, and BASE rows would run with those.
       stacked: adapters from :func:`stack` (leading adapter axis ``K``).
       adapter_ids: int array ``(batch,)``; ``0..K-1`` or :data:`BASE` (``-1``) for the base model.
       *inputs: the positional inputs of ``method``; every array leaf is batched along axis 0 (size

@@ -8,7 +8,9 @@
 
 Example:
   >>> import jax, boft_jax.sharding as sh
-  >>> mesh = sh.make_mesh("data=1")
+  >>> dict(sh.make_mesh(f"data={jax.device_count()}").shape) == {"data": jax.device_count()}  # all devices
+  True
+  >>> mesh = sh.make_mesh("data=1", jax.devices()[:1])  # or a subset of them
   >>> dict(mesh.shape)
   {'data': 1}
 """
@@ -143,8 +145,8 @@ def frozen_sharding(frozen: Mapping, mesh: Mesh, *, min_size: int = 1024, strict
     for weights of even sizes: its devices would only repeat each other's work).
 
     Example:
-      >>> import jax.numpy as jnp
-      >>> mesh = make_mesh("data=1")
+      >>> import jax, jax.numpy as jnp
+      >>> mesh = make_mesh("data=1", jax.devices()[:1])
       >>> tuple(frozen_sharding({"w": {"kernel": jnp.zeros((64, 64))}}, mesh)["w"]["kernel"].spec)
       (None, None)
     """
@@ -199,8 +201,8 @@ def unsplit_weights(frozen: Mapping, mesh: Mesh, *, min_size: int = 1024) -> lis
     one device: what ``strict=True`` would refuse, and what a data-parallel run then holds per device.
 
     Example:
-      >>> import jax.numpy as jnp
-      >>> unsplit_weights({"w": {"kernel": jnp.zeros((64, 64))}}, make_mesh("data=1"))
+      >>> import jax, jax.numpy as jnp
+      >>> unsplit_weights({"w": {"kernel": jnp.zeros((64, 64))}}, make_mesh("data=1", jax.devices()[:1]))
       []
     """
     if mesh.devices.size <= 1:

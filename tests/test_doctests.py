@@ -20,3 +20,21 @@ def test_docstring_examples(name):
     module = importlib.import_module(name)
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE, verbose=False)
     assert result.failed == 0, f"{result.failed} of {result.attempted} docstring examples failed in {name}"
+
+
+def test_sharding_examples_also_run_on_a_machine_with_several_devices():
+    """boft_jax.sharding's examples build meshes: they must not assume a single device (they used
+    ``make_mesh("data=1")``, refused wherever jax sees more than one)."""
+    import subprocess
+    import sys
+
+    from jobs import ROOT, job_env
+
+    code = ("import doctest, jax, boft_jax.sharding as m; assert jax.device_count() == 4;"
+            " r = doctest.testmod(m, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE);"
+            " print('RESULT', r.failed, r.attempted)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=job_env(4, fast_compile=True),
+                       cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    failed, attempted = map(int, r.stdout.split("RESULT", 1)[1].split())
+    assert failed == 0 and attempted >= 5, r.stdout[-3000:]

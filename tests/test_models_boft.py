@@ -233,3 +233,18 @@ def test_one_masked_optax_step_changes_only_the_adapter_t5_scanned():
     targets = jnp.asarray(np.roll(ref["decoder_input_ids"], -1, axis=1))
     xent = lambda logits: optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
     one_masked_step_changes_only_the_adapter(boft.wrap(base, config), config, pretrained, xent, inputs, 62)
+
+
+def test_training_the_lm_head_of_a_tied_t5_points_to_untie_head():
+    """A tied T5 has no lm_head module (the shared embedding computes the logits): modules_to_save
+    'lm_head' trains nothing, and the error says how to get a separate head."""
+    base, pretrained = t5.from_pretrained(FIXTURES / "t5_relu")
+    assert "lm_head" not in pretrained
+    ref = np.load(FIXTURES / "t5_relu_reference.npz", allow_pickle=False)
+    inputs = (ref["input_ids"], ref["attention_mask"], ref["decoder_input_ids"])
+    config = boft.BOFTConfig(block_size=4, targets="q", modules_to_save="lm_head")
+    with pytest.raises(ValueError, match=r"no lm_head module.*t5\.untie_head\(module, params\)"):
+        boft.init_adapter(boft.wrap(base, config), pretrained, *inputs)
+    untied, untied_params = t5.untie_head(base, pretrained)
+    adapter = boft.init_adapter(boft.wrap(untied, config), untied_params, *inputs)
+    np.testing.assert_array_equal(adapter["lm_head"]["kernel"], untied_params["lm_head"]["kernel"])
