@@ -159,7 +159,7 @@ def test_jsonl_loads_and_trims_to_the_longest_example(tmp_path):
         ('{"source": "a", "target": "b"}\n{"source": "a"}\n', ":2: each line must be a JSON object"),
         ('{"source": "a", "target": "b"}\n', "needs at least 2 source/target pairs"),
         ("", "needs at least 2 source/target pairs"),
-        ('{"source": "a", "target": "b"}\n{"source": "a", "target": null}\n', ":2: each line must be a JSON object"),
+        ('{"source": "a", "target": "b"}\n{"source": "a", "target": null}\n', ":2: 'target' is null (NoneType); give a string"),
     ],
 )
 def test_bad_jsonl_is_a_clear_error(tmp_path, content, fragment):
@@ -355,3 +355,50 @@ def test_default_t5_job_end_to_end(tmp_path):
     np.testing.assert_array_equal(_gen(merged_module, merged, sp), wrapped)
     ok = np.asarray(text_tasks.exact_match_fn(merged_module)(merged, sp.inputs["input_ids"], sp.inputs["attention_mask"], sp.labels))
     assert ok.mean() >= 0.5
+
+
+def test_jsonl_duplicates_cuts_and_non_objects_are_said(tmp_path, capsys):
+    """Duplicates stay as given but are noted (with the held-out pairs the training split also holds,
+    and sources given different targets); cut lines are named and a text is cut at a character
+    boundary; a JSON array, pretty-printed JSON, a bare value or a non-string field is refused by name."""
+    rng = np.random.default_rng()
+    n = int(rng.integers(4, 8))
+    rows = [{"source": f"s{i}", "target": f"t{i}"} for i in range(n)] * 12 + [{"source": "s0", "target": "other"}]
+    (tmp_path / "dups.jsonl").write_text("\n".join(map(json.dumps, rows)))
+    capsys.readouterr()
+    ds = data_lib.load_jsonl(tmp_path / "dups.jsonl", 64, 32)
+    out = capsys.readouterr().out
+    assert len(ds.train) + len(ds.test) == len(rows)  # nothing dropped
+    assert f"{len(rows) - n - 1} pair(s) repeat an earlier line (line {n + 1} repeats line 1," in out
+    assert f"1 source(s) are given different targets (lines 1, {len(rows)})" in out
+    train_pairs = {(tuple(s), tuple(t)) for s, t in zip(ds.train.inputs["input_ids"].tolist(), ds.train.labels.tolist())}
+    overlap = sum((tuple(s), tuple(t)) in train_pairs for s, t in zip(ds.test.inputs["input_ids"].tolist(), ds.test.labels.tolist()))
+    assert overlap and f"{overlap} of the {len(ds.test)} held-out pairs also occur in the training split" in out
+    # unique pairs: no notes
+    (tmp_path / "unique.jsonl").write_text("\n".join(map(json.dumps, rows[:n])))
+    data_lib.load_jsonl(tmp_path / "unique.jsonl", 64, 32)
+    assert "note" not in capsys.readouterr().out
+    # a long target ending in 2-byte characters: cut before the character that does not fit
+    k = int(rng.integers(1, 20))
+    text = "x" * (31 - k) + "é" * k  # 31 - k + 2 k bytes + EOS > 32
+    lines = [json.dumps({"source": f"a{i}", "target": text}) for i in range(3)] + [json.dumps({"source": "b", "target": "y"})]
+    (tmp_path / "cut.jsonl").write_text("\n".join(lines))
+    ds = data_lib.load_jsonl(tmp_path / "cut.jsonl", 64, 32)
+    assert "3 of 4 pairs are longer than 64 source / 32 target tokens (EOS included) and are cut to that length (lines 1, 2, 3)" in capsys.readouterr().out
+    for row in np.concatenate([ds.train.labels, ds.test.labels]):
+        ids = row[: list(row).index(data_lib.EOS)]
+        raw = bytes(int(i) - data_lib.BYTE_OFFSET for i in ids)
+        decoded = raw.decode("utf-8")  # valid UTF-8: no character cut in half
+        assert text.startswith(decoded) or decoded == "y"
+        if decoded != "y":
+            assert 30 <= len(raw) <= 31  # the longest whole-character prefix of 31 bytes
+    bad = {
+        "array": (json.dumps(rows[:3]), r"array.jsonl:1: the line holds a JSON array, not an object.*json\.dumps\(o\)"),
+        "pretty": (json.dumps(rows[:3], indent=2), r"pretty.jsonl:1: the line is just '\[': this looks like pretty-printed JSON"),
+        "null": (json.dumps(rows[0]) + "\nnull", r"null.jsonl:2: the line holds the JSON value null, not an object"),
+        "int": (json.dumps(rows[0]) + "\n" + json.dumps({"source": "a", "target": 5}), r"int.jsonl:2: 'target' is 5 \(int\); give a string"),
+    }
+    for name, (content, msg) in bad.items():
+        (tmp_path / f"{name}.jsonl").write_text(content)
+        with pytest.raises(ValueError, match=msg):
+            data_lib.load_jsonl(tmp_path / f"{name}.jsonl", 64, 32)

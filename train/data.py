@@ -323,8 +323,15 @@ BYTE_VOCAB = 256 + BYTE_OFFSET
 
 
 def encode_text(text: str, length: int) -> np.ndarray:
-    """UTF-8 bytes + 3 (ByT5's layout: 0 pad, 1 eos, 2 unk), then EOS, padded/cut to ``length``."""
-    return ids_row([b + BYTE_OFFSET for b in text.encode("utf-8")], length)
+    """UTF-8 bytes + 3 (ByT5's layout: 0 pad, 1 eos, 2 unk), then EOS, padded/cut to ``length``.
+
+    A text too long is cut at a character boundary (never inside a multi-byte character, which
+    would train the model to emit invalid UTF-8), so it may keep a few bytes fewer than fit.
+    """
+    raw = text.encode("utf-8")
+    if len(raw) + 1 > length:
+        raw = raw[: length - 1].decode("utf-8", errors="ignore").encode("utf-8")  # drops a cut character's bytes
+    return ids_row([b + BYTE_OFFSET for b in raw], length)
 
 
 def decode_ids(ids) -> str:
@@ -372,7 +379,8 @@ def load_jsonl(path: str | Path, src_len: int, tgt_len: int, *, test_fraction=0.
     above it is an error naming the line.
     """
     path = Path(path)
-    rows, kinds, cut, unused = [], set(), 0, {}
+    rows, kinds, cut, unused = [], set(), [], {}
+    keys, lines = [], []  # each pair's content and its line (for the notes on duplicates)
     with open(path, "rb") as f:
         data = f.read()
     if data.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark (some editors write one): not part of the JSON
@@ -388,8 +396,22 @@ def load_jsonl(path: str | Path, src_len: int, tgt_len: int, *, test_fraction=0.
         if not line.strip():
             continue
         try:
-            row = json.loads(line, object_pairs_hook=_unique_keys)
-            if isinstance(row, dict) and ({"source_ids", "target_ids"} & row.keys()) and ({"source", "target"} & row.keys()):
+            try:
+                row = json.loads(line, object_pairs_hook=_unique_keys)
+            except json.JSONDecodeError:
+                if line.strip() in ("[", "{"):
+                    raise _BadIds(
+                        f"the line is just {line.strip()!r}: this looks like pretty-printed JSON, but JSONL holds one"
+                        " whole JSON object per line" + _JSONL_HINT
+                    ) from None
+                raise
+            if not isinstance(row, dict):
+                what = "a JSON array" if isinstance(row, list) else f"the JSON value {_short_json(row)}"
+                raise _BadIds(
+                    f"the line holds {what}, not an object; JSONL holds one JSON object per line, e.g."
+                    ' {"source": "...", "target": "..."}' + (_JSONL_HINT if isinstance(row, list) else "")
+                )
+            if ({"source_ids", "target_ids"} & row.keys()) and ({"source", "target"} & row.keys()):
                 raise _BadIds(
                     f"holds keys of both forms, {sorted(row.keys() & {'source', 'target', 'source_ids', 'target_ids'})};"
                     " give 'source' and 'target' (text) or 'source_ids' and 'target_ids' (token ids)"
@@ -411,10 +433,14 @@ def load_jsonl(path: str | Path, src_len: int, tgt_len: int, *, test_fraction=0.
                 src, tgt = _clean_ids(src, "source_ids"), _clean_ids(tgt, "target_ids")
                 kinds.add("ids")
                 rows.append((ids_row(src, src_len), ids_row(tgt, tgt_len)))
-                cut += _with_eos(src) > src_len or _with_eos(tgt) > tgt_len
+                keys.append((tuple(src), tuple(tgt)))
+                if _with_eos(src) > src_len or _with_eos(tgt) > tgt_len:
+                    cut.append(n)
             else:
-                if not (isinstance(row["source"], str) and isinstance(row["target"], str)):
-                    raise TypeError("'source' and 'target' must be strings")
+                for key in ("source", "target"):
+                    if key in row and not isinstance(row[key], str):
+                        raise _BadIds(f"'{key}' is {_short_json(row[key])} ({type(row[key]).__name__}); give a string"
+                                      " (text), or use 'source_ids' / 'target_ids' for token ids")
                 for key in ("source", "target"):
                     try:
                         row[key].encode("utf-8")
@@ -425,7 +451,10 @@ def load_jsonl(path: str | Path, src_len: int, tgt_len: int, *, test_fraction=0.
                         ) from None
                 kinds.add("text")
                 rows.append((encode_text(row["source"], src_len), encode_text(row["target"], tgt_len)))
-                cut += len(row["source"].encode("utf-8")) + 1 > src_len or len(row["target"].encode("utf-8")) + 1 > tgt_len
+                keys.append((row["source"], row["target"]))
+                if len(row["source"].encode("utf-8")) + 1 > src_len or len(row["target"].encode("utf-8")) + 1 > tgt_len:
+                    cut.append(n)
+            lines.append(n)
         except _BadIds as e:
             raise ValueError(f"{path}:{n}: {e}") from None
         except (json.JSONDecodeError, KeyError, TypeError) as e:
@@ -444,10 +473,58 @@ def load_jsonl(path: str | Path, src_len: int, tgt_len: int, *, test_fraction=0.
     tr, te = _train_test(len(full), test_fraction, seed)
     form = "token ids" if kinds == {"ids"} else "byte-level text"
     if cut:
-        print(f"note: {path}: {cut} of {len(rows)} pairs are longer than {src_len} source / {tgt_len} target"
-              " tokens (EOS included) and are cut to that length")
-    note = f", {cut} cut to {src_len}/{tgt_len} tokens" if cut else ""
+        print(f"note: {path}: {len(cut)} of {len(rows)} pairs are longer than {src_len} source / {tgt_len} target"
+              f" tokens (EOS included) and are cut to that length ({_lines(cut)})")
+    _note_duplicates(path, keys, lines, tr, te)
+    note = f", {len(cut)} cut to {src_len}/{tgt_len} tokens" if cut else ""
     return Dataset(full.take(tr), full.take(te), f"{path} ({len(rows)} pairs, {form}{note})", kind=kinds.pop())
+
+
+_JSONL_HINT = (
+    "; convert a JSON array of objects with: python -c \"import json,sys; [print(json.dumps(o)) for o in"
+    ' json.load(open(sys.argv[1]))]\" FILE.json > FILE.jsonl'
+)
+
+
+def _short_json(value, limit: int = 40) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _lines(ns: list[int], limit: int = 5) -> str:
+    """``'line 3'`` or ``'lines 1, 4, 9, ...'``."""
+    return ("line " if len(ns) == 1 else "lines ") + ", ".join(map(str, ns[:limit])) + (", ..." if len(ns) > limit else "")
+
+
+def _note_duplicates(path, keys: list, lines: list[int], tr: np.ndarray, te: np.ndarray) -> None:
+    """Notes (no change to the data) on pairs that repeat an earlier line, sources given different
+    targets, and held-out pairs that also occur in the training split (the held-out score then
+    partly measures memorization)."""
+    first: dict = {}
+    repeats = []
+    for key, n in zip(keys, lines):
+        if key in first:
+            repeats.append((n, first[key]))
+        else:
+            first[key] = n
+    if repeats:
+        shown = ", ".join(f"line {n} repeats line {m}" for n, m in repeats[:3])
+        print(f"note: {path}: {len(repeats)} pair(s) repeat an earlier line ({shown}{', ...' if len(repeats) > 3 else ''});"
+              " they are kept as given")
+    targets: dict = {}
+    for (src, tgt), n in zip(keys, lines):
+        targets.setdefault(src, {}).setdefault(tgt, n)
+    conflicting = sorted((sorted(t.values()) for t in targets.values() if len(t) > 1), key=lambda ls: ls[0])
+    if conflicting:
+        shown = "; ".join("lines " + ", ".join(map(str, ls[:3])) for ls in conflicting[:3])
+        print(f"note: {path}: {len(conflicting)} source(s) are given different targets ({shown}"
+              f"{'; ...' if len(conflicting) > 3 else ''}): no model can match all of them")
+    train_keys = {keys[i] for i in tr}
+    seen = [lines[i] for i in te if keys[i] in train_keys]
+    if seen:
+        print(f"note: {path}: {len(seen)} of the {len(te)} held-out pairs also occur in the training split"
+              f" ({_lines(seen)}), so the held-out score partly measures memorization; remove the duplicates for a"
+              " clean held-out set")
 
 
 def _unique_keys(pairs: list) -> dict:
