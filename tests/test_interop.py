@@ -469,7 +469,7 @@ def test_oft_layers_adjusted_differently_get_block_size_overrides(tmp_path, caps
     assert "PEFT's BOFT only has the exact Cayley map" in capsys.readouterr().err
     # PEFT's BOFT has no adjustment: one boft_block_size or boft_block_num must fit every layer
     with pytest.raises(ValueError, match=r"PEFT's BOFT config holds one boft_block_size or boft_block_num for all layers; no single value"):
-        save_peft_adapter(tmp_path / "boft", boft.wrap(model.model, dataclasses.replace(cfg, cayley="exact")), params)
+        save_peft_adapter(tmp_path / "boft", boft.wrap(model.model, dataclasses.replace(cfg, cayley="exact", neumann_terms=5)), params)
     capsys.readouterr()
 
 

@@ -1261,7 +1261,8 @@ def peft_state_dict(
         raise ValueError(
             f"this adapter uses cayley = {config.cayley!r}, but PEFT's BOFT only has the exact Cayley map, so PEFT"
             " would compute a different rotation. Convert with an exact config if that is intended:"
-            " boft.wrap(model, dataclasses.replace(config, cayley='exact')), or save a one-factor adapter with"
+            " boft.wrap(model, dataclasses.replace(config, cayley='exact', neumann_terms=5)) (5 is the default: the"
+            " exact map has no series terms), or save a one-factor adapter with"
             " peft_type='OFT', which has the Neumann variant"
         )
     _, adapter = split(params, config)
