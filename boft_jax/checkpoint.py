@@ -32,6 +32,7 @@ import glob
 import hashlib
 import importlib.metadata
 import json
+import operator
 import os
 import re
 import shutil
@@ -72,7 +73,9 @@ def config_from_dict(d: Mapping[str, Any]) -> BOFTConfig:
     unknown = sorted(set(d) - known)
     if unknown:
         raise ValueError(f"unknown BOFTConfig fields in checkpoint: {unknown} (known: {sorted(known)})")
-    return BOFTConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+    with warnings.catch_warnings():  # a stored config is rebuilt as saved: the warning was given when it was made
+        warnings.filterwarnings("ignore", message=r"BOFTConfig\.neumann_terms = .* has no effect", category=UserWarning)
+        return BOFTConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
 def save_adapter(
@@ -273,8 +276,8 @@ def _leaf_checksums(tree) -> list[str]:
 
 
 def _quiet_abandoned_reads() -> None:
-    """Installed before every orbax restore: when one fails (reported as one clear error), drop the
-    echoes of its other reads: tensorstore reads still in flight fail later, as "Exception ignored in: <coroutine
+    """Installed before the first orbax restore (and kept for the process): when a restore fails
+    (reported as one clear error), drop the echoes of its other reads: tensorstore reads still in flight fail later, as "Exception ignored in: <coroutine
     ... _read_array_index_and_device_put>" or "RuntimeError: Event loop is closed" (a read finishing
     after orbax closed its event loop), printed one traceback each (hundreds of lines) through
     ``sys.unraisablehook``, often at interpreter exit.  Only those are dropped; any other unraisable
@@ -520,6 +523,20 @@ class _StepError(ValueError):
     """A training checkpoint step that reads back but is not the one expected (raised as is)."""
 
 
+def _whole(value, what: str, least: int) -> int:
+    """``value`` as a Python int: any integer, also a 0-d integer numpy / JAX array (a flax
+    ``TrainState.step``); a bool, a float or anything below ``least`` is a ``ValueError``."""
+    try:
+        if isinstance(value, (bool, np.bool_)):
+            raise TypeError
+        n = operator.index(value)
+    except TypeError:
+        n = None
+    if n is None or n < least:
+        raise ValueError(f"{what} must be an integer >= {least}, got {value!r}")
+    return n
+
+
 class TrainCheckpointer:
     """Periodic, asynchronous training checkpoints: adapter, optimizer state and JSON state.
 
@@ -540,9 +557,7 @@ class TrainCheckpointer:
     """
 
     def __init__(self, directory: str | os.PathLike, *, save_every: int = 100, keep: int = 3, async_save: bool = True):
-        for name, v in (("save_every", save_every), ("keep", keep)):
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-                raise ValueError(f"TrainCheckpointer: {name} must be an integer >= 1, got {v!r}")
+        save_every, keep = (_whole(v, f"TrainCheckpointer: {name}", 1) for name, v in (("save_every", save_every), ("keep", keep)))
         self.directory = Path(directory).absolute()
         if self.directory.exists() and not self.directory.is_dir():
             raise ValueError(
@@ -574,8 +589,7 @@ class TrainCheckpointer:
         A step that is already saved is not written again, also with ``force`` (returns ``False``):
         a step's checkpoint is never replaced in place.
         """
-        if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
-            raise ValueError(f"TrainCheckpointer.save: step must be an integer >= 0, got {step!r}")
+        step = _whole(step, "TrainCheckpointer.save: step", 0)
         if not force and step % self.save_every:
             return False
         if step in self._mngr.all_steps():

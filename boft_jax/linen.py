@@ -1250,7 +1250,8 @@ def init_adapter(model: BOFTModule, frozen: Mapping, *args, **kwargs) -> dict:
     if cfg.modules_to_save and not any(
         cfg.saved_ancestor(_key_path(kp)) for kp, _ in jax.tree_util.tree_leaves_with_path(adapter)
     ):
-        tied = any("lm_head" in p for p in cfg.modules_to_save) and "lm_head" not in frozen
+        # a T5 (its "shared" embedding) without a separate head
+        tied = any("lm_head" in p for p in cfg.modules_to_save) and "shared" in frozen and "lm_head" not in frozen
         raise ValueError(
             f"modules_to_save {cfg.modules_to_save} matches no module of the model (e.g. 'classifier' for a ViT"
             " head); nothing would train in full"

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import sys
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -570,16 +571,30 @@ def test_train_checkpointer_refuses_bad_arguments_with_what_would_do(tmp_path):
     for name, bad in (("save_every", 2.5), ("save_every", True), ("keep", 0), ("keep", "3")):
         with pytest.raises(ValueError, match=rf"{name} must be an integer >= 1, got {bad!r}"):
             ck.TrainCheckpointer(tmp_path / "c", **{name: bad})
-    tc = ck.TrainCheckpointer(tmp_path / "c", save_every=np.int64(2), async_save=False)
+    tc = ck.TrainCheckpointer(tmp_path / "c", save_every=np.int64(2), keep=jnp.asarray(3), async_save=False)
     adapter = _adapter()
     opt_state = optax.adam(1e-3).init(adapter)
-    for bad in (-1, 1.0, True):
-        with pytest.raises(ValueError, match=rf"step must be an integer >= 0, got {bad!r}"):
+    for bad in (-1, 1.0, True, np.float32(2), jnp.asarray(2.0), jnp.asarray([2])):
+        with pytest.raises(ValueError, match=r"step must be an integer >= 0, got"):
             tc.save(bad, adapter, opt_state, {})
     assert tc.save(np.int32(2), adapter, opt_state, {"v": 1})
+    assert tc.save(jnp.asarray(4), adapter, opt_state, {"v": 4})  # a flax TrainState.step is a 0-d array
+    assert tc.all_steps() == [2, 4]
     # a saved step is not replaced, also with force (documented); the first values stay
     assert not tc.save(2, jax.tree.map(lambda a: a + 1, adapter), opt_state, {"v": 2}, force=True)
+    tc.wait()
     step, restored, _, state = tc.restore_latest(adapter, opt_state)
     tc.close()
-    assert (step, state) == (2, {"v": 1})
+    assert (step, state) == (4, {"v": 4})
     np.testing.assert_array_equal(restored["l"]["bias"], adapter["l"]["bias"])
+
+
+def test_a_stored_exact_config_with_series_terms_loads_without_the_warning(tmp_path):
+    """neumann_terms with cayley='exact' warns when a config is made; a checkpoint of such a config
+    is rebuilt as saved, without warning again on every load."""
+    with pytest.warns(UserWarning, match="has no effect with cayley='exact'"):
+        cfg = dataclasses.replace(CFG, neumann_terms=3)
+    ck.save_adapter(tmp_path / "a", _adapter(), cfg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert ck.load_adapter(tmp_path / "a")[1] == cfg

@@ -378,20 +378,32 @@ def test_jsonl_duplicates_cuts_and_non_objects_are_said(tmp_path, capsys):
     (tmp_path / "unique.jsonl").write_text("\n".join(map(json.dumps, rows[:n])))
     data_lib.load_jsonl(tmp_path / "unique.jsonl", 64, 32)
     assert "note" not in capsys.readouterr().out
-    # a long target ending in 2-byte characters: cut before the character that does not fit
-    k = int(rng.integers(1, 20))
-    text = "x" * (31 - k) + "é" * k  # 31 - k + 2 k bytes + EOS > 32
-    lines = [json.dumps({"source": f"a{i}", "target": text}) for i in range(3)] + [json.dumps({"source": "b", "target": "y"})]
+    # long targets ending in multi-byte characters placed so that the 31 bytes that fit end inside one:
+    # cut before that character (a byte cut would leave a partial character)
+    k = 2 * int(rng.integers(0, 10)) + 1
+    texts = ["x" * (31 - k) + "é" * k,  # 2-byte characters: byte 31 is the first half of one
+             "x" * 30 + "€" * 3,  # 3-byte: 30 ASCII bytes, then one byte of a euro sign
+             "x" * 29 + "😀" * 2]  # 4-byte: two bytes of an emoji
+    lines = [json.dumps({"source": f"a{i}", "target": t}) for i, t in enumerate(texts)] + [json.dumps({"source": "b", "target": "y"})]
     (tmp_path / "cut.jsonl").write_text("\n".join(lines))
     ds = data_lib.load_jsonl(tmp_path / "cut.jsonl", 64, 32)
     assert "3 of 4 pairs are longer than 64 source / 32 target tokens (EOS included) and are cut to that length (lines 1, 2, 3)" in capsys.readouterr().out
+    decoded = set()
     for row in np.concatenate([ds.train.labels, ds.test.labels]):
-        ids = row[: list(row).index(data_lib.EOS)]
-        raw = bytes(int(i) - data_lib.BYTE_OFFSET for i in ids)
-        decoded = raw.decode("utf-8")  # valid UTF-8: no character cut in half
-        assert text.startswith(decoded) or decoded == "y"
-        if decoded != "y":
-            assert 30 <= len(raw) <= 31  # the longest whole-character prefix of 31 bytes
+        raw = bytes(int(i) - data_lib.BYTE_OFFSET for i in row[: list(row).index(data_lib.EOS)])
+        decoded.add(raw.decode("utf-8"))  # valid UTF-8: no character cut in half
+    want = {t.encode()[:31].decode("utf-8", errors="ignore") for t in texts} | {"y"}
+    assert decoded == want and all(len(w.encode()) < 31 for w in want - {"y"})
+    # duplicates are judged on what is trained: ids with and without their EOS, texts equal up to a cut
+    same = [{"source_ids": [5, 6], "target_ids": [7]}, {"source_ids": [5, 6, 1], "target_ids": [7, 1]},
+            {"source_ids": [8], "target_ids": [9]}]
+    (tmp_path / "eos.jsonl").write_text("\n".join(map(json.dumps, same)))
+    data_lib.load_jsonl(tmp_path / "eos.jsonl", 16, 16)
+    assert "1 pair(s) repeat an earlier line (line 2 repeats line 1)" in capsys.readouterr().out
+    cut_same = [{"source": "a" * 20 + "X", "target": "t"}, {"source": "a" * 20 + "Y", "target": "u"}, {"source": "b", "target": "c"}]
+    (tmp_path / "cut_same.jsonl").write_text("\n".join(map(json.dumps, cut_same)))
+    data_lib.load_jsonl(tmp_path / "cut_same.jsonl", 16, 16)
+    assert "1 source(s) are given different targets (lines 1, 2)" in capsys.readouterr().out
     bad = {
         "array": (json.dumps(rows[:3]), r"array.jsonl:1: the line holds a JSON array, not an object.*json\.dumps\(o\)"),
         "pretty": (json.dumps(rows[:3], indent=2), r"pretty.jsonl:1: the line is just '\[': this looks like pretty-printed JSON"),

@@ -248,3 +248,12 @@ def test_training_the_lm_head_of_a_tied_t5_points_to_untie_head():
     untied, untied_params = t5.untie_head(base, pretrained)
     adapter = boft.init_adapter(boft.wrap(untied, config), untied_params, *inputs)
     np.testing.assert_array_equal(adapter["lm_head"]["kernel"], untied_params["lm_head"]["kernel"])
+
+
+def test_the_untie_hint_is_only_for_a_t5():
+    base, pretrained = vit.from_pretrained(FIXTURES / "vit")
+    x = np.zeros((1, *base.config.image_size, base.config.num_channels), np.float32)
+    config = boft.BOFTConfig(block_size=4, targets="query", modules_to_save="lm_head")
+    with pytest.raises(ValueError, match="matches no module of the model") as e:
+        boft.init_adapter(boft.wrap(base, config), pretrained, x)
+    assert "untie_head" not in str(e.value)

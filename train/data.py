@@ -380,7 +380,7 @@ def load_jsonl(path: str | Path, src_len: int, tgt_len: int, *, test_fraction=0.
     """
     path = Path(path)
     rows, kinds, cut, unused = [], set(), [], {}
-    keys, lines = [], []  # each pair's content and its line (for the notes on duplicates)
+    keys, lines = [], []  # each pair's (source, target) digests and its line (for the notes on duplicates)
     with open(path, "rb") as f:
         data = f.read()
     if data.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark (some editors write one): not part of the JSON
@@ -433,7 +433,6 @@ def load_jsonl(path: str | Path, src_len: int, tgt_len: int, *, test_fraction=0.
                 src, tgt = _clean_ids(src, "source_ids"), _clean_ids(tgt, "target_ids")
                 kinds.add("ids")
                 rows.append((ids_row(src, src_len), ids_row(tgt, tgt_len)))
-                keys.append((tuple(src), tuple(tgt)))
                 if _with_eos(src) > src_len or _with_eos(tgt) > tgt_len:
                     cut.append(n)
             else:
@@ -451,9 +450,10 @@ def load_jsonl(path: str | Path, src_len: int, tgt_len: int, *, test_fraction=0.
                         ) from None
                 kinds.add("text")
                 rows.append((encode_text(row["source"], src_len), encode_text(row["target"], tgt_len)))
-                keys.append((row["source"], row["target"]))
                 if len(row["source"].encode("utf-8")) + 1 > src_len or len(row["target"].encode("utf-8")) + 1 > tgt_len:
                     cut.append(n)
+            # what is trained (after EOS, padding and cuts), as 16-byte digests: duplicates are judged on it
+            keys.append(tuple(hashlib.blake2b(r.tobytes(), digest_size=16).digest() for r in rows[-1]))
             lines.append(n)
         except _BadIds as e:
             raise ValueError(f"{path}:{n}: {e}") from None
@@ -499,7 +499,8 @@ def _lines(ns: list[int], limit: int = 5) -> str:
 def _note_duplicates(path, keys: list, lines: list[int], tr: np.ndarray, te: np.ndarray) -> None:
     """Notes (no change to the data) on pairs that repeat an earlier line, sources given different
     targets, and held-out pairs that also occur in the training split (the held-out score then
-    partly measures memorization)."""
+    partly measures memorization), all judged on the rows as trained (``keys``: digests of the
+    encoded source and target)."""
     first: dict = {}
     repeats = []
     for key, n in zip(keys, lines):
