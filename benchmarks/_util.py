@@ -52,6 +52,7 @@ __all__ = [
     "paired_ratio",
     "peak_rss_bytes",
     "random_adapter",
+    "rotated",
     "rss_bytes",
     "target_verdict",
 ]
@@ -82,10 +83,25 @@ def compile_jitted(f: Callable, *args) -> Callable:
     return jitted.lower(*args).compile()
 
 
-def _time_once(f: Callable, args: Sequence[Any]) -> float:
+def _time_once(f: Callable, args: Sequence[Any], inner: int = 1) -> float:
+    """Seconds per call of ``inner`` back-to-back calls (asynchronous dispatch overlaps them; one
+    wait, on the last output, at the end): ``inner > 1`` for calls so short that a single call's
+    dispatch and wake-up would be a visible part of it."""
     start = time.perf_counter()
+    for _ in range(inner - 1):
+        f(*args)
     jax.block_until_ready(f(*args))
-    return time.perf_counter() - start
+    return (time.perf_counter() - start) / inner
+
+
+def rotated(items: Sequence, r: int) -> list:
+    """``items`` starting at position ``r`` (mod its length): round ``r``'s order, so that no
+    candidate always runs right after the same one."""
+    items = list(items)
+    if not items:
+        return []
+    k = r % len(items)
+    return items[k:] + items[:k]
 
 
 def median_time(f: Callable, *args, repeats: int = 5, warmup: int = 1) -> float:
@@ -121,8 +137,11 @@ def interleaved_times(
     repeats: int = 5,
     warmup: int = 1,
     compiled_out: dict | None = None,
+    inner: int = 1,
 ) -> dict[str, list[float]]:
-    """Seconds of every timed call per candidate, timed interleaved: round ``r`` runs every candidate once.
+    """Seconds of every timed call per candidate, timed interleaved: round ``r`` runs every candidate
+    once, in the candidates' order rotated by ``r`` (:func:`rotated`); ``inner`` back-to-back calls
+    per timing (:func:`_time_once`).
 
     All candidates are compiled, then warmed up, before the first timed call.  A candidate with its
     own ``repeats`` takes part in that many rounds only (the first ones), so ``times[a][r]`` and
@@ -143,9 +162,9 @@ def interleaved_times(
     times: dict[str, list[float]] = {c.name: [] for c in cands}
     rounds = max([repeats] + [c.repeats or 0 for c in cands])
     for r in range(rounds):
-        for c, g in zip(cands, compiled):
+        for c, g in rotated(zip(cands, compiled), r):
             if r < (repeats if c.repeats is None else c.repeats):
-                times[c.name].append(_time_once(g, c.args))
+                times[c.name].append(_time_once(g, c.args, inner))
     return {name: ts for name, ts in times.items() if ts}
 
 
@@ -207,6 +226,11 @@ class MemoryStats:
         """What the call allocates beyond its arguments: temporaries + outputs, less the outputs
         written into donated argument buffers (aliased)."""
         return self.temp + self.output - self.alias
+
+    @property
+    def footprint(self) -> int:
+        """Everything live during the call: its arguments (frozen weights, states) and :attr:`peak`."""
+        return self.argument + self.peak
 
 
 def compiled_memory(f: Callable, *args) -> MemoryStats | None:

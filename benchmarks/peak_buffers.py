@@ -236,7 +236,8 @@ def main(argv=None) -> None:
         raise SystemExit(f"--only {args.only!r} matched no candidate of benchmarks/train_step.py")
     groups, summary = {}, []
     for c in cands:
-        xla = train_step._memory(c).get("temp_out")  # compiles the step once, into c.compiled
+        mem = train_step._memory(c)  # compiles the step once, into c.compiled
+        xla = mem["temp"] + mem["out"] if mem else None
         pk = peak(c.compiled.as_text())
         groups[c.name] = grouped(pk)
         summary.append([c.name, _mib(pk.bytes), _mib(xla) if xla is not None else "-",

@@ -64,7 +64,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(_HERE, ".."))
 sys.path.insert(0, _HERE)
 import boft_jax as boft  # noqa: E402
-from _util import add_malloc_flag, paired_ratio, target_verdict  # noqa: E402
+from _util import add_malloc_flag, memory_stats, paired_ratio, rotated, target_verdict  # noqa: E402
 
 TARGETS = r"attention/(?:query|key|value|out)|mlp/(?:fc1|fc2)"
 
@@ -477,24 +477,15 @@ def build(args) -> list[Candidate]:
 # Measurement
 # ---------------------------------------------------------------------------------------------
 def _memory(c: Candidate) -> dict:
-    """XLA's memory analysis of ``c``'s step; compiles it once and keeps the executable in ``c``."""
-    compiled = c.compiled = c.step.lower(*c.state, *c.static).compile()
-    ma = compiled.memory_analysis()
-    if ma is None:
+    """XLA's memory analysis of ``c``'s step (:class:`_util.MemoryStats`, as a dict); compiles it once
+    and keeps the executable in ``c``.  "peak" leaves out the donated outputs (new adapter and
+    optimizer state), which XLA writes into the argument buffers they replace; "footprint" adds the
+    arguments (frozen weights and states)."""
+    c.compiled = c.step.lower(*c.state, *c.static).compile()
+    m = memory_stats(c.compiled)
+    if m is None:
         return {}
-    temp, out, args, alias = (int(v) for v in (ma.temp_size_in_bytes, ma.output_size_in_bytes,
-                                              ma.argument_size_in_bytes, ma.alias_size_in_bytes))
-    return {
-        "temp": temp,
-        "out": out,
-        "args": args,
-        "alias": alias,
-        "temp_out": temp + out,
-        # what the step allocates beyond its arguments: the donated outputs (new adapter and optimizer
-        # state) are written into the argument buffers they replace, so they are not counted again
-        "peak": temp + out - alias,
-        "footprint": args + temp + out - alias,  # everything live: frozen weights and states included
-    }
+    return {"temp": m.temp, "out": m.output, "args": m.argument, "alias": m.alias, "peak": m.peak, "footprint": m.footprint}
 
 
 def measure(cands: list[Candidate], repeats: int, warmup: int = 2, log=print) -> None:
@@ -519,7 +510,7 @@ def measure(cands: list[Candidate], repeats: int, warmup: int = 2, log=print) ->
     for r in range(repeats):
         # each round starts one candidate later, so no candidate always runs right after another
         # (e.g. after the slow naive PEFT port, or just after LoRA)
-        for c in cands[r % len(cands):] + cands[: r % len(cands)]:
+        for c in rotated(cands, r):
             if c.repeats and r >= c.repeats:
                 continue
             t = time.perf_counter()
@@ -533,18 +524,18 @@ TARGET_STEP = {1: 1.05, 2: 1.10, 4: 1.15}
 TARGET_MEMORY = 1.10
 
 
-def _references(cands: list[Candidate]) -> tuple[Candidate, int]:
-    """The stricter LoRA: the faster variant for time, the smaller peak (bytes) for memory."""
+def _references(cands: list[Candidate]) -> tuple[Candidate, int, int]:
+    """The stricter LoRA: the faster variant for time, the smaller peak and footprint (bytes) for memory."""
     loras = [c for c in cands if c.name.startswith("lora")] or cands[:1]
-    return min(loras, key=lambda c: statistics.median(c.times)), min(c.mem.get("peak", 0) for c in loras)
+    return (min(loras, key=lambda c: statistics.median(c.times)), min(c.mem.get("peak", 0) for c in loras),
+            min(c.mem.get("footprint", 0) for c in loras))
 
 
 def table(cands: list[Candidate]) -> str:
-    ref, m_ref = _references(cands)
-    m_ref = m_ref or 1
+    ref, m_ref, f_ref = _references(cands)
+    m_ref, f_ref = m_ref or 1, f_ref or 1
     t_ref = statistics.median(ref.times)
     tmin_ref = min(ref.times)
-    f_ref = min((c.mem.get("footprint", 0) for c in cands if c.name.startswith("lora")), default=0) or 1
     rows = [
         "| variant | trainable | step ms (median) | vs LoRA | paired vs LoRA [90% CI] | min ms | vs LoRA (min) | n"
         " | peak MiB | vs LoRA | args MiB | args+peak MiB | vs LoRA |",
@@ -574,7 +565,7 @@ def verdicts(cands: list[Candidate]) -> list[str]:
     """
     if not any(c.name.startswith("lora") for c in cands):
         return ["no LoRA in this run: no verdicts (the targets are relative to LoRA)"]
-    ref, m_ref = _references(cands)
+    ref, m_ref, _ = _references(cands)
     by_name = {c.name: c for c in cands}
     out = []
     for m, target in TARGET_STEP.items():

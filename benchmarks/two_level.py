@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
@@ -52,7 +51,7 @@ import boft_jax as boft  # noqa: E402
 from boft_jax import _ops  # noqa: E402
 from boft_jax.butterfly import span_blocks, span_cols  # noqa: E402
 from boft_jax.orthogonal import small_matmul  # noqa: E402
-from _util import Candidate, add_malloc_flag, compile_jitted, machine_description, markdown_table, medians, paired_ratio  # noqa: E402
+from _util import Candidate, add_malloc_flag, interleaved_times, machine_description, markdown_table, medians, paired_ratio  # noqa: E402
 
 _HI = jax.lax.Precision.HIGHEST
 
@@ -154,22 +153,6 @@ def candidates(d: int, tokens: int, rng: np.random.Generator) -> list[tuple[str,
     return [(f"{name}, d = {d}", Candidate(f"{name} span {d}", *s), Candidate(f"{name} two {d}", *t)) for name, s, t in pairs]
 
 
-def timed_rounds(cands: list[Candidate], repeats: int, inner: int) -> dict[str, list[float]]:
-    """Seconds per call of every candidate, interleaved: each round times ``inner`` back-to-back calls
-    of every candidate in turn (asynchronous dispatch overlaps them; one wait at the end)."""
-    compiled = [compile_jitted(c.fn, *c.args) for c in cands]
-    for c, g in zip(cands, compiled):
-        jax.block_until_ready(g(*c.args))
-    times: dict[str, list[float]] = {c.name: [] for c in cands}
-    for _ in range(repeats):
-        for c, g in zip(cands, compiled):
-            t0 = time.perf_counter()
-            outs = [g(*c.args) for _ in range(inner)]
-            jax.block_until_ready(outs)
-            times[c.name].append((time.perf_counter() - t0) / inner)
-    return times
-
-
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, default=788, help="token rows per layer call (default 788 = 4 x 197)")
@@ -185,7 +168,7 @@ def main(argv=None) -> None:
         print(f"two-level identities, d = {d}: max error against float64 dense M {check(d):.2e}")
     rng = np.random.default_rng(0)
     rows = [c for d in (768, 3072) for c in candidates(d, args.tokens, rng)]
-    runs = timed_rounds([c for _, s, t in rows for c in (s, t)], args.repeats, args.inner)
+    runs = interleaved_times([c for _, s, t in rows for c in (s, t)], repeats=args.repeats, inner=args.inner)
     times = medians(runs)
     table = []
     for label, s, t in rows:

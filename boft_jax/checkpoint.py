@@ -48,7 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from boft_jax.config import BOFTConfig, layer_label
+from boft_jax.config import BOFTConfig, UnusedNeumannTerms, layer_label
 from boft_jax.orthogonal import block_size_from_num_params
 from boft_jax.sharding import gather_to_host, is_main_process
 
@@ -74,7 +74,7 @@ def config_from_dict(d: Mapping[str, Any]) -> BOFTConfig:
     if unknown:
         raise ValueError(f"unknown BOFTConfig fields in checkpoint: {unknown} (known: {sorted(known)})")
     with warnings.catch_warnings():  # a stored config is rebuilt as saved: the warning was given when it was made
-        warnings.filterwarnings("ignore", message=r"BOFTConfig\.neumann_terms = .* has no effect", category=UserWarning)
+        warnings.simplefilter("ignore", UnusedNeumannTerms)
         return BOFTConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
@@ -390,7 +390,6 @@ def load_adapter(path: str | os.PathLike) -> tuple[dict, BOFTConfig, dict]:
             both = ckptr.restore(source, ocp.args.Composite(adapter=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
         restored, meta = both["adapter"], both["meta"]
     except Exception as e:  # orbax / tensorstore: ValueError, OSError, KeyError, or a bare Exception (a truncated file)
-        _quiet_abandoned_reads()
         raise ValueError(f"{path}: damaged or incomplete adapter checkpoint ({_brief(e)})") from None
     if not isinstance(meta, Mapping) or meta.get("format") != _FORMAT:
         got = meta.get("format") if isinstance(meta, Mapping) else type(meta).__name__
@@ -637,7 +636,6 @@ class TrainCheckpointer:
         except _StepError:
             raise
         except Exception as e:  # orbax / tensorstore on bad files: ValueError, OSError, KeyError, or a bare Exception (a truncated file)
-            _quiet_abandoned_reads()
             raise ValueError(
                 f"step {step} in {self.directory}: damaged or incomplete training checkpoint ({_brief(e)})."
                 f" Remove {step_dir} to resume from {self._fallback()}"

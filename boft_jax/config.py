@@ -33,6 +33,10 @@ _CAYLEY = ("exact", "neumann")
 _DEFAULT_NEUMANN_TERMS = 5
 
 
+class UnusedNeumannTerms(UserWarning):
+    """``BOFTConfig.neumann_terms`` set with ``cayley="exact"``, which has no series (filterable by class)."""
+
+
 def layer_label(path: str) -> str:
     """How error messages name the layer at the '/'-joined module ``path``.
 
@@ -213,6 +217,7 @@ class BOFTConfig:
             warnings.warn(
                 f"BOFTConfig.neumann_terms = {self.neumann_terms} has no effect with cayley='exact' (the exact"
                 " Cayley map has no series); pass cayley='neumann' to use that many terms",
+                UnusedNeumannTerms,
                 stacklevel=3,
             )
 

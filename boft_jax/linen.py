@@ -376,8 +376,7 @@ def _adapted_call(
     k2 = kernel.reshape(geo.d_in, geo.d_out)
 
     if not custom_dot:
-        with _no_forward_mode(path):
-            y2 = _adapted_dense(x2, k2, skew, scale, drop_key, config=config, mode=mode, precision=module.precision)
+        y2 = _adapted_dense(x2, k2, skew, scale, drop_key, config=config, mode=mode, precision=module.precision)
         y = y2.reshape(*lead, *geo.features)
     else:
         # A user-supplied dot_general (e.g. quantized): keep it, differentiate through it.
@@ -395,8 +394,7 @@ def _adapted_call(
             rotated = _ops.rotate_rows(x2, B, module.precision).astype(x2.dtype).reshape(moved.shape)
             rotated = jnp.moveaxis(rotated, tail, geo.axis)
             y = dot_general(rotated, kernel, (contract, ((), ())), precision=module.precision)
-            with _no_forward_mode(path):
-                y = _ops.scaled(y, scale.reshape(geo.features))
+            y = _ops.scaled(y, scale.reshape(geo.features))
     if bias is not None:
         y = y + jnp.reshape(bias, (1,) * (y.ndim - len(geo.features)) + geo.features)
     return y
@@ -414,7 +412,8 @@ class _CallState:
     unfit: list = dataclasses.field(default_factory=list)
     overridden: list = dataclasses.field(default_factory=list)  # (path, class) of Dense subclasses' own __call__
     saved_and_targeted: list = dataclasses.field(default_factory=list)  # layers both targeted and in modules_to_save
-    others: dict = dataclasses.field(default_factory=dict)  # {path: class name} of other modules called (not Dense)
+    initializing: bool = False
+    others: dict = dataclasses.field(default_factory=dict)  # {path: class name} of other modules called at init (not Dense)
 
 
 _STOCK_CALLS = (inspect.unwrap(nn.Dense.__call__), inspect.unwrap(nn.DenseGeneral.__call__))
@@ -471,8 +470,8 @@ def _check_no_adapter(module: nn.Module, path: str, why: str) -> None:
 def _intercept(state: _CallState, next_fun, args, kwargs, context):
     module = context.module
     if context.method_name != "__call__" or not isinstance(module, (nn.Dense, nn.DenseGeneral)):
-        if context.method_name == "__call__" and module.scope is not None and module.path:
-            state.others.setdefault("/".join(module.path), type(module).__name__)
+        if state.initializing and context.method_name == "__call__" and module.scope is not None and module.path:
+            state.others.setdefault("/".join(module.path), type(module).__name__)  # (for init's warning)
         return next_fun(*args, **kwargs)
     path = "/".join(module.path)  # the params path (see _refresh_paths)
     if getattr(context.orig_method, "func", None) not in _STOCK_CALLS:
@@ -504,7 +503,8 @@ def _intercept(state: _CallState, next_fun, args, kwargs, context):
             raise _unfit_error(state.unfit)  # it holds an adapter, so it cannot run plain: stop here
         return next_fun(*args, **kwargs)  # keep tracing so that every unfit layer gets listed
     state.adapted.append(path)
-    return _adapted_call(module, inputs, path=path, config=state.config, dropout=state.dropout)
+    with _no_forward_mode(path):  # every custom_vjp of the layer (products, scale) runs inside
+        return _adapted_call(module, inputs, path=path, config=state.config, dropout=state.dropout)
 
 
 def _warn_idle_targets(config: BOFTConfig, dense: set[str], others: Mapping[str, str]) -> None:
@@ -516,7 +516,7 @@ def _warn_idle_targets(config: BOFTConfig, dense: set[str], others: Mapping[str,
         return
     notes = []
     for t in idle:
-        hit = sorted(p for p in others if _path_matches(t, p) and p not in dense)
+        hit = sorted(p for p in others if _path_matches(t, p))  # (others holds no Dense layer)
         if hit:
             notes.append(f"{t!r} matches {', '.join(f'{path_repr(p)} ({others[p]})' for p in hit[:4])}"
                          f"{' ...' if len(hit) > 4 else ''}, which BOFT does not adapt: only nn.Dense / nn.DenseGeneral")
@@ -600,7 +600,7 @@ class BOFTModule(nn.Module):
                 " train=False, or boft_deterministic=True)"
             )
         dropout = self.config.dropout > 0 and not deterministic and self.has_rng("dropout")
-        state = _CallState(self.config, dropout)
+        state = _CallState(self.config, dropout, initializing=self.is_initializing())
         with nn.intercept_methods(functools.partial(_intercept, state)):
             out = getattr(self.model, method)(*args, **kwargs)
         if state.saved_and_targeted:
@@ -625,10 +625,11 @@ class BOFTModule(nn.Module):
                 f" model's Dense/DenseGeneral layers: {paths_label(list(dict.fromkeys(state.seen))) if state.seen else 'none were called'}."
                 f" {_PATTERN_RULE}"
             )
+        met = set(state.seen) | {p for p, _ in state.overridden}  # the Dense layers called
         if self.is_initializing():
-            _warn_idle_targets(self.config, set(state.seen) | {p for p, _ in state.overridden}, state.others)
+            _warn_idle_targets(self.config, met, state.others)
         if self.is_initializing() and self.config.exclude:
-            met = sorted(set(state.seen) | {p for p, _ in state.overridden})
+            met = sorted(met)
             idle = self.config.idle_excludes(met)
             if idle:
                 targeted = self.config.targeted(met)
@@ -673,8 +674,8 @@ class BOFTModule(nn.Module):
         return out, variables
 
     @nn.nowrap
-    def init(self, rngs, *args, method=None, **kwargs):
-        return _check_new_nodes(super().init(rngs, *args, method=self._method_name(method), **self._capture(kwargs)))
+    def init(self, rngs, *args, method=None, **kwargs):  # (flax's init runs init_with_output: checked there)
+        return super().init(rngs, *args, method=self._method_name(method), **self._capture(kwargs))
 
     def __getattr__(self, name: str):
         try:
@@ -1009,16 +1010,10 @@ def _check_new_nodes(variables):
     :func:`merge` and the checkpoints can read it (an ``nn.scan`` / ``nn.vmap`` with the layer axis
     elsewhere than first is refused here, not after training).  Returns ``variables``."""
 
-    def walk(tree, path):
-        for k, v in tree.items():
-            if _is_node(v):  # (partitioning boxes, which init keeps, are looked through)
-                _check_adapter_fits("/".join(path), *(nn.unbox(a) for a in (v.kernel, v.skew, v.scale)))
-            elif isinstance(v, Mapping):
-                walk(v, path + (k,))
-
     params = variables.get("params") if isinstance(variables, Mapping) else None
-    if isinstance(params, Mapping):
-        walk(params, ())
+    for path, node in _nodes(params) if isinstance(params, Mapping) else ():
+        # (partitioning boxes, which init keeps, are looked through)
+        _check_adapter_fits(path, *(nn.unbox(a) for a in (node.kernel, node.skew, node.scale)))
     return variables
 
 
@@ -1177,19 +1172,18 @@ def count_params(tree) -> int:
     return int(sum(np.prod(jnp.shape(x)) for x in jax.tree.leaves(tree)))
 
 
+def _nodes(tree: Mapping, prefix: tuple = ()):
+    """``('/'-joined layer path, BOFTKernel)`` of every adapted layer in params ``tree``, in order."""
+    for k, v in tree.items():
+        if _is_node(v):
+            yield "/".join(prefix), v
+        elif isinstance(v, Mapping):
+            yield from _nodes(v, prefix + (k,))
+
+
 def layer_paths(params: Mapping) -> list[str]:
     """'/'-joined paths of the adapted layers in a wrapped model's params."""
-    out = []
-
-    def go(tree, prefix):
-        for k, v in tree.items():
-            if _is_node(v):
-                out.append("/".join(prefix))
-            elif isinstance(v, Mapping):
-                go(v, prefix + (k,))
-
-    go(params, ())
-    return out
+    return [path for path, _ in _nodes(params)]
 
 
 def _check_example_shapes(shapes: Mapping, frozen: Mapping) -> None:
@@ -1250,13 +1244,15 @@ def init_adapter(model: BOFTModule, frozen: Mapping, *args, **kwargs) -> dict:
     if cfg.modules_to_save and not any(
         cfg.saved_ancestor(_key_path(kp)) for kp, _ in jax.tree_util.tree_leaves_with_path(adapter)
     ):
-        # a T5 (its "shared" embedding) without a separate head
-        tied = any("lm_head" in p for p in cfg.modules_to_save) and "shared" in frozen and "lm_head" not in frozen
+        # a model whose config ties its output head to the embeddings (a T5, as its config says)
+        tied = any("lm_head" in p for p in cfg.modules_to_save) and bool(
+            getattr(getattr(model.model, "config", None), "tie_word_embeddings", False))
         raise ValueError(
             f"modules_to_save {cfg.modules_to_save} matches no module of the model (e.g. 'classifier' for a ViT"
             " head); nothing would train in full"
-            + (". This model has no lm_head module: a T5 with tied embeddings computes its logits with the shared"
-               " embedding; boft_jax.models.t5.untie_head(module, params) gives it a separate lm_head to train"
+            + (". This model has no lm_head module: its config ties the output head to the embeddings (a tied T5"
+               " computes its logits with the shared embedding); boft_jax.models.t5.untie_head(module, params)"
+               " gives a T5 a separate lm_head to train"
                if tied else "")
         )
     return adapter

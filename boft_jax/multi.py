@@ -57,6 +57,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax.core import unfreeze
 
+from boft_jax.config import UnusedNeumannTerms
 from boft_jax.linen import BOFTModule, combine, wrap
 
 __all__ = ["BASE", "stack", "unstack", "num_adapters", "identity_adapter", "apply_multi", "generate_multi"]
@@ -292,7 +293,9 @@ def _input_mode(model) -> BOFTModule:
     if model.config.mode == "input":
         return model
     # Per-example weight-side rotation would materialize one rotated kernel per example.
-    return wrap(model.model, dataclasses.replace(model.config, mode="input"))
+    with warnings.catch_warnings():  # (a config's unused neumann_terms were warned about when it was made)
+        warnings.simplefilter("ignore", UnusedNeumannTerms)
+        return wrap(model.model, dataclasses.replace(model.config, mode="input"))
 
 
 def _batch_size(tree) -> int | None:

@@ -131,6 +131,25 @@ def test_memory_peak_leaves_out_donated_outputs_written_into_their_arguments():
     assert mem["footprint"] == mem["args"] + mem["peak"]
 
 
+def test_shared_interleaved_timer_rotates_rounds_and_times_inner_calls(monkeypatch):
+    """_util.interleaved_times (every benchmark's timer) rotates its rounds like train_step's, and
+    ``inner`` back-to-back calls make one timing, in seconds per call."""
+    from benchmarks import _util
+
+    order, inners = [], []
+    monkeypatch.setattr(_util, "compile_jitted", lambda f, *args: f)
+    monkeypatch.setattr(_util, "_time_once", lambda g, args, inner=1: (order.append(g()), inners.append(inner), 1.0)[2])
+    cands = [_util.Candidate(n, lambda n=n: n, ()) for n in "abc"]
+    times = _util.interleaved_times(cands, repeats=4, warmup=0, inner=3)
+    assert ["".join(order[i:i + 3]) for i in range(0, 12, 3)] == ["abc", "bca", "cab", "abc"]
+    assert set(inners) == {3} and all(len(t) == 4 for t in times.values())
+    assert _util.rotated([], 2) == []
+    calls = []
+    f = lambda: calls.append(1) or np.zeros(())  # noqa: E731
+    monkeypatch.undo()
+    assert _util._time_once(f, (), inner=5) >= 0 and len(calls) == 5
+
+
 @pytest.mark.parametrize("b, d", [(8, 128), (4, 96)])
 def test_two_level_probe_products_equal_the_dense_rotation(b, d):
     """benchmarks/two_level.py times m = 4 as two 2b-wide levels; its products must be x M, x M^T

@@ -116,6 +116,12 @@ class Proj(nn.Module):
         return nn.Dense(self.features, name="proj")(x)
 
 
+class ProjDot(nn.Module):  # a Dense with its own dot_general (as a quantized one has)
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(16, dot_general=jax.lax.dot_general, name="proj")(x)
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_deep_butterfly_equals_definition_with_gradients_float64(mode):
     """m = 6, b = 2 on d = 64: M is applied factor by factor (its dense blocks would cost 2^5/6 x)."""
@@ -155,6 +161,11 @@ def test_deep_butterfly_equals_definition_with_gradients_float64(mode):
         with pytest.raises(TypeError, match=r"layer 'proj': forward-mode differentiation \(jax.jvp, jax.jacfwd,"
                                             r" jax.linearize\) through a BOFT adapted layer is not supported"):
             jax.jvp(lambda x: loss(adapter, x), (x,), (x,))
+        # also for a layer with its own dot_general, whose rotation is a custom_vjp of its own
+        custom = boft.wrap(ProjDot(), boft.BOFTConfig(block_size=b, n_factors=2, targets="proj", mode="input"))
+        cp = custom.init(jax.random.key(2), x)
+        with pytest.raises(TypeError, match=r"layer 'proj': forward-mode differentiation"):
+            jax.jvp(lambda x: custom.apply(cp, x), (x,), (x,))
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -70,7 +70,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from boft_jax.checkpoint import sibling_leftovers
-from boft_jax.config import BOFTConfig
+from boft_jax.config import _DEFAULT_NEUMANN_TERMS, BOFTConfig
 from boft_jax.linen import BOFTModule, combine, split, wrap
 from boft_jax.models import hf, t5, vit
 from boft_jax.orthogonal import block_size_from_num_params, pack_skew, unpack_skew
@@ -1261,8 +1261,8 @@ def peft_state_dict(
         raise ValueError(
             f"this adapter uses cayley = {config.cayley!r}, but PEFT's BOFT only has the exact Cayley map, so PEFT"
             " would compute a different rotation. Convert with an exact config if that is intended:"
-            " boft.wrap(model, dataclasses.replace(config, cayley='exact', neumann_terms=5)) (5 is the default: the"
-            " exact map has no series terms), or save a one-factor adapter with"
+            f" boft.wrap(model, dataclasses.replace(config, cayley='exact', neumann_terms={_DEFAULT_NEUMANN_TERMS}))"
+            f" ({_DEFAULT_NEUMANN_TERMS} is the default: the exact map has no series terms), or save a one-factor adapter with"
             " peft_type='OFT', which has the Neumann variant"
         )
     _, adapter = split(params, config)
