@@ -328,7 +328,11 @@ def encode_text(text: str, length: int) -> np.ndarray:
     A text too long is cut at a character boundary (never inside a multi-byte character, which
     would train the model to emit invalid UTF-8), so it may keep a few bytes fewer than fit.
     """
-    raw = text.encode("utf-8")
+    return encode_utf8(text.encode("utf-8"), length)
+
+
+def encode_utf8(raw: bytes, length: int) -> np.ndarray:
+    """:func:`encode_text` of text already encoded as UTF-8 bytes ``raw``."""
     if len(raw) + 1 > length:
         raw = raw[: length - 1].decode("utf-8", errors="ignore").encode("utf-8")  # drops a cut character's bytes
     return ids_row([b + BYTE_OFFSET for b in raw], length)
@@ -416,10 +420,9 @@ def load_jsonl(path: str | Path, src_len: int, tgt_len: int, *, test_fraction=0.
                     f"holds keys of both forms, {sorted(row.keys() & {'source', 'target', 'source_ids', 'target_ids'})};"
                     " give 'source' and 'target' (text) or 'source_ids' and 'target_ids' (token ids)"
                 )
-            if isinstance(row, dict):
-                for k in row.keys() - {"source", "target", "source_ids", "target_ids"}:
-                    unused.setdefault(k, n)
-            if isinstance(row, dict) and "source_ids" in row:
+            for k in row.keys() - {"source", "target", "source_ids", "target_ids"}:
+                unused.setdefault(k, n)
+            if "source_ids" in row:
                 src, tgt = row["source_ids"], row["target_ids"]
                 if not (isinstance(src, list) and isinstance(tgt, list)) or not all(
                     isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 2**31 for i in [*src, *tgt]
@@ -436,21 +439,22 @@ def load_jsonl(path: str | Path, src_len: int, tgt_len: int, *, test_fraction=0.
                 if _with_eos(src) > src_len or _with_eos(tgt) > tgt_len:
                     cut.append(n)
             else:
+                raw = {}
                 for key in ("source", "target"):
-                    if key in row and not isinstance(row[key], str):
-                        raise _BadIds(f"'{key}' is {_short_json(row[key])} ({type(row[key]).__name__}); give a string"
+                    text = row[key]
+                    if not isinstance(text, str):
+                        raise _BadIds(f"'{key}' is {_short_json(text)} ({type(text).__name__}); give a string"
                                       " (text), or use 'source_ids' / 'target_ids' for token ids")
-                for key in ("source", "target"):
                     try:
-                        row[key].encode("utf-8")
+                        raw[key] = text.encode("utf-8")
                     except UnicodeEncodeError as e:
                         raise _BadIds(
-                            f"'{key}' holds a lone surrogate {row[key][e.start]!r} at character {e.start} (a"
+                            f"'{key}' holds a lone surrogate {text[e.start]!r} at character {e.start} (a"
                             " \\ud800-\\udfff escape without its pair), which is no text UTF-8 can encode"
                         ) from None
                 kinds.add("text")
-                rows.append((encode_text(row["source"], src_len), encode_text(row["target"], tgt_len)))
-                if len(row["source"].encode("utf-8")) + 1 > src_len or len(row["target"].encode("utf-8")) + 1 > tgt_len:
+                rows.append((encode_utf8(raw["source"], src_len), encode_utf8(raw["target"], tgt_len)))
+                if len(raw["source"]) + 1 > src_len or len(raw["target"]) + 1 > tgt_len:
                     cut.append(n)
             # what is trained (after EOS, padding and cuts), as 16-byte digests: duplicates are judged on it
             keys.append(tuple(hashlib.blake2b(r.tobytes(), digest_size=16).digest() for r in rows[-1]))
@@ -517,7 +521,7 @@ def _note_duplicates(path, keys: list, lines: list[int], tr: np.ndarray, te: np.
         targets.setdefault(src, {}).setdefault(tgt, n)
     conflicting = sorted((sorted(t.values()) for t in targets.values() if len(t) > 1), key=lambda ls: ls[0])
     if conflicting:
-        shown = "; ".join("lines " + ", ".join(map(str, ls[:3])) for ls in conflicting[:3])
+        shown = "; ".join(_lines(ls, 3) for ls in conflicting[:3])
         print(f"note: {path}: {len(conflicting)} source(s) are given different targets ({shown}"
               f"{'; ...' if len(conflicting) > 3 else ''}): no model can match all of them")
     train_keys = {keys[i] for i in tr}

@@ -243,6 +243,7 @@ def run(argv=None) -> dict:
     # Heavy imports after argument parsing, so --help is instant.
     import jax
     import jax.numpy as jnp
+    import numpy as np
 
     import boft_jax as boft
     from boft_jax import sharding as sh
@@ -321,7 +322,7 @@ def run(argv=None) -> dict:
         hint = " (here: --num-labels N)" if isinstance(e, MissingHead) else ""
         _fail(f"--checkpoint {ckpt_path}: {e}{hint}")
 
-    trained_head = kind == "vit" and "classifier" in params and bool(jnp.any(params["classifier"]["kernel"]))
+    trained_head = kind == "vit" and "classifier" in params and bool(np.any(params["classifier"]["kernel"]))
     if args.num_labels and trained_head:
         info(f"note: --num-labels {args.num_labels}: the checkpoint's classifier already has {args.num_labels}"
              " classes; it is kept with its trained weights (and class names), not replaced by a fresh one")

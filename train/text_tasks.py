@@ -157,7 +157,7 @@ def load_data(path, module, checkpoint=None) -> data_lib.Dataset:
             )
     elif not byte_level:
         raise ValueError(
-            f"{p} holds text, which is encoded byte-level (UTF-8 bytes + 3, pad 0, EOS 1,"
+            f"{p}: holds text, which is encoded byte-level (UTF-8 bytes + 3, pad 0, EOS 1,"
             f" {data_lib.BYTE_VOCAB} ids), but the checkpoint has vocab_size={cfg.vocab_size},"
             f" pad_token_id={cfg.pad_token_id}, eos_token_id={cfg.eos_token_id}: tokenize with the"
             ' checkpoint\'s tokenizer and give lines {"source_ids": [...], "target_ids": [...]} instead'
