@@ -30,6 +30,7 @@ also writes on disk).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import math
@@ -167,6 +168,17 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
             f"{str(p)!r} has no {CONFIG_NAME}; found {sorted(x.name for x in p.iterdir())}"
         )
     return _read_json_object(cfg, "a model's config.json")
+
+
+def refuse_nulls(cls, d: Mapping[str, Any], model: str, nullable: Iterable[str] = ()) -> None:
+    """A ``config.json`` dict ``d`` must not set a field of dataclass ``cls`` whose default is a value
+    to null (transformers keeps such a null, and its model then fails or reads it as false): a
+    ``ValueError`` naming them.  ``nullable``: fields where a null means something."""
+    nulls = [f.name for f in dataclasses.fields(cls) if f.name in d and d[f.name] is None and f.default is not None
+             and f.name not in nullable]
+    if nulls:
+        raise ValueError(f"this {model} config.json sets {', '.join(map(repr, nulls))} to null; give a value (or leave"
+                         " the key out for its default)")
 
 
 def _read_json_object(file: Path, what: str) -> dict[str, Any]:

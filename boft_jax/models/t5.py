@@ -184,11 +184,7 @@ class T5Config:
                     )
                 d[name] = d[alias]
         kwargs = {f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d and d[f.name] is not None}
-        nulls = [f.name for f in dataclasses.fields(cls) if f.name in d and d[f.name] is None and f.default is not None
-                 and f.name not in ("pad_token_id", "eos_token_id", "decoder_start_token_id")]
-        if nulls:  # (transformers keeps a null, and its model then fails or reads it as false)
-            raise ValueError(f"this T5 config.json sets {', '.join(map(repr, nulls))} to null; give a value (or leave"
-                             " the key out for its default)")
+        hf.refuse_nulls(cls, d, "T5", nullable=("pad_token_id", "eos_token_id", "decoder_start_token_id"))
         for key in ("pad_token_id", "eos_token_id"):  # an explicit null is kept: transformers reads it as "none"
             if key in d and d[key] is None:
                 kwargs[key] = None

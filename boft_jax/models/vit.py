@@ -133,11 +133,8 @@ class ViTConfig:
             labels, num_labels = None, 0
         else:
             labels, num_labels = None, int(d.get("num_labels", 2))
+        hf.refuse_nulls(cls, d, "ViT")
         kwargs = {f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d}
-        nulls = [k for k, v in kwargs.items() if v is None and cls.__dataclass_fields__[k].default is not None]
-        if nulls:
-            raise ValueError(f"this ViT config.json sets {', '.join(map(repr, nulls))} to null; give a value (or leave the"
-                             " key out for its default)")
         kwargs.update(num_labels=num_labels, id2label=labels)
         return cls(**kwargs)
 
