@@ -376,6 +376,12 @@ def test_jsonl_duplicates_cuts_and_non_objects_are_said(tmp_path, capsys):
     train_pairs = {(tuple(s), tuple(t)) for s, t in zip(ds.train.inputs["input_ids"].tolist(), ds.train.labels.tolist())}
     overlap = sum((tuple(s), tuple(t)) in train_pairs for s, t in zip(ds.test.inputs["input_ids"].tolist(), ds.test.labels.tolist()))
     assert overlap and f"{overlap} of the {len(ds.test)} held-out pairs also occur in the training split" in out
+    # in a multi-process job only process 0 prints the notes (every process loads the same file)
+    module = base()[0]
+    for main in (False, True):
+        got = finetune._load_data(text_tasks, tmp_path / "dups.jsonl", module, None, main)
+        assert (len(got.train), len(got.test)) == (len(ds.train), len(ds.test))
+        assert ("repeat an earlier line" in capsys.readouterr().out) == main
     # unique pairs: no notes
     (tmp_path / "unique.jsonl").write_text("\n".join(map(json.dumps, rows[:n])))
     data_lib.load_jsonl(tmp_path / "unique.jsonl", 64, 32)

@@ -29,7 +29,9 @@ SLURM / Open MPI, which jax detects) and run the same command everywhere with th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import io
 import json
 import os
 import shutil
@@ -192,6 +194,15 @@ class UsageError(Exception):
 
 def _fail(msg: str) -> None:
     raise UsageError(msg)
+
+
+def _load_data(task_lib, data, module, checkpoint, main: bool):
+    """The task's data set; the loaders' notes (duplicates, cut examples, class mapping) are printed
+    by process 0 only: every process of a multi-process job loads the same files."""
+    if main:
+        return task_lib.load_data(data, module, checkpoint=checkpoint)
+    with contextlib.redirect_stdout(io.StringIO()):
+        return task_lib.load_data(data, module, checkpoint=checkpoint)
 
 
 def _check_options(args) -> None:
@@ -360,7 +371,7 @@ def run(argv=None) -> dict:
     else:
         from train import text_tasks as task_lib
     try:
-        data = task_lib.load_data(args.data, module, checkpoint=ckpt_path)
+        data = _load_data(task_lib, args.data, module, ckpt_path, main)
     except (OSError, ValueError) as e:
         if args.data is None:
             _fail(f"the bundled data: {e}")
