@@ -107,6 +107,9 @@ def save_adapter(
     check_storable_path(path)
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"{path} exists and is not a directory (an adapter checkpoint is a directory)")
+    blocker = _file_on_path(path)
+    if blocker is not None:
+        raise NotADirectoryError(f"{path}: {blocker} is a file, not a directory; nothing can be written under it")
     if path.is_dir() and not _is_checkpoint_dir(path) and any(path.iterdir()):
         # Replacing means deleting: only ever delete an adapter checkpoint (or an empty directory).
         found = sorted(os.listdir(path))
@@ -310,6 +313,15 @@ def _brief(e: Exception, limit: int = 300) -> str:
 def _is_checkpoint_dir(path: Path) -> bool:
     """Whether ``path`` holds the two entries :func:`save_adapter` writes."""
     return (path / "adapter").is_dir() and (path / "meta").exists()
+
+
+def _file_on_path(path: Path) -> Path | None:
+    """The nearest existing one of ``path`` and its parents when it is not a directory (then nothing
+    can be written at ``path``), else ``None``."""
+    for p in (path, *path.parents):
+        if p.exists():
+            return None if p.is_dir() else p
+    return None
 
 
 def check_storable_path(path: Path) -> None:
@@ -558,9 +570,11 @@ class TrainCheckpointer:
     def __init__(self, directory: str | os.PathLike, *, save_every: int = 100, keep: int = 3, async_save: bool = True):
         save_every, keep = (_whole(v, f"TrainCheckpointer: {name}", 1) for name, v in (("save_every", save_every), ("keep", keep)))
         self.directory = Path(directory).absolute()
-        if self.directory.exists() and not self.directory.is_dir():
+        blocker = _file_on_path(self.directory)
+        if blocker is not None:
+            within = "" if blocker == self.directory else f" (on the path {self.directory})"
             raise ValueError(
-                f"TrainCheckpointer: {self.directory} is a file, not a directory; give a directory for the step"
+                f"TrainCheckpointer: {blocker} is a file, not a directory{within}; give a directory for the step"
                 " checkpoints (an existing one, or a path that does not exist yet)"
             )
         check_storable_path(self.directory)

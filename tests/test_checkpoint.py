@@ -181,6 +181,8 @@ def test_stale_temporaries_files_and_symlinks(tmp_path):
     (tmp_path / "file").write_text("not a checkpoint")
     with pytest.raises(FileExistsError, match="exists and is not a directory"):
         ck.save_adapter(tmp_path / "file", _adapter(), CFG)
+    with pytest.raises(NotADirectoryError, match=r"file/sub/a: .*file is a file, not a directory"):
+        ck.save_adapter(tmp_path / "file" / "sub" / "a", _adapter(), CFG)
     assert (tmp_path / "file").read_text() == "not a checkpoint" and _leftovers(tmp_path) == []
     (tmp_path / "link").symlink_to(tmp_path / "a")
     ck.save_adapter(tmp_path / "link", _adapter(5), CFG)  # written through the link, which stays
@@ -566,8 +568,10 @@ def test_train_checkpointer_refuses_bad_arguments_with_what_would_do(tmp_path):
 
     afile = tmp_path / "a-file"
     afile.write_text("x")
-    with pytest.raises(ValueError, match=r"a-file is a file, not a directory"):
+    with pytest.raises(ValueError, match=r"a-file is a file, not a directory;"):
         ck.TrainCheckpointer(afile)
+    with pytest.raises(ValueError, match=r"a-file is a file, not a directory \(on the path .*a-file/sub/ckpts\)"):
+        ck.TrainCheckpointer(afile / "sub" / "ckpts")
     for name, bad in (("save_every", 2.5), ("save_every", True), ("keep", 0), ("keep", "3")):
         with pytest.raises(ValueError, match=rf"{name} must be an integer >= 1, got {bad!r}"):
             ck.TrainCheckpointer(tmp_path / "c", **{name: bad})
