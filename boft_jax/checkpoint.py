@@ -107,9 +107,6 @@ def save_adapter(
     check_storable_path(path)
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"{path} exists and is not a directory (an adapter checkpoint is a directory)")
-    blocker = _file_on_path(path)
-    if blocker is not None:
-        raise NotADirectoryError(f"{path}: {blocker} is a file, not a directory; nothing can be written under it")
     if path.is_dir() and not _is_checkpoint_dir(path) and any(path.iterdir()):
         # Replacing means deleting: only ever delete an adapter checkpoint (or an empty directory).
         found = sorted(os.listdir(path))
@@ -161,7 +158,7 @@ def save_adapter(
     if path.exists() and not overwrite:
         raise FileExistsError(f"adapter checkpoint {path} exists; pass overwrite=True to replace it")
     if main:
-        blocking = next((a for a in (path, *path.parents) if a.exists() and not a.is_dir()), None)
+        blocking = _file_on_path(path)
         if blocking is not None:
             raise NotADirectoryError(
                 f"cannot save an adapter checkpoint at {path}: {blocking} is a file; an adapter checkpoint"

@@ -181,8 +181,6 @@ def test_stale_temporaries_files_and_symlinks(tmp_path):
     (tmp_path / "file").write_text("not a checkpoint")
     with pytest.raises(FileExistsError, match="exists and is not a directory"):
         ck.save_adapter(tmp_path / "file", _adapter(), CFG)
-    with pytest.raises(NotADirectoryError, match=r"file/sub/a: .*file is a file, not a directory"):
-        ck.save_adapter(tmp_path / "file" / "sub" / "a", _adapter(), CFG)
     assert (tmp_path / "file").read_text() == "not a checkpoint" and _leftovers(tmp_path) == []
     (tmp_path / "link").symlink_to(tmp_path / "a")
     ck.save_adapter(tmp_path / "link", _adapter(5), CFG)  # written through the link, which stays
