@@ -137,7 +137,9 @@ class BOFTConfig:
         ``S = b 2^(m-1)`` for ``m <= 4``, i.e. ``2 m b d_in`` for ``m <= 2``; ``2 m b d_in`` for
         deeper butterflies), ``"weight"`` rotates the kernel once per call (``K -> M K``,
         ``2 S d_in d_out`` FLOPs, likewise),
-        ``"auto"`` picks the cheaper one per layer and call from the number of tokens.
+        ``"auto"`` picks the cheaper one per layer and call from the number of tokens.  A layer with
+        its own ``dot_general`` / ``dot_general_cls`` (e.g. quantized) runs the merged kernel
+        ``(M K) s`` through that dot in every mode, so that it equals the merged model.
       cayley: ``"exact"`` or ``"neumann"`` (see :func:`boft_jax.cayley`).
       neumann_terms: series terms for ``cayley="neumann"`` (a warning if set with ``cayley="exact"``).
       modules_to_save: regexes (same matching rule) of modules whose params all train in full,

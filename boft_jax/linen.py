@@ -364,8 +364,6 @@ def _adapted_call(
     drop_key = module.make_rng("dropout") if dropout else None
     inputs, kernel, bias = module.promote_dtype(inputs, kernel, bias, dtype=module.dtype)
     custom_dot = module.dot_general_cls is not None or module.dot_general is not None
-    tokens = int(np.prod(inputs.shape)) // geo.d_in
-    mode = _choose_mode(config, tokens, geo.d_out)
     # Contracted axes last, flattened to d_in; the remaining axes keep their order, which is the
     # order of dot_general's output batch axes.
     n_ax = len(geo.axis)
@@ -376,25 +374,23 @@ def _adapted_call(
     k2 = kernel.reshape(geo.d_in, geo.d_out)
 
     if not custom_dot:
+        mode = _choose_mode(config, x2.shape[0], geo.d_out)
         y2 = _adapted_dense(x2, k2, skew, scale, drop_key, config=config, mode=mode, precision=module.precision)
         y = y2.reshape(*lead, *geo.features)
     else:
-        # A user-supplied dot_general (e.g. quantized): keep it, differentiate through it.
+        # A user-supplied dot_general (e.g. quantized or FP8) is kept and differentiated through.  It
+        # gets the merged kernel (M K) s whatever config.mode: a dot that is not linear (one that
+        # quantizes its operands) would give other outputs on (x M, K), so only this form equals the
+        # merged model, at every batch size.
         if module.dot_general_cls is not None:
             dot_general = module.dot_general_cls()
         else:
             dot_general = module.dot_general
         contract = (geo.axis, tuple(range(n_ax)))
         B = _rotation_of(skew, drop_key, config.cayley, config.neumann_terms, config.dropout)
-        if mode == "weight":
-            flat = _ops.rotate_kernel_any(k2, B, module.precision) * scale.astype(B.dtype)
-            y = dot_general(inputs, flat.astype(kernel.dtype).reshape(kernel.shape), (contract, ((), ())),
-                            precision=module.precision)
-        else:
-            rotated = _ops.rotate_rows(x2, B, module.precision).astype(x2.dtype).reshape(moved.shape)
-            rotated = jnp.moveaxis(rotated, tail, geo.axis)
-            y = dot_general(rotated, kernel, (contract, ((), ())), precision=module.precision)
-            y = _ops.scaled(y, scale.reshape(geo.features))
+        flat = _ops.rotate_kernel_any(k2, B, module.precision) * scale.astype(B.dtype)
+        y = dot_general(inputs, flat.astype(kernel.dtype).reshape(kernel.shape), (contract, ((), ())),
+                        precision=module.precision)
     if bias is not None:
         y = y + jnp.reshape(bias, (1,) * (y.ndim - len(geo.features)) + geo.features)
     return y
@@ -414,6 +410,7 @@ class _CallState:
     saved_and_targeted: list = dataclasses.field(default_factory=list)  # layers both targeted and in modules_to_save
     initializing: bool = False
     others: dict = dataclasses.field(default_factory=dict)  # {path: class name} of other modules called at init (not Dense)
+    weighted: set = dataclasses.field(default_factory=set)  # those of them holding a params matrix of their own
 
 
 _STOCK_CALLS = (inspect.unwrap(nn.Dense.__call__), inspect.unwrap(nn.DenseGeneral.__call__))
@@ -469,9 +466,18 @@ def _check_no_adapter(module: nn.Module, path: str, why: str) -> None:
 
 def _intercept(state: _CallState, next_fun, args, kwargs, context):
     module = context.module
+    if _is_lifted_jit(module):
+        raise ValueError(
+            f"{type(module).__name__} {module.name!r} is an nn.jit module inside a BOFT-wrapped model. {_JIT_REASON}"
+        )
     if context.method_name != "__call__" or not isinstance(module, (nn.Dense, nn.DenseGeneral)):
         if state.initializing and context.method_name == "__call__" and module.scope is not None and module.path:
-            state.others.setdefault("/".join(module.path), type(module).__name__)  # (for init's warning)
+            other = "/".join(module.path)  # (for init's warnings)
+            state.others.setdefault(other, type(module).__name__)
+            out = next_fun(*args, **kwargs)
+            if _holds_matrix(module):
+                state.weighted.add(other)
+            return out
         return next_fun(*args, **kwargs)
     path = "/".join(module.path)  # the params path (see _refresh_paths)
     if getattr(context.orig_method, "func", None) not in _STOCK_CALLS:
@@ -505,6 +511,36 @@ def _intercept(state: _CallState, next_fun, args, kwargs, context):
     state.adapted.append(path)
     with _no_forward_mode(path):  # every custom_vjp of the layer (products, scale) runs inside
         return _adapted_call(module, inputs, path=path, config=state.config, dropout=state.dropout)
+
+
+def _holds_matrix(module: nn.Module) -> bool:
+    """Whether ``module`` has a params array of rank >= 2 of its own (a Conv's, an Einsum's or an
+    Embed's), not only in its submodules."""
+    own = module.variables.get("params", {})
+    return any(not isinstance(v, Mapping) and jnp.ndim(nn.meta.unbox(v)) >= 2 for v in own.values())
+
+
+def _warn_unadapted_weights(config: BOFTConfig, dense: set[str], others: Mapping[str, str], weighted: set[str]) -> None:
+    """Warn (at init) about modules that hold weights, are not Dense, and are selected by a target
+    pattern that names layers (not a wildcard such as ``".*"``, which adapts every Dense layer and no
+    more, told by whether it matches a made-up path): a
+    pattern such as ``"q_proj|v_proj|o_proj"`` that also names an ``nn.Einsum`` or a hand-written
+    linear layer would otherwise adapt fewer layers than it names, silently.  (A pattern that selects
+    no Dense layer at all is :func:`_warn_idle_targets`'s.)"""
+    idle = config.idle_targets(dense)  # (warned about by _warn_idle_targets)
+    named = [t for t in config.targets if t not in idle and not _path_matches(t, "x9q/boft_wildcard_probe")]
+    hit = sorted(p for p in weighted if config.matches(p) and config.saved_ancestor(p) is None
+                 and any(_path_matches(t, p) for t in named))
+    if hit:
+        warnings.warn(
+            f"BOFT targets {config.targets} select {len(hit)} module(s) that hold weights but are not nn.Dense /"
+            f" nn.DenseGeneral, which BOFT does not adapt (they stay frozen): "
+            f"{', '.join(f'{path_repr(p)} ({others[p]})' for p in hit[:8])}{' ...' if len(hit) > 8 else ''}."
+            " Exclude them (BOFTConfig.exclude) to say so, train them in full (modules_to_save), or write"
+            " them as nn.Dense / nn.DenseGeneral layers to adapt them",
+            UserWarning,
+            stacklevel=4,
+        )
 
 
 def _warn_idle_targets(config: BOFTConfig, dense: set[str], others: Mapping[str, str]) -> None:
@@ -546,8 +582,15 @@ class BOFTModule(nn.Module):
     ``'dropout'`` rng is a ``ValueError`` (as flax's ``nn.Dropout`` makes it).
     """
 
-    model: nn.Module
+    # Not named ``model``: the field's name is reserved in the scope the wrapper shares with the base
+    # model, whose own top-level submodule may be called that (Hugging Face's ``...ForCausalLM``).
+    boft_base_model: nn.Module
     config: BOFTConfig
+
+    @property
+    def model(self) -> nn.Module:
+        """The wrapped base model."""
+        return self.boft_base_model
 
     def setup(self):
         nn.share_scope(self, self.model)
@@ -628,9 +671,10 @@ class BOFTModule(nn.Module):
         met = set(state.seen) | {p for p, _ in state.overridden}  # the Dense layers called
         if self.is_initializing():
             _warn_idle_targets(self.config, met, state.others)
+            _warn_unadapted_weights(self.config, met, state.others, state.weighted)
         if self.is_initializing() and self.config.exclude:
             met = sorted(met)
-            idle = self.config.idle_excludes(met)
+            idle = self.config.idle_excludes(sorted(set(met) | state.weighted))  # (it may name a non-Dense module the targets select)
             if idle:
                 targeted = self.config.targeted(met)
                 raise ValueError(
@@ -681,7 +725,7 @@ class BOFTModule(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError as e:
-            model = self.__dict__.get("model")
+            model = self.__dict__.get("boft_base_model")
             if model is None or name.startswith("_"):
                 raise
             fields = getattr(type(model), "__dataclass_fields__", {})
@@ -723,9 +767,11 @@ def wrap(model: nn.Module, config: BOFTConfig) -> BOFTModule:
       ``nn.Sequential``'s) plus identity adapters (``M = I``, ``s = 1``), so the wrapped model starts
       exactly at the base model whose params it holds.  For pretrained weights use
       :func:`init_adapter` and :func:`combine`.  A subclass of ``nn.Dense`` with its own ``__call__``
-      is adapted where that calls ``super().__call__``; one that never does is refused.  An
-      ``nn.jit`` module made before wrapping (a field of the model, or the model itself) is refused:
-      flax reuses its trace whatever the interceptor.  ``nn.map_variables`` functions in the model
+      is adapted where that calls ``super().__call__``; one that never does is refused.  ``nn.jit``
+      modules in the model are refused (when wrapping for a field or the model itself, else when
+      called): flax caches their trace whatever the interceptor.  A Dense with its own
+      ``dot_general`` / ``dot_general_cls`` (e.g. quantized) gets the merged kernel ``(M K) s``
+      through that dot in every mode, so it equals the merged model.  ``nn.map_variables`` functions in the model
       see the adapter leaves (``skew``, ``scale``) of adapted kernels too: a dtype cast is harmless,
       a transformation of every leaf changes the adapter as well.
 
@@ -757,12 +803,16 @@ def wrap(model: nn.Module, config: BOFTConfig) -> BOFTModule:
     if jitted:
         raise ValueError(
             f"boft.wrap: {', '.join(jitted)} {'is an nn.jit module' if len(jitted) == 1 else 'are nn.jit modules'}"
-            " made before wrapping (an attribute of the model, or the model itself). flax reuses the trace of such"
-            " a module across calls whatever interceptor is active, so its layers would go unadapted, or run"
-            " another BOFTConfig's adapter. Create nn.jit modules inside setup() or @nn.compact (those are"
-            " traced anew), or leave out nn.jit and jax.jit the whole step"
+            f" (an attribute of the model, or the model itself). {_JIT_REASON}"
         )
-    return BOFTModule(model=model, config=config)
+    return BOFTModule(boft_base_model=model, config=config)
+
+
+_JIT_REASON = (
+    "flax caches the trace of an nn.jit class across calls whatever interceptor is active, so the layers"
+    " inside it would go unadapted, or run another BOFTConfig's adapter (or another dropout setting)."
+    " Leave out nn.jit (make it nn.Dense, nn.remat, ... instead) and jax.jit the whole step or apply"
+)
 
 
 def _is_lifted_jit(module: nn.Module) -> bool:

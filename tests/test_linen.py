@@ -161,11 +161,17 @@ def test_deep_butterfly_equals_definition_with_gradients_float64(mode):
         with pytest.raises(TypeError, match=r"layer 'proj': forward-mode differentiation \(jax.jvp, jax.jacfwd,"
                                             r" jax.linearize\) through a BOFT adapted layer is not supported"):
             jax.jvp(lambda x: loss(adapter, x), (x,), (x,))
-        # also for a layer with its own dot_general, whose rotation is a custom_vjp of its own
-        custom = boft.wrap(ProjDot(), boft.BOFTConfig(block_size=b, n_factors=2, targets="proj", mode="input"))
-        cp = custom.init(jax.random.key(2), x)
-        with pytest.raises(TypeError, match=r"layer 'proj': forward-mode differentiation"):
-            jax.jvp(lambda x: custom.apply(cp, x), (x,), (x,))
+        # a layer with its own dot_general runs the merged kernel through it (no custom_vjp): forward
+        # mode works and equals the merged model's
+        ccfg = boft.BOFTConfig(block_size=b, n_factors=2, targets="proj", mode=mode)
+        custom = boft.wrap(ProjDot(), ccfg)
+        cf, ca = boft.split(jax.tree.map(lambda a: a.astype(jnp.float64), custom.init(jax.random.key(2), x)["params"]))
+        cp = boft.combine(cf, _perturb(ca, 5))
+        v = jax.random.normal(jax.random.key(6), x.shape, x.dtype)
+        got = jax.jvp(lambda x: custom.apply({"params": cp}, x), (x,), (v,))
+        want = jax.jvp(lambda x: ProjDot().apply({"params": boft.merge(cp, ccfg)}, x), (x,), (v,))
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -771,34 +777,101 @@ def test_layers_inside_lifted_transforms_of_field_children_match_their_params_pa
     assert listed.count("'cell/ii'") == 1 and "model/" not in listed, listed
 
 
-def test_nn_jit_modules_made_before_wrapping_are_refused():
-    """flax reuses an nn.jit module's trace whatever interceptor is active: as a field (or the model
-    itself) its layers would go unadapted or run another config; made inside compact it is traced
-    anew and works."""
+def test_a_layer_with_its_own_nonlinear_dot_general_equals_the_merged_model_at_every_batch_size():
+    """A quantizing dot_general gives other outputs on (x M, K) than on (x, M K s): the layer gets the
+    merged kernel through its own dot in every mode, so the wrapped model equals the merged one and
+    an example's output does not depend on the batch it is in."""
+    rng = np.random.default_rng()
+    levels = float(rng.integers(4, 16))
+
+    def quantized(a, b, dims, precision=None, preferred_element_type=None):  # fake quantization of both operands
+        return jax.lax.dot_general(jnp.round(a * levels) / levels, jnp.round(b * levels) / levels, dims, precision=precision)
+
+    class QNet(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            h = nn.Dense(32, dot_general=quantized, name="fc")(x)
+            return nn.DenseGeneral((2, 8), dot_general=quantized, name="heads")(h)
+
+    x = jnp.asarray(rng.normal(size=(40, 16)), jnp.float32)
+    for mode in MODES:
+        cfg = boft.BOFTConfig(block_size=4, n_factors=2, mode=mode)
+        model = boft.wrap(QNet(), cfg)
+        frozen, adapter = boft.split(model.init(jax.random.key(0), x)["params"])
+        params = boft.combine(frozen, _perturb(adapter, int(rng.integers(1 << 30))))
+        want = QNet().apply({"params": boft.merge(params, cfg)}, x)
+        for lo, hi in ((0, 40), (0, 1), (3, 5)):
+            np.testing.assert_allclose(model.apply({"params": params}, x[lo:hi]), want[lo:hi], rtol=1e-6, atol=1e-6)
+
+
+def test_a_base_whose_submodule_or_field_is_named_model_wraps():
+    """Hugging Face's Flax causal LMs hold their network as ``self.model``: the wrapper's own field
+    must not take that name in the scope it shares with the base."""
+
+    class Inner(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(16, name="fc")(x)
+
+    class ForCausalLM(nn.Module):
+        def setup(self):
+            self.model = Inner()
+            self.lm_head = nn.Dense(8)
+
+        def __call__(self, x):
+            return self.lm_head(self.model(x))
+
+    class Field(nn.Module):
+        model: nn.Module
+
+        @nn.compact
+        def __call__(self, x):
+            return self.model(x) * self.param("model_scale", nn.initializers.ones, (16,))
+
+    rng = np.random.default_rng()
+    x = jnp.asarray(rng.normal(size=(3, 16)), jnp.float32)
+    cfg = boft.BOFTConfig(block_size=4, n_factors=2)
+    for base, paths in ((ForCausalLM(), ["lm_head", "model/fc"]), (Field(Inner()), ["model/fc"])):
+        model = boft.wrap(base, cfg)
+        assert model.model is base
+        frozen, adapter = boft.split(model.init(jax.random.key(0), x)["params"])
+        params = boft.combine(frozen, _perturb(adapter, int(rng.integers(1 << 30))))
+        assert sorted(boft.layer_paths(params)) == paths
+        np.testing.assert_allclose(model.apply({"params": params}, x), base.apply({"params": boft.merge(params, cfg)}, x),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_nn_jit_modules_are_refused():
+    """flax caches an nn.jit class's trace whatever interceptor is active: its layers would go
+    unadapted or run another config (or dropout setting).  Refused when wrapping (a field, or the model
+    itself) and when called (made in setup or compact, also from a class traced bare before)."""
     x = jax.random.normal(jax.random.key(1), (3, 16))
     cfg = boft.BOFTConfig(block_size=4)
     for base, where in ((nn.Sequential([nn.jit(_RemBlock)(), nn.Dense(8)]), "the model's field layers[0]"),
                         (nn.jit(_RemBlock)(), "the model itself"),
                         (nn.Sequential([nn.remat(nn.jit(_RemBlock))()]), "the model's field layers[0]")):
-        with pytest.raises(ValueError, match=re.escape(f"boft.wrap: {where} is an nn.jit module made before wrapping")):
+        with pytest.raises(ValueError, match=re.escape(f"boft.wrap: {where} is an nn.jit module (an attribute")):
             boft.wrap(base, cfg)
 
-    class Inner(nn.Module):
+    jitted = nn.jit(_RemBlock)
+
+    class InSetup(nn.Module):
+        def setup(self):
+            self.blk = jitted()
+
+        def __call__(self, x):
+            return self.blk(x)
+
+    class InCompact(nn.Module):
         @nn.compact
         def __call__(self, x):
             return nn.jit(_RemBlock)(name="blk")(x)
 
-    base = Inner()
-    base.init(jax.random.key(0), x)  # a trace of the bare model first
-    for cayley in ("exact", "neumann"):
-        c = boft.BOFTConfig(block_size=4, cayley=cayley)
-        model = boft.wrap(base, c)
-        params = model.init(jax.random.key(0), x)["params"]
-        assert boft.layer_paths(params) == ["blk/fc"]
-        frozen, adapter = boft.split(params)
-        params = boft.combine(frozen, jax.tree.map(lambda a: a + 0.2, adapter))
-        np.testing.assert_allclose(model.apply({"params": params}, x), base.apply({"params": boft.merge(params, c)}, x),
-                                   rtol=2e-5, atol=2e-5)
+    for base, name in ((InSetup(), "blk"), (InCompact(), "blk")):
+        base.init(jax.random.key(0), x)  # a trace of the bare model first (what made the stale trace)
+        with pytest.raises(ValueError, match=f"Jit_RemBlock '{name}' is an nn.jit module inside a BOFT-wrapped model."
+                                             " flax caches the trace"):
+            boft.wrap(base, cfg).init(jax.random.key(0), x)
 
 
 def test_every_unadaptable_layer_is_listed_once():
@@ -1406,6 +1479,40 @@ def test_a_target_pattern_that_selects_no_dense_layer_is_warned_about_at_init():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         boft.wrap(Net(), boft.BOFTConfig(block_size=4, targets=("query", "value"))).init(jax.random.key(0), x)
+
+
+def test_a_target_pattern_that_also_names_modules_boft_does_not_adapt_is_warned_about():
+    """One pattern (or a regex alternation) naming a Dense layer and an Einsum / a hand-written linear
+    layer adapts only the Dense one: init warns, naming the others.  A wildcard (".*") means every
+    Dense layer and warns not; excluding the others, or training them in full, silences it."""
+
+    class Linear(nn.Module):
+        features: int
+
+        @nn.compact
+        def __call__(self, x):
+            return x @ self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features))
+
+    class Attn(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.LayerNorm(name="ln")(x)  # params of rank 1: not a layer anyone means to adapt
+            q = nn.Dense(16, name="q_proj")(x)
+            v = Linear(16, name="v_proj")(x)
+            return nn.Einsum((16, 16), "bi,ij->bj", name="o_proj")(q + v)
+
+    x = jax.random.normal(jax.random.key(4), (2, 16))
+    for targets in ("q_proj|v_proj|o_proj", ".*proj", ("q_proj", ".*_proj")):
+        with pytest.warns(UserWarning, match=r"select 2 module\(s\) that hold weights but are not nn\.Dense / nn\.DenseGeneral,"
+                                             r" which BOFT does not adapt \(they stay frozen\): 'o_proj' \(Einsum\), 'v_proj' \(Linear\)"):
+            params = boft.wrap(Attn(), boft.BOFTConfig(block_size=4, targets=targets)).init(jax.random.key(0), x)["params"]
+        assert boft.layer_paths(params) == ["q_proj"]
+    for quiet in (dict(targets=".*"), dict(targets=".*proj", exclude="v_proj|o_proj"),
+                  dict(targets=".*proj", modules_to_save=("v_proj", "o_proj")), dict(targets="q_proj")):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            params = boft.wrap(Attn(), boft.BOFTConfig(block_size=4, **quiet)).init(jax.random.key(0), x)["params"]
+        assert boft.layer_paths(params) == ["q_proj"]
 
 
 def test_unclear_setups_get_errors_that_say_what_is_wrong():
