@@ -1167,7 +1167,9 @@ def unmerge(merged: Mapping, adapter: Mapping, config: BOFTConfig) -> dict:
     ``modules_to_save`` such as a new classifier head) holds its trained values in ``merged`` and
     cannot be un-trained: it is returned as it is in ``merged``, with a warning naming it (take
     those entries from the base params you trained from).  A zero entry of a scale is an error
-    (that output column of ``K`` is lost).  Example: :func:`merge`.
+    (that output column of ``K`` is lost); under ``jax.jit`` the scale is a tracer and cannot be
+    checked, so that column comes back NaN instead (check ``scale != 0`` before, or unmerge
+    outside jit).  Example: :func:`merge`.
     """
     _check_config(config, "unmerge")
     kernels = _kernel_only(adapter) if isinstance(adapter, Mapping) else {}
