@@ -66,6 +66,10 @@ FEW = ["--targets", "attention_qv"]
         (["--exclude", "layer_1"], "exclude pattern(s) ['layer_1'] remove none of the layers"),
         (["--warmup", "30"], "--warmup 30: warmup of 30 steps in a run of 30 steps: the warmup must be shorter"),
         (["--output", "/nonexistent/runs[1]/x"], "cannot read back a checkpoint whose path contains"),
+        # the library's messages in the command's terms: flags, not BOFTConfig fields; a misspelt preset named
+        (["--dropout", "1.5"], "BOFT options: --dropout must be a number in [0, 1], got 1.5"),
+        (["--exclude", "(["], "BOFT options: --exclude: '([' is not a valid regular expression"),
+        (["--targets", "all-linear"], "(--targets 'all-linear' is not a preset; did you mean 'all_linear'? --list-presets lists them)"),
     ],
 )
 def test_bad_input_exits_2_with_a_clear_message_and_writes_nothing(tmp_path, capsys, extra, fragment):

@@ -31,9 +31,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import difflib
 import io
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -194,6 +196,17 @@ class UsageError(Exception):
 
 def _fail(msg: str) -> None:
     raise UsageError(msg)
+
+
+# BOFTConfig's fields as this command's flags, for the library's messages
+_FLAGS = {"block_size": "--block-size", "block_num": "--block-num", "n_factors": "--factors", "targets": "--targets",
+          "exclude": "--exclude", "dropout": "--dropout", "bias": "--bias", "mode": "--mode", "cayley": "--cayley",
+          "neumann_terms": "--neumann-terms", "modules_to_save": "--modules-to-save"}
+
+
+def _in_flags(message: str) -> str:
+    """A library message in this command's terms: ``BOFTConfig.dropout`` becomes ``--dropout``."""
+    return re.sub(r"BOFTConfig\.(\w+)", lambda m: _FLAGS.get(m.group(1), m.group(0)), message)
 
 
 def _load_data(task_lib, data, module, checkpoint, main: bool):
@@ -359,7 +372,7 @@ def run(argv=None) -> dict:
             modules_to_save=saved,
         )
     except (ValueError, TypeError) as e:
-        _fail(f"BOFT options: {e}")
+        _fail(f"BOFT options: {_in_flags(str(e))}")
     if kind == "vit" and "classifier" in params and not trained_head:
         if not config.saves_module("classifier"):
             _fail(f"the classifier head is all zeros (a fresh head{' from --num-labels' if args.num_labels else ''}) but"
@@ -383,7 +396,12 @@ def run(argv=None) -> dict:
     try:
         adapter = boft.init_adapter(model, params, *task_lib.example_inputs(data))
     except ValueError as e:
-        _fail(f"BOFT config does not fit the model: {e}")
+        hint = ""
+        if args.targets and args.targets not in family.TARGET_PRESETS and re.fullmatch(r"[\w-]+", args.targets):
+            near = difflib.get_close_matches(args.targets.replace("-", "_"), family.TARGET_PRESETS, n=1)
+            hint = (f"\n(--targets {args.targets!r} is not a preset{f'; did you mean {near[0]!r}?' if near else ''}"
+                    " --list-presets lists them)")
+        _fail(f"BOFT config does not fit the model: {_in_flags(str(e))}{hint}")
     try:
         mesh = sh.make_mesh(args.mesh or f"data={jax.device_count()}")
     except ValueError as e:
