@@ -643,10 +643,12 @@ def test_a_diverging_run_exits_1_and_writes_no_adapter(tmp_path, capsys):
     args = ["--output", str(out), *SMALL, *FEW, "--steps", "12", "--save-every", "1", "--lr", "1e30", "--warmup", "0"]
     assert finetune.main(args) == 1
     err = capsys.readouterr().err
-    assert err.startswith("error: training diverged at step 2: loss nan") and "step 1, in" in err, err
+    # (the loss or the gradient norm is not finite: which one depends on how far the rotations still hold)
+    assert err.startswith("error: training diverged at step 2: loss ") and "(not finite)" in err and "step 1, in" in err, err
     assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "metrics.jsonl"]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1] and np.isfinite(rows[1]["loss"])
+    assert rows[1]["includes_compile"] is True  # the first row's examples_per_s includes compiling, and says so
     assert rows[0]["before"] and rows[0]["eval_accuracy"] >= 0  # the evaluation before training
 
 

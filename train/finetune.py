@@ -565,7 +565,7 @@ def run(argv=None) -> dict:
             (f"held-out {task_lib.METRIC} after", f"{acc_after:.3f}"),
             ("steps (this run)", f"{result['steps_run']} x batch {opts.batch_size}"
                                  + (f" (resumed at step {result['start_step']} of {opts.steps})" if result["start_step"] else "")),
-            ("train time", f"{result['train_seconds']:.1f} s"),
+            ("train time (incl. compile)", f"{result['train_seconds']:.1f} s"),
             ("wall time (eval+train+save)", f"{wall:.1f} s"),
             ("mesh", ", ".join(f"{k}={v}" for k, v in result["mesh"].items())),
             ("outputs", f"{out}/{{adapter,merged,curves.png,metrics.jsonl,summary.md,checkpoints}}"),

@@ -432,6 +432,8 @@ def fit(task: Task, opts: TrainOptions, out_dir: Path, *, resume: bool = False,
                 now = time.time()
                 # examples per second since the previous row (the first row of a run includes compiling)
                 row = {"step": done, **m, "examples_per_s": opts.batch_size * (done - last_done) / max(now - last, 1e-9)}
+                if not history:  # said in the row, for whoever plots the rate
+                    row["includes_compile"] = True
                 last, last_done = now, done
                 log(row)
                 history.append(row)
