@@ -793,6 +793,12 @@ def wrap(model: nn.Module, config: BOFTConfig) -> BOFTModule:
     if not isinstance(config, BOFTConfig):
         raise TypeError(f"boft.wrap expects a BOFTConfig, got {type(config).__name__}")
     if model.scope is not None:
+        if isinstance(model.parent, nn.Module):  # made inside another module's @nn.compact: bound at once
+            raise ValueError(
+                f"boft.wrap: this {type(model).__name__} was constructed inside {type(model.parent).__name__}'s"
+                " @nn.compact method, which binds it to that module at once; construct it with parent=None"
+                f" ({type(model).__name__}(..., parent=None)) and wrap that, or wrap it in setup()"
+            )
         raise ValueError("boft.wrap expects an unbound model (as constructed, before init/apply/bind)")
     if isinstance(model, BOFTModule):
         raise ValueError(

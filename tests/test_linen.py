@@ -841,6 +841,47 @@ def test_a_base_whose_submodule_or_field_is_named_model_wraps():
                                    rtol=1e-5, atol=1e-5)
 
 
+def test_wrapping_inside_another_module_works_in_setup_and_names_the_fix_in_compact():
+    """A model constructed inside @nn.compact is bound to the enclosing module at once: wrap refuses it
+    saying so and how (parent=None, or setup()); both of those work and equal the merged model."""
+
+    class Backbone(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(16, name="fc")(x)
+
+    cfg = boft.BOFTConfig(block_size=4, n_factors=2)
+
+    class InCompact(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return boft.wrap(Backbone(), cfg)(x)
+
+    class Unparented(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return boft.wrap(Backbone(parent=None), cfg)(x)
+
+    class InSetup(nn.Module):
+        def setup(self):
+            self.w = boft.wrap(Backbone(), cfg)
+
+        def __call__(self, x):
+            return self.w(x)
+
+    rng = np.random.default_rng()
+    x = jnp.asarray(rng.normal(size=(3, 16)), jnp.float32)
+    with pytest.raises(ValueError, match=r"this Backbone was constructed inside InCompact's @nn.compact method, which"
+                                         r" binds it to that module at once; construct it with parent=None"):
+        InCompact().init(jax.random.key(0), x)
+    for outer, name in ((Unparented(), "BOFTModule_0"), (InSetup(), "w")):
+        params = outer.init(jax.random.key(0), x)["params"]
+        frozen, adapter = boft.split(params[name])
+        inner = boft.combine(frozen, _perturb(adapter, int(rng.integers(1 << 30))))
+        np.testing.assert_allclose(outer.apply({"params": {name: inner}}, x),
+                                   Backbone().apply({"params": boft.merge(inner, cfg)}, x), rtol=1e-5, atol=1e-5)
+
+
 def test_nn_jit_modules_are_refused():
     """flax caches an nn.jit class's trace whatever interceptor is active: its layers would go
     unadapted or run another config (or dropout setting).  Refused when wrapping (a field, or the model
