@@ -91,28 +91,17 @@ def small_matmul(a: jax.Array, c: jax.Array, *, precision=_HIGHEST) -> jax.Array
 
 
 def _elimination_step(j, carry):
-    """Gauss-Jordan step ``j`` on ``[A | X]`` with partial pivoting: row ``j`` is swapped with the row
-    at or below it holding the largest ``|A[., j]|``, then rows ``!= j`` lose their multiple of the
-    pivot row and row ``j`` becomes the pivot row divided by the pivot.  (Row swaps act on both
-    halves, so ``X`` ends as ``A^(-1)`` with no permutation to undo.)"""
+    """Gauss-Jordan step ``j`` on ``[A | X]`` (without pivoting): rows ``!= j`` lose their multiple
+    of the pivot row, row ``j`` becomes the pivot row divided by the pivot."""
     a, x = carry
     b = a.shape[-1]
-    rows = jnp.arange(b)
-    at_j = (rows == j)[:, None]
-    col = jnp.abs(jnp.take(a, j, axis=-1))
-    p = jnp.argmax(jnp.where(rows >= j, col, -1.0), axis=-1)
-    at_p = (rows == p[..., None])[..., :, None]
-
-    def swapped(m):  # rows j and p exchanged; row p picked by a one-term sum (exact; no gather)
-        row_p, row_j = jnp.sum(jnp.where(at_p, m, 0), axis=-2), jnp.take(m, j, axis=-2)
-        return jnp.where(at_j, row_p[..., None, :], jnp.where(at_p, row_j[..., None, :], m))
-
-    a, x = swapped(a), swapped(x)
     piv = jnp.take(jnp.take(a, j, axis=-2), j, axis=-1)[..., None]
     row_a, row_x = jnp.take(a, j, axis=-2) / piv, jnp.take(x, j, axis=-2) / piv
     # Row i != j loses f_i times the pivot row; row j is replaced by the pivot row (selected, not
-    # computed as row_j - (pivot - 1) row, which is zero once pivot - 1 rounds to the pivot).
+    # computed as row_j - (pivot - 1) row, which is zero once pivot - 1 rounds to the pivot: pivots
+    # grow like 1 + |S|^2, and a 2 x 2 block at entries ~1e4 rotated the wrong way in float32).
     f = jnp.take(a, j, axis=-1)
+    at_j = (jnp.arange(b) == j)[:, None]
     return (jnp.where(at_j, row_a[..., None, :], a - f[..., :, None] * row_a[..., None, :]),
             jnp.where(at_j, row_x[..., None, :], x - f[..., :, None] * row_x[..., None, :]))
 
@@ -141,7 +130,7 @@ def _invert_unrolled(skew: jax.Array) -> jax.Array:
 
 @jax.jit  # compiled once per shape, also when called eagerly (a bare fori_loop would recompile its fresh closure every call)
 def _invert_identity_plus_skew(skew: jax.Array) -> jax.Array:
-    """``(I + S)^(-1)`` by Gauss-Jordan elimination with partial pivoting on ``[I + S | I]``.
+    """``(I + S)^(-1)`` by Gauss-Jordan elimination on ``[I + S | I]`` without pivoting.
 
     The same steps either way; the form depends on the platform the program is lowered for:
 
@@ -174,23 +163,26 @@ def _refined(skew: jax.Array, rhs: jax.Array, x: jax.Array, inverse: jax.Array) 
 def solve_identity_plus_skew(skew: jax.Array, rhs: jax.Array, *, refine: int = 1) -> jax.Array:
     """``X = (I + S)^(-1) R`` for skew-symmetric ``S (..., b, b)`` and ``R (..., b, n)``: a batched solve.
 
-    Gauss-Jordan elimination with partial pivoting on ``[I + S | I]`` gives ``(I + S)^(-1)``, then
+    Gauss-Jordan elimination on ``[I + S | I]`` without pivoting gives ``(I + S)^(-1)``, then
     ``X = (I + S)^(-1) R`` and ``refine`` steps of iterative refinement by products
     (``X += (I + S)^(-1) (R - (I + S) X)``), all with elementwise array ops and small batched
     matmuls, so it lowers to a few fused loops on every backend (the ``b`` elimination steps as a
     device loop on CPU and TPU, unrolled on CUDA and ROCm up to ``b = 64``, where the loop measured
     3-5.5x slower at ``b = 8``).
 
-    Why pivot: every leading principal submatrix of ``I + S`` is invertible (its symmetric part is
-    ``I``), so elimination without pivoting never divides by zero in exact arithmetic, but its
-    Schur complements grow like ``|S|^2``: in float32 an entry of ~1e3 already cancels the next
-    pivot to a few units (odd ``b``: errors 1e-2 at entries ~1e3), and at ~1e4 a pivot could round
-    to zero (NaN blocks, depending on how XLA fused the step).  With partial pivoting the
-    multipliers stay ``<= 1``; the swap costs a select per step and measured no slower (value and
-    gradient of 1536 blocks of 8 x 8, CPU).  The Cayley map computed this way (:func:`cayley`) is
-    within ``eps (1 + ||S||_2)`` of the exact blocks in float32, about as accurate as LAPACK's
-    pivoted ``getrf``/``getrs`` (tests: entries from 0.05 to 1e4, ``b`` from 2 to 32; e.g. 1e-5 at
-    entries ~100, 8e-5 at ~1e4 for ``b = 8``).
+    No pivoting is needed to avoid a zero pivot: the symmetric part of ``A = I + S`` is ``I``
+    (``x^T A x = |x|^2``), so every leading principal submatrix is invertible and every pivot has
+    magnitude ``>= 1`` in exact arithmetic.  But the Schur complements grow like ``|S|^2``, so the
+    first solve loses about ``|S|`` more digits than a pivoted LU; one refinement step recovers them
+    up to entries of about 100: the Cayley map computed this way (:func:`cayley`) is then within
+    ``eps (1 + ||S||_2)`` of the exact blocks in float32, about as accurate as LAPACK's pivoted
+    ``getrf``/``getrs`` (tests; 1-3e-5 there).  Beyond, float32 blocks degrade (measured over 200
+    fresh blocks): odd ``b`` 1e-2 to 1e-1 off at entries ~1e3; even ``b`` (every block when
+    ``m > 1``) 1e-5 to 3e-3 off at ~1e3 and ~1e4 with XLA's default flags, but with other
+    compile flags (no LLVM optimization) 2e-3 at ~1e3 and NaN at ~1e4.  A pivoted loop fixes all
+    of it but made the m = 4 ViT-B train step 1.34-1.39x LoRA's instead of 1.19-1.24x (measured
+    2026-12-03), for adapters no training reaches: trained BOFT blocks have entries far below 1.
+    Compute in float64 (x64) if yours do not.
 
     Why not ``jnp.linalg.solve``: on XLA:CPU (jax 0.10) it lowers to LAPACK custom calls (plus a
     pivot loop) per call site, and programs with many call sites (a transformer with BOFT on every
