@@ -45,6 +45,7 @@ import types
 import warnings
 from typing import Any, Callable, Mapping
 
+import flax.core.lift as flax_lift
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -466,10 +467,10 @@ def _check_no_adapter(module: nn.Module, path: str, why: str) -> None:
 
 def _intercept(state: _CallState, next_fun, args, kwargs, context):
     module = context.module
-    if _is_lifted_jit(module):
-        raise ValueError(
-            f"{type(module).__name__} {module.name!r} is an nn.jit module inside a BOFT-wrapped model. {_JIT_REASON}"
-        )
+    if _is_lifted_jit(module) or _jit_methods(type(module)):
+        what = ("is an nn.jit module" if _is_lifted_jit(module)
+                else f"has @nn.jit method(s) {', '.join(_jit_methods(type(module)))}")
+        raise ValueError(f"{type(module).__name__} {module.name!r} {what} inside a BOFT-wrapped model. {_JIT_REASON}")
     if context.method_name != "__call__" or not isinstance(module, (nn.Dense, nn.DenseGeneral)):
         if state.initializing and context.method_name == "__call__" and module.scope is not None and module.path:
             other = "/".join(module.path)  # (for init's warnings)
@@ -522,15 +523,20 @@ def _holds_matrix(module: nn.Module) -> bool:
 
 def _warn_unadapted_weights(config: BOFTConfig, dense: set[str], others: Mapping[str, str], weighted: set[str]) -> None:
     """Warn (at init) about modules that hold weights, are not Dense, and are selected by a target
-    pattern that names layers (not a wildcard such as ``".*"``, which adapts every Dense layer and no
-    more, told by whether it matches a made-up path): a
+    pattern that names them (not a wildcard such as ``".*"`` or ``"encoder/.*"``, which adapts every
+    Dense layer there and no more, told by whether it would match a made-up name in their place): a
     pattern such as ``"q_proj|v_proj|o_proj"`` that also names an ``nn.Einsum`` or a hand-written
     linear layer would otherwise adapt fewer layers than it names, silently.  (A pattern that selects
     no Dense layer at all is :func:`_warn_idle_targets`'s.)"""
     idle = config.idle_targets(dense)  # (warned about by _warn_idle_targets)
-    named = [t for t in config.targets if t not in idle and not _path_matches(t, "x9q/boft_wildcard_probe")]
+    active = [t for t in config.targets if t not in idle]
+
+    def names(t: str, path: str) -> bool:  # t selects path by its name: not any name at that place
+        parent = path.rpartition("/")[0]
+        return _path_matches(t, path) and not _path_matches(t, f"{parent}/x9q_boft_probe".lstrip("/"))
+
     hit = sorted(p for p in weighted if config.matches(p) and config.saved_ancestor(p) is None
-                 and any(_path_matches(t, p) for t in named))
+                 and any(names(t, p) for t in active))
     if hit:
         warnings.warn(
             f"BOFT targets {config.targets} select {len(hit)} module(s) that hold weights but are not nn.Dense /"
@@ -571,7 +577,9 @@ class BOFTModule(nn.Module):
     Shares ``model``'s scope, so its params are ``model``'s params with :class:`BOFTKernel` nodes
     at adapted layers.  Every public method of ``model`` is available (``method="encode"``), and so
     are its dataclass fields, except ``config``, which is the wrapper's :class:`BOFTConfig` (the base
-    model's own is ``wrapped.model.config``).
+    model's own is ``wrapped.model.config``).  The base model is the dataclass field
+    ``boft_base_model`` (``wrapped.model`` reads it; the field is not called ``model``, a name the
+    base's own submodules may use), so construct the wrapper with :func:`wrap`.
 
     Dropout (``config.dropout > 0``) is active when a ``'dropout'`` rng is given and the call is
     not deterministic: the wrapper reads the base method's ``deterministic`` (or ``train``)
@@ -819,6 +827,25 @@ _JIT_REASON = (
     " inside it would go unadapted, or run another BOFTConfig's adapter (or another dropout setting)."
     " Leave out nn.jit (make it nn.Dense, nn.remat, ... instead) and jax.jit the whole step or apply"
 )
+
+
+@functools.lru_cache(maxsize=None)
+def _jit_methods(cls: type) -> tuple[str, ...]:
+    """The ``@nn.jit``-decorated methods of ``cls`` (flax's lifting wrapper holds ``flax.core.lift.jit``
+    in its closure; the class keeps its name).  Checked on the class's first intercepted call: a
+    cached trace of the method no longer calls into it."""
+    found = []
+    for name, fn in inspect.getmembers(cls, inspect.isfunction):
+        if any(_cell_value(c) is flax_lift.jit for c in (fn.__closure__ or ())):
+            found.append(name)
+    return tuple(found)
+
+
+def _cell_value(cell):
+    try:
+        return cell.cell_contents
+    except ValueError:  # an empty cell
+        return None
 
 
 def _is_lifted_jit(module: nn.Module) -> bool:

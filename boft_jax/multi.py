@@ -363,7 +363,9 @@ def apply_multi(
 
     Args:
       model: the wrapped module, ``boft.wrap(base, config)`` (run in ``mode="input"``; see the
-        module docstring).
+        module docstring).  A layer with its own ``dot_general`` / ``dot_general_cls`` runs the
+        merged kernel through that dot in every mode (:class:`boft_jax.BOFTConfig`'s ``mode``), so
+        here it builds one rotated ``d_in x d_out`` kernel per example.
       frozen: the base params (base layout), shared by every example; never copied per example.
         :data:`BASE` rows run exactly these, so pass the original base params there (e.g. from
         ``from_pretrained``): the ``frozen`` half of :func:`boft.split` of trained params holds the

@@ -70,6 +70,7 @@ FEW = ["--targets", "attention_qv"]
         (["--dropout", "1.5"], "BOFT options: --dropout must be a number in [0, 1], got 1.5"),
         (["--exclude", "(["], "BOFT options: --exclude: '([' is not a valid regular expression"),
         (["--targets", "all-linear"], "(--targets 'all-linear' is not a preset; did you mean 'all_linear'? --list-presets lists them)"),
+        (["--targets", "zzz"], "(--targets 'zzz' is not a preset; --list-presets lists them)"),
     ],
 )
 def test_bad_input_exits_2_with_a_clear_message_and_writes_nothing(tmp_path, capsys, extra, fragment):

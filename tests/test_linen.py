@@ -914,6 +914,21 @@ def test_nn_jit_modules_are_refused():
                                              " flax caches the trace"):
             boft.wrap(base, cfg).init(jax.random.key(0), x)
 
+    class JitMethod(nn.Module):  # the decorator form keeps the class's name
+        @nn.jit
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(16, name="fc")(x)
+
+    class Outer(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(16, name="head")(JitMethod(name="blk")(x))
+
+    Outer().init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match=r"JitMethod 'blk' has @nn.jit method\(s\) __call__ inside a BOFT-wrapped model"):
+        boft.wrap(Outer(), cfg).init(jax.random.key(0), x)
+
 
 def test_every_unadaptable_layer_is_listed_once():
     """A shared layer called twice is listed once; a DenseGeneral with batch_dims joins the list of
@@ -1548,6 +1563,17 @@ def test_a_target_pattern_that_also_names_modules_boft_does_not_adapt_is_warned_
                                              r" which BOFT does not adapt \(they stay frozen\): 'o_proj' \(Einsum\), 'v_proj' \(Linear\)"):
             params = boft.wrap(Attn(), boft.BOFTConfig(block_size=4, targets=targets)).init(jax.random.key(0), x)["params"]
         assert boft.layer_paths(params) == ["q_proj"]
+    class Block(nn.Module):  # a scope wildcard ('blk/.*') means every Dense layer there: no warning
+        @nn.compact
+        def __call__(self, x):
+            return Attn(name="attn")(x) + nn.Embed(4, 16, name="bias_table")(jnp.zeros(x.shape[:-1], jnp.int32))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        params = boft.wrap(Block(), boft.BOFTConfig(block_size=4, targets="attn/.*")).init(jax.random.key(0), x)["params"]
+    assert boft.layer_paths(params) == ["attn/q_proj"]
+    with pytest.warns(UserWarning, match=r"select 1 module\(s\) .*: 'bias_table' \(Embed\)"):
+        boft.wrap(Block(), boft.BOFTConfig(block_size=4, targets="q_proj|bias_table")).init(jax.random.key(0), x)
     for quiet in (dict(targets=".*"), dict(targets=".*proj", exclude="v_proj|o_proj"),
                   dict(targets=".*proj", modules_to_save=("v_proj", "o_proj")), dict(targets="q_proj")):
         with warnings.catch_warnings():

@@ -202,22 +202,14 @@ def test_cayley_float32_is_as_accurate_as_lapack(b, scale):
 def test_cayley_float32_pivot_row_survives_huge_pivots():
     """Pivots of I + S grow like 1 + |S|^2: the pivot row must be selected, not computed as
     row - (pivot - 1) row, which is zero once pivot - 1 rounds to the pivot (a 2 x 2 block at
-    entries ~1e4 rotated the wrong way in float32, at ~1e5 was not orthogonal).  8 x 8 blocks at
-    entries ~1e3 stay within eps32 (1 + ||S||_2) (measured <= 0.2x with either compile setting;
-    beyond, and for odd b, see solve_identity_plus_skew)."""
+    entries ~1e4 rotated the wrong way in float32, at ~1e5 was not orthogonal; the closed form
+    checks it exactly).  Larger blocks at such entries: see solve_identity_plus_skew."""
     rng = np.random.default_rng()
-    for a in (1e3, 1e4, 1e5) * rng.uniform(0.5, 2.0, 3):  # one 2 x 2 block: Q in closed form
+    for a in (1e3, 1e4, 1e5) * rng.uniform(0.5, 2.0, 3):
         q = np.asarray(boft.cayley(jnp.asarray([a], jnp.float32), 2), np.float64)
         a = float(np.float32(a))
         want = np.array([[1 - a * a, -2 * a], [2 * a, 1 - a * a]]) / (1 + a * a)
         np.testing.assert_allclose(q, want, rtol=0, atol=3e-7)
-    b = 8
-    packed = (1e3 * rng.normal(size=(100, b * (b - 1) // 2))).astype(np.float32)
-    skew = np_skew(packed.astype(np.float64), b)
-    q = np.asarray(boft.cayley(jnp.asarray(packed), b), np.float64)
-    bound = np.finfo(np.float32).eps * (1.0 + np.linalg.norm(skew, ord=2, axis=(-2, -1)))
-    ratio = np.abs(q - np_cayley(skew)).max(axis=(-2, -1)) / bound
-    assert ratio.max() <= 1.0, ratio.max()
 
 
 def test_cayley_gradient_equals_autodiff_of_a_lapack_solve():

@@ -397,9 +397,10 @@ def run(argv=None) -> dict:
         adapter = boft.init_adapter(model, params, *task_lib.example_inputs(data))
     except ValueError as e:
         hint = ""
-        if args.targets and args.targets not in family.TARGET_PRESETS and re.fullmatch(r"[\w-]+", args.targets):
+        if ("match none of" in str(e) and args.targets and args.targets not in family.TARGET_PRESETS
+                and re.fullmatch(r"[\w-]+", args.targets)):
             near = difflib.get_close_matches(args.targets.replace("-", "_"), family.TARGET_PRESETS, n=1)
-            hint = (f"\n(--targets {args.targets!r} is not a preset{f'; did you mean {near[0]!r}?' if near else ''}"
+            hint = (f"\n(--targets {args.targets!r} is not a preset{f'; did you mean {near[0]!r}?' if near else ';'}"
                     " --list-presets lists them)")
         _fail(f"BOFT config does not fit the model: {_in_flags(str(e))}{hint}")
     try:
