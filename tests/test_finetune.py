@@ -169,10 +169,12 @@ def test_ctrl_c_while_the_train_step_compiles_exits_130(tmp_path):
     without it after an interrupt: exit 130 with its message."""
     out = tmp_path / "log"
     with open(out, "w") as log:
-        job = subprocess.Popen([sys.executable, "-u", "-m", "train.finetune", "--output", str(tmp_path / "run"), *SMALL, *FEW],
-                               stdout=log, stderr=subprocess.STDOUT, env=_env(), cwd=ROOT,
-                               # Ctrl-C as in a terminal (a shell's background jobs inherit it ignored)
-                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        # Ctrl-C as in a terminal: Python's own handler first (a shell's background jobs inherit it
+        # ignored, and then the job leaves it alone), then the job as `python -m train.finetune`
+        start = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler);"
+                 " sys.argv = sys.argv[:1] + sys.argv[2:]; runpy.run_module('train.finetune', run_name='__main__')")
+        job = subprocess.Popen([sys.executable, "-u", "-c", start, "--", "--output", str(tmp_path / "run"), *SMALL, *FEW],
+                               stdout=log, stderr=subprocess.STDOUT, env=_env(), cwd=ROOT)
         try:
             deadline = time.monotonic() + 300
             while "before finetuning" not in out.read_text():  # printed right before the train step compiles

@@ -778,20 +778,21 @@ def test_layers_inside_lifted_transforms_of_field_children_match_their_params_pa
 
 
 def test_a_layer_with_its_own_nonlinear_dot_general_equals_the_merged_model_at_every_batch_size():
-    """A quantizing dot_general gives other outputs on (x M, K) than on (x, M K s): the layer gets the
-    merged kernel through its own dot in every mode, so the wrapped model equals the merged one and
-    an example's output does not depend on the batch it is in."""
+    """A dot_general that is not linear in its operands (as a quantized one) gives other outputs on
+    (x M, K) than on (x, M K s): the layer gets the merged kernel through its own dot in every mode,
+    so the wrapped model equals the merged one and an example's output does not depend on the batch
+    it is in.  (A smooth non-linearity, so that the last bits of the kernel cannot flip a rounding.)"""
     rng = np.random.default_rng()
-    levels = float(rng.integers(4, 16))
+    c = float(rng.uniform(0.5, 2.0))
 
-    def quantized(a, b, dims, precision=None, preferred_element_type=None):  # fake quantization of both operands
-        return jax.lax.dot_general(jnp.round(a * levels) / levels, jnp.round(b * levels) / levels, dims, precision=precision)
+    def squashed(a, b, dims, precision=None, preferred_element_type=None):
+        return jax.lax.dot_general(jnp.tanh(c * a), b + 0.1 * b**3, dims, precision=precision)
 
     class QNet(nn.Module):
         @nn.compact
         def __call__(self, x):
-            h = nn.Dense(32, dot_general=quantized, name="fc")(x)
-            return nn.DenseGeneral((2, 8), dot_general=quantized, name="heads")(h)
+            h = nn.Dense(32, dot_general=squashed, name="fc")(x)
+            return nn.DenseGeneral((2, 8), dot_general=squashed, name="heads")(h)
 
     x = jnp.asarray(rng.normal(size=(40, 16)), jnp.float32)
     for mode in MODES:
@@ -801,7 +802,7 @@ def test_a_layer_with_its_own_nonlinear_dot_general_equals_the_merged_model_at_e
         params = boft.combine(frozen, _perturb(adapter, int(rng.integers(1 << 30))))
         want = QNet().apply({"params": boft.merge(params, cfg)}, x)
         for lo, hi in ((0, 40), (0, 1), (3, 5)):
-            np.testing.assert_allclose(model.apply({"params": params}, x[lo:hi]), want[lo:hi], rtol=1e-6, atol=1e-6)
+            np.testing.assert_allclose(model.apply({"params": params}, x[lo:hi]), want[lo:hi], rtol=2e-5, atol=2e-5)
 
 
 def test_a_base_whose_submodule_or_field_is_named_model_wraps():
