@@ -365,16 +365,15 @@ def _adapted_call(
     drop_key = module.make_rng("dropout") if dropout else None
     inputs, kernel, bias = module.promote_dtype(inputs, kernel, bias, dtype=module.dtype)
     custom_dot = module.dot_general_cls is not None or module.dot_general is not None
-    # Contracted axes last, flattened to d_in; the remaining axes keep their order, which is the
-    # order of dot_general's output batch axes.
     n_ax = len(geo.axis)
-    tail = tuple(range(inputs.ndim - n_ax, inputs.ndim))
-    moved = jnp.moveaxis(inputs, geo.axis, tail)
-    lead = moved.shape[: inputs.ndim - n_ax]
-    x2 = moved.reshape(-1, geo.d_in)
     k2 = kernel.reshape(geo.d_in, geo.d_out)
 
     if not custom_dot:
+        # Contracted axes last, flattened to d_in; the remaining axes keep their order, which is the
+        # order of dot_general's output batch axes.
+        moved = jnp.moveaxis(inputs, geo.axis, tuple(range(inputs.ndim - n_ax, inputs.ndim)))
+        lead = moved.shape[: inputs.ndim - n_ax]
+        x2 = moved.reshape(-1, geo.d_in)
         mode = _choose_mode(config, x2.shape[0], geo.d_out)
         y2 = _adapted_dense(x2, k2, skew, scale, drop_key, config=config, mode=mode, precision=module.precision)
         y = y2.reshape(*lead, *geo.features)
@@ -467,10 +466,9 @@ def _check_no_adapter(module: nn.Module, path: str, why: str) -> None:
 
 def _intercept(state: _CallState, next_fun, args, kwargs, context):
     module = context.module
-    if _is_lifted_jit(module) or _jit_methods(type(module)):
-        what = ("is an nn.jit module" if _is_lifted_jit(module)
-                else f"has @nn.jit method(s) {', '.join(_jit_methods(type(module)))}")
-        raise ValueError(f"{type(module).__name__} {module.name!r} {what} inside a BOFT-wrapped model. {_JIT_REASON}")
+    jit = _jit_kind(type(module))
+    if jit is not None:
+        raise ValueError(f"{type(module).__name__} {module.name!r} {jit} inside a BOFT-wrapped model. {_JIT_REASON}")
     if context.method_name != "__call__" or not isinstance(module, (nn.Dense, nn.DenseGeneral)):
         if state.initializing and context.method_name == "__call__" and module.scope is not None and module.path:
             other = "/".join(module.path)  # (for init's warnings)
@@ -681,10 +679,10 @@ class BOFTModule(nn.Module):
             _warn_idle_targets(self.config, met, state.others)
             _warn_unadapted_weights(self.config, met, state.others, state.weighted)
         if self.is_initializing() and self.config.exclude:
-            met = sorted(met)
-            idle = self.config.idle_excludes(sorted(set(met) | state.weighted))  # (it may name a non-Dense module the targets select)
+            # (an exclude may name a non-Dense module the targets select: see _warn_unadapted_weights)
+            idle = self.config.idle_excludes(sorted(met | state.weighted))
             if idle:
-                targeted = self.config.targeted(met)
+                targeted = self.config.targeted(sorted(met))
                 raise ValueError(
                     f"BOFT exclude pattern(s) {idle} remove none of the layers the targets {self.config.targets}"
                     f" select, so they would change nothing. {_PATTERN_RULE}; the targeted layers are {paths_label(targeted[:12])}{' ...' if len(targeted) > 12 else ''}"
@@ -830,15 +828,17 @@ _JIT_REASON = (
 
 
 @functools.lru_cache(maxsize=None)
-def _jit_methods(cls: type) -> tuple[str, ...]:
-    """The ``@nn.jit``-decorated methods of ``cls`` (flax's lifting wrapper holds ``flax.core.lift.jit``
-    in its closure; the class keeps its name).  Checked on the class's first intercepted call: a
-    cached trace of the method no longer calls into it."""
-    found = []
-    for name, fn in inspect.getmembers(cls, inspect.isfunction):
-        if any(_cell_value(c) is flax_lift.jit for c in (fn.__closure__ or ())):
-            found.append(name)
-    return tuple(found)
+def _jit_kind(cls: type) -> str | None:
+    """How ``cls`` is jitted by flax, for the refusals (``None``: not at all): a class made by
+    ``nn.jit`` (flax names it ``Jit<Class>``; also under another lifted transform,
+    ``nn.remat(nn.jit(Block))``), or one with ``@nn.jit`` methods (it keeps its name; flax's lifting
+    wrapper holds ``flax.core.lift.jit`` in its closure).  Checked when wrapping (fields) and on a
+    class's first intercepted call: a cached trace of a jitted method no longer calls into it."""
+    if any(c.__module__ == nn.jit.__module__ and c.__name__.startswith("Jit") for c in cls.__mro__):
+        return "is an nn.jit module"
+    methods = [name for name, fn in inspect.getmembers(cls, inspect.isfunction)
+               if any(_cell_value(c) is flax_lift.jit for c in (fn.__closure__ or ()))]
+    return f"has @nn.jit method(s) {', '.join(methods)}" if methods else None
 
 
 def _cell_value(cell):
@@ -848,19 +848,13 @@ def _cell_value(cell):
         return None
 
 
-def _is_lifted_jit(module: nn.Module) -> bool:
-    """Whether ``module``'s class was made by ``nn.jit`` (flax names it ``Jit<Class>``), also under
-    another lifted transform (``nn.remat(nn.jit(Block))``)."""
-    return any(c.__module__ == nn.jit.__module__ and c.__name__.startswith("Jit") for c in type(module).__mro__)
-
-
 def _lifted_jit_instances(module: nn.Module, where: str = "", seen: set | None = None) -> list[str]:
     """Where ``nn.jit`` modules sit among ``module`` and its Module-valued dataclass fields (recursively)."""
     seen = set() if seen is None else seen
     if id(module) in seen:
         return []
     seen.add(id(module))
-    found = [f"the model's field {where}" if where else "the model itself"] if _is_lifted_jit(module) else []
+    found = [f"the model's field {where}" if where else "the model itself"] if _jit_kind(type(module)) else []
     for field in dataclasses.fields(module):
         if field.name in ("parent", "name"):
             continue

@@ -212,9 +212,7 @@ def _in_flags(message: str) -> str:
 def _load_data(task_lib, data, module, checkpoint, main: bool):
     """The task's data set; the loaders' notes (duplicates, cut examples, class mapping) are printed
     by process 0 only: every process of a multi-process job loads the same files."""
-    if main:
-        return task_lib.load_data(data, module, checkpoint=checkpoint)
-    with contextlib.redirect_stdout(io.StringIO()):
+    with contextlib.nullcontext() if main else contextlib.redirect_stdout(io.StringIO()):
         return task_lib.load_data(data, module, checkpoint=checkpoint)
 
 
