@@ -929,6 +929,8 @@ def test_nn_jit_modules_are_refused():
     Outer().init(jax.random.key(0), x)
     with pytest.raises(ValueError, match=r"JitMethod 'blk' has @nn.jit method\(s\) __call__ inside a BOFT-wrapped model"):
         boft.wrap(Outer(), cfg).init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match=re.escape("boft.wrap: the model's field layers[0] is an nn.jit module")):
+        boft.wrap(nn.Sequential([JitMethod()]), cfg)  # as a field: refused when wrapping
 
 
 def test_every_unadaptable_layer_is_listed_once():
