@@ -173,8 +173,14 @@ def test_ctrl_c_while_the_train_step_compiles_exits_130(tmp_path):
         # ignored, and then the job leaves it alone), then the job as `python -m train.finetune`
         start = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler);"
                  " sys.argv = sys.argv[:1] + sys.argv[2:]; runpy.run_module('train.finetune', run_name='__main__')")
-        job = subprocess.Popen([sys.executable, "-u", "-c", start, "--", "--output", str(tmp_path / "run"), *SMALL, *FEW],
-                               stdout=log, stderr=subprocess.STDOUT, env=_env(), cwd=ROOT)
+        # Without the suite's compilation cache (an earlier test compiled this step: the job then
+        # finished its 30 steps within the second below, exit 0, in CI), and with more steps than
+        # can run before the signal, so the job cannot end on its own whatever the machine's speed.
+        env = {k: v for k, v in _env().items() if k != "JAX_COMPILATION_CACHE_DIR"}
+        args = [*SMALL, *FEW]
+        args[args.index("--steps") + 1] = "100000"
+        job = subprocess.Popen([sys.executable, "-u", "-c", start, "--", "--output", str(tmp_path / "run"), *args],
+                               stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
         try:
             deadline = time.monotonic() + 300
             while "before finetuning" not in out.read_text():  # printed right before the train step compiles
