@@ -43,7 +43,7 @@ import inspect
 import re
 import types
 import warnings
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import flax.core.lift as flax_lift
 import flax.linen as nn
@@ -257,9 +257,22 @@ def _adapted_dense_jit(x2, k2, skew, scale, drop_key, method, neumann_terms, p_d
     return _ops.scaled_dot(rotated, k2, scale, precision)
 
 
-# how BOFTConfig's targets / exclude patterns select layers, for the errors that depend on it
-_PATTERN_RULE = ("A pattern is a regex that must match a whole '/'-joined module path or a trailing run of its"
-                 " components (e.g. 'query', 'attention/query', 'fc.*' or 'layer_3/.*'), not a part of a name")
+def _pattern_rule(paths: Sequence[str] = ()) -> str:
+    """How BOFTConfig's targets / exclude patterns select layers, for the errors that depend on it,
+    with examples made from the model's own layer paths (the first of ``paths``, if any).
+
+    >>> _pattern_rule(["encoder/block_0/layer_0/SelfAttention/q"]).split("(e.g. ")[1]
+    "'q', 'SelfAttention/q' or 'layer_0/.*'), not a part of a name"
+    """
+    parts = next((p.split("/") for p in paths if p), ["layer_3", "attention", "query"])
+    examples = [repr(parts[-1])]
+    if len(parts) > 1:
+        examples.append(repr("/".join(parts[-2:])))
+    if len(parts) > 2:
+        examples.append(repr(f"{parts[-3]}/.*"))
+    listed = examples[0] if len(examples) == 1 else ", ".join(examples[:-1]) + " or " + examples[-1]
+    return ("A pattern is a regex that must match a whole '/'-joined module path or a trailing run of its"
+            f" components (e.g. {listed}), not a part of a name")
 
 
 def _check_structure(path: str, skew_shape: tuple[int, ...], struct) -> None:
@@ -562,7 +575,7 @@ def _warn_idle_targets(config: BOFTConfig, dense: set[str], others: Mapping[str,
                          f"{' ...' if len(hit) > 4 else ''}, which BOFT does not adapt: only nn.Dense / nn.DenseGeneral")
     warnings.warn(
         f"BOFT target pattern(s) {idle} select none of the model's Dense/DenseGeneral layers (the other"
-        f" targets do), so they adapt nothing{': ' + '; '.join(notes) if notes else ''}. {_PATTERN_RULE}."
+        f" targets do), so they adapt nothing{': ' + '; '.join(notes) if notes else ''}. {_pattern_rule(sorted(dense))}."
         f" The Dense layers are {paths_label(sorted(dense)[:12])}{' ...' if len(dense) > 12 else ''}",
         UserWarning,
         stacklevel=4,
@@ -672,7 +685,7 @@ class BOFTModule(nn.Module):
             raise ValueError(
                 f"BOFT targets {self.config.targets} (exclude {self.config.exclude}) match none of the"
                 f" model's Dense/DenseGeneral layers: {paths_label(list(dict.fromkeys(state.seen))) if state.seen else 'none were called'}."
-                f" {_PATTERN_RULE}"
+                f" {_pattern_rule(state.seen)}"
             )
         met = set(state.seen) | {p for p, _ in state.overridden}  # the Dense layers called
         if self.is_initializing():
@@ -685,7 +698,7 @@ class BOFTModule(nn.Module):
                 targeted = self.config.targeted(sorted(met))
                 raise ValueError(
                     f"BOFT exclude pattern(s) {idle} remove none of the layers the targets {self.config.targets}"
-                    f" select, so they would change nothing. {_PATTERN_RULE}; the targeted layers are {paths_label(targeted[:12])}{' ...' if len(targeted) > 12 else ''}"
+                    f" select, so they would change nothing. {_pattern_rule(targeted)}; the targeted layers are {paths_label(targeted[:12])}{' ...' if len(targeted) > 12 else ''}"
                 )
         return out
 

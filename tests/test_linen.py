@@ -773,7 +773,7 @@ def test_layers_inside_lifted_transforms_of_field_children_match_their_params_pa
     assert boft.layer_paths(params) == ["cell/if", "cell/ig", "cell/ii", "cell/io"]
     with pytest.raises(ValueError) as e:  # each layer listed once, although nn.scan traces the cell twice
         boft.wrap(rnn, boft.BOFTConfig(block_size=4, targets="^nothing$")).init(jax.random.key(0), xs)
-    listed = str(e.value).split("layers: ")[1]
+    listed = str(e.value).split("layers: ")[1].split(". A pattern is")[0]
     assert listed.count("'cell/ii'") == 1 and "model/" not in listed, listed
 
 
@@ -1510,7 +1510,7 @@ def test_list_inputs_work_as_for_the_bare_model():
 
 def test_targets_matching_nothing_explain_the_matching_rule():
     with pytest.raises(ValueError, match=r"match none of .*\['fc1', 'fc2', 'head'\].*trailing run of its components"
-                                         r" \(e\.g\. 'query', 'attention/query', 'fc\.\*'"):
+                                         r" \(e\.g\. 'fc1'\), not a part of a name"):
         boft.wrap(MLP(), boft.BOFTConfig(block_size=4, targets="fc")).init(jax.random.key(0), jnp.ones((1, 16)))
 
 

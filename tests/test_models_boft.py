@@ -250,6 +250,17 @@ def test_training_the_lm_head_of_a_tied_t5_points_to_untie_head():
     np.testing.assert_array_equal(adapter["lm_head"]["kernel"], untied_params["lm_head"]["kernel"])
 
 
+def test_a_t5_target_that_matches_nothing_gets_examples_in_t5_names():
+    """The matching rule's examples come from the model's own layer paths, not ViT's 'query'."""
+    base, pretrained = t5.from_pretrained(FIXTURES / "t5_relu")
+    ref = np.load(FIXTURES / "t5_relu_reference.npz", allow_pickle=False)
+    inputs = (ref["input_ids"], ref["attention_mask"], ref["decoder_input_ids"])
+    with pytest.raises(ValueError, match="match none of") as e:
+        boft.init_adapter(boft.wrap(base, boft.BOFTConfig(block_size=4, targets="query|value")), pretrained, *inputs)
+    rule = str(e.value).split("A pattern is")[1]
+    assert "(e.g. 'q', 'self_attention/q' or 'layer_0/.*')" in rule and "query" not in rule
+
+
 def test_the_untie_hint_is_only_for_a_t5():
     base, pretrained = vit.from_pretrained(FIXTURES / "vit")
     x = np.zeros((1, *base.config.image_size, base.config.num_channels), np.float32)
