@@ -37,8 +37,10 @@ PEFT_ADAPTERS = [
     # PEFT OFT (BOFT with one factor and no output scale)
     "vit_oft_neumann", "vit_oft_exact_r", "vit_oft_share_coft", "vit_oft_adjusted", "t5_oft_gated", "t5_oft_lm_head",
     "mt5_oft_mixed",
+    # made on a bare ViTModel (no classifier, no "vit." in the module names): loaded as a headless ViT
+    "vit_bare_m2",
 ]
-OURS = ["ours_vit", "ours_t5", "ours_vit_oft", "ours_t5_oft"]
+OURS = ["ours_vit", "ours_t5", "ours_vit_oft", "ours_t5_oft", "ours_vit_bare"]
 TOL = 1e-5  # float32: max |ours - reference| <= TOL * max(1, max |reference|), as in the model tests
 
 
@@ -52,6 +54,8 @@ def assert_close(actual, reference, tol=TOL):
 
 @functools.lru_cache(maxsize=None)
 def base(name: str, scan_layers: bool = False, num_labels=None):
+    if name == "vit_bare":  # a ViTModel checkpoint: headless (it returns the final CLS features)
+        return vit.from_pretrained(FIXTURES / name, scan_layers=scan_layers, num_labels=0)
     if name == "vit":
         return vit.from_pretrained(FIXTURES / "vit", scan_layers=scan_layers, num_labels=num_labels)
     return t5.from_pretrained(FIXTURES / name, scan_layers=scan_layers)
@@ -661,6 +665,8 @@ def ours(name):
         "ours_vit_oft": boft.BOFTConfig(block_size=8, n_factors=1, targets=vit.TARGET_PRESETS["all_linear"],
                                         bias="boft_only", cayley="neumann", neumann_terms=4),
         "ours_t5_oft": boft.BOFTConfig(block_num=4, n_factors=1, targets=t5.TARGET_PRESETS["attention"]),
+        "ours_vit_bare": boft.BOFTConfig(block_size=4, n_factors=2, targets=vit.TARGET_PRESETS["all_linear"],
+                                         bias="boft_only"),
     }[name]
     return boft.wrap(module, config), params, cfg
 
@@ -708,6 +714,9 @@ def test_round_trip_boft_peft_boft_is_identical(name, key_style, tmp_path):
     keys = load_file(tmp_path / "a" / peft_io.ADAPTER_WEIGHTS_NAME)
     if name.startswith("ours_vit"):
         style = "vit.layers.0.attention.q_proj" if key_style == "transformers5" else "vit.encoder.layer.0.attention.attention.query"
+        if name == "ours_vit_bare":  # a headless ViT is saved for a bare ViTModel: no "vit." prefix
+            style = style.removeprefix("vit.")
+            assert not any(k.startswith("base_model.model.vit.") for k in keys)
         assert f"base_model.model.{style}.{'boft_R' if peft_type == 'BOFT' else 'oft_R.weight'}" in keys
     again, params2 = load_peft_adapter(tmp_path / "a", model.model, base(str(reference(name)["base"]), model.model.scan_layers)[1])
     a, b = flat_adapter(params, model.config), flat_adapter(params2, again.config)
@@ -890,7 +899,7 @@ def test_an_interrupted_save_over_an_adapter_leaves_the_old_one_whole(tmp_path, 
 # ---------------------------------------------------------------------------------------------
 # Merged export, loaded by plain transformers
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["merged_vit", "merged_t5"])
+@pytest.mark.parametrize("name", ["merged_vit", "merged_t5", "merged_vit_bare"])
 def test_export_merged_matches_transformers(name, tmp_path):
     ref = reference(name)
     export_merged(PEFT / str(ref["adapter"]), tmp_path / "m", base=FIXTURES / str(ref["base"]))
@@ -925,6 +934,24 @@ def test_cli_convert_both_ways_and_export(tmp_path, capsys):
     merged_module, merged_params = hf.from_pretrained(merged)
     assert_close(run(merged_module, merged_params, ref), reference("merged_vit")["outputs"])
     assert "wrote" in capsys.readouterr().out
+
+
+def test_cli_converts_an_adapter_of_a_bare_vit_model(tmp_path, capsys):
+    """A ViTModel base (no classifier) and an adapter without one: the CLI loads the base headless
+    (it asked for a num_labels it has no option for), and the adapter goes back to PEFT with the
+    ViTModel's module names, as PEFT made it."""
+    ref = reference("vit_bare_m2")
+    ckpt, back = tmp_path / "orbax", tmp_path / "peft"
+    assert main(["convert", "--from", "peft", "--adapter", str(PEFT / "vit_bare_m2"), "--base", str(FIXTURES / "vit_bare"),
+                 "--out", str(ckpt)]) == 0
+    assert main(["convert", "--from", "boft", "--adapter", str(ckpt), "--out", str(back)]) == 0
+    original = json.loads((PEFT / "vit_bare_m2" / peft_io.ADAPTER_CONFIG_NAME).read_text())
+    written = json.loads((back / peft_io.ADAPTER_CONFIG_NAME).read_text())
+    assert written["target_modules"] == sorted(f"layers.{i}.{m}" for i in range(2) for m in ("attention.q_proj", "attention.v_proj", "mlp.fc2"))
+    assert all(any(t.endswith(o) for o in original["target_modules"]) for t in written["target_modules"])
+    assert sorted(load_file(back / peft_io.ADAPTER_WEIGHTS_NAME)) == sorted(load_file(PEFT / "vit_bare_m2" / peft_io.ADAPTER_WEIGHTS_NAME))
+    model, params = load_peft_adapter(back, *base("vit_bare"))
+    assert_close(run(model, params, ref), ref["outputs"])
 
 
 def test_cli_oft_convert_both_ways_and_export(tmp_path, capsys):

@@ -116,7 +116,12 @@ def _load_base(base: str, num_labels: int | None, scan_layers: bool):
 
     kind = hf.model_type(base)
     if kind == "vit":
-        return vit.from_pretrained(base, num_labels=num_labels, scan_layers=scan_layers)
+        try:
+            return vit.from_pretrained(base, num_labels=num_labels, scan_layers=scan_layers)
+        except vit.MissingHead:
+            # a base without a classifier (a ViTModel) and an adapter that brings none: the model
+            # stays headless (it returns the CLS features, as the adapted ViTModel's last_hidden_state[:, 0])
+            return vit.from_pretrained(base, num_labels=0, scan_layers=scan_layers)
     return hf.from_pretrained(base, scan_layers=scan_layers)
 
 

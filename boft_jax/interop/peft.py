@@ -128,6 +128,8 @@ class _KeyMap:
         self.aliases_v5 = tuple(getattr(self.lib, "HF_KEY_ALIASES_V5", ()))  # transformers 4 -> 5 names
         # known modules of the checkpoints that our model leaves out (the ViT pooler)
         self.left_out_keys = [re.compile(p) for p in getattr(self.lib, "HF_LEFT_OUT_KEYS", ())]
+        # A ViT without a head (num_labels = 0) is a bare ViTModel for PEFT: its module names have no "vit."
+        self.bare = self.kind == "vit" and module.config.num_labels == 0
 
     def _candidates(self, key: str) -> list[str]:
         if self.kind == "vit" and not key.startswith(("vit.", "classifier.")):
@@ -148,14 +150,14 @@ class _KeyMap:
         return any(p.fullmatch(k) for k in self._candidates(key) for p in self.left_out_keys)
 
     def key(self, path: Path_, style: KeyStyle) -> str:
-        """The Hugging Face param key of our unrolled param ``path``."""
+        """The Hugging Face param key of our unrolled param ``path`` (a headless ViT's without ``vit.``)."""
         k = self.lib.hf_torch_key(path)
         if style == "transformers5":
             for pattern, repl in self.aliases_v5:
                 k = re.sub(pattern, repl, k)
         elif style != "transformers4":
             raise ValueError(f"key_style must be 'transformers5' or 'transformers4', got {style!r}")
-        return k
+        return k.removeprefix("vit.") if self.bare else k
 
     def module_name(self, module_path: Path_, style: KeyStyle) -> str:
         """Hugging Face module name of our Dense at ``module_path`` (via its kernel's key)."""
@@ -1455,7 +1457,9 @@ def save_peft_adapter(
         the base from it).
       key_style: module names of ``"transformers5"`` (``vit.layers.0.attention.q_proj``; what PEFT
         with transformers 5 needs) or ``"transformers4"`` (``vit.encoder.layer.0.attention.attention.query``)
-        models.  T5's names are the same in both.
+        models.  T5's names are the same in both.  A ViT without a classifier (``num_labels=0``,
+        e.g. loaded from a ``ViTModel`` checkpoint) gets the names of a bare ``ViTModel``
+        (``layers.0.attention.q_proj``), the model PEFT applies such an adapter to.
       task_type: PEFT task type; ``"auto"``: ``SEQ_2_SEQ_LM`` for T5, none for ViT.
       revision: recorded in ``adapter_config.json``.
       peft_type: ``"BOFT"``, or ``"OFT"`` for PEFT's OFT (PEFT >= 0.14 format), which only an
