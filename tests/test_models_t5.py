@@ -332,6 +332,11 @@ def test_null_eos_and_pad_ids_are_kept_as_transformers_reads_them(tmp_path):
         cut = want.index(eos) + 1 if eos in want[1:] else len(want)
         np.testing.assert_array_equal(got[:cut], want[:cut])
         assert set(got[cut:]) <= {eos}
+    # ... and with an eos_token_id argument, with that id (the first EOS id the call uses), as transformers
+    row = next(i for i, t in enumerate(tokens) if t[1] != eos)
+    other = int(tokens[row, 1])  # the first token of that row: it ends there
+    tokens = np.asarray(module.generate(params, ref["input_ids"], ref["attention_mask"], max_new_tokens=n, eos_token_id=other))
+    assert tokens[row, 1] == other and set(tokens[row, 2:]) == {other}
     (d / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if k != "decoder_start_token_id"}))
     with pytest.warns(UserWarning, match=r"sets no decoder_start_token_id; boft_jax starts decoding with 0"):
         module, _ = t5.from_pretrained(d)
