@@ -211,6 +211,32 @@ def test_dropout_one_loads_as_peft_accepts_it(tmp_path):
     assert cfg.modules_to_save == ("^lm_head",) and len(cfg.targets) == 2 * 7 + 2 * (4 + 4 + 3)
 
 
+@pytest.mark.parametrize("dropout", [-0.1, 1.5])
+def test_dropout_outside_0_1_that_peft_saves_loads_as_0_with_a_warning(dropout, tmp_path):
+    """PEFT saves boft_dropout = -0.1 (it drops nothing) and 1.5 (its first training step fails):
+    loaded with dropout 0 and a warning naming the field, the same forward."""
+    src = copy_fixture("vit_m2_head", tmp_path)
+    edit_config(src, boft_dropout=dropout)
+    with pytest.warns(UserWarning, match=rf"boft_dropout = {dropout:g} is outside \[0, 1\].*loaded with dropout 0"):
+        wrapped, got = load_peft_adapter(src, *base("vit"))
+    assert wrapped.config.dropout == 0.0
+    ref = reference("vit_m2_head")
+    assert_close(run(wrapped, got, ref), ref["outputs"])
+
+
+@pytest.mark.parametrize("bias", ["lora_only", "oft_only"])
+def test_every_only_bias_mode_reads_as_peft_does(bias, tmp_path):
+    """PEFT trains the adapted layers' biases for every bias value ending in '_only' and saves them
+    as for 'boft_only': such an adapter loads as boft_only, to PEFT's outputs."""
+    src = copy_fixture("vit_m2_head", tmp_path)
+    assert json.loads((src / peft_io.ADAPTER_CONFIG_NAME).read_text())["bias"] == "boft_only"
+    edit_config(src, bias=bias)
+    wrapped, got = load_peft_adapter(src, *base("vit"))
+    assert wrapped.config.bias == "boft_only"
+    ref = reference("vit_m2_head")
+    assert_close(run(wrapped, got, ref), ref["outputs"])
+
+
 def test_nested_modules_to_save_are_refused(tmp_path):
     """PEFT selects modules_to_save by plain string suffix: "embeddings" also selects
     vit.embeddings.patch_embeddings, and PEFT then wraps a copy inside a copy and saves tensors its
@@ -1018,6 +1044,21 @@ def test_cli_errors_are_reported(tmp_path, capsys):
     edit_config(bad, base_model_name_or_path="google/vit-base-patch16-224")
     assert main(["convert", "--from", "peft", "--adapter", str(bad), "--out", str(tmp_path / "y")]) == 2
     assert "--base" in capsys.readouterr().err
+
+
+def test_a_folder_of_named_peft_adapters_points_to_its_subfolders(tmp_path, capsys):
+    """PEFT's save_pretrained of several adapters none of which is "default" writes only subfolders:
+    the error names them (API and CLI), and a subfolder loads."""
+    parent = tmp_path / "several"
+    parent.mkdir()
+    for name in ("a", "b"):
+        shutil.copytree(PEFT / "vit_m1", parent / name)
+    with pytest.raises(FileNotFoundError, match=r"has no adapter_config\.json.*subfolders \['a', 'b'\] are PEFT adapters"):
+        load_peft_adapter(parent, *base("vit"))
+    assert main(["export-merged", "--adapter", str(parent), "--base", str(FIXTURES / "vit"), "--out", str(tmp_path / "x")]) == 2
+    assert "subfolders ['a', 'b'] are PEFT adapters" in capsys.readouterr().err
+    model, params = load_peft_adapter(parent / "b", *base("vit"))
+    assert_close(run(model, params, reference("vit_m1")), reference("vit_m1")["outputs"])
 
 
 def test_cli_never_overwrites_without_asking_and_reports_damaged_inputs(tmp_path, capsys):

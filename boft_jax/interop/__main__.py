@@ -46,7 +46,8 @@ def _detect_format(adapter: str | os.PathLike, asked: str = "auto", flag: str = 
     found = sorted(x.name for x in p.iterdir()) if p.is_dir() else "not a directory"
     raise ValueError(
         f"cannot tell the format of adapter {os.fspath(adapter)!r}: neither a PEFT adapter"
-        f" ({peft_io.ADAPTER_CONFIG_NAME}) nor a boft_jax orbax checkpoint ('adapter' + 'meta'); found {found}"
+        f" ({peft_io.ADAPTER_CONFIG_NAME}) nor a boft_jax orbax checkpoint ('adapter' + 'meta'); found {found}."
+        f"{peft_io.named_adapters_hint(p)}"
     )
 
 

@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 import shutil
@@ -182,6 +183,16 @@ def _adapter_dir(adapter_dir: str | os.PathLike) -> Path:
     return p
 
 
+def named_adapters_hint(folder: Path) -> str:
+    """A sentence naming the PEFT adapters in ``folder``'s subfolders (PEFT's ``save_pretrained``
+    of a model with several named adapters writes all but "default" there), or ``""``."""
+    named = sorted(q.name for q in folder.iterdir() if (q / ADAPTER_CONFIG_NAME).is_file()) if folder.is_dir() else []
+    if not named:
+        return ""
+    return (f" Its subfolders {named} are PEFT adapters (PEFT saves several named adapters that way): pass one"
+            f" of them, e.g. {str(folder / named[0])!r}")
+
+
 def read_adapter_config(adapter_dir: str | os.PathLike) -> dict[str, Any]:
     """The ``adapter_config.json`` of a PEFT adapter directory as a dict (a ``ValueError`` naming the
     file when it is not readable JSON or not an object)."""
@@ -305,7 +316,7 @@ def read_peft_adapter(adapter_dir: str | os.PathLike) -> tuple[dict[str, Any], d
     cfg_file, weights = p / ADAPTER_CONFIG_NAME, p / ADAPTER_WEIGHTS_NAME
     if not cfg_file.is_file():
         raise FileNotFoundError(
-            f"{str(p)!r} has no {ADAPTER_CONFIG_NAME}; found {sorted(x.name for x in p.iterdir())}"
+            f"{str(p)!r} has no {ADAPTER_CONFIG_NAME}; found {sorted(x.name for x in p.iterdir())}.{named_adapters_hint(p)}"
         )
     config = read_adapter_config(p)
     peft_type = config.get("peft_type")
@@ -819,7 +830,8 @@ def load_peft_adapter(
     ``use_cayley_neumann`` -> ``cayley="neumann"`` with ``neumann_terms = num_cayley_neumann_terms - 1``
     (3 for 3 or 4, as PEFT computes) and negated parameters (PEFT's series approximates the transposed
     map; for 2 terms, PEFT's ``I + 2S``: ``neumann_terms = 1`` and parameters times -2); ``oft_only``
-    -> ``"boft_only"``; ``module_dropout`` -> ``dropout`` (PEFT 0.21 defines it but never applies it
+    (as every ``*_only`` value, which PEFT reads as "the adapted layers' biases") -> ``"boft_only"``;
+    a dropout outside ``[0, 1]`` (PEFT saves one) -> 0, with a warning; ``module_dropout`` -> ``dropout`` (PEFT 0.21 defines it but never applies it
     in its Linear forward; boft_jax applies it in training); ``block_share`` -> the
     shared block copied to every block; ``coft`` -> the rotations projected as PEFT projects them before
     each forward (both with a warning: training in boft_jax keeps neither constraint).
@@ -1101,8 +1113,8 @@ def load_peft_adapter(
         )
 
     bias_mode = peft_cfg.get("bias", "none") or "none"
-    if oft and bias_mode == "oft_only":
-        bias_mode = "boft_only"
+    if isinstance(bias_mode, str) and bias_mode.endswith("_only"):
+        bias_mode = "boft_only"  # PEFT trains the adapted layers' biases for every "*_only" value ("oft_only", "lora_only", ...)
     adapted_paths = sorted(layers)
     if bias_mode == "none" and bias_paths:
         warnings.warn(
@@ -1153,7 +1165,17 @@ def load_peft_adapter(
             f"{where}: modules {['/'.join(p) for p in overlap]} are both adapted and in modules_to_save"
         )
 
-    dropout = _cfg_field(peft_cfg, "module_dropout" if oft else "boft_dropout", 0.0, float, where)  # (names itself)
+    dropout_field = "module_dropout" if oft else "boft_dropout"
+    dropout = _cfg_field(peft_cfg, dropout_field, 0.0, float, where)  # (names itself)
+    if not 0 <= dropout <= 1 and math.isfinite(dropout):
+        # PEFT saves such a value: it drops nothing below 0 and fails at its first training step above 1
+        warnings.warn(
+            f"{where}: {dropout_field} = {dropout:g} is outside [0, 1] ({'PEFT drops nothing with it' if dropout < 0 else 'PEFT cannot train with it'});"
+            " loaded with dropout 0 (it does not change outputs at inference); set BOFTConfig.dropout to train with dropout",
+            UserWarning,
+            stacklevel=2,
+        )
+        dropout = 0.0
     try:
         config = BOFTConfig(
             **structure,
