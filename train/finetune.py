@@ -606,6 +606,10 @@ def main(argv=None, *, exiting: bool = False) -> int:
         _stop_now("SIGTERM again", loop.Terminated)  # the second one
 
     def on_sigint(signum, frame):  # Ctrl-C: at once, as Python's default, but never inside a checkpoint write
+        # Also a stop after the current step: the exception raised here can be lost where it lands
+        # (a callback that JAX or the garbage collector runs and whose exceptions are only printed),
+        # and the job then ran on (CI: still training 300 s after a Ctrl-C during the first compile).
+        loop.request_stop(KeyboardInterrupt)
         _stop_now("Ctrl-C", KeyboardInterrupt)
 
     def _stop_now(what, exc):
@@ -644,7 +648,7 @@ def main(argv=None, *, exiting: bool = False) -> int:
         stopped = loop.STOP.is_set()
         loop.clear_stop()
     if stopped:  # SIGTERM after the last step: the job finished anyway
-        print("SIGTERM came after the last training step: the job finished", file=sys.stderr)
+        print("the stop request (SIGTERM or Ctrl-C) came after the last training step: the job finished", file=sys.stderr)
     return 0
 
 

@@ -143,6 +143,7 @@ class Terminated(KeyboardInterrupt):
 
 STOP = threading.Event()  # set by a signal handler (train.finetune); checked after every step
 _pending: type[KeyboardInterrupt] | None = None  # a "stop now" that came while a checkpoint was being written
+_stop_exc: type[KeyboardInterrupt] = Terminated  # what fit raises when it stops at STOP
 _writing = 0  # depth of the checkpoint calls (save / wait / close) running on this thread
 
 
@@ -187,14 +188,19 @@ def stop_now(exc: type[KeyboardInterrupt] = Terminated) -> None:
 
 def clear_stop() -> None:
     """Forget every stop request (:func:`request_stop` and a pending :func:`stop_now`)."""
-    global _pending
+    global _pending, _stop_exc
     STOP.clear()
     _pending = None
+    _stop_exc = Terminated
 
 
-def request_stop() -> None:
-    """Ask the running :func:`fit` to stop after its current step (safe from a signal handler:
-    nothing is raised inside JAX/XLA code, which a raising handler could crash)."""
+def request_stop(exc: type[KeyboardInterrupt] = Terminated) -> None:
+    """Ask the running :func:`fit` to stop after its current step, raising ``exc`` there (safe from
+    a signal handler: nothing is raised inside JAX/XLA code, which a raising handler could crash).
+    The first request's ``exc`` wins."""
+    global _stop_exc
+    if not STOP.is_set():
+        _stop_exc = exc
     STOP.set()
 
 
@@ -457,7 +463,7 @@ def fit(task: Task, opts: TrainOptions, out_dir: Path, *, resume: bool = False,
             if bar is not None:
                 bar.update(1)
             if stop and done < opts.steps:
-                raise Terminated()
+                raise _stop_exc()
     finally:
         if bar is not None:
             bar.close()
