@@ -123,3 +123,43 @@ def test_runs_recorded_by_path_before_content_hashes_still_resume():
     assert loop._identity_diff({**stored, "scan_layers": True}, now) == ["scan_layers: checkpoint true, now false"]
     # content hashes on both sides are compared
     assert loop._identity_diff({**now, "data": {**now["data"], "sha256": "ef" * 32}}, now)[0].startswith("data.sha256:")
+
+
+def test_a_stop_request_raises_the_exception_it_carries_after_the_steps_checkpoint(tmp_path, monkeypatch):
+    """request_stop(exc) (SIGTERM: Terminated; Ctrl-C, whose own KeyboardInterrupt can be lost where
+    the handler raised it: KeyboardInterrupt) stops fit after the current step and its checkpoint,
+    raising that exception; clear_stop forgets it."""
+    rng = np.random.default_rng()
+    module = TinyClassifier()
+    x = rng.normal(size=(64, 8)).astype(np.float32)
+    labels = rng.integers(0, 3, size=64).astype(np.int32)
+    params = jax.tree.map(lambda a: a.astype(jnp.float32), module.init(jax.random.key(3), x[:1])["params"])
+    cfg = boft.BOFTConfig(block_size=4, targets="fc1")
+    model = boft.wrap(module, cfg)
+    adapter = boft.init_adapter(model, params, x[:1])
+    frozen, _ = boft.split(boft.combine(params, adapter), cfg)
+    split = Split(inputs={"x": x}, labels=labels)
+    task = loop.Task("tiny", model, frozen, adapter, Dataset(split, split, "random"), _loss, lambda *a: 0.0)
+    opts = loop.TrainOptions(steps=6, batch_size=16, learning_rate=1e-3, warmup_steps=0, eval_every=0,
+                             save_every=100, progress=False, mesh="data=1")
+    real = loop.batch_indices
+    for exc, run in ((KeyboardInterrupt, "ctrl_c"), (loop.Terminated, "sigterm")):
+        def indices(n, batch, seed, step, exc=exc):
+            if step == 2:
+                loop.request_stop(exc)
+                loop.request_stop(loop.Terminated if exc is KeyboardInterrupt else KeyboardInterrupt)  # the first wins
+            return real(n, batch, seed, step)
+
+        monkeypatch.setattr(loop, "batch_indices", indices)
+        try:
+            loop.fit(task, opts, tmp_path / run)
+        except KeyboardInterrupt as e:
+            assert type(e) is exc, (type(e), exc)
+        else:
+            raise AssertionError("fit did not stop")
+        finally:
+            loop.clear_stop()
+        ckpt = boft.checkpoint.TrainCheckpointer(tmp_path / run / "checkpoints")
+        assert ckpt.all_steps() == [3]  # the step that was running is complete and saved
+        ckpt.close()
+    assert not loop.STOP.is_set() and loop._stop_exc is loop.Terminated
