@@ -152,14 +152,25 @@ def test_sigterm_and_ctrl_c_end_with_a_resume_hint_not_a_traceback(monkeypatch, 
             assert loop.stop_pending()
         raise AssertionError("Ctrl-C was not raised after the checkpoint write")
 
-    before_int = signal.getsignal(signal.SIGINT)
-    for run in (interrupted, ctrl_c_while_writing):
-        monkeypatch.setattr(finetune, "run", run)
-        assert finetune.main([]) == 130
-        err = capsys.readouterr().err
-        assert "interrupted: step checkpoints saved so far are complete; rerun the same command with --resume" in err
-        assert ("Ctrl-C: stopping as soon as the checkpoint" in err) == (run is ctrl_c_while_writing)
-        assert signal.getsignal(signal.SIGINT) == before_int and not loop.stop_pending()
+    # Ctrl-C as in a terminal: a job started in the background by a non-interactive shell (CI's
+    # `make test &`, nohup) inherits SIGINT ignored, and the job then rightly leaves it alone
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        for run in (interrupted, ctrl_c_while_writing):
+            monkeypatch.setattr(finetune, "run", run)
+            assert finetune.main([]) == 130
+            err = capsys.readouterr().err
+            assert "interrupted: step checkpoints saved so far are complete; rerun the same command with --resume" in err
+            assert ("Ctrl-C: stopping as soon as the checkpoint" in err) == (run is ctrl_c_while_writing)
+            assert signal.getsignal(signal.SIGINT) is signal.default_int_handler and not loop.stop_pending()
+        # where Ctrl-C is ignored (a background job) the job leaves it ignored
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        seen = []
+        monkeypatch.setattr(finetune, "run", lambda argv: seen.append(signal.getsignal(signal.SIGINT)))
+        assert finetune.main([]) == 0 and seen == [signal.SIG_IGN]
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, outer)
 
 
 @pytest.mark.slow
