@@ -333,7 +333,7 @@ def test_replicate_unsplit_runs_on_any_device_count_and_matches_one_device(tmp_p
     for name, devices, extra in (("five", 5, ["--replicate-unsplit"]), ("one", 1, [])):
         r = subprocess.run(
             [sys.executable, "-m", "train.finetune", "--output", str(tmp_path / name), *job, *extra],
-            capture_output=True, text=True, env=_env(devices), cwd=ROOT, timeout=600,
+            capture_output=True, text=True, env=_env(devices, fast_compile=True), cwd=ROOT, timeout=600,
         )
         assert r.returncode == 0, r.stderr[-2000:]
         rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
@@ -888,7 +888,7 @@ SHARDED_SCRIPT = textwrap.dedent(
 @pytest.mark.slow
 def test_sharded_training_matches_single_device_and_splits_the_weights(tmp_path):
     r = subprocess.run(
-        [sys.executable, "-c", SHARDED_SCRIPT, str(tmp_path)], capture_output=True, text=True, env=_env(8), cwd=ROOT, timeout=900
+        [sys.executable, "-c", SHARDED_SCRIPT, str(tmp_path)], capture_output=True, text=True, env=_env(8, fast_compile=True), cwd=ROOT, timeout=900
     )
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(r.stdout.split("RESULT", 1)[1])
