@@ -152,8 +152,9 @@ def test_sigterm_and_ctrl_c_end_with_a_resume_hint_not_a_traceback(monkeypatch, 
             assert loop.stop_pending()
         raise AssertionError("Ctrl-C was not raised after the checkpoint write")
 
-    # Ctrl-C as in a terminal: a job started in the background by a non-interactive shell (CI's
-    # `make test &`, nohup) inherits SIGINT ignored, and the job then rightly leaves it alone
+    # Ctrl-C as in a terminal, whatever this process inherited: a run started in the background by a
+    # non-interactive shell (`.ci/run &`, nohup) inherits SIGINT ignored, and the job then rightly
+    # leaves it alone (checked last)
     outer = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         for run in (interrupted, ctrl_c_while_writing):
