@@ -626,6 +626,18 @@ def main(argv=None, *, exiting: bool = False) -> int:
             signal.signal(signal.SIGINT, on_sigint)
     except ValueError:  # not the main thread: leave signals alone
         previous = previous_int = None
+    previous_hook = sys.unraisablehook
+
+    def on_unraisable(info):
+        # A stop exception raised by the handlers above can land where Python only reports it
+        # ("Exception ignored in: <function _xla_gc_callback ...>" and a traceback): the request it
+        # carries is already recorded (loop.request_stop) and is raised after the current step, so
+        # nothing is lost and the report would only look like a crash.  Everything else is reported.
+        if isinstance(info.exc_value, KeyboardInterrupt) and loop.STOP.is_set():
+            return
+        previous_hook(info)
+
+    sys.unraisablehook = on_unraisable
     try:
         run(argv)
     except UsageError as e:
@@ -641,6 +653,7 @@ def main(argv=None, *, exiting: bool = False) -> int:
               " continue", file=sys.stderr)
         return 143 if term else 130
     finally:
+        sys.unraisablehook = previous_hook
         if previous is not None:
             signal.signal(signal.SIGTERM, signal.SIG_IGN if exiting else previous)
             if previous_int is signal.default_int_handler:
