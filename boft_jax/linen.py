@@ -66,7 +66,10 @@ _MISUSE = (
     " (boft.wrap(model, config)), or fold the adapter in first with boft.merge(params, config), or drop"
     " it with boft.split(params)[0]. With a wrapped model: a layer holds adapter params that the"
     " config's targets / exclude do not select; use the config the params were made with"
-    " (boft.layer_paths(params) lists the layers that hold adapters)."
+    " (boft.layer_paths(params) lists the layers that hold adapters). Or the model's own code reads an"
+    " adapted layer's kernel directly (a tied weight, e.g. self.layer.variables['params']['kernel']"
+    " used as a matrix): the wrapper adapts the layer's call only, so exclude that layer"
+    " (BOFTConfig.exclude) or tie the weight another way."
 )
 
 
@@ -90,7 +93,8 @@ class BOFTKernel:
     skew: Any
     scale: Any
 
-    # Reached when a bare Flax layer treats this node as its kernel array.
+    # Reached when a bare Flax layer, or model code that reads the kernel itself (a tied weight),
+    # treats this node as the kernel array.
     @property
     def shape(self):
         raise TypeError(_MISUSE)
@@ -99,7 +103,20 @@ class BOFTKernel:
     def dtype(self):
         raise TypeError(_MISUSE)
 
+    @property
+    def T(self):
+        raise TypeError(_MISUSE)
+
     def __jax_array__(self):
+        raise TypeError(_MISUSE)
+
+    def __getitem__(self, index):
+        raise TypeError(_MISUSE)
+
+    def __matmul__(self, other):
+        raise TypeError(_MISUSE)
+
+    def __rmatmul__(self, other):
         raise TypeError(_MISUSE)
 
 
@@ -513,6 +530,12 @@ def _intercept(state: _CallState, next_fun, args, kwargs, context):
             " not supported by BOFT; exclude it with BOFTConfig.exclude"
         ))
         return next_fun(*args, **kwargs)
+    if isinstance(module, nn.DenseGeneral) and not _canon(module.axis):
+        state.unfit.append((path,
+            f"{layer_label(path)}: DenseGeneral with axis=() contracts no input axis (an outer product), so it has"
+            " no input features to rotate; exclude it with BOFTConfig.exclude"
+        ))
+        return next_fun(*args, **kwargs)
     geo = _geometry(module, inputs, path)
     err = state.config.fit_error(path, geo.d_in)
     if err is not None:
@@ -527,9 +550,19 @@ def _intercept(state: _CallState, next_fun, args, kwargs, context):
 
 def _holds_matrix(module: nn.Module) -> bool:
     """Whether ``module`` has a params array of rank >= 2 of its own (a Conv's, an Einsum's or an
-    Embed's), not only in its submodules."""
+    Embed's), not only in its submodules.
+
+    Only for init's warning, so it never raises: a param may be any pytree (a tuple of arrays), and
+    a module that shares its scope with an adapted Dense (``nn.share_scope``) sees that layer's
+    :class:`BOFTKernel` among its own params (adapted, so not counted)."""
     own = module.variables.get("params", {})
-    return any(not isinstance(v, Mapping) and jnp.ndim(nn.meta.unbox(v)) >= 2 for v in own.values())
+    for v in own.values():
+        if isinstance(v, Mapping):
+            continue  # a submodule's params
+        for leaf in jax.tree.leaves(nn.meta.unbox(v), is_leaf=_is_node):
+            if not _is_node(leaf) and len(getattr(leaf, "shape", ())) >= 2:
+                return True
+    return False
 
 
 def _warn_unadapted_weights(config: BOFTConfig, dense: set[str], others: Mapping[str, str], weighted: set[str]) -> None:

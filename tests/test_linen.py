@@ -934,8 +934,9 @@ def test_nn_jit_modules_are_refused():
 
 
 def test_every_unadaptable_layer_is_listed_once():
-    """A shared layer called twice is listed once; a DenseGeneral with batch_dims joins the list of
-    layers that cannot be adapted instead of hiding the others."""
+    """A shared layer called twice is listed once; a DenseGeneral with batch_dims, or with axis=()
+    (an outer product: no input features), joins the list of layers that cannot be adapted instead
+    of hiding the others."""
 
     class Net(nn.Module):
         @nn.compact
@@ -943,13 +944,18 @@ def test_every_unadaptable_layer_is_listed_once():
             d = nn.Dense(6, name="d")
             h = d(d(x[..., :6]))
             bd = nn.DenseGeneral(6, batch_dims=(0,), axis=-1, name="bd")(x[..., :6])
-            return nn.Dense(4, name="u")(jnp.concatenate([h, bd, x[..., :5]], -1))
+            outer = nn.DenseGeneral(2, axis=(), name="outer")(x[..., :2]).reshape(*x.shape[:-1], 4)
+            return nn.Dense(4, name="u")(jnp.concatenate([h, bd, x[..., :5], outer], -1))
 
     with pytest.raises(ValueError) as e:
         boft.wrap(Net(), boft.BOFTConfig(block_size=4)).init(jax.random.key(0), jnp.ones((3, 16)))
     msg = str(e.value)
-    assert msg.startswith("3 targeted layer(s)") and msg.count("layer 'd' ") == 1, msg
-    assert "layer 'bd': DenseGeneral with batch_dims=(0,)" in msg and "layer 'u' (d_in = 17)" in msg, msg
+    assert msg.startswith("4 targeted layer(s)") and msg.count("layer 'd' ") == 1, msg
+    assert "layer 'bd': DenseGeneral with batch_dims=(0,)" in msg and "layer 'u' (d_in = 21)" in msg, msg
+    assert "layer 'outer': DenseGeneral with axis=() contracts no input axis" in msg, msg
+    # excluding them is the fix the message names, and the rest then wraps
+    cfg = boft.BOFTConfig(block_size=2, exclude=("bd", "outer", "u"))
+    boft.wrap(Net(), cfg).init(jax.random.key(0), jnp.ones((3, 16)))
 
 
 def test_exclude_patterns_that_remove_nothing_are_refused():
@@ -1030,6 +1036,64 @@ def test_bare_model_refuses_adapter_params():
         MLP().apply({"params": params}, x)
     MLP().apply({"params": boft.split(params)[0]}, x)  # frozen part is fine
     MLP().apply({"params": boft.merge(params, cfg)}, x)  # so is the merged model
+
+
+def test_model_code_that_reads_an_adapted_kernel_gets_the_tied_weight_error():
+    """A tied weight (the model reads an adapted layer's kernel and uses it as a matrix) cannot use
+    the adapted kernel; every way of using it as an array names that case and the fix."""
+
+    class Tied(nn.Module):
+        use: str
+
+        def setup(self):
+            self.enc = nn.Dense(8, use_bias=False)
+
+        def __call__(self, x):
+            z = self.enc(x)
+            k = self.enc.variables["params"]["kernel"]
+            return {"T": lambda: z @ k.T, "transpose": lambda: z @ jnp.transpose(k),
+                    "rmatmul": lambda: x @ k, "index": lambda: z * k[0, 0]}[self.use]()
+
+    x = jax.random.normal(jax.random.key(1), (3, 16))
+    for use in ("T", "transpose", "rmatmul", "index"):
+        Tied(use).init(jax.random.key(0), x)  # the bare model runs
+        with pytest.raises(TypeError, match=r"tied weight.*exclude that layer"):
+            boft.wrap(Tied(use), boft.BOFTConfig(block_size=4)).init(jax.random.key(0), x)
+
+
+def test_a_module_sharing_its_scope_with_an_adapted_dense_and_pytree_params_init():
+    """Init's scan for weights BOFT leaves alone never fails: a module that shares its scope with a
+    Dense (``nn.share_scope``, as LoRA-style wrappers do) sees the adapted kernel as its own param,
+    and a param may be a tuple of arrays.  The shared-scope Dense is adapted under the shared path."""
+
+    class Shared(nn.Module):
+        def setup(self):
+            self.base = nn.Dense(16)
+            nn.share_scope(self, self.base)
+
+        def __call__(self, x):
+            return self.base(x)
+
+    class Gate(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            w, b = self.param("wb", lambda rng: (1 + jax.random.normal(rng, (16,)), jnp.zeros((2, 3))))
+            return x * w + b.sum()
+
+    class Model(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(8, name="out")(Gate(name="gate")(Shared(name="q")(x)))
+
+    cfg = boft.BOFTConfig(block_size=4, n_factors=2)
+    x = jax.random.normal(jax.random.key(3), (5, 16))
+    model, frozen, adapter = _setup(Model(), cfg, x)
+    assert sorted(boft.layer_paths(boft.combine(frozen, adapter))) == ["out", "q"]
+    params = boft.combine(frozen, adapter)
+    got = model.apply({"params": params}, x)
+    want = Model().apply({"params": boft.merge(params, cfg)}, x)
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+    assert float(jnp.max(jnp.abs(got - Model().apply({"params": frozen}, x)))) > 1e-2  # the adapter acts
 
 
 def test_a_layer_axis_that_is_not_first_is_named_not_misread():
