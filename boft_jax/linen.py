@@ -918,7 +918,10 @@ def _lifted_jit_instances(module: nn.Module, where: str = "", seen: set | None =
 # ---------------------------------------------------------------------------------------------
 # Params helpers
 # ---------------------------------------------------------------------------------------------
-def _no_boxes(tree, fn: str, arg: str) -> None:
+_SHARD_HINT = "shard with jax.jit / NamedSharding instead (e.g. boft_jax.sharding.shard_frozen)"
+
+
+def _no_boxes(tree, fn: str, arg: str, hint: str = _SHARD_HINT) -> None:
     """Refuse flax's boxed params (``nn.with_partitioning`` -> ``nn.Partitioned``), saying what to do."""
     is_box = lambda v: isinstance(v, nn.meta.AxisMetadata)  # noqa: E731
     leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_box)[0]
@@ -927,8 +930,7 @@ def _no_boxes(tree, fn: str, arg: str) -> None:
         raise TypeError(
             f"boft.{fn}: {arg} holds {len(boxed)} boxed value(s) ({boxed[0][1]} at {boxed[0][0]}"
             f"{', ...' if len(boxed) > 1 else ''}), as flax returns params whose initializers use"
-            f" nn.with_partitioning. Unbox them first: {arg} = flax.linen.unbox({arg}); shard with"
-            " jax.jit / NamedSharding instead (e.g. boft_jax.sharding.shard_frozen)"
+            f" nn.with_partitioning. Unbox them first: {arg} = flax.linen.unbox({arg}); {hint}"
         )
 
 

@@ -535,7 +535,12 @@ def generate_multi(
       >>> bool((out[1] == alone(identity_adapter(frozen, adapters[0]), 1)).all())
       True
     """
-    base = getattr(model, "model", None)
+    if not isinstance(model, BOFTModule):
+        raise TypeError(
+            "generate_multi expects the wrapped model of an encoder-decoder"
+            f" (boft.wrap(boft_jax.models.t5.T5(...), config)), got {type(model).__name__}"
+        )
+    base = model.model
     cfg = getattr(base, "config", None)
     if not all(hasattr(base, m) for m in ("encode", "init_cache", "decode")) or cfg is None:
         raise TypeError(

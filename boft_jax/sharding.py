@@ -25,6 +25,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from boft_jax.linen import _no_boxes
+
 __all__ = [
     "parse_mesh",
     "make_mesh",
@@ -62,7 +64,11 @@ def parse_mesh(spec: str) -> dict[str, int]:
 
 
 def make_mesh(spec: str | Mapping[str, int], devices=None) -> Mesh:
-    """A ``Mesh`` with the named axes; their sizes must multiply to the number of devices."""
+    """A ``Mesh`` with the named axes; their sizes must multiply to the number of devices.
+
+    ``devices``: a sequence of devices or an array of them of any shape (e.g. from
+    ``jax.experimental.mesh_utils.create_device_mesh``), taken in row-major order; default: all.
+    """
     if isinstance(spec, str):
         sizes = parse_mesh(spec)
     else:
@@ -72,7 +78,9 @@ def make_mesh(spec: str | Mapping[str, int], devices=None) -> Mesh:
             raise ValueError(
                 f"bad mesh {sizes}: expected axes {AXES} with positive integer sizes, e.g. {{'data': 2, 'model': 4}}"
             )
-    devices = list(jax.devices() if devices is None else devices)
+    devices = list(np.asarray(jax.devices() if devices is None else devices, dtype=object).reshape(-1))
+    if not devices:
+        raise ValueError("make_mesh got no devices (an empty devices list); pass None for all of jax.devices()")
     if len({id(d) for d in devices}) != len(devices):
         raise ValueError(f"make_mesh got a device more than once: {devices}")
     total = math.prod(sizes.values())
@@ -150,6 +158,9 @@ def frozen_sharding(frozen: Mapping, mesh: Mesh, *, min_size: int = 1024, strict
       >>> tuple(frozen_sharding({"w": {"kernel": jnp.zeros((64, 64))}}, mesh)["w"]["kernel"].spec)
       (None, None)
     """
+    _no_boxes(frozen, "sharding.frozen_sharding", "frozen",
+              "boft_jax places every weight by its own rule (a kernel's output features over 'model'), not by"
+              " the boxes' axis names")
     unknown = [k for k, v in mesh.shape.items() if k not in AXES and v > 1]
     if unknown:
         raise ValueError(

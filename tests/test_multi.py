@@ -447,6 +447,8 @@ def test_t5_generate_multi_ids_and_recompiles():
             row = one(boft.combine(case.frozen, case.adapters[i]), case.input_ids[j : j + 1], case.mask[j : j + 1], max_new_tokens=N_NEW)
             np.testing.assert_array_equal(outs[1][j], row[0])
 
+    with pytest.raises(TypeError, match=r"expects the wrapped model of an encoder-decoder .*got T5$"):
+        multi.generate_multi(case.base, case.frozen, case.stacked, jnp.asarray(mixes[1]), case.input_ids, case.mask, max_new_tokens=N_NEW)
     with pytest.raises(ValueError, match=r"adapter_ids\[2\] = 5"):
         multi.generate_multi(
             case.model, case.frozen, case.stacked, jnp.array([0, 1, 5, 0, 0]), case.input_ids, case.mask, max_new_tokens=N_NEW

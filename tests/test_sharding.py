@@ -49,6 +49,25 @@ def test_repeated_devices_and_unbatched_arrays_are_refused():
     assert tuple(sh.batch_sharding(mesh, 3).spec) == ("data", None, None)
 
 
+def test_no_devices_and_boxed_params_are_refused_with_the_fix():
+    with pytest.raises(ValueError, match="got no devices"):
+        sh.make_mesh("data=1", devices=[])
+    import flax.linen as nn
+
+    class Boxed(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            init = nn.with_partitioning(nn.initializers.lecun_normal(), (None, "model"))
+            return nn.Dense(64, kernel_init=init, name="d")(x)
+
+    params = Boxed().init(jax.random.key(0), jax.numpy.ones((1, 64)))["params"]
+    mesh = sh.make_mesh("data=1", jax.devices()[:1])
+    for fn in (sh.frozen_sharding, sh.shard_frozen):
+        with pytest.raises(TypeError, match=r"1 boxed value\(s\) \(Partitioned at \['d'\]\['kernel'\]\).*flax.linen.unbox"):
+            fn(params, mesh)
+    assert tuple(sh.frozen_sharding(nn.unbox(params), mesh)["d"]["kernel"].spec) == (None, None)
+
+
 def test_gather_to_host_gives_numpy():
     tree = {"a": jax.numpy.arange(6.0).reshape(2, 3), "b": [jax.numpy.ones(2)]}
     out = sh.gather_to_host(tree)
@@ -91,6 +110,10 @@ def test_a_model_axis_that_splits_no_weight_is_refused():
         print("BOTH", tuple(placed["k"]["kernel"].sharding.spec), max(sh.bytes_per_device(placed).values()),
               float(np.abs(np.asarray(got) - x @ np.asarray(tall["k"]["kernel"])).max()))
         print("WHOLE", sh.unsplit_weights(mixed, three, min_size=256), sh.unsplit_weights(mixed, sh.make_mesh("data=2,model=4", jax.devices()), min_size=256))
+        # devices as a 2-D array (as jax.experimental.mesh_utils.create_device_mesh gives), taken row-major
+        grid = np.asarray(jax.devices()[::-1], dtype=object).reshape(2, 4)
+        m2 = sh.make_mesh("data=4,model=2", grid)
+        print("GRID", dict(m2.shape), [d.id for d in m2.devices.reshape(-1)] == [d.id for d in grid.reshape(-1)])
     """)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=job_env(8, fast_compile=True),
                        cwd=ROOT, timeout=300)
@@ -104,3 +127,4 @@ def test_a_model_axis_that_splits_no_weight_is_refused():
     assert int(both.group(1)) == 7 * 300 * 4 // 4 and float(both.group(2)) < 1e-5
     # what strict=False leaves whole on every device, with its bytes: (64, 32) has no axis divisible by 3
     assert "WHOLE [('a/kernel (64, 32)', 8192)] []" in r.stdout, r.stdout
+    assert "GRID {'data': 4, 'model': 2} True" in r.stdout, r.stdout
