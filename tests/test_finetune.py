@@ -1252,3 +1252,12 @@ def test_an_image_folders_class_names_name_the_trained_models_classes(tmp_path, 
     assert [merged["id2label"][str(i)] for i in range(len(want))] == want and len(merged["id2label"]) == len(want)
     assert merged["label2id"] == {n: i for i, n in enumerate(want)}
     assert load_adapter(out / "adapter")[2]["class_names"] == {"0": "five", "1": "seven", "2": "six"}
+    # the adapter alone exports the same merged model: same names, same weights
+    from boft_jax.interop.__main__ import main as interop_main
+    from safetensors.numpy import load_file
+
+    assert interop_main(["export-merged", "--adapter", str(out / "adapter"), "--out", str(tmp_path / "exported")]) == 0
+    exported = json.loads((tmp_path / "exported" / "config.json").read_text())
+    assert exported["id2label"] == merged["id2label"] and exported["label2id"] == merged["label2id"]
+    a, b = load_file(out / "merged" / "model.safetensors"), load_file(tmp_path / "exported" / "model.safetensors")
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)

@@ -290,3 +290,15 @@ def test_checkpoints_of_other_vit_architectures_are_refused_by_name(tmp_path):
     with pytest.raises(ValueError, match=r"architectures=\['ViTForMaskedImageModeling'\]; boft_jax's ViT loads"
                                          r" ViTForImageClassification and ViTModel checkpoints"):
         vit.from_pretrained(tmp_path / "mim")
+
+
+def test_with_class_names_renames_given_ids_and_names_bad_entries():
+    from boft_jax.models.vit import ViT, ViTConfig, with_class_names
+
+    m = ViT(ViTConfig(num_labels=4, id2label=("a", "b", "c", "d")))
+    assert with_class_names(m, {1: "x", "3": "y"}).config.id2label == ("a", "x", "c", "y")
+    for bad in ({"4": "x"}, {"-1": "x"}, {"one": "x"}, {"0": 5}):
+        with pytest.raises(ValueError, match=r"meta: entry .* is not a label id in 0\.\.3 with a class name"):
+            with_class_names(m, bad, "meta")
+    with pytest.raises(ValueError, match="meta: expected a mapping of label id to class name, got list"):
+        with_class_names(m, ["x"], "meta")

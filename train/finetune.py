@@ -527,10 +527,9 @@ def run(argv=None) -> dict:
     # ---- outputs ------------------------------------------------------------------------------
     extra = {}
     if kind == "vit" and data.class_names:  # an image folder's class names name the merged model's classes
-        names = list(module.config.label_names)
-        for i, name in data.class_names.items():
-            names[i] = name
-        module = module.clone(config=dataclasses.replace(module.config, id2label=tuple(names)))
+        from boft_jax.models.vit import with_class_names
+
+        module = with_class_names(module, data.class_names)
         extra["class_names"] = {str(i): n for i, n in sorted(data.class_names.items())}
     adapter_host = sh.gather_to_host(adapter)
     save_adapter(

@@ -155,6 +155,11 @@ def load_any_adapter(
         from boft_jax.models import t5
 
         module, frozen = t5.untie_head(module, frozen)
+    if metadata.get("class_names") is not None and hasattr(module.config, "label_names"):
+        # names a train.finetune run on an image folder recorded for its classes (its merged/ has them)
+        from boft_jax.models.vit import with_class_names
+
+        module = with_class_names(module, metadata["class_names"], f"adapter {os.fspath(adapter)!r}: metadata class_names")
     return boft.wrap(module, config), boft.combine(frozen, tree), base, fmt, dict(metadata)
 
 

@@ -343,6 +343,32 @@ _LAYER_MODULES = {
 }
 
 
+def with_class_names(module: "ViT", class_names: Mapping[Any, str], where: str = "class_names") -> "ViT":
+    """``module`` whose config names the classes in ``class_names`` (``{label id: name}``, ids as
+    ints or their strings, e.g. an adapter's recorded metadata); the other classes keep their names.
+
+    Example:
+      >>> m = with_class_names(ViT(ViTConfig(num_labels=3)), {"0": "five", 2: "seven"})
+      >>> m.config.id2label
+      ('five', 'LABEL_1', 'seven')
+    """
+    names = list(module.config.label_names)
+    if not isinstance(class_names, Mapping):
+        raise ValueError(f"{where}: expected a mapping of label id to class name, got {type(class_names).__name__}")
+    for key, name in class_names.items():
+        try:
+            i = int(key)
+        except (TypeError, ValueError):
+            i = None
+        if i is None or not 0 <= i < len(names) or not isinstance(name, str):
+            raise ValueError(
+                f"{where}: entry {key!r}: {name!r} is not a label id in 0..{len(names) - 1} with a class name"
+                f" (the model has {len(names)} labels)"
+            )
+        names[i] = name
+    return module.clone(config=dataclasses.replace(module.config, id2label=tuple(names)))
+
+
 def hf_torch_key(path: tuple[str, ...]) -> str:
     """Our unrolled param path -> its key in a transformers ``ViTForImageClassification``.
 
