@@ -455,6 +455,28 @@ def test_a_null_vit_config_field_is_named():
     assert vit.ViTConfig.from_hf_dict({**good, "head_dim": None}).head_dim is None  # a field whose default is null
 
 
+def test_config_fields_of_the_wrong_type_are_named():
+    """A string, float or bool where config.json needs an int (and the like) is named with its field,
+    instead of failing deep in the model; a whole number for a float field is fine, as in transformers."""
+    from boft_jax.models import vit
+
+    good = vit.ViTConfig(image_size=8, patch_size=4, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=16, num_labels=3).to_hf_dict()
+    assert vit.ViTConfig.from_hf_dict({**good, "layer_norm_eps": 1, "hidden_dropout_prob": 0}).layer_norm_eps == 1
+    with pytest.raises(ValueError, match=r"this ViT config.json gives 3 field\(s\) a value of the wrong type:"
+                                         r" hidden_size = '8' \(str; expected int\); num_hidden_layers = True \(bool;"
+                                         r" expected int\); qkv_bias = 1 \(int; expected bool\)"):
+        vit.ViTConfig.from_hf_dict({**good, "hidden_size": "8", "num_hidden_layers": True, "qkv_bias": 1})
+    with pytest.raises(ValueError, match=r"layer_norm_eps = '1e-12' \(str; expected a number\)"):
+        vit.ViTConfig.from_hf_dict({**good, "layer_norm_eps": "1e-12"})
+    base = dict(vocab_size=40, d_model=8, d_kv=4, d_ff=16, num_layers=1, num_heads=2, decoder_start_token_id=0)
+    with pytest.raises(ValueError, match=r"T5 config.json .* num_heads = 2.0 \(float; expected int\); feed_forward_proj ="
+                                         r" 3 \(int; expected str\)"):
+        t5.T5Config.from_hf_dict({**base, "num_heads": 2.0, "feed_forward_proj": 3})
+    with pytest.raises(ValueError, match=r"num_decoder_layers = '1' \(str; expected int\)"):
+        t5.T5Config.from_hf_dict({**base, "num_decoder_layers": "1"})
+
+
 def test_written_files_get_the_mode_open_would_give(tmp_path):
     """safetensors' save_file and tempfile.mkstemp make 0o600 files: a merged model or a PEFT
     adapter would be readable only by its writer.  Every file gets 0o666 less the umask."""

@@ -394,8 +394,10 @@ def test_dense_act_fn_and_is_gated_act_in_config_json_override_feed_forward_proj
     np.testing.assert_allclose(np.asarray(got, np.float64), h @ w["wo"], rtol=2e-5, atol=1e-5)
     with pytest.raises(ValueError, match="unsupported activation 'nope'"):
         t5.T5Config.from_hf_dict({**d, "dense_act_fn": "nope"})
-    with pytest.raises(ValueError, match="is_gated_act must be true or false"):
+    with pytest.raises(ValueError, match=r"is_gated_act = 'yes' \(str; expected bool\)"):
         t5.T5Config.from_hf_dict({**d, "is_gated_act": "yes"})
+    with pytest.raises(ValueError, match="is_gated_act must be true or false"):
+        t5.T5Config(is_gated_act="yes")
 
 
 def test_untied_config_without_lm_head_weights_loads_tied_unscaled_as_transformers_5():

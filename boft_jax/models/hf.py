@@ -181,6 +181,28 @@ def refuse_nulls(cls, d: Mapping[str, Any], model: str, nullable: Iterable[str] 
                          " the key out for its default)")
 
 
+_SCALAR_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
+
+
+def check_field_types(cls, d: Mapping[str, Any], model: str) -> None:
+    """A ``config.json`` dict ``d`` must give each plain-typed field of dataclass ``cls`` (``int``,
+    ``float``, ``bool``, ``str``, optionally ``| None``) a JSON value of that type: a ``ValueError``
+    naming every field that is not (``"hidden_size": "96"`` would otherwise fail deep in the model
+    with a message that names no field).  Nulls are :func:`refuse_nulls`'s; fields of other types
+    (tuples, unions) are checked where they are read."""
+    bad = []
+    for f in dataclasses.fields(cls):
+        if f.name not in d or d[f.name] is None:
+            continue
+        kind = str(f.type).replace(" | None", "").replace("Optional[", "").rstrip("]")
+        allowed = _SCALAR_TYPES.get(kind)
+        value = d[f.name]
+        if allowed and (not isinstance(value, allowed) or (isinstance(value, bool) and kind != "bool")):
+            bad.append(f"{f.name} = {value!r} ({type(value).__name__}; expected {'a number' if kind == 'float' else kind})")
+    if bad:
+        raise ValueError(f"this {model} config.json gives {len(bad)} field(s) a value of the wrong type: {'; '.join(bad)}")
+
+
 def _read_json_object(file: Path, what: str) -> dict[str, Any]:
     """A JSON object from ``file``; a ``ValueError`` naming the file when it is not one."""
     try:

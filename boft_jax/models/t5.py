@@ -177,6 +177,7 @@ class T5Config:
                 d[name] = d[alias]
         kwargs = {f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d and d[f.name] is not None}
         hf.refuse_nulls(cls, d, "T5", nullable=("pad_token_id", "eos_token_id", "decoder_start_token_id"))
+        hf.check_field_types(cls, d, "T5")
         for key in ("pad_token_id", "eos_token_id"):  # an explicit null is kept: transformers reads it as "none"
             if key in d and d[key] is None:
                 kwargs[key] = None

@@ -134,6 +134,7 @@ class ViTConfig:
         else:
             labels, num_labels = None, int(d.get("num_labels", 2))
         hf.refuse_nulls(cls, d, "ViT")
+        hf.check_field_types(cls, d, "ViT")
         kwargs = {f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d}
         kwargs.update(num_labels=num_labels, id2label=labels)
         return cls(**kwargs)
