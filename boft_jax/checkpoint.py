@@ -403,7 +403,15 @@ def load_adapter(path: str | os.PathLike) -> tuple[dict, BOFTConfig, dict]:
     if not isinstance(meta, Mapping) or meta.get("format") != _FORMAT:
         got = meta.get("format") if isinstance(meta, Mapping) else type(meta).__name__
         raise ValueError(f"{path}: unsupported adapter format {got!r} (expected {_FORMAT!r})")
-    if _META_SUM_KEY in meta and meta[_META_SUM_KEY] != _meta_sum(meta):  # checkpoints written before it have none
+    if _META_SUM_KEY not in meta:
+        warnings.warn(
+            f"{path}: its meta entry carries no checksum ({_META_SUM_KEY!r}: checkpoints saved before"
+            " 2026-12-03 have none, or it was removed), so damage or an edit of its config cannot be detected;"
+            " save the adapter again with boft_jax.checkpoint.save_adapter to add one",
+            UserWarning,
+            stacklevel=2,
+        )
+    elif meta[_META_SUM_KEY] != _meta_sum(meta):
         raise ValueError(
             f"{path}: its meta entry (the config and the arrays' checksums) does not match the checksum stored"
             " with it: the file is damaged or was edited after saving. Restore it from a copy, or save the"
@@ -411,8 +419,16 @@ def load_adapter(path: str | os.PathLike) -> tuple[dict, BOFTConfig, dict]:
         )
     if not isinstance(meta.get("config"), Mapping) or not isinstance(meta.get("metadata", {}), Mapping):
         raise ValueError(f"{path}: its meta entry has no config object (or a metadata that is not an object)")
-    restored = _with_empty(restored, meta.get("empty_leaves") or {})
     sums = meta.get("checksums")
+    try:
+        if sums is not None and not isinstance(sums, Mapping):
+            raise TypeError(f"'checksums' is a {type(sums).__name__}")
+        restored = _with_empty(restored, meta.get("empty_leaves") or {})
+    except (TypeError, ValueError, IndexError, AttributeError) as e:
+        raise ValueError(
+            f"{path}: its meta entry's 'checksums' / 'empty_leaves' are malformed ({e}): the file is damaged or"
+            " was edited after saving"
+        ) from None
     if sums is not None:  # checkpoints written before checksums were stored have none
         got = _checksums(restored)
         bad = sorted(k for k in set(sums) | set(got) if sums.get(k) != got.get(k))

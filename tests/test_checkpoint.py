@@ -145,15 +145,27 @@ def test_empty_or_non_numeric_adapters_and_unfitting_configs_are_refused(tmp_pat
             ck.load_adapter(tmp_path / "a")
     meta_file.write_text(json.dumps({**meta, "metadata": {"note": "edited"}}))  # free-form notes are not summed
     assert ck.load_adapter(tmp_path / "a")[2] == {"note": "edited"}
-    # ... and without one (a checkpoint written before it existed), by the arrays' shapes
+    # ... and without one (a checkpoint written before it existed, or the entry removed): a warning
+    # that nothing verifies the config, and what the arrays' shapes can tell
     meta.pop("meta_sha256")
+    unsummed = {**meta, "config": {**meta["config"], "dropout": 0.5}}  # fits the arrays
+    meta_file.write_text(json.dumps(unsummed))
+    with pytest.warns(UserWarning, match=r"carries no checksum \('meta_sha256'.*save the adapter again"):
+        assert ck.load_adapter(tmp_path / "a")[1].dropout == 0.5
     meta["config"]["block_size"] = 8
     meta_file.write_text(json.dumps(meta))
-    with pytest.raises(ValueError, match=r"block_size=8.*does not describe its arrays"):
+    with pytest.raises(ValueError, match=r"block_size=8.*does not describe its arrays"), pytest.warns(UserWarning):
         ck.load_adapter(tmp_path / "a")
+    meta["config"]["block_size"] = 4
+    for key, value, what in (("checksums", ["x"], "'checksums' is a list"), ("empty_leaves", "x", "'str' object"),
+                             ("empty_leaves", {"['l']['bias']": 3}, "'int' object is not subscriptable")):
+        meta_file.write_text(json.dumps({**meta, key: value}))
+        with pytest.raises(ValueError, match=rf"meta entry's 'checksums' / 'empty_leaves' are malformed \({what}"), \
+                pytest.warns(UserWarning):
+            ck.load_adapter(tmp_path / "a")
     meta["config"] = None
     meta_file.write_text(json.dumps(meta))
-    with pytest.raises(ValueError, match="no config object"):
+    with pytest.raises(ValueError, match="no config object"), pytest.warns(UserWarning):
         ck.load_adapter(tmp_path / "a")
     meta_file.write_text("{not json")
     with pytest.raises(ValueError, match=r"damaged or incomplete adapter checkpoint"):
