@@ -469,6 +469,10 @@ def test_config_fields_of_the_wrong_type_are_named():
         vit.ViTConfig.from_hf_dict({**good, "hidden_size": "8", "num_hidden_layers": True, "qkv_bias": 1})
     with pytest.raises(ValueError, match=r"layer_norm_eps = '1e-12' \(str; expected a number\)"):
         vit.ViTConfig.from_hf_dict({**good, "layer_norm_eps": "1e-12"})
+    no_labels = {k: v for k, v in good.items() if k not in ("id2label", "label2id")}  # num_labels is read then
+    with pytest.raises(ValueError, match=r"num_labels = 'three' \(str; expected int\)"):
+        vit.ViTConfig.from_hf_dict({**no_labels, "num_labels": "three"})
+    assert vit.ViTConfig.from_hf_dict({**no_labels, "num_labels": 3}).num_labels == 3
     base = dict(vocab_size=40, d_model=8, d_kv=4, d_ff=16, num_layers=1, num_heads=2, decoder_start_token_id=0)
     with pytest.raises(ValueError, match=r"T5 config.json .* num_heads = 2.0 \(float; expected int\); feed_forward_proj ="
                                          r" 3 \(int; expected str\)"):

@@ -155,11 +155,12 @@ def load_any_adapter(
         from boft_jax.models import t5
 
         module, frozen = t5.untie_head(module, frozen)
-    if metadata.get("class_names") is not None and hasattr(module.config, "label_names"):
-        # names a train.finetune run on an image folder recorded for its classes (its merged/ has them)
-        from boft_jax.models.vit import with_class_names
+    from boft_jax.models import vit
 
-        module = with_class_names(module, metadata["class_names"], f"adapter {os.fspath(adapter)!r}: metadata class_names")
+    if metadata.get("class_names") is not None and isinstance(module, vit.ViT):
+        # names a train.finetune run on an image folder recorded for its classes (its merged/ has them)
+        where = f"adapter {os.fspath(adapter)!r}: metadata class_names"
+        module = vit.with_class_names(module, metadata["class_names"], where)
     return boft.wrap(module, config), boft.combine(frozen, tree), base, fmt, dict(metadata)
 
 

@@ -186,7 +186,8 @@ _SCALAR_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (
 
 def check_field_types(cls, d: Mapping[str, Any], model: str) -> None:
     """A ``config.json`` dict ``d`` must give each plain-typed field of dataclass ``cls`` (``int``,
-    ``float``, ``bool``, ``str``, optionally ``| None``) a JSON value of that type: a ``ValueError``
+    ``float``, ``bool``, ``str``, optionally ``| None``; ``cls`` written with ``from __future__ import
+    annotations``, so its field types are those strings) a JSON value of that type: a ``ValueError``
     naming every field that is not (``"hidden_size": "96"`` would otherwise fail deep in the model
     with a message that names no field).  Nulls are :func:`refuse_nulls`'s; fields of other types
     (tuples, unions) are checked where they are read."""
@@ -194,7 +195,7 @@ def check_field_types(cls, d: Mapping[str, Any], model: str) -> None:
     for f in dataclasses.fields(cls):
         if f.name not in d or d[f.name] is None:
             continue
-        kind = str(f.type).replace(" | None", "").replace("Optional[", "").rstrip("]")
+        kind = str(f.type).removesuffix(" | None")
         allowed = _SCALAR_TYPES.get(kind)
         value = d[f.name]
         if allowed and (not isinstance(value, allowed) or (isinstance(value, bool) and kind != "bool")):

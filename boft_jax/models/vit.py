@@ -125,6 +125,8 @@ class ViTConfig:
     @classmethod
     def from_hf_dict(cls, d: Mapping[str, Any]) -> "ViTConfig":
         """From a Hugging Face ``config.json`` dict (unknown keys are ignored)."""
+        hf.refuse_nulls(cls, d, "ViT")
+        hf.check_field_types(cls, d, "ViT")  # before num_labels is read below
         id2label = d.get("id2label")
         if id2label:
             labels = tuple(str(id2label[k]) for k in sorted(id2label, key=int))
@@ -133,8 +135,6 @@ class ViTConfig:
             labels, num_labels = None, 0
         else:
             labels, num_labels = None, int(d.get("num_labels", 2))
-        hf.refuse_nulls(cls, d, "ViT")
-        hf.check_field_types(cls, d, "ViT")
         kwargs = {f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d}
         kwargs.update(num_labels=num_labels, id2label=labels)
         return cls(**kwargs)
