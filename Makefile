@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # Parallel test workers (pytest-xdist); CI machines have 2 cores.
 WORKERS ?= 2
 
-.PHONY: test test-quick finetune finetune-t5 clean
+.PHONY: test test-quick test-min finetune finetune-t5 clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,5 +32,17 @@ test: $(BIN)/.installed
 test-quick: $(BIN)/.installed
 	OPENBLAS_NUM_THREADS=1 $(BIN)/python -m pytest -n $(WORKERS) -q -m "not slow"
 
+## The whole suite under the oldest supported versions (constraints-min.txt: pyproject's lower
+## bounds, pinned), in its own .venv-min.  Not part of CI; run it when a lower bound changes.
+test-min: .venv-min/.installed
+	@OPENBLAS_NUM_THREADS=1 .venv-min/bin/python -m pytest -n $(WORKERS) -q -p no:cacheprovider; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
+
+.venv-min/.installed: pyproject.toml constraints-min.txt
+	$(PYTHON) -m venv .venv-min
+	.venv-min/bin/python -m pip install -q --upgrade pip
+	.venv-min/bin/python -m pip install -q -c constraints-min.txt -e ".[test]"
+	touch $@
+
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) .venv-min .pytest_cache .hypothesis

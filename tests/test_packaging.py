@@ -6,6 +6,10 @@ checkpoints (``train/assets/``) were missing from the wheel, and ``python -m tra
 failed after ``pip install .`` with "--checkpoint .../site-packages/train/assets/vit-digits-base:
 not a directory".  The wheel is built offline (``--no-build-isolation``: the build backend,
 setuptools, comes with the ``test`` extra).
+
+The lower bounds of the dependencies are the pins of ``constraints-min.txt``, which ``make
+test-min`` tests (until 2026-12-05 the bounds were jax >= 0.4.30, flax >= 0.10, ...: under those
+versions ``import boft_jax`` failed); the last test keeps the two lists in step.
 """
 
 from __future__ import annotations
@@ -14,10 +18,12 @@ import hashlib
 import json
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
 import textwrap
+import tomllib
 import zipfile
 
 import numpy as np
@@ -26,7 +32,6 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PACKAGES = ("boft_jax", "train")
 
-pytestmark = pytest.mark.slow  # builds and installs a wheel in subprocesses (~20 s)
 
 
 def _source_files() -> list[str]:
@@ -58,6 +63,7 @@ def wheel(tmp_path_factory) -> pathlib.Path:
     return wheels[0]
 
 
+@pytest.mark.slow  # builds a wheel in a subprocess (~5 s)
 def test_the_wheel_holds_every_package_file_byte_for_byte(wheel):
     expected = _source_files()
     assert any(f.startswith("train/assets/") for f in expected)  # the files this test is about
@@ -71,6 +77,7 @@ def test_the_wheel_holds_every_package_file_byte_for_byte(wheel):
             assert hashlib.sha256(zf.read(f)).digest() == hashlib.sha256((ROOT / f).read_bytes()).digest(), f
 
 
+@pytest.mark.slow  # installs the wheel and loads both checkpoints in a subprocess (~5 s)
 def test_an_installed_wheel_loads_its_bundled_base_checkpoints(wheel, tmp_path):
     site = tmp_path / "site"
     _pip("install", "--no-deps", "--no-index", "-q", "--target", str(site), str(wheel), cwd=tmp_path)
@@ -113,3 +120,27 @@ def test_an_installed_wheel_loads_its_bundled_base_checkpoints(wheel, tmp_path):
         assert got[name]["n"] == sum(int(np.size(x)) for x in leaves)
         want = float(sum(np.abs(np.asarray(x, np.float64)).sum() for x in leaves))
         assert got[name]["abs_sum"] == pytest.approx(want, rel=1e-12), name
+
+
+def _name(requirement: str) -> str:
+    return re.split(r"[<>=!~\[; ]", requirement, maxsplit=1)[0].lower().replace("_", "-")
+
+
+def test_lower_bounds_are_the_tested_minimum_pins():
+    """Every dependency of the library and of the ``train`` extra has a lower bound, equal to its
+    pin in constraints-min.txt, and every pin there (jaxlib aside: jax pins its own) is such a bound."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    bounds = {}
+    for req in project["dependencies"] + project["optional-dependencies"]["train"]:
+        m = re.fullmatch(r"([A-Za-z0-9_.-]+)>=([0-9][0-9a-z.]*)", req.strip())
+        assert m, f"pyproject.toml: dependency {req!r} is not of the form 'name>=version'"
+        bounds[_name(m[1])] = m[2]
+    pins = {}
+    for line in (ROOT / "constraints-min.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            m = re.fullmatch(r"([A-Za-z0-9_.-]+)==([0-9][0-9a-z.]*)", line)
+            assert m, f"constraints-min.txt: {line!r} is not of the form 'name==version'"
+            pins[_name(m[1])] = m[2]
+    assert pins.pop("jaxlib") == pins["jax"]
+    assert bounds == pins
