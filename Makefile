@@ -7,11 +7,23 @@ WORKERS ?= 2
 
 .PHONY: test test-quick test-min finetune finetune-t5 clean
 
+# $(call install,VENV_DIR,PIP_OPTIONS): a venv with the project and its test extra.
+define install
+	$(PYTHON) -m venv $(1)
+	$(1)/bin/python -m pip install -q --upgrade pip
+	$(1)/bin/python -m pip install -q $(2) -e ".[test]"
+	touch $(1)/.installed
+endef
+
+# $(call suite,VENV_DIR): the whole suite.  pytest's exit code 5 ("no tests collected") is a
+# failure here, not a pass: a suite that collects nothing means a broken checkout or a bad filter.
+define suite
+	@OPENBLAS_NUM_THREADS=1 $(1)/bin/python -m pytest -n $(WORKERS) -q; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
+endef
+
 $(BIN)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e ".[test]"
-	touch $@
+	$(call install,$(VENV),)
 
 ## The main job: BOFT-finetune the bundled ViT (digits 0-4) to new classes (digits 5-9), on CPU.
 finetune: $(BIN)/.installed
@@ -22,11 +34,8 @@ finetune-t5: $(BIN)/.installed
 	$(BIN)/python -m train.finetune --model t5 --output runs/t5-bytes --overwrite
 
 ## Full test suite (what CI runs).
-## pytest's exit code 5 ("no tests collected") is a failure here, not a pass: a suite that
-## collects nothing means a broken checkout or a bad filter.
 test: $(BIN)/.installed
-	@OPENBLAS_NUM_THREADS=1 $(BIN)/python -m pytest -n $(WORKERS) -q; rc=$$?; \
-	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
+	$(call suite,$(VENV))
 
 ## Quick subset: everything but the slow end-to-end tests.
 test-quick: $(BIN)/.installed
@@ -35,14 +44,10 @@ test-quick: $(BIN)/.installed
 ## The whole suite under the oldest supported versions (constraints-min.txt: pyproject's lower
 ## bounds, pinned), in its own .venv-min.  Not part of CI; run it when a lower bound changes.
 test-min: .venv-min/.installed
-	@OPENBLAS_NUM_THREADS=1 .venv-min/bin/python -m pytest -n $(WORKERS) -q -p no:cacheprovider; rc=$$?; \
-	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
+	$(call suite,.venv-min)
 
 .venv-min/.installed: pyproject.toml constraints-min.txt
-	$(PYTHON) -m venv .venv-min
-	.venv-min/bin/python -m pip install -q --upgrade pip
-	.venv-min/bin/python -m pip install -q -c constraints-min.txt -e ".[test]"
-	touch $@
+	$(call install,.venv-min,-c constraints-min.txt)
 
 clean:
 	rm -rf $(VENV) .venv-min .pytest_cache .hypothesis

@@ -26,12 +26,14 @@ import textwrap
 import tomllib
 import zipfile
 
+import jax
 import numpy as np
 import pytest
 
+from boft_jax.models import from_pretrained
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PACKAGES = ("boft_jax", "train")
-
 
 
 def _source_files() -> list[str]:
@@ -108,10 +110,6 @@ def test_an_installed_wheel_loads_its_bundled_base_checkpoints(wheel, tmp_path):
     for key in ("boft_jax", "train"):
         assert pathlib.Path(got[key]).resolve().is_relative_to(site.resolve()), (key, got[key])
 
-    import jax
-
-    from boft_jax.models import from_pretrained
-
     for name, directory, module_type in (("vit", "vit-digits-base", "ViT"), ("t5", "t5-bytes-base", "T5")):
         assert pathlib.Path(got[name]["path"]).resolve().is_relative_to(site.resolve()), got[name]
         assert got[name]["type"] == module_type
@@ -122,8 +120,9 @@ def test_an_installed_wheel_loads_its_bundled_base_checkpoints(wheel, tmp_path):
         assert got[name]["abs_sum"] == pytest.approx(want, rel=1e-12), name
 
 
-def _name(requirement: str) -> str:
-    return re.split(r"[<>=!~\[; ]", requirement, maxsplit=1)[0].lower().replace("_", "-")
+def _name(name: str) -> str:
+    """A distribution name as pip compares them (case and ``-`` / ``_`` / ``.`` ignored)."""
+    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 def test_lower_bounds_are_the_tested_minimum_pins():
