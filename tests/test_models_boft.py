@@ -84,6 +84,22 @@ def test_boft_vit_starts_at_the_base_model_trains_merges_and_exports(tmp_path):
     np.testing.assert_allclose(base_apply({"params": exported_params}, x), tuned, atol=2e-5)
 
 
+def test_boft_vit_at_another_image_size_equals_the_merged_model():
+    """A wrapped ViT with ``interpolate_pos_encoding=True`` (24 x 24 images, 16 x 16 checkpoint) is
+    the merged model at that size, and its gradients reach the adapter."""
+    base, pretrained = vit.from_pretrained(FIXTURES / "vit")
+    x = np.load(FIXTURES / "vit_interpolate_reference.npz", allow_pickle=False)["pixels_24x24"]
+    config = boft.BOFTConfig(block_size=4, n_factors=2, targets=vit.TARGET_PRESETS["attention"])
+    model = boft.wrap(base, config)
+    _, adapter = init_adapter(model, config, x[:1, :16, :16])
+    adapter = _random_adapter(adapter, seed=5)
+    wrapped = jax.jit(lambda a: model.apply({"params": boft.combine(pretrained, a)}, x, interpolate_pos_encoding=True))
+    merged = merged_params(pretrained, adapter, config)
+    expected = jax.jit(lambda p: base.apply({"params": p}, x, interpolate_pos_encoding=True))(merged)
+    np.testing.assert_allclose(wrapped(adapter), expected, atol=2e-5)
+    grads = jax.grad(lambda a: jnp.sum(wrapped(a) ** 2))(adapter)
+    assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree_util.tree_leaves(grads))
+
 def test_boft_t5_with_scanned_layers_starts_at_the_base_model_trains_and_merges():
     base, pretrained = t5.from_pretrained(FIXTURES / "t5_gated", scan_layers=True)
     ref = np.load(FIXTURES / "t5_gated_reference.npz", allow_pickle=False)

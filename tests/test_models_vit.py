@@ -1,6 +1,7 @@
 """ViT (boft_jax.models.vit) against transformers' ViTForImageClassification."""
 
 import dataclasses
+import functools
 import re
 from pathlib import Path
 
@@ -145,6 +146,83 @@ def test_wrong_image_size_is_an_error(loaded):
     with pytest.raises(ValueError, match=r"expected \(batch, 16, 16, 3\)"):
         module.apply({"params": params}, jnp.zeros((1, 3, 16, 16)))
 
+
+# ---- other image sizes: interpolate_pos_encoding -------------------------------------------
+
+INTERPOLATE_SIZES = [(24, 24), (12, 12), (20, 28), (18, 17), (40, 8), (16, 16)]  # make_fixtures.py
+
+
+@pytest.fixture(scope="module")
+def interpolated():
+    return dict(np.load(FIXTURES / "vit_interpolate_reference.npz", allow_pickle=False))
+
+
+@pytest.mark.parametrize("size", INTERPOLATE_SIZES, ids=lambda hw: f"{hw[0]}x{hw[1]}")
+def test_interpolated_logits_match_transformers(loaded, interpolated, size):
+    module, params = loaded
+    h, w = size
+    logits = jax.jit(functools.partial(module.apply, interpolate_pos_encoding=True))(
+        {"params": params}, interpolated[f"pixels_{h}x{w}"]
+    )
+    assert_matches_reference(logits, interpolated[f"logits_{h}x{w}"])
+
+
+@pytest.mark.parametrize("size", INTERPOLATE_SIZES, ids=lambda hw: f"{hw[0]}x{hw[1]}")
+def test_interpolated_position_embeddings_match_transformers(loaded, interpolated, size):
+    _, params = loaded
+    h, w = size
+    pos = vit.interpolate_pos_encoding(params["embeddings"]["position_embeddings"], (4, 4), (h // 4, w // 4))
+    assert_matches_reference(pos, interpolated[f"pos_{h}x{w}"], tol=2e-6)
+
+
+def _keys_kernel(x, a=-0.75):
+    """The cubic convolution kernel of Keys (1981), as published, for distances ``x``."""
+    x = np.abs(x)
+    return np.where(x <= 1, (a + 2) * x**3 - (a + 3) * x**2 + 1,
+                    np.where(x < 2, a * x**3 - 5 * a * x**2 + 8 * a * x - 4 * a, 0.0))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_bicubic_matrix_is_keys_kernel_with_edge_replication(seed):
+    rng = np.random.default_rng(seed)
+    n_in, n_out = (int(v) for v in rng.integers(1, 40, size=2))
+    signal = rng.standard_normal(n_in)
+    # Dense reference: the replicated signal (2 samples past each edge suffice for a kernel of
+    # support 2) convolved with the kernel at every output's source position.
+    padded = np.concatenate([np.full(3, signal[0]), signal, np.full(3, signal[-1])])
+    taps = np.arange(-3, n_in + 3)
+    src = (np.arange(n_out) + 0.5) * n_in / n_out - 0.5
+    expected = (_keys_kernel(src[:, None] - taps[None, :]) * padded[None, :]).sum(axis=1)
+    np.testing.assert_allclose(vit.bicubic_matrix(n_in, n_out) @ signal, expected, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(vit.bicubic_matrix(n_in, n_out).sum(axis=1), 1.0, rtol=1e-12)
+    assert np.array_equal(vit.bicubic_matrix(n_in, n_in), np.eye(n_in))
+
+
+def test_interpolating_to_the_trained_grid_is_the_identity(loaded, reference):
+    module, params = loaded
+    apply = jax.jit(module.apply, static_argnames="interpolate_pos_encoding")
+    np.testing.assert_array_equal(
+        apply({"params": params}, reference["pixel_values"], interpolate_pos_encoding=True),
+        apply({"params": params}, reference["pixel_values"]),
+    )
+
+
+def test_another_image_size_without_interpolation_names_the_flag(loaded):
+    module, params = loaded
+    with pytest.raises(ValueError, match=r"expected \(batch, 16, 16, 3\).*interpolate_pos_encoding=True"):
+        module.apply({"params": params}, jnp.zeros((1, 24, 24, 3)))
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 24, 3), (1, 24, 24, 1), (24, 24, 3)])
+def test_interpolation_needs_a_whole_patch_and_the_channels(loaded, shape):
+    module, params = loaded
+    with pytest.raises(ValueError, match=r"expected \(batch, H, W, 3\) \(NHWC\) with H >= 4 and W >= 4"):
+        module.apply({"params": params}, jnp.zeros(shape), interpolate_pos_encoding=True)
+
+
+def test_interpolate_pos_encoding_checks_the_grid():
+    with pytest.raises(ValueError, match=r"a \(4, 4\) patch grid needs \(1, 17, D\)"):
+        vit.interpolate_pos_encoding(jnp.zeros((1, 10, 8)), (4, 4), (5, 5))
 
 def test_num_labels_gives_a_fresh_zero_head(loaded):
     _, params = loaded

@@ -118,9 +118,15 @@ class ViTConfig:
         return self.id2label or tuple(f"LABEL_{i}" for i in range(self.num_labels))
 
     @property
-    def num_patches(self) -> int:
+    def grid_size(self) -> tuple[int, int]:
+        """The patch grid ``(H // ph, W // pw)`` of ``image_size``."""
         (h, w), (ph, pw) = self.image_size, self.patch_size
-        return (h // ph) * (w // pw)
+        return h // ph, w // pw
+
+    @property
+    def num_patches(self) -> int:
+        gh, gw = self.grid_size
+        return gh * gw
 
     @classmethod
     def from_hf_dict(cls, d: Mapping[str, Any]) -> "ViTConfig":
@@ -236,13 +242,91 @@ class ViTEncoder(nn.Module):
         return x
 
 
+def bicubic_matrix(size_in: int, size_out: int) -> np.ndarray:
+    """``(size_out, size_in)`` float64 weights of PyTorch's 1-D bicubic resize
+    (``F.interpolate(mode="bicubic", align_corners=False)`` given a ``size``).
+
+    Output ``o`` samples the input at ``(o + 0.5) size_in / size_out - 0.5`` with the cubic
+    convolution kernel of Keys (``A = -0.75``) on the 4 nearest inputs, indices beyond the edges
+    clamped to the edge (border replication); no antialiasing when shrinking.  Each row sums to 1,
+    and ``size_in == size_out`` gives the identity exactly.
+
+    Example:
+      >>> from boft_jax.models.vit import bicubic_matrix
+      >>> bicubic_matrix(3, 3).tolist() == np.eye(3).tolist()
+      True
+      >>> bool(np.allclose(bicubic_matrix(4, 7).sum(axis=1), 1.0))
+      True
+    """
+    if size_in < 1 or size_out < 1:
+        raise ValueError(f"bicubic_matrix needs sizes >= 1, got {size_in} -> {size_out}")
+    a = -0.75
+    near = lambda t: ((a + 2) * t - (a + 3)) * t * t + 1  # |t| <= 1
+    far = lambda t: ((a * t - 5 * a) * t + 8 * a) * t - 4 * a  # 1 < |t| < 2
+    out = np.zeros((size_out, size_in))
+    for o in range(size_out):
+        src = (o + 0.5) * size_in / size_out - 0.5
+        base = int(np.floor(src))
+        t = src - base
+        for tap, weight in zip(range(base - 1, base + 3), (far(1 + t), near(t), near(1 - t), far(2 - t))):
+            out[o, min(max(tap, 0), size_in - 1)] += weight
+    return out
+
+
+def interpolate_pos_encoding(position_embeddings: jax.Array, grid: tuple[int, int], new_grid: tuple[int, int]) -> jax.Array:
+    """Resize ViT position embeddings to another patch grid, as transformers'
+    ``ViTEmbeddings.interpolate_pos_encoding``: the CLS position is kept, the patch positions
+    ``(1, gh * gw, D)`` are seen as a ``(gh, gw)`` image of ``D`` channels and resized bicubically
+    (:func:`bicubic_matrix`) to ``new_grid``.
+
+    Args:
+      position_embeddings: ``(1, 1 + gh * gw, D)``.
+      grid: ``(gh, gw)``, the grid the embeddings were trained for.
+      new_grid: ``(nh, nw)``.
+
+    Returns:
+      ``(1, 1 + nh * nw, D)`` in ``position_embeddings``' dtype (resized in at least float32).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from boft_jax.models.vit import interpolate_pos_encoding
+      >>> pos = jnp.arange(17 * 2, dtype=jnp.float32).reshape(1, 17, 2)  # CLS + a 4 x 4 grid, D = 2
+      >>> interpolate_pos_encoding(pos, (4, 4), (6, 5)).shape
+      (1, 31, 2)
+      >>> bool((interpolate_pos_encoding(pos, (4, 4), (4, 4)) == pos).all())
+      True
+    """
+    (gh, gw), (nh, nw) = grid, new_grid
+    dim = position_embeddings.shape[-1]
+    if position_embeddings.shape != (1, 1 + gh * gw, dim):
+        raise ValueError(
+            f"position_embeddings has shape {tuple(position_embeddings.shape)}; a ({gh}, {gw}) patch grid needs"
+            f" (1, {1 + gh * gw}, D)"
+        )
+    if (nh, nw) == (gh, gw):
+        return position_embeddings
+    acc = jnp.promote_types(jnp.float32, position_embeddings.dtype)
+    grid_pos = position_embeddings[0, 1:].astype(acc).reshape(gh, gw, dim)
+    rows, cols = (jnp.asarray(bicubic_matrix(i, o), acc) for i, o in ((gh, nh), (gw, nw)))
+    hi = jax.lax.Precision.HIGHEST
+    resized = jnp.einsum("yh,hwd->ywd", rows, grid_pos, precision=hi)
+    resized = jnp.einsum("xw,ywd->yxd", cols, resized, precision=hi).reshape(1, nh * nw, dim)
+    return jnp.concatenate([position_embeddings[:, :1], resized.astype(position_embeddings.dtype)], axis=1)
+
+
 class ViTEmbeddings(nn.Module):
     config: ViTConfig
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, pixel_values: jax.Array, deterministic: bool = True) -> jax.Array:
-        """pixel_values: (batch, H, W, C) -> tokens (batch, 1 + num_patches, hidden)."""
+    def __call__(
+        self, pixel_values: jax.Array, deterministic: bool = True, interpolate: bool = False
+    ) -> jax.Array:
+        """pixel_values: (batch, H, W, C) -> tokens (batch, 1 + num_patches, hidden).
+
+        ``interpolate``: resize the position embeddings to the image's patch grid
+        (:func:`interpolate_pos_encoding`) when it differs from the configured one.
+        """
         cfg = self.config
         batch = pixel_values.shape[0]
         patches = nn.Conv(
@@ -253,10 +337,13 @@ class ViTEmbeddings(nn.Module):
             dtype=self.dtype,
             name="patch_embeddings",
         )(pixel_values)
+        new_grid = patches.shape[1:3]
         patches = patches.reshape(batch, -1, cfg.hidden_size)
         init = nn.initializers.truncated_normal(0.02)
         cls = self.param("cls_token", init, (1, 1, cfg.hidden_size))
         pos = self.param("position_embeddings", init, (1, cfg.num_patches + 1, cfg.hidden_size))
+        if interpolate:
+            pos = interpolate_pos_encoding(pos, cfg.grid_size, new_grid)
         cls = jnp.broadcast_to(cls.astype(self.dtype), (batch, 1, cfg.hidden_size))
         x = jnp.concatenate([cls, patches], axis=1) + pos.astype(self.dtype)
         return nn.Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
@@ -277,20 +364,36 @@ class ViT(nn.Module):
     scan_layers: bool = False
 
     @nn.compact
-    def __call__(self, pixel_values: jax.Array, *, deterministic: bool = True) -> jax.Array:
+    def __call__(
+        self, pixel_values: jax.Array, *, deterministic: bool = True, interpolate_pos_encoding: bool = False
+    ) -> jax.Array:
         """pixel_values: (batch, H, W, C) -> logits (batch, num_labels).
 
         With ``num_labels == 0`` (no head) returns the final CLS features (batch, hidden).
         Dropout is active when ``deterministic=False`` (pass a ``"dropout"`` rng).
+        ``interpolate_pos_encoding=True`` accepts images of another size than ``config.image_size``
+        (at least one patch each way; pixels beyond a whole patch are dropped, as by the patch
+        convolution) and resizes the position embeddings bicubically to their patch grid, as
+        transformers' ``ViTForImageClassification(..., interpolate_pos_encoding=True)``: e.g. a
+        checkpoint trained at 224 x 224 finetuned at 384 x 384.
         """
         cfg = self.config
         want = (*cfg.image_size, cfg.num_channels)
-        if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != want:
+        shape = tuple(pixel_values.shape)
+        if interpolate_pos_encoding:
+            (ph, pw), c = cfg.patch_size, cfg.num_channels
+            if len(shape) != 4 or shape[3] != c or shape[1] < ph or shape[2] < pw:
+                raise ValueError(
+                    f"pixel_values has shape {shape}; expected (batch, H, W, {c}) (NHWC) with H >= {ph} and"
+                    f" W >= {pw} (patch_size {cfg.patch_size}) when interpolate_pos_encoding=True"
+                )
+        elif len(shape) != 4 or shape[1:] != want:
             raise ValueError(
-                f"pixel_values has shape {tuple(pixel_values.shape)}; expected (batch, {want[0]}, "
-                f"{want[1]}, {want[2]}) (NHWC, image_size {cfg.image_size})"
+                f"pixel_values has shape {shape}; expected (batch, {want[0]}, "
+                f"{want[1]}, {want[2]}) (NHWC, image_size {cfg.image_size}); for another image size pass"
+                " interpolate_pos_encoding=True"
             )
-        x = ViTEmbeddings(cfg, self.dtype, name="embeddings")(pixel_values, deterministic)
+        x = ViTEmbeddings(cfg, self.dtype, name="embeddings")(pixel_values, deterministic, interpolate_pos_encoding)
         x = ViTEncoder(cfg, self.dtype, self.scan_layers, name="encoder")(x, deterministic)
         x = nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=self.dtype, use_fast_variance=False, name="layernorm")(x)
         if cfg.num_labels == 0:
