@@ -100,6 +100,7 @@ def test_boft_vit_at_another_image_size_equals_the_merged_model():
     grads = jax.grad(lambda a: jnp.sum(wrapped(a) ** 2))(adapter)
     assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree_util.tree_leaves(grads))
 
+
 def test_boft_t5_with_scanned_layers_starts_at_the_base_model_trains_and_merges():
     base, pretrained = t5.from_pretrained(FIXTURES / "t5_gated", scan_layers=True)
     ref = np.load(FIXTURES / "t5_gated_reference.npz", allow_pickle=False)

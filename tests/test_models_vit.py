@@ -169,9 +169,10 @@ def test_interpolated_logits_match_transformers(loaded, interpolated, size):
 
 @pytest.mark.parametrize("size", INTERPOLATE_SIZES, ids=lambda hw: f"{hw[0]}x{hw[1]}")
 def test_interpolated_position_embeddings_match_transformers(loaded, interpolated, size):
-    _, params = loaded
-    h, w = size
-    pos = vit.interpolate_pos_encoding(params["embeddings"]["position_embeddings"], (4, 4), (h // 4, w // 4))
+    module, params = loaded
+    (h, w), (ph, pw) = size, module.config.patch_size
+    grid = module.config.grid_size
+    pos = vit.interpolate_pos_encoding(params["embeddings"]["position_embeddings"], grid, (h // ph, w // pw))
     assert_matches_reference(pos, interpolated[f"pos_{h}x{w}"], tol=2e-6)
 
 
@@ -223,6 +224,7 @@ def test_interpolation_needs_a_whole_patch_and_the_channels(loaded, shape):
 def test_interpolate_pos_encoding_checks_the_grid():
     with pytest.raises(ValueError, match=r"a \(4, 4\) patch grid needs \(1, 17, D\)"):
         vit.interpolate_pos_encoding(jnp.zeros((1, 10, 8)), (4, 4), (5, 5))
+
 
 def test_num_labels_gives_a_fresh_zero_head(loaded):
     _, params = loaded
