@@ -71,6 +71,10 @@ FEW = ["--targets", "attention_qv"]
         (["--exclude", "(["], "BOFT options: --exclude: '([' is not a valid regular expression"),
         (["--targets", "all-linear"], "(--targets 'all-linear' is not a preset; did you mean 'all_linear'? --list-presets lists them)"),
         (["--targets", "zzz"], "(--targets 'zzz' is not a preset; --list-presets lists them)"),
+        (["--image-size", "12x"], "--image-size '12x': expected a size in pixels, S (square) or HxW"),
+        (["--image-size", "0"], "--image-size '0': expected a size in pixels"),
+        (["--image-size", "1x16"], "--image-size 1x16: smaller than one patch of --checkpoint"),
+        (["--model", "t5", "--image-size", "16"], "--image-size 16: only for --model vit"),
     ],
 )
 def test_bad_input_exits_2_with_a_clear_message_and_writes_nothing(tmp_path, capsys, extra, fragment):
@@ -681,6 +685,66 @@ def test_merged_model_keeps_the_checkpoints_preprocessing(tmp_path):
     assert finetune.main(["--output", str(out), *SMALL, *FEW, "--checkpoint", str(ckpt)]) == 0
     assert (out / "merged" / "preprocessor_config.json").read_bytes() == (ckpt / "preprocessor_config.json").read_bytes()
     assert data_lib.pixel_prep(out / "merged", 1) == data_lib.pixel_prep(ckpt, 1)
+
+
+@pytest.mark.slow
+def test_image_size_trains_at_another_size_and_writes_a_model_of_that_size(tmp_path, capsys):
+    """--image-size: the bundled digits resized, the base's position embeddings resized once; the
+    merged model is a checkpoint of the new size equal to the base + adapter called with
+    interpolate_pos_encoding=True; its preprocessor config says the new size; a resume at another
+    size is refused."""
+    import shutil
+
+    import boft_jax as boft
+    from boft_jax.checkpoint import load_adapter
+    from boft_jax.models import from_pretrained
+    from train.make_base import VIT_BASE
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(VIT_BASE, ckpt)
+    prep = {"do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": [0.5],
+            "image_std": [0.5], "size": {"height": 8, "width": 8}, "resample": 2}
+    (ckpt / "preprocessor_config.json").write_text(json.dumps(prep))
+    out = tmp_path / "run"
+    args = ["--output", str(out), *SMALL, *FEW, "--checkpoint", str(ckpt), "--steps", "10"]
+    assert finetune.main([*args, "--image-size", "12x16"]) == 0
+    said = capsys.readouterr().out
+    assert "resized bicubically to 12x16 pixels (6x8 patches)" in said and "resized to 12x16" in said
+    assert json.loads((out / "merged" / "config.json").read_text())["image_size"] == [12, 16]
+    merged_prep = json.loads((out / "merged" / "preprocessor_config.json").read_text())
+    assert merged_prep == {**prep, "size": {"height": 12, "width": 16}}
+    adapter, config, meta = load_adapter(out / "adapter")
+    assert meta["image_size"] == [12, 16]
+    module, base = from_pretrained(ckpt)  # the checkpoint at its own 8 x 8
+    merged_module, merged = from_pretrained(out / "merged")
+    assert merged_module.config.image_size == (12, 16)
+    x = np.random.default_rng().uniform(0, 1, (16, 12, 16, 1)).astype(np.float32)
+    wrapped = boft.wrap(module, config).apply({"params": boft.combine(base, adapter)}, x, interpolate_pos_encoding=True)
+    np.testing.assert_allclose(merged_module.apply({"params": merged}, x), wrapped, atol=1e-5)
+    for other in (["--image-size", "16"], []):  # another size, or the checkpoint's own: not this run
+        assert finetune.main([*args, "--resume", *other]) == 2
+        assert "image_size: checkpoint [12, 16], now" in capsys.readouterr().err
+
+
+def test_bundled_digits_are_resized_as_bicubic_matrices_say():
+    """``vit_task.resized`` applies the 1-D bicubic weights along height and along width (a
+    non-square size catches swapped axes), keeps labels and names, and clips to the data's range."""
+    from boft_jax.models.vit import bicubic_matrix
+    from train import data as data_lib
+    from train import vit_task
+
+    ds = data_lib.digits(data_lib.FINETUNE_CLASSES)
+    out = vit_task.resized(ds, (11, 20))
+    x, y = ds.test.inputs["pixel_values"], out.test.inputs["pixel_values"]
+    assert y.shape == (len(x), 11, 20, 1) and y.dtype == x.dtype
+    rows, cols = bicubic_matrix(8, 11), bicubic_matrix(8, 20)
+    i = np.random.default_rng().integers(len(x))
+    expected = np.clip(rows @ x[i, :, :, 0].astype(np.float64) @ cols.T, x.min(), x.max())
+    np.testing.assert_allclose(y[i, :, :, 0], expected, rtol=1e-6, atol=1e-6)
+    assert y.min() >= x.min() and y.max() <= x.max()
+    np.testing.assert_array_equal(out.test.labels, ds.test.labels)
+    assert out.description == ds.description + ", resized to 11x20"
+    assert vit_task.resized(ds, (8, 8)) is ds
 
 
 def test_too_little_or_empty_npz_data_exits_2_with_the_reason(tmp_path, capsys):

@@ -226,6 +226,62 @@ def test_interpolate_pos_encoding_checks_the_grid():
         vit.interpolate_pos_encoding(jnp.zeros((1, 10, 8)), (4, 4), (5, 5))
 
 
+@pytest.mark.parametrize("size", INTERPOLATE_SIZES, ids=lambda hw: f"{hw[0]}x{hw[1]}")
+def test_with_image_size_is_a_plain_model_of_that_size_matching_transformers(loaded, interpolated, size):
+    """The resized model, called without the flag, gives transformers' interpolated logits, and
+    the same as the original model with ``interpolate_pos_encoding=True``."""
+    module, params = loaded
+    resized_module, resized = vit.with_image_size(module, params, size)
+    assert resized_module.config.image_size == size
+    assert resized_module.config == dataclasses.replace(module.config, image_size=size)
+    pixels = interpolated[f"pixels_{size[0]}x{size[1]}"]
+    logits = jax.jit(resized_module.apply)({"params": resized}, pixels)
+    assert_matches_reference(logits, interpolated[f"logits_{size[0]}x{size[1]}"])
+    on_the_fly = jax.jit(functools.partial(module.apply, interpolate_pos_encoding=True))({"params": params}, pixels)
+    np.testing.assert_allclose(logits, on_the_fly, rtol=1e-6, atol=1e-6)
+
+
+def test_with_image_size_round_trips_through_a_checkpoint_of_that_size(loaded, tmp_path):
+    module, params = loaded
+    resized_module, resized = vit.with_image_size(module, params, (20, 28))
+    hf.save_pretrained(tmp_path / "vit-20x28", resized_module, resized)
+    back_module, back = vit.from_pretrained(tmp_path / "vit-20x28")
+    assert back_module.config.image_size == (20, 28) and back_module.config.grid_size == (5, 7)
+    x = jax.random.normal(jax.random.key(np.random.randint(2**31)), (2, 20, 28, 3))
+    np.testing.assert_array_equal(back_module.apply({"params": back}, x), resized_module.apply({"params": resized}, x))
+
+
+def test_with_image_size_changes_only_the_position_embeddings():
+    module = vit.ViT(TINY)
+    params = jax.tree.map(np.asarray, module.init(jax.random.key(np.random.randint(2**31)), jnp.zeros((1, 16, 16, 3)))["params"])
+    params["encoder"]["layer_0"]["attention"]["query"]["extra"] = np.ones(3)  # e.g. an adapter's leaf
+    new_module, new = vit.with_image_size(module, params, (8, 12))
+    pos = new["embeddings"]["position_embeddings"]
+    assert isinstance(pos, np.ndarray) and pos.shape == (1, 1 + 2 * 3, 32)  # NumPy in, NumPy out
+    np.testing.assert_array_equal(pos[:, 0], params["embeddings"]["position_embeddings"][:, 0])  # CLS kept
+    flat, new_flat = (dict(jax.tree_util.tree_flatten_with_path(t)[0]) for t in (params, new))
+    changed = [k for k in flat if new_flat[k] is not flat[k]]
+    assert [jax.tree_util.keystr(k) for k in changed] == ["['embeddings']['position_embeddings']"]
+    assert params["embeddings"]["position_embeddings"].shape == (1, 17, 32)  # the input is not modified
+    same_module, same = vit.with_image_size(module, params, 16)
+    assert same_module is module and same is params
+
+
+@pytest.mark.parametrize("size", [3, (3, 16), (16, 0), 16.5, True, "16", (16,), (16, 16, 16), None])
+def test_with_image_size_names_a_bad_size(size):
+    module = vit.ViT(TINY)
+    params = {"embeddings": {"position_embeddings": np.zeros((1, 17, 32))}}
+    with pytest.raises(ValueError, match=r"image_size .*: expected an integer S or \(H, W\) with H >= 4 and W >= 4"):
+        vit.with_image_size(module, params, size)
+
+
+def test_with_image_size_names_a_wrong_module_or_params():
+    with pytest.raises(TypeError, match="expected a boft_jax.models.vit.ViT, got Dense"):
+        vit.with_image_size(nn.Dense(3), {}, 16)
+    with pytest.raises(ValueError, match="no embeddings/position_embeddings .*not wrapped in {'params': ...}"):
+        vit.with_image_size(vit.ViT(TINY), {"params": {}}, 24)
+
+
 def test_num_labels_gives_a_fresh_zero_head(loaded):
     _, params = loaded
     module, new = vit.from_pretrained(FIXTURES / "vit", num_labels=3)

@@ -110,6 +110,23 @@ def test_vit_apply_multi_equals_each_adapter_alone(scan_layers):
     assert np.abs(ref[0] - ref[1]).max() > 1e-2
 
 
+def test_vit_apply_multi_at_another_image_size_passes_interpolate_pos_encoding():
+    """A keyword of the model (here a static bool) reaches every example: 24 x 24 images through the
+    16 x 16 fixture with its position embeddings resized, each row as its adapter alone."""
+    case = vit_case(False)
+    x = jnp.asarray(np.random.default_rng().standard_normal((4, 24, 24, 3)), jnp.float32)
+    ids = np.array([2, multi.BASE, 0, 2])
+    y = multi.apply_multi(case.model, case.frozen, case.stacked, jnp.asarray(ids), x, interpolate_pos_encoding=True)
+    rows = []
+    for j, i in enumerate(ids):
+        params = case.frozen if i == multi.BASE else boft.combine(case.frozen, case.adapters[i])
+        model = case.base if i == multi.BASE else case.model
+        rows.append(model.apply({"params": params}, x[j : j + 1], interpolate_pos_encoding=True)[0])
+    _close(y, np.stack(rows))
+    with pytest.raises(ValueError, match="interpolate_pos_encoding=True"):  # without it: the size error
+        multi.apply_multi(case.model, case.frozen, case.stacked, jnp.asarray(ids), x)
+
+
 def _shapes_in_jaxpr(jaxpr) -> set[tuple[int, ...]]:
     shapes = set()
     for eqn in jaxpr.eqns:

@@ -18,6 +18,7 @@ Examples::
   python -m train.finetune                                   # the default ViT job
   python -m train.finetune --model t5                        # the default T5 job
   python -m train.finetune --checkpoint path/to/hf-vit --data images.npz --targets all_linear
+  python -m train.finetune --checkpoint path/to/hf-vit-224 --data image_folder --image-size 384
   python -m train.finetune --mesh data=2,model=4 --steps 1000 --resume --output runs/big
 
 Multi-process (one process per host, or several on one machine): set JAX_COORDINATOR_ADDRESS
@@ -112,6 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
         " checkpoint's head",
     )
     g.add_argument(
+        "--image-size", default=None, metavar="S or HxW",
+        help="ViT: train at another image size than the checkpoint's, e.g. 384 or 384x512: the position"
+        " embeddings are resized to the new patch grid once, bicubically (as transformers'"
+        " interpolate_pos_encoding=True), the bundled digits and image folders are resized to it, and"
+        " merged/ is a model of that size (transformers runs it without the flag). Default: the checkpoint's",
+    )
+    g.add_argument(
         "--data",
         help="ViT: an .npz file with arrays 'images' (N,H,W,C) and 'labels' (N,) (split 80/20 here) or"
         " 'train_images', 'train_labels', 'test_images', 'test_labels'; or an image folder with one sub-folder"
@@ -184,6 +192,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _write_resized_preprocessor(src: Path, dst: Path, image_size: tuple[int, int]) -> None:
+    """``src`` (a Hugging Face ``preprocessor_config.json``) written to ``dst`` with its ``size`` (and
+    ``crop_size``, where present) set to ``image_size``: the merged model's input size."""
+    cfg = json.loads(src.read_text(encoding="utf-8"))
+    h, w = image_size
+    for key in ("size", "crop_size"):
+        if key in cfg or key == "size":
+            old = cfg.get(key)
+            cfg[key] = h if isinstance(old, int) and h == w else {"height": h, "width": w}
+    dst.write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
+
+
 def _within(path: Path, root: Path) -> bool:
     """Whether ``path`` is ``root`` or lies inside it (links resolved)."""
     p, r = path.resolve(), root.resolve()
@@ -242,6 +262,10 @@ def _check_options(args) -> None:
     positive_int("num-labels", args.num_labels)
     need(args.num_labels is None or args.model == "vit", f"--num-labels {args.num_labels}: only for --model vit"
          " (a classifier head); T5 predicts tokens")
+    if args.image_size is not None:
+        need(args.model == "vit", f"--image-size {args.image_size}: only for --model vit")
+        need(_image_size(args.image_size) is not None, f"--image-size {args.image_size!r}: expected a size in pixels,"
+             " S (square) or HxW (height x width), e.g. 384 or 384x512")
     need(0 <= args.seed < 2**32, f"--seed {args.seed}: must be an integer in [0, 2^32)")
     if args.lr is not None:
         need(math.isfinite(args.lr) and args.lr > 0, f"--lr {args.lr}: must be a finite number > 0")
@@ -257,6 +281,17 @@ def _check_options(args) -> None:
         need(value is None or bool(value.strip()), f"--{name} {value!r}: empty; give {what}, or leave --{name} out for the default")
     if bad:
         _fail("; ".join(bad))
+
+
+def _image_size(text: str) -> tuple[int, int] | None:
+    """``"384"`` -> ``(384, 384)``, ``"384x512"`` -> ``(384, 512)``; None when not that form (or not
+    positive)."""
+    m = re.fullmatch(r"\s*(\d+)\s*(?:[xX]\s*(\d+)\s*)?", text)
+    if not m:
+        return None
+    h = int(m.group(1))
+    w = int(m.group(2)) if m.group(2) else h
+    return (h, w) if h > 0 and w > 0 else None
 
 
 def run(argv=None) -> dict:
@@ -343,6 +378,27 @@ def run(argv=None) -> dict:
     except (ValueError, OSError, TypeError) as e:  # TypeError: a config.json field of the wrong type
         hint = " (here: --num-labels N)" if isinstance(e, MissingHead) else ""
         _fail(f"--checkpoint {ckpt_path}: {e}{hint}")
+
+    image_size = None
+    if args.image_size is not None:
+        from boft_jax.models.vit import with_image_size
+
+        image_size = _image_size(args.image_size)
+        trained_at, trained_grid = module.config.image_size, module.config.grid_size
+        try:
+            module, params = with_image_size(module, params, image_size)
+        except ValueError:
+            (ph, pw) = module.config.patch_size
+            _fail(f"--image-size {args.image_size}: smaller than one patch of --checkpoint {ckpt_path} (patch_size"
+                  f" {ph}x{pw}); give a height >= {ph} and a width >= {pw}")
+        if image_size == trained_at:
+            info(f"note: --image-size {args.image_size} is the checkpoint's own image size: nothing to resize")
+            image_size = None
+        else:
+            info(f"note: --image-size {args.image_size}: the checkpoint's position embeddings ({trained_at[0]}x"
+                 f"{trained_at[1]} pixels, a {trained_grid[0]}x{trained_grid[1]} patch grid) resized bicubically to"
+                 f" {image_size[0]}x{image_size[1]} pixels ({module.config.grid_size[0]}x{module.config.grid_size[1]}"
+                 " patches), as transformers' interpolate_pos_encoding=True")
 
     trained_head = kind == "vit" and "classifier" in params and bool(np.any(params["classifier"]["kernel"]))
     if args.num_labels and trained_head:
@@ -482,6 +538,7 @@ def run(argv=None) -> dict:
             # have no entry, read as false (loop.ABSENT_MEANS)
             "scan_layers": bool(args.scan_layers),
             "num_labels": args.num_labels,  # a fresh head of this size (None: the checkpoint's head)
+            "image_size": list(image_size) if image_size else None,  # None: the checkpoint's
             # the adapter's definition; "mode" only changes how it is computed, not the result
             "boft": {k: v for k, v in config_to_dict(config).items() if k != "mode"},
         },
@@ -537,20 +594,26 @@ def run(argv=None) -> dict:
         adapter_host,
         config,
         metadata={"base_checkpoint": str(ckpt_path), "base_path": str(ckpt_path.absolute()), "model": kind,
-                  "scan_layers": bool(args.scan_layers), "steps": opts.steps, task_lib.METRIC: acc_after, **extra},
+                  "scan_layers": bool(args.scan_layers), "steps": opts.steps, task_lib.METRIC: acc_after,
+                  # the adapter applies to the base at any size; it was trained at this one
+                  # (boft_jax.models.vit.with_image_size, or interpolate_pos_encoding=True)
+                  **({"image_size": list(image_size)} if image_size else {}), **extra},
     )
     merged = sh.gather_to_host(boft.merge(final_params, config))
     if main:
         save_pretrained(out / "merged", module, merged)
         for name in _SIDE_FILES:  # how inputs are prepared and decoded: the merged model needs them as the base did
             if (ckpt_path / name).is_file() and not (out / "merged" / name).exists():
-                shutil.copyfile(ckpt_path / name, out / "merged" / name)
+                if name == "preprocessor_config.json" and image_size:
+                    _write_resized_preprocessor(ckpt_path / name, out / "merged" / name, image_size)
+                else:
+                    shutil.copyfile(ckpt_path / name, out / "merged" / name)
         loop.plot_curves(out / "metrics.jsonl", out / "curves.png", f"BOFT(m={config.n_factors}) finetuning: {data.description}",
                          metric=task.metric, train_metric=task.train_metric)
     wall = time.time() - t_start
     table = loop.summary_table(
         [
-            ("model", f"{kind} ({ckpt_path.name})"),
+            ("model", f"{kind} ({ckpt_path.name})" + (f" at {image_size[0]}x{image_size[1]} pixels" if image_size else "")),
             ("task", data.description),
             ("BOFT", f"m={config.n_factors}, b={config.block_size or '-'}, k={config.block_num or '-'},"
                      f" targets={args.targets or 'attention'}" + (f", exclude={args.exclude}" if args.exclude else "")),

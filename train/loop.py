@@ -96,7 +96,7 @@ class ResumeMismatch(ValueError):
 
 
 # run-identity entries that runs from before the option existed do not hold, and the value that meant
-ABSENT_MEANS = {"scan_layers": False, "num_labels": None}
+ABSENT_MEANS = {"scan_layers": False, "num_labels": None, "image_size": None}
 
 
 def _identity_diff(stored: dict, current: dict, prefix: str = "") -> list[str]:

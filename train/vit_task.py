@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -23,7 +25,7 @@ def load_data(path, module, checkpoint=None) -> data_lib.Dataset:
     """
     cfg = module.config
     if path is None:
-        return _checked(data_lib.digits(data_lib.FINETUNE_CLASSES), cfg)
+        return _checked(resized(data_lib.digits(data_lib.FINETUNE_CLASSES), cfg.image_size), cfg)
     prep = data_lib.pixel_prep(checkpoint, cfg.num_channels)
     from pathlib import Path
 
@@ -39,6 +41,29 @@ def load_data(path, module, checkpoint=None) -> data_lib.Dataset:
             raise ValueError("not an .npz file or an image folder")
         ds = data_lib.load_image_folder(path, cfg.image_size, cfg.num_channels, prep=prep, class_names=cfg.id2label)
     return _checked(ds, cfg)
+
+
+def resized(ds: data_lib.Dataset, image_size: tuple[int, int]) -> data_lib.Dataset:
+    """``ds`` with its images resized to ``image_size`` (bicubic, as
+    :func:`boft_jax.models.vit.bicubic_matrix`, clipped to the images' own value range); unchanged
+    at their own size.  For the bundled 8 x 8 digits at another ``--image-size``."""
+    import numpy as np
+
+    from boft_jax.models.vit import bicubic_matrix
+
+    h, w = ds.train.inputs["pixel_values"].shape[1:3]
+    if (h, w) == tuple(image_size):
+        return ds
+    rows, cols = bicubic_matrix(h, image_size[0]), bicubic_matrix(w, image_size[1])
+
+    def resize(split: data_lib.Split) -> data_lib.Split:
+        x = split.inputs["pixel_values"]
+        y = np.einsum("yh,nhwc,xw->nyxc", rows, x.astype(np.float64), cols)
+        y = np.clip(y, x.min(), x.max()).astype(x.dtype)
+        return data_lib.Split({**split.inputs, "pixel_values": y}, split.labels)
+
+    return dataclasses.replace(ds, train=resize(ds.train), test=resize(ds.test),
+                               description=f"{ds.description}, resized to {image_size[0]}x{image_size[1]}")
 
 
 def _checked(ds: data_lib.Dataset, cfg) -> data_lib.Dataset:

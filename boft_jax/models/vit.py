@@ -473,6 +473,71 @@ def with_class_names(module: "ViT", class_names: Mapping[Any, str], where: str =
     return module.clone(config=dataclasses.replace(module.config, id2label=tuple(names)))
 
 
+def with_image_size(module: "ViT", params: Mapping[str, Any], image_size: int | tuple[int, int]) -> tuple["ViT", dict]:
+    """``(module, params)`` for another input size: the config's ``image_size`` set to
+    ``image_size`` and the position embeddings resized to its patch grid once, by the same
+    bicubic resize as ``interpolate_pos_encoding=True`` (:func:`interpolate_pos_encoding`).
+
+    The result at the new size equals the original model called with
+    ``interpolate_pos_encoding=True`` (the same float32 resize, rounded once to the params' dtype),
+    but it is a plain model of that size: no resize per call, and
+    :func:`boft_jax.models.save_pretrained` writes a checkpoint that transformers runs at the new
+    size without the flag (as ViT checkpoints finetuned at 384 x 384 are stored).  The other leaves
+    (a wrapped model's adapter params too) are passed through unchanged; ``image_size`` equal to the
+    config's returns the inputs as they are.
+
+    Args:
+      module: a :class:`ViT`.
+      params: its params (``{"embeddings": {"position_embeddings": (1, 1 + gh * gw, D), ...}, ...}``),
+        NumPy or JAX arrays (NumPy in, NumPy out).
+      image_size: ``S`` or ``(H, W)``, at least one patch each way; pixels beyond a whole patch are
+        dropped by the patch convolution, as in transformers.
+
+    Example:
+      >>> m = ViT(ViTConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8,
+      ...                   image_size=8, patch_size=2, num_channels=1))
+      >>> p = m.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))["params"]
+      >>> m16, p16 = with_image_size(m, p, 16)
+      >>> m16.config.image_size, p16["embeddings"]["position_embeddings"].shape
+      ((16, 16), (1, 65, 8))
+      >>> x = jax.random.normal(jax.random.key(1), (2, 16, 16, 1))
+      >>> bool(jnp.allclose(m16.apply({"params": p16}, x),
+      ...                   m.apply({"params": p}, x, interpolate_pos_encoding=True), atol=1e-6))
+      True
+    """
+    if not isinstance(module, ViT):
+        raise TypeError(f"with_image_size: expected a boft_jax.models.vit.ViT, got {type(module).__name__}")
+    cfg = module.config
+    is_int = lambda v: isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+    if is_int(image_size):
+        size = (image_size, image_size)
+    elif isinstance(image_size, (tuple, list)) and len(image_size) == 2 and all(map(is_int, image_size)):
+        size = tuple(image_size)
+    else:
+        size = None
+    (ph, pw) = cfg.patch_size
+    if size is None or size[0] < ph or size[1] < pw:
+        raise ValueError(
+            f"with_image_size: image_size {image_size!r}: expected an integer S or (H, W) with H >= {ph} and"
+            f" W >= {pw} (at least one {ph} x {pw} patch each way)"
+        )
+    size = (int(size[0]), int(size[1]))
+    if size == cfg.image_size:
+        return module, params
+    emb = params.get("embeddings") if isinstance(params, Mapping) else None
+    pos = emb.get("position_embeddings") if isinstance(emb, Mapping) else None
+    if pos is None:
+        raise ValueError("with_image_size: params has no embeddings/position_embeddings (expected the ViT's own"
+                         " params, as from_pretrained or init gives, not wrapped in {'params': ...})")
+    new_cfg = dataclasses.replace(cfg, image_size=size)
+    resized = interpolate_pos_encoding(jnp.asarray(pos), cfg.grid_size, new_cfg.grid_size)
+    if isinstance(pos, np.ndarray):
+        resized = np.asarray(resized)
+    new_params = dict(params)
+    new_params["embeddings"] = {**emb, "position_embeddings": resized}
+    return module.clone(config=new_cfg), new_params
+
+
 def hf_torch_key(path: tuple[str, ...]) -> str:
     """Our unrolled param path -> its key in a transformers ``ViTForImageClassification``.
 
