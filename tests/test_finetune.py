@@ -723,7 +723,55 @@ def test_image_size_trains_at_another_size_and_writes_a_model_of_that_size(tmp_p
     np.testing.assert_allclose(merged_module.apply({"params": merged}, x), wrapped, atol=1e-5)
     for other in (["--image-size", "16"], []):  # another size, or the checkpoint's own: not this run
         assert finetune.main([*args, "--resume", *other]) == 2
-        assert "image_size: checkpoint [12, 16], now" in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert "image_size: checkpoint [12, 16], now" in err and "(--image-size; null: the base checkpoint's own size)" in err
+
+
+@pytest.mark.parametrize("content", ['{"size": 8,', '["not", "an object"]'])
+def test_image_size_with_an_unreadable_preprocessor_config_exits_2_before_training(tmp_path, capsys, content):
+    """merged/ gets the checkpoint's preprocessor_config.json with the new size: a file that cannot
+    be read is an error before anything is trained or written, not a crash after training."""
+    import shutil
+
+    from train.make_base import VIT_BASE
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(VIT_BASE, ckpt)
+    (ckpt / "preprocessor_config.json").write_text(content)
+    out = tmp_path / "run"
+    assert finetune.main(["--output", str(out), *SMALL, "--checkpoint", str(ckpt), "--image-size", "12"]) == 2
+    err = capsys.readouterr().err
+    assert "preprocessor_config.json is unreadable" in err and "fix or remove the file" in err, err
+    assert not out.exists()
+
+
+def test_image_size_keeps_a_cropping_preprocessor_config_as_it_is_and_says_so(tmp_path, capsys):
+    import shutil
+
+    from train.make_base import VIT_BASE
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(VIT_BASE, ckpt)
+    prep = {"size": 10, "crop_size": 8, "do_center_crop": True}
+    (ckpt / "preprocessor_config.json").write_text(json.dumps(prep))
+    out = tmp_path / "run"
+    args = ["--output", str(out), *SMALL, *FEW, "--steps", "2", "--checkpoint", str(ckpt), "--image-size", "12"]
+    assert finetune.main(args) == 0
+    said = capsys.readouterr().out
+    assert "merged/preprocessor_config.json will be the checkpoint's, unchanged: it resizes and then crops" in said
+    assert "set its input size to 12x12" in said
+    assert json.loads((out / "merged" / "preprocessor_config.json").read_text()) == prep
+
+
+def test_npz_images_of_another_size_name_the_image_size_option(tmp_path, capsys):
+    data = tmp_path / "d.npz"
+    rng = np.random.default_rng()
+    np.savez(data, images=rng.uniform(0, 1, (40, 12, 16, 1)).astype(np.float32), labels=rng.integers(0, 5, 40))
+    out = tmp_path / "run"
+    assert finetune.main(["--output", str(out), *SMALL, "--data", str(data)]) == 2
+    err = capsys.readouterr().err
+    assert "have shape (12, 16, 1) but the model expects (H, W, C) = (8, 8, 1)" in err
+    assert "not resized" in err and "--image-size HxW" in err
 
 
 def test_bundled_digits_are_resized_as_bicubic_matrices_say():

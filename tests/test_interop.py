@@ -1149,6 +1149,42 @@ def test_cli_converts_and_exports_a_scan_layers_adapter(tmp_path, capsys):
     capsys.readouterr()
 
 
+def test_export_merged_applies_a_recorded_image_size(tmp_path, capsys):
+    """An adapter from train.finetune --image-size records the size: export-merged then writes a
+    model of that size (as the run's merged/), with the base's preprocessor config resized; convert
+    to PEFT says that PEFT records no size."""
+    import shutil
+
+    from boft_jax.checkpoint import save_adapter
+
+    base_dir = tmp_path / "base"
+    shutil.copytree(FIXTURES / "vit", base_dir)
+    prep = {"do_resize": True, "size": {"height": 16, "width": 16}, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}
+    (base_dir / "preprocessor_config.json").write_text(json.dumps(prep))
+    module, params = hf.from_pretrained(base_dir)
+    cfg = boft.BOFTConfig(block_size=4, n_factors=2, targets=vit.TARGET_PRESETS["attention"])
+    wrapped = boft.wrap(module, cfg)
+    x = jax.random.normal(jax.random.key(np.random.randint(2**31)), (3, 20, 28, 3))
+    adapter = boft.init_adapter(wrapped, params, x[:1, :16, :16])
+    adapter = jax.tree.map(lambda a: a + 0.1 * jax.random.normal(jax.random.key(a.size), a.shape, a.dtype), adapter)
+    expected = wrapped.apply({"params": boft.combine(params, adapter)}, x, interpolate_pos_encoding=True)
+    save_adapter(tmp_path / "a", adapter, cfg, metadata={"base_path": str(base_dir), "image_size": [20, 28]})
+    assert main(["export-merged", "--adapter", str(tmp_path / "a"), "--out", str(tmp_path / "m")]) == 0
+    merged_module, merged_params = hf.from_pretrained(tmp_path / "m")
+    assert merged_module.config.image_size == (20, 28)
+    assert_close(merged_module.apply({"params": merged_params}, x), expected)
+    assert json.loads((tmp_path / "m" / "preprocessor_config.json").read_text()) == {**prep, "size": {"height": 20, "width": 28}}
+    capsys.readouterr()
+    assert main(["convert", "--from", "boft", "--adapter", str(tmp_path / "a"), "--out", str(tmp_path / "p")]) == 0
+    assert "trained at 20x28 pixels" in capsys.readouterr().err
+    # a base preprocessor this cannot resize (resize, then crop) is copied as it is, with a note
+    cropped = {**prep, "crop_size": {"height": 14, "width": 14}, "do_center_crop": True}
+    (base_dir / "preprocessor_config.json").write_text(json.dumps(cropped))
+    assert main(["export-merged", "--adapter", str(tmp_path / "a"), "--out", str(tmp_path / "m2")]) == 0
+    assert "copied unchanged" in capsys.readouterr().err
+    assert json.loads((tmp_path / "m2" / "preprocessor_config.json").read_text()) == cropped
+
+
 @pytest.mark.parametrize("command", [[], ["convert"], ["export-merged"]])
 def test_cli_help(command, capsys):
     with pytest.raises(SystemExit) as e:

@@ -275,6 +275,41 @@ def test_with_image_size_names_a_bad_size(size):
         vit.with_image_size(module, params, size)
 
 
+@pytest.mark.parametrize(
+    "size,image_size,expected",
+    [
+        (224, (384, 384), 384),
+        (224, (384, 512), {"height": 384, "width": 512}),
+        ({"height": 224, "width": 224}, (96, 64), {"height": 96, "width": 64}),
+        ({"shortest_edge": 224}, (96, 96), {"height": 96, "width": 96}),
+        (None, (96, 96), {"height": 96, "width": 96}),  # absent: transformers' default 224 would be wrong
+    ],
+)
+def test_preprocessor_for_image_size_sets_the_models_input_size(size, image_size, expected):
+    prep = {"image_processor_type": "ViTImageProcessor", "do_resize": True, "resample": 2, "image_mean": [0.5] * 3}
+    if size is not None:
+        prep["size"] = size
+    out = vit.preprocessor_for_image_size(prep, image_size)
+    assert out == {**prep, "size": expected}
+    assert prep.get("size") == size  # the input is not modified
+
+
+@pytest.mark.parametrize(
+    "prep,fragment",
+    [
+        ({"image_processor_type": "ConvNextImageProcessor", "size": 224}, "'ConvNextImageProcessor' is not one of"),
+        ({"size": 256, "crop_size": 224, "do_center_crop": True}, "resizes and then crops (crop_size)"),
+        ({"size": {"shortest_edge": 224}, "crop_pct": 0.875}, "resizes and then crops (crop_pct)"),
+        ({"size": {"longest_edge": 224}}, "is not an int, {'height', 'width'} or {'shortest_edge'}"),
+        ({"size": True}, "is not an int"),
+        (["not", "an object"], "expected a JSON object, got a JSON list"),
+    ],
+)
+def test_preprocessor_for_image_size_refuses_what_it_cannot_rewrite(prep, fragment):
+    with pytest.raises(ValueError, match=re.escape(fragment)):
+        vit.preprocessor_for_image_size(prep, (96, 96))
+
+
 def test_with_image_size_names_a_wrong_module_or_params():
     with pytest.raises(TypeError, match="expected a boft_jax.models.vit.ViT, got Dense"):
         vit.with_image_size(nn.Dense(3), {}, 16)

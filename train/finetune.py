@@ -116,8 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--image-size", default=None, metavar="S or HxW",
         help="ViT: train at another image size than the checkpoint's, e.g. 384 or 384x512: the position"
         " embeddings are resized to the new patch grid once, bicubically (as transformers'"
-        " interpolate_pos_encoding=True), the bundled digits and image folders are resized to it, and"
-        " merged/ is a model of that size (transformers runs it without the flag). Default: the checkpoint's",
+        " interpolate_pos_encoding=True), the bundled digits and image folders are resized to it (.npz arrays"
+        " must have it), and merged/ is a model of that size (transformers runs it without the flag), with its"
+        " preprocessor_config.json's size set to it. Default: the checkpoint's",
     )
     g.add_argument(
         "--data",
@@ -125,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
         " 'train_images', 'train_labels', 'test_images', 'test_labels'; or an image folder with one sub-folder"
         " of images per class. T5: a JSONL file of {\"source\": ..., \"target\": ...} lines (byte-level"
         " models) or {\"source_ids\": [...], \"target_ids\": [...]} (token ids of the checkpoint's own"
-        " tokenizer). Default: the bundled task (digits 5-9; byte-level string tasks)",
+        " tokenizer). Default: the bundled task (digits 5-9, resized to the model's image size if it is not"
+        " 8x8; byte-level string tasks)",
     )
     g.add_argument("--output", help="output directory (default: runs/vit-digits or runs/t5-bytes)")
     g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output")
@@ -190,18 +192,6 @@ def build_parser() -> argparse.ArgumentParser:
         " boft.keep_freed_memory(), which stops XLA's large buffers from page-faulting anew at every step)",
     )
     return p
-
-
-def _write_resized_preprocessor(src: Path, dst: Path, image_size: tuple[int, int]) -> None:
-    """``src`` (a Hugging Face ``preprocessor_config.json``) written to ``dst`` with its ``size`` (and
-    ``crop_size``, where present) set to ``image_size``: the merged model's input size."""
-    cfg = json.loads(src.read_text(encoding="utf-8"))
-    h, w = image_size
-    for key in ("size", "crop_size"):
-        if key in cfg or key == "size":
-            old = cfg.get(key)
-            cfg[key] = h if isinstance(old, int) and h == w else {"height": h, "width": w}
-    dst.write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
 
 
 def _within(path: Path, root: Path) -> bool:
@@ -379,26 +369,44 @@ def run(argv=None) -> dict:
         hint = " (here: --num-labels N)" if isinstance(e, MissingHead) else ""
         _fail(f"--checkpoint {ckpt_path}: {e}{hint}")
 
-    image_size = None
+    image_size = merged_prep = None
     if args.image_size is not None:
-        from boft_jax.models.vit import with_image_size
+        from boft_jax.models.vit import preprocessor_for_image_size, with_image_size
 
         image_size = _image_size(args.image_size)
         trained_at, trained_grid = module.config.image_size, module.config.grid_size
-        try:
-            module, params = with_image_size(module, params, image_size)
-        except ValueError:
-            (ph, pw) = module.config.patch_size
+        (ph, pw) = module.config.patch_size
+        if image_size[0] < ph or image_size[1] < pw:
             _fail(f"--image-size {args.image_size}: smaller than one patch of --checkpoint {ckpt_path} (patch_size"
                   f" {ph}x{pw}); give a height >= {ph} and a width >= {pw}")
+        module, params = with_image_size(module, params, image_size)
         if image_size == trained_at:
             info(f"note: --image-size {args.image_size} is the checkpoint's own image size: nothing to resize")
             image_size = None
+        elif module.config.grid_size == trained_grid:
+            info(f"note: --image-size {args.image_size}: the same {trained_grid[0]}x{trained_grid[1]} patch grid as the"
+                 f" checkpoint's {trained_at[0]}x{trained_at[1]} pixels (the pixels beyond whole patches are dropped):"
+                 " the position embeddings stay as they are")
         else:
             info(f"note: --image-size {args.image_size}: the checkpoint's position embeddings ({trained_at[0]}x"
                  f"{trained_at[1]} pixels, a {trained_grid[0]}x{trained_grid[1]} patch grid) resized bicubically to"
                  f" {image_size[0]}x{image_size[1]} pixels ({module.config.grid_size[0]}x{module.config.grid_size[1]}"
-                 " patches), as transformers' interpolate_pos_encoding=True")
+                 " patches)")
+        prep_file = ckpt_path / "preprocessor_config.json"
+        if image_size and prep_file.is_file():  # merged/ gets it with the new size: read it now, not after training
+            try:
+                prep = json.loads(prep_file.read_text(encoding="utf-8"))
+                if not isinstance(prep, dict):
+                    raise ValueError(f"a JSON {type(prep).__name__}, not an object")
+            except (OSError, ValueError) as e:
+                _fail(f"--checkpoint {ckpt_path}: {prep_file.name} is unreadable ({type(e).__name__}: {e}); --image-size"
+                      " writes it with the new size into merged/: fix or remove the file")
+            try:
+                merged_prep = preprocessor_for_image_size(prep, image_size)
+            except ValueError as e:
+                info(f"note: --image-size: merged/{prep_file.name} will be the checkpoint's, unchanged: {e}; set its"
+                     f" input size to {image_size[0]}x{image_size[1]} before preprocessing images for merged/ with"
+                     " transformers")
 
     trained_head = kind == "vit" and "classifier" in params and bool(np.any(params["classifier"]["kernel"]))
     if args.num_labels and trained_head:
@@ -604,8 +612,8 @@ def run(argv=None) -> dict:
         save_pretrained(out / "merged", module, merged)
         for name in _SIDE_FILES:  # how inputs are prepared and decoded: the merged model needs them as the base did
             if (ckpt_path / name).is_file() and not (out / "merged" / name).exists():
-                if name == "preprocessor_config.json" and image_size:
-                    _write_resized_preprocessor(ckpt_path / name, out / "merged" / name, image_size)
+                if name == "preprocessor_config.json" and merged_prep is not None:
+                    (out / "merged" / name).write_text(json.dumps(merged_prep, indent=2) + "\n", encoding="utf-8")
                 else:
                     shutil.copyfile(ckpt_path / name, out / "merged" / name)
         loop.plot_curves(out / "metrics.jsonl", out / "curves.png", f"BOFT(m={config.n_factors}) finetuning: {data.description}",

@@ -117,7 +117,8 @@ def _identity_diff(stored: dict, current: dict, prefix: str = "") -> list[str]:
         if isinstance(a, dict) and isinstance(b, dict):
             out += _identity_diff(a, b, f"{prefix}{k}.")
         else:
-            what = " (content hash: other files or examples than the checkpoint's run's)" if k == "sha256" else ""
+            what = {"sha256": " (content hash: other files or examples than the checkpoint's run's)",
+                    "image_size": " (--image-size; null: the base checkpoint's own size)"}.get(k, "")
             out.append(f"{prefix}{k}: checkpoint {json.dumps(a)}, now {json.dumps(b)}{what}")
     return out
 

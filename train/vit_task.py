@@ -46,7 +46,8 @@ def load_data(path, module, checkpoint=None) -> data_lib.Dataset:
 def resized(ds: data_lib.Dataset, image_size: tuple[int, int]) -> data_lib.Dataset:
     """``ds`` with its images resized to ``image_size`` (bicubic, as
     :func:`boft_jax.models.vit.bicubic_matrix`, clipped to the images' own value range); unchanged
-    at their own size.  For the bundled 8 x 8 digits at another ``--image-size``."""
+    at their own size.  For the bundled 8 x 8 digits on a model of another image size (a checkpoint's
+    or ``--image-size``'s)."""
     import numpy as np
 
     from boft_jax.models.vit import bicubic_matrix
@@ -55,11 +56,13 @@ def resized(ds: data_lib.Dataset, image_size: tuple[int, int]) -> data_lib.Datas
     if (h, w) == tuple(image_size):
         return ds
     rows, cols = bicubic_matrix(h, image_size[0]), bicubic_matrix(w, image_size[1])
+    splits = (ds.train.inputs["pixel_values"], ds.test.inputs["pixel_values"])
+    lo, hi = min(x.min() for x in splits), max(x.max() for x in splits)  # one range for both splits
 
     def resize(split: data_lib.Split) -> data_lib.Split:
         x = split.inputs["pixel_values"]
         y = np.einsum("yh,nhwc,xw->nyxc", rows, x.astype(np.float64), cols)
-        y = np.clip(y, x.min(), x.max()).astype(x.dtype)
+        y = np.clip(y, lo, hi).astype(x.dtype)
         return data_lib.Split({**split.inputs, "pixel_values": y}, split.labels)
 
     return dataclasses.replace(ds, train=resize(ds.train), test=resize(ds.test),
@@ -76,7 +79,10 @@ def _checked(ds: data_lib.Dataset, cfg) -> data_lib.Dataset:
     for name, split in (("train", ds.train), ("test", ds.test)):
         got = split.inputs["pixel_values"].shape[1:]
         if tuple(got) != want:
-            raise ValueError(f"{name} images have shape {tuple(got)} but the model expects (H, W, C) = {want}")
+            hint = ("" if tuple(got[:2]) == want[:2] else
+                    " (the checkpoint's image size, or --image-size's); .npz arrays are used as stored, not resized:"
+                    " give images of that size, or train at the images' own size with --image-size HxW")
+            raise ValueError(f"{name} images have shape {tuple(got)} but the model expects (H, W, C) = {want}{hint}")
         bad = split.labels[(split.labels < 0) | (split.labels >= cfg.num_labels)]
         if bad.size:
             raise ValueError(f"{name} labels {sorted(set(bad.tolist()))[:5]} are outside the model's {cfg.num_labels} classes"

@@ -130,7 +130,10 @@ def load_any_adapter(
     adapter: str | os.PathLike, *, base: str | None = None, fmt: str = "auto", scan_layers: bool = False,
     flag: str = "--from",
 ):
-    """``(wrapped_module, params, base_path, fmt, metadata)`` for a PEFT or orbax adapter + its base."""
+    """``(wrapped_module, params, base_path, fmt, metadata)`` for a PEFT or orbax adapter + its base.
+
+    An orbax adapter's recorded ``class_names`` and ``image_size`` (``train.finetune`` on an image
+    folder, or with ``--image-size``) are applied to a ViT base, as in that run's ``merged/``."""
     import boft_jax as boft
 
     if not Path(adapter).exists():
@@ -161,6 +164,13 @@ def load_any_adapter(
         # names a train.finetune run on an image folder recorded for its classes (its merged/ has them)
         where = f"adapter {os.fspath(adapter)!r}: metadata class_names"
         module = vit.with_class_names(module, metadata["class_names"], where)
+    if metadata.get("image_size") is not None and isinstance(module, vit.ViT):
+        # a train.finetune --image-size run: its merged/ is a model of that size, and so is this one
+        size = metadata["image_size"]
+        try:
+            module, frozen = vit.with_image_size(module, frozen, tuple(size) if isinstance(size, list) else size)
+        except ValueError as e:
+            raise ValueError(f"adapter {os.fspath(adapter)!r}: metadata image_size {size!r}: {e}") from None
     return boft.wrap(module, config), boft.combine(frozen, tree), base, fmt, dict(metadata)
 
 
@@ -238,6 +248,12 @@ def convert(
         if task_type == "auto" and "task_type" in recorded:
             task_type = recorded["task_type"]
         revision = recorded.get("revision") if isinstance(recorded.get("revision"), str) else None
+        if metadata.get("image_size") is not None:
+            h, w = wrapped.model.config.image_size  # the recorded size, applied by load_any_adapter
+            print(f"note: the adapter was trained at {h}x{w} pixels (train.finetune --image-size); a PEFT adapter"
+                  " records no image size: give the base model such images with interpolate_pos_encoding=True"
+                  " (transformers does this for square patch grids), or use export-merged for a model of that size",
+                  file=sys.stderr)
         peft_io.save_peft_adapter(
             out, wrapped, params, base_model_name_or_path=name, key_style=key_style, task_type=task_type,
             peft_type=peft_type, revision=revision,
@@ -258,13 +274,17 @@ def export_merged(
     import boft_jax as boft
     from boft_jax.models import save_pretrained
 
-    wrapped, params, base_path, *_ = load_any_adapter(adapter, base=base, fmt=fmt, flag="--format")
+    wrapped, params, base_path, _, metadata = load_any_adapter(adapter, base=base, fmt=fmt, flag="--format")
     _not_an_input(out, base_path, "--base")
     merged = boft.merge(params, wrapped.config)
+    size = metadata.get("image_size")
+    prep = _resized_preprocessor(Path(base_path), tuple(size)) if size is not None else None
 
     def write(d: Path) -> None:
         save_pretrained(d, wrapped.model, merged, max_shard_bytes=max_shard_bytes)
         _copy_companions(Path(base_path), d)
+        if prep is not None:
+            (d / "preprocessor_config.json").write_text(json.dumps(prep, indent=2) + "\n", encoding="utf-8")
 
     # written aside and swapped in: a failure half-way never leaves a mix of old and new shards
     peft_io.replace_dir(Path(out), write)
@@ -275,6 +295,24 @@ def export_merged(
 _COMPANIONS = ("generation_config.json", "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json",
                "special_tokens_map.json", "added_tokens.json", "spiece.model", "sentencepiece.bpe.model",
                "vocab.json", "vocab.txt", "merges.txt")
+
+
+def _resized_preprocessor(base: Path, image_size: tuple[int, int]) -> dict | None:
+    """The base's ``preprocessor_config.json`` for a ViT of ``image_size``
+    (:func:`boft_jax.models.vit.preprocessor_for_image_size`), or None (copied as it is) when there
+    is none, or with a note on stderr when it cannot be read or rewritten."""
+    from boft_jax.models.vit import preprocessor_for_image_size
+
+    f = base / "preprocessor_config.json"
+    if not f.is_file():
+        return None
+    try:
+        return preprocessor_for_image_size(json.loads(f.read_text(encoding="utf-8")), image_size)
+    except (OSError, ValueError) as e:
+        print(f"note: the adapter was trained at {image_size[0]}x{image_size[1]} pixels, but the base's {f.name} is"
+              f" copied unchanged ({type(e).__name__}: {e}); set its input size to {image_size[0]}x{image_size[1]}"
+              " before preprocessing images for this model", file=sys.stderr)
+        return None
 
 
 def _copy_companions(base: Path, out: Path) -> None:

@@ -538,6 +538,46 @@ def with_image_size(module: "ViT", params: Mapping[str, Any], image_size: int | 
     return module.clone(config=new_cfg), new_params
 
 
+# Image processors whose ``size`` is the model's input size (resize to it, no crop): what
+# preprocessor_for_image_size rewrites.
+_VIT_PROCESSORS = ("ViTImageProcessor", "ViTImageProcessorFast", "ViTFeatureExtractor")
+
+
+def preprocessor_for_image_size(preprocessor: Mapping[str, Any], image_size: tuple[int, int]) -> dict:
+    """A Hugging Face ``preprocessor_config.json`` (as a dict) for a ViT that takes ``(H, W)``
+    images: ``size`` set to ``image_size`` (an int when it was one and the size is square, else
+    ``{"height": H, "width": W}``), everything else kept.  The model directory that
+    :func:`with_image_size` + ``save_pretrained`` writes then preprocesses images to its own size.
+
+    Raises ``ValueError`` naming the reason for a config this cannot rewrite faithfully: another
+    processor than ViT's (``image_processor_type``), resize-then-crop settings (``crop_size``,
+    ``crop_pct``: the margin between the two would have to be chosen), or a ``size`` other than an
+    int, ``{"height", "width"}`` or ``{"shortest_edge"}``.
+
+    Example:
+      >>> preprocessor_for_image_size({"do_resize": True, "size": {"height": 224, "width": 224}}, (384, 384))
+      {'do_resize': True, 'size': {'height': 384, 'width': 384}}
+      >>> preprocessor_for_image_size({"size": 224}, (384, 512))["size"]
+      {'height': 384, 'width': 512}
+    """
+    if not isinstance(preprocessor, Mapping):
+        raise ValueError(f"expected a JSON object, got a JSON {type(preprocessor).__name__}")
+    kind = preprocessor.get("image_processor_type", preprocessor.get("feature_extractor_type"))
+    if kind is not None and kind not in _VIT_PROCESSORS:
+        raise ValueError(f"image_processor_type {kind!r} is not one of {list(_VIT_PROCESSORS)}, whose size is the"
+                         " model's input size")
+    crop = [k for k in ("crop_size", "crop_pct") if preprocessor.get(k) is not None]
+    if crop:
+        raise ValueError(f"it resizes and then crops ({', '.join(crop)}); the margin between the two at the new size"
+                         " is a choice this does not make")
+    size = preprocessor.get("size")
+    h, w = image_size
+    is_int = isinstance(size, int) and not isinstance(size, bool)
+    if not (size is None or is_int or (isinstance(size, Mapping) and set(size) in ({"height", "width"}, {"shortest_edge"}))):
+        raise ValueError(f"size {size!r} is not an int, {{'height', 'width'}} or {{'shortest_edge'}}")
+    return {**preprocessor, "size": h if is_int and h == w else {"height": h, "width": w}}
+
+
 def hf_torch_key(path: tuple[str, ...]) -> str:
     """Our unrolled param path -> its key in a transformers ``ViTForImageClassification``.
 
