@@ -667,20 +667,28 @@ def test_a_file_system_without_locks_is_named_not_taken_for_another_job(tmp_path
         finetune._lock_output(tmp_path / "run")
 
 
-def test_merged_model_keeps_the_checkpoints_preprocessing(tmp_path):
-    """merged/ is a model directory to use in place of the base: the base's preprocessor_config.json
-    (how uint8 images become inputs) comes along; without it the same data would be read differently."""
+def _base_with_preprocessor(tmp_path, content) -> Path:
+    """A copy of the bundled base ViT with ``content`` (a dict as JSON, or raw text) as its
+    preprocessor_config.json."""
     import shutil
 
-    from train import data as data_lib
     from train.make_base import VIT_BASE
 
     ckpt = tmp_path / "ckpt"
     shutil.copytree(VIT_BASE, ckpt)
+    (ckpt / "preprocessor_config.json").write_text(content if isinstance(content, str) else json.dumps(content))
+    return ckpt
+
+
+def test_merged_model_keeps_the_checkpoints_preprocessing(tmp_path):
+    """merged/ is a model directory to use in place of the base: the base's preprocessor_config.json
+    (how uint8 images become inputs) comes along; without it the same data would be read differently."""
+    from train import data as data_lib
+
     rng = np.random.default_rng()
-    (ckpt / "preprocessor_config.json").write_text(json.dumps(
-        {"do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-         "image_mean": rng.uniform(0.2, 0.8, 1).tolist(), "image_std": rng.uniform(0.2, 0.8, 1).tolist()}))
+    ckpt = _base_with_preprocessor(tmp_path, {
+        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+        "image_mean": rng.uniform(0.2, 0.8, 1).tolist(), "image_std": rng.uniform(0.2, 0.8, 1).tolist()})
     out = tmp_path / "run"
     assert finetune.main(["--output", str(out), *SMALL, *FEW, "--checkpoint", str(ckpt)]) == 0
     assert (out / "merged" / "preprocessor_config.json").read_bytes() == (ckpt / "preprocessor_config.json").read_bytes()
@@ -693,18 +701,13 @@ def test_image_size_trains_at_another_size_and_writes_a_model_of_that_size(tmp_p
     merged model is a checkpoint of the new size equal to the base + adapter called with
     interpolate_pos_encoding=True; its preprocessor config says the new size; a resume at another
     size is refused."""
-    import shutil
-
     import boft_jax as boft
     from boft_jax.checkpoint import load_adapter
     from boft_jax.models import from_pretrained
-    from train.make_base import VIT_BASE
 
-    ckpt = tmp_path / "ckpt"
-    shutil.copytree(VIT_BASE, ckpt)
     prep = {"do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": [0.5],
             "image_std": [0.5], "size": {"height": 8, "width": 8}, "resample": 2}
-    (ckpt / "preprocessor_config.json").write_text(json.dumps(prep))
+    ckpt = _base_with_preprocessor(tmp_path, prep)
     out = tmp_path / "run"
     args = ["--output", str(out), *SMALL, *FEW, "--checkpoint", str(ckpt), "--steps", "10"]
     assert finetune.main([*args, "--image-size", "12x16"]) == 0
@@ -731,13 +734,7 @@ def test_image_size_trains_at_another_size_and_writes_a_model_of_that_size(tmp_p
 def test_image_size_with_an_unreadable_preprocessor_config_exits_2_before_training(tmp_path, capsys, content):
     """merged/ gets the checkpoint's preprocessor_config.json with the new size: a file that cannot
     be read is an error before anything is trained or written, not a crash after training."""
-    import shutil
-
-    from train.make_base import VIT_BASE
-
-    ckpt = tmp_path / "ckpt"
-    shutil.copytree(VIT_BASE, ckpt)
-    (ckpt / "preprocessor_config.json").write_text(content)
+    ckpt = _base_with_preprocessor(tmp_path, content)
     out = tmp_path / "run"
     assert finetune.main(["--output", str(out), *SMALL, "--checkpoint", str(ckpt), "--image-size", "12"]) == 2
     err = capsys.readouterr().err
@@ -746,14 +743,8 @@ def test_image_size_with_an_unreadable_preprocessor_config_exits_2_before_traini
 
 
 def test_image_size_keeps_a_cropping_preprocessor_config_as_it_is_and_says_so(tmp_path, capsys):
-    import shutil
-
-    from train.make_base import VIT_BASE
-
-    ckpt = tmp_path / "ckpt"
-    shutil.copytree(VIT_BASE, ckpt)
     prep = {"size": 10, "crop_size": 8, "do_center_crop": True}
-    (ckpt / "preprocessor_config.json").write_text(json.dumps(prep))
+    ckpt = _base_with_preprocessor(tmp_path, prep)
     out = tmp_path / "run"
     args = ["--output", str(out), *SMALL, *FEW, "--steps", "2", "--checkpoint", str(ckpt), "--image-size", "12"]
     assert finetune.main(args) == 0

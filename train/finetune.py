@@ -395,12 +395,10 @@ def run(argv=None) -> dict:
         prep_file = ckpt_path / "preprocessor_config.json"
         if image_size and prep_file.is_file():  # merged/ gets it with the new size: read it now, not after training
             try:
-                prep = json.loads(prep_file.read_text(encoding="utf-8"))
-                if not isinstance(prep, dict):
-                    raise ValueError(f"a JSON {type(prep).__name__}, not an object")
+                prep = hf._read_json_object(prep_file, "a preprocessor config")
             except (OSError, ValueError) as e:
-                _fail(f"--checkpoint {ckpt_path}: {prep_file.name} is unreadable ({type(e).__name__}: {e}); --image-size"
-                      " writes it with the new size into merged/: fix or remove the file")
+                _fail(f"--checkpoint {ckpt_path}: {prep_file.name} is unreadable: {e}; --image-size writes it with the"
+                      " new size into merged/: fix or remove the file")
             try:
                 merged_prep = preprocessor_for_image_size(prep, image_size)
             except ValueError as e:
@@ -613,7 +611,7 @@ def run(argv=None) -> dict:
         for name in _SIDE_FILES:  # how inputs are prepared and decoded: the merged model needs them as the base did
             if (ckpt_path / name).is_file() and not (out / "merged" / name).exists():
                 if name == "preprocessor_config.json" and merged_prep is not None:
-                    (out / "merged" / name).write_text(json.dumps(merged_prep, indent=2) + "\n", encoding="utf-8")
+                    hf.write_json(out / "merged" / name, merged_prep)
                 else:
                     shutil.copyfile(ckpt_path / name, out / "merged" / name)
         loop.plot_curves(out / "metrics.jsonl", out / "curves.png", f"BOFT(m={config.n_factors}) finetuning: {data.description}",

@@ -44,25 +44,20 @@ def load_data(path, module, checkpoint=None) -> data_lib.Dataset:
 
 
 def resized(ds: data_lib.Dataset, image_size: tuple[int, int]) -> data_lib.Dataset:
-    """``ds`` with its images resized to ``image_size`` (bicubic, as
-    :func:`boft_jax.models.vit.bicubic_matrix`, clipped to the images' own value range); unchanged
-    at their own size.  For the bundled 8 x 8 digits on a model of another image size (a checkpoint's
-    or ``--image-size``'s)."""
+    """``ds`` with its images resized to ``image_size`` (:func:`boft_jax.models.vit.resize_bicubic`,
+    clipped to the images' value range); unchanged at their own size.  For the bundled 8 x 8 digits
+    on a model of another image size (a checkpoint's or ``--image-size``'s)."""
     import numpy as np
 
-    from boft_jax.models.vit import bicubic_matrix
+    from boft_jax.models.vit import resize_bicubic
 
-    h, w = ds.train.inputs["pixel_values"].shape[1:3]
-    if (h, w) == tuple(image_size):
-        return ds
-    rows, cols = bicubic_matrix(h, image_size[0]), bicubic_matrix(w, image_size[1])
     splits = (ds.train.inputs["pixel_values"], ds.test.inputs["pixel_values"])
+    if splits[0].shape[1:3] == tuple(image_size):
+        return ds
     lo, hi = min(x.min() for x in splits), max(x.max() for x in splits)  # one range for both splits
 
     def resize(split: data_lib.Split) -> data_lib.Split:
-        x = split.inputs["pixel_values"]
-        y = np.einsum("yh,nhwc,xw->nyxc", rows, x.astype(np.float64), cols)
-        y = np.clip(y, lo, hi).astype(x.dtype)
+        y = np.clip(np.asarray(resize_bicubic(split.inputs["pixel_values"], image_size, axes=(1, 2))), lo, hi)
         return data_lib.Split({**split.inputs, "pixel_values": y}, split.labels)
 
     return dataclasses.replace(ds, train=resize(ds.train), test=resize(ds.test),

@@ -166,11 +166,10 @@ def load_any_adapter(
         module = vit.with_class_names(module, metadata["class_names"], where)
     if metadata.get("image_size") is not None and isinstance(module, vit.ViT):
         # a train.finetune --image-size run: its merged/ is a model of that size, and so is this one
-        size = metadata["image_size"]
         try:
-            module, frozen = vit.with_image_size(module, frozen, tuple(size) if isinstance(size, list) else size)
+            module, frozen = vit.with_image_size(module, frozen, metadata["image_size"])
         except ValueError as e:
-            raise ValueError(f"adapter {os.fspath(adapter)!r}: metadata image_size {size!r}: {e}") from None
+            raise ValueError(f"adapter {os.fspath(adapter)!r}: metadata image_size {metadata['image_size']!r}: {e}") from None
     return boft.wrap(module, config), boft.combine(frozen, tree), base, fmt, dict(metadata)
 
 
@@ -272,19 +271,19 @@ def export_merged(
     directory (config.json + model.safetensors) that plain transformers loads, with the base's
     generation, tokenizer and preprocessor files (:data:`_COMPANIONS`) copied alongside."""
     import boft_jax as boft
-    from boft_jax.models import save_pretrained
+    from boft_jax.models import hf, save_pretrained
 
     wrapped, params, base_path, _, metadata = load_any_adapter(adapter, base=base, fmt=fmt, flag="--format")
     _not_an_input(out, base_path, "--base")
     merged = boft.merge(params, wrapped.config)
-    size = metadata.get("image_size")
-    prep = _resized_preprocessor(Path(base_path), tuple(size)) if size is not None else None
+    # the size load_any_adapter gave the model from the adapter's record
+    prep = _resized_preprocessor(Path(base_path), wrapped.model.config.image_size) if metadata.get("image_size") else None
 
     def write(d: Path) -> None:
         save_pretrained(d, wrapped.model, merged, max_shard_bytes=max_shard_bytes)
         _copy_companions(Path(base_path), d)
         if prep is not None:
-            (d / "preprocessor_config.json").write_text(json.dumps(prep, indent=2) + "\n", encoding="utf-8")
+            hf.write_json(d / "preprocessor_config.json", prep)
 
     # written aside and swapped in: a failure half-way never leaves a mix of old and new shards
     peft_io.replace_dir(Path(out), write)
@@ -301,13 +300,14 @@ def _resized_preprocessor(base: Path, image_size: tuple[int, int]) -> dict | Non
     """The base's ``preprocessor_config.json`` for a ViT of ``image_size``
     (:func:`boft_jax.models.vit.preprocessor_for_image_size`), or None (copied as it is) when there
     is none, or with a note on stderr when it cannot be read or rewritten."""
+    from boft_jax.models import hf
     from boft_jax.models.vit import preprocessor_for_image_size
 
     f = base / "preprocessor_config.json"
     if not f.is_file():
         return None
     try:
-        return preprocessor_for_image_size(json.loads(f.read_text(encoding="utf-8")), image_size)
+        return preprocessor_for_image_size(hf._read_json_object(f, "a preprocessor config"), image_size)
     except (OSError, ValueError) as e:
         print(f"note: the adapter was trained at {image_size[0]}x{image_size[1]} pixels, but the base's {f.name} is"
               f" copied unchanged ({type(e).__name__}: {e}); set its input size to {image_size[0]}x{image_size[1]}"

@@ -273,11 +273,28 @@ def bicubic_matrix(size_in: int, size_out: int) -> np.ndarray:
     return out
 
 
+def resize_bicubic(x: jax.Array, size: tuple[int, int], axes: tuple[int, int] = (0, 1)) -> jax.Array:
+    """``x`` resized along ``axes`` to ``size`` by :func:`bicubic_matrix` (PyTorch's bicubic,
+    ``align_corners=False``), one axis after the other, in at least float32 at full matmul
+    precision; returned in ``x``'s dtype.  The other axes are batch / channels.
+
+    Example:
+      >>> resize_bicubic(np.ones((2, 4, 3, 1), np.float32), (6, 5), axes=(1, 2)).shape
+      (2, 6, 5, 1)
+    """
+    acc = jnp.promote_types(jnp.float32, x.dtype)
+    y = jnp.moveaxis(jnp.asarray(x, acc), axes, (0, 1))
+    rows, cols = (jnp.asarray(bicubic_matrix(n, m), acc) for n, m in zip(y.shape[:2], size))
+    hi = jax.lax.Precision.HIGHEST
+    y = jnp.einsum("xw,yw...->yx...", cols, jnp.einsum("yh,h...->y...", rows, y, precision=hi), precision=hi)
+    return jnp.moveaxis(y, (0, 1), axes).astype(x.dtype)
+
+
 def interpolate_pos_encoding(position_embeddings: jax.Array, grid: tuple[int, int], new_grid: tuple[int, int]) -> jax.Array:
     """Resize ViT position embeddings to another patch grid, as transformers'
     ``ViTEmbeddings.interpolate_pos_encoding``: the CLS position is kept, the patch positions
     ``(1, gh * gw, D)`` are seen as a ``(gh, gw)`` image of ``D`` channels and resized bicubically
-    (:func:`bicubic_matrix`) to ``new_grid``.
+    (:func:`resize_bicubic`) to ``new_grid``.
 
     Args:
       position_embeddings: ``(1, 1 + gh * gw, D)``.
@@ -305,13 +322,8 @@ def interpolate_pos_encoding(position_embeddings: jax.Array, grid: tuple[int, in
         )
     if (nh, nw) == (gh, gw):
         return position_embeddings
-    acc = jnp.promote_types(jnp.float32, position_embeddings.dtype)
-    grid_pos = position_embeddings[0, 1:].astype(acc).reshape(gh, gw, dim)
-    rows, cols = (jnp.asarray(bicubic_matrix(i, o), acc) for i, o in ((gh, nh), (gw, nw)))
-    hi = jax.lax.Precision.HIGHEST
-    resized = jnp.einsum("yh,hwd->ywd", rows, grid_pos, precision=hi)
-    resized = jnp.einsum("xw,ywd->yxd", cols, resized, precision=hi).reshape(1, nh * nw, dim)
-    return jnp.concatenate([position_embeddings[:, :1], resized.astype(position_embeddings.dtype)], axis=1)
+    resized = resize_bicubic(position_embeddings[0, 1:].reshape(gh, gw, dim), (nh, nw)).reshape(1, nh * nw, dim)
+    return jnp.concatenate([position_embeddings[:, :1], resized], axis=1)
 
 
 class ViTEmbeddings(nn.Module):
@@ -521,7 +533,6 @@ def with_image_size(module: "ViT", params: Mapping[str, Any], image_size: int | 
             f"with_image_size: image_size {image_size!r}: expected an integer S or (H, W) with H >= {ph} and"
             f" W >= {pw} (at least one {ph} x {pw} patch each way)"
         )
-    size = (int(size[0]), int(size[1]))
     if size == cfg.image_size:
         return module, params
     emb = params.get("embeddings") if isinstance(params, Mapping) else None
