@@ -33,7 +33,9 @@ Notation: ``x (T, d)`` token rows, frozen kernel ``K (d, n)``, scale ``s (n,)``,
    (the structured product touches the ``d x n`` kernel, not the tokens); backward with
    ``u = (dy s) K^T`` (the frozen layer's own input gradient): ``dx = u M^T``, ``dB_g = x_g^T u_g``,
    ``ds = sum_t dy z``.  Autodiff of the same forward would pay a full weight gradient ``x^T dy``
-   (as many FLOPs as the layer's matmul).  :func:`rotate_rows` (input-centric) has the same backward
+   (as many FLOPs as the layer's matmul).  With an orthogonal ``M`` and ``T >= 16 n`` it keeps ``W``
+   instead and takes ``dx = (dy s) W^T``, ``dB_g = (x_g^T dx_g) B_g`` (one token-side product
+   fewer; :func:`keeps_rotated_kernel`).  :func:`rotate_rows` (input-centric) has the general backward
    and rotates the tokens in the forward pass.  Both are exact; the kernel's cotangent (``M^T x^T
    (dy s)``, a full matmul) is computed only when asked for (XLA drops it for a frozen kernel).
 """
@@ -47,7 +49,8 @@ import jax.numpy as jnp
 
 from boft_jax.butterfly import rotate, rotate_kernel, span, span_blocks, span_cols, span_rows, use_span
 
-__all__ = ["span", "use_span", "span_blocks", "rotation_operand", "rotate_rows", "rotate_kernel_any", "boft_dense", "scaled", "scaled_dot"]
+__all__ = ["span", "use_span", "span_blocks", "rotation_operand", "rotate_rows", "rotate_kernel_any", "boft_dense",
+           "keeps_rotated_kernel", "scaled", "scaled_dot"]
 
 _EW_MAX_SPAN = 16  # elementwise token products up to this block size, batched matmuls above
 _BLOCK_GRAD_MIN_SPAN = 16  # block gradients on at least 16-wide blocks (see _block_grad)
@@ -188,8 +191,9 @@ _rotate_span_rows.defvjp(_rotate_rows_fwd, _rotate_rows_bwd)
 # ---------------------------------------------------------------------------------------------
 # Weight-centric: y = (x (M K)) * s with a structured backward pass
 # ---------------------------------------------------------------------------------------------
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def boft_dense(x: jax.Array, kernel: jax.Array, R: jax.Array, scale: jax.Array, precision=None) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def boft_dense(x: jax.Array, kernel: jax.Array, R: jax.Array, scale: jax.Array, precision=None,
+               orthogonal: bool = False) -> jax.Array:
     """``(x @ (M K)) * s`` for ``x (T, d_in)``, ``K (d_in, d_out)``, ``s (d_out,)``; ``R`` from
     :func:`rotation_operand` (span blocks ``(G, S, S)`` or factor blocks ``(m, k, b, b)``).
 
@@ -200,8 +204,24 @@ def boft_dense(x: jax.Array, kernel: jax.Array, R: jax.Array, scale: jax.Array, 
     ``u``), ``ds = sum_t dy z``, ``dK = M^T x^T (dy s)`` (dropped by XLA when the kernel is frozen).
     No ``x^T dy`` weight gradient is computed for a frozen kernel: that matmul would cost as much as
     the layer itself.
+
+    ``orthogonal=True`` promises ``M^T M = I`` (exact Cayley blocks; dropout's identity blocks keep
+    it).  Then, in the span form with many tokens per kernel column (:func:`keeps_rotated_kernel`),
+    ``W`` is kept from the forward pass and the backward pass takes ``dx = (dy s) W^T`` and
+    ``dB_g = (x_g^T dx_g) B_g`` (``u = dx M``): the token-side product ``u M^T`` is gone, for a
+    residual ``W`` as large as the kernel (BENCHMARKS.md, train_step, "kept rotated kernel").
     """
-    return _boft_dense_fwd(x, kernel, R, scale, precision)[0]
+    return _boft_dense_fwd(x, kernel, R, scale, precision, orthogonal)[0]
+
+
+_KEEP_W_TOKENS_PER_COLUMN = 16  # keep W when T >= 16 d_out: W is then at most 1/16 of a (T, d_in) activation
+
+
+def keeps_rotated_kernel(tokens: int, d_out: int, R: jax.Array, orthogonal: bool) -> bool:
+    """Whether :func:`boft_dense` keeps ``W = M K`` for its backward pass (see there): an orthogonal
+    ``M`` in span form and ``T >= 16 d_out`` token rows, where the kernel-sized residual is small
+    next to the layer's activations and saves a pass over ``T x d_in`` of them."""
+    return orthogonal and R.ndim == 3 and tokens >= _KEEP_W_TOKENS_PER_COLUMN * d_out
 
 
 @jax.custom_vjp
@@ -285,14 +305,23 @@ def _scaled_dot_bwd(precision, res, g):
 scaled_dot.defvjp(_scaled_dot_fwd, _scaled_dot_bwd)
 
 
-def _boft_dense_fwd(x, kernel, R, scale, precision):
+def _boft_dense_fwd(x, kernel, R, scale, precision, orthogonal):
     w = rotate_kernel_any(kernel, R, precision).astype(kernel.dtype)
     y, z = _dot_then_scale(x, w, scale, precision)
-    return y, (x, kernel, R, scale, z)
+    kept = w if keeps_rotated_kernel(x.shape[0], kernel.shape[1], R, orthogonal) else None
+    return y, (x, kernel, R, scale, z, kept)
 
 
-def _boft_dense_bwd(precision, res, dy):
-    x, kernel, B, scale, z = res
+def _boft_dense_bwd(precision, orthogonal, res, dy):
+    x, kernel, B, scale, z, w = res
+    if w is not None:  # M orthogonal, span form: u M^T = (dy s) W^T, and u = dx M
+        dz = _times(dy, scale)
+        dx = jax.lax.dot_general(dz, w.astype(dz.dtype), (((1,), (1,)), ((), ())), precision=precision)
+        c = _block_grad(x, dx, B.shape[-1], precision)
+        dB = jnp.einsum("gij,gjk->gik", c, B.astype(c.dtype), precision=_HI).astype(B.dtype)
+        gw = jax.lax.dot_general(x, dz.astype(x.dtype), (((0,), (0,)), ((), ())), precision=precision)
+        dK = _rotate_kernel(gw, jnp.swapaxes(B, 1, 2), precision).astype(kernel.dtype)
+        return dx.astype(x.dtype), dK, dB, _scale_grad(dy, z, scale)
     u, gw, ds = _frozen_layer_grads(dy, x, kernel, z, scale, precision)
     if B.ndim == 4:  # factor form: the structured autodiff of rotate / rotate_kernel
         dtype = jnp.result_type(x.dtype, B.dtype)

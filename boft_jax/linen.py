@@ -228,7 +228,8 @@ def _choose_mode(config: BOFTConfig, tokens: int, d_out: int) -> str:
     ``S x S`` diagonal blocks (``S = b 2^(m-1)``, see :mod:`boft_jax._ops`), and both have the same
     structured backward pass (``dx = u M^T`` and block gradients reduced over the tokens, with
     ``u = (dy s) K^T`` the frozen layer's own input gradient; no weight gradient ``x^T dy``).
-    They differ only in the forward pass:
+    They differ only in the forward pass (and, for the exact Cayley map at ``T >= 16 d_out``, weight
+    mode keeps ``M K`` and saves the backward's token-side ``u M^T``: :func:`boft_jax._ops.boft_dense`):
 
     - ``"input"`` rotates the ``T`` token rows: ``2 S d_in T`` FLOPs, plus on XLA:CPU a transpose
       of the ``(T, d_in)`` activations into a ``(d_in / S, T, S)`` view and back;
@@ -269,7 +270,7 @@ def _adapted_dense(x2, k2, skew, scale, drop_key, *, config: BOFTConfig, mode: s
 def _adapted_dense_jit(x2, k2, skew, scale, drop_key, method, neumann_terms, p_drop, mode, precision) -> jax.Array:
     B = _rotation_of(skew, drop_key, method, neumann_terms, p_drop)
     if mode == "weight":
-        return _ops.boft_dense(x2, k2, B, scale, precision)
+        return _ops.boft_dense(x2, k2, B, scale, precision, method == "exact")
     rotated = _ops.rotate_rows(x2, B, precision).astype(x2.dtype)
     return _ops.scaled_dot(rotated, k2, scale, precision)
 

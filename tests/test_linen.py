@@ -122,6 +122,44 @@ class ProjDot(nn.Module):  # a Dense with its own dot_general (as a quantized on
         return nn.Dense(16, dot_general=jax.lax.dot_general, name="proj")(x)
 
 
+@pytest.mark.parametrize("cayley", ["exact", "neumann"])
+@pytest.mark.parametrize("mode", MODES)
+def test_many_tokens_per_output_keep_the_rotated_kernel_only_when_exact(mode, cayley, monkeypatch):
+    """With 16+ token rows per output feature, weight mode keeps ``W = M K`` for its backward pass
+    when ``M`` is orthogonal (exact Cayley): values and gradients still equal the dense definition
+    (float64), and the Neumann series (not orthogonal) takes the general backward pass."""
+    seq = {"input": 17, "weight": 18, "auto": 19}[mode]  # unusual sizes, one per mode: traced afresh
+    d, n, b, m, tokens = 32, 3, 4, 3, 3 * seq
+    cfg = boft.BOFTConfig(block_size=b, n_factors=m, targets="proj", mode=mode, cayley=cayley)
+    seen = []
+    keeps = boft._ops.keeps_rotated_kernel
+    monkeypatch.setattr(boft._ops, "keeps_rotated_kernel", lambda *a: seen.append(keeps(*a)) or seen[-1])
+    with jax.enable_x64(True):
+        x = jax.random.normal(jax.random.key(7), (3, seq, d), jnp.float64)
+        model = boft.wrap(Proj(features=n), cfg)
+        params = jax.tree.map(lambda a: a.astype(jnp.float64), model.init(jax.random.key(0), x)["params"])
+        frozen, adapter = boft.split(params, cfg)
+        adapter = _perturb(adapter, 2, scale=0.5)
+        target = jax.random.normal(jax.random.key(8), (3, seq, n), jnp.float64)
+
+        def loss(adapter, x):
+            return jnp.sum(jnp.sin(model.apply({"params": boft.combine(frozen, adapter)}, x) - target))
+
+        def loss_ref(adapter, x):  # the definition with a dense M, differentiated by JAX
+            a = adapter["proj"]["kernel"]
+            M = boft.rotation_matrix(boft.cayley(a["skew"], method=cayley, neumann_terms=cfg.neumann_terms))
+            y = (x @ M) @ frozen["proj"]["kernel"] * a["scale"] + frozen["proj"]["bias"]
+            return jnp.sum(jnp.sin(y - target))
+
+        np.testing.assert_allclose(loss(adapter, x), loss_ref(adapter, x), rtol=1e-12)
+        g, g_ref = jax.grad(loss, argnums=(0, 1))(adapter, x), jax.grad(loss_ref, argnums=(0, 1))(adapter, x)
+        for got, want in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
+            np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-10)
+    # tokens >= 16 n, so weight mode (auto picks it: n <= 2 T) keeps W exactly when M is orthogonal
+    assert tokens >= 16 * n
+    assert seen == ([] if mode == "input" else [cayley == "exact"] * len(seen)) and (mode == "input" or seen)
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_deep_butterfly_equals_definition_with_gradients_float64(mode):
     """m = 6, b = 2 on d = 64: M is applied factor by factor (its dense blocks would cost 2^5/6 x)."""

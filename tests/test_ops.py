@@ -70,17 +70,27 @@ def test_rows_products(d, n, b, m, transpose):
         np.testing.assert_allclose(_ops._rotate_kernel(kernel, _ops.span_blocks(blocks)), M @ kernel, atol=1e-12)
 
 
-@pytest.mark.parametrize("mode", ["weight", "input"])
+@pytest.mark.parametrize("mode", ["weight", "weight kept", "input"])
 @pytest.mark.parametrize("d,n,b,m", SHAPES)
 def test_custom_vjps_match_autodiff_of_the_definition(d, n, b, m, mode):
-    """Value and gradients w.r.t. every input (x, kernel, skew, scale), float64, random non-identity."""
+    """Value and gradients w.r.t. every input (x, kernel, skew, scale), float64, random non-identity.
+
+    "weight kept": an orthogonal M and 16 token rows per kernel column, where the span form keeps
+    ``W = M K`` for the backward pass (``dx = dz W^T``, ``dB_g = (x_g^T dx_g) B_g``)."""
+    tokens = 16 * n if mode == "weight kept" else 7
     with jax.enable_x64(True):
-        skew, x, kernel, scale, target = _random(d, n, b, m, seed=d + n + m)
+        skew, x, kernel, scale, target = _random(d, n, b, m, tokens=tokens, seed=d + n + m)
 
         def fast(skew, x, kernel, scale):
             B = _ops.rotation_operand(boft.cayley(skew))
             assert B.ndim == (3 if _ops.use_span(d, b, m) else 4)
-            if mode == "weight":
+            if mode == "weight kept":
+                assert _ops.keeps_rotated_kernel(tokens, n, B, True) == (B.ndim == 3)
+                assert not _ops.keeps_rotated_kernel(tokens, n, B, False)
+                assert not _ops.keeps_rotated_kernel(tokens - 1, n, B, True)
+                y = _ops.boft_dense(x, kernel, B, scale, None, True)
+            elif mode == "weight":
+                assert not _ops.keeps_rotated_kernel(tokens, n, B, True)
                 y = _ops.boft_dense(x, kernel, B, scale)
             else:
                 y = (_ops.rotate_rows(x, B) @ kernel) * scale
@@ -159,14 +169,18 @@ def test_low_precision_product_and_scale_are_rounded_once(dtype):
         assert np.mean(np.abs(f64(y) - ref) / _units(ref, dtype) > 0.5) < 0.01  # (twice: about 1 in 4)
 
 
-@pytest.mark.parametrize("d,n,b,m", [(64, 48, 8, 1), (64, 48, 4, 5)])
-def test_frozen_kernel_costs_no_weight_gradient(d, n, b, m):
-    """With the kernel not differentiated, the compiled backward has no d_in x d_out matmul."""
-    skew, x, kernel, scale, _ = _random(d, n, b, m, tokens=32, dtype=jnp.float32)
+@pytest.mark.parametrize("kept", [False, True])
+@pytest.mark.parametrize("d,n,b,m", [(64, 48, 8, 1), (64, 48, 4, 5), (128, 24, 8, 4)])
+def test_frozen_kernel_costs_no_weight_gradient(d, n, b, m, kept):
+    """With the kernel not differentiated, the compiled backward has no d_in x d_out matmul (also
+    when the rotated kernel is kept for the backward pass)."""
+    tokens = 16 * n if kept else 32
+    skew, x, kernel, scale, _ = _random(d, n, b, m, tokens=tokens, dtype=jnp.float32)
     B = _ops.rotation_operand(boft.cayley(skew))
+    assert _ops.keeps_rotated_kernel(tokens, n, B, kept) == (kept and B.ndim == 3)
 
     def loss(x, B, s, kernel):
-        return jnp.sum(_ops.boft_dense(x, kernel, B, s) ** 2)
+        return jnp.sum(_ops.boft_dense(x, kernel, B, s, None, kept) ** 2)
 
     def dots(argnums):
         hlo = jax.jit(jax.grad(loss, argnums=argnums)).lower(x, B, scale, kernel).compile().as_text()
@@ -190,3 +204,30 @@ def test_vmap_over_adapters():
     gs = jax.jit(jax.vmap(grad))(skews)
     np.testing.assert_allclose(gs[1], jax.jit(grad)(skews[1]), rtol=1e-4, atol=1e-5)
 
+
+
+@pytest.mark.parametrize("d,n,b,m", [(64, 8, 8, 1), (128, 12, 8, 3), (128, 8, 8, 4)])
+def test_kept_rotated_kernel_backward_in_float32_and_bfloat16(d, n, b, m):
+    """The kept-``W`` backward (which uses ``M^T M = I``) against the general one, float32 rotations
+    from the exact Cayley map with large skew entries, and in bf16 against float64."""
+    tokens = 16 * n
+    skew, x, kernel, scale, target = _random(d, n, b, m, tokens=tokens, seed=11, dtype=jnp.float32)
+    skew = skew * 3  # far from the identity: orthogonality only to float32 rounding
+
+    def loss(skew, x, scale, kept, dtype):
+        B = _ops.rotation_operand(boft.cayley(skew))
+        assert _ops.keeps_rotated_kernel(tokens, n, B, kept) == kept
+        y = _ops.boft_dense(x.astype(dtype), kernel.astype(dtype), B, scale, None, kept)
+        return jnp.sum(jnp.sin(y.astype(jnp.float32) - target))
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)), static_argnums=(3, 4))
+    kept, general = grad(skew, x, scale, True, jnp.float32), grad(skew, x, scale, False, jnp.float32)
+    for name, a, r in zip(("skew", "x", "scale"), kept, general):
+        np.testing.assert_allclose(a, r, rtol=2e-5, atol=2e-5 * float(np.abs(r).max()), err_msg=name)
+    with jax.enable_x64(True):
+        ref = jax.grad(loss, argnums=(0, 1, 2))(*(jnp.asarray(a, jnp.float64) for a in (skew, x, scale)), False,
+                                                 jnp.float64)
+    bf = grad(skew, x, scale, True, jnp.bfloat16)
+    for name, a, r in zip(("skew", "x", "scale"), bf, ref):
+        r = np.asarray(r)
+        assert np.abs(np.asarray(a, np.float64) - r).max() <= 0.05 * np.abs(r).max(), name
