@@ -314,14 +314,12 @@ def _boft_dense_fwd(x, kernel, R, scale, precision, orthogonal):
 
 def _boft_dense_bwd(precision, orthogonal, res, dy):
     x, kernel, B, scale, z, w = res
-    if w is not None:  # M orthogonal, span form: u M^T = (dy s) W^T, and u = dx M
-        dz = _times(dy, scale)
-        dx = jax.lax.dot_general(dz, w.astype(dz.dtype), (((1,), (1,)), ((), ())), precision=precision)
+    if w is not None:  # M orthogonal, span form: the input gradient through W is u M^T itself, and u = dx M
+        dx, gw, ds = _frozen_layer_grads(dy, x, w, z, scale, precision)
         c = _block_grad(x, dx, B.shape[-1], precision)
         dB = jnp.einsum("gij,gjk->gik", c, B.astype(c.dtype), precision=_HI).astype(B.dtype)
-        gw = jax.lax.dot_general(x, dz.astype(x.dtype), (((0,), (0,)), ((), ())), precision=precision)
         dK = _rotate_kernel(gw, jnp.swapaxes(B, 1, 2), precision).astype(kernel.dtype)
-        return dx.astype(x.dtype), dK, dB, _scale_grad(dy, z, scale)
+        return dx.astype(x.dtype), dK, dB, ds
     u, gw, ds = _frozen_layer_grads(dy, x, kernel, z, scale, precision)
     if B.ndim == 4:  # factor form: the structured autodiff of rotate / rotate_kernel
         dtype = jnp.result_type(x.dtype, B.dtype)

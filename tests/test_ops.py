@@ -205,7 +205,6 @@ def test_vmap_over_adapters():
     np.testing.assert_allclose(gs[1], jax.jit(grad)(skews[1]), rtol=1e-4, atol=1e-5)
 
 
-
 @pytest.mark.parametrize("d,n,b,m", [(64, 8, 8, 1), (128, 12, 8, 3), (128, 8, 8, 4)])
 def test_kept_rotated_kernel_backward_in_float32_and_bfloat16(d, n, b, m):
     """The kept-``W`` backward (which uses ``M^T M = I``) against the general one, float32 rotations
