@@ -307,6 +307,16 @@ def _check_structure(path: str, skew_shape: tuple[int, ...], struct) -> None:
         )
 
 
+def _check_held_kernel(path: str, held, kernel_shape: tuple[int, ...]) -> None:
+    """The kernel of the :class:`BOFTKernel` ``held`` has the shape this call needs, ``kernel_shape``."""
+    kernel = tuple(jnp.shape(held.kernel))
+    if kernel != kernel_shape:
+        raise ValueError(
+            f"{layer_label(path)}: its kernel has shape {kernel}, but this call needs {kernel_shape} (the input's"
+            " contracted axes, then the layer's features): the input does not fit the params"
+        )
+
+
 def _check_held(path: str, held, kernel_shape: tuple[int, ...], want: tuple[int, ...], struct, d_out: int) -> None:
     """The params an adapted layer finds fit this call: a :class:`BOFTKernel` with kernel
     ``kernel_shape``, skew ``want`` and scale ``(d_out,)``."""
@@ -316,12 +326,8 @@ def _check_held(path: str, held, kernel_shape: tuple[int, ...], want: tuple[int,
             " hold no adapter for it. Build params with boft.combine(frozen, adapter), or init the"
             " wrapped model."
         )
-    skew, scale, kernel = (tuple(jnp.shape(a)) for a in (held.skew, held.scale, held.kernel))
-    if kernel != kernel_shape:
-        raise ValueError(
-            f"{layer_label(path)}: its kernel has shape {kernel}, but this call needs {kernel_shape} (the input's"
-            " contracted axes, then the layer's features): the input does not fit the params"
-        )
+    _check_held_kernel(path, held, kernel_shape)
+    skew, scale = (tuple(jnp.shape(a)) for a in (held.skew, held.scale))
     if len(skew) == 3:
         _check_structure(path, skew, struct)
     if skew != want or scale != (d_out,):
@@ -540,6 +546,9 @@ def _intercept(state: _CallState, next_fun, args, kwargs, context):
     geo = _geometry(module, inputs, path)
     err = state.config.fit_error(path, geo.d_in)
     if err is not None:
+        if _holds_adapter(module):  # an input of another width than the params' is that error, not the config's
+            held = nn.meta.unbox(module.get_variable("params", "kernel"))
+            _check_held_kernel(path, held, tuple(inputs.shape[a] for a in geo.axis) + geo.features)
         state.unfit.append((path, err))
         if _holds_adapter(module):
             raise _unfit_error(state.unfit)  # it holds an adapter, so it cannot run plain: stop here
@@ -1296,8 +1305,17 @@ def _kernel_only(adapter: Mapping) -> dict:
 
 
 def count_params(tree) -> int:
-    """Total number of scalars in a pytree (e.g. an adapter from :func:`split`)."""
-    return int(sum(np.prod(jnp.shape(x)) for x in jax.tree.leaves(tree)))
+    """Total number of scalars in a pytree of arrays (e.g. an adapter from :func:`split`).
+
+    >>> count_params({"skew": jnp.zeros((1, 4, 6)), "scale": jnp.ones((8,))})
+    32
+    """
+    leaves = jax.tree.leaves(tree)
+    bad = sorted({type(x).__name__ for x in leaves if not hasattr(x, "shape")})
+    if tree is None or bad:
+        got = "None" if tree is None else f"a tree with leaves that are not arrays ({', '.join(bad)})"
+        raise TypeError(f"boft.count_params expects a tree of arrays (e.g. an adapter from boft.split), got {got}")
+    return int(sum(np.prod(jnp.shape(x)) for x in leaves))
 
 
 def _nodes(tree: Mapping, prefix: tuple = ()):
@@ -1333,6 +1351,19 @@ def _check_example_shapes(shapes: Mapping, frozen: Mapping) -> None:
         )
 
 
+def _check_base_example_shapes(model: BOFTModule, frozen: Mapping, args, kwargs, error: Exception) -> None:
+    """After the wrapped model's init failed with ``error``: if the *base* model's params for the same
+    example inputs have other shapes than ``frozen``'s, raise that (the inputs are wrong, not the config)."""
+    try:
+        base = nn.unbox(jax.eval_shape(lambda: model.model.init(jax.random.key(0), *args, **kwargs))["params"])
+    except Exception:  # noqa: BLE001 - the base cannot tell either: the caller re-raises the original error
+        return
+    try:
+        _check_example_shapes(base, frozen)
+    except ValueError as wrong:
+        raise wrong from error
+
+
 def init_adapter(model: BOFTModule, frozen: Mapping, *args, **kwargs) -> dict:
     """The identity adapter (``M = I``, ``s = 1``) for pretrained ``frozen`` params.
 
@@ -1352,7 +1383,12 @@ def init_adapter(model: BOFTModule, frozen: Mapping, *args, **kwargs) -> dict:
             f"boft.init_adapter expects the wrapped model, boft.wrap(model, config), got {type(model).__name__}"
         )
     _no_boxes(frozen, "init_adapter", "frozen")
-    shapes = nn.unbox(jax.eval_shape(lambda: model.init(jax.random.key(0), *args, **kwargs))["params"])
+    try:
+        shapes = nn.unbox(jax.eval_shape(lambda: model.init(jax.random.key(0), *args, **kwargs))["params"])
+    except ValueError as e:
+        # Example inputs of another width than frozen's can misfit the block structure: say what is wrong
+        _check_base_example_shapes(model, frozen, args, kwargs, e)
+        raise
 
     def identity(tree):
         out = {}

@@ -27,9 +27,10 @@ adapted kernel per example; the input side costs ``2 S d_in`` FLOPs per token, `
 Ids are data: any mix of ids, including :data:`BASE`, runs the same compiled program.
 :func:`apply_multi` and :func:`generate_multi` jit themselves (keyed on the module, ``method``
 and the non-array keyword arguments) and can also be called inside your own ``jax.jit``.  A
-module or keyword argument that cannot be hashed (e.g. ``nn.Sequential``, whose layers are a list)
-cannot key a compilation cache: :func:`apply_multi` then runs op by op and warns; call it inside
-your own ``jax.jit`` (with the model closed over) to compile it.
+module or keyword argument that cannot be hashed (e.g. ``nn.Sequential([...])``, whose layers are a
+list; ``nn.Sequential((...))`` with a tuple hashes) cannot key a compilation cache:
+:func:`apply_multi` then runs op by op and warns; call it inside your own ``jax.jit`` (with the
+model closed over) to compile it.
 
 Id rules:
   * ``0 <= id < K`` (``K`` adapters in ``stacked``): that adapter.
@@ -52,6 +53,7 @@ import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -112,7 +114,7 @@ def stack(adapters: Sequence[Mapping]) -> dict:
       >>> import jax, jax.numpy as jnp, flax.linen as nn
       >>> import boft_jax as boft
       >>> cfg = boft.BOFTConfig(block_size=4, n_factors=2, targets="layers_0")
-      >>> model = boft.wrap(nn.Sequential([nn.Dense(8)]), cfg)
+      >>> model = boft.wrap(nn.Sequential((nn.Dense(8),)), cfg)
       >>> frozen, adapter = boft.split(model.init(jax.random.key(0), jnp.ones((1, 16)))["params"], cfg)
       >>> adapters = [jax.tree.map(lambda a: a + 0.1 * i, adapter) for i in (1, 2, 3)]  # as if trained
       >>> stacked = stack(adapters)
@@ -194,7 +196,7 @@ def identity_adapter(frozen: Mapping, adapter: Mapping) -> dict:
       >>> import jax, jax.numpy as jnp, flax.linen as nn
       >>> import boft_jax as boft
       >>> cfg = boft.BOFTConfig(block_size=4, targets="layers_0", bias="all")
-      >>> base = nn.Sequential([nn.Dense(8)])
+      >>> base = nn.Sequential((nn.Dense(8),))
       >>> model, x = boft.wrap(base, cfg), jax.random.normal(jax.random.key(1), (2, 16))
       >>> frozen, adapter = boft.split(model.init(jax.random.key(0), x)["params"], cfg)
       >>> trained = jax.tree.map(lambda a: a + 0.1, adapter)   # stands in for a trained adapter
@@ -396,7 +398,7 @@ def apply_multi(
       >>> import jax, jax.numpy as jnp, flax.linen as nn
       >>> import boft_jax as boft
       >>> cfg = boft.BOFTConfig(block_size=4, n_factors=2, targets="layers_0")
-      >>> base = nn.Sequential([nn.Dense(8)])
+      >>> base = nn.Sequential((nn.Dense(8),))
       >>> model, x = boft.wrap(base, cfg), jax.random.normal(jax.random.key(1), (4, 16))
       >>> frozen, adapter = boft.split(model.init(jax.random.key(0), x)["params"], cfg)
       >>> adapters = [jax.tree.map(lambda a: a + 0.1 * i, adapter) for i in (1, 2, 3)]  # as if trained
@@ -426,7 +428,9 @@ def apply_multi(
         warnings.warn(
             f"apply_multi: the model ({type(model.model).__name__}), method or a keyword argument cannot be hashed,"
             " so no compiled program can be cached for it and the call runs op by op (much slower); call"
-            " apply_multi inside your own jax.jit, with the model closed over",
+            " apply_multi inside your own jax.jit, with the model closed over"
+            + (" (or give nn.Sequential its layers as a tuple, which hashes)"
+               if isinstance(model.model, nn.Sequential) and isinstance(model.model.layers, list) else ""),
             stacklevel=2,
         )
     return _apply_multi_impl(frozen, stacked, ids, inputs, dynamic_kw, model=model, method=method, static_kw=static_kw)

@@ -379,6 +379,10 @@ def test_gradients_reach_only_adapter_and_optimizer_state_is_adapter_sized():
     opt = optax.adam(1e-2)
     opt_state = opt.init(adapter)
     n_adapter = boft.count_params(adapter)
+    assert n_adapter == sum(a.size for a in jax.tree.leaves(adapter))
+    for bad, what in ((None, "got None"), ({"a": jnp.ones(3), "b": "x"}, r"leaves that are not arrays \(str\)")):
+        with pytest.raises(TypeError, match=rf"count_params expects a tree of arrays .*{what}"):
+            boft.count_params(bad)
     assert n_adapter == boft.num_layer_params(16, 48, block_size=8, n_factors=2) + boft.num_layer_params(
         48, 32, block_size=8, n_factors=2
     )
@@ -1032,6 +1036,14 @@ def test_init_adapter_names_example_inputs_of_the_wrong_shape():
     with pytest.raises(ValueError, match=r"init_adapter: the example inputs give the model params of other shapes than"
                        r" the pretrained ones \(1\): fc1/kernel: \(12, 48\) from the example inputs, \(16, 48\) in frozen"):
         boft.init_adapter(model, frozen, jnp.ones((2, 12)))
+    # a width that also misfits the block structure (18 is no multiple of b = 4): still the inputs' error
+    with pytest.raises(ValueError, match=r"init_adapter: the example inputs .* fc1/kernel: \(18, 48\) from the example"
+                       r" inputs, \(16, 48\) in frozen") as e:
+        boft.init_adapter(model, frozen, jnp.ones((2, 18)))
+    assert "do not fit the BOFT block structure" in str(e.value.__cause__)  # the config's view, chained
+    # a config that misfits the right inputs keeps its own error
+    with pytest.raises(ValueError, match=r"do not fit the BOFT block structure"):
+        boft.init_adapter(boft.wrap(MLP(), boft.BOFTConfig(block_size=32, n_factors=2)), frozen, jnp.ones((2, 16)))
     adapter = boft.init_adapter(model, frozen, jnp.ones((5, 16)))  # other batch sizes are fine
     assert set(adapter) == {"fc1", "fc2", "head"} and set(adapter["fc1"]["kernel"]) == {"skew", "scale"}
 
@@ -1734,8 +1746,9 @@ def test_api_slips_get_errors_that_name_the_slip():
     with pytest.warns(UserWarning, match="these params hold no adapter params"):  # the bare model's params
         assert boft.split(frozen, cfg)[1] == {}
     # an input of another width than the params were made for is blamed on the input, not the config
-    with pytest.raises(ValueError, match=r"layer 'fc1': its kernel has shape \(16, 48\), but this call needs \(20, 48\)"):
-        model.apply({"params": params}, jnp.ones((2, 20)))
+    for width in (20, 18, 6):  # 20 fits the block structure, 18 (not a multiple of b = 4) and 6 do not: the same error
+        with pytest.raises(ValueError, match=rf"layer 'fc1': its kernel has shape \(16, 48\), but this call needs \({width}, 48\)"):
+            model.apply({"params": params}, jnp.ones((2, width)))
 
 
 def test_params_applied_with_another_block_structure_say_so():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 from pathlib import Path
 
 import flax.linen as nn
@@ -318,9 +319,13 @@ def test_frozendict_adapters_0d_flags_and_unhashable_models():
     seq = boft.wrap(nn.Sequential([nn.Dense(8, name="fc")]), cfg)
     seq_frozen = {"layers_0": frozen["fc"]}
     seq_stacked = {"layers_0": stacked["fc"]}
-    with pytest.warns(UserWarning, match="cannot be hashed.*runs op by op.*jax.jit"):
+    with pytest.warns(UserWarning, match="cannot be hashed.*runs op by op.*jax.jit.*layers as a tuple"):
         got = multi.apply_multi(seq, seq_frozen, seq_stacked, ids, x)
     _close(got, want)
+    tup = boft.wrap(nn.Sequential((nn.Dense(8, name="fc"),)), cfg)  # a tuple of layers hashes: compiled, no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _close(multi.apply_multi(tup, seq_frozen, seq_stacked, ids, x), want)
 
 
 # ---------------------------------------------------------------------------------------------
