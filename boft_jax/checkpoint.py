@@ -301,8 +301,13 @@ def _quiet_abandoned_reads() -> None:
 
 def _brief(e: Exception, limit: int = 300) -> str:
     """``'Type: first line of the message'``, cut at ``limit`` characters (tensorstore's errors
-    append a many-line dump of the store's spec)."""
+    append a many-line dump of the store's spec, announced by "See full TensorStore details:").
+
+    >>> _brief(ValueError("Encountered error while reading array index. See full TensorStore details: <bound"))
+    'ValueError: Encountered error while reading array index.'
+    """
     first = (str(e).strip().splitlines() or [""])[0]
+    first = first.split(" See full TensorStore details:")[0]  # what follows is a dump of the store's spec
     first = first if len(first) <= limit else first[: limit - 3] + "..."
     return f"{type(e).__name__}: {first}"
 
@@ -386,6 +391,9 @@ def load_adapter(path: str | os.PathLike) -> tuple[dict, BOFTConfig, dict]:
             stacklevel=2,
         )
     if not source.is_dir():
+        if source.exists():
+            raise NotADirectoryError(f"{path} is a file, not an adapter checkpoint directory (what boft.save_adapter"
+                                     " writes: a directory holding 'adapter' and 'meta')")
         raise FileNotFoundError(f"no adapter checkpoint directory at {path}")
     check_storable_path(source.resolve())
     if not (source / "meta").exists() or not (source / "adapter").exists():
@@ -677,6 +685,8 @@ class TrainCheckpointer:
         step_dir = self._require(step, ("state",))
         try:
             return step, _public(self._read_state(step))
+        except _StepError:  # already says what is wrong and what to remove
+            raise
         except Exception as e:
             raise ValueError(
                 f"step {step} in {self.directory}: unreadable training state ({_brief(e)})."

@@ -381,8 +381,9 @@ def test_train_checkpoint_optimizer_class_and_json_state_are_checked(tmp_path):
         tc = ck.TrainCheckpointer(tmp_path, save_every=1, async_save=False)
         with pytest.raises(ValueError, match=r"step 1 .*(does not match the checksum stored with it|unknown entries).*damaged"):
             tc.restore_latest(adapter, optax.adam(1e-3).init(adapter))
-        with pytest.raises(ValueError, match=r"step 1 .*damaged"):
+        with pytest.raises(ValueError, match=r"step 1 .*damaged") as e:
             tc.latest_state()
+        assert str(e.value).count("Remove ") == 1 and "_StepError" not in str(e.value)  # said once, not wrapped again
         tc.close()
 
 
@@ -520,6 +521,9 @@ def test_names_with_glob_characters_recover_only_their_own_leftovers(tmp_path, m
     _save_killed_between_renames(monkeypatch, exp1, _adapter(2))
     with pytest.raises(FileNotFoundError):
         ck.load_adapter(tmp_path / "exp?")
+    (tmp_path / "notes.md").write_text("x")
+    with pytest.raises(NotADirectoryError, match=r"notes.md is a file, not an adapter checkpoint directory"):
+        ck.load_adapter(tmp_path / "notes.md")
     ck.save_adapter(tmp_path / "exp?", _adapter(3), CFG)
     np.testing.assert_array_equal(ck.load_adapter(tmp_path / "exp?")[0]["l"]["bias"], _adapter(3)["l"]["bias"])
     with pytest.warns(UserWarning, match="interrupted"):  # exp1's last good copy is still there

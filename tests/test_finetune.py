@@ -280,6 +280,93 @@ def test_sigterm_during_training_stops_after_the_step_and_resumes(tmp_path, monk
 
 
 @pytest.mark.slow
+def test_a_full_disk_during_a_checkpoint_save_is_one_line_exit_3_and_resumable(tmp_path, monkeypatch, capsys):
+    """A step checkpoint that cannot be written (a full disk): one line naming the newest complete
+    step, exit status 3 (not 1, "diverged"), no traceback; --resume continues from that step."""
+    import errno
+
+    from boft_jax.checkpoint import TrainCheckpointer
+
+    real = TrainCheckpointer.save
+
+    def save(self, step, *a, **k):
+        if step == 4:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, step, *a, **k)
+
+    monkeypatch.setattr(TrainCheckpointer, "save", save)
+    args = ["--output", str(tmp_path / "run"), *SMALL, *FEW, "--steps", "6", "--save-every", "2"]
+    assert finetune.main(args) == 3
+    err = capsys.readouterr().err
+    assert "error: writing step checkpoints in" in err and "failed at step 4 (No space left on device); the newest" \
+        " complete one, step 2, is intact: rerun the same command with --resume" in err and "Traceback" not in err
+    monkeypatch.setattr(TrainCheckpointer, "save", real)
+    assert finetune.main([*args, "--resume"]) == 0
+    assert "resumed at step 2" in (tmp_path / "run" / "summary.md").read_text()
+    capsys.readouterr()
+    assert finetune.main([*args, "--resume"]) == 0  # a finished run: said so, outputs written again
+    assert "already finished all 6 steps; nothing to train" in capsys.readouterr().out
+
+
+def test_io_failures_are_told_apart_and_their_echoes_kept_short(monkeypatch, capsys):
+    """What counts as an I/O failure (exit 3, one line) and what does not (a device out of memory
+    is XLA's RESOURCE_EXHAUSTED too, and propagates); orbax's logged tracebacks of I/O failures and
+    asyncio's closed-loop echoes are left out, other records keep theirs."""
+    import asyncio
+    import logging
+
+    from train import loop
+
+    class SafetensorError(Exception):  # (safetensors' wrapper of an OS error, by its message)
+        pass
+
+    full = SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    store = ValueError('RESOURCE_EXHAUSTED: Error writing local file "x/_sharding": Failed writing')
+    oom = RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1073741824 bytes.")
+    chained = RuntimeError("save failed")
+    chained.__cause__ = OSError(122, "Disk quota exceeded", "/x/y")
+    assert loop.io_failure(OSError(28, "No space left on device")) == "No space left on device"
+    assert loop.io_failure(chained) == "Disk quota exceeded: /x/y"
+    assert "No space left" in loop.io_failure(full) and "RESOURCE_EXHAUSTED" in loop.io_failure(store)
+    assert loop.io_failure(oom) is None and loop.io_failure(ValueError("bad block size")) is None
+
+    def raising(exc):
+        def run(argv):
+            raise exc
+        return run
+
+    monkeypatch.setattr(finetune, "run", raising(full))
+    assert finetune.main([]) == 3
+    assert "error: writing or reading files failed (SafetensorError: Error while serializing: I/O error: No space" \
+        in capsys.readouterr().err
+    monkeypatch.setattr(finetune, "run", raising(oom))
+    with pytest.raises(RuntimeError, match="Out of memory"):
+        finetune.main([])
+
+    def record(exc):
+        try:
+            raise exc
+        except BaseException:
+            return logging.LogRecord("absl", logging.ERROR, __file__, 1, "write failed", (), sys.exc_info())
+
+    terse = loop.TerseIOFailures()
+    for exc, kept in ((store, False), (OSError(28, "No space left on device"), False), (ValueError("a bug"), True)):
+        r = record(exc)
+        assert terse.filter(r) and (r.exc_info is not None) == kept and r.getMessage() == "write failed"
+
+    def closed_loop():  # what tensorstore's callback meets once orbax's loop is gone
+        lp = asyncio.new_event_loop()
+        lp.close()
+        try:
+            lp.call_soon_threadsafe(print)
+        except RuntimeError as e:
+            return e, e.__traceback__
+
+    assert loop.closed_loop_echo(*closed_loop())
+    assert not loop.closed_loop_echo(RuntimeError("Event loop is closed"), None)  # raised elsewhere: reported
+
+
+@pytest.mark.slow
 def test_a_second_sigterm_during_a_checkpoint_save_waits_for_it(tmp_path, monkeypatch, capsys, caplog):
     """Two SIGTERMs while step 2's checkpoint is being written: the write completes (no
     half-written step directory, no logged failure of orbax's background threads), then exit 143;

@@ -35,6 +35,7 @@ import dataclasses
 import difflib
 import io
 import json
+import logging
 import os
 import re
 import shutil
@@ -567,9 +568,13 @@ def run(argv=None) -> dict:
     resume = args.resume
     if resume:  # every difference from the checkpoint's run, before any evaluation or training
         try:
-            resume = loop.check_resume(out, opts) is not None
+            start = loop.check_resume(out, opts)
         except loop.ResumeMismatch as e:
             _fail(str(e))
+        resume = start is not None
+        if resume and start >= opts.steps:  # nothing to train: the outputs are written again from its last step
+            info(f"--resume: the run in {out} already finished all {opts.steps} steps; nothing to train, its outputs"
+                 " (adapter, merged model, summary) are written again from the step-checkpoint")
         if not resume:  # said before the evaluation and the training, not after
             info(f"--resume: no checkpoint in {out / 'checkpoints'}: a new run from step 0 (is --output {out} the run"
                  " to continue?)")
@@ -652,6 +657,9 @@ def run(argv=None) -> dict:
     }
 
 
+_IO_LOGGERS = ("absl", "asyncio")  # where orbax's and tensorstore's failed background writes are logged
+
+
 def main(argv=None, *, exiting: bool = False) -> int:
     """The job; returns its exit status.  ``exiting=True`` (the command line): the process exits right
     after, so SIGTERM is then ignored instead of given back to its previous handler; a SIGTERM during
@@ -703,9 +711,27 @@ def main(argv=None, *, exiting: bool = False) -> int:
         # nothing is lost and the report would only look like a crash.  Everything else is reported.
         if isinstance(info.exc_value, KeyboardInterrupt) and loop.STOP.is_set():
             return
+        if loop.closed_loop_echo(info.exc_value, info.exc_traceback):  # see on_uncaught
+            return
         previous_hook(info)
 
     sys.unraisablehook = on_unraisable
+    previous_excepthook = sys.excepthook
+
+    def on_uncaught(kind, value, tb):
+        # A failed asynchronous checkpoint write (a full disk) leaves tensorstore callbacks that find
+        # orbax's event loop closed; they are printed (through sys.unraisablehook, or this hook), one
+        # traceback each.  The failure itself is reported in one line; these echoes say nothing more.
+        if loop.closed_loop_echo(value, tb):
+            return
+        previous_excepthook(kind, value, tb)
+
+    sys.excepthook = on_uncaught
+    # orbax's threads log a full traceback per failed write (a full disk: hundreds of lines), and asyncio
+    # one per abandoned write task: the messages stay, the tracebacks of I/O failures go
+    terse = loop.TerseIOFailures()
+    for name in _IO_LOGGERS:
+        logging.getLogger(name).addFilter(terse)
     try:
         run(argv)
     except UsageError as e:
@@ -714,14 +740,28 @@ def main(argv=None, *, exiting: bool = False) -> int:
     except loop.Diverged as e:  # no adapter or merged model is written for a diverged run
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except loop.CheckpointWriteError as e:  # a full disk, a quota: the complete step checkpoints are intact
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    except Exception as e:  # noqa: BLE001 - only I/O failures (a full disk while writing the outputs) get a line
+        why = loop.io_failure(e)
+        if why is None:
+            raise
+        print(f"error: writing or reading files failed ({why}); the step checkpoints already complete are intact:"
+              " rerun the same command with --resume once the cause is fixed", file=sys.stderr)
+        return 3
     except KeyboardInterrupt as e:
         term = isinstance(e, loop.Terminated)
         what = "terminated (SIGTERM)" if term else "interrupted"
         print(f"\n{what}: step checkpoints saved so far are complete; rerun the same command with --resume to"
-              " continue", file=sys.stderr)
+              " continue (from the start if no step was saved yet)", file=sys.stderr)
         return 143 if term else 130
     finally:
-        sys.unraisablehook = previous_hook
+        if not exiting:  # (the CLI keeps them: orbax's failed background writes may still report at exit)
+            for name in _IO_LOGGERS:
+                logging.getLogger(name).removeFilter(terse)
+            sys.excepthook = previous_excepthook
+            sys.unraisablehook = previous_hook
         if previous is not None:
             signal.signal(signal.SIGTERM, signal.SIG_IGN if exiting else previous)
             if previous_int is signal.default_int_handler:
@@ -736,8 +776,9 @@ def main(argv=None, *, exiting: bool = False) -> int:
 if __name__ == "__main__":
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     code = main(exiting=True)
-    if code in (130, 143):
-        # Interrupted (every checkpoint written is complete and closed by now): leave without the
+    if code in (3, 130, 143):
+        # Interrupted (every checkpoint written is complete and closed by now), or a failed write (3:
+        # orbax's background writes of that step may still be failing): leave without the
         # interpreter's shutdown.  A Ctrl-C that lands while XLA compiles raises inside JAX's C++
         # code, and the shutdown then crashed (segfault, exit 139 instead of 130; 8 of 8 tries).
         sys.stdout.flush()

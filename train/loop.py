@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import threading
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -129,6 +131,76 @@ class Diverged(RuntimeError):
     The step's update was not applied (the jitted step keeps the adapter and optimizer state it
     was given when the loss or the gradient norm is not finite), so every step checkpoint holds
     finite values; no checkpoint is written for the step that diverged."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """Writing a step checkpoint failed with an OS error (a full disk, a quota, a lost mount), raised
+    by :func:`fit`; the message names the newest complete step checkpoint, which is intact (orbax
+    commits a step by renaming a complete directory)."""
+
+
+def _complete_steps(directory: Path) -> list[int]:
+    """The committed step directories (plain numbers; half-written ones carry orbax's tmp suffix)."""
+    try:
+        return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir())
+    except OSError:
+        return []
+
+
+def io_failure(e: BaseException | None) -> str | None:
+    """A one-line account of ``e`` if it, or what caused it, is an OS-level I/O failure: an ``OSError``
+    (a full disk, a quota, a lost mount) or a library's wrapper of one (tensorstore's
+    ``RESOURCE_EXHAUSTED ... No space left on device``, safetensors' ``I/O error``); else ``None``."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError):
+            return f"{e.strerror or e}{': ' + str(e.filename) if e.filename else ''}"
+        text = str(e)
+        # (tensorstore says RESOURCE_EXHAUSTED for a full disk; XLA for device memory, which is no I/O failure)
+        if any(k in text for k in ("I/O error", "No space left on device", "Disk quota exceeded")) or (
+                "RESOURCE_EXHAUSTED" in text and "Error writing" in text):
+            return f"{type(e).__name__}: {text.strip().splitlines()[0][:300]}"
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def closed_loop_echo(exc: BaseException | None, tb) -> bool:
+    """Whether ``exc`` is asyncio's "Event loop is closed" raised in ``call_soon_threadsafe``: a
+    tensorstore callback of an abandoned asynchronous write (or read) finding orbax's loop gone."""
+    return (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+            and any(f.name == "call_soon_threadsafe" for f in traceback.extract_tb(tb)))
+
+
+class TerseIOFailures(logging.Filter):
+    """A logging filter that keeps the message of a record whose exception is an I/O failure
+    (:func:`io_failure`) but drops its traceback: orbax's background threads log one per failed
+    write, and the job reports the failure itself in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None and io_failure(exc) is not None:
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+@contextlib.contextmanager
+def _write_errors(directory: Path, step: int | None = None):
+    """An ``OSError`` from a step checkpoint's save or its background write as :class:`CheckpointWriteError`."""
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - only I/O failures are converted
+        why = io_failure(e)
+        if why is None:
+            raise
+        done = _complete_steps(directory)
+        last = (f"the newest complete one, step {done[-1]}, is intact: rerun the same command with --resume once"
+                " the cause is fixed" if done else "no step checkpoint is complete, so a rerun starts from the beginning")
+        when = f" at step {step}" if step is not None else ""
+        raise CheckpointWriteError(
+            f"writing step checkpoints in {directory} failed{when} ({why});"
+            f" {last}"
+        ) from e
 
 
 def _finite_json(row: dict) -> dict:
@@ -457,7 +529,7 @@ def fit(task: Task, opts: TrainOptions, out_dir: Path, *, resume: bool = False,
                 log({"step": done, "eval_accuracy": acc})
                 history.append({"step": done, "eval_accuracy": acc})
                 say(f"step {done}/{opts.steps}: held-out {task.metric} {acc:.3f}")
-            with _checkpoint_write():
+            with _checkpoint_write(), _write_errors(ckpt.directory, done):
                 ckpt.save(done, adapter, opt_state, {"step": done, "data_position": done * opts.batch_size,
                                                      "batch_size": opts.batch_size, "seed": opts.seed, "run": identity},
                           force=done == opts.steps or stop)  # a stop request saves the step it stops at
@@ -468,7 +540,7 @@ def fit(task: Task, opts: TrainOptions, out_dir: Path, *, resume: bool = False,
     finally:
         if bar is not None:
             bar.close()
-        with _checkpoint_write():  # finishes a save still in the background, even when stopping now
+        with _checkpoint_write(), _write_errors(ckpt.directory):  # finishes a save still in the background, even when stopping now
             ckpt.close()
     losses = [r["loss"] for r in history if "loss" in r]
     return {
