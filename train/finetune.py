@@ -579,12 +579,17 @@ def run(argv=None) -> dict:
             info(f"--resume: no checkpoint in {out / 'checkpoints'}: a new run from step 0 (is --output {out} the run"
                  " to continue?)")
     t_start = time.time()
-    acc_before = task.evaluate(model, boft.combine(frozen, adapter), data.test)
-    info(f"held-out {task_lib.METRIC} before finetuning: {acc_before:.3f}")
+
+    def evaluate_before() -> float:  # called by fit after a resume's checkpoint is restored (a damaged one is found first)
+        acc = task.evaluate(model, boft.combine(frozen, adapter), data.test)
+        info(f"held-out {task_lib.METRIC} before finetuning: {acc:.3f}")
+        return acc
+
     try:
-        result = loop.fit(task, opts, out, resume=resume, eval_before=acc_before)
+        result = loop.fit(task, opts, out, resume=resume, eval_before=evaluate_before)
     except loop.ResumeMismatch as e:
         _fail(str(e))
+    acc_before = result["eval_before"]
     adapter = result["adapter"]
     final_params = boft.combine(result["frozen"], adapter)
     acc_after = task.evaluate(model, final_params, data.test)

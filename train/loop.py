@@ -375,7 +375,7 @@ def _compare_with_checkpoint(ckpt: TrainCheckpointer, opts: TrainOptions, out_di
 
 
 def fit(task: Task, opts: TrainOptions, out_dir: Path, *, resume: bool = False,
-        eval_before: float | None = None) -> dict[str, Any]:
+        eval_before: float | Callable[[], float] | None = None) -> dict[str, Any]:
     """Train ``task.adapter`` for ``opts.steps`` steps; returns the final state and metrics.
 
     Writes ``metrics.jsonl`` (one line per logged step / eval) and step checkpoints under
@@ -383,7 +383,9 @@ def fit(task: Task, opts: TrainOptions, out_dir: Path, *, resume: bool = False,
     newest complete checkpoint is restored and training continues exactly where it stopped.
     ``eval_before`` (the held-out metric of the untrained adapter, if the caller measured it) is
     logged as the step-0 row ``{"step": 0, "eval_accuracy": ..., "before": true}`` of a run that
-    starts at step 0 (a resumed run keeps the row its first part wrote).
+    starts at step 0 (a resumed run keeps the row its first part wrote).  A callable is called once,
+    after a resume's checkpoint is restored (a damaged or mismatched one is reported before that
+    evaluation runs); the value is returned as ``"eval_before"``.
 
     Mixed precision: adapter leaves narrower than float32 (the biases and saved modules of a bf16 /
     f16 base) are trained as float32 masters, cast to their own dtypes for every forward pass, so
@@ -459,6 +461,12 @@ def fit(task: Task, opts: TrainOptions, out_dir: Path, *, resume: bool = False,
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(_finite_json(row)) + "\n")
 
+    if callable(eval_before):
+        try:
+            eval_before = eval_before()
+        except BaseException:  # (Ctrl-C while evaluating: no save is pending, the manager is closed)
+            ckpt.close()
+            raise
     if start == 0 and eval_before is not None:
         log({"step": 0, "eval_accuracy": float(eval_before), "before": True})
 
@@ -553,6 +561,7 @@ def fit(task: Task, opts: TrainOptions, out_dir: Path, *, resume: bool = False,
         "train_seconds": time.time() - t0,
         "steps_run": opts.steps - start,
         "start_step": start,  # > 0: resumed from a step checkpoint
+        "eval_before": eval_before,
         "mesh": dict(mesh.shape),
     }
 
