@@ -641,4 +641,5 @@ def batched_eval(predict: Callable, split, batch_size: int) -> float:
     return correct / max(n, 1)
 
 
-__all__ = ["Task", "TrainOptions", "ResumeMismatch", "Diverged", "fit", "make_optimizer", "resolve_warmup", "plot_curves", "summary_table", "fmt_params", "batched_eval"]
+__all__ = ["Task", "TrainOptions", "ResumeMismatch", "Diverged", "CheckpointWriteError", "io_failure", "TerseIOFailures",
+           "closed_loop_echo", "fit", "make_optimizer", "resolve_warmup", "plot_curves", "summary_table", "fmt_params", "batched_eval"]
