@@ -275,6 +275,18 @@ def _leaf_checksums(tree) -> list[str]:
     return list(_checksums(gather_to_host(tree)).values())
 
 
+def abandoned_io_echo(exc: BaseException | None, tb) -> bool:
+    """Whether ``exc`` (with traceback ``tb``) is an echo of an orbax read or write that was abandoned
+    when another part of it failed: an exception of orbax's serialization coroutines, or asyncio's
+    "Event loop is closed" raised in ``call_soon_threadsafe`` (a tensorstore callback finding orbax's
+    event loop gone).  The failure itself is reported once, by whoever called orbax."""
+    frames = traceback.extract_tb(tb)
+    return any("orbax" in f.filename and "serialization" in f.filename for f in frames) or (
+        isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+        and any(f.name == "call_soon_threadsafe" for f in frames)
+    )
+
+
 def _quiet_abandoned_reads() -> None:
     """Installed before the first orbax restore (and kept for the process): when a restore fails
     (reported as one clear error), drop the echoes of its other reads: tensorstore reads still in flight fail later, as "Exception ignored in: <coroutine
@@ -287,12 +299,7 @@ def _quiet_abandoned_reads() -> None:
         return
 
     def hook(unraisable):
-        exc, frames = unraisable.exc_value, traceback.extract_tb(unraisable.exc_traceback)
-        echo = any("orbax" in f.filename and "serialization" in f.filename for f in frames) or (
-            isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
-            and any(f.name == "call_soon_threadsafe" for f in frames)
-        )
-        if not echo:
+        if not abandoned_io_echo(unraisable.exc_value, unraisable.exc_traceback):
             previous(unraisable)
 
     hook._boft_quiet = True

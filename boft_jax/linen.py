@@ -140,6 +140,10 @@ class _Geometry:
     d_in: int
     d_out: int
 
+    def kernel_shape(self, inputs: jax.Array) -> tuple[int, ...]:
+        """The layer's kernel shape for ``inputs``: the contracted input axes, then the features."""
+        return tuple(inputs.shape[a] for a in self.axis) + self.features
+
 
 def _geometry(module: nn.Module, inputs: jax.Array, path: str) -> _Geometry:
     if isinstance(module, nn.Dense):
@@ -371,7 +375,7 @@ def _adapted_call(
     """Dense / DenseGeneral ``__call__`` with the BOFT adapter, in the module's own scope."""
     geo = _geometry(module, inputs, path)
     struct = config.layer_structure(path, geo.d_in)
-    kernel_shape = tuple(inputs.shape[a] for a in geo.axis) + geo.features
+    kernel_shape = geo.kernel_shape(inputs)
     skew_shape = (struct.n_factors, struct.n_blocks, struct.block_size * (struct.block_size - 1) // 2)
     init_kernel = _init_kernel(module, geo, kernel_shape)
 
@@ -546,13 +550,13 @@ def _intercept(state: _CallState, next_fun, args, kwargs, context):
     geo = _geometry(module, inputs, path)
     err = state.config.fit_error(path, geo.d_in)
     if err is not None:
-        if _holds_adapter(module):  # an input of another width than the params' is that error, not the config's
-            held = nn.meta.unbox(module.get_variable("params", "kernel"))
-            _check_held_kernel(path, held, tuple(inputs.shape[a] for a in geo.axis) + geo.features)
         state.unfit.append((path, err))
-        if _holds_adapter(module):
-            raise _unfit_error(state.unfit)  # it holds an adapter, so it cannot run plain: stop here
-        return next_fun(*args, **kwargs)  # keep tracing so that every unfit layer gets listed
+        if not _holds_adapter(module):
+            return next_fun(*args, **kwargs)  # keep tracing so that every unfit layer gets listed
+        # it holds an adapter, so it cannot run plain: stop here, blaming an input of another width
+        # than the params' on the input (that width need not fit the block structure), else the config
+        _check_held_kernel(path, nn.meta.unbox(module.get_variable("params", "kernel")), geo.kernel_shape(inputs))
+        raise _unfit_error(state.unfit)
     state.adapted.append(path)
     with _no_forward_mode(path):  # every custom_vjp of the layer (products, scale) runs inside
         return _adapted_call(module, inputs, path=path, config=state.config, dropout=state.dropout)

@@ -328,6 +328,7 @@ def test_io_failures_are_told_apart_and_their_echoes_kept_short(monkeypatch, cap
     import asyncio
     import logging
 
+    from boft_jax.checkpoint import abandoned_io_echo
     from train import loop
 
     class SafetensorError(Exception):  # (safetensors' wrapper of an OS error, by its message)
@@ -375,8 +376,8 @@ def test_io_failures_are_told_apart_and_their_echoes_kept_short(monkeypatch, cap
         except RuntimeError as e:
             return e, e.__traceback__
 
-    assert loop.closed_loop_echo(*closed_loop())
-    assert not loop.closed_loop_echo(RuntimeError("Event loop is closed"), None)  # raised elsewhere: reported
+    assert abandoned_io_echo(*closed_loop())
+    assert not abandoned_io_echo(RuntimeError("Event loop is closed"), None)  # raised elsewhere: reported
 
 
 @pytest.mark.slow

@@ -671,6 +671,7 @@ def main(argv=None, *, exiting: bool = False) -> int:
     the interpreter's (slow, with JAX loaded) shutdown would otherwise turn a finished job into exit 143."""
     import signal
 
+    from boft_jax.checkpoint import abandoned_io_echo  # (train.loop imports that module anyway)
     from train import loop
 
     loop.clear_stop()
@@ -716,7 +717,7 @@ def main(argv=None, *, exiting: bool = False) -> int:
         # nothing is lost and the report would only look like a crash.  Everything else is reported.
         if isinstance(info.exc_value, KeyboardInterrupt) and loop.STOP.is_set():
             return
-        if loop.closed_loop_echo(info.exc_value, info.exc_traceback):  # see on_uncaught
+        if abandoned_io_echo(info.exc_value, info.exc_traceback):  # see on_uncaught
             return
         previous_hook(info)
 
@@ -724,10 +725,11 @@ def main(argv=None, *, exiting: bool = False) -> int:
     previous_excepthook = sys.excepthook
 
     def on_uncaught(kind, value, tb):
-        # A failed asynchronous checkpoint write (a full disk) leaves tensorstore callbacks that find
-        # orbax's event loop closed; they are printed (through sys.unraisablehook, or this hook), one
-        # traceback each.  The failure itself is reported in one line; these echoes say nothing more.
-        if loop.closed_loop_echo(value, tb):
+        # A failed asynchronous checkpoint write (a full disk) leaves orbax coroutines and tensorstore
+        # callbacks that fail later (the event loop is closed); they are printed (through
+        # sys.unraisablehook, or this hook), one traceback each.  The failure itself is reported in
+        # one line; these echoes say nothing more.
+        if abandoned_io_echo(value, tb):
             return
         previous_excepthook(kind, value, tb)
 

@@ -12,7 +12,6 @@ import logging
 import os
 import threading
 import time
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -165,13 +164,6 @@ def io_failure(e: BaseException | None) -> str | None:
     return None
 
 
-def closed_loop_echo(exc: BaseException | None, tb) -> bool:
-    """Whether ``exc`` is asyncio's "Event loop is closed" raised in ``call_soon_threadsafe``: a
-    tensorstore callback of an abandoned asynchronous write (or read) finding orbax's loop gone."""
-    return (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
-            and any(f.name == "call_soon_threadsafe" for f in traceback.extract_tb(tb)))
-
-
 class TerseIOFailures(logging.Filter):
     """A logging filter that keeps the message of a record whose exception is an I/O failure
     (:func:`io_failure`) but drops its traceback: orbax's background threads log one per failed
@@ -186,7 +178,8 @@ class TerseIOFailures(logging.Filter):
 
 @contextlib.contextmanager
 def _write_errors(directory: Path, step: int | None = None):
-    """An ``OSError`` from a step checkpoint's save or its background write as :class:`CheckpointWriteError`."""
+    """An I/O failure (:func:`io_failure`) of a step checkpoint's save or of its background write as
+    :class:`CheckpointWriteError`, naming the newest complete step; other exceptions pass unchanged."""
     try:
         yield
     except Exception as e:  # noqa: BLE001 - only I/O failures are converted
@@ -642,4 +635,4 @@ def batched_eval(predict: Callable, split, batch_size: int) -> float:
 
 
 __all__ = ["Task", "TrainOptions", "ResumeMismatch", "Diverged", "CheckpointWriteError", "io_failure", "TerseIOFailures",
-           "closed_loop_echo", "fit", "make_optimizer", "resolve_warmup", "plot_curves", "summary_table", "fmt_params", "batched_eval"]
+           "fit", "make_optimizer", "resolve_warmup", "plot_curves", "summary_table", "fmt_params", "batched_eval"]
